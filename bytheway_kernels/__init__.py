@@ -1,0 +1,18 @@
+"""bytheway_kernels: fused kernels for ByTheWay (CVPR 2025) temporal-attention editing."""
+
+from . import reference
+from .config import PRESETS, ByTheWayConfig
+from .functional import bytheway_attention_probs
+from .ops import BACKENDS, select_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "ByTheWayConfig",
+    "PRESETS",
+    "bytheway_attention_probs",
+    "reference",
+    "select_backend",
+    "__version__",
+]

@@ -1,0 +1,138 @@
+"""Argument checks shared by every backend: each bad argument is a ValueError naming it."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+
+ENERGY_SCOPES = ("batch", "sample")
+GUIDE_UPSAMPLE_MODES = ("nearest", "bilinear")
+
+
+def check_number(name: str, value, low: Optional[float] = None, high: Optional[float] = None):
+    """A finite real number (not a bool, not a tensor) within [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value!r}")
+
+
+def max_tau(frames: int) -> int:
+    """Largest valid tau for F frames: the band [F//2 - tau, F//2 + tau] must stay in [1, F-1]."""
+    return (frames - 2) // 2
+
+
+def high_band(frames: int, tau: int) -> range:
+    """The DFT indices scaled by beta: c - tau .. c + tau with c = F // 2."""
+    centre = frames // 2
+    return range(centre - tau, centre + tau + 1)
+
+
+def check_tau(tau, frames: int) -> None:
+    if isinstance(tau, bool) or not isinstance(tau, int):
+        raise ValueError(f"tau must be an integer, got {tau!r}")
+    if frames < 2:
+        raise ValueError(f"ByTheWay needs at least F=2 frames, got F={frames}")
+    if not 0 <= tau <= max_tau(frames):
+        raise ValueError(
+            f"tau={tau} is invalid for F={frames} frames: it must satisfy "
+            f"0 <= tau <= (F - 2) // 2 = {max_tau(frames)} so that the high band "
+            f"[F//2 - tau, F//2 + tau] fits in [1, F-1] and excludes the DC term"
+        )
+
+
+class BatchSplit(NamedTuple):
+    """The batch axis is `parts` equal groups of `videos`; energies come from group `energy_part`."""
+
+    parts: int
+    energy_part: int
+    videos: int
+
+
+def resolve_batch_split(batch: int, cfg: bool, batch_split: Optional[Tuple[int, int]]) -> BatchSplit:
+    """cfg=True means (uncond, cond) halves with energies from the second; batch_split overrides."""
+    if batch_split is None:
+        if not isinstance(cfg, bool):
+            raise ValueError(f"cfg must be a bool, got {cfg!r}")
+        parts, energy_part = (2, 1) if cfg else (1, 0)
+    else:
+        if (
+            not isinstance(batch_split, (tuple, list))
+            or len(batch_split) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in batch_split)
+        ):
+            raise ValueError(f"batch_split must be a pair of ints (parts, energy_part), got {batch_split!r}")
+        parts, energy_part = batch_split
+        if parts < 1 or not 0 <= energy_part < parts:
+            raise ValueError(
+                f"batch_split=(parts, energy_part) needs parts >= 1 and 0 <= energy_part < parts, "
+                f"got {tuple(batch_split)}"
+            )
+    if batch % parts != 0:
+        what = "cfg=True needs an even batch" if batch_split is None else f"batch_split={tuple(batch_split)}"
+        raise ValueError(f"{what}: scores batch B={batch} is not divisible by {parts}")
+    return BatchSplit(parts, energy_part, batch // parts)
+
+
+def check_op_args(
+    scores: torch.Tensor,
+    guide: Optional[torch.Tensor],
+    alpha,
+    beta,
+    tau,
+    adaptive_beta,
+    cfg,
+    energy_scope,
+    guide_upsample,
+    beta_max,
+    batch_split=None,
+) -> BatchSplit:
+    """Validate everything `bytheway_attention_probs` takes; return the resolved batch split."""
+    if not isinstance(scores, torch.Tensor):
+        raise ValueError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+    if not scores.is_floating_point():
+        raise ValueError(f"scores must be a floating-point tensor, got dtype {scores.dtype}")
+    if scores.dim() != 6 or scores.shape[-1] != scores.shape[-2]:
+        raise ValueError(
+            f"scores must be 6-D (B, H, W, heads, F, F) with equal last two dims, got shape "
+            f"{tuple(scores.shape)}"
+        )
+    frames = scores.shape[-1]
+    check_tau(tau, frames)
+    check_number("alpha", alpha, low=0.0, high=1.0)
+    check_number("beta", beta, low=0.0)
+    if beta_max is not None:
+        check_number("beta_max", beta_max, low=beta)
+    if not isinstance(adaptive_beta, bool):
+        raise ValueError(f"adaptive_beta must be a bool, got {adaptive_beta!r}")
+    if energy_scope not in ENERGY_SCOPES:
+        raise ValueError(f"energy_scope must be one of {ENERGY_SCOPES}, got {energy_scope!r}")
+    if guide_upsample not in GUIDE_UPSAMPLE_MODES:
+        raise ValueError(f"guide_upsample must be one of {GUIDE_UPSAMPLE_MODES}, got {guide_upsample!r}")
+    if guide is not None:
+        if not isinstance(guide, torch.Tensor):
+            raise ValueError(f"guide must be a torch.Tensor or None, got {type(guide).__name__}")
+        if not guide.is_floating_point():
+            raise ValueError(f"guide must be a floating-point tensor, got dtype {guide.dtype}")
+        if guide.device != scores.device:
+            raise ValueError(f"guide is on {guide.device} but scores are on {scores.device}")
+        b, height, width, heads, f_rows, f_cols = scores.shape
+        if guide.dim() != 6:
+            raise ValueError(f"guide must be 6-D (B, h, w, heads, F, F), got shape {tuple(guide.shape)}")
+        gb, gh, gw, gheads, gf_rows, gf_cols = guide.shape
+        if (gb, gheads, gf_rows, gf_cols) != (b, heads, f_rows, f_cols):
+            raise ValueError(
+                f"guide shape {tuple(guide.shape)} must match scores {tuple(scores.shape)} in batch, "
+                f"heads and frames"
+            )
+        if gh > height or gw > width:
+            raise ValueError(
+                f"guide spatial size ({gh}, {gw}) must not exceed the scores' ({height}, {width})"
+            )
+        if (gh == 0 or gw == 0) and height * width > 0:
+            raise ValueError(f"guide spatial size ({gh}, {gw}) is empty but scores' is ({height}, {width})")
+    return resolve_batch_split(scores.shape[0], cfg, batch_split)

@@ -1,0 +1,81 @@
+"""User-facing configuration of ByTheWay and the paper's presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from ._validation import ENERGY_SCOPES, GUIDE_UPSAMPLE_MODES, check_number
+
+
+@dataclasses.dataclass(frozen=True)
+class ByTheWayConfig:
+    """Hyper-parameters of one ByTheWay run.
+
+    Attributes:
+        alpha: Temporal Self-Guidance strength in [0, 1] (0 disables guidance).
+        beta: beta_0, the minimum high-frequency gain of Fourier Motion Enhancement (>= 0).
+        tau: half-width of the high band centred on F // 2; valid for 0 <= tau <= (F - 2) // 2.
+        step_fraction: fraction of the denoising steps (from the start) in which ByTheWay is
+            active; the number of active steps is ceil(step_fraction * steps), at least one.
+        adaptive_beta: raise beta so that the map energy after enhancement is at least the
+            energy before guidance (the paper's adaptive rule).
+        energy_scope: "batch" (one energy for the whole conditional half, as the official code)
+            or "sample" (one per video, so results do not depend on the rest of the batch).
+        guide_upsample: "nearest" or "bilinear", how the anchor map is upsampled in space.
+        beta_max: optional cap on the adaptive beta.
+    """
+
+    alpha: float
+    beta: float
+    tau: int
+    step_fraction: float = 0.2
+    adaptive_beta: bool = True
+    energy_scope: str = "batch"
+    guide_upsample: str = "nearest"
+    beta_max: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        check_number("alpha", self.alpha, low=0.0, high=1.0)
+        check_number("beta", self.beta, low=0.0)
+        if isinstance(self.tau, bool) or not isinstance(self.tau, int) or self.tau < 0:
+            raise ValueError(f"tau must be a non-negative integer, got {self.tau!r}")
+        check_number("step_fraction", self.step_fraction, low=0.0, high=1.0)
+        if self.step_fraction <= 0.0:
+            raise ValueError(f"step_fraction must be in (0, 1], got {self.step_fraction!r}")
+        if self.energy_scope not in ENERGY_SCOPES:
+            raise ValueError(
+                f"energy_scope must be one of {ENERGY_SCOPES}, got {self.energy_scope!r}"
+            )
+        if self.guide_upsample not in GUIDE_UPSAMPLE_MODES:
+            raise ValueError(
+                f"guide_upsample must be one of {GUIDE_UPSAMPLE_MODES}, got {self.guide_upsample!r}"
+            )
+        if self.beta_max is not None:
+            check_number("beta_max", self.beta_max, low=self.beta)
+
+    def replace(self, **overrides) -> "ByTheWayConfig":
+        """A copy with some fields changed (validated again)."""
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown ByTheWayConfig field(s): {sorted(unknown)}")
+        return dataclasses.replace(self, **overrides)
+
+    def op_kwargs(self) -> dict:
+        """The keyword arguments of `bytheway_attention_probs` that this config fixes."""
+        return dict(
+            alpha=self.alpha,
+            beta=self.beta,
+            tau=self.tau,
+            adaptive_beta=self.adaptive_beta,
+            energy_scope=self.energy_scope,
+            guide_upsample=self.guide_upsample,
+            beta_max=self.beta_max,
+        )
+
+
+#: The paper's settings (Sec. 4.1): AnimateDiff and VideoCrafter2, both active for 20% of steps.
+PRESETS = {
+    "animatediff": ByTheWayConfig(alpha=0.6, beta=1.5, tau=7, step_fraction=0.2),
+    "videocrafter2": ByTheWayConfig(alpha=0.1, beta=10.0, tau=7, step_fraction=0.2),
+}

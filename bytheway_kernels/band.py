@@ -1,0 +1,42 @@
+"""The Fourier band step as a real matrix (DESIGN.md section 2).
+
+"DFT along the last axis, scale the band K = {F//2 - tau, ..., F//2 + tau} by beta, inverse DFT,
+real part" equals `a + (beta - 1) * a @ P` for each row a, where P is the real symmetric circulant
+P[s, j] = c[(j - s) mod F], c[n] = (1/F) * sum_{k in K} cos(2 pi k n / F). The band's energy is
+<a, a @ P> = (1/F) * sum_{k in K} |DFT(a)_k|^2.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from ._validation import check_tau, high_band, max_tau
+
+
+def is_full_band(frames: int, tau: int) -> bool:
+    """True when the band is every k != 0 (even F, tau = (F-2)/2): then a @ P = a - mean(a)."""
+    return frames % 2 == 0 and tau == max_tau(frames)
+
+
+def high_band_matrix_float64(frames: int, tau: int) -> torch.Tensor:
+    """P as an (F, F) float64 CPU tensor."""
+    check_tau(tau, frames)
+    band = list(high_band(frames, tau))
+    kernel = [sum(math.cos(2.0 * math.pi * k * n / frames) for k in band) / frames for n in range(frames)]
+    kernel = torch.tensor(kernel, dtype=torch.float64)
+    shift = (torch.arange(frames)[None, :] - torch.arange(frames)[:, None]) % frames
+    return kernel[shift]
+
+
+@functools.lru_cache(maxsize=64)
+def high_band_matrix(frames: int, tau: int, padded: int, device: torch.device) -> torch.Tensor:
+    """P in float32 on `device`, zero-padded to (padded, padded); built once per key and cached.
+
+    Build it before CUDA graph capture (any eager call does): the first call copies it to the GPU.
+    """
+    matrix = torch.zeros((padded, padded), dtype=torch.float32)
+    matrix[:frames, :frames] = high_band_matrix_float64(frames, tau).to(torch.float32)
+    return matrix.to(device)

@@ -1,0 +1,10 @@
+"""Test setup: choose the Triton interpreter on CPU-only machines, before any kernel is defined."""
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, os.path.dirname(__file__))  # shared helpers such as backend_cases

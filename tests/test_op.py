@@ -1,0 +1,116 @@
+"""The public function and the torch custom op: validation, dispatch, opcheck, torch.compile."""
+
+import pytest
+import torch
+
+import bytheway_kernels as btw
+from backend_cases import Case, make_inputs
+
+GOOD = dict(alpha=0.6, beta=1.5, tau=7)
+
+
+def _inputs(batch=2, frames=16, guide=(2, 2)):
+    return make_inputs(Case(batch=batch, frames=frames, guide_size=guide))
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(tau=8), r"tau=8 is invalid for F=16"),
+        (dict(tau=-1), r"tau=-1 is invalid for F=16"),
+        (dict(tau=2.0), r"tau must be an integer"),
+        (dict(alpha=1.5), r"alpha must be <= 1"),
+        (dict(alpha=-0.1), r"alpha must be >= 0"),
+        (dict(alpha=float("nan")), r"alpha must be a finite"),
+        (dict(beta=-1.0), r"beta must be >= 0"),
+        (dict(beta_max=1.0), r"beta_max must be >= 1.5"),
+        (dict(energy_scope="video"), r"energy_scope must be one of"),
+        (dict(guide_upsample="bicubic"), r"guide_upsample must be one of"),
+        (dict(adaptive_beta=1), r"adaptive_beta must be a bool"),
+        (dict(batch_split=(3, 3)), r"batch_split"),
+        (dict(batch_split=(3, 1)), r"not divisible by 3"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_them(change, match):
+    scores, guide = _inputs()
+    with pytest.raises(ValueError, match=match):
+        btw.bytheway_attention_probs(scores, guide, **{**GOOD, **change})
+
+
+def test_bad_tensors_raise_value_error():
+    scores, guide = _inputs()
+    with pytest.raises(ValueError, match="6-D"):
+        btw.bytheway_attention_probs(scores[0], **GOOD)
+    with pytest.raises(ValueError, match="equal last two dims"):
+        btw.bytheway_attention_probs(scores[..., :8], **GOOD)
+    with pytest.raises(ValueError, match="floating-point"):
+        btw.bytheway_attention_probs(scores.to(torch.int32), **GOOD)
+    with pytest.raises(ValueError, match="guide must be a floating-point"):
+        btw.bytheway_attention_probs(scores, guide.to(torch.int64), **GOOD)
+    with pytest.raises(ValueError, match="match scores"):
+        btw.bytheway_attention_probs(scores, guide[:, :, :, :1], **GOOD)
+    with pytest.raises(ValueError, match="must not exceed"):
+        big_guide = torch.softmax(torch.randn(2, 8, 8, 2, 16, 16), -1)
+        btw.bytheway_attention_probs(scores, big_guide, **GOOD)
+    with pytest.raises(ValueError, match="cfg=True needs an even batch"):
+        odd, _ = _inputs(batch=3, guide=None)
+        btw.bytheway_attention_probs(odd, **GOOD)
+    with pytest.raises(ValueError, match=r"F=1"):
+        btw.bytheway_attention_probs(torch.zeros(2, 1, 1, 1, 1, 1), alpha=0.5, beta=1.0, tau=0)
+
+
+def test_config_and_presets():
+    assert btw.PRESETS["animatediff"].op_kwargs()["alpha"] == 0.6
+    assert btw.PRESETS["videocrafter2"].beta == 10.0
+    assert btw.PRESETS["videocrafter2"].step_fraction == 0.2
+    assert btw.PRESETS["animatediff"].replace(beta=2.0).beta == 2.0
+    with pytest.raises(ValueError, match="alpha"):
+        btw.ByTheWayConfig(alpha=2.0, beta=1.5, tau=7)
+    with pytest.raises(ValueError, match="unknown ByTheWayConfig field"):
+        btw.PRESETS["animatediff"].replace(gamma=1)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_dispatch_env_and_outputs(backend, monkeypatch):
+    monkeypatch.setenv("BYTHEWAY_BACKEND", backend)
+    assert btw.select_backend(torch.device("cpu")) == backend
+    scores, guide = _inputs(batch=4)
+    probs, stats = btw.bytheway_attention_probs(scores, guide, **GOOD, energy_scope="sample",
+                                                return_stats=True)
+    assert probs.shape == scores.shape and probs.dtype == scores.dtype
+    assert stats.shape == (2, 6) and stats.dtype == torch.float32
+    ref = btw.reference.bytheway_attention_probs(scores, guide, **GOOD, energy_scope="sample")
+    torch.testing.assert_close(probs, ref, rtol=2e-5, atol=2e-5)
+    assert btw.bytheway_attention_probs(scores, guide, **GOOD).shape == scores.shape
+
+
+def test_unknown_backend_env(monkeypatch):
+    monkeypatch.setenv("BYTHEWAY_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match="BYTHEWAY_BACKEND"):
+        btw.select_backend(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("with_guide,with_stats,adaptive", [(True, True, True), (False, False, False)])
+def test_opcheck(backend, with_guide, with_stats, adaptive, monkeypatch):
+    monkeypatch.setenv("BYTHEWAY_BACKEND", backend)
+    scores, guide = _inputs(frames=8)
+    args = (scores, guide if with_guide else None, 0.6, 1.5, 3, adaptive, 2, 1, "batch", "bilinear",
+            None, with_stats)
+    torch.library.opcheck(torch.ops.bytheway.attention_probs.default, args)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_torch_compile_fullgraph(backend, monkeypatch):
+    monkeypatch.setenv("BYTHEWAY_BACKEND", backend)
+    torch._dynamo.reset()
+    scores, guide = _inputs()
+    value = torch.randn(scores.shape[:-1] + (4,))
+
+    def temporal_attention(scores, guide, value):
+        probs = btw.bytheway_attention_probs(scores * 1.0, guide, **GOOD)
+        return probs @ value
+
+    compiled = torch.compile(temporal_attention, fullgraph=True, backend="inductor")
+    torch.testing.assert_close(compiled(scores, guide, value), temporal_attention(scores, guide, value),
+                               rtol=1e-5, atol=1e-5)

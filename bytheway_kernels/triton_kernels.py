@@ -4,7 +4,7 @@ One program handles BLOCK_R rows (query frames) of one batch entry; a row is F l
 row: softmax -> blend with the anchor map, upsampled by index arithmetic (never materialised) ->
 band step as `guided @ P` (tl.dot with the cached circulant matrix, or `guided - mean` when the
 band is every k != 0) -> renormalise -> store. Adaptive beta needs global energies first, so it
-runs `_stats_kernel` (atomic sums into a tiny fp32 buffer) and then `_apply_kernel`, which turns
+runs `_stats_kernel` (atomic sums into a tiny fp64 buffer) and then `_apply_kernel`, which turns
 the sums into beta on the device: no host synchronisation, CUDA-graph and torch.compile safe.
 Row r of batch entry b is ((y * W + x) * heads + head) * F + i, as diffusers lays it out.
 """
@@ -94,7 +94,8 @@ def _guided_block(scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_e
 
 @triton.jit
 def _accumulate(target_ptr, block):
-    tl.atomic_add(target_ptr, tl.sum(tl.sum(block, axis=1), axis=0))
+    # fp32 within the program, fp64 across programs: thousands of partial sums stay exact enough
+    tl.atomic_add(target_ptr, tl.sum(tl.sum(block, axis=1), axis=0).to(tl.float64))
 
 
 @triton.jit
@@ -150,18 +151,19 @@ def _apply_kernel(scores_ptr, guide_ptr, band_ptr, sums_ptr, probs_ptr, stats_pt
             beta = tl.where(has_high, tl.maximum(beta0, tl.sqrt(ratio)), beta0)
             if HAS_BETA_MAX:
                 beta = tl.minimum(beta, beta_max)
+            beta = beta.to(tl.float32)
         if WRITE_STATS:  # the first program of each group's first entry writes its stats row
             writer = (block == 0) & (b < (videos if PER_VIDEO else 1))
             row = stats_ptr + group * 6
             gain = beta - 1.0
             tl.store(row + 0, beta, mask=writer)
-            tl.store(row + 1, e1, mask=writer)
-            tl.store(row + 2, e2, mask=writer)
-            tl.store(row + 3, e2 - e2_high, mask=writer)
-            tl.store(row + 4, e2_high, mask=writer)
+            tl.store(row + 1, e1.to(tl.float32), mask=writer)
+            tl.store(row + 2, e2.to(tl.float32), mask=writer)
+            tl.store(row + 3, (e2 - e2_high).to(tl.float32), mask=writer)
+            tl.store(row + 4, e2_high.to(tl.float32), mask=writer)
             e3 = (tl.load(group_sums + 3) + 2.0 * gain * tl.load(group_sums + 4)
                   + gain * gain * tl.load(group_sums + 5)) / count
-            tl.store(row + 5, e3, mask=writer)
+            tl.store(row + 5, e3.to(tl.float32), mask=writer)
     attn, guided, high = _guided_block(scores_ptr, guide_ptr, band_ptr, b, rows, row_mask,
                                        rows_per_entry, H, W, h, w, heads, scale_y, scale_x, alpha,
                                        F, F_PAD, GUIDE_MODE, FULL_BAND)
@@ -220,7 +222,7 @@ def attention_probs_triton_out(scores, guide, alpha, beta, tau, adaptive_beta, p
     has_sums = adaptive_beta or stats is not None
     if has_sums:
         sums = torch.zeros((stats_rows(batch, parts, energy_scope), SUM_FIELDS),
-                           dtype=torch.float32, device=scores.device)
+                           dtype=torch.float64, device=scores.device)
         if videos > 0:
             _stats_kernel[(videos, blocks)](scores, guide_tensor, band, sums, rows_per_entry,
                                             energy_part * videos, **geometry, **meta)

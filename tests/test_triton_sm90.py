@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent(
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     geometry = dict(rows_per_entry="i32", H="i32", W="i32", h="i32", w="i32", heads="i32",
                     scale_y="fp32", scale_x="fp32", alpha="fp32")
-    pointers = dict(scores_ptr="*fp16", guide_ptr="*fp16", band_ptr="*fp32", sums_ptr="*fp32")
+    pointers = dict(scores_ptr="*fp16", guide_ptr="*fp16", band_ptr="*fp32", sums_ptr="*fp64")
     kernels = {
         "_stats_kernel": dict(pointers, **geometry, first_entry="i32"),
         "_apply_kernel": dict(pointers, probs_ptr="*fp16", stats_ptr="*fp32", **geometry,

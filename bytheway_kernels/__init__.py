@@ -3,6 +3,7 @@
 from . import reference
 from .config import PRESETS, ByTheWayConfig
 from .functional import bytheway_attention_probs
+from .integration import ByTheWayController, apply_bytheway
 from .ops import BACKENDS, select_backend
 
 __version__ = "0.1.0"
@@ -10,7 +11,9 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "ByTheWayConfig",
+    "ByTheWayController",
     "PRESETS",
+    "apply_bytheway",
     "bytheway_attention_probs",
     "reference",
     "select_backend",

@@ -25,6 +25,8 @@ def upsample_guide(guide: torch.Tensor, height: int, width: int, mode: str) -> t
     batch, h, w, heads, frames, _ = guide.shape
     if (h, w) == (height, width):
         return guide
+    if guide.numel() == 0:  # interpolate rejects empty inputs
+        return guide.new_zeros((batch, height, width, heads, frames, frames))
     planes = guide.permute(0, 3, 4, 5, 1, 2).reshape(batch, heads * frames * frames, h, w)
     kwargs = {"align_corners": False} if mode == "bilinear" else {}
     planes = F_nn.interpolate(planes, size=(height, width), mode=mode, **kwargs)

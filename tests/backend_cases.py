@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 from typing import Callable, Optional, Tuple
 
+import pytest
 import torch
 
 from bytheway_kernels import reference
@@ -118,25 +119,139 @@ def case_matrix():
     return cases
 
 
+ADVERSARIAL = {
+    "uniform rows (E2_high = 0)": lambda s: torch.zeros_like(s),
+    "one-hot rows": lambda s: torch.where(s == s.max(-1, keepdim=True).values, 1e4, -1e4),
+    "logits +-1e4": lambda s: s.sign() * 1e4,
+    "near the fp16 limit": lambda s: s.sign() * 6.5e4,
+}
+
 LaunchOut = Callable[..., None]
 
 
-def check_backend_case(run_out: LaunchOut, case: Case, seed: int = 0, device="cpu") -> None:
-    """Run `run_out(scores, guide, **args, probs=..., stats=...)` on poisoned outputs; compare."""
-    scores, guide = make_inputs(case, seed, device)
-    probs = torch.full_like(scores, float("nan"))
-    rows = stats_rows(case.batch, case.parts, case.energy_scope)
-    stats = torch.full((rows, 6), float("nan"), dtype=torch.float32, device=scores.device)
+def run_poisoned(run_out: LaunchOut, scores, guide, case: Case, with_stats: bool = True):
+    """Call `run_out(scores, guide, ..., probs, stats)` on NaN-filled outputs; return them."""
+    probs = torch.full_like(scores, float("nan"), memory_format=torch.contiguous_format)
+    stats = None
+    if with_stats:
+        rows = stats_rows(scores.shape[0], case.parts, case.energy_scope)
+        stats = torch.full((rows, 6), float("nan"), dtype=torch.float32, device=scores.device)
     run_out(scores, guide, case.alpha, case.beta, case.tau, case.adaptive_beta, case.parts,
             case.energy_part, case.energy_scope, case.guide_upsample, case.beta_max, probs, stats)
+    return probs, stats
+
+
+def assert_matches_reference(scores, guide, case: Case, probs, stats=None) -> None:
+    """Compare with the reference evaluated in float64 on the same inputs."""
     ref_probs, ref_stats = reference.bytheway_attention_probs(
         scores.cpu().double(), None if guide is None else guide.cpu().double(),
         return_stats=True, **case.kwargs(),
     )
-    atol, rtol = PROB_TOLERANCES[case.dtype]
-    scale = max(1.0, float(ref_stats[:, 0].max()))  # the band term is amplified by beta
+    atol, rtol = PROB_TOLERANCES.get(scores.dtype, PROB_TOLERANCES[torch.float32])
+    scale = max(1.0, float(ref_stats[:, 0].max())) if ref_stats.numel() else 1.0  # band term x beta
     torch.testing.assert_close(probs.cpu().double(), ref_probs, atol=atol * scale, rtol=rtol,
                                msg=lambda m: f"{case}: probs differ from reference\n{m}")
-    atol, rtol = STATS_TOLERANCE
-    torch.testing.assert_close(stats.cpu().double(), ref_stats.double(), atol=atol, rtol=rtol,
-                               msg=lambda m: f"{case}: stats differ from reference\n{m}")
+    if stats is not None:
+        atol, rtol = STATS_TOLERANCE
+        torch.testing.assert_close(stats.cpu().double(), ref_stats.double(), atol=atol, rtol=rtol,
+                                   msg=lambda m: f"{case}: stats differ from reference\n{m}")
+
+
+def check_backend_case(run_out: LaunchOut, case: Case, seed: int = 0, device="cpu") -> None:
+    """Fresh random inputs for `case`, poisoned outputs, comparison with the reference."""
+    scores, guide = make_inputs(case, seed, device)
+    probs, stats = run_poisoned(run_out, scores, guide, case)
+    assert_matches_reference(scores, guide, case, probs, stats)
+
+
+class BackendContract:
+    """Tests every fused backend must pass; subclass with `run_out` and `backend` set."""
+
+    run_out: LaunchOut
+    backend: str
+
+    def run(self, scores, guide, case, with_stats=True):
+        return run_poisoned(type(self).run_out, scores, guide, case, with_stats)
+
+    @pytest.mark.parametrize("case", case_matrix(), ids=str)
+    def test_matches_reference(self, case):
+        check_backend_case(type(self).run_out, case)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+    @pytest.mark.parametrize("frames,tau", [(16, 7), (16, 3), (9, 2)])
+    def test_fixed_beta_without_stats(self, frames, tau, dtype):
+        case = Case(frames=frames, tau=tau, dtype=dtype, adaptive_beta=False, beta=10.0, alpha=0.3)
+        scores, guide = make_inputs(case, seed=3)
+        probs, _ = self.run(scores, guide, case, with_stats=False)
+        assert_matches_reference(scores, guide, case, probs)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+    @pytest.mark.parametrize("name", list(ADVERSARIAL))
+    @pytest.mark.parametrize("frames,tau", [(16, 7), (8, 1)])
+    def test_adversarial_inputs_stay_finite(self, name, dtype, frames, tau):
+        case = Case(dtype=dtype, frames=frames, tau=tau, guide_size=(2, 2))
+        scores, guide = make_inputs(case)
+        scores = ADVERSARIAL[name](scores.float()).to(dtype)
+        probs, stats = self.run(scores, guide, case)
+        assert torch.isfinite(probs).all() and torch.isfinite(stats).all()
+        assert_matches_reference(scores, guide, case, probs, stats)
+
+    @pytest.mark.parametrize("guide_size", [None, (1, 1)])
+    @pytest.mark.parametrize("frames,tau", [(16, 7), (15, 3)])
+    def test_uniform_rows_give_beta0(self, frames, tau, guide_size):
+        case = Case(frames=frames, tau=tau, guide_size=guide_size, beta=1.5)
+        scores = torch.zeros((2, 2, 2, 1, frames, frames))
+        guide = None if guide_size is None else torch.full((2, 1, 1, 1, frames, frames), 1 / frames)
+        probs, stats = self.run(scores, guide, case)
+        assert stats[0, 0] == 1.5 and stats[0, 4].abs() < 1e-6
+        torch.testing.assert_close(probs, torch.full_like(probs, 1 / frames))
+
+    def test_batch_of_one_without_cfg(self):
+        case = Case(batch=1, parts=1, energy_part=0, energy_scope="sample",
+                    guide_upsample="bilinear", guide_size=(1, 3))
+        scores, guide = make_inputs(case)
+        probs, stats = self.run(scores, guide, case)
+        assert stats.shape == (1, 6)
+        assert_matches_reference(scores, guide, case, probs, stats)
+
+    @pytest.mark.parametrize("scope", ["batch", "sample"])
+    @pytest.mark.parametrize("shape", [(0, 4, 4, 2, 16, 16), (2, 0, 3, 2, 16, 16)], ids=["B=0", "H=0"])
+    def test_empty_inputs(self, shape, scope):
+        case = Case(energy_scope=scope, beta_max=3.0)
+        scores = torch.randn(shape)
+        guide = torch.rand(shape[:1] + (min(shape[1], 2), 2) + shape[3:])
+        probs, stats = self.run(scores, guide, case)
+        ref_probs, ref_stats = reference.bytheway_attention_probs(scores, guide, return_stats=True,
+                                                                  **case.kwargs())
+        assert probs.shape == ref_probs.shape
+        torch.testing.assert_close(stats, ref_stats)
+        if scope == "batch":
+            assert stats.tolist() == [[1.5, 0.0, 0.0, 0.0, 0.0, 0.0]]
+
+    def test_guide_dtype_differs_and_inputs_not_contiguous(self):
+        case = Case(dtype=torch.float16, guide_size=(3, 2), guide_upsample="bilinear", height=5,
+                    width=4)
+        scores, guide = make_inputs(case)
+        scores = scores.transpose(1, 2).contiguous().transpose(1, 2)  # same values, other strides
+        assert not scores.is_contiguous()
+        guide = guide.float()
+        probs, stats = self.run(scores, guide, case)
+        assert_matches_reference(scores, guide, case, probs, stats)
+
+    def test_sample_scope_is_independent_of_the_batch(self):
+        """With energy_scope="sample", a video's output is the same alone or next to others."""
+        case = Case(batch=4, energy_scope="sample")
+        scores, guide = make_inputs(case)
+        together, _ = self.run(scores, guide, case)
+        alone, _ = self.run(scores[[1, 3]], guide[[1, 3]], Case(batch=2, energy_scope="sample"))
+        torch.testing.assert_close(alone, together[[1, 3]], atol=1e-6, rtol=1e-6)
+
+    @pytest.mark.parametrize("with_guide,with_stats,adaptive,upsample", [
+        (True, True, True, "bilinear"), (True, False, False, "nearest"), (False, True, False, "nearest"),
+    ])
+    def test_opcheck(self, with_guide, with_stats, adaptive, upsample, monkeypatch):
+        monkeypatch.setenv("BYTHEWAY_BACKEND", self.backend)
+        scores, guide = make_inputs(Case(frames=8, tau=3, guide_size=(2, 2)))
+        args = (scores, guide if with_guide else None, 0.6, 1.5, 3, adaptive, 2, 1, "batch", upsample,
+                None, with_stats)
+        torch.library.opcheck(torch.ops.bytheway.attention_probs.default, args)

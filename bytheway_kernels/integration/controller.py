@@ -1,0 +1,373 @@
+"""`apply_bytheway` and the controller that owns one application of ByTheWay to a denoiser."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Tuple, Union
+
+import torch
+
+from .._validation import check_tau
+from ..config import PRESETS, ByTheWayConfig
+from . import diagnostics as diagnostics_module
+from .layers import ModelFamily, TemporalLayer, decoder_temporal_layers, family_of, frames_of, resolve_anchor
+from .processor import BINDING_ATTR, ByTheWayAttnProcessor, LayerBinding, RunState
+
+CfgSpec = Union[None, bool, Tuple[int, int]]
+
+
+def active_step_count(step_fraction: float, num_steps: int) -> int:
+    """ceil(step_fraction * num_steps), at least one (rounded first so 0.2 * 15 gives 3, not 4)."""
+    return max(1, math.ceil(round(step_fraction * num_steps, 9)))
+
+
+def _split_target(target):
+    """(pipeline or None, denoiser as called, denoiser module) from a pipeline or a bare denoiser.
+
+    The last two differ for a torch.compile'd denoiser: layers and geometry hooks go on the real
+    module, the step-tracking hooks on the compiled wrapper so that they run outside the graph.
+    """
+    if isinstance(target, torch.nn.Module):
+        pipeline, denoiser = None, target
+    else:
+        pipeline = target
+        denoiser = getattr(target, "unet", None)
+        if denoiser is None:
+            denoiser = getattr(target, "transformer", None)
+        if not isinstance(denoiser, torch.nn.Module):
+            raise ValueError(
+                f"apply_bytheway needs a diffusers pipeline with a `unet` or `transformer`, or a denoiser "
+                f"module; got {type(target).__name__}"
+            )
+    return pipeline, denoiser, getattr(denoiser, "_orig_mod", denoiser)
+
+
+def _batch_split_of(cfg) -> Tuple[int, int]:
+    """(parts, energy part) from cfg=True/False or an explicit (parts, energy_part) pair."""
+    if isinstance(cfg, bool):
+        return (2, 1) if cfg else (1, 0)
+    if (
+        isinstance(cfg, tuple) and len(cfg) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in cfg)
+        and cfg[0] >= 1 and 0 <= cfg[1] < cfg[0]
+    ):
+        return cfg
+    raise ValueError(f"cfg must be None, a bool or a (parts, energy_part) pair of ints, got {cfg!r}")
+
+
+class ByTheWayController:
+    """ByTheWay applied to one denoiser: the installed processors, hooks and run state.
+
+    Create it with `apply_bytheway`. `remove()` (or leaving a `with` block) restores the original
+    processors and removes every hook. Per denoiser call the controller
+    - reads the step index from the position of the timestep in `scheduler.timesteps`, counted from
+      the first timestep of the current denoising loop (FreeInit restarts count from zero;
+      video-to-video with strength < 1 counts from its first step), and enables ByTheWay for the
+      first ceil(step_fraction * steps) of the loop's steps; without a scheduler (a bare
+      denoiser) every call is active;
+    - reads whether classifier-free guidance (and PAG) is on from the pipeline, unless `cfg` was given;
+    - checks tau against the frame count before the denoiser runs;
+    - frees the recorded anchor maps when the call ends.
+    """
+
+    def __init__(self, target, config: ByTheWayConfig, *, cfg: CfgSpec = None, anchor=None,
+                 diagnostics: bool = False, observe_only: bool = False, scheduler=None):
+        pipeline, called_denoiser, denoiser = _split_target(target)
+        self._pipeline = pipeline
+        self._denoiser = denoiser
+        self._family: ModelFamily = family_of(denoiser)
+        self._scheduler = scheduler if scheduler is not None else getattr(pipeline, "scheduler", None)
+        self._batch_split_override = None if cfg is None else _batch_split_of(cfg)
+        if self._batch_split_override is None:
+            if pipeline is None:
+                raise ValueError(
+                    "cfg is required when applying ByTheWay to a bare denoiser: pass cfg=True when the batch "
+                    "is (unconditional, conditional) halves, cfg=False otherwise"
+                )
+            if not hasattr(type(pipeline), "do_classifier_free_guidance"):
+                raise ValueError(
+                    f"{type(pipeline).__name__} does not expose do_classifier_free_guidance: pass cfg=True "
+                    f"(guidance_scale > 1) or cfg=False to apply_bytheway"
+                )
+        self._observe_only = observe_only
+        self._diagnostics = diagnostics or observe_only
+        self._state = RunState(config=config)
+        self._calls_without_scheduler = 0
+        self._run_schedule, self._run_begin, self._run_last_position = None, 0, -1
+
+        blocks = decoder_temporal_layers(denoiser, self._family)
+        if not any(layers for _, layers in blocks):
+            raise ValueError(
+                f"found no temporal self-attention layers in the decoder of {type(denoiser).__name__}; "
+                f"searched {[name for name, _ in blocks]} for {self._family.name} temporal modules"
+            )
+        block_names = [name for name, _ in blocks]
+        self._anchor = resolve_anchor(anchor, denoiser, self._family, block_names)
+        anchor_index = block_names.index(self._anchor)
+        anchor_layers = blocks[anchor_index][1]
+        if not anchor_layers:
+            raise ValueError(f"anchor block {self._anchor!r} of {self._family.name} has no temporal self-attention")
+        selected: List[TemporalLayer] = [layer for _, layers in blocks[anchor_index:] for layer in layers]
+        anchor_positions = {layer.position for layer in anchor_layers}
+        missing = [layer.name for layer in selected if layer.position not in anchor_positions]
+        if missing:
+            raise ValueError(
+                f"layers {missing} have no layer at the same position in the anchor block {self._anchor!r} "
+                f"(positions there: {sorted(anchor_positions)})"
+            )
+        self._check_not_applied(selected)
+        self._layers = selected
+
+        guide_heads: Dict[Tuple, set] = {}
+        for layer in selected:
+            if layer.block != self._anchor:
+                guide_heads.setdefault(layer.position, set()).add(layer.attn.heads)
+        self._processor = ByTheWayAttnProcessor()
+        self._hooks = []
+        for layer in selected:
+            is_anchor = layer.block == self._anchor
+            binding = LayerBinding(
+                state=self._state, layer=layer, original=layer.attn.processor, is_anchor=is_anchor,
+                guide_heads=tuple(sorted(guide_heads.get(layer.position, ()))) if is_anchor else (),
+            )
+            setattr(layer.attn, BINDING_ATTR, binding)
+            layer.attn.set_processor(self._processor)
+        owners = {id(layer.owner): layer for layer in selected}
+        for layer in owners.values():
+            self._hooks.append(layer.owner.register_forward_pre_hook(self._geometry_hook(layer), with_kwargs=True))
+        # Step tracking reads the timestep's position in the schedule: host work that must not be
+        # traced by torch.compile (it would specialise the graph on the step). Disabled for dynamo,
+        # it costs one graph break at the denoiser's entry when the denoiser is compiled after
+        # apply_bytheway, and none when it was compiled before (the hook sits on the wrapper).
+        begin = torch.compiler.disable(self._begin_denoiser_call)
+        self._hooks.append(called_denoiser.register_forward_pre_hook(begin, with_kwargs=True))
+        self._hooks.append(called_denoiser.register_forward_hook(self._end_denoiser_call, always_call=True))
+        self._removed = False
+
+    # -- public ---------------------------------------------------------------------------------
+    @property
+    def config(self) -> ByTheWayConfig:
+        return self._state.config
+
+    @property
+    def anchor(self) -> str:
+        """Name of the anchor block (e.g. "up_blocks.1")."""
+        return self._anchor
+
+    @property
+    def layer_names(self) -> List[str]:
+        """Full names of the attention modules running the ByTheWay processor, anchor first."""
+        return [layer.name for layer in self._layers]
+
+    def remove(self) -> None:
+        """Restore the original processors and remove every hook (idempotent)."""
+        if self._removed:
+            return
+        for hook in self._hooks:
+            hook.remove()
+        for layer in self._layers:
+            binding = getattr(layer.attn, BINDING_ATTR, None)
+            if binding is not None and binding.state is self._state:
+                layer.attn.set_processor(binding.original)
+                delattr(layer.attn, BINDING_ATTR)
+        self._state.guides.clear()
+        self._state.calls.clear()
+        self._removed = True
+
+    def __enter__(self) -> "ByTheWayController":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def diagnostics(self) -> List[dict]:
+        """Recorded per-layer, per-call stats as dicts (converted to Python numbers here, once)."""
+        return diagnostics_module.rows(self._state.records)
+
+    def diagnostics_table(self, by: str = "block") -> str:
+        """The diagnostics as a text table; `by` is "block", "block_step" or "layer"."""
+        return diagnostics_module.format_table(self.diagnostics(), by=by)
+
+    def clear_diagnostics(self) -> None:
+        self._state.records.clear()
+
+    def __repr__(self) -> str:
+        state = "removed" if self._removed else f"{len(self._layers)} layers, anchor {self._anchor}"
+        return f"ByTheWayController({type(self._denoiser).__name__}, {state}, {self.config})"
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _geometry_hook(self, layer: TemporalLayer):
+        geometry, read = layer.geometry, self._family.geometry
+
+        def capture(module, args, kwargs):
+            geometry.batch, geometry.height, geometry.width = read(module, args, kwargs)
+
+        return capture
+
+    def _begin_denoiser_call(self, module, args, kwargs):
+        self._check_layers_in_place()
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        state = self._state
+        frames = frames_of(sample, self._family)
+        if frames is not None:
+            check_tau(state.config.tau, self._attention_frames(frames))
+        split = self._current_batch_split()
+        if isinstance(sample, torch.Tensor) and sample.shape[0] % split[0] != 0:
+            raise ValueError(
+                f"the denoiser batch {sample.shape[0]} is not divisible into {split[0]} parts "
+                f"(cfg / batch split {split}); pass the right cfg= to apply_bytheway"
+            )
+        step, active = self._locate_step(timestep)
+        state.step = step
+        state.modify = active and not self._observe_only
+        state.measure = self._diagnostics
+        state.batch_split = split
+        state.guides.clear()
+        state.calls.clear()
+
+    def _end_denoiser_call(self, module, args, output):
+        self._state.guides.clear()
+        self._state.calls.clear()
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _check_not_applied(self, layers: List[TemporalLayer]) -> None:
+        for layer in layers:
+            if getattr(layer.attn, BINDING_ATTR, None) is not None:
+                raise ValueError(
+                    f"ByTheWay is already applied to {layer.name}; call remove() on the existing controller first"
+                )
+
+    def _check_layers_in_place(self) -> None:
+        for layer in self._layers:
+            if getattr(layer.parent, layer.attribute, None) is not layer.attn or not isinstance(
+                layer.attn.processor, ByTheWayAttnProcessor
+            ) or self._denoiser.get_submodule(layer.name) is not layer.attn:
+                raise RuntimeError(
+                    f"the temporal layer {layer.name} was replaced or given another processor after "
+                    f"apply_bytheway (e.g. by enable_free_noise or set_attn_processor): call remove() and "
+                    f"apply_bytheway again after such changes"
+                )
+
+    def _attention_frames(self, frames: int) -> int:
+        """F seen by the temporal attention: FreeNoise runs context windows of its own length."""
+        pipeline = self._pipeline
+        if pipeline is not None and getattr(pipeline, "free_noise_enabled", False):
+            return min(frames, int(pipeline._free_noise_context_length))
+        return frames
+
+    def _current_batch_split(self) -> Tuple[int, int]:
+        if self._batch_split_override is not None:
+            return self._batch_split_override
+        pipeline = self._pipeline
+        try:
+            cfg = bool(pipeline.do_classifier_free_guidance)
+        except AttributeError as error:  # the property reads values set by the pipeline's __call__
+            raise RuntimeError(
+                f"{type(pipeline).__name__}.do_classifier_free_guidance is only defined during a pipeline "
+                f"call; pass cfg= to apply_bytheway to call the denoiser directly"
+            ) from error
+        pag = bool(getattr(pipeline, "do_perturbed_attention_guidance", False))
+        # Batch order: (uncond, cond, perturbed) with PAG; energies come from the conditional part.
+        return (1 + int(cfg) + int(pag), 1 if cfg else 0)
+
+    def _locate_step(self, timestep) -> Tuple[int, bool]:
+        """(step index, active) for a denoiser call at `timestep`."""
+        scheduler = self._scheduler
+        if scheduler is None:
+            step = self._calls_without_scheduler
+            self._calls_without_scheduler += 1
+            return step, True
+        schedule = getattr(scheduler, "timesteps", None)
+        if not isinstance(schedule, torch.Tensor) or schedule.numel() == 0:
+            raise RuntimeError(f"{type(scheduler).__name__}.timesteps is not set: call set_timesteps first")
+        if timestep is None:
+            raise RuntimeError("the denoiser was called without a timestep; ByTheWay cannot tell the step")
+        position = _schedule_position(timestep, schedule)
+        # A run (one denoising loop) starts with a new schedule tensor (set_timesteps: every
+        # pipeline call, every FreeInit iteration) or when the position goes back. Steps count from
+        # the run's first timestep, so image/video-to-video pipelines that skip the start of the
+        # schedule (strength < 1) still get their first step_fraction.
+        if schedule is not self._run_schedule or position < self._run_last_position:
+            self._run_schedule, self._run_begin = schedule, position
+        self._run_last_position = position
+        step = position - self._run_begin
+        steps = schedule.numel() - self._run_begin
+        return step, step < active_step_count(self.config.step_fraction, steps)
+
+
+def _schedule_position(timestep, schedule: torch.Tensor) -> int:
+    """Index of `timestep` in `schedule`.
+
+    Pipelines pass an element of `scheduler.timesteps` (a view, possibly expanded); its storage
+    offset gives the index without reading the device. Other timesteps are compared by value.
+    """
+    if (
+        isinstance(timestep, torch.Tensor)
+        and timestep.device == schedule.device
+        and schedule.dim() == 1
+        and timestep.numel() > 0
+        and timestep.untyped_storage().data_ptr() == schedule.untyped_storage().data_ptr()
+    ):
+        offset = timestep.storage_offset() - schedule.storage_offset()
+        if offset % schedule.stride(0) == 0 and 0 <= offset // schedule.stride(0) < schedule.numel():
+            return offset // schedule.stride(0)
+    value = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+    values = schedule.detach().double().cpu()
+    matches = torch.nonzero(torch.isclose(values, torch.tensor(value, dtype=torch.float64), rtol=1e-6, atol=1e-6))
+    if matches.numel() == 0:
+        raise RuntimeError(
+            f"timestep {value} is not in the scheduler's timesteps; ByTheWay cannot tell the denoising step"
+        )
+    return int(matches[0, 0])
+
+
+def apply_bytheway(
+    pipe_or_denoiser,
+    preset: Union[str, ByTheWayConfig] = "animatediff",
+    *,
+    cfg: CfgSpec = None,
+    anchor=None,
+    diagnostics: bool = False,
+    observe_only: bool = False,
+    scheduler=None,
+    **overrides,
+) -> ByTheWayController:
+    """Turn ByTheWay on inside a diffusers video pipeline (or a bare denoiser).
+
+    Args:
+        pipe_or_denoiser: a pipeline with `unet`/`transformer` (AnimateDiff*, PIA, TextToVideoSD,
+            I2VGenXL, StableVideoDiffusion, Latte) or the denoiser module itself.
+        preset: a name in `bytheway_kernels.PRESETS` ("animatediff", "videocrafter2") or a
+            ByTheWayConfig.
+        cfg: None (ask the pipeline's `do_classifier_free_guidance`), True/False, or a
+            (parts, energy_part) batch split, e.g. (3, 1) for PAG with CFG. Required for a bare
+            denoiser and for pipelines without that property (TextToVideoSDPipeline).
+        anchor: the guide block: None (default: "up_blocks.1"; Latte: temporal block N // 2), a
+            decoder block name or its index. It and every later decoder block are processed.
+        diagnostics: record per-layer, per-step stats (see `ByTheWayController.diagnostics`).
+        observe_only: record diagnostics on every step but never change outputs (the baseline).
+        scheduler: the scheduler whose `timesteps` give the step index when a bare denoiser is
+            passed (a pipeline's own scheduler is used otherwise). Without one, every call is active.
+        **overrides: ByTheWayConfig fields replacing the preset's (alpha, beta, tau, step_fraction,
+            adaptive_beta, energy_scope, guide_upsample, beta_max).
+
+    Returns:
+        The controller; call `.remove()` or use it as a context manager.
+
+    Raises:
+        ValueError: unknown preset or field, missing anchor block, no temporal layers found, a
+            pipeline without CFG information and no `cfg`. A tau invalid for the frame count is a
+            ValueError raised at the first denoiser call, before the denoiser runs.
+    """
+    if isinstance(preset, ByTheWayConfig):
+        config = preset
+    elif preset in PRESETS:
+        config = PRESETS[preset]
+    else:
+        raise ValueError(f"unknown ByTheWay preset {preset!r}; presets are {sorted(PRESETS)}")
+    if overrides:
+        config = config.replace(**overrides)
+    return ByTheWayController(
+        pipe_or_denoiser, config, cfg=cfg, anchor=anchor, diagnostics=diagnostics,
+        observe_only=observe_only, scheduler=scheduler,
+    )

@@ -1,0 +1,700 @@
+// CPU kernel of the ByTheWay attention-map op (DESIGN.md sections 1-2).
+//
+// Schema split: the public op `torch.ops.bytheway.attention_probs` is declared once, in Python
+// (bytheway_kernels/ops.py, torch.library.custom_op), and that declaration is the only source of
+// truth for its schema. This extension registers a private helper in its own namespace,
+// `torch.ops.bytheway_cpu.attention_probs_out`, which writes into caller-allocated outputs; the
+// Python op's CPU branch (bytheway_kernels/cpp_backend.py) allocates the outputs and calls it.
+// Argument validation (ValueErrors naming the argument) happens in Python before this runs; the
+// checks here only guard memory safety.
+//
+// Per row of a (F x F) map: softmax -> blend with the upsampled guide row (A2) -> high band
+// A2 @ P with P the real circulant matrix of the band -> A3 = A2 + (beta - 1) A2 P -> divide by
+// the row sum -> store in the scores' dtype. Accumulation is in float (double for double input).
+// Adaptive beta needs four global sums first, so it runs a stats pass over the rows in scope and
+// then the apply pass; fixed beta is a single pass (which also gathers the stats if asked).
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace bytheway_cpu {
+namespace {
+
+// Maps per unit of parallel work. Stats partial sums are kept per block and reduced in block
+// order, so the result does not depend on the number of threads.
+constexpr int64_t kBlockMaps = 64;
+// Same value as reference.HIGH_ENERGY_FLOOR: below this fraction of E2 the high band counts as 0.
+constexpr double kHighEnergyFloor = 1e-6;
+
+template <typename scalar_t>
+struct AccumulateType {
+  using type = float;
+};
+template <>
+struct AccumulateType<double> {
+  using type = double;
+};
+
+// exp(x) for x <= 0 (a logit minus its row max), branch-free so that row loops vectorise
+// (std::exp is a library call that blocks vectorisation). x = n ln2 + r with |r| <= ln2 / 2,
+// then a degree-7 Taylor polynomial: truncation error < 1e-8 relative, below float's half ulp.
+inline float exp_nonpositive(float x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2High = 0.693145751953125f;  // ln 2 split so that n * kLn2High is exact
+  constexpr float kLn2Low = 1.42860682030941723e-6f;
+  constexpr float kRoundToInteger = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  constexpr float kLowest = -87.0f;               // exp(-87) is still a normal float
+  const float clamped = x < kLowest ? kLowest : x;
+  const float n = (clamped * kLog2e + kRoundToInteger) - kRoundToInteger;
+  const float r = (clamped - n * kLn2High) - n * kLn2Low;
+  float poly = 1.0f / 5040.0f;
+  poly = poly * r + 1.0f / 720.0f;
+  poly = poly * r + 1.0f / 120.0f;
+  poly = poly * r + 1.0f / 24.0f;
+  poly = poly * r + 1.0f / 6.0f;
+  poly = poly * r + 0.5f;
+  poly = poly * r + 1.0f;
+  poly = poly * r + 1.0f;
+  const int32_t exponent_bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_to_n;
+  std::memcpy(&two_to_n, &exponent_bits, sizeof(two_to_n));
+  return x < kLowest ? 0.0f : poly * two_to_n;
+}
+
+inline double exp_nonpositive(double x) {
+  return std::exp(x);
+}
+
+// Row reductions with a fixed pairwise order: 16 partial lanes, then a halving tree. Without
+// -ffast-math the compiler keeps `for (j) s += v[j]` as a serial chain of scalar adds; written
+// this way the lanes and the tree steps are vector operations, and the order (hence the result)
+// never depends on the thread count. The lanes start as copies of the first values, not as
+// zeros: 0 + x cannot be folded to x (signed zeros), which would keep the adds scalar.
+constexpr int kReductionLanes = 16;  // the tree steps below are written out for 16
+
+template <typename acc_t, typename Combine>
+inline acc_t reduce_row(const acc_t* values, int64_t n, acc_t identity, Combine combine) {
+  acc_t lanes[kReductionLanes];
+  for (int l = 0; l < kReductionLanes; ++l) {
+    lanes[l] = l < n ? values[l] : identity;
+  }
+  for (int64_t j = kReductionLanes; j < n; j += kReductionLanes) {
+    for (int l = 0; l < kReductionLanes && j + l < n; ++l) {
+      lanes[l] = combine(lanes[l], values[j + l]);
+    }
+  }
+  for (int l = 0; l < 8; ++l) lanes[l] = combine(lanes[l], lanes[l + 8]);
+  for (int l = 0; l < 4; ++l) lanes[l] = combine(lanes[l], lanes[l + 4]);
+  for (int l = 0; l < 2; ++l) lanes[l] = combine(lanes[l], lanes[l + 2]);
+  return combine(lanes[0], lanes[1]);
+}
+
+template <typename acc_t>
+inline acc_t row_sum(const acc_t* values, int64_t n) {
+  return reduce_row(values, n, acc_t(0), [](acc_t a, acc_t b) { return a + b; });
+}
+
+template <typename acc_t>
+inline acc_t row_max(const acc_t* values, int64_t n) {
+  return reduce_row(values, n, -std::numeric_limits<acc_t>::infinity(),
+                    [](acc_t a, acc_t b) { return b > a ? b : a; });
+}
+
+// Source indices and weights of one spatial axis of the guide upsampling, with the index rules
+// of torch.nn.functional.interpolate (nearest: float arithmetic; bilinear, align_corners=False:
+// arithmetic in the accumulation type, as torch does in its op-math type).
+template <typename acc_t>
+struct AxisTaps {
+  std::vector<int64_t> first, second;
+  std::vector<acc_t> first_weight, second_weight;
+
+  AxisTaps(int64_t in_size, int64_t out_size, bool bilinear)
+      : first(out_size), second(out_size), first_weight(out_size), second_weight(out_size) {
+    for (int64_t dst = 0; dst < out_size; ++dst) {
+      if (!bilinear) {
+        const float scale = static_cast<float>(in_size) / static_cast<float>(out_size);
+        const int64_t src = static_cast<int64_t>(std::floor(static_cast<float>(dst) * scale));
+        first[dst] = second[dst] = std::min(src, in_size - 1);
+        first_weight[dst] = acc_t(1);
+        second_weight[dst] = acc_t(0);
+        continue;
+      }
+      const acc_t scale = static_cast<acc_t>(in_size) / static_cast<acc_t>(out_size);
+      const acc_t src = std::max(scale * (static_cast<acc_t>(dst) + acc_t(0.5)) - acc_t(0.5), acc_t(0));
+      const int64_t index = std::min(static_cast<int64_t>(std::floor(src)), in_size - 1);
+      const acc_t lambda = std::min(std::max(src - static_cast<acc_t>(index), acc_t(0)), acc_t(1));
+      first[dst] = index;
+      second[dst] = index + (index < in_size - 1 ? 1 : 0);
+      first_weight[dst] = acc_t(1) - lambda;
+      second_weight[dst] = lambda;
+    }
+  }
+};
+
+// Everything about one call that does not depend on the row.
+template <typename acc_t>
+struct Plan {
+  int64_t batch, height, width, heads, frames;
+  int64_t maps_per_entry;  // height * width * heads
+  int64_t guide_height, guide_width;
+  bool has_guide, bilinear;
+  bool full_band;  // band = every k != 0, so A2 P = A2 - rowsum(A2) / F
+  acc_t alpha;
+  std::vector<acc_t> circulant;  // P, row-major F x F (empty when full_band)
+  AxisTaps<acc_t> taps_y, taps_x;
+
+  Plan(const at::Tensor& scores, const at::Tensor* guide, double alpha_, int64_t tau, bool bilinear_)
+      : batch(scores.size(0)),
+        height(scores.size(1)),
+        width(scores.size(2)),
+        heads(scores.size(3)),
+        frames(scores.size(4)),
+        maps_per_entry(height * width * heads),
+        guide_height(guide ? guide->size(1) : height),
+        guide_width(guide ? guide->size(2) : width),
+        has_guide(guide != nullptr),
+        bilinear(bilinear_),
+        full_band(frames % 2 == 0 && tau == (frames - 2) / 2),
+        alpha(static_cast<acc_t>(alpha_)),
+        taps_y(guide_height, height, bilinear_),
+        taps_x(guide_width, width, bilinear_) {
+    if (full_band) {
+      return;
+    }
+    // c[n] = (1/F) sum_{k in band} cos(2 pi k n / F); P[s, j] = c[(j - s) mod F].
+    const int64_t centre = frames / 2;
+    std::vector<double> kernel(frames, 0.0);
+    for (int64_t n = 0; n < frames; ++n) {
+      for (int64_t k = centre - tau; k <= centre + tau; ++k) {
+        // (k * n) mod F keeps the cosine argument small, so it is accurate in double.
+        kernel[n] += std::cos(2.0 * M_PI * static_cast<double>((k * n) % frames) / frames);
+      }
+      kernel[n] /= static_cast<double>(frames);
+    }
+    circulant.resize(frames * frames);
+    for (int64_t s = 0; s < frames; ++s) {
+      for (int64_t j = 0; j < frames; ++j) {
+        circulant[s * frames + j] = static_cast<acc_t>(kernel[((j - s) % frames + frames) % frames]);
+      }
+    }
+  }
+};
+
+// Per-row sums the adaptive beta and the stats need, accumulated over the rows in scope.
+// E3 is the energy of A3 after the division by its row sum t = rowsum(A2) (DC is outside the
+// band), and t is not 1 when guide rows are not exactly stochastic (e.g. rounded to bf16), so E3
+// needs the same three sums weighted per row by 1 / t^2.
+struct EnergySums {
+  double softmax_sq = 0;       // S1 = sum ||A||^2
+  double guided_sq = 0;        // S2 = sum ||A2||^2
+  double guided_dot_high = 0;  // S2h = sum <A2, A2 P>
+  double high_sq = 0;          // Spp = sum ||A2 P||^2 (differs from S2h when P is no projector)
+  double guided_sq_normalised = 0;        // sum ||A2||^2 / t^2
+  double guided_dot_high_normalised = 0;  // sum <A2, A2 P> / t^2
+  double high_sq_normalised = 0;          // sum ||A2 P||^2 / t^2
+
+  void add(const EnergySums& other) {
+    softmax_sq += other.softmax_sq;
+    guided_sq += other.guided_sq;
+    guided_dot_high += other.guided_dot_high;
+    high_sq += other.high_sq;
+    guided_sq_normalised += other.guided_sq_normalised;
+    guided_dot_high_normalised += other.guided_dot_high_normalised;
+    high_sq_normalised += other.high_sq_normalised;
+  }
+};
+
+// Scratch storage of kSize values: a fixed-size array when the size is a compile-time constant
+// (the compiler then unrolls the loops over it), else heap storage of a runtime size.
+template <typename T, int kSize>
+struct Scratch {
+  std::array<T, kSize> values;
+  explicit Scratch(int64_t) {}
+  T* data() { return values.data(); }
+  const T* data() const { return values.data(); }
+};
+template <typename T>
+struct Scratch<T, 0> {
+  std::vector<T> values;
+  explicit Scratch(int64_t size) : values(size) {}
+  T* data() { return values.data(); }
+  const T* data() const { return values.data(); }
+};
+
+// The seven energy sums of EnergySums kept per column j, so rows add to them with vertical
+// (elementwise) operations: one horizontal reduction per block instead of several per row.
+constexpr int kEnergySums = 7;
+
+template <typename T, int kFrames>
+struct EnergyLanes {
+  Scratch<T, kEnergySums * kFrames> lanes;
+  const int64_t frames;
+  explicit EnergyLanes(int64_t frames_) : lanes(kEnergySums * frames_), frames(frames_) { clear(); }
+  T* lane(int k) { return lanes.data() + k * frames; }
+  void clear() { std::fill(lanes.data(), lanes.data() + kEnergySums * frames, T(0)); }
+  template <typename U>
+  void add_to(EnergyLanes<U, kFrames>& total) const {
+    const T* from = lanes.data();
+    U* to = total.lanes.data();
+#pragma omp simd
+    for (int64_t j = 0; j < kEnergySums * frames; ++j) {
+      to[j] += static_cast<U>(from[j]);
+    }
+  }
+  EnergySums sum() const {
+    double s[kEnergySums];
+    for (int k = 0; k < kEnergySums; ++k) {
+      s[k] = 0;
+      for (int64_t j = 0; j < frames; ++j) {
+        s[k] += static_cast<double>(lanes.data()[k * frames + j]);
+      }
+    }
+    return EnergySums{s[0], s[1], s[2], s[3], s[4], s[5], s[6]};
+  }
+};
+
+// Processes maps [map_begin, map_end) of batch entry `entry`. Writes probabilities when `probs`
+// is set (with gain beta - 1 on the band), stores the block's energy sums in `sums` when set.
+// Each step runs over all F rows of a map before the next step starts: the rows' horizontal
+// reductions are independent, so they overlap instead of forming one long dependency chain.
+template <typename scalar_t, typename guide_t, int kFrames>
+void process_maps(
+    const Plan<typename AccumulateType<scalar_t>::type>& plan,
+    const scalar_t* scores,
+    const guide_t* guide,
+    scalar_t* probs,
+    EnergySums* sums,
+    typename AccumulateType<scalar_t>::type beta,
+    int64_t entry,
+    int64_t map_begin,
+    int64_t map_end) {
+  using acc_t = typename AccumulateType<scalar_t>::type;
+  constexpr int kMapSize = kFrames * kFrames;
+  const int64_t F = kFrames > 0 ? kFrames : plan.frames;
+  const int64_t map_size = F * F;
+  const acc_t alpha = plan.alpha;
+  const acc_t band_gain = beta - acc_t(1);
+  const acc_t inv_frames = acc_t(1) / static_cast<acc_t>(F);
+  Scratch<acc_t, kMapSize> softmax_map(map_size), guided_map(map_size), high_map(map_size);
+  Scratch<acc_t, kFrames> row_max_values(F), row_inv_denominator(F), row_guided_sum(F);
+  // Distinct buffers (guided is a copy of softmax without a guide), so all may be __restrict__.
+  acc_t* __restrict__ softmax = softmax_map.data();
+  acc_t* __restrict__ guided = guided_map.data();
+  acc_t* __restrict__ high = high_map.data();
+  // Per-map lanes in acc_t (F rows each), accumulated per block in double.
+  EnergyLanes<acc_t, kFrames> map_lanes(sums ? F : 0);
+  EnergyLanes<double, kFrames> block_lanes(sums ? F : 0);
+
+  for (int64_t map = map_begin; map < map_end; ++map) {
+    const int64_t head = map % plan.heads;
+    const int64_t x = (map / plan.heads) % plan.width;
+    const int64_t y = map / (plan.heads * plan.width);
+    const int64_t offset = (entry * plan.maps_per_entry + map) * map_size;
+    const scalar_t* __restrict__ logits = scores + offset;
+
+    // softmax: A = exp(s - max) / sum. Reductions get loops of their own instead of being fused
+    // into the elementwise loops: the compiler then emits vector code for them, and the F rows'
+    // reductions overlap.
+#pragma omp simd
+    for (int64_t k = 0; k < map_size; ++k) {
+      softmax[k] = static_cast<acc_t>(logits[k]);
+    }
+    for (int64_t i = 0; i < F; ++i) {
+      row_max_values.data()[i] = row_max(softmax + i * F, F);
+    }
+    for (int64_t i = 0; i < F; ++i) {
+      const acc_t m = row_max_values.data()[i];
+#pragma omp simd
+      for (int64_t j = 0; j < F; ++j) {
+        softmax[i * F + j] = exp_nonpositive(softmax[i * F + j] - m);
+      }
+    }
+    for (int64_t i = 0; i < F; ++i) {
+      row_inv_denominator.data()[i] = acc_t(1) / row_sum(softmax + i * F, F);
+    }
+
+    // A2 = A + alpha (U - A) with U the upsampled guide: 1 guide map (nearest) or 4 (bilinear,
+    // weights w_yx). The row sum of A2 is also that of A3 (DC is outside the band) and is what the
+    // final division uses; without a guide it is rowsum(A) = 1.
+    if (!plan.has_guide) {
+      for (int64_t i = 0; i < F; ++i) {
+        const acc_t inv_denominator = row_inv_denominator.data()[i];
+#pragma omp simd
+        for (int64_t j = 0; j < F; ++j) {
+          const acc_t a = softmax[i * F + j] * inv_denominator;
+          softmax[i * F + j] = a;
+          guided[i * F + j] = a;
+        }
+        row_guided_sum.data()[i] = acc_t(1);
+      }
+    } else {
+      const auto& ty = plan.taps_y;
+      const auto& tx = plan.taps_x;
+      auto guide_map = [&](int64_t gy, int64_t gx) {
+        return guide + (((entry * plan.guide_height + gy) * plan.guide_width + gx) * plan.heads + head) * map_size;
+      };
+      const guide_t* __restrict__ u00 = guide_map(ty.first[y], tx.first[x]);
+      const guide_t* __restrict__ u01 = guide_map(ty.first[y], tx.second[x]);
+      const guide_t* __restrict__ u10 = guide_map(ty.second[y], tx.first[x]);
+      const guide_t* __restrict__ u11 = guide_map(ty.second[y], tx.second[x]);
+      const acc_t w00 = ty.first_weight[y] * tx.first_weight[x];
+      const acc_t w01 = ty.first_weight[y] * tx.second_weight[x];
+      const acc_t w10 = ty.second_weight[y] * tx.first_weight[x];
+      const acc_t w11 = ty.second_weight[y] * tx.second_weight[x];
+      for (int64_t i = 0; i < F; ++i) {
+        const acc_t inv_denominator = row_inv_denominator.data()[i];
+        if (!plan.bilinear) {
+#pragma omp simd
+          for (int64_t j = 0; j < F; ++j) {
+            const int64_t k = i * F + j;
+            const acc_t a = softmax[k] * inv_denominator;
+            softmax[k] = a;
+            guided[k] = a + alpha * (static_cast<acc_t>(u00[k]) - a);
+          }
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < F; ++j) {
+            const int64_t k = i * F + j;
+            const acc_t a = softmax[k] * inv_denominator;
+            const acc_t u = w00 * static_cast<acc_t>(u00[k]) + w01 * static_cast<acc_t>(u01[k]) +
+                w10 * static_cast<acc_t>(u10[k]) + w11 * static_cast<acc_t>(u11[k]);
+            softmax[k] = a;
+            guided[k] = a + alpha * (u - a);
+          }
+        }
+      }
+      for (int64_t i = 0; i < F; ++i) {
+        row_guided_sum.data()[i] = row_sum(guided + i * F, F);
+      }
+    }
+
+    // high = A2 P
+    if (plan.full_band) {
+      for (int64_t i = 0; i < F; ++i) {
+        const acc_t mean = row_guided_sum.data()[i] * inv_frames;
+#pragma omp simd
+        for (int64_t j = 0; j < F; ++j) {
+          high[i * F + j] = guided[i * F + j] - mean;
+        }
+      }
+    } else {
+      const acc_t* circulant = plan.circulant.data();
+      for (int64_t i = 0; i < F; ++i) {
+        acc_t* high_row = high + i * F;
+        // Starts from the s = 0 term rather than zeros (a zero fill in narrower stores than the
+        // accumulating loads stalls store forwarding).
+        const acc_t first = guided[i * F];
+#pragma omp simd
+        for (int64_t j = 0; j < F; ++j) {
+          high_row[j] = first * circulant[j];
+        }
+        for (int64_t s = 1; s < F; ++s) {
+          const acc_t a = guided[i * F + s];
+          const acc_t* p_row = circulant + s * F;
+#pragma omp simd
+          for (int64_t j = 0; j < F; ++j) {
+            high_row[j] += a * p_row[j];
+          }
+        }
+      }
+    }
+
+    if (sums != nullptr) {
+      acc_t* __restrict__ softmax_sq = map_lanes.lane(0);
+      acc_t* __restrict__ guided_sq = map_lanes.lane(1);
+      acc_t* __restrict__ guided_dot_high = map_lanes.lane(2);
+      acc_t* __restrict__ high_sq = map_lanes.lane(3);
+      acc_t* __restrict__ guided_sq_normalised = map_lanes.lane(4);
+      acc_t* __restrict__ guided_dot_high_normalised = map_lanes.lane(5);
+      acc_t* __restrict__ high_sq_normalised = map_lanes.lane(6);
+      for (int64_t i = 0; i < F; ++i) {
+        const acc_t t = row_guided_sum.data()[i];
+        const acc_t weight = acc_t(1) / (t * t);
+#pragma omp simd
+        for (int64_t j = 0; j < F; ++j) {
+          const int64_t k = i * F + j;
+          const acc_t gg = guided[k] * guided[k];
+          const acc_t gh = guided[k] * high[k];
+          const acc_t hh = high[k] * high[k];
+          softmax_sq[j] += softmax[k] * softmax[k];
+          guided_sq[j] += gg;
+          guided_dot_high[j] += gh;
+          high_sq[j] += hh;
+          guided_sq_normalised[j] += gg * weight;
+          guided_dot_high_normalised[j] += gh * weight;
+          high_sq_normalised[j] += hh * weight;
+        }
+      }
+      map_lanes.add_to(block_lanes);
+      map_lanes.clear();
+    }
+
+    if (probs != nullptr) {
+      // A3 = A2 + (beta - 1) A2 P, divided by its row sum.
+      scalar_t* __restrict__ out = probs + offset;
+      for (int64_t i = 0; i < F; ++i) {
+        const acc_t inv_sum = acc_t(1) / row_guided_sum.data()[i];
+#pragma omp simd
+        for (int64_t j = 0; j < F; ++j) {
+          const int64_t k = i * F + j;
+          out[k] = static_cast<scalar_t>((guided[k] + band_gain * high[k]) * inv_sum);
+        }
+      }
+    }
+  }
+  if (sums != nullptr) {
+    *sums = block_lanes.sum();
+  }
+}
+
+// Runs `process_maps` on every block of the given batch entries in parallel. Returns one
+// EnergySums per block (ordered by entry, then map) when `with_sums`.
+template <typename scalar_t, typename guide_t, int kFrames>
+std::vector<EnergySums> run_blocks(
+    const Plan<typename AccumulateType<scalar_t>::type>& plan,
+    const scalar_t* scores,
+    const guide_t* guide,
+    scalar_t* probs,
+    const std::vector<typename AccumulateType<scalar_t>::type>& entry_beta,
+    int64_t entry_begin,
+    int64_t entry_end,
+    bool with_sums) {
+  const int64_t blocks_per_entry = (plan.maps_per_entry + kBlockMaps - 1) / kBlockMaps;
+  const int64_t blocks = (entry_end - entry_begin) * blocks_per_entry;
+  std::vector<EnergySums> block_sums(with_sums ? blocks : 0);
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t entry = entry_begin + block / blocks_per_entry;
+      const int64_t map_begin = (block % blocks_per_entry) * kBlockMaps;
+      const int64_t map_end = std::min(map_begin + kBlockMaps, plan.maps_per_entry);
+      process_maps<scalar_t, guide_t, kFrames>(
+          plan, scores, guide, probs, with_sums ? &block_sums[block] : nullptr,
+          probs != nullptr ? entry_beta[entry] : typename AccumulateType<scalar_t>::type(1), entry,
+          map_begin, map_end);
+    }
+  });
+  return block_sums;
+}
+
+struct EnergyScope {
+  int64_t videos;       // V = B / parts; batch entry b belongs to video b % V
+  int64_t first_entry;  // energy_part * V: entries [first_entry, first_entry + V) are in scope
+  bool per_video;       // energy_scope == "sample"
+  int64_t groups() const { return per_video ? videos : 1; }
+};
+
+// Per-group beta and stats row from the summed energies; fills `group_beta` and `stats`.
+void finish_groups(
+    const std::vector<EnergySums>& block_sums,
+    int64_t blocks_per_entry,
+    int64_t rows_per_entry,
+    const EnergyScope& scope,
+    double beta0,
+    bool adaptive_beta,
+    std::optional<double> beta_max,
+    std::vector<double>& group_beta,
+    float* stats) {
+  const int64_t groups = scope.groups();
+  std::vector<EnergySums> group_sums(groups);
+  for (int64_t v = 0; v < scope.videos; ++v) {
+    for (int64_t b = 0; b < blocks_per_entry; ++b) {
+      group_sums[scope.per_video ? v : 0].add(block_sums[v * blocks_per_entry + b]);
+    }
+  }
+  const double rows = static_cast<double>(std::max<int64_t>(rows_per_entry * (scope.per_video ? 1 : scope.videos), 1));
+  group_beta.assign(groups, beta0);
+  for (int64_t g = 0; g < groups; ++g) {
+    const EnergySums& s = group_sums[g];
+    const double e1 = s.softmax_sq / rows;
+    const double e2 = s.guided_sq / rows;
+    const double e2_high = s.guided_dot_high / rows;
+    const double e2_low = e2 - e2_high;
+    double beta = beta0;
+    if (adaptive_beta) {
+      if (e2_high > kHighEnergyFloor * e2) {
+        beta = std::max(beta0, std::sqrt(std::max(e1 - e2_low, 0.0) / e2_high));
+      }
+      if (beta_max.has_value()) {
+        beta = std::min(beta, *beta_max);
+      }
+    }
+    group_beta[g] = beta;
+    if (stats != nullptr) {
+      const double gain = beta - 1.0;
+      const double e3 = (s.guided_sq_normalised + 2.0 * gain * s.guided_dot_high_normalised +
+                         gain * gain * s.high_sq_normalised) / rows;
+      const double row[6] = {beta, e1, e2, e2_low, e2_high, e3};
+      for (int k = 0; k < 6; ++k) {
+        stats[g * 6 + k] = static_cast<float>(row[k]);
+      }
+    }
+  }
+}
+
+template <typename scalar_t, typename guide_t, int kFrames>
+void run_op(
+    const Plan<typename AccumulateType<scalar_t>::type>& plan,
+    const scalar_t* scores,
+    const guide_t* guide,
+    scalar_t* probs,
+    float* stats,
+    const EnergyScope& scope,
+    double beta0,
+    bool adaptive_beta,
+    std::optional<double> beta_max) {
+  using acc_t = typename AccumulateType<scalar_t>::type;
+  const int64_t blocks_per_entry = (plan.maps_per_entry + kBlockMaps - 1) / kBlockMaps;
+  const int64_t rows_per_entry = plan.maps_per_entry * plan.frames;
+  const int64_t scope_end = scope.first_entry + scope.videos;
+  std::vector<double> group_beta;
+  auto betas_per_entry = [&]() {
+    std::vector<acc_t> entry_beta(plan.batch);
+    for (int64_t b = 0; b < plan.batch; ++b) {
+      entry_beta[b] = static_cast<acc_t>(group_beta[scope.per_video ? b % scope.videos : 0]);
+    }
+    return entry_beta;
+  };
+
+  if (adaptive_beta) {
+    // Stats pass over the rows in scope, then the apply pass with each group's beta.
+    const auto block_sums = run_blocks<scalar_t, guide_t, kFrames>(
+        plan, scores, guide, nullptr, {}, scope.first_entry, scope_end, true);
+    finish_groups(block_sums, blocks_per_entry, rows_per_entry, scope, beta0, true, beta_max, group_beta, stats);
+    run_blocks<scalar_t, guide_t, kFrames>(plan, scores, guide, probs, betas_per_entry(), 0, plan.batch, false);
+    return;
+  }
+  // Fixed beta: one pass; the in-scope entries also gather stats when they are wanted.
+  group_beta.assign(scope.groups(), beta0);
+  const auto entry_beta = betas_per_entry();
+  if (stats == nullptr) {
+    run_blocks<scalar_t, guide_t, kFrames>(plan, scores, guide, probs, entry_beta, 0, plan.batch, false);
+    return;
+  }
+  run_blocks<scalar_t, guide_t, kFrames>(plan, scores, guide, probs, entry_beta, 0, scope.first_entry, false);
+  const auto block_sums = run_blocks<scalar_t, guide_t, kFrames>(
+      plan, scores, guide, probs, entry_beta, scope.first_entry, scope_end, true);
+  run_blocks<scalar_t, guide_t, kFrames>(plan, scores, guide, probs, entry_beta, scope_end, plan.batch, false);
+  finish_groups(block_sums, blocks_per_entry, rows_per_entry, scope, beta0, false, beta_max, group_beta, stats);
+}
+
+template <typename scalar_t, typename guide_t>
+void dispatch_frames(
+    const Plan<typename AccumulateType<scalar_t>::type>& plan,
+    const at::Tensor& scores,
+    const std::optional<at::Tensor>& guide,
+    const at::Tensor& probs,
+    float* stats,
+    const EnergyScope& scope,
+    double beta0,
+    bool adaptive_beta,
+    std::optional<double> beta_max) {
+  const guide_t* guide_data = guide ? guide->data_ptr<guide_t>() : nullptr;
+  // F = 16 is the AnimateDiff / VideoCrafter2 frame count: a compile-time F unrolls the rows.
+  auto run = plan.frames == 16 ? &run_op<scalar_t, guide_t, 16> : &run_op<scalar_t, guide_t, 0>;
+  run(plan, scores.data_ptr<scalar_t>(), guide_data, probs.data_ptr<scalar_t>(), stats, scope, beta0,
+      adaptive_beta, beta_max);
+}
+
+void attention_probs_out(
+    const at::Tensor& scores_in,
+    const std::optional<at::Tensor>& guide_in,
+    double alpha,
+    double beta,
+    int64_t tau,
+    bool adaptive_beta,
+    int64_t parts,
+    int64_t energy_part,
+    c10::string_view energy_scope,
+    c10::string_view guide_upsample,
+    std::optional<double> beta_max,
+    const at::Tensor& probs,
+    const std::optional<at::Tensor>& stats) {
+  TORCH_CHECK(scores_in.device().is_cpu(), "bytheway_cpu: scores must be a CPU tensor");
+  TORCH_CHECK(scores_in.dim() == 6 && scores_in.size(4) == scores_in.size(5),
+              "bytheway_cpu: scores must be (B, H, W, heads, F, F), got ", scores_in.sizes());
+  const int64_t frames = scores_in.size(5);
+  TORCH_CHECK(frames >= 2 && tau >= 0 && tau <= (frames - 2) / 2, "bytheway_cpu: tau=", tau,
+              " is invalid for F=", frames);
+  TORCH_CHECK(parts >= 1 && energy_part >= 0 && energy_part < parts && scores_in.size(0) % parts == 0,
+              "bytheway_cpu: bad batch split parts=", parts, ", energy_part=", energy_part);
+  TORCH_CHECK(energy_scope == "batch" || energy_scope == "sample", "bytheway_cpu: bad energy_scope");
+  TORCH_CHECK(guide_upsample == "nearest" || guide_upsample == "bilinear", "bytheway_cpu: bad guide_upsample");
+  TORCH_CHECK(probs.device().is_cpu() && probs.sizes() == scores_in.sizes() &&
+                  probs.scalar_type() == scores_in.scalar_type(),
+              "bytheway_cpu: probs must be a CPU tensor with the shape and dtype of scores");
+
+  const at::Tensor scores = scores_in.contiguous();
+  const at::ScalarType acc_type = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  std::optional<at::Tensor> guide;
+  if (guide_in.has_value()) {
+    const at::Tensor& g = *guide_in;
+    TORCH_CHECK(g.device().is_cpu() && g.dim() == 6 && g.size(0) == scores.size(0) && g.size(3) == scores.size(3) &&
+                    g.size(4) == frames && g.size(5) == frames && g.size(1) <= scores.size(1) &&
+                    g.size(2) <= scores.size(2),
+                "bytheway_cpu: guide shape ", g.sizes(), " does not fit scores ", scores.sizes());
+    TORCH_CHECK(scores.size(1) * scores.size(2) == 0 || g.size(1) * g.size(2) > 0,
+                "bytheway_cpu: empty guide for non-empty scores");
+    // The guide is read in the scores' dtype, or converted once to the accumulation dtype.
+    guide = (g.scalar_type() == scores.scalar_type() ? g : g.to(acc_type)).contiguous();
+  }
+
+  const int64_t batch = scores.size(0);
+  const EnergyScope scope{batch / parts, energy_part * (batch / parts), energy_scope == "sample"};
+  float* stats_data = nullptr;
+  at::Tensor stats_buffer;
+  if (stats.has_value()) {
+    TORCH_CHECK(stats->device().is_cpu() && stats->scalar_type() == at::kFloat && stats->dim() == 2 &&
+                    stats->size(0) == scope.groups() && stats->size(1) == 6,
+                "bytheway_cpu: stats must be float32 (", scope.groups(), ", 6), got ", stats->sizes());
+    stats_buffer = stats->is_contiguous() ? *stats : at::empty({scope.groups(), 6}, stats->options());
+    stats_data = stats_buffer.data_ptr<float>();
+  }
+  const at::Tensor probs_buffer = probs.is_contiguous() ? probs : at::empty_like(scores);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "bytheway_cpu", [&] {
+    using acc_t = typename AccumulateType<scalar_t>::type;
+    const Plan<acc_t> plan(scores, guide ? &*guide : nullptr, alpha, tau, guide_upsample == "bilinear");
+    if (!guide || guide->scalar_type() == scores.scalar_type()) {
+      dispatch_frames<scalar_t, scalar_t>(plan, scores, guide, probs_buffer, stats_data, scope, beta, adaptive_beta,
+                                          beta_max);
+    } else {
+      dispatch_frames<scalar_t, acc_t>(plan, scores, guide, probs_buffer, stats_data, scope, beta, adaptive_beta,
+                                       beta_max);
+    }
+  });
+
+  if (!probs.is_same(probs_buffer)) {
+    probs.copy_(probs_buffer);
+  }
+  if (stats.has_value() && !stats->is_same(stats_buffer)) {
+    stats->copy_(stats_buffer);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(bytheway_cpu, m) {
+  m.def(
+      "attention_probs_out(Tensor scores, Tensor? guide, float alpha, float beta, int tau, bool adaptive_beta, "
+      "int parts, int energy_part, str energy_scope, str guide_upsample, float? beta_max, Tensor(a!) probs, "
+      "Tensor(b!)? stats) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(bytheway_cpu, CPU, m) {
+  m.impl("attention_probs_out", &attention_probs_out);
+}
+
+}  // namespace bytheway_cpu

@@ -1,0 +1,280 @@
+"""apply_bytheway on a tiny offline AnimateDiffPipeline (UNetMotionModel): the thorough set."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import bytheway_kernels
+from bytheway_kernels.integration import ByTheWayAttnProcessor, active_step_count, apply_bytheway, reduce_heads
+from bytheway_kernels.integration.processor import BINDING_ATTR
+from bytheway_kernels.integration.tiny import tiny_animatediff_pipeline
+from integration_helpers import FRAMES, STEPS, OpSpy, run_frames, unet_inputs, video_call_kwargs
+
+pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_animatediff_pipeline()
+
+
+@pytest.fixture(scope="module")
+def stock_frames(pipe):
+    return run_frames(pipe, **video_call_kwargs())
+
+
+def _temporal_attention_names(unet):
+    return sorted(
+        name for name, module in unet.named_modules()
+        if ".motion_modules." in name and name.endswith(("attn1", "attn2"))
+    )
+
+
+def test_public_names():
+    assert bytheway_kernels.apply_bytheway is apply_bytheway
+    assert bytheway_kernels.ByTheWayController.__name__ == "ByTheWayController"
+    ByTheWayAttnProcessor()  # diffusers re-creates processors with processor.__class__()
+
+
+def test_processors_installed_on_exactly_the_decoder_layers_from_the_anchor(pipe):
+    before = {name: proc for name, proc in pipe.unet.attn_processors.items()}
+    with apply_bytheway(pipe) as controller:
+        expected = [n for n in _temporal_attention_names(pipe.unet) if n.startswith(("up_blocks.1.", "up_blocks.2."))]
+        assert sorted(controller.layer_names) == expected
+        assert controller.anchor == "up_blocks.1"
+        for name, proc in pipe.unet.attn_processors.items():
+            layer = name[: -len(".processor")]
+            if layer in expected:
+                assert isinstance(proc, ByTheWayAttnProcessor), name
+            else:
+                assert proc is before[name], name  # untouched: down/mid blocks, up_blocks.0, spatial
+    after = pipe.unet.attn_processors
+    assert all(after[name] is before[name] for name in before)
+    assert not any(hasattr(m, BINDING_ATTR) for m in pipe.unet.modules())
+    assert not pipe.unet._forward_pre_hooks and not pipe.unet._forward_hooks
+
+
+def test_active_on_exactly_the_first_ceil_fraction_of_steps(pipe):
+    for steps, fraction in ((5, 0.2), (7, 0.2), (6, 0.5)):
+        with apply_bytheway(pipe, diagnostics=True, step_fraction=fraction) as controller:
+            run_frames(pipe, **video_call_kwargs(steps=steps))
+            rows = controller.diagnostics()
+        active_steps = sorted({r["step"] for r in rows if r["active"]})
+        assert active_steps == list(range(math.ceil(round(fraction * steps, 9)))), (steps, fraction)
+        assert sorted({r["step"] for r in rows}) == list(range(steps))
+    assert active_step_count(0.2, 15) == 3 and active_step_count(0.01, 3) == 1
+
+
+def test_stock_outputs_outside_active_steps_and_changed_inside(pipe):
+    unet = pipe.unet
+    pipe.scheduler.set_timesteps(STEPS)
+    sample, text = unet_inputs(pipe)
+    with torch.no_grad():
+        stock = [unet(sample, t, encoder_hidden_states=text).sample for t in pipe.scheduler.timesteps]
+        with apply_bytheway(pipe, cfg=True):
+            outputs = [unet(sample, t, encoder_hidden_states=text).sample for t in pipe.scheduler.timesteps]
+    assert not torch.equal(outputs[0], stock[0])
+    for step in range(1, STEPS):
+        assert torch.equal(outputs[step], stock[step]), step
+
+
+def test_unselected_layers_and_unbound_modules_match_stock(pipe):
+    # A ByTheWayAttnProcessor on an Attention module without a binding is the stock processor.
+    attn = pipe.unet.up_blocks[0].motion_modules[0].transformer_blocks[0].attn1
+    hidden = torch.randn(3 * 4, FRAMES, attn.to_q.in_features)
+    with torch.no_grad():
+        assert torch.equal(ByTheWayAttnProcessor()(attn, hidden), attn.processor(attn, hidden))
+
+
+def test_remove_restores_bit_identical_pipeline_output(pipe, stock_frames):
+    controller = apply_bytheway(pipe)
+    changed = run_frames(pipe, **video_call_kwargs())
+    controller.remove()
+    controller.remove()  # idempotent
+    assert not torch.equal(changed, stock_frames)
+    assert torch.equal(run_frames(pipe, **video_call_kwargs()), stock_frames)
+
+
+@pytest.mark.parametrize("height,width", [(16, 16), (16, 24)])
+def test_anchor_maps_recorded_and_consumed_with_matching_shapes(pipe, monkeypatch, height, width):
+    spy = OpSpy(monkeypatch)
+    with apply_bytheway(pipe) as controller:
+        run_frames(pipe, **video_call_kwargs(height=height, width=width))
+        layers = controller.layer_names
+    latent_h, latent_w = height // 2, width // 2
+    assert len(spy.calls) == len(layers)  # one active step, each layer once
+    anchor_calls = [c for c in spy.calls if c.guide_shape is None]
+    guided_calls = [c for c in spy.calls if c.guide_shape is not None]
+    assert len(anchor_calls) == len(guided_calls) == 4
+    for call in anchor_calls:  # up_blocks.1: latents / 2, 4 heads
+        assert call.scores_shape == (2, latent_h // 2, latent_w // 2, 4, FRAMES, FRAMES)
+    for call in guided_calls:  # up_blocks.2: full latent size, 2 heads; guide at the anchor's size
+        assert call.scores_shape == (2, latent_h, latent_w, 2, FRAMES, FRAMES)
+        assert call.guide_shape == (2, latent_h // 2, latent_w // 2, 2, FRAMES, FRAMES)
+        assert call.batch_split == (2, 1) and call.alpha == 0.6 and call.tau == 7
+
+
+def test_cfg_on_and_off_and_two_prompts_times_two_videos(pipe, monkeypatch):
+    spy = OpSpy(monkeypatch)
+    with apply_bytheway(pipe):
+        run_frames(pipe, **video_call_kwargs(guidance_scale=1.0))
+        assert {c.batch_split for c in spy.calls} == {(1, 0)}
+        assert {c.scores_shape[0] for c in spy.calls} == {1}
+        spy.calls.clear()
+        # AnimateDiffPipeline forces num_videos_per_prompt=1: two prompts x two seeds as four entries.
+        generators = [torch.Generator().manual_seed(seed) for seed in (0, 1, 0, 1)]
+        prompts = ["a cat", "a cat", "a dog", "a dog"]
+        frames = run_frames(pipe, **video_call_kwargs(prompt=prompts, generator=generators))
+    assert frames.shape[0] == 4 and torch.isfinite(frames).all()
+    assert {c.batch_split for c in spy.calls} == {(2, 1)}
+    assert {c.scores_shape[0] for c in spy.calls} == {8}
+
+
+def _latents(pipe, seeds, energy_scope=None):
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    kwargs = video_call_kwargs(prompt=["a cat"] * len(seeds), generator=generators, output_type="latent")
+    if energy_scope is None:
+        return run_frames(pipe, **kwargs)
+    with apply_bytheway(pipe, energy_scope=energy_scope):
+        return run_frames(pipe, **kwargs)
+
+
+def test_sample_energy_scope_makes_each_video_independent_of_the_batch(pipe):
+    # Batched convolutions alone change the last bits (~1e-4 here); the batch-wide beta of the
+    # "batch" scope changes a video by far more (~7e-3) when another video joins the batch.
+    numerical_noise = (_latents(pipe, [0, 1])[1] - _latents(pipe, [1])[0]).abs().max()
+    sample_scope = (_latents(pipe, [0, 1], "sample")[1] - _latents(pipe, [1], "sample")[0]).abs().max()
+    batch_scope = (_latents(pipe, [0, 1], "batch")[1] - _latents(pipe, [1], "batch")[0]).abs().max()
+    assert sample_scope < 1e-3 and numerical_noise < 1e-3
+    assert batch_scope > 5 * max(sample_scope, numerical_noise)
+
+
+def test_two_pipelines_with_different_settings_do_not_interfere(monkeypatch):
+    first, second = tiny_animatediff_pipeline(seed=0), tiny_animatediff_pipeline(seed=0)
+    spy = OpSpy(monkeypatch)
+    with apply_bytheway(first, alpha=0.1), apply_bytheway(second, "videocrafter2"):
+        run_frames(first, **video_call_kwargs())
+        assert {c.alpha for c in spy.calls} == {0.1}
+        spy.calls.clear()
+        run_frames(second, **video_call_kwargs())
+        assert {(c.alpha, c.beta) for c in spy.calls} == {(0.1, 10.0)}
+
+
+def test_diagnostics_table(pipe):
+    with apply_bytheway(pipe, diagnostics=True) as controller:
+        run_frames(pipe, **video_call_kwargs())
+        rows = controller.diagnostics()
+        table = controller.diagnostics_table()
+    assert len(rows) == STEPS * len(controller.layer_names)
+    for row in rows:
+        assert all(math.isfinite(row[k]) for k in ("beta", "E1", "E2", "E3", "discrepancy", "discrepancy_after"))
+        if row["block"] == "up_blocks.1":
+            assert row["discrepancy"] == 0.0 and row["beta"] == pytest.approx(1.5)
+        else:
+            assert row["discrepancy"] > 0 and row["beta"] >= 1.5 - 1e-6
+    assert "up_blocks.1" in table and "up_blocks.2" in table and "disc" in table
+
+
+def test_observe_only_records_but_keeps_stock_output(pipe, stock_frames):
+    with apply_bytheway(pipe, observe_only=True) as controller:
+        frames = run_frames(pipe, **video_call_kwargs())
+        rows = controller.diagnostics()
+    assert torch.equal(frames, stock_frames)
+    assert rows and not any(r["active"] for r in rows)
+
+
+def test_free_init_restarts_the_step_count(pipe):
+    pipe.enable_free_init(num_iters=2)
+    try:
+        with apply_bytheway(pipe, diagnostics=True) as controller:
+            run_frames(pipe, **video_call_kwargs(steps=3))
+            rows = controller.diagnostics()
+    finally:
+        pipe.disable_free_init()
+    per_layer = [r for r in rows if r["layer"] == controller.layer_names[0]]
+    assert [r["step"] for r in per_layer] == [0, 1, 2, 0, 1, 2]
+    assert [r["active"] for r in per_layer] == [True, False, False] * 2
+
+
+def test_free_noise_context_windows_keep_one_map_per_call(monkeypatch):
+    pipe = tiny_animatediff_pipeline()
+    stale = apply_bytheway(pipe)
+    pipe.enable_free_noise(context_length=16, context_stride=4)
+    with pytest.raises(RuntimeError, match="replaced"):
+        run_frames(pipe, **video_call_kwargs(num_frames=24, steps=1))
+    stale.remove()
+    spy = OpSpy(monkeypatch)
+    with apply_bytheway(pipe, diagnostics=True) as controller:
+        frames = run_frames(pipe, **video_call_kwargs(num_frames=24, steps=1))
+        rows = controller.diagnostics()
+    assert frames.shape[1] == 24 and torch.isfinite(frames).all()
+    windows = 3  # frames 0-15, 4-19, 8-23
+    assert len(spy.calls) == windows * len(controller.layer_names)
+    assert {c.scores_shape[-1] for c in spy.calls} == {16}
+    assert sorted({r["call"] for r in rows}) == list(range(windows))
+
+
+def test_head_reduction_rule():
+    maps = torch.softmax(torch.randn(1, 2, 2, 4, 6, 6), dim=-1)
+    grouped = reduce_heads(maps, 2)
+    torch.testing.assert_close(grouped[..., 0, :, :], maps[..., 0:2, :, :].mean(3))
+    torch.testing.assert_close(grouped[..., 1, :, :], maps[..., 2:4, :, :].mean(3))
+    broadcast = reduce_heads(maps, 3)
+    for head in range(3):
+        torch.testing.assert_close(broadcast[..., head, :, :], maps.mean(3))
+    assert reduce_heads(maps, 4) is maps
+    torch.testing.assert_close(broadcast.sum(-1), torch.ones(1, 2, 2, 3, 6))
+
+
+def test_bad_configuration_fails_before_denoising(pipe, monkeypatch):
+    with pytest.raises(ValueError, match="unknown ByTheWay preset"):
+        apply_bytheway(pipe, "modelscope")
+    with pytest.raises(ValueError, match="unknown ByTheWayConfig field"):
+        apply_bytheway(pipe, gamma=1.0)
+    with pytest.raises(ValueError, match="anchor block 'up_blocks.5' does not exist"):
+        apply_bytheway(pipe, anchor="up_blocks.5")
+    with pytest.raises(ValueError, match="anchor=7 is out of range"):
+        apply_bytheway(pipe, anchor=7)
+    with pytest.raises(ValueError, match="cfg is required"):
+        apply_bytheway(pipe.unet)
+    assert not any(hasattr(m, BINDING_ATTR) for m in pipe.unet.modules())
+
+    spy = OpSpy(monkeypatch)
+    denoiser_ran = []
+    handle = pipe.unet.up_blocks[0].register_forward_pre_hook(lambda *args: denoiser_ran.append(1))
+    try:
+        with apply_bytheway(pipe):
+            with pytest.raises(ValueError, match=r"tau=7 is invalid for F=8 frames"):
+                run_frames(pipe, **video_call_kwargs(num_frames=8))
+    finally:
+        handle.remove()
+    assert not denoiser_ran and not spy.calls
+
+
+def test_applying_twice_is_refused(pipe):
+    with apply_bytheway(pipe):
+        with pytest.raises(ValueError, match="already applied"):
+            apply_bytheway(pipe)
+
+
+def test_torch_compile_fullgraph_with_bytheway_active(pipe):
+    # fullgraph=True fails on any graph break, so the processors (and the whole UNet) trace as
+    # one graph in an active step; the step-tracking hook runs outside the graph.
+    unet = pipe.unet
+    pipe.scheduler.set_timesteps(STEPS)
+    sample, text = unet_inputs(pipe)
+    active_t = pipe.scheduler.timesteps[0]
+    torch._dynamo.reset()
+    try:
+        with apply_bytheway(pipe, cfg=True), torch.no_grad():
+            eager = unet(sample, active_t, encoder_hidden_states=text).sample
+            compiled = torch.compile(unet, backend="eager", fullgraph=True)
+            traced = compiled(sample, active_t, encoder_hidden_states=text).sample
+        with torch.no_grad():
+            stock = unet(sample, active_t, encoder_hidden_states=text).sample
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(traced, eager) and not torch.equal(traced, stock)

@@ -1,0 +1,185 @@
+"""Shapes, inputs, timing and correctness checks shared by the benchmark modules.
+
+The cases follow DESIGN.md section 5 (AnimateDiff, SD1.5, 512x512, 16 frames, CFG, 8 heads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+import time
+from typing import Callable, Optional, Tuple
+
+import torch
+
+import bytheway_kernels as btw
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+#: GPUs run the dtypes pipelines use there; the CPU runs fp32.
+DTYPES = (torch.float16, torch.bfloat16) if DEVICE.type == "cuda" else (torch.float32,)
+
+#: (atol, rtol) on probabilities against the float64 reference evaluated on the same inputs:
+#: two output ulps, as in tests/backend_cases.py.
+TOLERANCES = {
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+#: A whole layer or UNet also rounds q, k, v, the scores and every activation to the storage
+#: dtype and runs more GEMMs after the map: its output gets ten times the map's tolerance
+#: (on CPU fp32 the measured errors stay below a tenth of the map's tolerance).
+COMPOSITE_TOLERANCE_SCALE = 10
+
+#: The AnimateDiff preset (alpha, beta_0, tau); tau = 7 is valid for every F benchmarked.
+PRESET = btw.PRESETS["animatediff"]
+
+#: Map-op variants: (adaptive beta, with guide).
+VARIANTS = {
+    "fixed-noguide": (False, False),
+    "fixed-guide": (False, True),
+    "adaptive-noguide": (True, False),
+    "adaptive-guide": (True, True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One temporal attention layer: scores (batch, height, width, heads, frames, frames)."""
+
+    block: str
+    height: int
+    width: int
+    frames: int
+    channels: int  # the layer's hidden size (heads * head_dim), for the whole-layer benchmark
+    guide_size: Tuple[int, int]  # spatial size of the anchor (up_blocks.1) map
+    batch: int = 2  # CFG: unconditional and conditional video
+    heads: int = 8
+
+    @property
+    def scores_shape(self) -> Tuple[int, ...]:
+        return (self.batch, self.height, self.width, self.heads, self.frames, self.frames)
+
+    @property
+    def guide_shape(self) -> Tuple[int, ...]:
+        return (self.batch, *self.guide_size, self.heads, self.frames, self.frames)
+
+    @property
+    def label(self) -> str:
+        return f"{self.block} {self.height}x{self.width} F{self.frames}"
+
+
+#: DESIGN.md section 5, plus F = 24 and 32 at the middle resolution.
+FULL_SHAPES = (
+    Shape("up_blocks.1", 16, 16, 16, 1280, (16, 16)),
+    Shape("up_blocks.2", 32, 32, 16, 640, (16, 16)),
+    Shape("up_blocks.3", 64, 64, 16, 320, (16, 16)),
+    Shape("up_blocks.2", 32, 32, 24, 640, (16, 16)),
+    Shape("up_blocks.2", 32, 32, 32, 640, (16, 16)),
+)
+
+#: `--bench-quick`: the same code paths (guide upsampling included) at sizes that run in
+#: milliseconds, for the CI smoke run.
+QUICK_SHAPES = (
+    Shape("quick", 8, 8, 16, 320, (4, 4)),
+    Shape("quick", 8, 8, 24, 320, (4, 4)),
+)
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_call(fn: Callable) -> Callable:
+    """`fn` made to wait for the device, so that the timer sees the kernel time."""
+    if DEVICE.type != "cuda":
+        return fn
+
+    def call():
+        result = fn()
+        torch.cuda.synchronize()
+        return result
+
+    return call
+
+
+def make_map_inputs(shape: Shape, dtype: torch.dtype, seed: int = 0):
+    """Scores (logits with attention-like spread) and a row-stochastic anchor map."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn(shape.scores_shape, generator=gen) * 3.0
+    guide = torch.softmax(torch.randn(shape.guide_shape, generator=gen) * 2.0, dim=-1)
+    return scores.to(DEVICE, dtype), guide.to(DEVICE, dtype)
+
+
+def op_kwargs(adaptive: bool) -> dict:
+    return dict(alpha=PRESET.alpha, beta=PRESET.beta, tau=PRESET.tau, adaptive_beta=adaptive)
+
+
+def reference_probs(scores: torch.Tensor, guide: Optional[torch.Tensor], adaptive: bool):
+    """Ground truth: the reference in float64 on the same (already rounded) inputs."""
+    guide64 = None if guide is None else guide.double()
+    return btw.reference.bytheway_attention_probs(scores.double(), guide64, **op_kwargs(adaptive))
+
+
+def assert_close_to(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1) -> None:
+    """Finite everywhere and within `scale` times the dtype's tolerance of `expected` (float64)."""
+    assert torch.isfinite(actual).all(), "output has NaN or inf"
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), atol=scale * atol, rtol=scale * rtol)
+
+
+def map_bytes(scores: torch.Tensor, guide: Optional[torch.Tensor]) -> int:
+    """The map op's compulsory traffic: scores read, probs written, guide read."""
+    moved = 2 * scores.numel() * scores.element_size()
+    if guide is not None:
+        moved += guide.numel() * guide.element_size()
+    return moved
+
+
+def measure_copy_bandwidth(repeats: int = 7) -> float:
+    """The device's achievable bandwidth in bytes/s: median time of a large tensor copy
+    (256 MiB on CPU, 1 GiB on GPU: far beyond any cache), counting read + write."""
+    size = (1 << 30) if DEVICE.type == "cuda" else (256 << 20)
+    src = torch.ones(size // 4, dtype=torch.float32, device=DEVICE)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        synchronize()
+        times.append(time.perf_counter() - start)
+    return 2 * size / statistics.median(times)
+
+
+def device_name() -> str:
+    """The GPU's name, or the CPU model from /proc/cpuinfo (with the thread count torch uses)."""
+    if DEVICE.type == "cuda":
+        return torch.cuda.get_device_name(DEVICE)
+    model = "unknown CPU"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def library_versions() -> dict:
+    versions = {"torch": torch.__version__}
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except ImportError:
+        versions["triton"] = "not installed"
+    try:
+        import diffusers
+
+        versions["diffusers"] = diffusers.__version__
+    except ImportError:
+        versions["diffusers"] = "not installed"
+    return versions

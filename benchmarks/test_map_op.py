@@ -1,0 +1,87 @@
+"""The map op: torch.softmax (the floor), every backend of bytheway_attention_probs and the
+official-style torch.fft baseline, over the same scores, one group per shape and dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bytheway_kernels as btw
+import harness
+from bytheway_kernels.ops import BACKEND_ENV
+from official_fft import official_fft_probs
+
+
+def group_name(shape: harness.Shape, dtype: torch.dtype) -> str:
+    return f"map {shape.label} {str(dtype).removeprefix('torch.')}"
+
+
+@pytest.fixture(scope="module")
+def map_inputs(shape, dtype):
+    return harness.make_map_inputs(shape, dtype)
+
+
+@pytest.fixture(scope="module")
+def expected(map_inputs):
+    """variant -> float64 reference probs, computed on first use and kept for the shape."""
+    scores, guide = map_inputs
+    cache = {}
+
+    def lookup(variant: str) -> torch.Tensor:
+        if variant not in cache:
+            adaptive, with_guide = harness.VARIANTS[variant]
+            cache[variant] = harness.reference_probs(scores, guide if with_guide else None, adaptive)
+        return cache[variant]
+
+    return lookup
+
+
+def backend_skip_reason(backend: str):
+    """Why `backend` cannot be timed on this device, or None."""
+    if backend == "triton" and harness.DEVICE.type != "cuda":
+        return "the Triton backend is timed on CUDA only (on CPU it needs TRITON_INTERPRET=1, far too slow to time)"
+    if backend == "cpp":
+        if harness.DEVICE.type != "cpu":
+            return "the C++ backend runs on CPU tensors only"
+        from bytheway_kernels.cpp_backend import cpp_status
+
+        status = cpp_status()
+        if not status.available:
+            return f"the C++ backend is not available: {status.reason}"
+    return None
+
+
+def test_softmax(bench, shape, dtype, map_inputs):
+    scores, _ = map_inputs
+    probs = bench(lambda: torch.softmax(scores, dim=-1), group=group_name(shape, dtype),
+                  impl="torch.softmax", floor=True, bytes_moved=harness.map_bytes(scores, None))
+    harness.assert_close_to(probs, torch.softmax(scores.double(), dim=-1), dtype)
+
+
+@pytest.mark.parametrize("variant", list(harness.VARIANTS))
+@pytest.mark.parametrize("backend", ["triton", "cpp", "reference"])
+def test_bytheway_op(bench, monkeypatch, shape, dtype, map_inputs, expected, backend, variant):
+    reason = backend_skip_reason(backend)
+    if reason:
+        pytest.skip(reason)
+    monkeypatch.setenv(BACKEND_ENV, backend)
+    adaptive, with_guide = harness.VARIANTS[variant]
+    scores, guide = map_inputs
+    guide = guide if with_guide else None
+    kwargs = harness.op_kwargs(adaptive)
+    probs = bench(lambda: btw.bytheway_attention_probs(scores, guide, **kwargs),
+                  group=group_name(shape, dtype), impl=backend, variant=variant,
+                  bytes_moved=harness.map_bytes(scores, guide))
+    harness.assert_close_to(probs, expected(variant), dtype)
+
+
+@pytest.mark.parametrize("variant", list(harness.VARIANTS))
+def test_official_fft(bench, shape, dtype, map_inputs, expected, variant):
+    adaptive, with_guide = harness.VARIANTS[variant]
+    scores, guide = map_inputs
+    guide = guide if with_guide else None
+    kwargs = harness.op_kwargs(adaptive)
+    probs = bench(lambda: official_fft_probs(scores, guide, **kwargs),
+                  group=group_name(shape, dtype), impl="official fft", variant=variant,
+                  bytes_moved=harness.map_bytes(scores, guide))
+    harness.assert_close_to(probs, expected(variant), dtype)

@@ -100,7 +100,7 @@ def test_opcheck_reference_backend(with_guide, with_stats, adaptive, monkeypatch
     torch.library.opcheck(torch.ops.bytheway.attention_probs.default, args)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpp"])
 def test_torch_compile_fullgraph(backend, monkeypatch):
     monkeypatch.setenv("BYTHEWAY_BACKEND", backend)
     torch._dynamo.reset()

@@ -52,8 +52,10 @@ def tiny_clip_tokenizer():
         return CLIPTokenizer.from_pretrained(folder, model_max_length=TINY_TOKENS)
 
 
-def tiny_clip_text_encoder(vocab_size: int):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def tiny_clip_text_encoder(vocab_size: int, with_projection: bool = False):
+    """A one-layer CLIP text encoder; `with_projection` gives a CLIPTextModelWithProjection with
+    TINY_TEXT_DIM pooled embeddings (the second text encoder of SDXL)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         vocab_size=vocab_size,
@@ -62,11 +64,33 @@ def tiny_clip_text_encoder(vocab_size: int):
         num_hidden_layers=1,
         num_attention_heads=2,
         max_position_embeddings=TINY_TOKENS,
+        projection_dim=TINY_TEXT_DIM,
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=1,
     )
-    return CLIPTextModel(config).eval()
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
+
+
+def tiny_clip_image_encoder(image_size: int):
+    """(CLIPVisionModelWithProjection with TINY_TEXT_DIM image embeddings, its CLIPImageProcessor)
+    for square `image_size` inputs. The processor is built locally (transformers' PIL backend when
+    torchvision is missing)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(
+        hidden_size=TINY_TEXT_DIM,
+        intermediate_size=32,
+        projection_dim=TINY_TEXT_DIM,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=image_size // 4,
+    )
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+    )
+    return CLIPVisionModelWithProjection(config).eval(), processor
 
 
 def tiny_vae():
@@ -95,37 +119,79 @@ def tiny_ddim_scheduler():
     )
 
 
-def tiny_motion_unet(motion_heads=(2, 4, 2)):
-    """(UNet2DConditionModel, MotionAdapter) of a 3-level AnimateDiff model; AnimateDiffPipeline
-    merges them into a UNetMotionModel. up_blocks.1 (the anchor) and up_blocks.2 differ in
-    resolution and, by default, in temporal head count (4 vs 2)."""
+#: Levels of the tiny motion UNet, shared by its SparseCtrl ControlNet.
+_MOTION_UNET_LEVELS = dict(
+    block_out_channels=(8, 16, 16), layers_per_block=1, norm_num_groups=4, attention_head_dim=2,
+)
+
+
+def tiny_motion_unet(motion_heads=(2, 4, 2), conv_in_channels=None, **unet_config):
+    """(UNet2DConditionModel, MotionAdapter) of a 3-level AnimateDiff model; AnimateDiff pipelines
+    merge them into a UNetMotionModel. up_blocks.1 (the anchor) and up_blocks.2 differ in
+    resolution and, by default, in temporal head count (4 vs 2). `conv_in_channels` gives the
+    adapter its own conv_in (PIA: 9 channels); `unet_config` overrides the UNet's config (SDXL)."""
     from diffusers import MotionAdapter, UNet2DConditionModel
 
-    channels = (8, 16, 16)
-    unet = UNet2DConditionModel(
-        block_out_channels=channels,
-        layers_per_block=1,
+    config = dict(
+        _MOTION_UNET_LEVELS,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        norm_num_groups=4,
         cross_attention_dim=TINY_TEXT_DIM,
-        attention_head_dim=2,
         sample_size=8,
     )
+    config.update(unet_config)
+    unet = UNet2DConditionModel(**config)
     adapter = MotionAdapter(
-        block_out_channels=channels,
+        block_out_channels=config["block_out_channels"],
         motion_layers_per_block=1,
         motion_num_attention_heads=motion_heads,
         motion_norm_num_groups=4,
         motion_max_seq_length=32,
+        conv_in_channels=conv_in_channels,
     )
     return unet, adapter
+
+
+def tiny_sparse_controlnet():
+    """A SparseControlNetModel matching the tiny motion UNet, conditioned on VAE latents of the
+    control frames (the simplified condition embedding)."""
+    from diffusers import SparseControlNetModel
+
+    return SparseControlNetModel(
+        **_MOTION_UNET_LEVELS,
+        down_block_types=("CrossAttnDownBlockMotion", "CrossAttnDownBlockMotion", "DownBlockMotion"),
+        cross_attention_dim=TINY_TEXT_DIM,
+        conditioning_channels=4,
+        conditioning_embedding_out_channels=(8, 8),
+        motion_num_attention_heads=2,
+        use_simplified_condition_embedding=True,
+    ).eval()
 
 
 def _to(pipe, device, dtype):
     pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _motion_pipeline(pipeline_class, device, dtype, seed, unet_options=None, extra_components=None):
+    """An AnimateDiff-family pipeline from the shared tiny parts (tokenizer, CLIP text encoder,
+    motion UNet built with `unet_options`, VAE, DDIM); `extra_components(tokenizer)` returns the
+    pipeline's further components, built after the shared ones from the same seed."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer()
+    unet, adapter = tiny_motion_unet(**(unet_options or {}))
+    components = dict(
+        vae=tiny_vae(),
+        text_encoder=tiny_clip_text_encoder(len(tokenizer)),
+        tokenizer=tokenizer,
+        unet=unet,
+        motion_adapter=adapter,
+        scheduler=tiny_ddim_scheduler(),
+    )
+    if extra_components is not None:
+        components.update(extra_components(tokenizer))
+    return _to(pipeline_class(**components), device, dtype)
 
 
 def tiny_animatediff_pipeline(device="cpu", dtype=torch.float32, seed: int = 0):
@@ -136,18 +202,51 @@ def tiny_animatediff_pipeline(device="cpu", dtype=torch.float32, seed: int = 0):
     """
     from diffusers import AnimateDiffPipeline
 
-    torch.manual_seed(seed)
-    tokenizer = tiny_clip_tokenizer()
-    unet, adapter = tiny_motion_unet()
-    pipe = AnimateDiffPipeline(
-        vae=tiny_vae(),
-        text_encoder=tiny_clip_text_encoder(len(tokenizer)),
-        tokenizer=tokenizer,
-        unet=unet,
-        motion_adapter=adapter,
-        scheduler=tiny_ddim_scheduler(),
+    return _motion_pipeline(AnimateDiffPipeline, device, dtype, seed)
+
+
+#: SDXL micro-conditioning: (original size, crop top-left, target size) = 6 numbers, each embedded
+#: with this many channels, next to the pooled embedding of the second text encoder.
+_SDXL_TIME_EMBED_DIM = 4
+
+
+def tiny_animatediff_sdxl_pipeline(device="cpu", dtype=torch.float32, seed: int = 0):
+    """A tiny `AnimateDiffSDXLPipeline`: two CLIP text encoders (hidden states concatenated, so the
+    UNet cross-attends to 2 * TINY_TEXT_DIM channels) and SDXL's "text_time" added embedding."""
+    from diffusers import AnimateDiffSDXLPipeline
+
+    unet_options = dict(
+        cross_attention_dim=2 * TINY_TEXT_DIM,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=_SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * _SDXL_TIME_EMBED_DIM + TINY_TEXT_DIM,
     )
-    return _to(pipe, device, dtype)
+    return _motion_pipeline(
+        AnimateDiffSDXLPipeline, device, dtype, seed, unet_options,
+        lambda tokenizer: dict(
+            text_encoder_2=tiny_clip_text_encoder(len(tokenizer), with_projection=True),
+            tokenizer_2=tokenizer,
+        ),
+    )
+
+
+def tiny_pia_pipeline(device="cpu", dtype=torch.float32, seed: int = 0):
+    """A tiny `PIAPipeline` (image-to-video): the UNet's conv_in takes 9 channels (latents, mask,
+    masked image latents). Call it with an `image` of the video's size."""
+    from diffusers import PIAPipeline
+
+    return _motion_pipeline(PIAPipeline, device, dtype, seed, dict(conv_in_channels=9))
+
+
+def tiny_animatediff_sparsectrl_pipeline(device="cpu", dtype=torch.float32, seed: int = 0):
+    """A tiny `AnimateDiffSparseControlNetPipeline`; call it with `conditioning_frames` (images of
+    the video's size) and `controlnet_frame_indices`."""
+    from diffusers import AnimateDiffSparseControlNetPipeline
+
+    return _motion_pipeline(
+        AnimateDiffSparseControlNetPipeline, device, dtype, seed,
+        extra_components=lambda tokenizer: dict(controlnet=tiny_sparse_controlnet()),
+    )
 
 
 def tiny_text_to_video_pipeline(device="cpu", dtype=torch.float32, seed: int = 0):
@@ -238,3 +337,64 @@ def tiny_latte_transformer():
         caption_channels=TINY_TEXT_DIM,
         video_length=TINY_FRAMES,
     ).eval()
+
+
+#: Side of the square images the tiny CLIP image encoders take (I2VGen-XL resizes to it itself).
+_IMAGE_ENCODER_SIZE = 32
+
+
+def tiny_i2vgenxl_pipeline(device="cpu", dtype=torch.float32, seed: int = 0):
+    """A tiny `I2VGenXLPipeline` (image + text to video); call it with an `image` and a prompt."""
+    from diffusers import I2VGenXLPipeline
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_clip_tokenizer()
+    image_encoder, feature_extractor = tiny_clip_image_encoder(_IMAGE_ENCODER_SIZE)
+    pipe = I2VGenXLPipeline(
+        vae=tiny_vae(),
+        text_encoder=tiny_clip_text_encoder(len(tokenizer)),
+        tokenizer=tokenizer,
+        image_encoder=image_encoder,
+        feature_extractor=feature_extractor,
+        unet=tiny_i2vgenxl_unet(),
+        scheduler=tiny_ddim_scheduler(),
+    )
+    return _to(pipe, device, dtype)
+
+
+def tiny_svd_pipeline(device="cpu", dtype=torch.float32, seed: int = 0):
+    """A tiny `StableVideoDiffusionPipeline` (image to video). Its VAE has 32 channels (the
+    temporal decoder's group norms have 32 groups) and one downsampling level, like `tiny_vae`."""
+    from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, StableVideoDiffusionPipeline
+
+    torch.manual_seed(seed)
+    # SVD resizes the image to 224 x 224 for its encoder.
+    image_encoder, feature_extractor = tiny_clip_image_encoder(224)
+    vae = AutoencoderKLTemporalDecoder(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        block_out_channels=(32, 32),
+        latent_channels=4,
+        sample_size=16,
+    ).eval()
+    scheduler = EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, prediction_type="v_prediction",
+        timestep_type="continuous", use_karras_sigmas=True, sigma_min=0.002, sigma_max=700.0,
+    )
+    pipe = StableVideoDiffusionPipeline(
+        vae=vae, image_encoder=image_encoder, unet=tiny_svd_unet(), scheduler=scheduler,
+        feature_extractor=feature_extractor,
+    )
+    return _to(pipe, device, dtype)
+
+
+def tiny_latte_pipeline(device="cpu", dtype=torch.float32, seed: int = 0):
+    """A tiny `LattePipeline` without text encoder or tokenizer: call it with `prompt_embeds` and
+    `negative_prompt_embeds` of shape (batch, tokens, TINY_TEXT_DIM)."""
+    from diffusers import LattePipeline
+
+    torch.manual_seed(seed)
+    pipe = LattePipeline(
+        tokenizer=None, text_encoder=None, vae=tiny_vae(), transformer=tiny_latte_transformer(),
+        scheduler=tiny_ddim_scheduler(),
+    )
+    return _to(pipe, device, dtype)

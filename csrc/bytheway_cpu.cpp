@@ -36,8 +36,18 @@ namespace {
 // Maps per unit of parallel work. Stats partial sums are kept per block and reduced in block
 // order, so the result does not depend on the number of threads.
 constexpr int64_t kBlockMaps = 64;
+// How many maps ahead the scores are prefetched.
+constexpr int64_t kPrefetchMaps = 2;
 // Same value as reference.HIGH_ENERGY_FLOOR: below this fraction of E2 the high band counts as 0.
 constexpr double kHighEnergyFloor = 1e-6;
+
+inline void prefetch_bytes(const void* data, int64_t bytes) {
+  constexpr int64_t kCacheLine = 64;
+  const char* begin = static_cast<const char*>(data);
+  for (int64_t byte = 0; byte < bytes; byte += kCacheLine) {
+    __builtin_prefetch(begin + byte);
+  }
+}
 
 template <typename scalar_t>
 struct AccumulateType {
@@ -85,15 +95,15 @@ inline double exp_nonpositive(double x) {
 // zeros: 0 + x cannot be folded to x (signed zeros), which would keep the adds scalar.
 constexpr int kReductionLanes = 16;  // the tree steps below are written out for 16
 
-template <typename acc_t, typename Combine>
-inline acc_t reduce_row(const acc_t* values, int64_t n, acc_t identity, Combine combine) {
+template <typename acc_t, typename value_t, typename Combine>
+inline acc_t reduce_row(const value_t* values, int64_t n, acc_t identity, Combine combine) {
   acc_t lanes[kReductionLanes];
   for (int l = 0; l < kReductionLanes; ++l) {
-    lanes[l] = l < n ? values[l] : identity;
+    lanes[l] = l < n ? static_cast<acc_t>(values[l]) : identity;
   }
   for (int64_t j = kReductionLanes; j < n; j += kReductionLanes) {
     for (int l = 0; l < kReductionLanes && j + l < n; ++l) {
-      lanes[l] = combine(lanes[l], values[j + l]);
+      lanes[l] = combine(lanes[l], static_cast<acc_t>(values[j + l]));
     }
   }
   for (int l = 0; l < 8; ++l) lanes[l] = combine(lanes[l], lanes[l + 8]);
@@ -107,8 +117,8 @@ inline acc_t row_sum(const acc_t* values, int64_t n) {
   return reduce_row(values, n, acc_t(0), [](acc_t a, acc_t b) { return a + b; });
 }
 
-template <typename acc_t>
-inline acc_t row_max(const acc_t* values, int64_t n) {
+template <typename acc_t, typename value_t>
+inline acc_t row_max(const value_t* values, int64_t n) {
   return reduce_row(values, n, -std::numeric_limits<acc_t>::infinity(),
                     [](acc_t a, acc_t b) { return b > a ? b : a; });
 }
@@ -266,6 +276,72 @@ struct EnergyLanes {
   }
 };
 
+// Rows of one F x F map multiplied by P together: a divisor of F with rows x F <= 128 values, so
+// the block's partial products fit in vector registers and stay there while each row of P is
+// loaded once per block instead of once per row.
+template <int kFrames>
+constexpr int band_row_block() {
+  static_assert(kFrames > 0, "a compile-time frame count");
+  int rows = std::max(128 / kFrames, 1);
+  while (kFrames % rows != 0) --rows;
+  return rows;
+}
+
+// high = guided @ circulant for one F x F map (row-major).
+template <typename acc_t, int kFrames>
+inline void band_product(const acc_t* __restrict__ guided, const acc_t* __restrict__ circulant,
+                         acc_t* __restrict__ high, int64_t frames) {
+  if constexpr (kFrames > 0) {
+    constexpr int kRows = band_row_block<kFrames>();
+    for (int i = 0; i < kFrames; i += kRows) {
+      acc_t block[kRows][kFrames];
+      for (int r = 0; r < kRows; ++r) {
+        const acc_t a = guided[(i + r) * kFrames];
+#pragma omp simd
+        for (int j = 0; j < kFrames; ++j) {
+          block[r][j] = a * circulant[j];
+        }
+      }
+      for (int s = 1; s < kFrames; ++s) {
+        const acc_t* p_row = circulant + s * kFrames;
+        for (int r = 0; r < kRows; ++r) {
+          const acc_t a = guided[(i + r) * kFrames + s];
+#pragma omp simd
+          for (int j = 0; j < kFrames; ++j) {
+            block[r][j] += a * p_row[j];
+          }
+        }
+      }
+      for (int r = 0; r < kRows; ++r) {
+#pragma omp simd
+        for (int j = 0; j < kFrames; ++j) {
+          high[(i + r) * kFrames + j] = block[r][j];
+        }
+      }
+    }
+  } else {
+    const int64_t F = frames;
+    for (int64_t i = 0; i < F; ++i) {
+      acc_t* high_row = high + i * F;
+      // Starts from the s = 0 term rather than zeros (a zero fill in narrower stores than the
+      // accumulating loads stalls store forwarding).
+      const acc_t first = guided[i * F];
+#pragma omp simd
+      for (int64_t j = 0; j < F; ++j) {
+        high_row[j] = first * circulant[j];
+      }
+      for (int64_t s = 1; s < F; ++s) {
+        const acc_t a = guided[i * F + s];
+        const acc_t* p_row = circulant + s * F;
+#pragma omp simd
+        for (int64_t j = 0; j < F; ++j) {
+          high_row[j] += a * p_row[j];
+        }
+      }
+    }
+  }
+}
+
 // Processes maps [map_begin, map_end) of batch entry `entry`. Writes probabilities when `probs`
 // is set (with gain beta - 1 on the band), stores the block's energy sums in `sums` when set.
 // Each step runs over all F rows of a map before the next step starts: the rows' horizontal
@@ -304,22 +380,22 @@ void process_maps(
     const int64_t y = map / (plan.heads * plan.width);
     const int64_t offset = (entry * plan.maps_per_entry + map) * map_size;
     const scalar_t* __restrict__ logits = scores + offset;
+    // The hardware prefetcher alone leaves the first reads of each map waiting on memory.
+    if (map + kPrefetchMaps < map_end) {
+      prefetch_bytes(logits + kPrefetchMaps * map_size, map_size * sizeof(scalar_t));
+    }
 
     // softmax: A = exp(s - max) / sum. Reductions get loops of their own instead of being fused
     // into the elementwise loops: the compiler then emits vector code for them, and the F rows'
-    // reductions overlap.
-#pragma omp simd
-    for (int64_t k = 0; k < map_size; ++k) {
-      softmax[k] = static_cast<acc_t>(logits[k]);
-    }
+    // reductions overlap. The logits are read in place (no staging copy of the map).
     for (int64_t i = 0; i < F; ++i) {
-      row_max_values.data()[i] = row_max(softmax + i * F, F);
+      row_max_values.data()[i] = row_max<acc_t>(logits + i * F, F);
     }
     for (int64_t i = 0; i < F; ++i) {
       const acc_t m = row_max_values.data()[i];
 #pragma omp simd
       for (int64_t j = 0; j < F; ++j) {
-        softmax[i * F + j] = exp_nonpositive(softmax[i * F + j] - m);
+        softmax[i * F + j] = exp_nonpositive(static_cast<acc_t>(logits[i * F + j]) - m);
       }
     }
     for (int64_t i = 0; i < F; ++i) {
@@ -391,25 +467,7 @@ void process_maps(
         }
       }
     } else {
-      const acc_t* circulant = plan.circulant.data();
-      for (int64_t i = 0; i < F; ++i) {
-        acc_t* high_row = high + i * F;
-        // Starts from the s = 0 term rather than zeros (a zero fill in narrower stores than the
-        // accumulating loads stalls store forwarding).
-        const acc_t first = guided[i * F];
-#pragma omp simd
-        for (int64_t j = 0; j < F; ++j) {
-          high_row[j] = first * circulant[j];
-        }
-        for (int64_t s = 1; s < F; ++s) {
-          const acc_t a = guided[i * F + s];
-          const acc_t* p_row = circulant + s * F;
-#pragma omp simd
-          for (int64_t j = 0; j < F; ++j) {
-            high_row[j] += a * p_row[j];
-          }
-        }
-      }
+      band_product<acc_t, kFrames>(guided, plan.circulant.data(), high, F);
     }
 
     if (sums != nullptr) {
@@ -602,8 +660,16 @@ void dispatch_frames(
     bool adaptive_beta,
     std::optional<double> beta_max) {
   const guide_t* guide_data = guide ? guide->data_ptr<guide_t>() : nullptr;
-  // F = 16 is the AnimateDiff / VideoCrafter2 frame count: a compile-time F unrolls the rows.
-  auto run = plan.frames == 16 ? &run_op<scalar_t, guide_t, 16> : &run_op<scalar_t, guide_t, 0>;
+  // Common frame counts get a compile-time F (constant trip counts: unrolled, vectorised loops
+  // and register-resident blocks); 16 is the AnimateDiff / VideoCrafter2 count.
+  auto run = &run_op<scalar_t, guide_t, 0>;
+  switch (plan.frames) {
+    case 8: run = &run_op<scalar_t, guide_t, 8>; break;
+    case 16: run = &run_op<scalar_t, guide_t, 16>; break;
+    case 24: run = &run_op<scalar_t, guide_t, 24>; break;
+    case 32: run = &run_op<scalar_t, guide_t, 32>; break;
+    default: break;
+  }
   run(plan, scores.data_ptr<scalar_t>(), guide_data, probs.data_ptr<scalar_t>(), stats, scope, beta0,
       adaptive_beta, beta_max);
 }

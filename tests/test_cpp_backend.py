@@ -39,10 +39,25 @@ def test_float64_computes_in_double(frames, tau, upsample):
     torch.testing.assert_close(stats, ref_stats, atol=1e-7, rtol=1e-6)
 
 
-@pytest.mark.parametrize("adaptive,scope", [(True, "batch"), (True, "sample"), (False, "batch")])
-def test_one_and_two_threads_agree_bitwise(adaptive, scope):
-    case = Case(batch=4, height=16, width=12, heads=4, guide_size=(8, 6), adaptive_beta=adaptive,
-                energy_scope=scope, beta=2.0)
+# Frame counts with a compile-time path in the kernel (8, 16, 24, 32; a row-blocked band product)
+# and runtime-F ones around them, each with an interior band (neither empty-ish nor full).
+@pytest.mark.parametrize("frames,tau", [(8, 1), (16, 3), (24, 7), (24, 4), (32, 7), (32, 11), (12, 2), (31, 7)])
+@pytest.mark.parametrize("adaptive,upsample", [(True, "nearest"), (False, "bilinear")])
+def test_compiled_frame_counts_with_interior_bands(frames, tau, adaptive, upsample):
+    case = Case(frames=frames, tau=tau, height=3, width=5, guide_size=(2, 3), guide_upsample=upsample,
+                adaptive_beta=adaptive, beta=3.0)
+    scores, guide = make_inputs(case, seed=frames + tau)
+    probs, stats = run_cpp(scores, guide, case)
+    assert_matches_reference(scores, guide, case, probs, stats)
+
+
+@pytest.mark.parametrize("adaptive,scope,frames,tau", [
+    (True, "batch", 16, 7), (True, "sample", 16, 7), (False, "batch", 16, 7),
+    (True, "batch", 24, 7), (True, "sample", 32, 7),
+])
+def test_one_and_two_threads_agree_bitwise(adaptive, scope, frames, tau):
+    case = Case(frames=frames, tau=tau, batch=4, height=16, width=12, heads=4, guide_size=(8, 6),
+                adaptive_beta=adaptive, energy_scope=scope, beta=2.0)
     scores, guide = make_inputs(case, seed=7)
     threads = torch.get_num_threads()
     try:

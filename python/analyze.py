@@ -32,21 +32,10 @@ except ImportError:  # run from a source checkout without installing
 
 
 def parse_args(argv=None):
+    from bytheway_kernels.integration.runs import add_run_arguments
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="local diffusers pipeline folder")
-    source.add_argument("--tiny", action="store_true", help="tiny random-weight AnimateDiff pipeline (offline)")
-    parser.add_argument("--motion-adapter", help="local MotionAdapter folder (with an SD1.5 --model)")
-    parser.add_argument("--prompt", default="a panda surfing a wave, high quality")
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--preset", default="animatediff")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    add_run_arguments(parser)
     parser.add_argument("--out", default="bytheway_analysis")
     return parser.parse_args(argv)
 
@@ -93,17 +82,9 @@ def plot(runs, fields, title, path):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from bytheway_kernels.integration import diagnostics
-    from bytheway_kernels.integration.runs import DTYPES, GenerationSettings, generate, load_pipeline
+    from bytheway_kernels.integration.runs import generate, pipeline_and_settings
 
-    dtype = DTYPES[args.dtype or ("float16" if args.device.startswith("cuda") else "float32")]
-    pipe = load_pipeline(args.model, tiny=args.tiny, device=args.device, dtype=dtype,
-                         motion_adapter=args.motion_adapter)
-    pipe.set_progress_bar_config(disable=False, leave=False)
-    settings = GenerationSettings(
-        prompt=args.prompt, num_frames=args.frames, height=args.height or (32 if args.tiny else None),
-        width=args.width or (32 if args.tiny else None), num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale, seed=args.seed,
-    )
+    pipe, settings = pipeline_and_settings(args)
     runs = {}
     for name in tqdm(("stock", "ByTheWay"), desc="runs"):
         stock = name == "stock"

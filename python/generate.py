@@ -31,38 +31,18 @@ except ImportError:  # run from a source checkout without installing
 
 
 def parse_args(argv=None):
+    from bytheway_kernels.integration.runs import add_run_arguments
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="local diffusers pipeline folder")
-    source.add_argument("--tiny", action="store_true", help="tiny random-weight AnimateDiff pipeline (offline)")
-    parser.add_argument("--motion-adapter", help="local MotionAdapter folder (with an SD1.5 --model)")
-    parser.add_argument("--prompt", default="a panda surfing a wave, high quality")
-    parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--image", help="conditioning image for image-to-video pipelines")
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--height", type=int, default=None, help="pixels (default: the model's; 32 with --tiny)")
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--preset", default="animatediff", help="animatediff or videocrafter2")
+    add_run_arguments(parser)
     parser.add_argument("--alpha", type=float, help="override the preset's alpha")
     parser.add_argument("--beta", type=float, help="override the preset's beta_0")
     parser.add_argument("--tau", type=int, help="override the preset's tau")
     parser.add_argument("--step-fraction", type=float, help="override the preset's step fraction")
-    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                        help="default: float16 on CUDA, float32 otherwise")
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--mp4", action="store_true", help="also write MP4 files (needs imageio-ffmpeg)")
     parser.add_argument("--out", default="bytheway_out")
     return parser.parse_args(argv)
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def overrides_from(args) -> dict:
@@ -73,19 +53,9 @@ def overrides_from(args) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from bytheway_kernels.integration.media import enlarge, side_by_side, video_frames, write_gif, write_mp4
-    from bytheway_kernels.integration.runs import DTYPES, GenerationSettings, generate, load_pipeline
+    from bytheway_kernels.integration.runs import generate, pipeline_and_settings
 
-    dtype = DTYPES[args.dtype or ("float16" if args.device.startswith("cuda") else "float32")]
-    pipe = load_pipeline(args.model, tiny=args.tiny, device=args.device, dtype=dtype,
-                         motion_adapter=args.motion_adapter)
-    pipe.set_progress_bar_config(disable=False, leave=False)
-    height = args.height or (32 if args.tiny else None)
-    width = args.width or (32 if args.tiny else None)
-    settings = GenerationSettings(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames, height=height,
-        width=width, num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
-        image=args.image,
-    )
+    pipe, settings = pipeline_and_settings(args)
     videos = {}
     for name in tqdm(("stock", "bytheway"), desc="runs"):
         frames, _ = generate(pipe, settings, args.device, bytheway=name == "bytheway", preset=args.preset,

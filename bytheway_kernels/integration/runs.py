@@ -93,3 +93,40 @@ def generate(pipe, settings: GenerationSettings, device, *, bytheway: bool, pres
             frames = pipe(**kwargs).frames
         rows: Optional[List[dict]] = controller.diagnostics() if (diagnostics or observe_only) else None
     return frames, rows
+
+
+def add_run_arguments(parser) -> None:
+    """The options `python/generate.py` and `python/analyze.py` share: model, video, ByTheWay."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="local diffusers pipeline folder")
+    source.add_argument("--tiny", action="store_true", help="tiny random-weight AnimateDiff pipeline (offline)")
+    parser.add_argument("--motion-adapter", help="local MotionAdapter folder (with an SD1.5 --model)")
+    parser.add_argument("--prompt", default=GenerationSettings.prompt)
+    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("--image", help="conditioning image for image-to-video pipelines")
+    parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--height", type=int, default=None, help="pixels (default: the model's; 32 with --tiny)")
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", default="animatediff", help="animatediff or videocrafter2")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                        help="default: float16 on CUDA, float32 otherwise")
+
+
+def pipeline_and_settings(args):
+    """(pipeline with progress bars on, GenerationSettings) from `add_run_arguments` options."""
+    dtype = DTYPES[args.dtype or ("float16" if args.device.startswith("cuda") else "float32")]
+    pipe = load_pipeline(args.model, tiny=args.tiny, device=args.device, dtype=dtype,
+                         motion_adapter=args.motion_adapter)
+    pipe.set_progress_bar_config(disable=False, leave=False)
+    tiny_size = 32 if args.tiny else None
+    settings = GenerationSettings(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames,
+        height=args.height or tiny_size, width=args.width or tiny_size,
+        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
+        image=args.image,
+    )
+    return pipe, settings

@@ -3,7 +3,7 @@
 Schema split: the public op `torch.ops.bytheway.attention_probs` is declared once, in `ops.py`
 (`torch.library.custom_op`). The extension registers only a private helper,
 `torch.ops.bytheway_cpu.attention_probs_out`, which writes into given outputs; `ops.py`'s CPU
-branch reaches it through `attention_probs_cpp` below.
+branch reaches it through `attention_probs_cpp_out` below.
 
 Build: `torch.utils.cpp_extension.load` compiles `csrc/bytheway_cpu.cpp` with the host C++
 compiler and ninja (no download, no CUDA) into the torch extensions cache
@@ -29,8 +29,6 @@ from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
-
-from .ops import stats_rows
 
 _SOURCE_FILES = ("bytheway_cpu.cpp",)
 _EXTENSION_PREFIX = "bytheway_cpu"
@@ -151,15 +149,3 @@ def attention_probs_cpp_out(scores, guide, alpha, beta, tau, adaptive_beta, part
         int(energy_part), energy_scope, guide_upsample, None if beta_max is None else float(beta_max),
         probs, stats,
     )
-
-
-def attention_probs_cpp(scores, guide, alpha, beta, tau, adaptive_beta, parts, energy_part,
-                        energy_scope, guide_upsample, beta_max, with_stats):
-    """The op's CPU implementation: returns (probs, stats); stats is empty (0, 6) unless asked."""
-    _require_extension()
-    probs = torch.empty_like(scores, memory_format=torch.contiguous_format)
-    rows = stats_rows(scores.shape[0], parts, energy_scope) if with_stats else 0
-    stats = scores.new_empty((rows, 6), dtype=torch.float32)
-    attention_probs_cpp_out(scores, guide, alpha, beta, tau, adaptive_beta, parts, energy_part,
-                            energy_scope, guide_upsample, beta_max, probs, stats if with_stats else None)
-    return probs, stats

@@ -39,19 +39,39 @@ def _reference_backend(scores, guide, alpha, beta, tau, adaptive_beta, parts, en
     return result, scores.new_empty((0, 6), dtype=torch.float32)
 
 
-def _triton_backend(*args):
-    from .triton_kernels import attention_probs_triton
+def _fused_backend(load_out_launcher):
+    """A backend from a fused kernel's `*_out` launcher: allocate the outputs, launch into them."""
 
-    return attention_probs_triton(*args)
+    def run(scores, guide, alpha, beta, tau, adaptive_beta, parts, energy_part, energy_scope,
+            guide_upsample, beta_max, with_stats):
+        probs = torch.empty_like(scores, memory_format=torch.contiguous_format)
+        rows = stats_rows(scores.shape[0], parts, energy_scope) if with_stats else 0
+        stats = scores.new_empty((rows, 6), dtype=torch.float32)
+        load_out_launcher()(scores, guide, alpha, beta, tau, adaptive_beta, parts, energy_part,
+                            energy_scope, guide_upsample, beta_max, probs,
+                            stats if with_stats else None)
+        return probs, stats
+
+    return run
 
 
-def _cpp_backend(*args):
-    from .cpp_backend import attention_probs_cpp
+def _triton_out_launcher():
+    from .triton_kernels import attention_probs_triton_out  # imports triton only when used
 
-    return attention_probs_cpp(*args)
+    return attention_probs_triton_out
 
 
-_BACKEND_FUNCTIONS = {"reference": _reference_backend, "triton": _triton_backend, "cpp": _cpp_backend}
+def _cpp_out_launcher():
+    from .cpp_backend import attention_probs_cpp_out
+
+    return attention_probs_cpp_out
+
+
+_BACKEND_FUNCTIONS = {
+    "reference": _reference_backend,
+    "triton": _fused_backend(_triton_out_launcher),
+    "cpp": _fused_backend(_cpp_out_launcher),
+}
 
 
 def select_backend(device: torch.device) -> str:

@@ -236,15 +236,3 @@ def attention_probs_triton_out(scores, guide, alpha, beta, tau, adaptive_beta, p
         HAS_SUMS=has_sums, ADAPTIVE=adaptive_beta, HAS_BETA_MAX=beta_max is not None,
         WRITE_STATS=stats is not None, **meta,
     )
-
-
-def attention_probs_triton(scores, guide, alpha, beta, tau, adaptive_beta, parts, energy_part,
-                           energy_scope, guide_upsample, beta_max, with_stats):
-    """Backend entry used by the custom op: allocates outputs and launches."""
-    probs = torch.empty_like(scores, memory_format=torch.contiguous_format)
-    rows = stats_rows(scores.shape[0], parts, energy_scope) if with_stats else 0
-    stats = torch.empty((rows, 6), dtype=torch.float32, device=scores.device)
-    attention_probs_triton_out(scores, guide, alpha, beta, tau, adaptive_beta, parts, energy_part,
-                               energy_scope, guide_upsample, beta_max, probs,
-                               stats if with_stats else None)
-    return probs, stats

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 from typing import Callable, Optional, Tuple
 
 import pytest
@@ -17,6 +18,13 @@ import torch
 from bytheway_kernels import reference
 from bytheway_kernels._validation import max_tau
 from bytheway_kernels.ops import stats_rows
+
+# Triton on CPU tensors runs only under the interpreter, which conftest.py selects on machines
+# without CUDA; on a GPU machine the compiled kernels are tested by test_gpu.py instead.
+needs_triton_interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="Triton on CPU tensors needs TRITON_INTERPRET=1 (GPU machines run tests/test_gpu.py)",
+)
 
 # (atol, rtol) on probabilities. The kernels accumulate in fp32 from the same inputs, so the
 # difference to a float64 evaluation is one final rounding to the output dtype (half an ulp:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import bytheway_kernels as btw
-from backend_cases import Case, make_inputs
+from backend_cases import Case, make_inputs, needs_triton_interpreter
 
 GOOD = dict(alpha=0.6, beta=1.5, tau=7)
 
@@ -70,7 +70,7 @@ def test_config_and_presets():
         btw.PRESETS["animatediff"].replace(gamma=1)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton_interpreter)])
 def test_dispatch_env_and_outputs(backend, monkeypatch):
     monkeypatch.setenv("BYTHEWAY_BACKEND", backend)
     assert btw.select_backend(torch.device("cpu")) == backend
@@ -100,7 +100,7 @@ def test_opcheck_reference_backend(with_guide, with_stats, adaptive, monkeypatch
     torch.library.opcheck(torch.ops.bytheway.attention_probs.default, args)
 
 
-@pytest.mark.parametrize("backend", ["reference", "triton", "cpp"])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton_interpreter), "cpp"])
 def test_torch_compile_fullgraph(backend, monkeypatch):
     monkeypatch.setenv("BYTHEWAY_BACKEND", backend)
     torch._dynamo.reset()

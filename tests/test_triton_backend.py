@@ -6,9 +6,12 @@
 import pytest
 import torch
 
-from backend_cases import BackendContract, Case, assert_matches_reference, make_inputs
+from backend_cases import (BackendContract, Case, assert_matches_reference, make_inputs,
+                           needs_triton_interpreter)
 from bytheway_kernels import triton_kernels
 from bytheway_kernels.triton_kernels import attention_probs_triton_out
+
+pytestmark = needs_triton_interpreter
 
 
 class TestTritonContract(BackendContract):

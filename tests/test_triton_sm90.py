@@ -34,15 +34,23 @@ SCRIPT = textwrap.dedent(
                               beta_max="fp32", high_energy_floor="fp32"),
     }
     results = []
+    all_flags = dict(HAS_SUMS=True, ADAPTIVE=True, HAS_BETA_MAX=True, WRITE_STATS=True)
+    # the other launch configurations of the apply pass: fixed beta (one launch), stats, adaptive
+    flag_variants = [dict(HAS_SUMS=False, ADAPTIVE=False, HAS_BETA_MAX=False, WRITE_STATS=False),
+                     dict(HAS_SUMS=True, ADAPTIVE=False, HAS_BETA_MAX=False, WRITE_STATS=True),
+                     dict(HAS_SUMS=True, ADAPTIVE=True, HAS_BETA_MAX=False, WRITE_STATS=False)]
     for frames, tau, guide_mode in itertools.product((3, 16, 24, 64), (0, None), (0, 1, 2)):
         tau = (frames - 2) // 2 if tau is None else tau
         padded = max(16, triton.next_power_of_2(frames))
         block_rows, num_warps = tk._launch_shape(padded)
         constants = dict(F=frames, F_PAD=padded, BLOCK_R=block_rows, GUIDE_MODE=guide_mode,
                          FULL_BAND=frames % 2 == 0 and tau == (frames - 2) // 2, PER_VIDEO=True)
-        for name, signature in kernels.items():
-            if name == "_apply_kernel":
-                constants.update(HAS_SUMS=True, ADAPTIVE=True, HAS_BETA_MAX=True, WRITE_STATS=True)
+        variants = [("_stats_kernel", {}), ("_apply_kernel", all_flags)]
+        if frames == 16 and guide_mode == 1:
+            variants += [("_apply_kernel", flags) for flags in flag_variants]
+        for name, flags in variants:
+            signature = kernels[name]
+            constants = dict(constants, **flags)
             fn = getattr(tk, name)
             params = [p for p in fn.arg_names if p in signature or p in constants]
             source = ASTSource(fn=fn, constexprs=dict(constants),
@@ -54,7 +62,7 @@ SCRIPT = textwrap.dedent(
             usage = subprocess.run([cuobjdump, "--dump-resource-usage", handle.name],
                                    capture_output=True, text=True).stdout
             os.unlink(handle.name)
-            results.append(dict(kernel=name, frames=frames, tau=tau, guide_mode=guide_mode,
+            results.append(dict(kernel=name, frames=frames, tau=tau, guide_mode=guide_mode, flags=flags,
                                 usage=[l.strip() for l in usage.splitlines() if "REG:" in l]))
     print(json.dumps(results))
     """
@@ -67,7 +75,7 @@ def test_kernels_compile_for_sm90_without_spills():
                          timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 4 * 2 * 3 * 2
+    assert len(results) == 4 * 2 * 3 * 2 + 2 * 3
     for result in results:
         assert result["usage"], result
         usage = result["usage"][0]

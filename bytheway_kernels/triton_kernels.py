@@ -104,9 +104,9 @@ def _stats_kernel(scores_ptr, guide_ptr, band_ptr, sums_ptr, rows_per_entry, fir
                   F: tl.constexpr, F_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
                   GUIDE_MODE: tl.constexpr, FULL_BAND: tl.constexpr, PER_VIDEO: tl.constexpr):
     """Accumulate the energy sums of the rows in scope (one program: BLOCK_R rows of one entry)."""
-    video = tl.program_id(0)
+    video = tl.program_id(1)
     b = (first_entry + video).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < rows_per_entry
     attn, guided, high = _guided_block(scores_ptr, guide_ptr, band_ptr, b, rows, row_mask,
                                        rows_per_entry, H, W, h, w, heads, scale_y, scale_x, alpha,
@@ -133,8 +133,8 @@ def _apply_kernel(scores_ptr, guide_ptr, band_ptr, sums_ptr, probs_ptr, stats_pt
                   HAS_SUMS: tl.constexpr, ADAPTIVE: tl.constexpr, HAS_BETA_MAX: tl.constexpr,
                   WRITE_STATS: tl.constexpr):
     """Write A3 = renormalise(guided + (beta - 1) * guided @ P); beta from the sums if adaptive."""
-    b = tl.program_id(0).to(tl.int64)
-    block = tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)
+    block = tl.program_id(0)
     rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < rows_per_entry
     beta = beta0
@@ -218,18 +218,18 @@ def attention_probs_triton_out(scores, guide, alpha, beta, tau, adaptive_beta, p
                     alpha=alpha)
     meta = dict(F=frames, F_PAD=padded, BLOCK_R=block_rows, GUIDE_MODE=GUIDE_MODES[None if guide is None else guide_upsample],
                 FULL_BAND=full_band, PER_VIDEO=per_video, num_warps=num_warps)
-    blocks = triton.cdiv(rows_per_entry, block_rows)
+    blocks = triton.cdiv(rows_per_entry, block_rows)  # grid axis 0: it allows 2**31 - 1 programs
     has_sums = adaptive_beta or stats is not None
     if has_sums:
         sums = torch.zeros((stats_rows(batch, parts, energy_scope), SUM_FIELDS),
                            dtype=torch.float64, device=scores.device)
         if videos > 0:
-            _stats_kernel[(videos, blocks)](scores, guide_tensor, band, sums, rows_per_entry,
+            _stats_kernel[(blocks, videos)](scores, guide_tensor, band, sums, rows_per_entry,
                                             energy_part * videos, **geometry, **meta)
     else:
         sums = probs  # unused pointer
     rows_per_group = float(rows_per_entry * (1 if per_video else videos))
-    _apply_kernel[(batch, blocks)](
+    _apply_kernel[(blocks, batch)](
         scores, guide_tensor, band, sums, probs, stats if stats is not None else sums,
         rows_per_entry, max(videos, 1), rows_per_group, **geometry, beta0=beta,
         beta_max=beta if beta_max is None else beta_max, high_energy_floor=HIGH_ENERGY_FLOOR,

@@ -175,6 +175,12 @@ def _to(pipe, device, dtype):
     return pipe
 
 
+def _vae_and_clip_text(tokenizer) -> dict:
+    """The components every text-conditioned tiny pipeline shares (VAE first, then the text
+    encoder: the order the random weights are drawn in)."""
+    return dict(vae=tiny_vae(), text_encoder=tiny_clip_text_encoder(len(tokenizer)), tokenizer=tokenizer)
+
+
 def _motion_pipeline(pipeline_class, device, dtype, seed, unet_options=None, extra_components=None):
     """An AnimateDiff-family pipeline from the shared tiny parts (tokenizer, CLIP text encoder,
     motion UNet built with `unet_options`, VAE, DDIM); `extra_components(tokenizer)` returns the
@@ -183,9 +189,7 @@ def _motion_pipeline(pipeline_class, device, dtype, seed, unet_options=None, ext
     tokenizer = tiny_clip_tokenizer()
     unet, adapter = tiny_motion_unet(**(unet_options or {}))
     components = dict(
-        vae=tiny_vae(),
-        text_encoder=tiny_clip_text_encoder(len(tokenizer)),
-        tokenizer=tokenizer,
+        **_vae_and_clip_text(tokenizer),
         unet=unet,
         motion_adapter=adapter,
         scheduler=tiny_ddim_scheduler(),
@@ -269,13 +273,7 @@ def tiny_text_to_video_pipeline(device="cpu", dtype=torch.float32, seed: int = 0
         attention_head_dim=4,
         sample_size=8,
     ).eval()
-    pipe = TextToVideoSDPipeline(
-        vae=tiny_vae(),
-        text_encoder=tiny_clip_text_encoder(len(tokenizer)),
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=tiny_ddim_scheduler(),
-    )
+    pipe = TextToVideoSDPipeline(**_vae_and_clip_text(tokenizer), unet=unet, scheduler=tiny_ddim_scheduler())
     return _to(pipe, device, dtype)
 
 
@@ -352,9 +350,7 @@ def tiny_i2vgenxl_pipeline(device="cpu", dtype=torch.float32, seed: int = 0):
     tokenizer = tiny_clip_tokenizer()
     image_encoder, feature_extractor = tiny_clip_image_encoder(_IMAGE_ENCODER_SIZE)
     pipe = I2VGenXLPipeline(
-        vae=tiny_vae(),
-        text_encoder=tiny_clip_text_encoder(len(tokenizer)),
-        tokenizer=tokenizer,
+        **_vae_and_clip_text(tokenizer),
         image_encoder=image_encoder,
         feature_extractor=feature_extractor,
         unet=tiny_i2vgenxl_unet(),

@@ -53,25 +53,31 @@ class BatchSplit(NamedTuple):
     videos: int
 
 
-def resolve_batch_split(batch: int, cfg: bool, batch_split: Optional[Tuple[int, int]]) -> BatchSplit:
-    """cfg=True means (uncond, cond) halves with energies from the second; batch_split overrides."""
+def batch_parts(cfg: bool, batch_split: Optional[Tuple[int, int]], name: str = "batch_split") -> Tuple[int, int]:
+    """(parts, energy_part): cfg=True means (uncond, cond) halves with energies from the second;
+    an explicit `batch_split` pair overrides `cfg` (`name` is the argument named in errors)."""
     if batch_split is None:
         if not isinstance(cfg, bool):
             raise ValueError(f"cfg must be a bool, got {cfg!r}")
-        parts, energy_part = (2, 1) if cfg else (1, 0)
-    else:
-        if (
-            not isinstance(batch_split, (tuple, list))
-            or len(batch_split) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in batch_split)
-        ):
-            raise ValueError(f"batch_split must be a pair of ints (parts, energy_part), got {batch_split!r}")
-        parts, energy_part = batch_split
-        if parts < 1 or not 0 <= energy_part < parts:
-            raise ValueError(
-                f"batch_split=(parts, energy_part) needs parts >= 1 and 0 <= energy_part < parts, "
-                f"got {tuple(batch_split)}"
-            )
+        return (2, 1) if cfg else (1, 0)
+    if (
+        not isinstance(batch_split, (tuple, list))
+        or len(batch_split) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in batch_split)
+    ):
+        raise ValueError(f"{name} must be a pair of ints (parts, energy_part), got {batch_split!r}")
+    parts, energy_part = batch_split
+    if parts < 1 or not 0 <= energy_part < parts:
+        raise ValueError(
+            f"{name}=(parts, energy_part) needs parts >= 1 and 0 <= energy_part < parts, "
+            f"got {tuple(batch_split)}"
+        )
+    return parts, energy_part
+
+
+def resolve_batch_split(batch: int, cfg: bool, batch_split: Optional[Tuple[int, int]]) -> BatchSplit:
+    """The split of a batch of `batch` entries; B must divide into the parts."""
+    parts, energy_part = batch_parts(cfg, batch_split)
     if batch % parts != 0:
         what = "cfg=True needs an even batch" if batch_split is None else f"batch_split={tuple(batch_split)}"
         raise ValueError(f"{what}: scores batch B={batch} is not divisible by {parts}")

@@ -7,7 +7,7 @@ from typing import Dict, List, Tuple, Union
 
 import torch
 
-from .._validation import check_tau
+from .._validation import batch_parts, check_tau
 from ..config import PRESETS, ByTheWayConfig
 from . import diagnostics as diagnostics_module
 from .layers import ModelFamily, TemporalLayer, decoder_temporal_layers, family_of, frames_of, resolve_anchor
@@ -45,13 +45,10 @@ def _split_target(target):
 def _batch_split_of(cfg) -> Tuple[int, int]:
     """(parts, energy part) from cfg=True/False or an explicit (parts, energy_part) pair."""
     if isinstance(cfg, bool):
-        return (2, 1) if cfg else (1, 0)
-    if (
-        isinstance(cfg, tuple) and len(cfg) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in cfg)
-        and cfg[0] >= 1 and 0 <= cfg[1] < cfg[0]
-    ):
-        return cfg
-    raise ValueError(f"cfg must be None, a bool or a (parts, energy_part) pair of ints, got {cfg!r}")
+        return batch_parts(cfg, None)
+    if not isinstance(cfg, tuple):
+        raise ValueError(f"cfg must be None, a bool or a (parts, energy_part) pair of ints, got {cfg!r}")
+    return batch_parts(True, cfg, name="cfg")
 
 
 class ByTheWayController:

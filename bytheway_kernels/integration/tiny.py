@@ -254,6 +254,18 @@ def tiny_animatediff_sparsectrl_pipeline(device="cpu", dtype=torch.float32, seed
     )
 
 
+#: The UNet3D-style decoder shared by the tiny TextToVideoSD and I2VGenXL denoisers.
+_TINY_UNET3D_CONFIG = dict(
+    block_out_channels=(8, 16, 16),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
+    up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
+    norm_num_groups=4,
+    cross_attention_dim=TINY_TEXT_DIM,
+    attention_head_dim=4,
+)
+
+
 def tiny_text_to_video_pipeline(device="cpu", dtype=torch.float32, seed: int = 0):
     """A tiny random-weight `TextToVideoSDPipeline` (UNet3DConditionModel, the ModelScope /
     VideoCrafter2-like architecture). Temporal heads are channels / 4: 4 in up_blocks.1, 2 in
@@ -263,16 +275,7 @@ def tiny_text_to_video_pipeline(device="cpu", dtype=torch.float32, seed: int = 0
 
     torch.manual_seed(seed)
     tokenizer = tiny_clip_tokenizer()
-    unet = UNet3DConditionModel(
-        block_out_channels=(8, 16, 16),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
-        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
-        norm_num_groups=4,
-        cross_attention_dim=TINY_TEXT_DIM,
-        attention_head_dim=4,
-        sample_size=8,
-    ).eval()
+    unet = UNet3DConditionModel(**_TINY_UNET3D_CONFIG, sample_size=8).eval()
     pipe = TextToVideoSDPipeline(**_vae_and_clip_text(tokenizer), unet=unet, scheduler=tiny_ddim_scheduler())
     return _to(pipe, device, dtype)
 
@@ -281,17 +284,7 @@ def tiny_i2vgenxl_unet():
     """A tiny random-weight I2VGenXLUNet (UNet3D-style decoder: temp_attentions)."""
     from diffusers import I2VGenXLUNet
 
-    return I2VGenXLUNet(
-        block_out_channels=(8, 16, 16),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
-        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
-        norm_num_groups=4,
-        cross_attention_dim=TINY_TEXT_DIM,
-        attention_head_dim=4,
-        num_attention_heads=None,
-        sample_size=8,
-    ).eval()
+    return I2VGenXLUNet(**_TINY_UNET3D_CONFIG, num_attention_heads=None, sample_size=8).eval()
 
 
 def tiny_svd_unet():

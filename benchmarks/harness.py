@@ -20,7 +20,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = (torch.float16, torch.bfloat16) if DEVICE.type == "cuda" else (torch.float32,)
 
 #: (atol, rtol) on probabilities against the float64 reference evaluated on the same inputs:
-#: two output ulps, as in tests/backend_cases.py.
+#: two output ulps, as in tests/attention_probs_cases.py.
 TOLERANCES = {
     torch.float32: (2e-5, 2e-5),
     torch.float16: (2e-3, 2e-3),

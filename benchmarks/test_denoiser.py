@@ -23,7 +23,7 @@ integration = pytest.importorskip(
 )
 
 from bytheway_kernels.integration.tiny import TINY_FRAMES, TINY_TOKENS, tiny_animatediff_pipeline  # noqa: E402
-from bytheway_kernels.ops import BACKEND_ENV  # noqa: E402
+from bytheway_kernels.ops.dispatch import BACKEND_ENV  # noqa: E402
 
 STEPS = 25
 LATENT_SIZE = 8  # 16x16-pixel frames through the tiny VAE

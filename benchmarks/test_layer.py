@@ -21,7 +21,7 @@ integration = pytest.importorskip(
 )
 
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
-from bytheway_kernels.ops import BACKEND_ENV  # noqa: E402
+from bytheway_kernels.ops.dispatch import BACKEND_ENV  # noqa: E402
 from bytheway_kernels.integration.layers import Geometry, TemporalLayer  # noqa: E402
 from bytheway_kernels.integration.processor import BINDING_ATTR, LayerBinding, RunState  # noqa: E402
 

@@ -1,10 +1,9 @@
 """bytheway_kernels: fused kernels for ByTheWay (CVPR 2025) temporal-attention editing."""
 
-from . import reference
 from .config import PRESETS, ByTheWayConfig
-from .functional import bytheway_attention_probs
 from .integration import ByTheWayController, apply_bytheway
 from .ops import BACKENDS, select_backend
+from .ops.attention_probs import bytheway_attention_probs, reference
 
 __version__ = "0.1.0"
 

@@ -7,6 +7,8 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
+from .band import max_tau
+
 ENERGY_SCOPES = ("batch", "sample")
 GUIDE_UPSAMPLE_MODES = ("nearest", "bilinear")
 
@@ -19,17 +21,6 @@ def check_number(name: str, value, low: Optional[float] = None, high: Optional[f
         raise ValueError(f"{name} must be >= {low}, got {value!r}")
     if high is not None and value > high:
         raise ValueError(f"{name} must be <= {high}, got {value!r}")
-
-
-def max_tau(frames: int) -> int:
-    """Largest valid tau for F frames: the band [F//2 - tau, F//2 + tau] must stay in [1, F-1]."""
-    return (frames - 2) // 2
-
-
-def high_band(frames: int, tau: int) -> range:
-    """The DFT indices scaled by beta: c - tau .. c + tau with c = F // 2."""
-    centre = frames // 2
-    return range(centre - tau, centre + tau + 1)
 
 
 def check_tau(tau, frames: int) -> None:

@@ -1,4 +1,4 @@
-"""The Fourier band step as a real matrix (DESIGN.md section 2).
+"""The Fourier band step as a real matrix (docs/DESIGN.md, section 2).
 
 "DFT along the last axis, scale the band K = {F//2 - tau, ..., F//2 + tau} by beta, inverse DFT,
 real part" equals `a + (beta - 1) * a @ P` for each row a, where P is the real symmetric circulant
@@ -13,7 +13,16 @@ import math
 
 import torch
 
-from ._validation import check_tau, high_band, max_tau
+
+def max_tau(frames: int) -> int:
+    """Largest valid tau for F frames: the band [F//2 - tau, F//2 + tau] must stay in [1, F-1]."""
+    return (frames - 2) // 2
+
+
+def high_band(frames: int, tau: int) -> range:
+    """The DFT indices scaled by beta: c - tau .. c + tau with c = F // 2."""
+    centre = frames // 2
+    return range(centre - tau, centre + tau + 1)
 
 
 def is_full_band(frames: int, tau: int) -> bool:
@@ -23,7 +32,8 @@ def is_full_band(frames: int, tau: int) -> bool:
 
 def high_band_matrix_float64(frames: int, tau: int) -> torch.Tensor:
     """P as an (F, F) float64 CPU tensor."""
-    check_tau(tau, frames)
+    if not 0 <= tau <= max_tau(frames):
+        raise ValueError(f"tau={tau} is out of range for F={frames} (0 <= tau <= {max_tau(frames)})")
     band = list(high_band(frames, tau))
     kernel = [sum(math.cos(2.0 * math.pi * k * n / frames) for k in band) / frames for n in range(frames)]
     kernel = torch.tensor(kernel, dtype=torch.float64)

@@ -13,9 +13,9 @@ from contextlib import contextmanager
 
 import torch
 
-from . import reference
-from .functional import bytheway_attention_probs
-from .ops import BACKEND_ENV, BACKENDS
+from .ops.attention_probs import reference
+from .ops.attention_probs import bytheway_attention_probs
+from .ops.dispatch import BACKEND_ENV, BACKENDS
 
 # AnimateDiff, SD1.5 UNet, 512x512, 16 frames, CFG, 8 heads (DESIGN.md section 5).
 ANIMATEDIFF_SHAPES = {"up_blocks.1": 16, "up_blocks.2": 32, "up_blocks.3": 64}
@@ -25,7 +25,7 @@ PRESET = dict(alpha=0.6, beta=1.5, tau=7)
 
 def backend_availability(device: torch.device) -> dict:
     """backend -> (usable on `device`, reason)."""
-    from .cpp_backend import cpp_status
+    from .ops.attention_probs.cpp import cpp_status
 
     try:
         import triton  # noqa: F401
@@ -53,7 +53,7 @@ def print_info() -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"bytheway_kernels {__version__}, torch {torch.__version__}, device {device}")
-    from .ops import select_backend
+    from .ops.dispatch import select_backend
 
     for name, (ok, reason) in backend_availability(device).items():
         print(f"  {name:10s} {'available' if ok else 'unavailable':12s} {reason}")

@@ -7,4 +7,4 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-sys.path.insert(0, os.path.dirname(__file__))  # shared helpers such as backend_cases
+sys.path.insert(0, os.path.dirname(__file__))  # shared helpers such as attention_probs_cases

@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from bytheway_kernels import triton_kernels as tk
+    from bytheway_kernels.ops.attention_probs import triton as tk
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     geometry = dict(rows_per_entry="i32", H="i32", W="i32", h="i32", w="i32", heads="i32",

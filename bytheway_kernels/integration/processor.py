@@ -25,8 +25,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ..config import ByTheWayConfig
-from ..functional import bytheway_attention_probs
-from ..reference import upsample_guide
+from ..ops.attention_probs import bytheway_attention_probs
+from ..guide import upsample_guide
 from .layers import TemporalLayer
 
 #: Attribute of a diffusers `Attention` module holding its LayerBinding while ByTheWay is applied.

@@ -1,30 +1,23 @@
-"""The `torch.ops.bytheway.attention_probs` custom op and its backend dispatch.
+"""The map op: `torch.ops.bytheway.attention_probs`, its backend dispatch and its public function.
 
 The op's schema is declared once, here, with `torch.library.custom_op`; every backend (Triton,
 the compiled C++ kernel from `csrc/`, the pure-torch reference) is a plain function with the
 same arguments that the op's real implementation calls. The fake implementation only allocates
 outputs, so the op traces under `torch.compile(fullgraph=True)`.
 
-Backend choice: `BYTHEWAY_BACKEND=reference|triton|cpp` forces one; otherwise CUDA tensors use
-Triton and CPU tensors use the C++ kernel when it is built, else the reference.
+Backend choice: `bytheway_kernels.ops.dispatch.select_backend`.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 
+from ..._validation import check_op_args
+from ...energy import stats_rows
+from ..dispatch import select_backend
 from . import reference
-
-BACKENDS = ("reference", "triton", "cpp")
-BACKEND_ENV = "BYTHEWAY_BACKEND"
-
-
-def stats_rows(batch: int, parts: int, energy_scope: str) -> int:
-    """Rows of the stats output: one for the batch scope, one per video for the sample scope."""
-    return 1 if energy_scope == "batch" else batch // parts
 
 
 def _reference_backend(scores, guide, alpha, beta, tau, adaptive_beta, parts, energy_part,
@@ -56,13 +49,13 @@ def _fused_backend(load_out_launcher):
 
 
 def _triton_out_launcher():
-    from .triton_kernels import attention_probs_triton_out  # imports triton only when used
+    from .triton import attention_probs_triton_out  # imports triton only when used
 
     return attention_probs_triton_out
 
 
 def _cpp_out_launcher():
-    from .cpp_backend import attention_probs_cpp_out
+    from .cpp import attention_probs_cpp_out
 
     return attention_probs_cpp_out
 
@@ -72,23 +65,6 @@ _BACKEND_FUNCTIONS = {
     "triton": _fused_backend(_triton_out_launcher),
     "cpp": _fused_backend(_cpp_out_launcher),
 }
-
-
-def select_backend(device: torch.device) -> str:
-    """The backend the op uses for tensors on `device` (honours BYTHEWAY_BACKEND)."""
-    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
-    if forced:
-        if forced not in BACKENDS:
-            raise ValueError(f"{BACKEND_ENV}={forced!r} is not one of {BACKENDS}")
-        return forced
-    if device.type == "cuda":
-        return "triton"
-    if device.type == "cpu":
-        from .cpp_backend import cpp_status
-
-        if cpp_status().available:
-            return "cpp"
-    return "reference"
 
 
 @torch.library.custom_op("bytheway::attention_probs", mutates_args=())
@@ -122,3 +98,54 @@ def _(scores, guide, alpha, beta, tau, adaptive_beta, parts, energy_part, energy
     rows = stats_rows(scores.shape[0], parts, energy_scope) if with_stats else 0
     probs = torch.empty_like(scores, memory_format=torch.contiguous_format)
     return probs, scores.new_empty((rows, 6), dtype=torch.float32)
+
+
+def bytheway_attention_probs(
+    scores: torch.Tensor,
+    guide: Optional[torch.Tensor] = None,
+    *,
+    alpha: float,
+    beta: float,
+    tau: int,
+    adaptive_beta: bool = True,
+    cfg: bool = True,
+    energy_scope: str = "batch",
+    guide_upsample: str = "nearest",
+    beta_max: Optional[float] = None,
+    return_stats: bool = False,
+    batch_split: Optional[Tuple[int, int]] = None,
+):
+    """ByTheWay-modified temporal attention probabilities.
+
+    Args:
+        scores: pre-softmax logits already multiplied by the attention scale, shaped
+            (B, H, W, heads, F, F) -- a free view of diffusers' (B*H*W*heads, F, F) map.
+            fp32, fp16 or bf16 (float64 too); the output has this dtype.
+        guide: optional row-stochastic anchor map (B, h, w, heads, F, F), h <= H, w <= W,
+            upsampled in space inside the kernel (never materialised).
+        alpha: Temporal Self-Guidance strength in [0, 1].
+        beta: beta_0 >= 0, gain of the high band (the minimum gain when adaptive).
+        tau: band half-width, 0 <= tau <= (F - 2) // 2; the band is F//2 - tau .. F//2 + tau.
+        adaptive_beta: beta = max(beta_0, sqrt((E1 - E2_low) / E2_high)) from device-side energies.
+        cfg: the batch is (unconditional, conditional) halves; energies come from the second.
+        energy_scope: "batch" (one beta for the batch) or "sample" (one beta per video).
+        guide_upsample: "nearest" or "bilinear" (torch.nn.functional.interpolate index rules).
+        beta_max: optional cap on the adaptive beta (must be >= beta).
+        return_stats: also return float32 stats (rows, 6) = (beta, E1, E2, E2_low, E2_high, E3),
+            one row for scope "batch", one per video for "sample".
+        batch_split: (parts, energy_part) overriding `cfg`: the batch is `parts` equal groups and
+            energies come from group `energy_part` (e.g. (3, 1) for PAG with CFG).
+
+    Returns:
+        probs, or (probs, stats) with `return_stats=True`. Never synchronises with the host.
+    """
+    split = check_op_args(
+        scores, guide, alpha, beta, tau, adaptive_beta, cfg, energy_scope, guide_upsample,
+        beta_max, batch_split,
+    )
+    probs, stats = attention_probs(
+        scores, guide, float(alpha), float(beta), int(tau), adaptive_beta, split.parts,
+        split.energy_part, energy_scope, guide_upsample,
+        None if beta_max is None else float(beta_max), return_stats,
+    )
+    return (probs, stats) if return_stats else probs

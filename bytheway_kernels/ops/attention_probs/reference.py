@@ -12,25 +12,10 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F_nn
 
-from ._validation import check_op_args, high_band
-
-#: Below this fraction of E2 the high-band energy counts as zero and beta falls back to beta_0.
-HIGH_ENERGY_FLOOR = 1e-6
-
-STATS_FIELDS = ("beta", "E1", "E2", "E2_low", "E2_high", "E3")
-
-
-def upsample_guide(guide: torch.Tensor, height: int, width: int, mode: str) -> torch.Tensor:
-    """(B, h, w, heads, F, F) -> (B, H, W, heads, F, F) with torch's interpolate index rules."""
-    batch, h, w, heads, frames, _ = guide.shape
-    if (h, w) == (height, width):
-        return guide
-    if guide.numel() == 0:  # interpolate rejects empty inputs
-        return guide.new_zeros((batch, height, width, heads, frames, frames))
-    planes = guide.permute(0, 3, 4, 5, 1, 2).reshape(batch, heads * frames * frames, h, w)
-    kwargs = {"align_corners": False} if mode == "bilinear" else {}
-    planes = F_nn.interpolate(planes, size=(height, width), mode=mode, **kwargs)
-    return planes.reshape(batch, heads, frames, frames, height, width).permute(0, 4, 5, 1, 2, 3)
+from ..._validation import check_op_args
+from ...band import high_band
+from ...energy import HIGH_ENERGY_FLOOR
+from ...guide import upsample_guide
 
 
 def _fft(values: torch.Tensor, inverse: bool = False) -> torch.Tensor:

@@ -1,11 +1,11 @@
 """The compiled CPU kernel from `csrc/`, built just in time on first use.
 
-Schema split: the public op `torch.ops.bytheway.attention_probs` is declared once, in `ops.py`
+Schema split: the public op `torch.ops.bytheway.attention_probs` is declared once, in `op.py`
 (`torch.library.custom_op`). The extension registers only a private helper,
-`torch.ops.bytheway_cpu.attention_probs_out`, which writes into given outputs; `ops.py`'s CPU
+`torch.ops.bytheway_cpu.attention_probs_out`, which writes into given outputs; `op.py`'s CPU
 branch reaches it through `attention_probs_cpp_out` below.
 
-Build: `torch.utils.cpp_extension.load` compiles `csrc/bytheway_cpu.cpp` with the host C++
+Build: `torch.utils.cpp_extension.load` compiles `csrc/attention_probs_cpu.cpp` with the host C++
 compiler and ninja (no download, no CUDA) into the torch extensions cache
 (`$TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`), under a directory keyed by a hash
 of the sources, the compiler flags (which include the instruction set torch detected on this CPU),
@@ -30,8 +30,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-_SOURCE_FILES = ("bytheway_cpu.cpp",)
-_EXTENSION_PREFIX = "bytheway_cpu"
+_SOURCE_FILES = ("attention_probs_cpu.cpp",)
+_EXTENSION_PREFIX = "attention_probs_cpu"
 
 _log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class CppStatus(NamedTuple):
 
 def source_dir() -> Optional[Path]:
     """`csrc/` of a source checkout or editable install, else the copy shipped in the package."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[2]
     for candidate in (package.parent / "csrc", package / "csrc"):
         if all((candidate / name).is_file() for name in _SOURCE_FILES):
             return candidate

@@ -6,10 +6,10 @@
 import pytest
 import torch
 
-from backend_cases import (BackendContract, Case, assert_matches_reference, make_inputs,
+from attention_probs_cases import (BackendContract, Case, assert_matches_reference, make_inputs,
                            needs_triton_interpreter)
-from bytheway_kernels import triton_kernels
-from bytheway_kernels.triton_kernels import attention_probs_triton_out
+from bytheway_kernels.ops.attention_probs import triton as triton_kernels
+from bytheway_kernels.ops.attention_probs.triton import attention_probs_triton_out
 
 pytestmark = needs_triton_interpreter
 

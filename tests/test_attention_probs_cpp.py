@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import bytheway_kernels as btw
-from backend_cases import BackendContract, Case, assert_matches_reference, make_inputs, run_poisoned
-from bytheway_kernels import cpp_backend, reference
-from bytheway_kernels.cpp_backend import CppStatus, attention_probs_cpp_out
+from attention_probs_cases import BackendContract, Case, assert_matches_reference, make_inputs, run_poisoned
+from bytheway_kernels.ops.attention_probs import cpp as cpp_backend, reference
+from bytheway_kernels.ops.attention_probs.cpp import CppStatus, attention_probs_cpp_out
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -101,7 +101,7 @@ def test_missing_build_tool_reports_unavailable_without_raising(monkeypatch):
 
 
 def test_failed_build_reports_unavailable_without_raising(monkeypatch, tmp_path):
-    (tmp_path / "bytheway_cpu.cpp").write_text("#error simulated broken source\n")
+    (tmp_path / "attention_probs_cpu.cpp").write_text("#error simulated broken source\n")
     monkeypatch.setattr(cpp_backend, "source_dir", lambda: tmp_path)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
     with pytest.warns(RuntimeWarning, match="build failed"):

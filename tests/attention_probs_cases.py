@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from bytheway_kernels import reference
-from bytheway_kernels._validation import max_tau
-from bytheway_kernels.ops import stats_rows
+from bytheway_kernels.band import max_tau
+from bytheway_kernels.energy import stats_rows
 
 # Triton on CPU tensors runs only under the interpreter, which conftest.py selects on machines
 # without CUDA; on a GPU machine the compiled kernels are tested by test_gpu.py instead.

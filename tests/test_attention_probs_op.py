@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import bytheway_kernels as btw
-from backend_cases import Case, make_inputs, needs_triton_interpreter
+from attention_probs_cases import Case, make_inputs, needs_triton_interpreter
 
 GOOD = dict(alpha=0.6, beta=1.5, tau=7)
 
@@ -92,7 +92,7 @@ def test_unknown_backend_env(monkeypatch):
 
 @pytest.mark.parametrize("with_guide,with_stats,adaptive", [(True, True, True), (False, False, False)])
 def test_opcheck_reference_backend(with_guide, with_stats, adaptive, monkeypatch):
-    """The fused backends run the same opcheck in backend_cases.BackendContract."""
+    """The fused backends run the same opcheck in attention_probs_cases.BackendContract."""
     monkeypatch.setenv("BYTHEWAY_BACKEND", "reference")
     scores, guide = _inputs(frames=8)
     args = (scores, guide if with_guide else None, 0.6, 1.5, 3, adaptive, 2, 1, "batch", "bilinear",

@@ -17,9 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .band import high_band_matrix, is_full_band
-from .ops import stats_rows
-from .reference import HIGH_ENERGY_FLOOR
+from ...band import high_band_matrix, is_full_band
+from ...energy import HIGH_ENERGY_FLOOR, stats_rows
 
 GUIDE_MODES = {None: 0, "nearest": 1, "bilinear": 2}
 # Per energy group: sum|A|^2, sum|A2|^2, sum<A2, A2 P>, then the last three over s^2, s = rowsum(A2),

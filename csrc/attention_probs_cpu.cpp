@@ -1,10 +1,10 @@
 // CPU kernel of the ByTheWay attention-map op (DESIGN.md sections 1-2).
 //
 // Schema split: the public op `torch.ops.bytheway.attention_probs` is declared once, in Python
-// (bytheway_kernels/ops.py, torch.library.custom_op), and that declaration is the only source of
+// (bytheway_kernels/ops/attention_probs/op.py, torch.library.custom_op), and that declaration is the only source of
 // truth for its schema. This extension registers a private helper in its own namespace,
 // `torch.ops.bytheway_cpu.attention_probs_out`, which writes into caller-allocated outputs; the
-// Python op's CPU branch (bytheway_kernels/cpp_backend.py) allocates the outputs and calls it.
+// Python op's CPU branch (bytheway_kernels/ops/attention_probs/cpp.py) allocates the outputs and calls it.
 // Argument validation (ValueErrors naming the argument) happens in Python before this runs; the
 // checks here only guard memory safety.
 //

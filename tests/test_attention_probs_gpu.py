@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import bytheway_kernels as btw
-from backend_cases import Case, case_matrix, check_backend_case, make_inputs
+from attention_probs_cases import Case, case_matrix, check_backend_case, make_inputs
 
 pytestmark = [
     pytest.mark.gpu,
@@ -14,7 +14,7 @@ pytestmark = [
 
 @pytest.mark.parametrize("case", case_matrix(), ids=str)
 def test_compiled_triton_matches_reference(case):
-    from bytheway_kernels.triton_kernels import attention_probs_triton_out
+    from bytheway_kernels.ops.attention_probs.triton import attention_probs_triton_out
 
     check_backend_case(attention_probs_triton_out, case, device="cuda")
 
@@ -22,7 +22,7 @@ def test_compiled_triton_matches_reference(case):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("size", [16, 32, 64])
 def test_animatediff_shapes(size, dtype):
-    from bytheway_kernels.triton_kernels import attention_probs_triton_out
+    from bytheway_kernels.ops.attention_probs.triton import attention_probs_triton_out
 
     case = Case(dtype=dtype, height=size, width=size, heads=8, guide_size=(16, 16))
     check_backend_case(attention_probs_triton_out, case, device="cuda")

@@ -8,7 +8,7 @@ import torch
 
 import bytheway_kernels as btw
 import harness
-from bytheway_kernels.ops import BACKEND_ENV
+from bytheway_kernels.ops.dispatch import BACKEND_ENV
 from official_fft import official_fft_probs
 
 
@@ -43,7 +43,7 @@ def backend_skip_reason(backend: str):
     if backend == "cpp":
         if harness.DEVICE.type != "cpu":
             return "the C++ backend runs on CPU tensors only"
-        from bytheway_kernels.cpp_backend import cpp_status
+        from bytheway_kernels.ops.attention_probs.cpp import cpp_status
 
         status = cpp_status()
         if not status.available:

@@ -1,0 +1,31 @@
+"""Which backend an op runs on: one rule for every op in `bytheway_kernels.ops`.
+
+`BYTHEWAY_BACKEND=reference|triton|cpp` forces one; otherwise CUDA tensors use Triton and CPU
+tensors use the compiled C++ kernel when it is built, else the pure-torch reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("reference", "triton", "cpp")
+BACKEND_ENV = "BYTHEWAY_BACKEND"
+
+
+def select_backend(device: torch.device) -> str:
+    """The backend the ops use for tensors on `device` (honours BYTHEWAY_BACKEND)."""
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV}={forced!r} is not one of {BACKENDS}")
+        return forced
+    if device.type == "cuda":
+        return "triton"
+    if device.type == "cpu":
+        from .attention_probs.cpp import cpp_status  # builds the C++ kernel on first use
+
+        if cpp_status().available:
+            return "cpp"
+    return "reference"

@@ -18,6 +18,7 @@ import torch
 from bytheway_kernels import reference
 from bytheway_kernels.band import max_tau
 from bytheway_kernels.energy import stats_rows
+from bytheway_kernels.ops.params import ByTheWayParams
 
 # Triton on CPU tensors runs only under the interpreter, which conftest.py selects on machines
 # without CUDA; on a GPU machine the compiled kernels are tested by test_gpu.py instead.
@@ -65,6 +66,10 @@ class Case:
             energy_scope=self.energy_scope, guide_upsample=self.guide_upsample,
             beta_max=self.beta_max, batch_split=(self.parts, self.energy_part),
         )
+
+    def params(self) -> ByTheWayParams:
+        return ByTheWayParams(self.alpha, self.beta, self.tau, self.adaptive_beta, self.parts,
+                              self.energy_part, self.energy_scope, self.guide_upsample, self.beta_max)
 
     def __str__(self) -> str:
         guide = "noguide" if self.guide_size is None else f"{self.guide_upsample}{self.guide_size}"
@@ -144,8 +149,7 @@ def run_poisoned(run_out: LaunchOut, scores, guide, case: Case, with_stats: bool
     if with_stats:
         rows = stats_rows(scores.shape[0], case.parts, case.energy_scope)
         stats = torch.full((rows, 6), float("nan"), dtype=torch.float32, device=scores.device)
-    run_out(scores, guide, case.alpha, case.beta, case.tau, case.adaptive_beta, case.parts,
-            case.energy_part, case.energy_scope, case.guide_upsample, case.beta_max, probs, stats)
+    run_out(scores, guide, case.params(), probs, stats)
     return probs, stats
 
 

@@ -36,13 +36,11 @@ def test_fixed_beta_without_stats_is_one_launch(frames, tau, monkeypatch):
     case = Case(frames=frames, tau=tau, adaptive_beta=False)
     scores, guide = make_inputs(case)
     probs = torch.full_like(scores, float("nan"))
-    attention_probs_triton_out(scores, guide, 0.6, 1.5, tau, False, 2, 1, "batch", "nearest", None,
-                               probs, None)
+    attention_probs_triton_out(scores, guide, case.params(), probs, None)
     assert launches == ["_apply_kernel"]
     assert_matches_reference(scores, guide, case, probs)
     launches.clear()
-    attention_probs_triton_out(scores, guide, 0.6, 1.5, tau, True, 2, 1, "batch", "nearest", None,
-                               probs, None)
+    attention_probs_triton_out(scores, guide, case.params()._replace(adaptive_beta=True), probs, None)
     assert launches == ["_stats_kernel", "_apply_kernel"]
 
 
@@ -50,5 +48,4 @@ def test_cpu_tensors_without_interpreter_fail_clearly(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     scores, _ = make_inputs(Case(guide_size=None))
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        attention_probs_triton_out(scores, None, 0.6, 1.5, 7, True, 2, 1, "batch", "nearest", None,
-                                   torch.empty_like(scores), None)
+        attention_probs_triton_out(scores, None, Case().params(), torch.empty_like(scores), None)

@@ -30,6 +30,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ..params import ByTheWayParams
+
 _SOURCE_FILES = ("attention_probs_cpu.cpp",)
 _EXTENSION_PREFIX = "attention_probs_cpu"
 
@@ -140,12 +142,7 @@ def _require_extension() -> None:
         raise RuntimeError(f"BYTHEWAY_BACKEND=cpp: the C++ CPU kernel is unavailable: {status.reason}")
 
 
-def attention_probs_cpp_out(scores, guide, alpha, beta, tau, adaptive_beta, parts, energy_part,
-                            energy_scope, guide_upsample, beta_max, probs, stats) -> None:
+def attention_probs_cpp_out(scores, guide, params: ByTheWayParams, probs, stats) -> None:
     """Write the op's result into `probs` (and `stats`, float32 (rows, 6), unless it is None)."""
     _require_extension()
-    torch.ops.bytheway_cpu.attention_probs_out(
-        scores, guide, float(alpha), float(beta), int(tau), bool(adaptive_beta), int(parts),
-        int(energy_part), energy_scope, guide_upsample, None if beta_max is None else float(beta_max),
-        probs, stats,
-    )
+    torch.ops.bytheway_cpu.attention_probs_out(scores, guide, *params, probs, stats)

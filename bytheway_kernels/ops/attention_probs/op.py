@@ -15,34 +15,32 @@ from typing import Optional, Tuple
 import torch
 
 from ..._validation import check_op_args
-from ...energy import stats_rows
+from ...energy import STATS_FIELDS, stats_rows
 from ..dispatch import select_backend
+from ..params import ByTheWayParams
 from . import reference
 
 
-def _reference_backend(scores, guide, alpha, beta, tau, adaptive_beta, parts, energy_part,
-                       energy_scope, guide_upsample, beta_max, with_stats):
+def _reference_backend(scores, guide, params: ByTheWayParams, with_stats: bool):
     result = reference.bytheway_attention_probs(
-        scores, guide, alpha=alpha, beta=beta, tau=tau, adaptive_beta=adaptive_beta,
-        energy_scope=energy_scope, guide_upsample=guide_upsample, beta_max=beta_max,
-        return_stats=with_stats, batch_split=(parts, energy_part),
+        scores, guide, alpha=params.alpha, beta=params.beta, tau=params.tau,
+        adaptive_beta=params.adaptive_beta, energy_scope=params.energy_scope,
+        guide_upsample=params.guide_upsample, beta_max=params.beta_max, return_stats=with_stats,
+        batch_split=(params.parts, params.energy_part),
     )
     if with_stats:
         return result
-    return result, scores.new_empty((0, 6), dtype=torch.float32)
+    return result, scores.new_empty((0, len(STATS_FIELDS)), dtype=torch.float32)
 
 
 def _fused_backend(load_out_launcher):
     """A backend from a fused kernel's `*_out` launcher: allocate the outputs, launch into them."""
 
-    def run(scores, guide, alpha, beta, tau, adaptive_beta, parts, energy_part, energy_scope,
-            guide_upsample, beta_max, with_stats):
+    def run(scores, guide, params: ByTheWayParams, with_stats: bool):
         probs = torch.empty_like(scores, memory_format=torch.contiguous_format)
-        rows = stats_rows(scores.shape[0], parts, energy_scope) if with_stats else 0
-        stats = scores.new_empty((rows, 6), dtype=torch.float32)
-        load_out_launcher()(scores, guide, alpha, beta, tau, adaptive_beta, parts, energy_part,
-                            energy_scope, guide_upsample, beta_max, probs,
-                            stats if with_stats else None)
+        rows = params.stats_rows(scores.shape[0]) if with_stats else 0
+        stats = scores.new_empty((rows, len(STATS_FIELDS)), dtype=torch.float32)
+        load_out_launcher()(scores, guide, params, probs, stats if with_stats else None)
         return probs, stats
 
     return run
@@ -87,9 +85,9 @@ def attention_probs(
     `stats` is float32 (rows, 6) = (beta, E1, E2, E2_low, E2_high, E3) when `with_stats`, else an
     empty (0, 6) tensor. Arguments are validated by `bytheway_kernels.bytheway_attention_probs`.
     """
-    backend = _BACKEND_FUNCTIONS[select_backend(scores.device)]
-    return backend(scores, guide, alpha, beta, tau, adaptive_beta, parts, energy_part,
-                   energy_scope, guide_upsample, beta_max, with_stats)
+    params = ByTheWayParams(alpha, beta, tau, adaptive_beta, parts, energy_part, energy_scope,
+                            guide_upsample, beta_max)
+    return _BACKEND_FUNCTIONS[select_backend(scores.device)](scores, guide, params, with_stats)
 
 
 @attention_probs.register_fake
@@ -97,7 +95,7 @@ def _(scores, guide, alpha, beta, tau, adaptive_beta, parts, energy_part, energy
       guide_upsample, beta_max, with_stats):
     rows = stats_rows(scores.shape[0], parts, energy_scope) if with_stats else 0
     probs = torch.empty_like(scores, memory_format=torch.contiguous_format)
-    return probs, scores.new_empty((rows, 6), dtype=torch.float32)
+    return probs, scores.new_empty((rows, len(STATS_FIELDS)), dtype=torch.float32)
 
 
 def bytheway_attention_probs(
@@ -143,9 +141,8 @@ def bytheway_attention_probs(
         scores, guide, alpha, beta, tau, adaptive_beta, cfg, energy_scope, guide_upsample,
         beta_max, batch_split,
     )
-    probs, stats = attention_probs(
-        scores, guide, float(alpha), float(beta), int(tau), adaptive_beta, split.parts,
-        split.energy_part, energy_scope, guide_upsample,
-        None if beta_max is None else float(beta_max), return_stats,
-    )
+    params = ByTheWayParams(float(alpha), float(beta), int(tau), adaptive_beta, split.parts,
+                            split.energy_part, energy_scope, guide_upsample,
+                            None if beta_max is None else float(beta_max))
+    probs, stats = attention_probs(scores, guide, *params, return_stats)
     return (probs, stats) if return_stats else probs

@@ -19,6 +19,7 @@ import triton.language as tl
 
 from ...band import high_band_matrix, is_full_band
 from ...energy import HIGH_ENERGY_FLOOR, stats_rows
+from ..params import ByTheWayParams
 
 GUIDE_MODES = {None: 0, "nearest": 1, "bilinear": 2}
 # Per energy group: sum|A|^2, sum|A2|^2, sum<A2, A2 P>, then the last three over s^2, s = rowsum(A2),
@@ -188,13 +189,13 @@ def _check_device(scores: torch.Tensor) -> None:
         )
 
 
-def attention_probs_triton_out(scores, guide, alpha, beta, tau, adaptive_beta, parts, energy_part,
-                               energy_scope, guide_upsample, beta_max, probs, stats=None):
+def attention_probs_triton_out(scores, guide, params: ByTheWayParams, probs, stats=None):
     """Launch the fused kernels writing into `probs` (and `stats`, (rows, 6) fp32, if given).
 
     Fixed beta without stats: one launch. Otherwise: zero the sums, stats pass, apply pass.
     """
     _check_device(scores)
+    alpha, beta, tau, adaptive_beta, parts, energy_part, energy_scope, guide_upsample, beta_max = params
     scores = scores.contiguous()
     batch, height, width, heads, frames, _ = scores.shape
     videos = batch // parts

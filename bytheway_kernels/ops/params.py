@@ -1,0 +1,29 @@
+"""The ByTheWay parameters of one call, as every op and backend receives them after validation."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+from ..energy import stats_rows
+
+
+class ByTheWayParams(NamedTuple):
+    """Validated, plain-Python ByTheWay settings (built by an op's public function).
+
+    The custom ops' schemas take these fields flat (a schema has no struct type); each op
+    rebuilds the object inside and hands it to its backend.
+    """
+
+    alpha: float
+    beta: float
+    tau: int
+    adaptive_beta: bool
+    parts: int
+    energy_part: int
+    energy_scope: str
+    guide_upsample: str
+    beta_max: Optional[float]
+
+    def stats_rows(self, batch: int) -> int:
+        """Rows of the stats output for a batch of `batch` entries."""
+        return stats_rows(batch, self.parts, self.energy_scope)

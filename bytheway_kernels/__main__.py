@@ -1,4 +1,10 @@
-"""Command line: `python -m bytheway_kernels {check,info,demo} ...`."""
+"""Command line: `python -m bytheway_kernels {check,info,demo} ...` (also `bytheway-kernels ...`).
+
+Examples:
+    $ python -m bytheway_kernels info
+    $ python -m bytheway_kernels check --quick
+    $ python -m bytheway_kernels demo --steps 4 --out bytheway_demo
+"""
 
 from __future__ import annotations
 
@@ -7,26 +13,35 @@ import sys
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bytheway_kernels", description=__doc__)
+    """Parse `argv` (default: sys.argv[1:]) and run the command; returns the exit status."""
+    from .integration.runs import device_problem, positive_int
+
+    parser = argparse.ArgumentParser(prog="python -m bytheway_kernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 
     check = commands.add_parser("check", help="every backend vs the reference: max error and time")
     check.add_argument("--quick", action="store_true", help="small shapes only (seconds)")
-    info = commands.add_parser("info", help="which backends are available here, and why not")
+    check.add_argument("--repeats", type=positive_int, default=5,
+                       help="timed repeats per backend; the median is reported with its spread")
+    commands.add_parser("info", help="which backends are available here, and why not")
     demo = commands.add_parser("demo", help="tiny offline AnimateDiff pipeline with/without ByTheWay")
-    demo.add_argument("--out", default="bytheway_demo", help="output folder for the GIF and stats")
-    demo.add_argument("--steps", type=int, default=10)
+    demo.add_argument("--out", default="bytheway_demo", help="output folder for the images and stats")
+    demo.add_argument("--steps", type=positive_int, default=10, help="denoising steps (>= 1)")
     demo.add_argument("--device", default="cpu")
 
     args = parser.parse_args(argv)
     if args.command == "check":
         from .check import run_check
 
-        return run_check(quick=args.quick)
+        return run_check(quick=args.quick, repeats=args.repeats)
     if args.command == "info":
         from .check import print_info
 
         return print_info()
+    problem = device_problem(args.device)
+    if problem:
+        demo.error(problem)
     from .integration.demo import run_demo
 
     return run_demo(out_dir=args.out, steps=args.steps, device=args.device)

@@ -1,17 +1,23 @@
-"""Plot temporal-attention energy and cross-block discrepancy per block and step, before/after ByTheWay.
+"""Plot temporal-attention energy, beta and cross-block discrepancy per block and step, before/after ByTheWay.
 
 Runs the pipeline twice from one seed with diagnostics on every step:
-- "stock": `observe_only=True` -- outputs unchanged, the maps measured (E1, discrepancy of the
-  plain maps to the anchor map: the paper's Fig. 2 quantities);
+- "stock": `observe_only=True` -- outputs unchanged, the plain maps measured (E1 and their
+  discrepancy to the anchor map: the paper's Fig. 2 quantities);
 - "ByTheWay": active on the first step_fraction of steps, measured on all steps.
 
-Writes <out>/energy.png (E1 of the plain maps, solid; in the ByTheWay run also E3 of the maps
-ByTheWay outputs, dashed), <out>/discrepancy.png (plain-map discrepancy to the anchor; in the
-ByTheWay run also that of ByTheWay's output map, dashed),
-<out>/diagnostics.csv (every layer/call/step row of both runs) and prints the per-block tables.
+Writes into --out:
+  energy.png        E1 of the plain maps (solid) and E3 of the maps ByTheWay outputs (dashed);
+  discrepancy.png   discrepancy of the plain maps to the anchor (solid) and of ByTheWay's output
+                    maps (dashed);
+  beta.png          the beta ByTheWay used (adaptive: at least beta_0);
+  diagnostics.csv   every layer/call/step row of both runs.
+Values that describe ByTheWay's edit (beta, E2*, E3, discrepancy_after) exist only where it was
+active: at other steps the plots leave them out and the CSV holds "nan". The per-block tables are
+printed. Every option is checked before the model is loaded.
 
 Examples:
     python python/analyze.py --tiny --steps 6 --out out/analysis
+    python python/analyze.py --tiny --frames 8 --tau 3 --steps 4 --out out/analysis8
     python python/analyze.py --model ./animatediff-pipeline --device cuda --dtype float16 --steps 25
 """
 
@@ -23,25 +29,36 @@ import os
 import sys
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 try:
     import bytheway_kernels  # noqa: F401 -- installed
 except ImportError:  # run from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+#: (file name, runs shown, {field: legend text} -- solid line first, dashed second, y-axis label)
+FIGURES = (
+    ("energy.png", ("stock", "ByTheWay"), {"E1": "E1: plain map", "E3": "E3: ByTheWay's output map"},
+     "map energy: mean over rows of sum_j A_ij^2"),
+    ("discrepancy.png", ("stock", "ByTheWay"),
+     {"discrepancy": "plain map", "discrepancy_after": "ByTheWay's output map"}, "RMS L2 distance to the anchor map"),
+    ("beta.png", ("ByTheWay",), {"beta": "beta used"}, "beta (high-band gain)"),
+)
+#: (line style, marker) of the first and second field: a lone active step still shows which is which.
+LINE_STYLES = (("-", "."), ("--", "x"))
 
-def parse_args(argv=None):
+
+def parser_and_args(argv=None):
+    """(parser, parsed options); the options are not checked yet (see `main`)."""
     from bytheway_kernels.integration.runs import add_run_arguments
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
     parser.add_argument("--out", default="bytheway_analysis")
-    return parser.parse_args(argv)
+    return parser, parser.parse_args(argv)
 
 
 def per_block_step(rows, field):
-    """{block: ([steps], [mean of field over that block's layers and calls at each step])}."""
+    """{block: ([steps], [mean of field over that block's layers and calls at each step])};
+    NaN (masked) values stay NaN, so a plot leaves those steps out."""
     sums = {}
     for row in rows:
         entry = sums.setdefault(row["block"], {}).setdefault(row["step"], [0.0, 0])
@@ -53,59 +70,80 @@ def per_block_step(rows, field):
     }
 
 
-def plot(runs, fields, title, path):
+def plot(runs, field_labels, ylabel, title, path):
+    """One panel per run; colour = block, line style = field (the first of `field_labels` solid with
+    dots, the second dashed with crosses). The legend sits to the right of the panels, outside the axes, so it covers
+    no curve. Returns (path, figure, legend); the figure is closed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
 
-    figure, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), sharey=True, squeeze=False)
+    figure, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs) + 3, 4), sharey=True, squeeze=False)
+    blocks = []
+    shown_fields = list(field_labels)
     for axis, (run_name, rows) in zip(axes[0], runs.items()):
-        # In the observe-only stock run only the plain-map quantity (the first field) is real.
-        shown = fields if any(r["active"] for r in rows) else fields[:1]
-        for style, field in zip(("-", "--"), shown):
-            for color_index, (block, (steps, values)) in enumerate(per_block_step(rows, field).items()):
-                axis.plot(steps, values, style, color=f"C{color_index}", marker="o", markersize=3,
-                          label=f"{block} {field}")
+        for (style, marker), field in zip(LINE_STYLES, shown_fields):
+            for block, (steps, values) in per_block_step(rows, field).items():
+                if block not in blocks:
+                    blocks.append(block)
+                axis.plot(steps, values, style, color=f"C{blocks.index(block)}", marker=marker, markersize=6)
         active = sorted({r["step"] for r in rows if r["active"]})
         if active:
-            axis.axvspan(active[0] - 0.5, active[-1] + 0.5, color="0.9", zorder=0, label="ByTheWay active")
+            axis.axvspan(active[0] - 0.5, active[-1] + 0.5, color="0.9", zorder=0)
         axis.set_title(f"{title}: {run_name}")
         axis.set_xlabel("denoising step")
-        axis.legend(fontsize=7)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0][0].set_ylabel(ylabel)
+    handles = [Line2D([], [], color=f"C{i}", lw=3, label=block) for i, block in enumerate(blocks)]
+    handles += [Line2D([], [], color="black", linestyle=style, marker=marker, markersize=6, label=field_labels[f])
+                for (style, marker), f in zip(LINE_STYLES, shown_fields)]
+    handles.append(Patch(color="0.9", label="ByTheWay active"))
+    legend = figure.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=8,
+                           handlelength=3.5)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight", bbox_extra_artists=[legend])
     plt.close(figure)
-    return path
+    return path, figure, legend
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from bytheway_kernels.integration import diagnostics
-    from bytheway_kernels.integration.runs import generate, pipeline_and_settings
-
-    pipe, settings = pipeline_and_settings(args)
-    runs = {}
-    for name in tqdm(("stock", "ByTheWay"), desc="runs"):
-        stock = name == "stock"
-        _, rows = generate(pipe, settings, args.device, bytheway=not stock, preset=args.preset,
-                           diagnostics=True, observe_only=stock)
-        runs[name] = rows
-        print(f"\n{name} (per block; 'active' rows are the steps where ByTheWay changed the output)")
-        print(diagnostics.format_table(rows, by="block"))
-
-    os.makedirs(args.out, exist_ok=True)
-    print(plot(runs, ("E1", "E3"), "energy", os.path.join(args.out, "energy.png")))
-    print(plot(runs, ("discrepancy", "discrepancy_after"), "discrepancy to anchor",
-               os.path.join(args.out, "discrepancy.png")))
-    csv_path = os.path.join(args.out, "diagnostics.csv")
-    with open(csv_path, "w", newline="", encoding="utf-8") as handle:
+def write_csv(runs, path):
+    """Every row of every run, with a leading `run` column; returns the path."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
         fields = ["run"] + list(next(iter(runs.values()))[0].keys())
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         for name, rows in runs.items():
             writer.writerows(dict(row, run=name) for row in rows)
-    print(csv_path)
+    return path
+
+
+def main(argv=None) -> int:
+    """Check the options, run stock (observed) then ByTheWay, write plots and CSV; returns 0."""
+    from bytheway_kernels.integration import diagnostics
+    from bytheway_kernels.integration.runs import generate, pipeline_and_settings, run_config
+
+    parser, args = parser_and_args(argv)
+    config = run_config(parser, args)
+    from tqdm.auto import tqdm
+
+    pipe, settings = pipeline_and_settings(args)
+    runs = {}
+    for name in tqdm(("stock", "ByTheWay"), desc="runs"):
+        stock = name == "stock"
+        _, rows = generate(pipe, settings, config=config, diagnostics=True, observe_only=stock)
+        runs[name] = diagnostics.masked_inactive(rows)
+        print(f"\n{name} (per block; 'active' rows are the steps where ByTheWay changed the output)")
+        print(diagnostics.format_table(rows, by="block"))
+
+    os.makedirs(args.out, exist_ok=True)
+    for file_name, run_names, field_labels, ylabel in FIGURES:
+        shown = {name: runs[name] for name in run_names}
+        print(plot(shown, field_labels, ylabel, file_name[:-4], os.path.join(args.out, file_name))[0])
+    print(write_csv(runs, os.path.join(args.out, "diagnostics.csv")))
     return 0
 
 

@@ -11,18 +11,20 @@ Examples:
     # a VideoCrafter2/ModelScope-like TextToVideoSD folder with the paper's VideoCrafter2 settings
     python python/generate.py --model ./text-to-video-ms-1.7b --preset videocrafter2 --height 320 --width 512
 
-Writes <out>/stock.gif, <out>/bytheway.gif and <out>/side_by_side.gif (left: stock, right:
-ByTheWay), plus MP4s with --mp4 (needs the imageio-ffmpeg package). Nothing is downloaded.
+Writes into --out, for stock, bytheway and side_by_side (the labelled comparison
+stock | ByTheWay | amplified difference, one frame per row):
+  <name>.png  every frame, lossless (the output to judge the effect by);
+  <name>.gif  a looping preview (lossy: 256 colours hide or invent small differences);
+  <name>.mp4  when imageio-ffmpeg is installed (--mp4 makes it required: without imageio-ffmpeg
+              the script then stops before loading anything).
+Every option is checked before the model is loaded. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
-
-from tqdm.auto import tqdm
 
 try:
     import bytheway_kernels  # noqa: F401 -- installed
@@ -30,44 +32,40 @@ except ImportError:  # run from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def parse_args(argv=None):
-    from bytheway_kernels.integration.runs import add_run_arguments
+def parser_and_args(argv=None):
+    """(parser, parsed options); the options are not checked yet (see `main`)."""
+    from bytheway_kernels.integration.runs import add_run_arguments, positive_int
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
-    parser.add_argument("--alpha", type=float, help="override the preset's alpha")
-    parser.add_argument("--beta", type=float, help="override the preset's beta_0")
-    parser.add_argument("--tau", type=int, help="override the preset's tau")
-    parser.add_argument("--step-fraction", type=float, help="override the preset's step fraction")
-    parser.add_argument("--fps", type=int, default=8)
-    parser.add_argument("--mp4", action="store_true", help="also write MP4 files (needs imageio-ffmpeg)")
+    parser.add_argument("--fps", type=positive_int, default=8)
+    parser.add_argument("--mp4", action="store_true",
+                        help="require MP4 files (written anyway when imageio-ffmpeg is installed)")
+    parser.add_argument("--no-gif", action="store_true", help="skip the GIF previews")
     parser.add_argument("--out", default="bytheway_out")
-    return parser.parse_args(argv)
-
-
-def overrides_from(args) -> dict:
-    names = {"alpha": "alpha", "beta": "beta", "tau": "tau", "step_fraction": "step_fraction"}
-    return {field: getattr(args, arg) for arg, field in names.items() if getattr(args, arg) is not None}
+    return parser, parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    from bytheway_kernels.integration.media import enlarge, side_by_side, video_frames, write_gif, write_mp4
-    from bytheway_kernels.integration.runs import generate, pipeline_and_settings
+    """Check the options, run stock then ByTheWay from one seed, write the files; returns 0."""
+    from bytheway_kernels.integration.media import comparison, mp4_available, video_frames, write_videos
+    from bytheway_kernels.integration.runs import generate, pipeline_and_settings, run_config
+
+    parser, args = parser_and_args(argv)
+    config = run_config(parser, args)
+    if args.mp4 and not mp4_available():
+        parser.error("--mp4 needs the imageio-ffmpeg package (pip install imageio-ffmpeg); "
+                     "leave --mp4 out to write PNG and GIF only")
+    from tqdm.auto import tqdm
 
     pipe, settings = pipeline_and_settings(args)
     videos = {}
     for name in tqdm(("stock", "bytheway"), desc="runs"):
-        frames, _ = generate(pipe, settings, args.device, bytheway=name == "bytheway", preset=args.preset,
-                             **overrides_from(args))
+        frames, _ = generate(pipe, settings, config=config if name == "bytheway" else None)
         videos[name] = video_frames(frames)
-
-    os.makedirs(args.out, exist_ok=True)
-    videos["side_by_side"] = side_by_side([enlarge(videos["stock"]), enlarge(videos["bytheway"])])
-    for name, video in videos.items():
-        print(write_gif(video, os.path.join(args.out, f"{name}.gif"), fps=args.fps))
-        if args.mp4:
-            print(write_mp4(video, os.path.join(args.out, f"{name}.mp4"), fps=args.fps))
+    videos["side_by_side"] = comparison(videos["stock"], videos["bytheway"])
+    for path in write_videos(videos, args.out, fps=args.fps, mp4=mp4_available(), gif=not args.no_gif):
+        print(path)
     return 0
 
 

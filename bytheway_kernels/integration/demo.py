@@ -1,49 +1,65 @@
-"""`python -m bytheway_kernels demo`: the tiny offline AnimateDiff pipeline with and without ByTheWay."""
+"""`python -m bytheway_kernels demo`: the tiny offline AnimateDiff pipeline with and without ByTheWay.
+
+Examples:
+    $ python -m bytheway_kernels demo --steps 4 --out bytheway_demo
+    >>> from bytheway_kernels.integration.demo import run_demo
+    >>> run_demo(out_dir="bytheway_demo", steps=4, device="cpu")  # doctest: +SKIP
+    0
+"""
 
 from __future__ import annotations
 
 import os
 import time
 
-import numpy as np
-
 from ..config import PRESETS
 from . import diagnostics
 from .controller import active_step_count
-from .media import enlarge, side_by_side, video_frames, write_gif
-from .runs import GenerationSettings, generate
+from .media import amplified_difference, comparison, mp4_available, video_frames, write_videos
+from .runs import GenerationSettings, device_problem, generate
 from .tiny import TINY_FRAMES, tiny_animatediff_pipeline
 
 
 def run_demo(out_dir: str, steps: int, device: str) -> int:
     """Run the tiny pipeline twice from one seed (stock, then ByTheWay with the animatediff preset),
-    print the per-block diagnostics table and write `side_by_side.gif` (stock | ByTheWay) into
-    `out_dir`. The weights are random, so the videos are noise: the demo shows the machinery."""
+    print the per-block diagnostics table and write into `out_dir`: `side_by_side.png` (every
+    frame, lossless: stock | ByTheWay | amplified difference), `side_by_side.gif` (and `.mp4`
+    when imageio-ffmpeg is installed) and `stats.txt`. The weights are random, so the videos are
+    noise: the demo shows the machinery.
+
+    Raises:
+        ValueError: `steps` < 1 or a `device` this torch cannot use (checked before any work).
+    """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    problem = device_problem(device)
+    if problem:
+        raise ValueError(problem)
     pipe = tiny_animatediff_pipeline(device=device)
     settings = GenerationSettings(
         prompt="a tiny random video", num_frames=TINY_FRAMES, height=32, width=32,
         num_inference_steps=steps, guidance_scale=7.5, seed=0,
     )
     start = time.perf_counter()
-    stock, _ = generate(pipe, settings, device, bytheway=False)
-    with_bytheway, rows = generate(pipe, settings, device, bytheway=True, diagnostics=True)
+    stock, _ = generate(pipe, settings)
+    with_bytheway, rows = generate(pipe, settings, config=PRESETS["animatediff"], diagnostics=True)
     elapsed = time.perf_counter() - start
 
     stock_video, bytheway_video = video_frames(stock), video_frames(with_bytheway)
-    difference = np.abs(stock_video.astype(np.int16) - bytheway_video.astype(np.int16)).max()
-    os.makedirs(out_dir, exist_ok=True)
-    gif = write_gif(side_by_side([enlarge(stock_video), enlarge(bytheway_video)]),
-                    os.path.join(out_dir, "side_by_side.gif"))
+    difference, factor = amplified_difference(stock_video, bytheway_video)
+    largest = int(difference.max()) // factor
+    paths = write_videos({"side_by_side": comparison(stock_video, bytheway_video)}, out_dir,
+                         mp4=mp4_available())
     table = diagnostics.format_table(rows, by="block")
-    with open(os.path.join(out_dir, "stats.txt"), "w", encoding="utf-8") as handle:
+    stats_path = os.path.join(out_dir, "stats.txt")
+    with open(stats_path, "w", encoding="utf-8") as handle:
         handle.write(table + "\n")
 
     active = active_step_count(PRESETS["animatediff"].step_fraction, steps)
     print(f"tiny AnimateDiff pipeline on {device}: {TINY_FRAMES} frames, {steps} steps, CFG, preset "
           f"animatediff, active in the first {active} step(s)")
     print(table)
-    print(f"max pixel difference stock vs ByTheWay: {difference} / 255   (two runs: {elapsed:.1f} s)")
-    print(f"wrote {gif} (left: stock, right: ByTheWay)")
+    print(f"max pixel difference stock vs ByTheWay: {largest} / 255   (two runs: {elapsed:.1f} s)")
+    print(f"wrote {', '.join(paths + [stats_path])}")
+    print(f"  (columns: stock | ByTheWay | |difference| x{factor}; the PNG is lossless, one frame per row)")
     return 0

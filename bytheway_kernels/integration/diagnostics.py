@@ -1,7 +1,14 @@
-"""Turning the processor's device-side records into rows and text tables (after the run)."""
+"""Turning the processor's device-side records into rows and text tables (after the run).
+
+Examples:
+    >>> with apply_bytheway(pipe, diagnostics=True) as controller:  # doctest: +SKIP
+    ...     pipe(prompt="a cat", num_frames=16)
+    ...     print(format_table(controller.diagnostics(), by="block"))
+"""
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import List, Sequence
 
@@ -10,6 +17,11 @@ import torch
 #: Values of one record, in the order the processor stores them.
 VALUE_FIELDS = ("beta", "E1", "E2", "E2_low", "E2_high", "E3", "discrepancy", "discrepancy_after")
 TABLE_FIELDS = ("beta", "E1", "E2", "E3", "discrepancy", "discrepancy_after")
+#: Values that describe ByTheWay's edit (guided map, beta, output map). At an inactive step they
+#: are what ByTheWay would have done, not what happened: tables, plots and CSVs hide them there.
+EDIT_FIELDS = ("beta", "E2", "E2_low", "E2_high", "E3", "discrepancy_after")
+#: How `format_table` shows an EDIT_FIELDS value of inactive steps.
+INACTIVE_CELL = "-"
 
 
 def rows(records: Sequence[tuple]) -> List[dict]:
@@ -19,7 +31,8 @@ def rows(records: Sequence[tuple]) -> List[dict]:
     and the (upsampled, head-reduced) anchor map -- the paper's Fig. 2 measure; for the anchor
     itself it is 0. `discrepancy_after` compares ByTheWay's output map with the anchor map.
     Energies are means over the rows in scope (the conditional part with CFG); with
-    energy_scope="sample" the per-video values are averaged.
+    energy_scope="sample" the per-video values are averaged. Rows of inactive steps keep the
+    EDIT_FIELDS values ByTheWay would have produced; `masked_inactive` hides them.
     """
     if not records:
         return []
@@ -28,6 +41,18 @@ def rows(records: Sequence[tuple]) -> List[dict]:
         dict(layer=layer, block=block, step=step, call=call, active=active, **dict(zip(VALUE_FIELDS, numbers)))
         for (layer, block, step, call, active, _), numbers in zip(records, values)
     ]
+
+
+def masked_inactive(table_rows: Sequence[dict]) -> List[dict]:
+    """Copies of `table_rows` with the EDIT_FIELDS of inactive steps set to NaN (plots leave
+    those points out, CSVs show "nan"), so they cannot be read as something ByTheWay did.
+
+    Examples:
+        >>> masked_inactive([dict(active=False, beta=1.5, E1=0.2, E3=0.3)])[0]["beta"]
+        nan
+    """
+    return [row if row["active"] else dict(row, **{f: math.nan for f in EDIT_FIELDS if f in row})
+            for row in table_rows]
 
 
 def summarize(table_rows: Sequence[dict], by: str = "block") -> List[dict]:
@@ -54,7 +79,8 @@ def summarize(table_rows: Sequence[dict], by: str = "block") -> List[dict]:
 
 
 def format_table(table_rows: Sequence[dict], by: str = "block") -> str:
-    """A fixed-width text table of `summarize(table_rows, by)`."""
+    """A fixed-width text table of `summarize(table_rows, by)`; EDIT_FIELDS of inactive entries
+    are shown as INACTIVE_CELL."""
     summary = summarize(table_rows, by)
     if not summary:
         return "(no diagnostics recorded)"
@@ -62,7 +88,8 @@ def format_table(table_rows: Sequence[dict], by: str = "block") -> str:
     columns = key_fields + (["steps"] if "step" not in key_fields else []) + ["active"] + list(TABLE_FIELDS)
     short_names = {"discrepancy": "disc", "discrepancy_after": "disc_after"}
     header = [short_names.get(c, c) for c in columns]
-    cells = [[_cell(entry[c]) for c in columns] for entry in summary]
+    cells = [[INACTIVE_CELL if c in EDIT_FIELDS and not entry["active"] else _cell(entry[c]) for c in columns]
+             for entry in summary]
     widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     lines.append("  ".join("-" * w for w in widths))

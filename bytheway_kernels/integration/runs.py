@@ -1,18 +1,37 @@
 """Loading a pipeline and running it with and without ByTheWay from one seed.
 
-Shared by `python -m bytheway_kernels demo`, `python/generate.py` and `python/analyze.py`.
+Shared by `python -m bytheway_kernels demo`, `python/generate.py` and `python/analyze.py`,
+including their common command-line options and the checks those options get before any model is
+loaded (`run_config`): a script refuses bad options in one line, before doing any work.
+
+Examples:
+    >>> import argparse
+    >>> from bytheway_kernels.integration.runs import add_run_arguments, run_config
+    >>> parser = argparse.ArgumentParser()
+    >>> add_run_arguments(parser)
+    >>> args = parser.parse_args(["--tiny", "--frames", "8", "--tau", "3", "--device", "cpu"])
+    >>> run_config(parser, args).tau
+    3
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import inspect
+import os
 from typing import List, Optional
 
 import torch
 
+from ..band import max_tau
+from ..config import PRESETS, ByTheWayConfig
 from .controller import apply_bytheway
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+#: Command-line option -> ByTheWayConfig field it overrides.
+CONFIG_OPTIONS = {"alpha": "alpha", "beta": "beta", "tau": "tau", "step_fraction": "step_fraction"}
 
 
 def load_pipeline(model: Optional[str], *, tiny: bool, device: str, dtype: torch.dtype,
@@ -21,6 +40,9 @@ def load_pipeline(model: Optional[str], *, tiny: bool, device: str, dtype: torch
 
     With `motion_adapter`, `model` is an SD1.5-style base folder and the pipeline is an
     AnimateDiffPipeline built from it and the MotionAdapter folder. Nothing is downloaded.
+
+    Examples:
+        >>> pipe = load_pipeline(None, tiny=True, device="cpu", dtype=torch.float32)  # doctest: +SKIP
     """
     if tiny:
         from .tiny import tiny_animatediff_pipeline
@@ -44,7 +66,12 @@ def load_pipeline(model: Optional[str], *, tiny: bool, device: str, dtype: torch
 
 @dataclasses.dataclass
 class GenerationSettings:
-    """Arguments of one video generation (those a pipeline does not take are left out)."""
+    """Arguments of one video generation (those a pipeline does not take are left out).
+
+    Examples:
+        >>> settings = GenerationSettings(prompt="a cat", num_frames=16, num_inference_steps=4)
+        >>> frames = pipe(**settings.call_kwargs(pipe)).frames  # doctest: +SKIP
+    """
 
     prompt: str = "a panda surfing a wave, high quality"
     negative_prompt: Optional[str] = None
@@ -56,9 +83,10 @@ class GenerationSettings:
     seed: int = 0
     image: Optional[str] = None  # conditioning image path for image-to-video pipelines
 
-    def call_kwargs(self, pipe, device) -> dict:
-        import inspect
+    def call_kwargs(self, pipe) -> dict:
+        """The keyword arguments for `pipe(...)`: those its `__call__` accepts and that are set.
 
+        The generator is a CPU one, so a seed gives the same initial noise on every device."""
         accepted = inspect.signature(pipe.__call__).parameters
         kwargs = dict(
             prompt=self.prompt, negative_prompt=self.negative_prompt, num_frames=self.num_frames,
@@ -80,22 +108,60 @@ def cfg_for(pipe, settings: GenerationSettings):
     return settings.guidance_scale > 1.0
 
 
-def generate(pipe, settings: GenerationSettings, device, *, bytheway: bool, preset="animatediff",
-             diagnostics: bool = False, observe_only: bool = False, **overrides):
-    """Run the pipeline once; returns (frames, diagnostics rows or None)."""
-    kwargs = settings.call_kwargs(pipe, device)
-    if not bytheway and not observe_only:
+def generate(pipe, settings: GenerationSettings, *, config: Optional[ByTheWayConfig] = None,
+             diagnostics: bool = False, observe_only: bool = False):
+    """Run the pipeline once; returns (frames, diagnostics rows or None).
+
+    `config=None` runs stock (unless `observe_only`, which measures with the animatediff preset
+    but keeps the stock outputs); otherwise ByTheWay with that config.
+
+    Examples:
+        >>> stock, _ = generate(pipe, settings)  # doctest: +SKIP
+        >>> edited, rows = generate(pipe, settings, config=PRESETS["animatediff"], diagnostics=True)  # doctest: +SKIP
+    """
+    kwargs = settings.call_kwargs(pipe)
+    if config is None and not observe_only:
         with torch.inference_mode():
             return pipe(**kwargs).frames, None
-    with apply_bytheway(pipe, preset, cfg=cfg_for(pipe, settings), diagnostics=diagnostics,
-                        observe_only=observe_only, **overrides) as controller:
+    with apply_bytheway(pipe, config or PRESETS["animatediff"], cfg=cfg_for(pipe, settings),
+                        diagnostics=diagnostics, observe_only=observe_only) as controller:
         with torch.inference_mode():
             frames = pipe(**kwargs).frames
         rows: Optional[List[dict]] = controller.diagnostics() if (diagnostics or observe_only) else None
     return frames, rows
 
 
-def add_run_arguments(parser) -> None:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def device_problem(device: str) -> Optional[str]:
+    """Why `device` cannot run here (one line), or None when it can.
+
+    Examples:
+        >>> device_problem("cpu") is None
+        True
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        return f"--device {device!r} is not a torch device (try cpu or cuda)"
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        return (f"--device {device} asked for, but this torch ({torch.__version__}) has no usable CUDA "
+                "device; use --device cpu or install a CUDA build of torch")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        return f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here"
+    return None
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options `python/generate.py` and `python/analyze.py` share: model, video, ByTheWay."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="local diffusers pipeline folder")
@@ -104,16 +170,45 @@ def add_run_arguments(parser) -> None:
     parser.add_argument("--prompt", default=GenerationSettings.prompt)
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument("--image", help="conditioning image for image-to-video pipelines")
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--height", type=int, default=None, help="pixels (default: the model's; 32 with --tiny)")
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--frames", type=positive_int, default=16)
+    parser.add_argument("--height", type=positive_int, default=None,
+                        help="pixels (default: the model's; 32 with --tiny)")
+    parser.add_argument("--width", type=positive_int, default=None)
+    parser.add_argument("--steps", type=positive_int, default=25, help="denoising steps (>= 1)")
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--preset", default="animatediff", help="animatediff or videocrafter2")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                         help="default: float16 on CUDA, float32 otherwise")
+    bytheway = parser.add_argument_group("ByTheWay settings (default: the preset's)")
+    bytheway.add_argument("--preset", default="animatediff", choices=sorted(PRESETS))
+    bytheway.add_argument("--alpha", type=float, help="Temporal Self-Guidance strength in [0, 1]")
+    bytheway.add_argument("--beta", type=float, help="beta_0, the minimum high-band gain (>= 0)")
+    bytheway.add_argument("--tau", type=int, help="high-band half-width; 0 <= tau <= (frames - 2) // 2")
+    bytheway.add_argument("--step-fraction", type=float, help="fraction of steps (from the start) ByTheWay is active")
+
+
+def run_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ByTheWayConfig:
+    """Check the `add_run_arguments` options before any model is loaded, and return the ByTheWay
+    config they select. Every problem ends the program through `parser.error` (one line, exit 2).
+    """
+    overrides = {field: getattr(args, option) for option, field in CONFIG_OPTIONS.items()
+                 if getattr(args, option) is not None}
+    try:
+        config = PRESETS[args.preset].replace(**overrides)
+    except ValueError as error:
+        parser.error(str(error))
+    if config.tau > max_tau(args.frames):
+        parser.error(f"tau {config.tau} is too large for --frames {args.frames}: it must be "
+                     f"<= (frames - 2) // 2 = {max_tau(args.frames)} (set --tau)")
+    problem = device_problem(args.device)
+    if problem:
+        parser.error(problem)
+    for option in ("model", "motion_adapter", "image"):
+        path = getattr(args, option)
+        if path and not os.path.exists(path):
+            parser.error(f"--{option.replace('_', '-')} {path!r} does not exist (only local files are used)")
+    return config
 
 
 def pipeline_and_settings(args):

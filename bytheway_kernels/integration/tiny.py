@@ -10,7 +10,9 @@ F >= 16) apply unchanged; the latents are tiny instead (8x8 by default).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import tempfile
 
@@ -168,9 +170,32 @@ def tiny_sparse_controlnet():
     ).eval()
 
 
+class _DropFloat32CastWarning(logging.Filter):
+    """Drops diffusers' "modules ... that should be kept in float32: []" warning. It is logged by
+    `ModelMixin.to` whenever a dtype is passed (AnimateDiff pipelines call it while merging the
+    UNet and the motion adapter, and `_to` casts), even when the list of such modules is empty, as
+    it is for every tiny model: the warning describes nothing here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_float32_cast_warning():
+    """Install `_DropFloat32CastWarning` on the logger that emits it, for the `with` body only."""
+    emitter = logging.getLogger("diffusers.models.modeling_utils")
+    drop = _DropFloat32CastWarning()
+    emitter.addFilter(drop)
+    try:
+        yield
+    finally:
+        emitter.removeFilter(drop)
+
+
 def _to(pipe, device, dtype):
-    # Modules are built in float32; casting only when asked keeps diffusers' cast warnings quiet.
-    pipe.to(device=device, dtype=None if dtype == torch.float32 else dtype)
+    # Modules are built in float32: cast only when asked.
+    with _quiet_float32_cast_warning():
+        pipe.to(device=device, dtype=None if dtype == torch.float32 else dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -196,7 +221,9 @@ def _motion_pipeline(pipeline_class, device, dtype, seed, unet_options=None, ext
     )
     if extra_components is not None:
         components.update(extra_components(tokenizer))
-    return _to(pipeline_class(**components), device, dtype)
+    with _quiet_float32_cast_warning():  # the pipeline merges UNet and adapter with a dtype cast
+        pipe = pipeline_class(**components)
+    return _to(pipe, device, dtype)
 
 
 def tiny_animatediff_pipeline(device="cpu", dtype=torch.float32, seed: int = 0):

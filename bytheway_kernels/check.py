@@ -1,7 +1,15 @@
 """`python -m bytheway_kernels check` and `info`: what runs here, how accurate, how fast.
 
 Timings printed here are a quick sanity check; the project's performance figures come from the
-pytest-benchmark suite in benchmarks/.
+pytest-benchmark suite in benchmarks/. Each time is the median of several repeats, printed with
+its spread (max - min over the repeats, as % of the median); a spread above NOISY_SPREAD says
+the machine is busy and the ratios should not be trusted.
+
+Examples:
+    $ python -m bytheway_kernels check --quick
+    >>> from bytheway_kernels.check import run_check
+    >>> run_check(quick=True, repeats=5)  # doctest: +SKIP
+    0
 """
 
 from __future__ import annotations
@@ -10,17 +18,21 @@ import os
 import statistics
 import time
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 
+from .config import PRESETS
 from .ops.attention_probs import reference
 from .ops.attention_probs import bytheway_attention_probs
 from .ops.dispatch import BACKEND_ENV, BACKENDS
 
-# AnimateDiff, SD1.5 UNet, 512x512, 16 frames, CFG, 8 heads (DESIGN.md section 5).
+# AnimateDiff, SD1.5 UNet, 512x512, 16 frames, CFG, 8 heads (docs/DESIGN.md section 5).
 ANIMATEDIFF_SHAPES = {"up_blocks.1": 16, "up_blocks.2": 32, "up_blocks.3": 64}
 QUICK_SHAPES = {"small 8x8": 8}
-PRESET = dict(alpha=0.6, beta=1.5, tau=7)
+PRESET_NAME = "animatediff"
+#: Timing spread ((max - min) / median over the repeats) above which a warning line is printed.
+NOISY_SPREAD = 0.25
 
 
 def backend_availability(device: torch.device) -> dict:
@@ -74,8 +86,21 @@ def forced_backend(name: str):
             os.environ[BACKEND_ENV] = previous
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up (compilation, caches)
+class Timing(NamedTuple):
+    """Median seconds of the repeats and their spread, (max - min) / median."""
+
+    median: float
+    spread: float
+
+
+def time_repeats(fn, repeats: int) -> Timing:
+    """Time `fn()` `repeats` times after one warm-up call (compilation, caches).
+
+    Examples:
+        >>> time_repeats(lambda: sum(range(1000)), 5).median > 0
+        True
+    """
+    fn()
     times = []
     for _ in range(repeats):
         if torch.cuda.is_available():
@@ -85,40 +110,56 @@ def median_seconds(fn, repeats: int) -> float:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    median = statistics.median(times)
+    return Timing(median, (max(times) - min(times)) / median if median > 0 else 0.0)
 
 
-def run_check(quick: bool = False) -> int:
-    """Every usable backend vs the float64 reference at AnimateDiff shapes; 1 on any failure."""
+def run_check(quick: bool = False, repeats: int = 5) -> int:
+    """Every usable backend vs the float64 reference at AnimateDiff shapes; 1 on any failure.
+
+    Each time is the median of `repeats` runs with its spread; one warning line at the end when
+    any spread exceeds NOISY_SPREAD."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    preset = PRESETS[PRESET_NAME]
+    op_kwargs = preset.op_kwargs()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     tolerance = 5e-3 if dtype == torch.float16 else 1e-4
     availability = backend_availability(device)
     timed = [b for b in BACKENDS if availability[b][0] and not (b == "triton" and device.type != "cuda")]
-    print(f"device {device}, dtype {str(dtype)[6:]}, preset animatediff (alpha 0.6, beta 1.5, "
-          f"tau 7, adaptive), guide = up_blocks.1 map, nearest")
+    print(f"device {device}, dtype {str(dtype)[6:]}, preset {PRESET_NAME} (alpha {preset.alpha}, "
+          f"beta {preset.beta}, tau {preset.tau}, {'adaptive' if preset.adaptive_beta else 'fixed'}), "
+          f"guide = up_blocks.1 map, {preset.guide_upsample}; times: median of {repeats} (spread max-min)")
     for name, (ok, reason) in availability.items():
         if name not in timed:
             print(f"  {name}: not timed here ({reason})")
     failed = False
+    noisiest = 0.0
     gen = torch.Generator().manual_seed(0)
     for block, size in (QUICK_SHAPES if quick else ANIMATEDIFF_SHAPES).items():
         guide_size = min(size, 16)
         scores = (torch.randn((2, size, size, 8, 16, 16), generator=gen) * 3).to(device, dtype)
         guide = torch.softmax(torch.randn((2, guide_size, guide_size, 8, 16, 16), generator=gen) * 2, -1)
         guide = guide.to(device, dtype)
-        truth = reference.bytheway_attention_probs(scores.double(), guide.double(), **PRESET)
-        softmax_time = median_seconds(lambda: torch.softmax(scores, -1), 5)
-        print(f"\n{block}: scores {tuple(scores.shape)}  torch.softmax {softmax_time * 1e3:8.3f} ms")
+        truth = reference.bytheway_attention_probs(scores.double(), guide.double(), **op_kwargs)
+        softmax = time_repeats(lambda: torch.softmax(scores, -1), repeats)
+        noisiest = max(noisiest, softmax.spread)
+        print(f"\n{block}: scores {tuple(scores.shape)}  torch.softmax {softmax.median * 1e3:8.3f} ms "
+              f"(spread {softmax.spread:4.0%})")
         for backend in timed:
             with forced_backend(backend):
-                probs = bytheway_attention_probs(scores, guide, **PRESET)
+                probs = bytheway_attention_probs(scores, guide, **op_kwargs)
                 error = (probs.double() - truth).abs().max().item()
-                seconds = median_seconds(lambda: bytheway_attention_probs(scores, guide, **PRESET),
-                                         3 if backend == "reference" else 5)
+                timing = time_repeats(lambda: bytheway_attention_probs(scores, guide, **op_kwargs), repeats)
+            noisiest = max(noisiest, timing.spread)
             ok = error <= tolerance and bool(torch.isfinite(probs).all())
             failed |= not ok
             print(f"  {backend:10s} max|err| {error:.2e} {'ok ' if ok else 'BAD'}  "
-                  f"{seconds * 1e3:8.3f} ms  ({seconds / softmax_time:5.2f}x softmax)")
+                  f"{timing.median * 1e3:8.3f} ms (spread {timing.spread:4.0%})  "
+                  f"({timing.median / softmax.median:5.2f}x softmax)")
+    if noisiest > NOISY_SPREAD:
+        print(f"\nwarning: timings are noisy (spread up to {noisiest:.0%} > {NOISY_SPREAD:.0%}): the machine "
+              "is busy; the ratios are unreliable (rerun when idle, or use benchmarks/)")
     print("\ncheck " + ("FAILED" if failed else "passed"))
     return 1 if failed else 0

@@ -24,7 +24,7 @@ def pytest_addoption(parser):
         "--bench-quick",
         action="store_true",
         default=False,
-        help="ByTheWay benchmarks: tiny shapes only (the CI smoke run), instead of DESIGN.md section 5",
+        help="ByTheWay benchmarks: tiny shapes only (the CI smoke run), instead of docs/DESIGN.md section 5",
     )
 
 

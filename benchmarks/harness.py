@@ -1,6 +1,6 @@
 """Shapes, inputs, timing and correctness checks shared by the benchmark modules.
 
-The cases follow DESIGN.md section 5 (AnimateDiff, SD1.5, 512x512, 16 frames, CFG, 8 heads).
+The cases follow docs/DESIGN.md section 5 (AnimateDiff, SD1.5, 512x512, 16 frames, CFG, 8 heads).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class Shape:
         return f"{self.block} {self.height}x{self.width} F{self.frames}"
 
 
-#: DESIGN.md section 5, plus F = 24 and 32 at the middle resolution.
+#: docs/DESIGN.md section 5, plus F = 24 and 32 at the middle resolution.
 FULL_SHAPES = (
     Shape("up_blocks.1", 16, 16, 16, 1280, (16, 16)),
     Shape("up_blocks.2", 32, 32, 16, 640, (16, 16)),

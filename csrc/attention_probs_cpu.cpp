@@ -1,4 +1,4 @@
-// CPU kernel of the ByTheWay attention-map op (DESIGN.md sections 1-2).
+// CPU kernel of the ByTheWay attention-map op (docs/DESIGN.md sections 1-2).
 //
 // Schema split: the public op `torch.ops.bytheway.attention_probs` is declared once, in Python
 // (bytheway_kernels/ops/attention_probs/op.py, torch.library.custom_op), and that declaration is the only source of

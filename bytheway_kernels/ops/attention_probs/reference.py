@@ -1,6 +1,6 @@
 """Pure-torch ground truth of the ByTheWay attention-map operation.
 
-Follows DESIGN.md section 1 step by step with `torch.fft`; it deliberately does not use the
+Follows docs/DESIGN.md section 1 step by step with `torch.fft`; it deliberately does not use the
 circulant-matrix shortcut the fused kernels rely on, so that it checks them independently.
 Computes in float64 for float64 input and in float32 otherwise.
 """

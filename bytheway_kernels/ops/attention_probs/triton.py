@@ -1,4 +1,4 @@
-"""Fused Triton kernels of the ByTheWay attention-map op (DESIGN.md sections 1-2).
+"""Fused Triton kernels of the ByTheWay attention-map op (docs/DESIGN.md sections 1-2).
 
 One program handles BLOCK_R rows (query frames) of one batch entry; a row is F logits. For each
 row: softmax -> blend with the anchor map, upsampled by index arithmetic (never materialised) ->

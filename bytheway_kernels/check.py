@@ -36,7 +36,12 @@ NOISY_SPREAD = 0.25
 
 
 def backend_availability(device: torch.device) -> dict:
-    """backend -> (usable on `device`, reason)."""
+    """backend -> (usable on `device`, reason).
+
+    Examples:
+        >>> backend_availability(torch.device("cpu"))["reference"]
+        (True, 'pure torch, always available')
+    """
     from .ops.attention_probs.cpp import cpp_status
 
     try:
@@ -61,6 +66,7 @@ def backend_availability(device: torch.device) -> dict:
 
 
 def print_info() -> int:
+    """Print the versions, the device and each backend's availability (`info`); returns 0."""
     from . import __version__
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -75,6 +81,7 @@ def print_info() -> int:
 
 @contextmanager
 def forced_backend(name: str):
+    """Set BYTHEWAY_BACKEND to `name` inside the `with` block, and restore it afterwards."""
     previous = os.environ.get(BACKEND_ENV)
     os.environ[BACKEND_ENV] = name
     try:

@@ -6,6 +6,17 @@ deterministic for a given `seed`, and keeps one denoiser step on CPU far below a
 
 All models use 16-frame-capable temporal layers so that the paper's presets (tau = 7 needs
 F >= 16) apply unchanged; the latents are tiny instead (8x8 by default).
+
+Examples:
+    >>> import torch
+    >>> from bytheway_kernels import apply_bytheway
+    >>> from bytheway_kernels.integration.tiny import tiny_animatediff_pipeline
+    >>> pipe = tiny_animatediff_pipeline()
+    >>> with apply_bytheway(pipe, preset="animatediff"):
+    ...     frames = pipe("a cat", num_frames=16, height=16, width=16, num_inference_steps=2,
+    ...                   generator=torch.Generator().manual_seed(0), output_type="pt").frames
+    >>> tuple(frames.shape)
+    (1, 16, 3, 16, 16)
 """
 
 from __future__ import annotations

@@ -93,7 +93,7 @@ def plot(runs, field_labels, ylabel, title, path):
                 axis.plot(steps, values, style, color=f"C{blocks.index(block)}", marker=marker, markersize=6)
         all_steps = sorted({r["step"] for r in rows})
         axis.set_xlim(all_steps[0] - 0.5, all_steps[-1] + 0.5)  # every step, even where nothing is drawn
-        active = [step for step in all_steps if any(r["active"] for r in rows if r["step"] == step)]
+        active = sorted({r["step"] for r in rows if r["active"]})
         if active:
             axis.axvspan(active[0] - 0.5, active[-1] + 0.5, color="0.9", zorder=0)
         axis.set_title(f"{title}: {run_name}")

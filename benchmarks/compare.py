@@ -22,14 +22,16 @@ import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from make_results import format_time  # benchmarks/ is on sys.path, as the script's folder
+
 ROOT = Path(__file__).resolve().parent.parent
 
-#: (column, extra_info key or None for pytest-benchmark's median wall time, formatting scale, unit)
+#: (column, extra_info key or None for pytest-benchmark's median wall time, formatter)
 METRICS = (
-    ("wall", None, 1e6, "µs"),
-    ("kernel", "kernel_s", 1e6, "µs"),
-    ("host/call", "host_s", 1e6, "µs"),
-    ("peak mem", "peak_bytes", 2.0 ** -20, "MiB"),
+    ("wall", None, format_time),
+    ("kernel", "kernel_s", format_time),
+    ("host/call", "host_s", format_time),
+    ("peak mem", "peak_bytes", lambda size: f"{size / 2**20:.1f} MiB"),
 )
 
 
@@ -46,10 +48,10 @@ def ratio_table(base: dict, current: dict) -> List[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for bench, old in pairs:
         cells = [bench["fullname"].split("::", 1)[-1]]
-        for _, key, scale, unit in metrics:
+        for _, key, show in metrics:
             new_value = metric(bench, key)
             old_value = metric(old, key) if old else None
-            cells += [f"{value * scale:.4g} {unit}" if value is not None else "—" for value in (old_value, new_value)]
+            cells += [show(value) if value is not None else "—" for value in (old_value, new_value)]
             cells.append(f"{new_value / old_value:.2f}" if new_value is not None and old_value else "—")
         lines.append("| " + " | ".join(cells) + " |")
     missing = sorted(set(base_cases) - {b["fullname"] for b in current["benchmarks"]})

@@ -26,6 +26,13 @@ def pytest_addoption(parser):
         default=False,
         help="ByTheWay benchmarks: tiny shapes only (the CI smoke run), instead of DESIGN.md section 5",
     )
+    parser.addoption(
+        "--bench-dtype",
+        action="append",
+        default=None,
+        choices=[str(d).removeprefix("torch.") for d in harness.DTYPES],
+        help="ByTheWay benchmarks: time only this dtype (repeatable); default: every dtype of the device",
+    )
 
 
 def load_average() -> float:
@@ -46,8 +53,10 @@ def pytest_generate_tests(metafunc):
         ids = [f"{s.height}x{s.width}-F{s.frames}" for s in shapes]
         metafunc.parametrize("shape", shapes, ids=ids, scope="module")
     if "dtype" in metafunc.fixturenames:
-        ids = [str(d).removeprefix("torch.") for d in harness.DTYPES]
-        metafunc.parametrize("dtype", harness.DTYPES, ids=ids, scope="module")
+        chosen = metafunc.config.getoption("--bench-dtype")
+        dtypes = [d for d in harness.DTYPES if not chosen or str(d).removeprefix("torch.") in chosen]
+        ids = [str(d).removeprefix("torch.") for d in dtypes]
+        metafunc.parametrize("dtype", dtypes, ids=ids, scope="module")
 
 
 class Bench:

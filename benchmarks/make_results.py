@@ -12,6 +12,7 @@ files and this script, never the tables.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import re
@@ -357,20 +358,37 @@ def update_results(run: dict, results_path: Path, label: Optional[str] = None, n
     results_path.write_text(HEADER + "".join("\n" + sections[k] for k in sorted(sections)))
 
 
+def merge_runs(runs: List[dict]) -> dict:
+    """One run from the parts of a session on one device: their cases in order, the first part's
+    machine information with every part's command."""
+    devices = {run["machine_info"].get("bytheway", {}).get("device") for run in runs}
+    if len(devices) > 1:
+        raise SystemExit(f"these JSON files come from different devices: {sorted(map(str, devices))}")
+    merged = copy.deepcopy(runs[0])
+    merged["benchmarks"] = [bench for run in runs for bench in run["benchmarks"]]
+    info = merged["machine_info"].get("bytheway")
+    if info and len(runs) > 1:
+        info["command"] = "`; `".join(run["machine_info"]["bytheway"]["command"] for run in runs)
+        info["quick"] = any(run["machine_info"]["bytheway"].get("quick") for run in runs)
+    return merged
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json_file", type=Path, help="written by pytest --benchmark-json=...")
+    parser.add_argument("json_files", type=Path, nargs="+", help="written by pytest --benchmark-json=...; "
+                        "several files (parts of one session on one device) make one section")
     parser.add_argument("--results", type=Path, default=RESULTS_PATH, help="default: %(default)s")
     parser.add_argument("--label", help="how the run was made, when it is not the whole suite; it names a "
                         "section of its own, next to the device's")
     parser.add_argument("--notes", type=Path, help="markdown to put under the section's heading (what the run "
                         "was, and measurements made outside the suite)")
     args = parser.parse_args(argv)
-    run = json.loads(args.json_file.read_text())
+    run = merge_runs([json.loads(path.read_text()) for path in args.json_files])
+    names = " ".join(map(str, args.json_files))
     if not run["benchmarks"]:
-        raise SystemExit(f"{args.json_file} holds no benchmarks (was the suite run with --benchmark-disable?)")
+        raise SystemExit(f"{names}: no benchmarks (was the suite run with --benchmark-disable?)")
     if run["machine_info"].get("bytheway", {}).get("quick"):
-        raise SystemExit(f"{args.json_file} is a --bench-quick run (smoke shapes): RESULTS.md records full runs only")
+        raise SystemExit(f"{names}: a --bench-quick run (smoke shapes): RESULTS.md records full runs only")
     update_results(run, args.results, args.label, args.notes.read_text() if args.notes else "")
     print(f"updated the section for {section_key(run, args.label)} in {args.results}")
 

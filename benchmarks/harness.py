@@ -216,6 +216,15 @@ def gpu_timings(fn: Callable, wall_s: float, breakdown: bool) -> dict:
     return timings
 
 
+def fused_kernel_available() -> bool:
+    """Whether this revision has the fused temporal attention kernel and it runs on DEVICE."""
+    try:
+        from bytheway_kernels.ops.temporal_attention.op import fused_available
+    except ImportError:
+        return False
+    return fused_available(DEVICE)
+
+
 def make_map_inputs(shape: Shape, dtype: torch.dtype, seed: int = 0):
     """Scores (logits with attention-like spread) and a row-stochastic anchor map."""
     gen = torch.Generator().manual_seed(seed)

@@ -147,6 +147,8 @@ def enable(mode: str, unet, scheduler):
     fused = mode == "bytheway-fused"
     if fused and not HAS_FUSED_CHOICE:
         pytest.skip("apply_bytheway(..., fused_attention=...) is not in this revision")
+    if fused and not harness.fused_kernel_available():
+        pytest.skip(f"the fused temporal attention kernel does not run on {harness.DEVICE.type}")
     return integration.apply_bytheway(unet, cfg=True, scheduler=scheduler, **bytheway_options(fused))
 
 

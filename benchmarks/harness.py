@@ -182,10 +182,8 @@ def peak_memory(fn: Callable) -> int:
 
 
 def kernel_breakdown(fn: Callable, calls: int = 10) -> Dict[str, float]:
-    """Device seconds per call of each kernel `fn` launches (torch.profiler, self device time).
-
-    Empty when the profiler cannot record device activity (no CUPTI).
-    """
+    """Device seconds per call of each kernel (and device memset/memcpy) `fn` launches, from
+    torch.profiler's device events. Empty when the profiler cannot record device activity."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -199,7 +197,7 @@ def kernel_breakdown(fn: Callable, calls: int = 10) -> Dict[str, float]:
     totals: Dict[str, float] = {}
     for event in prof.events():
         if event.device_type == DeviceType.CUDA:
-            totals[event.name] = totals.get(event.name, 0.0) + event.self_device_time_total * 1e-6 / calls
+            totals[event.name] = totals.get(event.name, 0.0) + event.time_range.elapsed_us() * 1e-6 / calls
     return totals
 
 

@@ -178,7 +178,7 @@ def group_table(rows: List[dict], copy_bandwidth: Optional[float]) -> List[str]:
         lines.append("| " + " | ".join(cells) + " |")
     breakdowns = [(row_name(b), b["extra_info"]["kernels"]) for b in rows if b["extra_info"].get("kernels")]
     if breakdowns:
-        lines += ["", "Device time per call of each kernel (torch.profiler, self device time):", ""]
+        lines += ["", "Device time per call of each kernel (torch.profiler device events, mean of 10 calls):", ""]
         for name, kernels in breakdowns:
             parts = ", ".join(f"`{kernel}` {format_time(t)}" for kernel, t in
                               sorted(kernels.items(), key=lambda item: -item[1]))

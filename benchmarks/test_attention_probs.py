@@ -92,7 +92,8 @@ def test_official_fft(bench, shape, dtype, map_inputs, expected, variant):
 TINY_SCORES = (2, 1, 1, 1, 16, 16)
 
 
-@pytest.mark.parametrize("case", ["softmax", "fixed-noguide", "adaptive-noguide"])
+@pytest.mark.parametrize("case", ["softmax", "fixed-noguide", "adaptive-noguide",
+                                  "fft fixed-noguide", "fft adaptive-noguide"])
 def test_tiny_call(bench, dtype, case):
     gen = torch.Generator().manual_seed(3)
     scores = (torch.randn(TINY_SCORES, generator=gen) * 3.0).to(harness.DEVICE, dtype)
@@ -101,9 +102,14 @@ def test_tiny_call(bench, dtype, case):
         probs = bench(lambda: torch.softmax(scores, dim=-1), group=group, impl="torch.softmax", floor=True)
         harness.assert_close_to(probs, torch.softmax(scores.double(), dim=-1), dtype)
         return
-    adaptive, _ = harness.VARIANTS[case]
-    backend = btw.select_backend(harness.DEVICE)  # on CPU this builds the C++ kernel, before timing
+    variant = case.removeprefix("fft ")
+    adaptive, _ = harness.VARIANTS[variant]
     kwargs = harness.op_kwargs(adaptive)
-    probs = bench(lambda: btw.bytheway_attention_probs(scores, None, **kwargs), group=group, impl=backend,
-                  variant=case)
+    if case.startswith("fft "):
+        probs = bench(lambda: official_fft_probs(scores, None, **kwargs), group=group, impl="official fft",
+                      variant=variant)
+    else:
+        backend = btw.select_backend(harness.DEVICE)  # on CPU this builds the C++ kernel, before timing
+        probs = bench(lambda: btw.bytheway_attention_probs(scores, None, **kwargs), group=group, impl=backend,
+                      variant=variant)
     harness.assert_close_to(probs, harness.reference_probs(scores, None, adaptive), dtype)

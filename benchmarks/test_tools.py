@@ -82,11 +82,12 @@ def test_cpu_map_targets_use_wall_time_and_issue_5_limits():
 def test_tiny_call_targets_on_cpu_only():
     group = "tiny-call map 2x1x1x1x16x16 float32"
     rows = [case(group, "torch.softmax", 4e-6, floor=True), case(group, "cpp", 36e-6, "fixed-noguide"),
-            case(group, "cpp", 44e-6, "adaptive-noguide")]
+            case(group, "cpp", 44e-6, "adaptive-noguide"), case(group, "official fft", 440e-6, "adaptive-noguide")]
     found = targets_of(rows, "cpu")
+    assert found[("official fft baseline ÷ map op, wall (speed-up)", group)][1] == "10.0×"
     assert found[("tiny tensor, fixed beta, × softmax", group)][1:4] == ["9.00×", "<= 8.00×", "**no**"]
     assert found[("tiny tensor, adaptive beta, × softmax", group)][1:4] == ["11.0×", "<= 10.0×", "**no**"]
-    assert targets_of(rows, "cuda") == {}
+    assert [key[0] for key in targets_of(rows, "cuda")] == ["official fft baseline ÷ map op, wall (speed-up)"]
 
 
 def test_attention_targets():

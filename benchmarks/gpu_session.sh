@@ -85,6 +85,17 @@ EOF
   timeout 20 python3 benchmarks/make_results.py $parts > "$logs/make_results.log" 2>&1 \
     && cp benchmarks/RESULTS.md "$out/RESULTS.md"
   tail -n 1 "$logs/make_results.log" | tee -a "$logs/summary.txt"
+  # The targets, last in the output (the device call returns its tail).
+  timeout 20 python3 - "$out/bench_gpu.json" <<'EOF' 2>&1 | tee "$logs/targets.txt"
+import json, sys
+sys.path.insert(0, "benchmarks")
+import make_results
+run = json.load(open(sys.argv[1]))
+info = run["machine_info"]["bytheway"]
+groups = make_results.groups_of(run["benchmarks"])
+for row in make_results.target_rows(groups, info["device_type"] == "cuda", info["copy_bandwidth_bytes_per_s"]):
+    print(" | ".join(row))
+EOF
 fi
 cp "$logs/summary.txt" "$out/summary.txt"
 tar -C "$logs" -czf "$out/logs.tgz" .

@@ -57,7 +57,7 @@ cat "$logs/versions.log"
 
 gpu_tests=$(ls tests/test_attention_probs_gpu.py tests/test_temporal_attention*gpu*.py tests/*sm90*.py 2>/dev/null)
 if [[ -n $gpu_tests ]]; then
-  step gpu_tests 170 python3 -m pytest -q -p no:cacheprovider -rfEs $gpu_tests
+  step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -rfEs $gpu_tests
 fi
 
 if [[ -f benchmarks/temporal_attention_gpu_check.py ]]; then

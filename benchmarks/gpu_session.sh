@@ -71,6 +71,9 @@ bench=(python3 -m pytest -q -p no:cacheprovider -rfEs --benchmark-only --bench-d
 step bench_attention 120 "${bench[@]}" benchmarks/test_temporal_attention.py --benchmark-json="$logs/bench_attention.json"
 step bench_map 140 "${bench[@]}" benchmarks/test_attention_probs.py --benchmark-json="$logs/bench_map.json"
 step bench_denoiser 120 "${bench[@]}" benchmarks/test_denoiser.py --benchmark-json="$logs/bench_denoiser.json"
+if [[ -f benchmarks/map_op_kernel_times.py ]]; then  # profiler cross-check of the map op's kernel and host times
+  step map_kernel_times 45 python3 benchmarks/map_op_kernel_times.py
+fi
 step bench_layer 60 "${bench[@]}" benchmarks/test_layer.py --benchmark-json="$logs/bench_layer.json"
 
 parts=$(ls "$logs"/bench_*.json 2>/dev/null)

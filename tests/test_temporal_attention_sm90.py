@@ -80,7 +80,7 @@ SCRIPT = textwrap.dedent(
     for kernel, dtype, frames, head_dim, guide_mode, flags, config in variants:
         tile = config or tk.default_config(frames, head_dim)
         constants = dict(F=frames, F_PAD=tk.padded_frames(frames), D=head_dim, BLOCK_D=tile.block_d,
-                         G=tile.sequences, GUIDE_MODE=guide_mode,
+                         G=tile.sequences, BLOCK_I=tk.QUERY_BLOCK, GUIDE_MODE=guide_mode,
                          FULL_BAND=is_full_band(frames, (frames - 2) // 2 if frames == 16 else 1),
                          **flags)
         usage = compile_variant(kernel, dtype, constants, tile.num_warps)

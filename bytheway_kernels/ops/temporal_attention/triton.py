@@ -58,12 +58,13 @@ def padded_frames(frames: int) -> int:
 
 def default_config(frames: int, head_dim: int) -> TileConfig:
     """G * F_PAD = 64 (G = 4 at F = 16, the best measured packing; [G, 16, F_PAD] fp32 tiles of
-    1024 elements on 4 warps), and the largest d chunk in 16/32/64 that divides d (d = 40 runs as 3
+    1024 elements, on 4 warps, or 8 from F_PAD = 32 where the F_PAD x F_PAD band matrix and the
+    bilinear guide need them to stay out of local memory), and the largest d chunk in 16/32/64 that divides d (d = 40 runs as 3
     masked chunks of 16): chunking d keeps d = 160 free of spills where padding it to 256 would not
     be (register use per variant: tests/test_temporal_attention_sm90.py)."""
     padded = padded_frames(frames)
     block_d = next((size for size in (64, 32) if head_dim % size == 0), 16)
-    return TileConfig(max(1, 64 // padded), block_d, 4)
+    return TileConfig(max(1, 64 // padded), block_d, 4 if padded == 16 else 8)
 
 
 def candidate_configs(frames: int, head_dim: int) -> list:

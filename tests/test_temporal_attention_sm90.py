@@ -23,7 +23,6 @@ SCRIPT = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from bytheway_kernels.band import is_full_band
     from bytheway_kernels.ops.temporal_attention import triton as tk
 
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
@@ -64,6 +63,8 @@ SCRIPT = textwrap.dedent(
             variants += [("_attention_kernel", "fp16", 16, head_dim, guide_mode, fixed, None),
                          ("_attention_kernel", "fp16", 16, head_dim, guide_mode, adaptive, None),
                          ("_energy_kernel", "fp16", 16, head_dim, guide_mode, {}, None)]
+        variants.append(("_attention_kernel", "fp16", 16, head_dim, 0,  # plain attention
+                         dict(PER_VIDEO=False, HAS_BETA=False, WITH_MAP=False, BAND=0), None))
         for config in tk.candidate_configs(16, head_dim)[1:]:
             variants.append(("_attention_kernel", "fp16", 16, head_dim, 1,
                              dict(PER_VIDEO=False, HAS_BETA=False, WITH_MAP=False), config))
@@ -79,10 +80,10 @@ SCRIPT = textwrap.dedent(
     results = []
     for kernel, dtype, frames, head_dim, guide_mode, flags, config in variants:
         tile = config or tk.default_config(frames, head_dim)
-        constants = dict(F=frames, F_PAD=tk.padded_frames(frames), D=head_dim, BLOCK_D=tile.block_d,
-                         G=tile.sequences, BLOCK_I=tk.QUERY_BLOCK, GUIDE_MODE=guide_mode,
-                         FULL_BAND=is_full_band(frames, (frames - 2) // 2 if frames == 16 else 1),
-                         **flags)
+        band = 1 if frames == 16 else 2  # the full band (tau = 7) at F = 16, else circulant
+        constants = dict(dict(F=frames, F_PAD=tk.padded_frames(frames), D=head_dim,
+                              BLOCK_D=tile.block_d, G=tile.sequences, BLOCK_I=tk.QUERY_BLOCK,
+                              GUIDE_MODE=guide_mode, BAND=band), **flags)
         usage = compile_variant(kernel, dtype, constants, tile.num_warps)
         results.append(dict(kernel=kernel, dtype=dtype, frames=frames, head_dim=head_dim,
                             guide_mode=guide_mode, flags=flags, config=list(tile), usage=usage))

@@ -33,6 +33,8 @@ from ...energy import HIGH_ENERGY_FLOOR, STATS_FIELDS
 from ..params import ByTheWayParams
 
 GUIDE_MODES = {None: 0, "nearest": 1, "bilinear": 2}
+# The band step: none (fixed beta = 1: the identity), P = I - 1/F (the full band), circulant P.
+BAND_MODES = {"none": 0, "full": 1, "circulant": 2}
 # Per program: sum|A|^2, sum|A2|^2, sum<A2, A2 P>, then the last three over s^2, s = rowsum(A2),
 # from which E3 = |A2 + (beta - 1) A2 P|^2 / s^2 follows for any beta without another pass.
 SUM_FIELDS = 6
@@ -124,7 +126,7 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, h
                     q_sn, q_sf, k_sn, k_sf, H, W, h, w, scale_y, scale_x, scale_log2, alpha,
                     F: tl.constexpr, F_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                     G: tl.constexpr, BLOCK_I: tl.constexpr, GUIDE_MODE: tl.constexpr,
-                    FULL_BAND: tl.constexpr):
+                    BAND: tl.constexpr):
     """(attn, guided, guided @ P, row_valid) of query frames `frames` ([1, BLOCK_I, 1]) of G
     sequences against all F key frames, [G, BLOCK_I, F_PAD] fp32.
 
@@ -156,7 +158,9 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, h
         upsampled = _guide_tile(guide_ptr, n, head, frames, cols, row_valid & col_valid, H, W, h, w,
                                 heads, scale_y, scale_x, F, GUIDE_MODE)
         guided = attn + alpha * (upsampled - attn)
-    if FULL_BAND:  # P = I - 1/F: remove the row mean
+    if BAND == 0:  # beta = 1: the band step is the identity and `high` goes unused
+        high = guided
+    elif BAND == 1:  # the full band, P = I - 1/F: remove the row mean
         high = tl.where(col_valid, guided - (tl.sum(guided, axis=2) / F)[:, :, None], 0.0)
     else:
         band_cols = tl.arange(0, F_PAD)
@@ -172,7 +176,7 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, out_pt
                       H, W, h, w, scale_y, scale_x, videos, scale_log2, alpha, beta0,
                       F: tl.constexpr, F_PAD: tl.constexpr, D: tl.constexpr,
                       BLOCK_D: tl.constexpr, G: tl.constexpr, BLOCK_I: tl.constexpr,
-                      GUIDE_MODE: tl.constexpr, FULL_BAND: tl.constexpr, PER_VIDEO: tl.constexpr,
+                      GUIDE_MODE: tl.constexpr, BAND: tl.constexpr, PER_VIDEO: tl.constexpr,
                       HAS_BETA: tl.constexpr, WITH_MAP: tl.constexpr):
     """out = A3 @ v for BLOCK_I query frames of G sequences (grid axis 0: 2**31 - 1 programs,
     F_PAD // BLOCK_I per G sequences); beta from beta_ptr if HAS_BETA (one per energy group),
@@ -184,7 +188,7 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, out_pt
     attn, guided, high, row_valid = _attention_tile(
         q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, heads, q_sn, q_sf, k_sn, k_sf,
         H, W, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G, BLOCK_I,
-        GUIDE_MODE, FULL_BAND)
+        GUIDE_MODE, BAND)
     if HAS_BETA:
         entry = seq // heads // (H * W)
         group = entry % videos if PER_VIDEO else entry * 0
@@ -200,7 +204,10 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, out_pt
         tl.store(map_ptr + map_offsets, attn.to(map_ptr.dtype.element_ty), mask=row_valid & (cols < F))
     # divide by rowsum(A2), which equals rowsum(A3): the band term sums to 0
     row_sum = tl.where(row_valid, tl.sum(guided, axis=2)[:, :, None], 1.0)
-    probs = ((guided + (beta - 1.0) * high) / row_sum).to(v_ptr.dtype.element_ty)
+    if BAND == 0:
+        probs = (guided / row_sum).to(v_ptr.dtype.element_ty)
+    else:
+        probs = ((guided + (beta - 1.0) * high) / row_sum).to(v_ptr.dtype.element_ty)
     dims = tl.arange(0, BLOCK_D)[None, None, :]
     key_valid = seq_valid[:, None, None] & (keys < F)
     v_rows = v_ptr + n * v_sn + keys * v_sf + head * D
@@ -218,7 +225,7 @@ def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, sequences_pe
                    scale_log2, alpha,
                    F: tl.constexpr, F_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                    G: tl.constexpr, BLOCK_I: tl.constexpr, GUIDE_MODE: tl.constexpr,
-                   FULL_BAND: tl.constexpr):
+                   BAND: tl.constexpr):
     """Six energy sums of BLOCK_I query frames of G sequences of video program_id(1) of the
     energy part, into this program's own slot (program_id(1) * num_programs(0) + program_id(0))
     of `partials`."""
@@ -231,7 +238,7 @@ def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, sequences_pe
     attn, guided, high, row_valid = _attention_tile(
         q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, heads, q_sn, q_sf, k_sn, k_sf,
         H, W, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G, BLOCK_I,
-        GUIDE_MODE, FULL_BAND)
+        GUIDE_MODE, BAND)
     # E3 is the energy of the output A3 / s with s = rowsum(A2) (A2 @ P sums to 0)
     inv_square_sum = 1.0 / tl.where(row_valid, tl.sum(guided, axis=2)[:, :, None], 1.0)
     inv_square_sum = inv_square_sum * inv_square_sum
@@ -322,10 +329,11 @@ def temporal_attention_triton_out(q, k, v, guide, heads: int, height: int, width
     per_video = energy_scope == "sample"
     padded = padded_frames(frames)
     tile = config or default_config(frames, head_dim)
-    full_band = is_full_band(frames, tau)
-    band = q if full_band else high_band_matrix(frames, tau, padded, q.device)
-    guide_mode = GUIDE_MODES[None if guide is None else guide_upsample]
-    if guide is None:
+    band_mode = BAND_MODES["full" if is_full_band(frames, tau) else "circulant"]
+    band = q if band_mode == BAND_MODES["full"] else high_band_matrix(frames, tau, padded, q.device)
+    # alpha = 0 makes guided = attn exactly, so the guide need not be read at all
+    guide_mode = GUIDE_MODES[None if guide is None or alpha == 0 else guide_upsample]
+    if guide_mode == 0:
         guide, (h, w) = q, (height, width)  # an unused pointer
     else:
         guide, (h, w) = guide.contiguous(), guide.shape[1:3]
@@ -333,8 +341,7 @@ def temporal_attention_triton_out(q, k, v, guide, heads: int, height: int, width
     geometry = dict(heads=heads, H=height, W=width, h=h, w=w, scale_y=h / height,
                     scale_x=w / width, scale_log2=scale * math.log2(math.e), alpha=alpha)
     meta = dict(F=frames, F_PAD=padded, D=head_dim, BLOCK_D=tile.block_d, G=tile.sequences,
-                BLOCK_I=QUERY_BLOCK, GUIDE_MODE=guide_mode,
-                FULL_BAND=full_band, num_warps=tile.num_warps)
+                BLOCK_I=QUERY_BLOCK, GUIDE_MODE=guide_mode, num_warps=tile.num_warps)
     has_sums = adaptive_beta or stats is not None
     groups = (videos if per_video else 1) if has_sums else 0
     betas = torch.empty((max(groups, 1),), dtype=torch.float32, device=q.device)
@@ -344,7 +351,8 @@ def temporal_attention_triton_out(q, k, v, guide, heads: int, height: int, width
         partials = torch.empty((blocks * videos, SUM_FIELDS), dtype=torch.float32, device=q.device)
         if videos > 0:
             _energy_kernel[(blocks, videos)](q, k, guide, band, partials, sequences_per_entry,
-                                             energy_part * videos, **strides, **geometry, **meta)
+                                             energy_part * videos, **strides, **geometry,
+                                             BAND=band_mode, **meta)
         _beta_kernel[(1,)](
             partials, betas, stats if stats is not None else betas, groups,
             blocks * (1 if per_video else videos),
@@ -359,7 +367,7 @@ def temporal_attention_triton_out(q, k, v, guide, heads: int, height: int, width
         q, k, v, guide, band, betas, out, out if plain_map is None else plain_map, sequences,
         v_sn=v.stride(0), v_sf=v.stride(1), videos=max(videos, 1), beta0=beta, **strides,
         **geometry, PER_VIDEO=per_video, HAS_BETA=adaptive_beta, WITH_MAP=plain_map is not None,
-        **meta,
+        BAND=BAND_MODES["none"] if beta == 1.0 and not adaptive_beta else band_mode, **meta,
     )
 
 

@@ -5,14 +5,16 @@
 # timing out does not stop the others) and the whole run ends within BYTHEWAY_GPU_BUDGET_S seconds
 # (default 530, for a device call of timeout_s=600). About 7-9 minutes on an H100/H200.
 #
-# The device image has torch 2.11, triton 3.6.0, numpy, pytest, pytest-benchmark, huggingface-hub,
-# safetensors, regex, requests, filelock, pillow, pyyaml, tqdm, zipp... but not diffusers (needed by
-# the layer and denoiser benchmarks) nor importlib_metadata (diffusers imports it). Before the call,
-# in the repository root on the CPU machine (both are pure-Python wheels):
+# The device image has torch 2.11, triton 3.6.0, numpy, pytest, pytest-benchmark and what diffusers
+# 0.42.1 imports (huggingface-hub 1.33 >= 1.32, safetensors 0.8, regex, requests, filelock, pillow,
+# and hub's httpx, hf-xet, pyyaml, tqdm, fsspec, packaging, typing-extensions), but not diffusers
+# (needed by the layer and denoiser benchmarks) nor importlib_metadata (a diffusers requirement;
+# zipp is carried with it in case the image's is older than it needs). Before the call, in the
+# repository root on the CPU machine (all three are pure-Python wheels):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#     -d .whl diffusers==0.42.1 importlib_metadata==10.2.0
+#     -d .whl diffusers==0.42.1 importlib_metadata==10.2.0 zipp==4.1.2
 #   (check a wheel's needs with: unzip -p .whl/diffusers-*.whl '*/METADATA' | grep ^Requires-Dist)
 # then: run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
 # It writes to $OUT (or /tmp/bytheway_gpu) four files: summary.txt (each step's status and time),

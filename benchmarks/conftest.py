@@ -1,8 +1,8 @@
 """pytest-benchmark suite configuration: shapes, dtypes, the `bench` fixture and the summary.
 
 Run `pytest benchmarks --benchmark-only` (full shapes) or add `--bench-quick` (tiny shapes, for
-the CI smoke run with `--benchmark-disable`). The plain `pytest` run never collects this folder
-(pyproject sets testpaths = ["tests"]).
+the CI smoke run with `--benchmark-disable`); `--bench-dtype float16` times one dtype only. The
+plain `pytest` run never collects this folder (pyproject sets testpaths = ["tests"]).
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """Shapes, inputs, timing and correctness checks shared by the benchmark modules.
 
+On a GPU every case is timed three ways besides pytest-benchmark's wall clock (`gpu_timings`):
+kernel time between CUDA events with L2 flushed, host cost per unsynchronised call, and peak
+memory; the Triton and fused rows also get a per-kernel breakdown from torch.profiler.
+
 The cases follow DESIGN.md section 5 (AnimateDiff, SD1.5, 512x512, 16 frames, CFG, 8 heads).
 """
 

@@ -50,7 +50,7 @@ def map_rows():
         case(MAP, "triton", 130e-6, "fixed-guide", kernel_s=25e-6, host_s=20e-6, bytes_moved=100_000_000,
              peak_bytes=2**20),
         case(MAP, "triton", 200e-6, "adaptive-guide", kernel_s=60e-6, host_s=50e-6,
-             kernels={"_stats_kernel": 10e-6, "_apply_kernel": 30e-6, "zero": 20e-6}),
+             kernels={"_stats_kernel": 8e-6, "_reduce_kernel": 2e-6, "_apply_kernel": 30e-6, "zero": 20e-6}),
         case(MAP, "official fft", 1.3e-3, "fixed-guide", kernel_s=1e-3),
         case(MAP, "official fft", 1.0e-3, "adaptive-guide", kernel_s=1e-3),
     ]
@@ -62,7 +62,7 @@ def test_gpu_map_targets_use_kernel_host_profiler_and_wall_times():
     assert found[("map op, adaptive beta (all kernels), × softmax", MAP)][1:4] == ["1.20×", "<= 1.00×", "**no**"]
     assert found[("map op, fixed beta: host per call", MAP)][1:4] == ["20.0 µs", "<= 25.0 µs", "yes"]
     assert found[("map op, adaptive beta: host per call", MAP)][1:4] == ["50.0 µs", "<= 40.0 µs", "**no**"]
-    assert found[("map op, adaptive: stats kernel per call", MAP)][:4] == ["triton, profiler", "10.0 µs",
+    assert found[("map op, adaptive: stats pass (stats + reduce kernels) per call", MAP)][:4] == ["triton, profiler", "10.0 µs",
                                                                           "<= 15.0 µs", "yes"]
     # wall time, worst variant: 1.0 ms / 200 µs
     assert found[("official fft baseline ÷ map op, wall (speed-up)", MAP)][:4] == ["triton, wall", "5.00×",
@@ -128,7 +128,7 @@ def test_group_table_columns_and_kernel_breakdown():
     # 100 MB in 25 µs: 4 TB/s, all of the copy bandwidth, whose floor for these bytes is 25 µs
     assert "| triton fixed-guide | 25 µs | 20 µs | 130 µs | 0.50 | — | 4000.00 GB/s (100% of copy) | 25 µs | 1.0 MiB |" \
         in section
-    assert "- triton adaptive-guide: `_apply_kernel` 30 µs, `zero` 20 µs, `_stats_kernel` 10 µs" in section
+    assert "- triton adaptive-guide: `_apply_kernel` 30 µs, `zero` 20 µs, `_stats_kernel` 8 µs, `_reduce_kernel` 2 µs" in section
     cpu = make_results.device_section(run([case(MAP, "torch.softmax", 1e-3, floor=True)], "cpu"))
     assert "| name | wall | × floor | × reference |" in cpu and "peak memory: n/a (CPU)" in cpu
 

@@ -1,8 +1,8 @@
 """pytest-benchmark suite configuration: shapes, dtypes, the `bench` fixture and the summary.
 
 Run `pytest benchmarks --benchmark-only` (full shapes) or add `--bench-quick` (tiny shapes, for
-the CI smoke run with `--benchmark-disable`). The plain `pytest` run never collects this folder
-(pyproject sets testpaths = ["tests"]).
+the CI smoke run with `--benchmark-disable`); `--bench-dtype float16` times one dtype only. The
+plain `pytest` run never collects this folder (pyproject sets testpaths = ["tests"]).
 """
 
 from __future__ import annotations
@@ -26,6 +26,13 @@ def pytest_addoption(parser):
         default=False,
         help="ByTheWay benchmarks: tiny shapes only (the CI smoke run), instead of docs/DESIGN.md section 5",
     )
+    parser.addoption(
+        "--bench-dtype",
+        action="append",
+        default=None,
+        choices=[str(d).removeprefix("torch.") for d in harness.DTYPES],
+        help="ByTheWay benchmarks: time only this dtype (repeatable); default: every dtype of the device",
+    )
 
 
 def load_average() -> float:
@@ -46,8 +53,10 @@ def pytest_generate_tests(metafunc):
         ids = [f"{s.height}x{s.width}-F{s.frames}" for s in shapes]
         metafunc.parametrize("shape", shapes, ids=ids, scope="module")
     if "dtype" in metafunc.fixturenames:
-        ids = [str(d).removeprefix("torch.") for d in harness.DTYPES]
-        metafunc.parametrize("dtype", harness.DTYPES, ids=ids, scope="module")
+        chosen = metafunc.config.getoption("--bench-dtype")
+        dtypes = [d for d in harness.DTYPES if not chosen or str(d).removeprefix("torch.") in chosen]
+        ids = [str(d).removeprefix("torch.") for d in dtypes]
+        metafunc.parametrize("dtype", dtypes, ids=ids, scope="module")
 
 
 class Bench:
@@ -57,8 +66,13 @@ class Bench:
         self._benchmark = benchmark
 
     def __call__(self, fn, *, group: str, impl: str, variant: str = "", backend: str = "",
-                 floor: bool = False, bytes_moved: int = 0):
-        """Time `fn` (device-synchronised) and return its last result.
+                 floor: bool = False, bytes_moved: int = 0, breakdown: bool = False):
+        """Time `fn` and return its last result.
+
+        pytest-benchmark times the wall clock of each call (device-synchronised). On a GPU the
+        case also records, in `extra_info`, the kernel time (CUDA events, L2 flushed), the host
+        cost per call, the peak memory the call allocates and, with `breakdown`, the device time
+        of each kernel (see `harness.gpu_timings`).
 
         `floor` marks the group's yardstick (softmax, the stock layer, ByTheWay off); rows with
         the same `variant` are compared with the reference backend's row; `backend` names the op
@@ -68,7 +82,11 @@ class Bench:
         self._benchmark.extra_info.update(impl=impl, variant=variant, backend=backend, floor=floor)
         if bytes_moved:
             self._benchmark.extra_info["bytes_moved"] = bytes_moved
-        return self._benchmark(harness.timed_call(fn))
+        result = self._benchmark(harness.timed_call(fn))
+        if harness.DEVICE.type == "cuda" and not self._benchmark.disabled:
+            wall_s = self._benchmark.stats.stats.median
+            self._benchmark.extra_info.update(harness.gpu_timings(fn, wall_s, breakdown))
+        return result
 
 
 @pytest.fixture
@@ -110,13 +128,14 @@ def pytest_terminal_summary(terminalreporter, config):
         return
     copy = copy_bandwidth()
     write = terminalreporter.write_line
-    terminalreporter.section("ByTheWay map op: achieved bandwidth")
+    terminalreporter.section("ByTheWay benchmarks: achieved bandwidth")
     write(f"device: {harness.device_name()}; measured copy bandwidth {copy / 1e9:.1f} GB/s "
           f"(read + write of a large tensor)")
-    write("bytes = scores read + probs written + guide read (when used), over the median time")
+    write("bytes = compulsory traffic (map op: scores read + probs written + guide read; attention: "
+          "q, k, v read + out written), over the median kernel time on a GPU, wall time on a CPU")
     rows = [
         (b.group, f"{b.extra_info['impl']} {b.extra_info['variant']}".strip(),
-         b.stats.stats.median, b.extra_info["bytes_moved"])
+         b.extra_info.get("kernel_s", b.stats.stats.median), b.extra_info["bytes_moved"])
         for b in timed
     ]
     width = max(len(name) for _, name, _, _ in rows)

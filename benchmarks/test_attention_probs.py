@@ -1,5 +1,6 @@
 """The map op: torch.softmax (the floor), every backend of bytheway_attention_probs and the
-official-style torch.fft baseline, over the same scores, one group per shape and dtype."""
+official-style torch.fft baseline, over the same scores, one group per shape and dtype; and the
+cost of one call on a tiny tensor, where the per-call overhead is all there is."""
 
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ def test_bytheway_op(bench, monkeypatch, shape, dtype, map_inputs, expected, bac
     kwargs = harness.op_kwargs(adaptive)
     probs = bench(lambda: btw.bytheway_attention_probs(scores, guide, **kwargs),
                   group=group_name(shape, dtype), impl=backend, variant=variant,
-                  bytes_moved=harness.map_bytes(scores, guide))
+                  bytes_moved=harness.map_bytes(scores, guide), breakdown=backend == "triton")
     harness.assert_close_to(probs, expected(variant), dtype)
 
 
@@ -85,3 +86,30 @@ def test_official_fft(bench, shape, dtype, map_inputs, expected, variant):
                   group=group_name(shape, dtype), impl="official fft", variant=variant,
                   bytes_moved=harness.map_bytes(scores, guide))
     harness.assert_close_to(probs, expected(variant), dtype)
+
+
+#: One map of each half of a CFG batch: per-call overhead, against torch.softmax on the same tensor.
+TINY_SCORES = (2, 1, 1, 1, 16, 16)
+
+
+@pytest.mark.parametrize("case", ["softmax", "fixed-noguide", "adaptive-noguide",
+                                  "fft fixed-noguide", "fft adaptive-noguide"])
+def test_tiny_call(bench, dtype, case):
+    gen = torch.Generator().manual_seed(3)
+    scores = (torch.randn(TINY_SCORES, generator=gen) * 3.0).to(harness.DEVICE, dtype)
+    group = f"tiny-call map {'x'.join(map(str, TINY_SCORES))} {str(dtype).removeprefix('torch.')}"
+    if case == "softmax":
+        probs = bench(lambda: torch.softmax(scores, dim=-1), group=group, impl="torch.softmax", floor=True)
+        harness.assert_close_to(probs, torch.softmax(scores.double(), dim=-1), dtype)
+        return
+    variant = case.removeprefix("fft ")
+    adaptive, _ = harness.VARIANTS[variant]
+    kwargs = harness.op_kwargs(adaptive)
+    if case.startswith("fft "):
+        probs = bench(lambda: official_fft_probs(scores, None, **kwargs), group=group, impl="official fft",
+                      variant=variant)
+    else:
+        backend = btw.select_backend(harness.DEVICE)  # on CPU this builds the C++ kernel, before timing
+        probs = bench(lambda: btw.bytheway_attention_probs(scores, None, **kwargs), group=group, impl=backend,
+                      variant=variant)
+    harness.assert_close_to(probs, harness.reference_probs(scores, None, adaptive), dtype)

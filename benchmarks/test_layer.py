@@ -16,9 +16,7 @@ import bytheway_kernels as btw
 import harness
 
 pytest.importorskip("diffusers", reason="the layer benchmarks need diffusers (pip install -e .[diffusers])")
-integration = pytest.importorskip(
-    "bytheway_kernels.integration", reason="bytheway_kernels.integration does not import yet"
-)
+from bytheway_kernels import integration  # noqa: E402
 
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0  # noqa: E402
 from bytheway_kernels.ops.dispatch import BACKEND_ENV  # noqa: E402
@@ -44,9 +42,10 @@ class BoundLayer:
     """An Attention module running the ByTheWay processor as one guided decoder layer would,
     with a guide recorded as the anchor layer at the same position would have recorded it."""
 
-    def __init__(self, attn: Attention, shape: harness.Shape, guide: torch.Tensor):
+    def __init__(self, attn: Attention, shape: harness.Shape, guide: torch.Tensor, fused: bool = False):
         self.attn = attn
-        self.state = RunState(config=harness.PRESET, modify=True, batch_split=(2, 1))
+        self.state = RunState(config=harness.PRESET, modify=True, batch_split=(2, 1),
+                              **({"fused": True} if fused else {}))
         layer = TemporalLayer(
             name="benchmark.attn1", block="up_blocks.2", position=POSITION, attn=attn, parent=None,
             attribute="attn1", owner=None, geometry=Geometry(shape.batch, shape.height, shape.width),
@@ -85,12 +84,15 @@ def test_stock_layer(bench, shape, dtype, layer_inputs):
     harness.assert_close_to(out, expected, dtype, scale=harness.COMPOSITE_TOLERANCE_SCALE)
 
 
-def test_bytheway_layer(bench, monkeypatch, shape, dtype, layer_inputs):
+@pytest.mark.parametrize("fused", [False, True], ids=["materialised", "fused"])
+def test_bytheway_layer(bench, monkeypatch, shape, dtype, layer_inputs, fused):
+    if fused and not (harness.fused_kernel_available() and "fused" in RunState.__dataclass_fields__):
+        pytest.skip(f"the ByTheWay processor has no fused path on {harness.DEVICE.type} in this revision")
     hidden, guide = layer_inputs
-    backend = btw.select_backend(harness.DEVICE)  # on CPU this builds the C++ kernel, before timing
+    backend = "fused" if fused else btw.select_backend(harness.DEVICE)  # on CPU this builds the C++ kernel
     attn = temporal_attention(shape).to(harness.DEVICE, dtype)
     reference_attn = copy.deepcopy(attn).double()  # same (rounded) weights
-    layer = BoundLayer(attn, shape, guide)
+    layer = BoundLayer(attn, shape, guide, fused)
     with torch.no_grad():
         out = bench(lambda: layer(hidden), group=group_name(shape, dtype), impl="bytheway layer",
                     variant="adaptive-guide", backend=backend)

@@ -4,6 +4,7 @@ from .config import PRESETS, ByTheWayConfig
 from .integration import ByTheWayController, apply_bytheway
 from .ops import BACKENDS, select_backend
 from .ops.attention_probs import bytheway_attention_probs, reference
+from .ops.temporal_attention import temporal_attention
 
 __version__ = "0.1.0"
 
@@ -16,5 +17,6 @@ __all__ = [
     "bytheway_attention_probs",
     "reference",
     "select_backend",
+    "temporal_attention",
     "__version__",
 ]

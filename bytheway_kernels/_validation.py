@@ -133,3 +133,60 @@ def check_op_args(
         if (gh == 0 or gw == 0) and height * width > 0:
             raise ValueError(f"guide spatial size ({gh}, {gw}) is empty but scores' is ({height}, {width})")
     return resolve_batch_split(scores.shape[0], cfg, batch_split)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_temporal_attention_args(
+    q, k, v, heads, height, width, scale, guide, alpha, beta, tau, adaptive_beta, cfg,
+    energy_scope, guide_upsample, beta_max, batch_split, return_map, return_stats,
+) -> Tuple[BatchSplit, float]:
+    """Validate everything `temporal_attention` takes; return (batch split, resolved scale).
+
+    q, k, v are (B*H*W, F, heads*d) with a contiguous last dim; the ByTheWay arguments are checked
+    by `check_op_args` against the (B, H, W, heads, F, F) layout of the scores q k^T.
+    """
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if not tensor.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
+        if tensor.dim() != 3:
+            raise ValueError(f"{name} must be 3-D (B*H*W, F, heads*d), got shape {tuple(tensor.shape)}")
+        if tensor.stride(-1) != 1 and tensor.shape[-1] > 1:
+            raise ValueError(f"{name} must have a contiguous last dim (stride 1), got strides {tensor.stride()}")
+    for name, tensor in (("k", k), ("v", v)):
+        if tensor.shape != q.shape:
+            raise ValueError(f"{name} shape {tuple(tensor.shape)} must equal q's {tuple(q.shape)}")
+        if tensor.dtype != q.dtype:
+            raise ValueError(f"{name} dtype {tensor.dtype} must equal q's {q.dtype}")
+        if tensor.device != q.device:
+            raise ValueError(f"{name} is on {tensor.device} but q is on {q.device}")
+    _check_positive_int("heads", heads)
+    _check_positive_int("height", height)
+    _check_positive_int("width", width)
+    sequences, frames, channels = q.shape
+    if channels % heads != 0:
+        raise ValueError(f"the channel dim C={channels} of q is not divisible by heads={heads}")
+    if sequences % (height * width) != 0:
+        raise ValueError(
+            f"q's first dim B*H*W={sequences} is not a multiple of height*width={height}*{width}"
+        )
+    head_dim = channels // heads
+    if scale is None:
+        scale = head_dim ** -0.5 if head_dim > 0 else 1.0
+    else:
+        check_number("scale", scale)
+        if scale <= 0:
+            raise ValueError(f"scale must be > 0, got {scale!r}")
+    for name, flag in (("return_map", return_map), ("return_stats", return_stats)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be a bool, got {flag!r}")
+    # a free stand-in with the scores' shape, dtype and device: the map op's checks apply as is
+    scores_layout = q.new_empty(()).expand(sequences // (height * width), height, width, heads, frames, frames)
+    split = check_op_args(scores_layout, guide, alpha, beta, tau, adaptive_beta, cfg, energy_scope,
+                          guide_upsample, beta_max, batch_split)
+    return split, float(scale)

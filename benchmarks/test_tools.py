@@ -1,0 +1,161 @@
+"""The reporting tools (make_results.py, compare.py) on hand-made runs: which time each target uses,
+the limits per device, merging parts, sections kept, and the side-by-side ratios.
+
+These use no benchmark fixture, so `--benchmark-only` skips them; the CI smoke run executes them.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import pytest
+
+import compare
+import make_results
+
+
+def case(group: str, impl: str, wall: float, variant: str = "", floor: bool = False, name: str = "",
+         **extra) -> dict:
+    return {
+        "group": group, "name": name or f"{impl}-{variant}", "fullname": f"benchmarks/x.py::{name or impl + variant}",
+        "stats": {"median": wall},
+        "extra_info": dict(impl=impl, variant=variant, backend="", floor=floor, **extra),
+    }
+
+
+def run(benchmarks: List[dict], device_type: str = "cuda", device: str = "GPU X") -> dict:
+    return {
+        "datetime": "2026-11-26T00:00:00", "version": "5.3.1", "benchmarks": benchmarks,
+        "machine_info": {"bytheway": {
+            "device": device, "device_type": device_type, "versions": {"torch": "t"}, "command": "pytest benchmarks",
+            "quick": False, "copy_bandwidth_bytes_per_s": 4e12,
+        }},
+    }
+
+
+def targets_of(benchmarks: List[dict], device_type: str = "cuda") -> Dict[tuple, list]:
+    """(target label, group) -> [timing, measured, goal, met, source]."""
+    info = run(benchmarks, device_type)["machine_info"]["bytheway"]
+    rows = make_results.target_rows(make_results.groups_of(benchmarks), device_type == "cuda",
+                                     info["copy_bandwidth_bytes_per_s"])
+    return {(row[0], row[1]): row[2:] for row in rows}
+
+
+MAP = "map up_blocks.3 64x64 F16 float16"
+
+
+def map_rows():
+    return [
+        case(MAP, "torch.softmax", 60e-6, floor=True, kernel_s=50e-6, host_s=10e-6),
+        case(MAP, "triton", 130e-6, "fixed-guide", kernel_s=25e-6, host_s=20e-6, bytes_moved=100_000_000,
+             peak_bytes=2**20),
+        case(MAP, "triton", 200e-6, "adaptive-guide", kernel_s=60e-6, host_s=50e-6,
+             kernels={"_stats_kernel": 8e-6, "_reduce_kernel": 2e-6, "_apply_kernel": 30e-6, "zero": 20e-6}),
+        case(MAP, "official fft", 1.3e-3, "fixed-guide", kernel_s=1e-3),
+        case(MAP, "official fft", 1.0e-3, "adaptive-guide", kernel_s=1e-3),
+    ]
+
+
+def test_gpu_map_targets_use_kernel_host_profiler_and_wall_times():
+    found = targets_of(map_rows())
+    assert found[("map op, fixed beta, × softmax", MAP)] == ["triton, kernel", "0.50×", "<= 0.60×", "yes", "issue 10"]
+    assert found[("map op, adaptive beta (all kernels), × softmax", MAP)][1:4] == ["1.20×", "<= 1.00×", "**no**"]
+    assert found[("map op, fixed beta: host per call", MAP)][1:4] == ["20.0 µs", "<= 25.0 µs", "yes"]
+    assert found[("map op, adaptive beta: host per call", MAP)][1:4] == ["50.0 µs", "<= 40.0 µs", "**no**"]
+    assert found[("map op, adaptive: stats pass (stats + reduce kernels) per call", MAP)][:4] == ["triton, profiler", "10.0 µs",
+                                                                          "<= 15.0 µs", "yes"]
+    # wall time, worst variant: 1.0 ms / 200 µs
+    assert found[("official fft baseline ÷ map op, wall (speed-up)", MAP)][:4] == ["triton, wall", "5.00×",
+                                                                                    ">= 10.0×", "**no**"]
+
+
+def test_cpu_map_targets_use_wall_time_and_issue_5_limits():
+    rows = [case(MAP.replace("float16", "float32"), impl, wall, variant, floor=impl == "torch.softmax")
+            for impl, wall, variant in (("torch.softmax", 1e-3, ""), ("cpp", 1.1e-3, "fixed-guide"),
+                                        ("official fft", 20e-3, "fixed-guide"))]
+    found = targets_of(rows, "cpu")
+    assert found[("map op, fixed beta, × softmax", rows[0]["group"])] == ["cpp, wall", "1.10×", "<= 1.20×", "yes",
+                                                                          "issue 5"]
+    assert found[("official fft baseline ÷ map op, wall (speed-up)", rows[0]["group"])][1] == "18.2×"
+
+
+def test_tiny_call_targets_on_cpu_only():
+    group = "tiny-call map 2x1x1x1x16x16 float32"
+    rows = [case(group, "torch.softmax", 4e-6, floor=True), case(group, "cpp", 36e-6, "fixed-noguide"),
+            case(group, "cpp", 44e-6, "adaptive-noguide"), case(group, "official fft", 440e-6, "adaptive-noguide")]
+    found = targets_of(rows, "cpu")
+    assert found[("official fft baseline ÷ map op, wall (speed-up)", group)][1] == "10.0×"
+    assert found[("tiny tensor, fixed beta, × softmax", group)][1:4] == ["9.00×", "<= 8.00×", "**no**"]
+    assert found[("tiny tensor, adaptive beta, × softmax", group)][1:4] == ["11.0×", "<= 10.0×", "**no**"]
+    assert [key[0] for key in targets_of(rows, "cuda")] == ["official fft baseline ÷ map op, wall (speed-up)"]
+
+
+def test_attention_targets():
+    group = "attention up_blocks.3 64x64 F16 d40 float16"
+    rows = [
+        case(group, "sdpa default", 1.2e-3, "plain", floor=True, kernel_s=1.0e-3, bytes_moved=int(320e6)),
+        case(group, "sdpa efficient", 0.8e-3, "plain", kernel_s=0.7e-3, bytes_moved=int(320e6)),
+        case(group, "fused", 0.2e-3, "fixed", kernel_s=0.14e-3, bytes_moved=int(320e6)),
+        case(group, "fused", 0.25e-3, "adaptive", kernel_s=0.21e-3, bytes_moved=int(320e6)),
+    ]
+    found = targets_of(rows)
+    assert found[("fused fixed beta × best SDPA backend", group)][:4] == ["kernel, vs sdpa efficient", "0.20×",
+                                                                          "<= 0.25×", "yes"]
+    assert found[("fused adaptive × fused fixed", group)][1:4] == ["1.50×", "<= 1.30×", "**no**"]
+    # 320 MB in 140 µs = 2.29 TB/s = 57% of 4 TB/s
+    assert found[("fused fixed beta, share of copy bandwidth", group)][1:4] == ["57%", ">= 50%", "yes"]
+    other_frames = {key[0] for key in targets_of([dict(r, group=group.replace("F16", "F24")) for r in rows])}
+    assert "fused fixed beta × best SDPA backend" not in other_frames  # the issue's shapes are F = 16
+
+
+def test_denoiser_targets_use_wall_time():
+    group = "denoiser sd15-motion 64x64 F16 (random weights) float16"
+    rows = [case(group, "bytheway off", 100e-3, floor=True, kernel_s=1.0),
+            case(group, "bytheway materialised", 102e-3, kernel_s=1.0),
+            case(group, "bytheway fused", 90e-3, kernel_s=1.0),
+            case(group, "fast stock", 93e-3, kernel_s=1.0)]
+    found = targets_of(rows)
+    assert found[("denoiser step overhead, ByTheWay (materialised) on vs off", group)][1:4] == ["+2.0%", "< 3.0%", "yes"]
+    assert found[("denoiser step, ByTheWay fused × off (stock)", group)][1:4] == ["0.90×", "<= 0.92×", "yes"]
+    assert found[("denoiser step, fast stock processor × stock", group)][1:4] == ["0.93×", "<= 0.92×", "**no**"]
+
+
+def test_group_table_columns_and_kernel_breakdown():
+    section = make_results.device_section(run(map_rows()), label="a label", notes="Some notes.")
+    assert "## GPU X (a label)\n\nSome notes.\n" in section
+    assert ("| name | kernel | host/call | wall | × floor | × reference | bandwidth | memory floor | peak mem |"
+            in section)
+    # 100 MB in 25 µs: 4 TB/s, all of the copy bandwidth, whose floor for these bytes is 25 µs
+    assert "| triton fixed-guide | 25 µs | 20 µs | 130 µs | 0.50 | — | 4000.00 GB/s (100% of copy) | 25 µs | 1.0 MiB |" \
+        in section
+    assert "- triton adaptive-guide: `_apply_kernel` 30 µs, `zero` 20 µs, `_stats_kernel` 8 µs, `_reduce_kernel` 2 µs" in section
+    cpu = make_results.device_section(run([case(MAP, "torch.softmax", 1e-3, floor=True)], "cpu"))
+    assert "| name | wall | × floor | × reference |" in cpu and "peak memory: n/a (CPU)" in cpu
+
+
+def test_update_results_keeps_other_sections(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    make_results.update_results(run(map_rows(), device="GPU A"), results)
+    make_results.update_results(run(map_rows(), device="GPU A"), results, label="old run")
+    make_results.update_results(run(map_rows(), device="GPU A"), results)  # replaces the first only
+    text = results.read_text()
+    assert text.count("<!-- device: GPU A -->") == 1 and text.count("<!-- device: GPU A (old run) -->") == 1
+
+
+def test_merge_runs():
+    merged = make_results.merge_runs([run(map_rows()[:2]), run(map_rows()[2:])])
+    assert [b["extra_info"]["impl"] for b in merged["benchmarks"]] == [b["extra_info"]["impl"] for b in map_rows()]
+    with pytest.raises(SystemExit, match="different devices"):
+        make_results.merge_runs([run([], device="A"), run([], device="B")])
+
+
+def test_compare_ratio_table():
+    base = run([case(MAP, "triton", 200e-6, "v", name="a", kernel_s=40e-6),
+                case(MAP, "triton", 1e-3, name="gone")])
+    current = run([case(MAP, "triton", 100e-6, "v", name="a", kernel_s=30e-6),
+                   case(MAP, "triton", 1e-3, name="new")])
+    lines = compare.ratio_table(base, current)
+    assert lines[0] == "| case | wall base | wall current | wall ratio | kernel base | kernel current | kernel ratio |"
+    assert lines[2] == "| a | 200 µs | 100 µs | 0.50 | 40 µs | 30 µs | 0.75 |"
+    assert lines[3] == "| new | — | 1 ms | — | — | — | — |"
+    assert lines[4] == "(only in base: benchmarks/x.py::gone)"

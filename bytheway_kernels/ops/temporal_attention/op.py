@@ -1,0 +1,135 @@
+"""Fused temporal attention: `torch.ops.bytheway.temporal_attention` and its public function.
+
+q, k, v -> out = A3 @ v with A3 the ByTheWay map of the scores scale * q k^T (DESIGN.md section 7).
+CUDA tensors run the fused Triton kernels (`triton.py`: the F x F map never reaches memory); other
+devices, float64 inputs and F > 64 run the composed path (`reference.py`).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..._validation import check_temporal_attention_args
+from ...energy import STATS_FIELDS, stats_rows
+from ..dispatch import select_backend
+from ..params import ByTheWayParams
+from .reference import temporal_attention_composed
+
+#: Largest F the fused kernel handles (it pads F to a power of two >= 16).
+FUSED_MAX_FRAMES = 64
+
+
+def fused_available(device) -> bool:
+    """Whether the fused Triton kernel runs for tensors on `device` (CUDA, or forced Triton)."""
+    return select_backend(torch.device(device)) == "triton"
+
+
+def _runs_fused(q: torch.Tensor) -> bool:
+    return (select_backend(q.device) == "triton" and q.dtype != torch.float64
+            and q.shape[1] <= FUSED_MAX_FRAMES)
+
+
+@torch.library.custom_op("bytheway::temporal_attention", mutates_args=())
+def temporal_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    guide: Optional[torch.Tensor],
+    heads: int,
+    height: int,
+    width: int,
+    scale: float,
+    alpha: float,
+    beta: float,
+    tau: int,
+    adaptive_beta: bool,
+    parts: int,
+    energy_part: int,
+    energy_scope: str,
+    guide_upsample: str,
+    beta_max: Optional[float],
+    with_map: bool,
+    with_stats: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, map, stats); map and stats are empty tensors unless asked for.
+
+    Arguments are validated by `bytheway_kernels.temporal_attention`.
+    """
+    params = ByTheWayParams(alpha, beta, tau, adaptive_beta, parts, energy_part, energy_scope,
+                            guide_upsample, beta_max)
+    if _runs_fused(q):
+        from .triton import temporal_attention_triton  # imports triton only when used
+
+        return temporal_attention_triton(q, k, v, guide, heads, height, width, scale, params,
+                                         with_map, with_stats)
+    return temporal_attention_composed(q, k, v, guide, heads, height, width, scale, params,
+                                       with_map, with_stats)
+
+
+@temporal_attention_op.register_fake
+def _(q, k, v, guide, heads, height, width, scale, alpha, beta, tau, adaptive_beta, parts,
+      energy_part, energy_scope, guide_upsample, beta_max, with_map, with_stats):
+    sequences, frames, channels = q.shape
+    batch = sequences // (height * width)
+    out = q.new_empty((sequences, frames, channels))
+    plain_map = (q.new_empty((batch, height, width, heads, frames, frames)) if with_map
+                 else q.new_empty((0,)))
+    rows = stats_rows(batch, parts, energy_scope) if with_stats else 0
+    return out, plain_map, q.new_empty((rows, len(STATS_FIELDS)), dtype=torch.float32)
+
+
+def temporal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    heads: int,
+    height: int,
+    width: int,
+    scale: Optional[float] = None,
+    guide: Optional[torch.Tensor] = None,
+    alpha: float = 0.0,
+    beta: float = 1.0,
+    tau: int = 0,
+    adaptive_beta: bool = False,
+    cfg: bool = True,
+    energy_scope: str = "batch",
+    guide_upsample: str = "nearest",
+    beta_max: Optional[float] = None,
+    batch_split: Optional[Tuple[int, int]] = None,
+    return_map: bool = False,
+    return_stats: bool = False,
+):
+    """Temporal self-attention with ByTheWay inside: out = A3 @ v, A3 the map op's output.
+
+    Args:
+        q, k, v: (B*H*W, F, heads*d) as a diffusers temporal attention processor holds them
+            (row n = (b, y, x), batch outermost). The last dim must be contiguous; other strides
+            are free, so slices of one fused qkv projection need no copy. Same shape, dtype and
+            device for all three; fp32, fp16 or bf16 (float64 runs the composed path).
+        heads, height, width: attention heads and the spatial size H x W of the feature map.
+        scale: score scale, default d**-0.5. Scores are scale * q k^T per (n, head).
+        guide, alpha, beta, tau, adaptive_beta, cfg, energy_scope, guide_upsample, beta_max,
+            batch_split: as in `bytheway_kernels.bytheway_attention_probs` (guide is
+            (B, h, w, heads, F, F)). The defaults (alpha=0, beta=1, no guide) give plain attention.
+        return_map: also return the plain softmax map (B, H, W, heads, F, F) in q's dtype (what
+            the anchor layer records as the later layers' guide).
+        return_stats: also return float32 stats (rows, 6) = (beta, E1, E2, E2_low, E2_high, E3).
+
+    Returns:
+        out (B*H*W, F, heads*d), contiguous, in q's dtype; then the map and/or the stats if asked.
+        Never synchronises with the host.
+    """
+    split, scale = check_temporal_attention_args(
+        q, k, v, heads, height, width, scale, guide, alpha, beta, tau, adaptive_beta, cfg,
+        energy_scope, guide_upsample, beta_max, batch_split, return_map, return_stats,
+    )
+    params = ByTheWayParams(float(alpha), float(beta), int(tau), adaptive_beta, split.parts,
+                            split.energy_part, energy_scope, guide_upsample,
+                            None if beta_max is None else float(beta_max))
+    out, plain_map, stats = temporal_attention_op(q, k, v, guide, heads, height, width, scale,
+                                                  *params, return_map, return_stats)
+    extras = ((plain_map,) if return_map else ()) + ((stats,) if return_stats else ())
+    return (out, *extras) if extras else out

@@ -1,0 +1,134 @@
+"""Shared cases and checker for fused temporal attention: any path against the float64 formula.
+
+The ground truth is built independently of the op: scores = scale * q k^T in float64 from the
+(already rounded) inputs, the map op's pure-torch reference in float64, then @ v in float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+import torch
+
+from attention_probs_cases import PROB_TOLERANCES, STATS_TOLERANCE
+from bytheway_kernels import reference
+from bytheway_kernels.ops.params import ByTheWayParams
+
+# Relative error per term of out = sum_j A3[i, j] v[j]: the fused kernel feeds A3 to the product
+# rounded to the input dtype (half an ulp), accumulates in fp32 and rounds out once more (half an
+# ulp of |out| <= sum_j |A3[i, j]| |v[j]|); 2 ulps, as PROB_TOLERANCES, leave room for the fp32
+# score and softmax arithmetic. So each element is checked against the bound
+#   |out - ref| <= tol * sum_j |A3[i, j]| |v[j]|  (+ a tiny floor for all-zero rows of v),
+# which scales with beta (the band term) and with |v| as the error does.
+OUT_TOLERANCE = {dtype: atol for dtype, (atol, _) in PROB_TOLERANCES.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCase:
+    frames: int = 16
+    head_dim: int = 8
+    heads: int = 2
+    batch: int = 2
+    height: int = 2
+    width: int = 2
+    dtype: torch.dtype = torch.float32
+    guide_size: Optional[Tuple[int, int]] = (1, 1)  # None: no guide
+    guide_upsample: str = "nearest"
+    alpha: float = 0.6
+    beta: float = 1.5
+    tau: Optional[int] = None  # None: the full band (F - 2) // 2
+    adaptive_beta: bool = False
+    parts: int = 2
+    energy_part: int = 1
+    energy_scope: str = "batch"
+    beta_max: Optional[float] = None
+    fused_qkv: bool = True  # q, k, v as slices of one (N, F, 3C) tensor
+    logit_scale: float = 2.0
+
+    @property
+    def band_tau(self) -> int:
+        return (self.frames - 2) // 2 if self.tau is None else self.tau
+
+    def kwargs(self) -> dict:
+        return dict(alpha=self.alpha, beta=self.beta, tau=self.band_tau,
+                    adaptive_beta=self.adaptive_beta, energy_scope=self.energy_scope,
+                    guide_upsample=self.guide_upsample, beta_max=self.beta_max,
+                    batch_split=(self.parts, self.energy_part))
+
+    def params(self) -> ByTheWayParams:
+        return ByTheWayParams(self.alpha, self.beta, self.band_tau, self.adaptive_beta, self.parts,
+                              self.energy_part, self.energy_scope, self.guide_upsample,
+                              self.beta_max)
+
+    def __str__(self) -> str:
+        guide = "noguide" if self.guide_size is None else f"{self.guide_upsample}{self.guide_size}"
+        return (f"F{self.frames}-d{self.head_dim}x{self.heads}-{str(self.dtype)[6:]}-"
+                f"{self.batch}x{self.height}x{self.width}-{guide}-a{self.alpha}-b{self.beta}-"
+                f"tau{self.band_tau}-{'adaptive' if self.adaptive_beta else 'fixed'}"
+                f"{'' if self.beta_max is None else f'-max{self.beta_max}'}-split{self.parts}."
+                f"{self.energy_part}-{self.energy_scope}{'-qkv' if self.fused_qkv else ''}")
+
+
+def make_inputs(case: AttentionCase, seed: int = 0, device="cpu"):
+    """(q, k, v, guide) with q k^T * d**-0.5 of standard deviation `logit_scale`."""
+    gen = torch.Generator().manual_seed(seed)
+    sequences = case.batch * case.height * case.width
+    channels = case.heads * case.head_dim
+    qkv = torch.randn((sequences, case.frames, 3 * channels), generator=gen)
+    qkv[..., :channels] *= case.logit_scale
+    qkv = qkv.to(case.dtype).to(device)
+    if case.fused_qkv:
+        q, k, v = qkv.split(channels, dim=-1)
+    else:
+        q, k, v = (part.contiguous() for part in qkv.split(channels, dim=-1))
+    guide = None
+    if case.guide_size is not None:
+        h, w = case.guide_size
+        logits = torch.randn((case.batch, h, w, case.heads, case.frames, case.frames), generator=gen)
+        guide = torch.softmax(2.0 * logits, dim=-1).to(case.dtype).to(device)
+    return q, k, v, guide
+
+
+def expected(case: AttentionCase, q, k, v, guide, scale: Optional[float] = None):
+    """(out, plain map, stats) in float64 from the map op's reference."""
+    sequences, frames, channels = q.shape
+    heads = case.heads
+    scale = case.head_dim ** -0.5 if scale is None else scale
+
+    def split(values):
+        return values.cpu().double().view(sequences, frames, heads, -1).transpose(1, 2)
+
+    scores = scale * split(q) @ split(k).transpose(-1, -2)
+    scores = scores.view(case.batch, case.height, case.width, heads, frames, frames)
+    probs, stats = reference.bytheway_attention_probs(
+        scores, None if guide is None else guide.cpu().double(), return_stats=True, **case.kwargs())
+    values = split(v)
+    probs_rows = probs.view(sequences, heads, frames, frames)
+    out = (probs_rows @ values).transpose(1, 2).reshape(sequences, frames, channels)
+    bound = (probs_rows.abs() @ values.abs()).transpose(1, 2).reshape(sequences, frames, channels)
+    return out, torch.softmax(scores, dim=-1), stats, bound
+
+
+def assert_matches(case: AttentionCase, inputs, out, plain_map=None, stats=None, scale=None):
+    """Compare a path's outputs with the float64 formula on the same inputs."""
+    q, k, v, guide = inputs
+    ref_out, ref_map, ref_stats, bound = expected(case, q, k, v, guide, scale)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+    tol = OUT_TOLERANCE.get(q.dtype, OUT_TOLERANCE[torch.float32])
+    error = (out.cpu().double() - ref_out).abs()
+    allowed = tol * bound + 1e-6
+    worst = (error / allowed).max() if error.numel() else torch.tensor(0.0)
+    assert not torch.isnan(error).any() and worst <= 1, (
+        f"{case}: out differs from the float64 formula; max error {error.max():.3g}, "
+        f"{float(worst):.3g} x the allowed bound")
+    if plain_map is not None:
+        assert plain_map.shape == ref_map.shape and plain_map.dtype == q.dtype
+        atol, rtol = PROB_TOLERANCES.get(q.dtype, PROB_TOLERANCES[torch.float32])
+        torch.testing.assert_close(plain_map.cpu().double(), ref_map, atol=atol, rtol=rtol,
+                                   msg=lambda m: f"{case}: map differs\n{m}")
+    if stats is not None:
+        atol, rtol = STATS_TOLERANCE
+        assert stats.dtype == torch.float32
+        torch.testing.assert_close(stats.cpu().double(), ref_stats.double(), atol=atol, rtol=rtol,
+                                   msg=lambda m: f"{case}: stats differ\n{m}")

@@ -1,0 +1,211 @@
+"""Fused temporal attention's public function and custom op on CPU: validation, the composed path
+against the float64 formula and SDPA, opcheck, torch.compile."""
+
+import pytest
+import torch
+import torch.nn.functional as F_nn
+
+import bytheway_kernels as btw
+from bytheway_kernels.ops.temporal_attention import fused_available, temporal_attention_op
+from temporal_attention_cases import AttentionCase, assert_matches, make_inputs
+
+BYTHEWAY = dict(alpha=0.6, beta=1.5, tau=7)
+
+
+def _call(case: AttentionCase, inputs, **extra):
+    q, k, v, guide = inputs
+    return btw.temporal_attention(q, k, v, heads=case.heads, height=case.height, width=case.width,
+                                  guide=guide, **{**case.kwargs(), **extra})
+
+
+def _sdpa(q, k, v, heads, scale=None):
+    def split(values):
+        return values.view(values.shape[0], values.shape[1], heads, -1).transpose(1, 2)
+
+    out = F_nn.scaled_dot_product_attention(split(q), split(k), split(v), scale=scale)
+    return out.transpose(1, 2).reshape(q.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("frames,head_dim", [(16, 40), (2, 8), (24, 80)])
+def test_plain_attention_matches_sdpa(dtype, frames, head_dim):
+    case = AttentionCase(frames=frames, head_dim=head_dim, dtype=dtype, guide_size=None)
+    q, k, v, _ = make_inputs(case, seed=1)
+    out = btw.temporal_attention(q, k, v, heads=case.heads, height=2, width=2)
+    ref = _sdpa(q.double(), k.double(), v.double(), case.heads)
+    assert out.dtype == dtype and out.is_contiguous()
+    atol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=atol)
+    # SDPA in the input dtype differs from the exact result by its own rounding too
+    torch.testing.assert_close(out, _sdpa(q, k, v, case.heads), atol=2 * atol, rtol=2 * atol)
+
+
+def test_custom_scale_matches_sdpa():
+    case = AttentionCase(guide_size=None)
+    q, k, v, _ = make_inputs(case)
+    out = btw.temporal_attention(q, k, v, heads=2, height=2, width=2, scale=0.3)
+    torch.testing.assert_close(out, _sdpa(q, k, v, 2, scale=0.3), atol=1e-5, rtol=1e-5)
+
+
+COMPOSED_CASES = [
+    AttentionCase(),
+    AttentionCase(dtype=torch.float16, head_dim=40, adaptive_beta=True, guide_upsample="bilinear",
+                  height=3, width=4, guide_size=(2, 3)),
+    AttentionCase(dtype=torch.bfloat16, beta=10.0, alpha=0.1, adaptive_beta=True,
+                  energy_scope="sample", batch=4),
+    AttentionCase(frames=8, tau=0, guide_size=None, parts=1, energy_part=0, adaptive_beta=True,
+                  beta_max=2.0, fused_qkv=False),
+    AttentionCase(frames=9, tau=2, parts=3, energy_part=1, batch=3, adaptive_beta=True),
+    AttentionCase(frames=2, tau=0, beta=3.0, guide_upsample="bilinear", guide_size=(1, 2)),
+    AttentionCase(dtype=torch.float64, frames=33, tau=15, head_dim=24, adaptive_beta=True),
+]
+
+
+@pytest.mark.parametrize("case", COMPOSED_CASES, ids=str)
+def test_composed_path_matches_float64_formula(case):
+    inputs = make_inputs(case, seed=2)
+    out, plain_map, stats = _call(case, inputs, return_map=True, return_stats=True)
+    assert stats.shape == (case.params().stats_rows(case.batch), 6)
+    assert_matches(case, inputs, out, plain_map, stats)
+    assert_matches(case, inputs, _call(case, inputs))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_reference_backend_float64_is_the_formula(backend, monkeypatch):
+    monkeypatch.setenv("BYTHEWAY_BACKEND", backend)
+    case = AttentionCase(dtype=torch.float64, adaptive_beta=True, beta=4.0)
+    inputs = make_inputs(case, seed=5)
+    out, stats = _call(case, inputs, return_stats=True)
+    assert_matches(case, inputs, out, stats=stats)
+
+
+def test_return_flags_shapes_and_dtypes():
+    case = AttentionCase(dtype=torch.bfloat16, batch=4, energy_scope="sample")
+    inputs = make_inputs(case)
+    out = _call(case, inputs)
+    assert isinstance(out, torch.Tensor) and out.shape == inputs[0].shape
+    out, plain_map = _call(case, inputs, return_map=True)
+    assert plain_map.shape == (4, 2, 2, 2, 16, 16) and plain_map.dtype == torch.bfloat16
+    out, stats = _call(case, inputs, return_stats=True)
+    assert stats.shape == (2, 6) and stats.dtype == torch.float32
+    out, plain_map, stats = _call(case, inputs, return_map=True, return_stats=True)
+    assert plain_map.shape == (4, 2, 2, 2, 16, 16) and stats.shape == (2, 6)
+
+
+def test_strided_qkv_slices_equal_contiguous_copies():
+    case = AttentionCase(head_dim=40, adaptive_beta=True)
+    q, k, v, guide = make_inputs(case)
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    strided = _call(case, (q, k, v, guide))
+    copies = _call(case, (q.contiguous(), k.contiguous(), v.contiguous(), guide))
+    torch.testing.assert_close(strided, copies, atol=1e-6, rtol=1e-6)
+    # any other stride of the first two dims as well
+    q2 = q.transpose(0, 1).contiguous().transpose(0, 1)
+    torch.testing.assert_close(_call(case, (q2, k, v, guide)), copies, atol=1e-6, rtol=1e-6)
+
+
+def test_empty_batch():
+    case = AttentionCase(batch=0)
+    q, k, v, guide = make_inputs(case)
+    out, stats = _call(case, (q, k, v, guide), return_stats=True)
+    assert out.shape == q.shape
+    assert stats.tolist() == [[1.5, 0.0, 0.0, 0.0, 0.0, 0.0]]
+
+
+def _good():
+    case = AttentionCase()
+    q, k, v, guide = make_inputs(case)
+    return dict(q=q, k=k, v=v, heads=2, height=2, width=2, guide=guide, **BYTHEWAY)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(q="q"), r"q must be a torch.Tensor"),
+    (lambda a: a.update(q=a["q"].to(torch.int32)), r"q must be a floating-point"),
+    (lambda a: a.update(k=a["k"][0]), r"k must be 3-D"),
+    (lambda a: a.update(v=a["v"][:, :8]), r"v shape .* must equal q's"),
+    (lambda a: a.update(k=a["k"].double()), r"k dtype torch.float64 must equal q's"),
+    (lambda a: a.update(v=a["v"].to("meta")), r"v is on meta but q is on cpu"),
+    (lambda a: a.update(q=a["q"].transpose(1, 2).contiguous().transpose(1, 2)),
+     r"q must have a contiguous last dim"),
+    (dict(heads=3), r"C=16 of q is not divisible by heads=3"),
+    (dict(heads=0), r"heads must be a positive int"),
+    (dict(heads=2.0), r"heads must be a positive int"),
+    (dict(height=3), r"B\*H\*W=8 is not a multiple of height\*width=3\*2"),
+    (dict(width=-1), r"width must be a positive int"),
+    (dict(scale=0.0), r"scale must be > 0"),
+    (dict(scale=float("inf")), r"scale must be a finite"),
+    (dict(scale="1"), r"scale must be a finite"),
+    (lambda a: a.update(guide=a["guide"][:, :, :, :1]), r"guide shape .* must match"),
+    (lambda a: a.update(guide=a["guide"].expand(2, 3, 1, 2, 16, 16)), r"guide spatial size \(3, 1\)"),
+    (lambda a: a.update(guide=a["guide"][0]), r"guide must be 6-D"),
+    (dict(guide="x"), r"guide must be a torch.Tensor or None"),
+    (dict(tau=8), r"tau=8 is invalid for F=16"),
+    (dict(tau=1.0), r"tau must be an integer"),
+    (dict(alpha=2.0), r"alpha must be <= 1"),
+    (dict(beta=-1.0), r"beta must be >= 0"),
+    (dict(beta_max=1.0), r"beta_max must be >= 1.5"),
+    (dict(energy_scope="video"), r"energy_scope must be one of"),
+    (dict(guide_upsample="bicubic"), r"guide_upsample must be one of"),
+    (dict(adaptive_beta=1), r"adaptive_beta must be a bool"),
+    (dict(cfg=1), r"cfg must be a bool"),
+    (dict(batch_split=(2, 2)), r"batch_split"),
+    (dict(batch_split=(4, 1)), r"not divisible by 4"),
+    (dict(return_map=1), r"return_map must be a bool"),
+    (dict(return_stats=None), r"return_stats must be a bool"),
+])
+def test_bad_arguments_raise_value_error_naming_them(change, match):
+    args = _good()
+    if callable(change):
+        change(args)
+    else:
+        args.update(change)
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    with pytest.raises(ValueError, match=match):
+        btw.temporal_attention(q, k, v, **args)
+
+
+@pytest.mark.parametrize("frames", [1, 2, 3])
+def test_tau_default_is_validated_against_frames(frames):
+    case = AttentionCase(frames=frames, guide_size=None)
+    q, k, v, _ = make_inputs(case)
+    if frames < 2:
+        with pytest.raises(ValueError, match="at least F=2"):
+            btw.temporal_attention(q, k, v, heads=2, height=2, width=2)
+    else:
+        assert btw.temporal_attention(q, k, v, heads=2, height=2, width=2).shape == q.shape
+
+
+def test_fused_available_follows_the_backend(monkeypatch):
+    monkeypatch.delenv("BYTHEWAY_BACKEND", raising=False)
+    assert not fused_available("cpu")
+    assert fused_available(torch.device("cuda"))
+    monkeypatch.setenv("BYTHEWAY_BACKEND", "reference")
+    assert not fused_available("cuda")
+
+
+@pytest.mark.parametrize("with_guide,with_map,with_stats,adaptive", [
+    (True, True, True, True), (False, False, False, False), (True, False, True, False),
+])
+def test_opcheck(with_guide, with_map, with_stats, adaptive):
+    case = AttentionCase(frames=8, head_dim=8)
+    q, k, v, guide = make_inputs(case)
+    args = (q, k, v, guide if with_guide else None, 2, 2, 2, 0.35, 0.6, 1.5, 3, adaptive, 2, 1,
+            "batch", "bilinear", None, with_map, with_stats)
+    torch.library.opcheck(temporal_attention_op, args)
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    case = AttentionCase(adaptive_beta=True)
+    q, k, v, guide = make_inputs(case)
+
+    def layer(qkv, guide):
+        q, k, v = qkv.split(16, dim=-1)
+        out, stats = btw.temporal_attention(q, k, v, heads=2, height=2, width=2, guide=guide,
+                                            adaptive_beta=True, return_stats=True, **BYTHEWAY)
+        return out * 2.0, stats
+
+    qkv = torch.cat([q, k, v], dim=-1)
+    compiled = torch.compile(layer, fullgraph=True, backend="inductor")
+    for got, want in zip(compiled(qkv, guide), layer(qkv, guide)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -36,6 +36,10 @@
 namespace bytheway_cpu {
 namespace {
 
+// The per-map steps below are separate functions for reading; forcing them inline keeps the
+// code the compiler sees (and its alias analysis across steps) that of one loop body.
+#define BYTHEWAY_INLINE inline __attribute__((always_inline))
+
 // Maps per unit of parallel work. Stats partial sums are kept per block and reduced in block
 // order, so the result does not depend on the number of threads.
 constexpr int64_t kBlockMaps = 64;
@@ -217,7 +221,7 @@ struct EnergySums {
 // (the compiler then unrolls the loops over it), else heap storage of a runtime size.
 template <typename T, int kSize>
 struct Scratch {
-  std::array<T, kSize> values;
+  alignas(64) std::array<T, kSize> values;  // cache-line aligned, also inside a struct
   explicit Scratch(int64_t) {}
   T* data() { return values.data(); }
   const T* data() const { return values.data(); }
@@ -355,7 +359,7 @@ struct MapScratch {
 // of their own instead of being fused into the elementwise loops: the compiler then emits vector
 // code for them, and the F rows' reductions overlap. The logits are read in place.
 template <typename scalar_t, typename acc_t, int kFrames>
-inline void softmax_numerators(const scalar_t* __restrict__ logits, MapScratch<acc_t, kFrames>& work) {
+BYTHEWAY_INLINE void softmax_numerators(const scalar_t* __restrict__ logits, MapScratch<acc_t, kFrames>& work) {
   const int64_t F = kFrames > 0 ? kFrames : work.frames;
   acc_t* __restrict__ softmax = work.softmax.data();
   acc_t* __restrict__ maxima = work.row_max.data();
@@ -376,7 +380,7 @@ inline void softmax_numerators(const scalar_t* __restrict__ logits, MapScratch<a
 
 // Without a guide: A = numerators / row sum, and A2 = A with row sums 1.
 template <typename acc_t, int kFrames>
-inline void normalise_without_guide(MapScratch<acc_t, kFrames>& work) {
+BYTHEWAY_INLINE void normalise_without_guide(MapScratch<acc_t, kFrames>& work) {
   const int64_t F = kFrames > 0 ? kFrames : work.frames;
   acc_t* __restrict__ softmax = work.softmax.data();
   acc_t* __restrict__ guided = work.guided.data();
@@ -422,7 +426,7 @@ struct GuideTaps {
 // A = numerators / row sum, A2 = A + alpha (U - A) and rowsum(A2). A row whose guided sum is
 // <= 0 or not finite (e.g. an all-zero guide row with alpha = 1) keeps A2 = A: the op's rule.
 template <typename acc_t, typename guide_t, int kFrames>
-inline void normalise_and_blend(const Plan<acc_t>& plan, const GuideTaps<acc_t, guide_t>& taps,
+BYTHEWAY_INLINE void normalise_and_blend(const Plan<acc_t>& plan, const GuideTaps<acc_t, guide_t>& taps,
                                 MapScratch<acc_t, kFrames>& work) {
   const int64_t F = kFrames > 0 ? kFrames : work.frames;
   const acc_t alpha = plan.alpha;
@@ -468,7 +472,7 @@ inline void normalise_and_blend(const Plan<acc_t>& plan, const GuideTaps<acc_t, 
 
 // high = A2 P: the closed form A2 - rowsum(A2) / F for the full band, else the band product.
 template <typename acc_t, int kFrames>
-inline void high_band_rows(const Plan<acc_t>& plan, MapScratch<acc_t, kFrames>& work) {
+BYTHEWAY_INLINE void high_band_rows(const Plan<acc_t>& plan, MapScratch<acc_t, kFrames>& work) {
   const int64_t F = kFrames > 0 ? kFrames : work.frames;
   const acc_t* __restrict__ guided = work.guided.data();
   acc_t* __restrict__ high = work.high.data();
@@ -488,7 +492,7 @@ inline void high_band_rows(const Plan<acc_t>& plan, MapScratch<acc_t, kFrames>& 
 
 // Adds the map's energy terms to per-column lanes (see EnergySums).
 template <typename acc_t, int kFrames>
-inline void add_energies(const MapScratch<acc_t, kFrames>& work, EnergyLanes<acc_t, kFrames>& lanes) {
+BYTHEWAY_INLINE void add_energies(const MapScratch<acc_t, kFrames>& work, EnergyLanes<acc_t, kFrames>& lanes) {
   const int64_t F = kFrames > 0 ? kFrames : work.frames;
   const acc_t* __restrict__ softmax = work.softmax.data();
   const acc_t* __restrict__ guided = work.guided.data();
@@ -530,7 +534,7 @@ inline scalar_t to_output(acc_t value) {
 
 // A3 = A2 + (beta - 1) A2 P, divided by its row sum rowsum(A2) (DC is outside the band).
 template <typename scalar_t, typename acc_t, int kFrames>
-inline void store_enhanced(const MapScratch<acc_t, kFrames>& work, acc_t band_gain, scalar_t* __restrict__ out) {
+BYTHEWAY_INLINE void store_enhanced(const MapScratch<acc_t, kFrames>& work, acc_t band_gain, scalar_t* __restrict__ out) {
   const int64_t F = kFrames > 0 ? kFrames : work.frames;
   const acc_t* __restrict__ guided = work.guided.data();
   const acc_t* __restrict__ high = work.high.data();

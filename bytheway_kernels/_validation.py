@@ -41,7 +41,17 @@ def check_flag(name: str, value) -> bool:
 
 
 def check_number(name: str, value, low: Optional[float] = None, high: Optional[float] = None) -> float:
-    """A finite real number within [low, high] (Python or numpy; not a bool, not a tensor), as a float."""
+    """A finite real number within [low, high] (Python or numpy; not a bool, not a tensor), as a float.
+
+    Examples:
+        >>> import numpy as np
+        >>> check_number("alpha", np.float32(0.5), low=0.0, high=1.0)
+        0.5
+        >>> check_number("beta", 10**400)
+        Traceback (most recent call last):
+        ...
+        ValueError: beta must be a finite real number, got an integer beyond the float range
+    """
     if is_flag(value) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a finite real number, got {value!r}")
     try:
@@ -65,7 +75,13 @@ def check_integer(name: str, value) -> int:
 
 
 def check_tau(tau, frames: int) -> int:
-    """tau as an int, valid for F = `frames`."""
+    """tau as an int, valid for F = `frames`.
+
+    Examples:
+        >>> import numpy as np
+        >>> check_tau(np.int64(7), 16)
+        7
+    """
     tau = check_integer("tau", tau)
     if frames < 2:
         raise ValueError(f"ByTheWay needs at least F=2 frames, got F={frames}")

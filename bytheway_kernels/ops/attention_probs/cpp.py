@@ -176,7 +176,13 @@ def _build_and_load() -> Path:
 
 @functools.lru_cache(maxsize=None)
 def cpp_status() -> CppStatus:
-    """Whether the C++ kernel is usable here, and why not; builds it on the first call."""
+    """Whether the C++ kernel is usable here, and why not; builds it on the first call.
+
+    Examples:
+        >>> status = cpp_status()  # doctest: +SKIP
+        >>> status.available, status.reason  # doctest: +SKIP
+        (True, 'built in /home/me/.cache/torch_extensions/bytheway_kernels/attention_probs_cpu_...')
+    """
     reason = _missing_tool()
     if reason is None:
         try:
@@ -201,6 +207,14 @@ def attention_probs_cpp_out(scores, guide, params: ByTheWayParams, probs, stats)
     """Write the op's result into `probs` (and `stats`, float32 (rows, 6), unless it is None).
 
     The band rules come from Python (`band.py`, `energy.py`), so the kernel never restates them.
+
+    Examples:
+        >>> import torch
+        >>> from bytheway_kernels.ops.params import ByTheWayParams
+        >>> scores = torch.randn(2, 2, 2, 1, 16, 16)
+        >>> params = ByTheWayParams(0.0, 1.5, 7, False, 1, 0, "batch", "nearest", None)
+        >>> probs = torch.empty_like(scores)
+        >>> attention_probs_cpp_out(scores, None, params, probs, None)  # doctest: +SKIP
     """
     _require_extension()
     frames = scores.shape[-1]

@@ -781,6 +781,25 @@ std::optional<at::Tensor> checked_guide(const std::optional<at::Tensor>& guide_i
   return (g.scalar_type() == scores.scalar_type() ? g : g.to(acc_type)).contiguous();
 }
 
+// Memory-safety checks only: the ValueErrors naming arguments are raised in Python before this.
+void check_arguments(const at::Tensor& scores_in, const at::Tensor& band_matrix, int64_t parts, int64_t energy_part,
+                     c10::string_view energy_scope, c10::string_view guide_upsample, const at::Tensor& probs) {
+  TORCH_CHECK(scores_in.device().is_cpu(), "bytheway_cpu: scores must be a CPU tensor");
+  TORCH_CHECK(scores_in.dim() == 6 && scores_in.size(4) == scores_in.size(5) && scores_in.size(5) >= 2,
+              "bytheway_cpu: scores must be (B, H, W, heads, F, F) with F >= 2, got ", scores_in.sizes());
+  const int64_t frames = scores_in.size(5);
+  TORCH_CHECK(band_matrix.device().is_cpu() && band_matrix.is_floating_point() && band_matrix.dim() == 2 &&
+                  band_matrix.size(0) == frames && band_matrix.size(1) == frames,
+              "bytheway_cpu: band_matrix must be a floating (F, F) CPU tensor with F=", frames);
+  TORCH_CHECK(parts >= 1 && energy_part >= 0 && energy_part < parts && scores_in.size(0) % parts == 0,
+              "bytheway_cpu: bad batch split parts=", parts, ", energy_part=", energy_part);
+  TORCH_CHECK(energy_scope == "batch" || energy_scope == "sample", "bytheway_cpu: bad energy_scope");
+  TORCH_CHECK(guide_upsample == "nearest" || guide_upsample == "bilinear", "bytheway_cpu: bad guide_upsample");
+  TORCH_CHECK(probs.device().is_cpu() && probs.sizes() == scores_in.sizes() &&
+                  probs.scalar_type() == scores_in.scalar_type(),
+              "bytheway_cpu: probs must be a CPU tensor with the shape and dtype of scores");
+}
+
 // `band_matrix` is P (F x F, any floating dtype; read in double) from bytheway_kernels/band.py;
 // with `full_band` (band.is_full_band) it is not read and A2 P = A2 - rowsum(A2) / F is used.
 void attention_probs_out(
@@ -799,21 +818,7 @@ void attention_probs_out(
     double high_energy_floor,
     const at::Tensor& probs,
     const std::optional<at::Tensor>& stats) {
-  TORCH_CHECK(scores_in.device().is_cpu(), "bytheway_cpu: scores must be a CPU tensor");
-  TORCH_CHECK(scores_in.dim() == 6 && scores_in.size(4) == scores_in.size(5) && scores_in.size(5) >= 2,
-              "bytheway_cpu: scores must be (B, H, W, heads, F, F) with F >= 2, got ", scores_in.sizes());
-  const int64_t frames = scores_in.size(5);
-  TORCH_CHECK(band_matrix.device().is_cpu() && band_matrix.is_floating_point() && band_matrix.dim() == 2 &&
-                  band_matrix.size(0) == frames && band_matrix.size(1) == frames,
-              "bytheway_cpu: band_matrix must be a floating (F, F) CPU tensor with F=", frames);
-  TORCH_CHECK(parts >= 1 && energy_part >= 0 && energy_part < parts && scores_in.size(0) % parts == 0,
-              "bytheway_cpu: bad batch split parts=", parts, ", energy_part=", energy_part);
-  TORCH_CHECK(energy_scope == "batch" || energy_scope == "sample", "bytheway_cpu: bad energy_scope");
-  TORCH_CHECK(guide_upsample == "nearest" || guide_upsample == "bilinear", "bytheway_cpu: bad guide_upsample");
-  TORCH_CHECK(probs.device().is_cpu() && probs.sizes() == scores_in.sizes() &&
-                  probs.scalar_type() == scores_in.scalar_type(),
-              "bytheway_cpu: probs must be a CPU tensor with the shape and dtype of scores");
-
+  check_arguments(scores_in, band_matrix, parts, energy_part, energy_scope, guide_upsample, probs);
   const at::Tensor scores = scores_in.contiguous();
   const at::ScalarType acc_type = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const std::optional<at::Tensor> guide = checked_guide(guide_in, scores, acc_type);

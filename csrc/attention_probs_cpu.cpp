@@ -332,67 +332,48 @@ inline void band_product(const acc_t* __restrict__ guided, const acc_t* __restri
   }
 }
 
-// Scratch of one F x F map while it goes through the steps below. Each step runs over all F rows
-// of a map before the next step starts: the rows' horizontal reductions are independent, so they
-// overlap instead of forming one long dependency chain.
-template <typename acc_t, int kFrames>
-struct MapScratch {
-  static constexpr int kMapSize = kFrames * kFrames;
-  const int64_t frames;
-  // Distinct buffers (guided is a copy of softmax without a guide), so all may be __restrict__.
-  Scratch<acc_t, kMapSize> softmax, guided, high;  // A, A2, A2 P
-  Scratch<acc_t, kFrames> row_max;                 // max_j s_ij
-  Scratch<acc_t, kFrames> row_inv_denominator;     // 1 / sum_j exp(s_ij - max_i)
-  Scratch<acc_t, kFrames> row_guided_sum;          // rowsum(A2), the final divisor
+// The steps of one F x F map, in order. Each runs over all F rows of the map before the next
+// starts: the rows' horizontal reductions are independent, so they overlap instead of forming one
+// long dependency chain. The buffers are separate locals of `process_maps` passed as __restrict__
+// parameters: GCC honours restrict on parameters, and its alias analysis does not tell apart the
+// fields of one struct, so scratch kept in a struct costs the vectoriser ~25% at F = 16.
 
-  explicit MapScratch(int64_t frames_)
-      : frames(frames_),
-        softmax(frames_ * frames_),
-        guided(frames_ * frames_),
-        high(frames_ * frames_),
-        row_max(frames_),
-        row_inv_denominator(frames_),
-        row_guided_sum(frames_) {}
-};
-
-// softmax numerators exp(s - max) into work.softmax and 1 / their row sums. Reductions get loops
-// of their own instead of being fused into the elementwise loops: the compiler then emits vector
-// code for them, and the F rows' reductions overlap. The logits are read in place.
-template <typename scalar_t, typename acc_t, int kFrames>
-BYTHEWAY_INLINE void softmax_numerators(const scalar_t* __restrict__ logits, MapScratch<acc_t, kFrames>& work) {
-  const int64_t F = kFrames > 0 ? kFrames : work.frames;
-  acc_t* __restrict__ softmax = work.softmax.data();
-  acc_t* __restrict__ maxima = work.row_max.data();
+// softmax numerators exp(s - max) and 1 / their row sums. Reductions get loops of their own
+// instead of being fused into the elementwise loops: the compiler then emits vector code for
+// them, and the F rows' reductions overlap. The logits are read in place.
+template <typename scalar_t, typename acc_t>
+BYTHEWAY_INLINE void softmax_numerators(const scalar_t* __restrict__ logits, int64_t F,
+                                        acc_t* __restrict__ numerators, acc_t* __restrict__ row_maxima,
+                                        acc_t* __restrict__ row_inv_denominator) {
   for (int64_t i = 0; i < F; ++i) {
-    maxima[i] = row_max<acc_t>(logits + i * F, F);
+    row_maxima[i] = row_max<acc_t>(logits + i * F, F);
   }
   for (int64_t i = 0; i < F; ++i) {
-    const acc_t m = maxima[i];
+    const acc_t m = row_maxima[i];
 #pragma omp simd
     for (int64_t j = 0; j < F; ++j) {
-      softmax[i * F + j] = exp_nonpositive(static_cast<acc_t>(logits[i * F + j]) - m);
+      numerators[i * F + j] = exp_nonpositive(static_cast<acc_t>(logits[i * F + j]) - m);
     }
   }
   for (int64_t i = 0; i < F; ++i) {
-    work.row_inv_denominator.data()[i] = acc_t(1) / row_sum(softmax + i * F, F);
+    row_inv_denominator[i] = acc_t(1) / row_sum(numerators + i * F, F);
   }
 }
 
-// Without a guide: A = numerators / row sum, and A2 = A with row sums 1.
-template <typename acc_t, int kFrames>
-BYTHEWAY_INLINE void normalise_without_guide(MapScratch<acc_t, kFrames>& work) {
-  const int64_t F = kFrames > 0 ? kFrames : work.frames;
-  acc_t* __restrict__ softmax = work.softmax.data();
-  acc_t* __restrict__ guided = work.guided.data();
+// Without a guide: A = numerators / row sum (in place), and A2 = A with row sums 1.
+template <typename acc_t>
+BYTHEWAY_INLINE void normalise_without_guide(int64_t F, const acc_t* __restrict__ row_inv_denominator,
+                                             acc_t* __restrict__ softmax, acc_t* __restrict__ guided,
+                                             acc_t* __restrict__ row_guided_sum) {
   for (int64_t i = 0; i < F; ++i) {
-    const acc_t inv_denominator = work.row_inv_denominator.data()[i];
+    const acc_t inv_denominator = row_inv_denominator[i];
 #pragma omp simd
     for (int64_t j = 0; j < F; ++j) {
       const acc_t a = softmax[i * F + j] * inv_denominator;
       softmax[i * F + j] = a;
       guided[i * F + j] = a;
     }
-    work.row_guided_sum.data()[i] = acc_t(1);
+    row_guided_sum[i] = acc_t(1);
   }
 }
 
@@ -423,21 +404,20 @@ struct GuideTaps {
   }
 };
 
-// A = numerators / row sum, A2 = A + alpha (U - A) and rowsum(A2). A row whose guided sum is
-// <= 0 or not finite (e.g. an all-zero guide row with alpha = 1) keeps A2 = A: the op's rule.
-template <typename acc_t, typename guide_t, int kFrames>
-BYTHEWAY_INLINE void normalise_and_blend(const Plan<acc_t>& plan, const GuideTaps<acc_t, guide_t>& taps,
-                                MapScratch<acc_t, kFrames>& work) {
-  const int64_t F = kFrames > 0 ? kFrames : work.frames;
+// A = numerators / row sum (in place), A2 = A + alpha (U - A) and rowsum(A2). A row whose guided
+// sum is <= 0 or not finite (e.g. an all-zero guide row with alpha = 1) keeps A2 = A: the op's rule.
+template <typename acc_t, typename guide_t>
+BYTHEWAY_INLINE void normalise_and_blend(int64_t F, const Plan<acc_t>& plan, const GuideTaps<acc_t, guide_t>& taps,
+                                         const acc_t* __restrict__ row_inv_denominator,
+                                         acc_t* __restrict__ softmax, acc_t* __restrict__ guided,
+                                         acc_t* __restrict__ row_guided_sum) {
   const acc_t alpha = plan.alpha;
-  acc_t* __restrict__ softmax = work.softmax.data();
-  acc_t* __restrict__ guided = work.guided.data();
   const guide_t* __restrict__ u00 = taps.u00;
   const guide_t* __restrict__ u01 = taps.u01;
   const guide_t* __restrict__ u10 = taps.u10;
   const guide_t* __restrict__ u11 = taps.u11;
   for (int64_t i = 0; i < F; ++i) {
-    const acc_t inv_denominator = work.row_inv_denominator.data()[i];
+    const acc_t inv_denominator = row_inv_denominator[i];
     if (!plan.bilinear) {
 #pragma omp simd
       for (int64_t j = 0; j < F; ++j) {
@@ -458,12 +438,19 @@ BYTHEWAY_INLINE void normalise_and_blend(const Plan<acc_t>& plan, const GuideTap
       }
     }
   }
-  acc_t* __restrict__ row_guided_sum = work.row_guided_sum.data();
   for (int64_t i = 0; i < F; ++i) {
     row_guided_sum[i] = row_sum(guided + i * F, F);
   }
+  // 0 < t <= max is false for t <= 0, inf and NaN. The per-row fallback below practically never
+  // runs, so all rows are checked at once: the smallest sum is > 0 and the total (which an inf or
+  // NaN row makes non-finite) is finite.
+  constexpr acc_t kLargest = std::numeric_limits<acc_t>::max();
+  const acc_t smallest = reduce_row(row_guided_sum, F, kLargest, [](acc_t a, acc_t b) { return b < a ? b : a; });
+  if (smallest > acc_t(0) && row_sum(row_guided_sum, F) <= kLargest) {
+    return;
+  }
   for (int64_t i = 0; i < F; ++i) {
-    if (!(row_guided_sum[i] > acc_t(0)) || !std::isfinite(row_guided_sum[i])) {
+    if (!(row_guided_sum[i] > acc_t(0) && row_guided_sum[i] <= kLargest)) {
       std::copy(softmax + i * F, softmax + (i + 1) * F, guided + i * F);
       row_guided_sum[i] = row_sum(guided + i * F, F);
     }
@@ -472,17 +459,15 @@ BYTHEWAY_INLINE void normalise_and_blend(const Plan<acc_t>& plan, const GuideTap
 
 // high = A2 P: the closed form A2 - rowsum(A2) / F for the full band, else the band product.
 template <typename acc_t, int kFrames>
-BYTHEWAY_INLINE void high_band_rows(const Plan<acc_t>& plan, MapScratch<acc_t, kFrames>& work) {
-  const int64_t F = kFrames > 0 ? kFrames : work.frames;
-  const acc_t* __restrict__ guided = work.guided.data();
-  acc_t* __restrict__ high = work.high.data();
+BYTHEWAY_INLINE void high_band_rows(int64_t F, const Plan<acc_t>& plan, const acc_t* __restrict__ guided,
+                                    const acc_t* __restrict__ row_guided_sum, acc_t* __restrict__ high) {
   if (!plan.full_band) {
     band_product<acc_t, kFrames>(guided, plan.circulant.data(), high, F);
     return;
   }
   const acc_t inv_frames = acc_t(1) / static_cast<acc_t>(F);
   for (int64_t i = 0; i < F; ++i) {
-    const acc_t mean = work.row_guided_sum.data()[i] * inv_frames;
+    const acc_t mean = row_guided_sum[i] * inv_frames;
 #pragma omp simd
     for (int64_t j = 0; j < F; ++j) {
       high[i * F + j] = guided[i * F + j] - mean;
@@ -492,11 +477,9 @@ BYTHEWAY_INLINE void high_band_rows(const Plan<acc_t>& plan, MapScratch<acc_t, k
 
 // Adds the map's energy terms to per-column lanes (see EnergySums).
 template <typename acc_t, int kFrames>
-BYTHEWAY_INLINE void add_energies(const MapScratch<acc_t, kFrames>& work, EnergyLanes<acc_t, kFrames>& lanes) {
-  const int64_t F = kFrames > 0 ? kFrames : work.frames;
-  const acc_t* __restrict__ softmax = work.softmax.data();
-  const acc_t* __restrict__ guided = work.guided.data();
-  const acc_t* __restrict__ high = work.high.data();
+BYTHEWAY_INLINE void add_energies(int64_t F, const acc_t* __restrict__ softmax, const acc_t* __restrict__ guided,
+                                  const acc_t* __restrict__ high, const acc_t* __restrict__ row_guided_sum,
+                                  EnergyLanes<acc_t, kFrames>& lanes) {
   acc_t* __restrict__ softmax_sq = lanes.lane(0);
   acc_t* __restrict__ guided_sq = lanes.lane(1);
   acc_t* __restrict__ guided_dot_high = lanes.lane(2);
@@ -504,7 +487,7 @@ BYTHEWAY_INLINE void add_energies(const MapScratch<acc_t, kFrames>& work, Energy
   acc_t* __restrict__ guided_dot_high_normalised = lanes.lane(4);
   acc_t* __restrict__ high_sq_normalised = lanes.lane(5);
   for (int64_t i = 0; i < F; ++i) {
-    const acc_t t = work.row_guided_sum.data()[i];
+    const acc_t t = row_guided_sum[i];
     const acc_t weight = acc_t(1) / (t * t);
 #pragma omp simd
     for (int64_t j = 0; j < F; ++j) {
@@ -533,13 +516,12 @@ inline scalar_t to_output(acc_t value) {
 }
 
 // A3 = A2 + (beta - 1) A2 P, divided by its row sum rowsum(A2) (DC is outside the band).
-template <typename scalar_t, typename acc_t, int kFrames>
-BYTHEWAY_INLINE void store_enhanced(const MapScratch<acc_t, kFrames>& work, acc_t band_gain, scalar_t* __restrict__ out) {
-  const int64_t F = kFrames > 0 ? kFrames : work.frames;
-  const acc_t* __restrict__ guided = work.guided.data();
-  const acc_t* __restrict__ high = work.high.data();
+template <typename scalar_t, typename acc_t>
+BYTHEWAY_INLINE void store_enhanced(int64_t F, const acc_t* __restrict__ guided, const acc_t* __restrict__ high,
+                                    const acc_t* __restrict__ row_guided_sum, acc_t band_gain,
+                                    scalar_t* __restrict__ out) {
   for (int64_t i = 0; i < F; ++i) {
-    const acc_t inv_sum = acc_t(1) / work.row_guided_sum.data()[i];
+    const acc_t inv_sum = acc_t(1) / row_guided_sum[i];
 #pragma omp simd
     for (int64_t j = 0; j < F; ++j) {
       const int64_t k = i * F + j;
@@ -562,10 +544,12 @@ void process_maps(
     int64_t map_begin,
     int64_t map_end) {
   using acc_t = typename AccumulateType<scalar_t>::type;
+  constexpr int kMapSize = kFrames * kFrames;
   const int64_t F = kFrames > 0 ? kFrames : plan.frames;
   const int64_t map_size = F * F;
   const acc_t band_gain = beta - acc_t(1);
-  MapScratch<acc_t, kFrames> work(F);
+  Scratch<acc_t, kMapSize> softmax(map_size), guided(map_size), high(map_size);  // A, A2, A2 P
+  Scratch<acc_t, kFrames> row_maxima(F), row_inv_denominator(F), row_guided_sum(F);
   // Per-map lanes in acc_t (F columns each), accumulated per block in double.
   EnergyLanes<acc_t, kFrames> map_lanes(sums ? F : 0);
   EnergyLanes<double, kFrames> block_lanes(sums ? F : 0);
@@ -580,21 +564,21 @@ void process_maps(
     if (map + kPrefetchMaps < map_end) {
       prefetch_bytes(logits + kPrefetchMaps * map_size, map_size * sizeof(scalar_t));
     }
-    softmax_numerators<scalar_t, acc_t, kFrames>(logits, work);
+    softmax_numerators(logits, F, softmax.data(), row_maxima.data(), row_inv_denominator.data());
     if (plan.has_guide) {
-      normalise_and_blend<acc_t, guide_t, kFrames>(plan, GuideTaps<acc_t, guide_t>(plan, guide, entry, y, x, head),
-                                                   work);
+      normalise_and_blend(F, plan, GuideTaps<acc_t, guide_t>(plan, guide, entry, y, x, head),
+                          row_inv_denominator.data(), softmax.data(), guided.data(), row_guided_sum.data());
     } else {
-      normalise_without_guide<acc_t, kFrames>(work);
+      normalise_without_guide(F, row_inv_denominator.data(), softmax.data(), guided.data(), row_guided_sum.data());
     }
-    high_band_rows<acc_t, kFrames>(plan, work);
+    high_band_rows<acc_t, kFrames>(F, plan, guided.data(), row_guided_sum.data(), high.data());
     if (sums != nullptr) {
-      add_energies<acc_t, kFrames>(work, map_lanes);
+      add_energies(F, softmax.data(), guided.data(), high.data(), row_guided_sum.data(), map_lanes);
       map_lanes.add_to(block_lanes);
       map_lanes.clear();
     }
     if (probs != nullptr) {
-      store_enhanced<scalar_t, acc_t, kFrames>(work, band_gain, probs + offset);
+      store_enhanced(F, guided.data(), high.data(), row_guided_sum.data(), band_gain, probs + offset);
     }
   }
   if (sums != nullptr) {

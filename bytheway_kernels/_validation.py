@@ -131,12 +131,19 @@ def resolve_batch_split(batch: int, cfg: bool, batch_split: Optional[Tuple[int, 
     return BatchSplit(parts, energy_part, batch // parts)
 
 
+def _check_dtype(name: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"got dtype {tensor.dtype}"
+        )
+
+
 def check_scores(scores) -> None:
     """(B, H, W, heads, F, F) logits of a supported floating dtype."""
     if not isinstance(scores, torch.Tensor):
         raise ValueError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
-    if scores.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"scores must have dtype float16, bfloat16, float32 or float64, got {scores.dtype}")
+    _check_dtype("scores", scores)
     if scores.dim() != 6 or scores.shape[-1] != scores.shape[-2]:
         raise ValueError(
             f"scores must be 6-D (B, H, W, heads, F, F) with equal last two dims, got shape "
@@ -150,8 +157,7 @@ def check_guide(guide, scores: torch.Tensor) -> None:
         return
     if not isinstance(guide, torch.Tensor):
         raise ValueError(f"guide must be a torch.Tensor or None, got {type(guide).__name__}")
-    if guide.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"guide must have dtype float16, bfloat16, float32 or float64, got {guide.dtype}")
+    _check_dtype("guide", guide)
     if guide.device != scores.device:
         raise ValueError(f"guide is on {guide.device} but scores are on {scores.device}")
     if guide.dim() != 6:

@@ -47,7 +47,8 @@ def test_unsupported_dtypes_are_value_errors(entry_point, which, dtype):
         scores = scores.to(dtype)
     else:
         guide = guide.to(dtype)
-    with pytest.raises(ValueError, match=f"{which} must have dtype float16, bfloat16, float32 or float64"):
+    expected = fr"{which} must be a floating-point tensor \(float16, bfloat16, float32 or float64\), got dtype {dtype}"
+    with pytest.raises(ValueError, match=expected):
         entry_point(scores, guide, **GOOD)
 
 

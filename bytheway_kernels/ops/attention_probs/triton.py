@@ -31,11 +31,11 @@ GUIDE_MODES = {None: 0, "nearest": 1, "bilinear": 2}
 # Per stats program: sum|A|^2, sum|A2|^2, sum<A2, A2 P>, then the last three over s^2, s = rowsum(A2),
 # from which E3 = |A2 + (beta - 1) A2 P|^2 / s^2 follows for any beta without another pass.
 PARTIAL_FIELDS = 6
-# Stats programs per launch, at most: enough to fill an H100/H200 several times over, few enough
-# that one reduce program per energy group sums them quickly.
-MAX_STATS_PROGRAMS = 1024
-# Partial slots the reduce kernel adds per loop iteration.
-REDUCE_CHUNK = 128
+# Stats programs per launch, at most: enough to fill an H100/H200 (132 SMs) a few times over, few
+# enough that one reduce program per energy group sums their slots in a few loop iterations.
+MAX_STATS_PROGRAMS = 2048
+# Partial slots the reduce kernel adds per loop iteration (8 warps: 16 values per thread).
+REDUCE_CHUNK = 512
 
 
 @triton.jit
@@ -225,9 +225,16 @@ def _apply_kernel(scores_ptr, guide_ptr, band_ptr, betas_ptr, probs_ptr, rows_pe
 
 
 def _launch_shape(padded_frames: int):
-    """(rows per tile, warps): ~1K fp32 elements per tile keeps every variant free of register
-    spills on sm_90 (checked by tests/test_triton_sm90.py), and tl.dot needs >= 16 rows."""
+    """(rows per tile, warps) of the apply pass: ~1K fp32 elements per tile keeps every variant
+    free of register spills on sm_90 (checked by tests/test_triton_sm90.py under Triton 3.6 and
+    the current Triton), and tl.dot needs >= 16 rows."""
     return max(16, 1024 // padded_frames), (8 if padded_frames >= 64 else 4)
+
+
+def _stats_launch_shape(padded_frames: int):
+    """(rows per tile, warps) of the stats pass: its six loop-carried row sums need smaller
+    tiles (~512 fp32 elements) to stay free of spills."""
+    return max(16, 512 // padded_frames), 4
 
 
 class KernelLaunch(NamedTuple):
@@ -268,17 +275,20 @@ def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams
                   GUIDE_MODE=GUIDE_MODES[None if guide_hw is None else params.guide_upsample],
                   FULL_BAND=is_full_band(frames, params.tau), num_warps=num_warps)
     tiles = triton.cdiv(rows_per_entry, block_rows)  # grid axis 0: it allows 2**31 - 1 programs
-    tiles_per_program = max(1, triton.cdiv(tiles * videos, MAX_STATS_PROGRAMS))
-    programs = triton.cdiv(tiles, tiles_per_program)
+    stats_block_rows, stats_warps = _stats_launch_shape(padded)
+    stats_tiles = triton.cdiv(rows_per_entry, stats_block_rows)
+    tiles_per_program = max(1, triton.cdiv(stats_tiles * videos, MAX_STATS_PROGRAMS))
+    programs = triton.cdiv(stats_tiles, tiles_per_program)
     groups = videos if per_video else 1
     stats_args = dict(common, first_entry=params.energy_part * videos,
-                      tiles_per_program=tiles_per_program)
+                      tiles_per_program=tiles_per_program, BLOCK_R=stats_block_rows,
+                      num_warps=stats_warps)
     reduce_args = dict(slots_per_group=programs * videos // groups,
                        rows_per_group=rows_per_entry * videos // groups, beta0=params.beta,
                        beta_max=params.beta if params.beta_max is None else params.beta_max,
                        high_energy_floor=HIGH_ENERGY_FLOOR, CHUNK=REDUCE_CHUNK,
                        ADAPTIVE=params.adaptive_beta, HAS_BETA_MAX=params.beta_max is not None,
-                       WRITE_STATS=with_stats, num_warps=4)
+                       WRITE_STATS=with_stats, num_warps=8)
     apply_args = dict(common, videos=max(videos, 1), beta0=params.beta, PER_VIDEO=per_video,
                       ADAPTIVE=params.adaptive_beta)
     return _LaunchPlan((programs, videos), (groups,), (tiles, batch), videos * programs * PARTIAL_FIELDS,

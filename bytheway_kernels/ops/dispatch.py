@@ -6,6 +6,7 @@ tensors use the compiled C++ kernel when it is built, else the pure-torch refere
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -33,7 +34,12 @@ def select_backend(device: torch.device) -> str:
     return "reference"
 
 
-def _cpp_available() -> bool:
-    from .attention_probs.cpp import cpp_status  # builds the C++ kernel on first use (cached)
+@functools.lru_cache(maxsize=None)
+def _cpp_module():
+    from .attention_probs import cpp  # imported once, on first use (not for CUDA-only callers)
 
-    return cpp_status().available
+    return cpp
+
+
+def _cpp_available() -> bool:
+    return _cpp_module().cpp_status().available  # builds the C++ kernel on first use (cached)

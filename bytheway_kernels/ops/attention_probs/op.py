@@ -12,6 +12,7 @@ Python dispatch; tracing, compiling, Python modes, functorch and autograd go thr
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -48,12 +49,14 @@ def _fused_backend(load_out_launcher):
     return run
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_out_launcher():
     from .triton import attention_probs_triton_out  # imports triton only when used
 
     return attention_probs_triton_out
 
 
+@functools.lru_cache(maxsize=None)
 def _cpp_out_launcher():
     from .cpp import attention_probs_cpp_out
 

@@ -49,3 +49,25 @@ def test_cuda_graph_capture_and_compile():
         out, out_stats = compiled(scores, guide)
     torch.testing.assert_close(out, expected, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(out_stats, expected_stats, atol=1e-5, rtol=1e-4)
+
+
+def test_adaptive_stats_are_bit_identical_run_to_run():
+    """The stats pass writes per-program partials, summed in a fixed order: no atomics."""
+    scores, guide = make_inputs(Case(height=64, width=64, heads=8, dtype=torch.float16,
+                                     guide_size=(16, 16)), device="cuda")
+    first = btw.bytheway_attention_probs(scores, guide, alpha=0.6, beta=1.5, tau=7, return_stats=True)
+    for _ in range(3):
+        again = btw.bytheway_attention_probs(scores, guide, alpha=0.6, beta=1.5, tau=7, return_stats=True)
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+
+
+def test_zero_guide_and_float64_on_cuda():
+    case = Case(alpha=1.0, guide_size=(2, 2))
+    scores, guide = make_inputs(case, device="cuda")
+    probs = btw.bytheway_attention_probs(scores, torch.zeros_like(guide), alpha=1.0, beta=1.5, tau=7)
+    unguided = btw.bytheway_attention_probs(scores, None, alpha=1.0, beta=1.5, tau=7)
+    torch.testing.assert_close(probs, unguided, atol=1e-6, rtol=1e-6)
+    logits = 1e4 + 3 * torch.randn((2, 2, 2, 2, 16, 16), dtype=torch.float64, device="cuda")
+    probs64 = btw.bytheway_attention_probs(logits, None, alpha=0.6, beta=1.5, tau=7)
+    expected = btw.reference.bytheway_attention_probs((logits - 1e4).cpu(), None, alpha=0.6, beta=1.5, tau=7)
+    assert probs64.dtype == torch.float64 and (probs64.cpu() - expected).abs().max() < 1e-12

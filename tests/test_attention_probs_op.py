@@ -114,3 +114,63 @@ def test_torch_compile_fullgraph(backend, monkeypatch):
     compiled = torch.compile(temporal_attention, fullgraph=True, backend="inductor")
     torch.testing.assert_close(compiled(scores, guide, value), temporal_attention(scores, guide, value),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """How often the public function went through the custom op (instead of the direct call)."""
+    from bytheway_kernels.ops.attention_probs import op
+
+    calls = []
+    custom_op = op.attention_probs
+
+    def counting(*args):
+        calls.append(args)
+        return custom_op(*args)
+
+    monkeypatch.setattr(op, "attention_probs", counting)
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton_interpreter), "cpp"])
+def test_eager_calls_skip_the_op_and_equal_compiled_calls(backend, op_calls, monkeypatch):
+    monkeypatch.setenv("BYTHEWAY_BACKEND", backend)
+    torch._dynamo.reset()
+    scores, guide = _inputs()
+    eager, eager_stats = btw.bytheway_attention_probs(scores, guide, **GOOD, return_stats=True)
+    assert op_calls == []  # plain eager: the backend is called directly
+    compiled = torch.compile(lambda s, g: btw.bytheway_attention_probs(s, g, **GOOD, return_stats=True),
+                             fullgraph=True)
+    probs, stats = compiled(scores, guide)
+    assert len(op_calls) == 1  # traced once, through the op
+    assert torch.equal(probs, eager) and torch.equal(stats, eager_stats)
+
+
+def test_autograd_and_modes_go_through_the_op(op_calls, monkeypatch):
+    monkeypatch.setenv("BYTHEWAY_BACKEND", "reference")
+    scores, guide = _inputs()
+    btw.bytheway_attention_probs(scores.requires_grad_(), guide, **GOOD)
+    assert len(op_calls) == 1
+    with torch.no_grad():  # no autograd needed: direct again
+        btw.bytheway_attention_probs(scores, guide, **GOOD)
+    assert len(op_calls) == 1
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    fake_scores, fake_guide = mode.from_tensor(scores.detach()), mode.from_tensor(guide)
+    with mode:
+        fake = btw.bytheway_attention_probs(fake_scores, fake_guide, **GOOD)
+    assert len(op_calls) == 2 and fake.shape == scores.shape
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton_interpreter), "reference"])
+def test_float64_is_computed_in_float64(backend, monkeypatch):
+    """Logits 1e4 + 3*randn: an fp32 softmax loses ~1e-4; float64 must stay near 1e-15.
+    With Triton selected, float64 goes to the C++ kernel (CPU) or the reference."""
+    monkeypatch.setenv("BYTHEWAY_BACKEND", backend)
+    gen = torch.Generator().manual_seed(0)
+    scores = 1e4 + 3 * torch.randn((2, 2, 2, 2, 16, 16), generator=gen, dtype=torch.float64)
+    guide = torch.softmax(torch.randn((2, 1, 1, 2, 16, 16), generator=gen, dtype=torch.float64), -1)
+    probs, stats = btw.bytheway_attention_probs(scores, guide, **GOOD, return_stats=True)
+    expected = btw.reference.bytheway_attention_probs(scores - 1e4, guide, **GOOD)
+    assert probs.dtype == torch.float64 and (probs - expected).abs().max() < 1e-12

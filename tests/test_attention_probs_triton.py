@@ -7,11 +7,14 @@ import pytest
 import torch
 
 from attention_probs_cases import (BackendContract, Case, assert_matches_reference, make_inputs,
-                           needs_triton_interpreter)
+                                   needs_triton_interpreter, run_poisoned)
+from bytheway_kernels import reference
 from bytheway_kernels.ops.attention_probs import triton as triton_kernels
 from bytheway_kernels.ops.attention_probs.triton import attention_probs_triton_out
 
 pytestmark = needs_triton_interpreter
+
+KERNELS = ("_stats_kernel", "_reduce_kernel", "_apply_kernel")
 
 
 class TestTritonContract(BackendContract):
@@ -19,29 +22,95 @@ class TestTritonContract(BackendContract):
     backend = "triton"
 
 
-@pytest.mark.parametrize("frames,tau", [(16, 7), (16, 3), (7, 2)])
-def test_fixed_beta_without_stats_is_one_launch(frames, tau, monkeypatch):
-    launches = []
+@pytest.fixture
+def launches(monkeypatch):
+    """The names of the kernels launched, in order."""
+    names = []
 
     class CountingKernel:
         def __init__(self, kernel, name):
             self.kernel, self.name = kernel, name
 
         def __getitem__(self, grid):
-            launches.append(self.name)
+            names.append(self.name)
             return self.kernel[grid]
 
-    for name in ("_stats_kernel", "_apply_kernel"):
+    for name in KERNELS:
         monkeypatch.setattr(triton_kernels, name, CountingKernel(getattr(triton_kernels, name), name))
+    return names
+
+
+@pytest.mark.parametrize("frames,tau", [(16, 7), (16, 3), (7, 2)])
+def test_launch_counts(frames, tau, launches):
+    """Fixed beta without stats: one launch. Adaptive or with stats: stats, reduce, apply (no
+    zeroing launch: every stats program writes its own slot)."""
     case = Case(frames=frames, tau=tau, adaptive_beta=False)
     scores, guide = make_inputs(case)
-    probs = torch.full_like(scores, float("nan"))
-    attention_probs_triton_out(scores, guide, case.params(), probs, None)
+    probs, _ = run_poisoned(attention_probs_triton_out, scores, guide, case, with_stats=False)
     assert launches == ["_apply_kernel"]
     assert_matches_reference(scores, guide, case, probs)
-    launches.clear()
-    attention_probs_triton_out(scores, guide, case.params()._replace(adaptive_beta=True), probs, None)
-    assert launches == ["_stats_kernel", "_apply_kernel"]
+    for adaptive, with_stats in [(True, False), (False, True), (True, True)]:
+        launches.clear()
+        adaptive_case = Case(frames=frames, tau=tau, adaptive_beta=adaptive)
+        probs, stats = run_poisoned(attention_probs_triton_out, scores, guide, adaptive_case, with_stats)
+        assert launches == list(KERNELS)
+        assert_matches_reference(scores, guide, adaptive_case, probs, stats)
+
+
+@pytest.fixture
+def many_stats_programs(monkeypatch):
+    """Force several tiles per stats program and several reduce iterations on small inputs."""
+    monkeypatch.setattr(triton_kernels, "MAX_STATS_PROGRAMS", 8)
+    monkeypatch.setattr(triton_kernels, "REDUCE_CHUNK", 2)
+    triton_kernels._launch_plan.cache_clear()
+    yield
+    triton_kernels._launch_plan.cache_clear()
+
+
+@pytest.mark.parametrize("scope", ["batch", "sample"])
+def test_stats_are_deterministic_with_many_partials(scope, many_stats_programs):
+    """Partial slots summed in a fixed order: the same input gives the same bits, run to run."""
+    case = Case(batch=4, height=5, width=7, frames=8, tau=1, energy_scope=scope,
+                guide_upsample="bilinear", guide_size=(3, 2))
+    scores, guide = make_inputs(case, seed=5)
+    plan = triton_kernels._launch_plan(tuple(scores.shape), (3, 2), case.params(), True)
+    assert plan.stats_args["tiles_per_program"] > 1 and plan.reduce_args["slots_per_group"] > 2
+    first = run_poisoned(attention_probs_triton_out, scores, guide, case)
+    second = run_poisoned(attention_probs_triton_out, scores, guide, case)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert_matches_reference(scores, guide, case, *first)
+
+
+@pytest.mark.parametrize("beta", [10.0, 100.0, 1000.0])
+@pytest.mark.parametrize("tau", [7, 3])
+def test_error_does_not_grow_with_beta(beta, tau):
+    """Dividing by rowsum(A2) (exact: the band term sums to 0) instead of rowsum(A3) keeps the
+    fp32 error relative to beta at the rounding of one fp32 row (~1e-7); dividing by rowsum(A3)
+    gave 1.3e-6 at beta 10 and 7.5e-5 at beta 1000."""
+    case = Case(beta=beta, tau=tau, adaptive_beta=False)
+    scores, guide = make_inputs(case)
+    probs, _ = run_poisoned(attention_probs_triton_out, scores, guide, case, with_stats=False)
+    expected = reference.bytheway_attention_probs(scores.double(), guide.double(), **case.kwargs())
+    assert (probs.double() - expected).abs().max() / beta < 4e-7
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_zero_guide_with_alpha_one_uses_the_unguided_map(adaptive):
+    """A guided row that sums to 0 falls back to the plain softmax row (no 0/0)."""
+    case = Case(alpha=1.0, adaptive_beta=adaptive, guide_size=(2, 2))
+    scores, guide = make_inputs(case)
+    probs, stats = run_poisoned(attention_probs_triton_out, scores, torch.zeros_like(guide), case)
+    assert torch.isfinite(probs).all() and torch.isfinite(stats).all()
+    unguided_case = Case(alpha=1.0, adaptive_beta=adaptive, guide_size=None)
+    unguided, unguided_stats = run_poisoned(attention_probs_triton_out, scores, None, unguided_case)
+    torch.testing.assert_close(probs, unguided, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(stats, unguided_stats, atol=1e-7, rtol=1e-6)
+
+
+def test_float64_is_refused_not_computed_in_fp32():
+    scores, guide = make_inputs(Case(dtype=torch.float64))
+    with pytest.raises(ValueError, match="float64"):
+        attention_probs_triton_out(scores, guide, Case().params(), torch.empty_like(scores), None)
 
 
 def test_cpu_tensors_without_interpreter_fail_clearly(monkeypatch):

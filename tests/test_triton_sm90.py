@@ -2,81 +2,173 @@
 
 The interpreter checks numerics but not that the kernels lower to PTX/SASS; this does, and checks
 that no variant spills registers to local memory (spills would make the memory-bound op slow).
-It runs in a subprocess because TRITON_INTERPRET=1 is fixed when the kernels are defined.
+It runs in a subprocess because TRITON_INTERPRET=1 is fixed when the kernels are defined, once
+with the current Triton and once with Triton 3.6.0 (the GPU images' version) when a copy of it is
+installed: `pip install --target .triton36 triton==3.6.0` in the repository root, or point
+BYTHEWAY_TRITON36_DIR at such a directory.
+
+Reusable by other ops' compile tests (import this module from a subprocess script):
+`compile_for_sm90(kernel, signature, constexprs, num_warps) -> (registers, spill_bytes)`,
+`launch_signature(kernel, args) -> (signature, constexprs, num_warps)` and
+`run_script(path, triton_dir=None) -> the JSON its last stdout line holds`.
 """
+
+from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
+from typing import Optional
 
 import pytest
 
 pytest.importorskip("triton")
 
-SCRIPT = textwrap.dedent(
-    r"""
-    import itertools, json, os, subprocess, tempfile
+REPO = Path(__file__).resolve().parents[1]
+TRITON36_ENV = "BYTHEWAY_TRITON36_DIR"
+# Triton type names of the tensors the kernels take.
+POINTER_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64",
+                 "int32": "i32", "int64": "i64"}
+
+
+def triton36_dir() -> Optional[Path]:
+    """The directory holding a Triton 3.6.0 package, or None if it is not installed."""
+    directory = Path(os.environ.get(TRITON36_ENV) or REPO / ".triton36")
+    return directory if (directory / "triton" / "__init__.py").is_file() else None
+
+
+def _argument_type(value) -> str:
+    """The Triton signature type the JIT would give this launch argument."""
+    if hasattr(value, "dtype") and hasattr(value, "data_ptr"):
+        return "*" + POINTER_TYPES[str(value.dtype).replace("torch.", "")]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no Triton type for launch argument {value!r}")
+
+
+def launch_signature(kernel, args: dict):
+    """(signature, constexprs, num_warps) of `kernel[grid](**args)`, derived from the kernel's
+    parameters, so that a new kernel argument needs no change here."""
+    signature, constexprs = {}, {}
+    for param in kernel.params:
+        if param.is_constexpr:
+            constexprs[param.name] = args[param.name]
+        else:
+            signature[param.name] = _argument_type(args[param.name])
+    return signature, constexprs, args.get("num_warps", 4)
+
+
+def compile_for_sm90(kernel, signature: dict, constexprs: dict, num_warps: int):
+    """AOT-compile `kernel` for sm_90; (registers per thread, spilled bytes: stack + local)."""
+    import tempfile
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from bytheway_kernels.ops.attention_probs import triton as tk
 
+    full_signature = {name: signature.get(name, "constexpr") for name in kernel.arg_names}
+    source = ASTSource(fn=kernel, signature=full_signature, constexprs=dict(constexprs))
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
-    geometry = dict(rows_per_entry="i32", H="i32", W="i32", h="i32", w="i32", heads="i32",
-                    scale_y="fp32", scale_x="fp32", alpha="fp32")
-    pointers = dict(scores_ptr="*fp16", guide_ptr="*fp16", band_ptr="*fp32", sums_ptr="*fp64")
-    kernels = {
-        "_stats_kernel": dict(pointers, **geometry, first_entry="i32"),
-        "_apply_kernel": dict(pointers, probs_ptr="*fp16", stats_ptr="*fp32", **geometry,
-                              videos="i32", rows_per_group="fp32", beta0="fp32",
-                              beta_max="fp32", high_energy_floor="fp32"),
-    }
-    results = []
-    all_flags = dict(HAS_SUMS=True, ADAPTIVE=True, HAS_BETA_MAX=True, WRITE_STATS=True)
-    # the other launch configurations of the apply pass: fixed beta (one launch), stats, adaptive
-    flag_variants = [dict(HAS_SUMS=False, ADAPTIVE=False, HAS_BETA_MAX=False, WRITE_STATS=False),
-                     dict(HAS_SUMS=True, ADAPTIVE=False, HAS_BETA_MAX=False, WRITE_STATS=True),
-                     dict(HAS_SUMS=True, ADAPTIVE=True, HAS_BETA_MAX=False, WRITE_STATS=False)]
-    for frames, tau, guide_mode in itertools.product((3, 16, 24, 64), (0, None), (0, 1, 2)):
-        tau = (frames - 2) // 2 if tau is None else tau
-        padded = max(16, triton.next_power_of_2(frames))
-        block_rows, num_warps = tk._launch_shape(padded)
-        constants = dict(F=frames, F_PAD=padded, BLOCK_R=block_rows, GUIDE_MODE=guide_mode,
-                         FULL_BAND=frames % 2 == 0 and tau == (frames - 2) // 2, PER_VIDEO=True)
-        variants = [("_stats_kernel", {}), ("_apply_kernel", all_flags)]
-        if frames == 16 and guide_mode == 1:
-            variants += [("_apply_kernel", flags) for flags in flag_variants]
-        for name, flags in variants:
-            signature = kernels[name]
-            constants = dict(constants, **flags)
-            fn = getattr(tk, name)
-            params = [p for p in fn.arg_names if p in signature or p in constants]
-            source = ASTSource(fn=fn, constexprs=dict(constants),
-                               signature={p: signature.get(p, "constexpr") for p in params})
-            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                                      options={"num_warps": num_warps})
-            with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as handle:
-                handle.write(compiled.asm["cubin"])
-            usage = subprocess.run([cuobjdump, "--dump-resource-usage", handle.name],
-                                   capture_output=True, text=True).stdout
-            os.unlink(handle.name)
-            results.append(dict(kernel=name, frames=frames, tau=tau, guide_mode=guide_mode, flags=flags,
-                                usage=[l.strip() for l in usage.splitlines() if "REG:" in l]))
-    print(json.dumps(results))
-    """
-)
+    with tempfile.TemporaryDirectory() as directory:
+        cubin = os.path.join(directory, "kernel.cubin")
+        with open(cubin, "wb") as handle:
+            handle.write(compiled.asm["cubin"])
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin], capture_output=True,
+                               text=True, check=True).stdout
+    match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    if match is None:
+        raise RuntimeError(f"no resource usage in cuobjdump's output:\n{usage}")
+    registers, stack, local = map(int, match.groups())
+    return registers, stack + local
 
 
-def test_kernels_compile_for_sm90_without_spills():
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
-    run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
-                         timeout=600)
+def run_script(path, triton_dir: Optional[Path] = None):
+    """Run a Python script with the interpreter off (and `triton_dir` first on the path);
+    return the JSON value its last stdout line holds."""
+    path_entries = ([str(triton_dir)] if triton_dir else []) + [str(REPO), str(REPO / "tests")]
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
+               PYTHONPATH=os.pathsep.join(path_entries + [os.environ.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, env=env,
+                         timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
-    results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 4 * 2 * 3 * 2 + 2 * 3
-    for result in results:
-        assert result["usage"], result
-        usage = result["usage"][0]
-        assert "STACK:0 " in usage and "LOCAL:0 " in usage, f"register spill: {result}"
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _map_op_variants():
+    """Every kernel variant the map op launches, from example inputs through its launch path."""
+    import itertools
+
+    import torch
+    import triton
+
+    from bytheway_kernels.band import max_tau
+    from bytheway_kernels.ops.attention_probs import triton as kernels
+    from bytheway_kernels.ops.params import ByTheWayParams
+
+    # (adaptive, with stats, beta_max, scope): every flag of the reduce and apply kernels is on
+    # in the first and off in the second; the others only at F=16, nearest guide.
+    configs = [(True, True, 3.0, "sample"), (False, False, None, "batch")]
+    extra_configs = [(False, True, None, "batch"), (True, False, None, "batch")]
+    variants = {}
+    for frames, tau_kind, guide_mode in itertools.product((3, 16, 24, 64), ("zero", "max"),
+                                                          (None, "nearest", "bilinear")):
+        tau = 0 if tau_kind == "zero" else max_tau(frames)
+        scores = torch.zeros((2, 2, 2, 1, frames, frames), dtype=torch.float16)
+        guide = None if guide_mode is None else torch.zeros((2, 1, 1, 1, frames, frames), dtype=torch.float16)
+        probs = torch.empty_like(scores)
+        for adaptive, with_stats, beta_max, scope in configs + (
+                extra_configs if frames == 16 and guide_mode == "nearest" else []):
+            params = ByTheWayParams(0.6, 1.5, tau, adaptive, 2, 1, scope, guide_mode or "nearest", beta_max)
+            stats = torch.empty((params.stats_rows(scores.shape[0]), 6)) if with_stats else None
+            for launch in kernels.kernel_launches(scores, guide, params, probs, stats):
+                signature, constexprs, num_warps = launch_signature(launch.kernel, launch.args)
+                key = json.dumps([launch.kernel.__name__, signature, constexprs, num_warps], sort_keys=True)
+                variants[key] = (launch.kernel, signature, constexprs, num_warps)
+    return triton.__version__, list(variants.values())
+
+
+def _report_map_op_usage() -> None:
+    version, variants = _map_op_variants()
+    results = []
+    for kernel, signature, constexprs, num_warps in variants:
+        registers, spill_bytes = compile_for_sm90(kernel, signature, constexprs, num_warps)
+        results.append(dict(kernel=kernel.__name__, constexprs=constexprs, num_warps=num_warps,
+                            registers=registers, spill_bytes=spill_bytes))
+    print(json.dumps(dict(triton=version, results=results)))
+
+
+TRITON_VERSIONS = [
+    pytest.param(None, id="current-triton"),
+    pytest.param("3.6", id="triton-3.6.0", marks=pytest.mark.skipif(
+        triton36_dir() is None,
+        reason=f"Triton 3.6.0 not installed: pip install --target .triton36 triton==3.6.0 "
+               f"(or set {TRITON36_ENV})")),
+]
+
+
+@pytest.mark.parametrize("version", TRITON_VERSIONS)
+def test_map_op_kernels_compile_for_sm90_without_spills(version):
+    report = run_script(__file__, triton36_dir() if version else None)
+    if version:
+        assert report["triton"].startswith(version), report["triton"]
+    results = report["results"]
+    counts = {name: sum(r["kernel"] == name for r in results)
+              for name in ("_stats_kernel", "_reduce_kernel", "_apply_kernel")}
+    # 7 distinct (F, tau) x 3 guides; the apply kernel with all flags on and all off, and at F=16
+    # with a nearest guide (2 taus) also adaptive in batch scope and fixed with stats (its beta
+    # pointer is fp32 there); the reduce kernel has no shape constexprs: its 3 flag sets
+    assert counts == {"_stats_kernel": 21, "_reduce_kernel": 3, "_apply_kernel": 21 * 2 + 2 * 2}, counts
+    spilled = [r for r in results if r["spill_bytes"]]
+    assert not spilled, f"register spills under Triton {report['triton']}: {spilled}"
+
+
+if __name__ == "__main__":
+    _report_map_op_usage()

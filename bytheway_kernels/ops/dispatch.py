@@ -6,6 +6,7 @@ tensors use the compiled C++ kernel when it is built, else the pure-torch refere
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -15,17 +16,30 @@ BACKEND_ENV = "BYTHEWAY_BACKEND"
 
 
 def select_backend(device: torch.device) -> str:
-    """The backend the ops use for tensors on `device` (honours BYTHEWAY_BACKEND)."""
-    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
-    if forced:
+    """The backend the ops use for tensors on `device` (honours BYTHEWAY_BACKEND).
+
+    Called on every eager op call, so the common case (no override) does one environment lookup.
+    """
+    forced = os.environ.get(BACKEND_ENV)
+    if forced and forced.strip():
+        forced = forced.strip().lower()
         if forced not in BACKENDS:
             raise ValueError(f"{BACKEND_ENV}={forced!r} is not one of {BACKENDS}")
         return forced
-    if device.type == "cuda":
+    device_type = device.type
+    if device_type == "cuda":
         return "triton"
-    if device.type == "cpu":
-        from .attention_probs.cpp import cpp_status  # builds the C++ kernel on first use
-
-        if cpp_status().available:
-            return "cpp"
+    if device_type == "cpu" and _cpp_available():
+        return "cpp"
     return "reference"
+
+
+@functools.lru_cache(maxsize=None)
+def _cpp_module():
+    from .attention_probs import cpp  # imported once, on first use (not for CUDA-only callers)
+
+    return cpp
+
+
+def _cpp_available() -> bool:
+    return _cpp_module().cpp_status().available  # builds the C++ kernel on first use (cached)

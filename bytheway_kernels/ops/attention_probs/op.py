@@ -5,11 +5,14 @@ the compiled C++ kernel from `csrc/`, the pure-torch reference) is a plain funct
 same arguments that the op's real implementation calls. The fake implementation only allocates
 outputs, so the op traces under `torch.compile(fullgraph=True)`.
 
-Backend choice: `bytheway_kernels.ops.dispatch.select_backend`.
+Backend choice: `bytheway_kernels.ops.dispatch.select_backend`, except float64 (`backend_for`).
+In plain eager calls the public function calls the backend directly, skipping the custom op's
+Python dispatch; tracing, compiling, Python modes, functorch and autograd go through the op.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -28,9 +31,7 @@ def _reference_backend(scores, guide, params: ByTheWayParams, with_stats: bool):
         guide_upsample=params.guide_upsample, beta_max=params.beta_max, return_stats=with_stats,
         batch_split=(params.parts, params.energy_part),
     )
-    if with_stats:
-        return result
-    return result, scores.new_empty((0, len(STATS_FIELDS)), dtype=torch.float32)
+    return result if with_stats else (result, None)
 
 
 def _fused_backend(load_out_launcher):
@@ -38,20 +39,24 @@ def _fused_backend(load_out_launcher):
 
     def run(scores, guide, params: ByTheWayParams, with_stats: bool):
         probs = torch.empty_like(scores, memory_format=torch.contiguous_format)
-        rows = params.stats_rows(scores.shape[0]) if with_stats else 0
-        stats = scores.new_empty((rows, len(STATS_FIELDS)), dtype=torch.float32)
-        load_out_launcher()(scores, guide, params, probs, stats if with_stats else None)
+        stats = None
+        if with_stats:
+            stats = scores.new_empty((params.stats_rows(scores.shape[0]), len(STATS_FIELDS)),
+                                     dtype=torch.float32)
+        load_out_launcher()(scores, guide, params, probs, stats)
         return probs, stats
 
     return run
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_out_launcher():
     from .triton import attention_probs_triton_out  # imports triton only when used
 
     return attention_probs_triton_out
 
 
+@functools.lru_cache(maxsize=None)
 def _cpp_out_launcher():
     from .cpp import attention_probs_cpp_out
 
@@ -63,6 +68,40 @@ _BACKEND_FUNCTIONS = {
     "triton": _fused_backend(_triton_out_launcher),
     "cpp": _fused_backend(_cpp_out_launcher),
 }
+
+
+def backend_for(scores: torch.Tensor) -> str:
+    """The backend that computes `scores`: `select_backend`'s, except that float64 never goes to
+    Triton (its kernels compute in fp32) but to the C++ kernel on CPU when built, else the reference."""
+    backend = select_backend(scores.device)
+    if backend == "triton" and scores.dtype == torch.float64:
+        from .cpp import cpp_status
+
+        return "cpp" if scores.device.type == "cpu" and cpp_status().available else "reference"
+    return backend
+
+
+def _run_backend(scores, guide, params: ByTheWayParams, with_stats: bool):
+    """(probs, stats or None) from the backend chosen for `scores`."""
+    return _BACKEND_FUNCTIONS[backend_for(scores)](scores, guide, params, with_stats)
+
+
+def _is_plain_tensor(tensor: Optional[torch.Tensor]) -> bool:
+    """None, or an eager torch.Tensor: no subclass (fake, functional, ...) and no functorch wrapper."""
+    return tensor is None or (type(tensor) is torch.Tensor
+                              and not torch._C._functorch.is_functorch_wrapped_tensor(tensor))
+
+
+def _direct_call_is_equivalent(scores: torch.Tensor, guide: Optional[torch.Tensor]) -> bool:
+    """Whether calling the backend directly gives what the custom op would: plain eager tensors,
+    no tracing or compiling, no Python modes and no autograd. Skipping the op's Python dispatch
+    saves most of an eager call's host time."""
+    if torch.compiler.is_compiling() or not (_is_plain_tensor(scores) and _is_plain_tensor(guide)):
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return False
+    return not (torch.is_grad_enabled()
+                and (scores.requires_grad or (guide is not None and guide.requires_grad)))
 
 
 @torch.library.custom_op("bytheway::attention_probs", mutates_args=())
@@ -87,7 +126,10 @@ def attention_probs(
     """
     params = ByTheWayParams(alpha, beta, tau, adaptive_beta, parts, energy_part, energy_scope,
                             guide_upsample, beta_max)
-    return _BACKEND_FUNCTIONS[select_backend(scores.device)](scores, guide, params, with_stats)
+    probs, stats = _run_backend(scores, guide, params, with_stats)
+    if stats is None:
+        stats = scores.new_empty((0, len(STATS_FIELDS)), dtype=torch.float32)
+    return probs, stats
 
 
 @attention_probs.register_fake
@@ -163,5 +205,8 @@ def bytheway_attention_probs(
     params = ByTheWayParams(float(alpha), float(beta), int(tau), bool(adaptive_beta), split.parts,
                             split.energy_part, energy_scope, guide_upsample,
                             None if beta_max is None else float(beta_max))
-    probs, stats = attention_probs(scores, guide, *params, return_stats)
+    if _direct_call_is_equivalent(scores, guide):
+        probs, stats = _run_backend(scores, guide, params, return_stats)
+    else:
+        probs, stats = attention_probs(scores, guide, *params, return_stats)
     return (probs, stats) if return_stats else probs

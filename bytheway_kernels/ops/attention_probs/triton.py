@@ -1,30 +1,41 @@
 """Fused Triton kernels of the ByTheWay attention-map op (docs/DESIGN.md sections 1-2).
 
-One program handles BLOCK_R rows (query frames) of one batch entry; a row is F logits. For each
-row: softmax -> blend with the anchor map, upsampled by index arithmetic (never materialised) ->
-band step as `guided @ P` (tl.dot with the cached circulant matrix, or `guided - mean` when the
-band is every k != 0) -> renormalise -> store. Adaptive beta needs global energies first, so it
-runs `_stats_kernel` (atomic sums into a tiny fp64 buffer) and then `_apply_kernel`, which turns
-the sums into beta on the device: no host synchronisation, CUDA-graph and torch.compile safe.
+A tile is BLOCK_R rows (query frames) of one batch entry; a row is F logits. For each row:
+softmax -> blend with the anchor map, upsampled by index arithmetic (never materialised) -> band
+step as `guided @ P` (tl.dot with the cached circulant matrix, or `guided - mean` when the band is
+every k != 0) -> divide by rowsum(guided) (the band term sums to 0) -> store.
+
+Fixed beta is one launch of `_apply_kernel`. Adaptive beta (or `stats`) needs global energies
+first: `_stats_kernel` programs each sum a contiguous run of tiles and write their own slot of a
+partials buffer (no atomics, no zeroing), `_reduce_kernel` (one program per energy group) sums the
+slots in a fixed order in fp64, turns them into beta and the stats row, and `_apply_kernel` reads
+beta from the device. Same input, same bits; no host synchronisation (CUDA graphs, torch.compile).
 Row r of batch entry b is ((y * W + x) * heads + head) * F + i, as diffusers lays it out.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from ...band import high_band_matrix, is_full_band
-from ...energy import HIGH_ENERGY_FLOOR, stats_rows
+from ...energy import HIGH_ENERGY_FLOOR
 from ..params import ByTheWayParams
 
 GUIDE_MODES = {None: 0, "nearest": 1, "bilinear": 2}
-# Per energy group: sum|A|^2, sum|A2|^2, sum<A2, A2 P>, then the last three over s^2, s = rowsum(A2),
+# Per stats program: sum|A|^2, sum|A2|^2, sum<A2, A2 P>, then the last three over s^2, s = rowsum(A2),
 # from which E3 = |A2 + (beta - 1) A2 P|^2 / s^2 follows for any beta without another pass.
-SUM_FIELDS = 6
+PARTIAL_FIELDS = 6
+# Stats programs per launch, at most: enough to fill an H100/H200 (132 SMs) a few times over, few
+# enough that one reduce program per energy group sums their slots in a few loop iterations.
+MAX_STATS_PROGRAMS = 2048
+# Partial slots the reduce kernel adds per loop iteration (8 warps: 16 values per thread).
+REDUCE_CHUNK = 512
 
 
 @triton.jit
@@ -70,7 +81,11 @@ def _guided_block(scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_e
                   H, W, h, w, heads, scale_y, scale_x, alpha,
                   F: tl.constexpr, F_PAD: tl.constexpr, GUIDE_MODE: tl.constexpr,
                   FULL_BAND: tl.constexpr):
-    """(attn, guided, guided @ P) for BLOCK_R rows, all fp32 with padded columns zero."""
+    """(attn, guided, guided @ P, rowsum(guided)) for BLOCK_R rows, fp32, padded columns zero.
+
+    A row whose guided sum is <= 0 or not finite (e.g. a zero guide with alpha = 1) uses the
+    unguided map instead: the renormalisation would otherwise divide by zero.
+    """
     cols = tl.arange(0, F_PAD)
     col_mask = cols < F
     offsets = (b * rows_per_entry + rows)[:, None] * F + cols[None, :]
@@ -80,95 +95,129 @@ def _guided_block(scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_e
     attn = exps / tl.sum(exps, axis=1)[:, None]
     if GUIDE_MODE == 0:
         guided = attn
+        row_sum = tl.sum(attn, axis=1)
     else:
         upsampled = _guide_rows(guide_ptr, b, rows, row_mask, cols, col_mask, H, W, h, w, heads,
                                 scale_y, scale_x, F, GUIDE_MODE)
         guided = attn + alpha * (upsampled - attn)
+        row_sum = tl.sum(guided, axis=1)
+        usable = (row_sum > 0.0) & (row_sum < float("inf"))  # false for NaN too
+        guided = tl.where(usable[:, None], guided, attn)
+        row_sum = tl.where(usable, row_sum, tl.sum(attn, axis=1))
     if FULL_BAND:  # P = I - 1/F: remove the row mean
-        high = tl.where(col_mask[None, :], guided - (tl.sum(guided, axis=1) / F)[:, None], 0.0)
+        high = tl.where(col_mask[None, :], guided - (row_sum / F)[:, None], 0.0)
     else:
         band = tl.load(band_ptr + cols[:, None] * F_PAD + cols[None, :])
         high = tl.dot(guided, band, input_precision="ieee")
-    return attn, guided, high
+    return attn, guided, high, row_sum
 
 
 @triton.jit
-def _accumulate(target_ptr, block):
-    # fp32 within the program, fp64 across programs: thousands of partial sums stay exact enough
-    tl.atomic_add(target_ptr, tl.sum(tl.sum(block, axis=1), axis=0).to(tl.float64))
-
-
-@triton.jit
-def _stats_kernel(scores_ptr, guide_ptr, band_ptr, sums_ptr, rows_per_entry, first_entry,
-                  H, W, h, w, heads, scale_y, scale_x, alpha,
+def _stats_kernel(scores_ptr, guide_ptr, band_ptr, partials_ptr, rows_per_entry, first_entry,
+                  tiles_per_program, H, W, h, w, heads, scale_y, scale_x, alpha,
                   F: tl.constexpr, F_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
-                  GUIDE_MODE: tl.constexpr, FULL_BAND: tl.constexpr, PER_VIDEO: tl.constexpr):
-    """Accumulate the energy sums of the rows in scope (one program: BLOCK_R rows of one entry)."""
+                  GUIDE_MODE: tl.constexpr, FULL_BAND: tl.constexpr):
+    """Energy sums of `tiles_per_program` consecutive tiles of one entry in scope, written to this
+    program's own slot partials[video, program, :] (fp32 per row, summed in fp32 per program)."""
+    program = tl.program_id(0)
     video = tl.program_id(1)
     b = (first_entry + video).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < rows_per_entry
-    attn, guided, high = _guided_block(scores_ptr, guide_ptr, band_ptr, b, rows, row_mask,
-                                       rows_per_entry, H, W, h, w, heads, scale_y, scale_x, alpha,
-                                       F, F_PAD, GUIDE_MODE, FULL_BAND)
-    valid = row_mask[:, None]
-    # E3 is the energy of the renormalised output: A3 / s with s = rowsum(A2) (A2 @ P sums to 0)
-    inv_square_sum = (1.0 / tl.sum(guided, axis=1))[:, None]
-    inv_square_sum = inv_square_sum * inv_square_sum
-    group_sums = sums_ptr + (video * 6 if PER_VIDEO else 0)
-    _accumulate(group_sums + 0, tl.where(valid, attn * attn, 0.0))
-    _accumulate(group_sums + 1, tl.where(valid, guided * guided, 0.0))
-    _accumulate(group_sums + 2, tl.where(valid, guided * high, 0.0))
-    _accumulate(group_sums + 3, tl.where(valid, guided * guided * inv_square_sum, 0.0))
-    _accumulate(group_sums + 4, tl.where(valid, guided * high * inv_square_sum, 0.0))
-    _accumulate(group_sums + 5, tl.where(valid, high * high * inv_square_sum, 0.0))
+    attn_energy = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    guided_energy = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    high_energy = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    out_guided = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    out_cross = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    out_high = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    first_row = program * tiles_per_program * BLOCK_R
+    for tile in range(0, tiles_per_program):
+        rows = first_row + tile * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_mask = rows < rows_per_entry
+        attn, guided, high, row_sum = _guided_block(
+            scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_entry, H, W, h, w, heads,
+            scale_y, scale_x, alpha, F, F_PAD, GUIDE_MODE, FULL_BAND)
+        # E3 is the energy of the output A3 / s, s = rowsum(A2) (A2 @ P sums to 0)
+        inv_square_sum = 1.0 / (row_sum * row_sum)
+        guided_square = tl.sum(guided * guided, axis=1)
+        guided_high = tl.sum(guided * high, axis=1)
+        attn_energy += tl.where(row_mask, tl.sum(attn * attn, axis=1), 0.0)
+        guided_energy += tl.where(row_mask, guided_square, 0.0)
+        high_energy += tl.where(row_mask, guided_high, 0.0)
+        out_guided += tl.where(row_mask, guided_square * inv_square_sum, 0.0)
+        out_cross += tl.where(row_mask, guided_high * inv_square_sum, 0.0)
+        out_high += tl.where(row_mask, tl.sum(high * high, axis=1) * inv_square_sum, 0.0)
+    slot = partials_ptr + (video * tl.num_programs(0) + program) * 6
+    tl.store(slot + 0, tl.sum(attn_energy, axis=0))
+    tl.store(slot + 1, tl.sum(guided_energy, axis=0))
+    tl.store(slot + 2, tl.sum(high_energy, axis=0))
+    tl.store(slot + 3, tl.sum(out_guided, axis=0))
+    tl.store(slot + 4, tl.sum(out_cross, axis=0))
+    tl.store(slot + 5, tl.sum(out_high, axis=0))
 
 
 @triton.jit
-def _apply_kernel(scores_ptr, guide_ptr, band_ptr, sums_ptr, probs_ptr, stats_ptr,
-                  rows_per_entry, videos, rows_per_group, H, W, h, w, heads, scale_y, scale_x,
-                  alpha, beta0, beta_max, high_energy_floor,
+def _reduce_kernel(partials_ptr, betas_ptr, stats_ptr, slots_per_group, rows_per_group, beta0,
+                   beta_max, high_energy_floor, CHUNK: tl.constexpr, ADAPTIVE: tl.constexpr,
+                   HAS_BETA_MAX: tl.constexpr, WRITE_STATS: tl.constexpr):
+    """One program per energy group: add its partial slots in a fixed order (fp64), write beta
+    (betas[group]) and, if asked, the stats row (beta, E1, E2, E2_low, E2_high, E3)."""
+    group = tl.program_id(0)
+    fields = tl.arange(0, 8)
+    slots = tl.arange(0, CHUNK)
+    first = partials_ptr + group.to(tl.int64) * slots_per_group * 6
+    totals = tl.zeros((8,), dtype=tl.float64)
+    for start in range(0, slots_per_group, CHUNK):
+        mask = ((start + slots) < slots_per_group)[:, None] & (fields < 6)[None, :]
+        chunk = tl.load(first + (start + slots)[:, None] * 6 + fields[None, :], mask=mask, other=0.0)
+        totals += tl.sum(chunk.to(tl.float64), axis=0)
+    zero = tl.zeros((), dtype=tl.float64)  # scalar arguments arrive as fp32/int: widen them
+    count = tl.maximum(zero + rows_per_group, 1.0)
+    means = totals / count
+    e1 = tl.sum(tl.where(fields == 0, means, 0.0), axis=0)
+    e2 = tl.sum(tl.where(fields == 1, means, 0.0), axis=0)
+    e2_high = tl.sum(tl.where(fields == 2, means, 0.0), axis=0)
+    beta = zero + beta0
+    if ADAPTIVE:
+        has_high = e2_high > high_energy_floor * e2
+        ratio = tl.maximum(e1 - (e2 - e2_high), 0.0) / tl.where(has_high, e2_high, 1.0)
+        beta = tl.where(has_high, tl.maximum(beta, tl.sqrt(ratio)), beta)
+        if HAS_BETA_MAX:
+            beta = tl.minimum(beta, zero + beta_max)
+    beta = beta.to(tl.float32)
+    tl.store(betas_ptr + group, beta)
+    if WRITE_STATS:
+        gain = beta.to(tl.float64) - 1.0
+        weights = tl.where(fields == 3, 1.0, tl.where(fields == 4, 2.0 * gain, gain * gain))
+        e3 = tl.sum(tl.where((fields >= 3) & (fields < 6), weights * means, 0.0), axis=0)
+        row = stats_ptr + group * 6
+        tl.store(row + 0, beta)
+        tl.store(row + 1, e1.to(tl.float32))
+        tl.store(row + 2, e2.to(tl.float32))
+        tl.store(row + 3, (e2 - e2_high).to(tl.float32))
+        tl.store(row + 4, e2_high.to(tl.float32))
+        tl.store(row + 5, e3.to(tl.float32))
+
+
+@triton.jit
+def _apply_kernel(scores_ptr, guide_ptr, band_ptr, betas_ptr, probs_ptr, rows_per_entry, videos,
+                  H, W, h, w, heads, scale_y, scale_x, alpha, beta0,
                   F: tl.constexpr, F_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
                   GUIDE_MODE: tl.constexpr, FULL_BAND: tl.constexpr, PER_VIDEO: tl.constexpr,
-                  HAS_SUMS: tl.constexpr, ADAPTIVE: tl.constexpr, HAS_BETA_MAX: tl.constexpr,
-                  WRITE_STATS: tl.constexpr):
-    """Write A3 = renormalise(guided + (beta - 1) * guided @ P); beta from the sums if adaptive."""
+                  ADAPTIVE: tl.constexpr):
+    """Write A3 = (guided + (beta - 1) * guided @ P) / rowsum(guided); beta from `betas` if adaptive.
+
+    Dividing by rowsum(A2) rather than rowsum(A3) keeps the error independent of beta: both are
+    equal in exact arithmetic, but A3's sum carries beta times the rounding of the band term.
+    """
     b = tl.program_id(1).to(tl.int64)
-    block = tl.program_id(0)
-    rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < rows_per_entry
     beta = beta0
-    if HAS_SUMS:
-        group = b % videos if PER_VIDEO else b * 0
-        group_sums = sums_ptr + group * 6
-        count = tl.maximum(rows_per_group, 1.0)
-        e1 = tl.load(group_sums + 0) / count
-        e2 = tl.load(group_sums + 1) / count
-        e2_high = tl.load(group_sums + 2) / count
-        if ADAPTIVE:
-            has_high = e2_high > high_energy_floor * e2
-            ratio = tl.maximum(e1 - (e2 - e2_high), 0.0) / tl.where(has_high, e2_high, 1.0)
-            beta = tl.where(has_high, tl.maximum(beta0, tl.sqrt(ratio)), beta0)
-            if HAS_BETA_MAX:
-                beta = tl.minimum(beta, beta_max)
-            beta = beta.to(tl.float32)
-        if WRITE_STATS:  # the first program of each group's first entry writes its stats row
-            writer = (block == 0) & (b < (videos if PER_VIDEO else 1))
-            row = stats_ptr + group * 6
-            gain = beta - 1.0
-            tl.store(row + 0, beta, mask=writer)
-            tl.store(row + 1, e1.to(tl.float32), mask=writer)
-            tl.store(row + 2, e2.to(tl.float32), mask=writer)
-            tl.store(row + 3, (e2 - e2_high).to(tl.float32), mask=writer)
-            tl.store(row + 4, e2_high.to(tl.float32), mask=writer)
-            e3 = (tl.load(group_sums + 3) + 2.0 * gain * tl.load(group_sums + 4)
-                  + gain * gain * tl.load(group_sums + 5)) / count
-            tl.store(row + 5, e3.to(tl.float32), mask=writer)
-    attn, guided, high = _guided_block(scores_ptr, guide_ptr, band_ptr, b, rows, row_mask,
-                                       rows_per_entry, H, W, h, w, heads, scale_y, scale_x, alpha,
-                                       F, F_PAD, GUIDE_MODE, FULL_BAND)
-    enhanced = guided + (beta - 1.0) * high
-    enhanced = enhanced / tl.sum(enhanced, axis=1)[:, None]
+    if ADAPTIVE:
+        beta = tl.load(betas_ptr + (b % videos if PER_VIDEO else 0))
+    attn, guided, high, row_sum = _guided_block(
+        scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_entry, H, W, h, w, heads,
+        scale_y, scale_x, alpha, F, F_PAD, GUIDE_MODE, FULL_BAND)
+    enhanced = (guided + (beta - 1.0) * high) * (1.0 / row_sum)[:, None]
     cols = tl.arange(0, F_PAD)
     offsets = (b * rows_per_entry + rows)[:, None] * F + cols[None, :]
     tl.store(probs_ptr + offsets, enhanced.to(probs_ptr.dtype.element_ty),
@@ -176,9 +225,104 @@ def _apply_kernel(scores_ptr, guide_ptr, band_ptr, sums_ptr, probs_ptr, stats_pt
 
 
 def _launch_shape(padded_frames: int):
-    """(rows per program, warps): ~1K fp32 elements per tile keeps every variant free of register
-    spills on sm_90 (checked by tests/test_triton_sm90.py), and tl.dot needs >= 16 rows."""
+    """(rows per tile, warps) of the apply pass: ~1K fp32 elements per tile keeps every variant
+    free of register spills on sm_90 (checked by tests/test_triton_sm90.py under Triton 3.6 and
+    the current Triton), and tl.dot needs >= 16 rows."""
     return max(16, 1024 // padded_frames), (8 if padded_frames >= 64 else 4)
+
+
+def _stats_launch_shape(padded_frames: int):
+    """(rows per tile, warps) of the stats pass: its six loop-carried row sums need smaller
+    tiles (~512 fp32 elements) to stay free of spills."""
+    return max(16, 512 // padded_frames), 4
+
+
+class KernelLaunch(NamedTuple):
+    """One kernel launch: `kernel[grid](**args)`; `args` holds every argument, constexprs and
+    launch options (num_warps) included, so tests can derive the compiled signature from it."""
+
+    kernel: object
+    grid: tuple
+    args: dict
+
+
+class _LaunchPlan(NamedTuple):
+    """Everything about the launches that depends only on shapes, dtypes and parameters."""
+
+    stats_grid: tuple
+    reduce_grid: tuple
+    apply_grid: tuple
+    partial_count: int
+    stats_args: dict
+    reduce_args: dict
+    apply_args: dict
+    full_band: bool
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams,
+                 with_stats: bool) -> _LaunchPlan:
+    batch, height, width, heads, frames, _ = shape
+    videos = batch // params.parts
+    rows_per_entry = height * width * heads * frames
+    padded = max(16, triton.next_power_of_2(frames))
+    block_rows, num_warps = _launch_shape(padded)
+    per_video = params.energy_scope == "sample"
+    h, w = (height, width) if guide_hw is None else guide_hw
+    common = dict(rows_per_entry=rows_per_entry, H=height, W=width, h=h, w=w, heads=heads,
+                  scale_y=h / height, scale_x=w / width, alpha=params.alpha, F=frames,
+                  F_PAD=padded, BLOCK_R=block_rows,
+                  GUIDE_MODE=GUIDE_MODES[None if guide_hw is None else params.guide_upsample],
+                  FULL_BAND=is_full_band(frames, params.tau), num_warps=num_warps)
+    tiles = triton.cdiv(rows_per_entry, block_rows)  # grid axis 0: it allows 2**31 - 1 programs
+    stats_block_rows, stats_warps = _stats_launch_shape(padded)
+    stats_tiles = triton.cdiv(rows_per_entry, stats_block_rows)
+    tiles_per_program = max(1, triton.cdiv(stats_tiles * videos, MAX_STATS_PROGRAMS))
+    programs = triton.cdiv(stats_tiles, tiles_per_program)
+    groups = videos if per_video else 1
+    stats_args = dict(common, first_entry=params.energy_part * videos,
+                      tiles_per_program=tiles_per_program, BLOCK_R=stats_block_rows,
+                      num_warps=stats_warps)
+    reduce_args = dict(slots_per_group=programs * videos // groups,
+                       rows_per_group=rows_per_entry * videos // groups, beta0=params.beta,
+                       beta_max=params.beta if params.beta_max is None else params.beta_max,
+                       high_energy_floor=HIGH_ENERGY_FLOOR, CHUNK=REDUCE_CHUNK,
+                       ADAPTIVE=params.adaptive_beta, HAS_BETA_MAX=params.beta_max is not None,
+                       WRITE_STATS=with_stats, num_warps=8)
+    apply_args = dict(common, videos=max(videos, 1), beta0=params.beta, PER_VIDEO=per_video,
+                      ADAPTIVE=params.adaptive_beta)
+    return _LaunchPlan((programs, videos), (groups,), (tiles, batch), videos * programs * PARTIAL_FIELDS,
+                       stats_args, reduce_args, apply_args, common["FULL_BAND"])
+
+
+def kernel_launches(scores, guide, params: ByTheWayParams, probs, stats=None) -> list:
+    """The launches that write ByTheWay(scores) into `probs` (and `stats` if given), in order.
+
+    Fixed beta without stats: `_apply_kernel` alone. Otherwise `_stats_kernel`, `_reduce_kernel`,
+    `_apply_kernel`. `scores` and `guide` must be contiguous and `probs` non-empty.
+    """
+    plan = _launch_plan(tuple(scores.shape), None if guide is None else tuple(guide.shape[1:3]),
+                        params, stats is not None)
+    frames = scores.shape[-1]
+    band = scores if plan.full_band else high_band_matrix(frames, params.tau, plan.apply_args["F_PAD"],
+                                                         scores.device)
+    tensors = dict(scores_ptr=scores, guide_ptr=scores if guide is None else guide, band_ptr=band)
+    if not (params.adaptive_beta or stats is not None):
+        return [KernelLaunch(_apply_kernel, plan.apply_grid,
+                             dict(plan.apply_args, **tensors, betas_ptr=probs, probs_ptr=probs))]
+    groups = plan.reduce_grid[0]
+    # one buffer: the stats programs' partial slots, then one beta per energy group
+    workspace = torch.empty(plan.partial_count + groups, dtype=torch.float32, device=scores.device)
+    partials, betas = workspace[:plan.partial_count], workspace[plan.partial_count:]
+    launches = [
+        KernelLaunch(_stats_kernel, plan.stats_grid, dict(plan.stats_args, **tensors, partials_ptr=partials)),
+        KernelLaunch(_reduce_kernel, plan.reduce_grid,
+                     dict(plan.reduce_args, partials_ptr=partials, betas_ptr=betas,
+                          stats_ptr=betas if stats is None else stats)),
+        KernelLaunch(_apply_kernel, plan.apply_grid,
+                     dict(plan.apply_args, **tensors, betas_ptr=betas, probs_ptr=probs)),
+    ]
+    return launches
 
 
 def _check_device(scores: torch.Tensor) -> None:
@@ -192,47 +336,19 @@ def _check_device(scores: torch.Tensor) -> None:
 def attention_probs_triton_out(scores, guide, params: ByTheWayParams, probs, stats=None):
     """Launch the fused kernels writing into `probs` (and `stats`, (rows, 6) fp32, if given).
 
-    Fixed beta without stats: one launch. Otherwise: zero the sums, stats pass, apply pass.
+    The kernels compute in fp32: float64 scores are refused here (the op routes them to a float64
+    backend). Launch counts: see `kernel_launches`.
     """
     _check_device(scores)
-    alpha, beta, tau, adaptive_beta, parts, energy_part, energy_scope, guide_upsample, beta_max = params
-    scores = scores.contiguous()
-    batch, height, width, heads, frames, _ = scores.shape
-    videos = batch // parts
-    rows_per_entry = height * width * heads * frames
+    if scores.dtype == torch.float64:
+        raise ValueError("the Triton kernels compute in fp32: float64 scores need the cpp or "
+                         "reference backend (bytheway_attention_probs routes them there)")
     if probs.numel() == 0:
         if stats is not None:  # no rows: energies are zero and beta is beta_0, as the reference
             stats.zero_()
-            stats[:, 0] = beta
+            stats[:, 0] = params.beta
         return
-    padded = max(16, triton.next_power_of_2(frames))
-    block_rows, num_warps = _launch_shape(padded)
-    full_band = is_full_band(frames, tau)
-    band = scores if full_band else high_band_matrix(frames, tau, padded, scores.device)
-    if guide is None:
-        guide_tensor, (h, w) = scores, (height, width)
-    else:
-        guide_tensor, (h, w) = guide.contiguous(), guide.shape[1:3]
-    per_video = energy_scope == "sample"
-    geometry = dict(H=height, W=width, h=h, w=w, heads=heads, scale_y=h / height, scale_x=w / width,
-                    alpha=alpha)
-    meta = dict(F=frames, F_PAD=padded, BLOCK_R=block_rows, GUIDE_MODE=GUIDE_MODES[None if guide is None else guide_upsample],
-                FULL_BAND=full_band, PER_VIDEO=per_video, num_warps=num_warps)
-    blocks = triton.cdiv(rows_per_entry, block_rows)  # grid axis 0: it allows 2**31 - 1 programs
-    has_sums = adaptive_beta or stats is not None
-    if has_sums:
-        sums = torch.zeros((stats_rows(batch, parts, energy_scope), SUM_FIELDS),
-                           dtype=torch.float64, device=scores.device)
-        if videos > 0:
-            _stats_kernel[(blocks, videos)](scores, guide_tensor, band, sums, rows_per_entry,
-                                            energy_part * videos, **geometry, **meta)
-    else:
-        sums = probs  # unused pointer
-    rows_per_group = float(rows_per_entry * (1 if per_video else videos))
-    _apply_kernel[(blocks, batch)](
-        scores, guide_tensor, band, sums, probs, stats if stats is not None else sums,
-        rows_per_entry, max(videos, 1), rows_per_group, **geometry, beta0=beta,
-        beta_max=beta if beta_max is None else beta_max, high_energy_floor=HIGH_ENERGY_FLOOR,
-        HAS_SUMS=has_sums, ADAPTIVE=adaptive_beta, HAS_BETA_MAX=beta_max is not None,
-        WRITE_STATS=stats is not None, **meta,
-    )
+    scores = scores.contiguous()
+    guide = None if guide is None else guide.contiguous()
+    for launch in kernel_launches(scores, guide, params, probs, stats):
+        launch.kernel[launch.grid](**launch.args)

@@ -1,0 +1,68 @@
+"""Kernel and host time of the map op's Triton backend vs torch.softmax (needs CUDA).
+
+Run from the repository root: `python benchmarks/map_op_kernel_times.py`. For each AnimateDiff
+shape (fp16, CFG batch 2, 8 heads, 16x16 guide, preset animatediff) it prints the profiler's self
+device time per kernel averaged over 20 calls, and the host time per call of 200 calls issued
+without synchronising, as shared/measurements/h200-2026-11-26.md measured them.
+"""
+
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import bytheway_kernels as btw
+
+CALLS = 20
+
+
+def kernel_times(fn):
+    """{kernel name: mean device microseconds per call}."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(CALLS):
+            fn()
+        torch.cuda.synchronize()
+    times = defaultdict(float)
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            times[event.key] += event.self_device_time_total / CALLS
+    return dict(times)
+
+
+def host_time(fn, calls=200):
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = (time.perf_counter() - start) / calls * 1e6
+    torch.cuda.synchronize()
+    return elapsed
+
+
+def main():
+    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    for size in (16, 32, 64):
+        scores = torch.randn((2, size, size, 8, 16, 16), device="cuda", dtype=torch.float16) * 3
+        guide = torch.softmax(torch.randn((2, 16, 16, 8, 16, 16), device="cuda"), -1).half()
+        calls = {
+            "softmax": lambda: torch.softmax(scores, -1),
+            "fixed": lambda: btw.bytheway_attention_probs(scores, guide, alpha=0.6, beta=1.5, tau=7,
+                                                          adaptive_beta=False),
+            "adaptive": lambda: btw.bytheway_attention_probs(scores, guide, alpha=0.6, beta=1.5, tau=7),
+        }
+        softmax_kernel = None
+        for name, fn in calls.items():
+            kernels = kernel_times(fn)
+            total = sum(kernels.values())
+            softmax_kernel = softmax_kernel or total
+            parts = ", ".join(f"{key.split('(')[0][:24]} {value:.1f}" for key, value in kernels.items())
+            print(f"{size}x{size} {name:8s} kernel {total:6.1f} us ({total / softmax_kernel:.2f}x softmax)"
+                  f"  host {host_time(fn):6.1f} us/call  [{parts}]")
+
+
+if __name__ == "__main__":
+    main()

@@ -34,7 +34,7 @@ from bytheway_kernels.ops.temporal_attention.reference import temporal_attention
 from bytheway_kernels.ops.temporal_attention.triton import (candidate_configs, default_config,
                                                             temporal_attention_triton_out)
 
-BANDWIDTH = 4.25e12  # bytes/s, measured copy bandwidth of an H200 (DESIGN.md section 7)
+BANDWIDTH = 4.25e12  # bytes/s, measured copy bandwidth of an H200 (docs/DESIGN.md section 7)
 BATCH, HEADS, FRAMES, GUIDE_SIZE = 2, 8, 16, (16, 16)
 SHAPES = [("up_blocks.1", 16, 16, 160), ("up_blocks.2", 32, 32, 80), ("up_blocks.3", 64, 64, 40)]
 DEVICE = "cuda"

@@ -1,6 +1,6 @@
 """Fused temporal attention: `torch.ops.bytheway.temporal_attention` and its public function.
 
-q, k, v -> out = A3 @ v with A3 the ByTheWay map of the scores scale * q k^T (DESIGN.md section 7).
+q, k, v -> out = A3 @ v with A3 the ByTheWay map of the scores scale * q k^T (docs/DESIGN.md section 7).
 CUDA tensors run the fused Triton kernels (`triton.py`: the F x F map never reaches memory); other
 devices, float64 inputs and F > 64 run the composed path (`reference.py`).
 """

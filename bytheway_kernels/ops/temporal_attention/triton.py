@@ -1,4 +1,4 @@
-"""Fused Triton kernels of temporal attention with ByTheWay inside (DESIGN.md section 7).
+"""Fused Triton kernels of temporal attention with ByTheWay inside (docs/DESIGN.md section 7).
 
 A sequence is one (n, head) pair: F query frames attending to the same F frames; sequence
 s = n * heads + head, so the G sequences of a program are consecutive heads of consecutive rows n

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from attention_probs_cases import PROB_TOLERANCES, STATS_TOLERANCE
+from bytheway_kernels.testing import PROB_TOLERANCES, STATS_TOLERANCE
 from bytheway_kernels import reference
 from bytheway_kernels.ops.params import ByTheWayParams
 

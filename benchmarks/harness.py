@@ -19,18 +19,12 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 import bytheway_kernels as btw
+from bytheway_kernels.testing import PROB_TOLERANCES  # two output ulps, shared with tests/
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 #: GPUs run the dtypes pipelines use there; the CPU runs fp32.
 DTYPES = (torch.float16, torch.bfloat16) if DEVICE.type == "cuda" else (torch.float32,)
 
-#: (atol, rtol) on probabilities against the float64 reference evaluated on the same inputs:
-#: two output ulps, as in tests/attention_probs_cases.py.
-TOLERANCES = {
-    torch.float32: (2e-5, 2e-5),
-    torch.float16: (2e-3, 2e-3),
-    torch.bfloat16: (1.6e-2, 1.6e-2),
-}
 #: A whole layer or UNet also rounds q, k, v, the scores and every activation to the storage
 #: dtype and runs more GEMMs after the map: its output gets ten times the map's tolerance
 #: (on CPU fp32 the measured errors stay below a tenth of the map's tolerance).
@@ -248,7 +242,7 @@ def reference_probs(scores: torch.Tensor, guide: Optional[torch.Tensor], adaptiv
 def assert_close_to(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, scale: float = 1) -> None:
     """Finite everywhere and within `scale` times the dtype's tolerance of `expected` (float64)."""
     assert torch.isfinite(actual).all(), "output has NaN or inf"
-    atol, rtol = TOLERANCES[dtype]
+    atol, rtol = PROB_TOLERANCES[dtype]
     torch.testing.assert_close(actual.double(), expected.double(), atol=scale * atol, rtol=scale * rtol)
 
 

@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F_nn
 
+from bytheway_kernels.energy import HIGH_ENERGY_FLOOR  # the same beta fallback as the op
+
 
 def official_fft_probs(
     scores: torch.Tensor,
@@ -49,7 +51,7 @@ def official_fft_probs(
         e2 = (guided[conditional] ** 2).sum(-1).mean()
         e2_high = (spectrum[conditional].abs() ** 2 * in_band).sum(-1).mean() / frames
         e2_low = e2 - e2_high
-        has_high = e2_high > 1e-6 * e2
+        has_high = e2_high > HIGH_ENERGY_FLOOR * e2
         needed = (torch.clamp(e1 - e2_low, min=0) / torch.where(has_high, e2_high, 1.0)).sqrt()
         gain = torch.where(has_high, needed.clamp(min=beta), needed.new_tensor(beta))
     else:

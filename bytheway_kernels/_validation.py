@@ -1,31 +1,72 @@
-"""Argument checks shared by every backend: each bad argument is a ValueError naming it."""
+"""Argument checks shared by every backend: each bad argument is a ValueError naming it.
+
+Numbers may be Python or numpy scalars (`numbers.Real` / `numbers.Integral`); bools are not
+numbers here, and flags may be `bool` or `numpy.bool_`.
+"""
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 
 from .band import max_tau
 
+try:  # numpy is optional for torch; without it there are no numpy scalars to accept
+    from numpy import bool_ as _numpy_bool
+except ImportError:  # pragma: no cover
+    _numpy_bool = bool
+
 ENERGY_SCOPES = ("batch", "sample")
 GUIDE_UPSAMPLE_MODES = ("nearest", "bilinear")
+#: The dtypes the map op reads and writes (scores and guide).
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Largest accepted beta and beta_max. Far above any useful gain (the presets use 1.5-2); it keeps
+#: every intermediate of a fp32 evaluation (energies ~ beta**2) well inside the float32 range.
+BETA_LIMIT = 1e6
 
 
-def check_number(name: str, value, low: Optional[float] = None, high: Optional[float] = None):
-    """A finite real number (not a bool, not a tensor) within [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+def is_flag(value) -> bool:
+    """True for `bool` and `numpy.bool_`."""
+    return isinstance(value, (bool, _numpy_bool))
+
+
+def check_flag(name: str, value) -> bool:
+    """A `bool` or `numpy.bool_`, returned as a Python bool."""
+    if not is_flag(value):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+    return bool(value)
+
+
+def check_number(name: str, value, low: Optional[float] = None, high: Optional[float] = None) -> float:
+    """A finite real number within [low, high] (Python or numpy; not a bool, not a tensor), as a float."""
+    if is_flag(value) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a finite real number, got {value!r}")
-    if low is not None and value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value!r}")
-    if high is not None and value > high:
-        raise ValueError(f"{name} must be <= {high}, got {value!r}")
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond the float range, e.g. 10**400
+        raise ValueError(f"{name} must be a finite real number, got an integer beyond the float range") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    if low is not None and number < low:
+        raise ValueError(f"{name} must be >= {low:g}, got {value!r}")
+    if high is not None and number > high:
+        raise ValueError(f"{name} must be <= {high:g}, got {value!r}")
+    return number
 
 
-def check_tau(tau, frames: int) -> None:
-    if isinstance(tau, bool) or not isinstance(tau, int):
-        raise ValueError(f"tau must be an integer, got {tau!r}")
+def check_integer(name: str, value) -> int:
+    """An integer (Python or numpy; not a bool), as an int."""
+    if is_flag(value) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def check_tau(tau, frames: int) -> int:
+    """tau as an int, valid for F = `frames`."""
+    tau = check_integer("tau", tau)
     if frames < 2:
         raise ValueError(f"ByTheWay needs at least F=2 frames, got F={frames}")
     if not 0 <= tau <= max_tau(frames):
@@ -34,6 +75,7 @@ def check_tau(tau, frames: int) -> None:
             f"0 <= tau <= (F - 2) // 2 = {max_tau(frames)} so that the high band "
             f"[F//2 - tau, F//2 + tau] fits in [1, F-1] and excludes the DC term"
         )
+    return tau
 
 
 class BatchSplit(NamedTuple):
@@ -48,16 +90,14 @@ def batch_parts(cfg: bool, batch_split: Optional[Tuple[int, int]], name: str = "
     """(parts, energy_part): cfg=True means (uncond, cond) halves with energies from the second;
     an explicit `batch_split` pair overrides `cfg` (`name` is the argument named in errors)."""
     if batch_split is None:
-        if not isinstance(cfg, bool):
-            raise ValueError(f"cfg must be a bool, got {cfg!r}")
-        return (2, 1) if cfg else (1, 0)
+        return (2, 1) if check_flag("cfg", cfg) else (1, 0)
     if (
         not isinstance(batch_split, (tuple, list))
         or len(batch_split) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in batch_split)
+        or not all(isinstance(v, numbers.Integral) and not is_flag(v) for v in batch_split)
     ):
         raise ValueError(f"{name} must be a pair of ints (parts, energy_part), got {batch_split!r}")
-    parts, energy_part = batch_split
+    parts, energy_part = (int(v) for v in batch_split)
     if parts < 1 or not 0 <= energy_part < parts:
         raise ValueError(
             f"{name}=(parts, energy_part) needs parts >= 1 and 0 <= energy_part < parts, "
@@ -75,6 +115,49 @@ def resolve_batch_split(batch: int, cfg: bool, batch_split: Optional[Tuple[int, 
     return BatchSplit(parts, energy_part, batch // parts)
 
 
+def check_scores(scores) -> None:
+    """(B, H, W, heads, F, F) logits of a supported floating dtype."""
+    if not isinstance(scores, torch.Tensor):
+        raise ValueError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+    if scores.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"scores must have dtype float16, bfloat16, float32 or float64, got {scores.dtype}")
+    if scores.dim() != 6 or scores.shape[-1] != scores.shape[-2]:
+        raise ValueError(
+            f"scores must be 6-D (B, H, W, heads, F, F) with equal last two dims, got shape "
+            f"{tuple(scores.shape)}"
+        )
+
+
+def check_guide(guide, scores: torch.Tensor) -> None:
+    """None, or an anchor map (B, h, w, heads, F, F) with h <= H, w <= W on the scores' device."""
+    if guide is None:
+        return
+    if not isinstance(guide, torch.Tensor):
+        raise ValueError(f"guide must be a torch.Tensor or None, got {type(guide).__name__}")
+    if guide.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"guide must have dtype float16, bfloat16, float32 or float64, got {guide.dtype}")
+    if guide.device != scores.device:
+        raise ValueError(f"guide is on {guide.device} but scores are on {scores.device}")
+    if guide.dim() != 6:
+        raise ValueError(f"guide must be 6-D (B, h, w, heads, F, F), got shape {tuple(guide.shape)}")
+    batch, height, width, heads, f_rows, f_cols = scores.shape
+    guide_batch, guide_height, guide_width, guide_heads, g_rows, g_cols = guide.shape
+    if (guide_batch, guide_heads, g_rows, g_cols) != (batch, heads, f_rows, f_cols):
+        raise ValueError(
+            f"guide shape {tuple(guide.shape)} must match scores {tuple(scores.shape)} in batch, "
+            f"heads and frames"
+        )
+    if guide_height > height or guide_width > width:
+        raise ValueError(
+            f"guide spatial size ({guide_height}, {guide_width}) must not exceed the scores' "
+            f"({height}, {width})"
+        )
+    if (guide_height == 0 or guide_width == 0) and height * width > 0:
+        raise ValueError(
+            f"guide spatial size ({guide_height}, {guide_width}) is empty but scores' is ({height}, {width})"
+        )
+
+
 def check_op_args(
     scores: torch.Tensor,
     guide: Optional[torch.Tensor],
@@ -87,51 +170,22 @@ def check_op_args(
     guide_upsample,
     beta_max,
     batch_split=None,
+    return_stats=False,
 ) -> BatchSplit:
     """Validate everything `bytheway_attention_probs` takes; return the resolved batch split."""
-    if not isinstance(scores, torch.Tensor):
-        raise ValueError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
-    if not scores.is_floating_point():
-        raise ValueError(f"scores must be a floating-point tensor, got dtype {scores.dtype}")
-    if scores.dim() != 6 or scores.shape[-1] != scores.shape[-2]:
-        raise ValueError(
-            f"scores must be 6-D (B, H, W, heads, F, F) with equal last two dims, got shape "
-            f"{tuple(scores.shape)}"
-        )
-    frames = scores.shape[-1]
-    check_tau(tau, frames)
+    check_scores(scores)
+    check_tau(tau, scores.shape[-1])
     check_number("alpha", alpha, low=0.0, high=1.0)
-    check_number("beta", beta, low=0.0)
+    beta = check_number("beta", beta, low=0.0, high=BETA_LIMIT)
     if beta_max is not None:
-        check_number("beta_max", beta_max, low=beta)
-    if not isinstance(adaptive_beta, bool):
-        raise ValueError(f"adaptive_beta must be a bool, got {adaptive_beta!r}")
+        check_number("beta_max", beta_max, low=beta, high=BETA_LIMIT)
+    check_flag("adaptive_beta", adaptive_beta)
+    check_flag("return_stats", return_stats)
     if energy_scope not in ENERGY_SCOPES:
         raise ValueError(f"energy_scope must be one of {ENERGY_SCOPES}, got {energy_scope!r}")
     if guide_upsample not in GUIDE_UPSAMPLE_MODES:
         raise ValueError(f"guide_upsample must be one of {GUIDE_UPSAMPLE_MODES}, got {guide_upsample!r}")
-    if guide is not None:
-        if not isinstance(guide, torch.Tensor):
-            raise ValueError(f"guide must be a torch.Tensor or None, got {type(guide).__name__}")
-        if not guide.is_floating_point():
-            raise ValueError(f"guide must be a floating-point tensor, got dtype {guide.dtype}")
-        if guide.device != scores.device:
-            raise ValueError(f"guide is on {guide.device} but scores are on {scores.device}")
-        b, height, width, heads, f_rows, f_cols = scores.shape
-        if guide.dim() != 6:
-            raise ValueError(f"guide must be 6-D (B, h, w, heads, F, F), got shape {tuple(guide.shape)}")
-        gb, gh, gw, gheads, gf_rows, gf_cols = guide.shape
-        if (gb, gheads, gf_rows, gf_cols) != (b, heads, f_rows, f_cols):
-            raise ValueError(
-                f"guide shape {tuple(guide.shape)} must match scores {tuple(scores.shape)} in batch, "
-                f"heads and frames"
-            )
-        if gh > height or gw > width:
-            raise ValueError(
-                f"guide spatial size ({gh}, {gw}) must not exceed the scores' ({height}, {width})"
-            )
-        if (gh == 0 or gw == 0) and height * width > 0:
-            raise ValueError(f"guide spatial size ({gh}, {gw}) is empty but scores' is ({height}, {width})")
+    check_guide(guide, scores)
     return resolve_batch_split(scores.shape[0], cfg, batch_split)
 
 

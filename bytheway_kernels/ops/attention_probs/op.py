@@ -134,14 +134,33 @@ def bytheway_attention_probs(
         batch_split: (parts, energy_part) overriding `cfg`: the batch is `parts` equal groups and
             energies come from group `energy_part` (e.g. (3, 1) for PAG with CFG).
 
+    Numbers may be Python or numpy scalars; beta and beta_max are at most
+    `bytheway_kernels._validation.BETA_LIMIT` (1e6). A bad argument is a ValueError naming it.
+
+    Rows whose guided row sum rowsum(A2) = (1 - alpha) + alpha * rowsum(U) is <= 0 or not finite
+    (e.g. an all-zero guide row with alpha = 1) use the unguided map instead (A2 := A for that
+    row, in the energies too). Every finite input then gives a finite output; float16 outputs
+    saturate at +-65504 (reachable only with beta above ~7e4).
+
     Returns:
         probs, or (probs, stats) with `return_stats=True`. Never synchronises with the host.
+
+    Examples:
+        >>> import torch
+        >>> from bytheway_kernels import bytheway_attention_probs
+        >>> scores = torch.randn(2, 4, 4, 8, 16, 16)  # (B, H, W, heads, F, F), CFG halves
+        >>> guide = torch.softmax(torch.randn(2, 2, 2, 8, 16, 16), dim=-1)
+        >>> probs, stats = bytheway_attention_probs(scores, guide, alpha=0.6, beta=1.5, tau=7,
+        ...                                         return_stats=True)
+        >>> probs.shape, stats.shape
+        (torch.Size([2, 4, 4, 8, 16, 16]), torch.Size([1, 6]))
     """
     split = check_op_args(
         scores, guide, alpha, beta, tau, adaptive_beta, cfg, energy_scope, guide_upsample,
-        beta_max, batch_split,
+        beta_max, batch_split, return_stats,
     )
-    params = ByTheWayParams(float(alpha), float(beta), int(tau), adaptive_beta, split.parts,
+    return_stats = bool(return_stats)  # numpy flags become Python bools for the schema
+    params = ByTheWayParams(float(alpha), float(beta), int(tau), bool(adaptive_beta), split.parts,
                             split.energy_part, energy_scope, guide_upsample,
                             None if beta_max is None else float(beta_max))
     probs, stats = attention_probs(scores, guide, *params, return_stats)

@@ -1,0 +1,349 @@
+"""Fused Triton kernels of temporal attention with ByTheWay inside (DESIGN.md section 7).
+
+A sequence is one (n, head) pair: F query frames attending to the same F frames; sequence
+s = n * heads + head, so the G sequences of a program are consecutive heads of consecutive rows n
+and their q, k, v channels are neighbours in memory. Each program takes G sequences and runs them
+through batched 3-D `tl.dot`s ([G, F, d] x [G, d, F]), so a tensor-core tile holds G * F_PAD >= 64
+rows even though F is 16: scores = q k^T (d in BLOCK_D chunks, fp32 accumulation) -> softmax ->
+blend with the anchor map, upsampled by index arithmetic (never materialised) -> band step
+(`guided - mean` for the full band, else a dot with the circulant P) -> divide by rowsum(guided)
+(the band term sums to 0, so this is the map op's renormalisation without its cancellation at
+large beta) -> out = A3 @ v, d in chunks again, stored in q's dtype. The F x F map never reaches
+memory, except the plain softmax map when the caller asks for it (same pass).
+
+Fixed beta is one launch of `_attention_kernel`. Adaptive beta (or stats) first runs
+`_energy_kernel` over the energy part, which recomputes the scores from q and k and writes one
+slot of six partial sums per program (no zeroing, no atomics), then the one-program
+`_beta_kernel` sums the slots in a fixed order (bit-identical run to run) and turns them into beta
+and the stats on the device; the attention pass reads beta from there. No host synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ...band import high_band_matrix, is_full_band
+from ...energy import HIGH_ENERGY_FLOOR, STATS_FIELDS
+from ..params import ByTheWayParams
+
+GUIDE_MODES = {None: 0, "nearest": 1, "bilinear": 2}
+# Per program: sum|A|^2, sum|A2|^2, sum<A2, A2 P>, then the last three over s^2, s = rowsum(A2),
+# from which E3 = |A2 + (beta - 1) A2 P|^2 / s^2 follows for any beta without another pass.
+SUM_FIELDS = 6
+# Slots the beta kernel sums per step: each lane adds its slots in order, then one tree sum.
+REDUCE_BLOCK = 256
+
+
+class TileConfig(NamedTuple):
+    """Launch shape: G sequences per program, head-dim chunk BLOCK_D, warps."""
+
+    sequences: int
+    block_d: int
+    num_warps: int
+
+
+def padded_frames(frames: int) -> int:
+    """F rounded up to a power of two >= 16 (tl.dot needs >= 16 rows and columns)."""
+    return max(16, triton.next_power_of_2(frames))
+
+
+def default_config(frames: int, head_dim: int) -> TileConfig:
+    """G * F_PAD = 64 rows per program (G = 4 at F = 16, the best measured packing), and the
+    largest d chunk in 16/32/64 that divides d (d = 40 runs as 3 masked chunks of 16): chunking d
+    keeps d = 160 free of spills where padding it to 256 would not be."""
+    padded = padded_frames(frames)
+    block_d = next((size for size in (64, 32) if head_dim % size == 0), 16)
+    return TileConfig(max(1, 64 // padded), block_d, 4 if padded <= 32 else 8)
+
+
+@triton.jit
+def _guide_tile(guide_ptr, n, head, frames, cols, mask, H, W, h, w, heads, scale_y, scale_x,
+                F: tl.constexpr, GUIDE_MODE: tl.constexpr):
+    """Upsampled anchor map for [G, F_PAD, F_PAD], torch.interpolate's index rules in fp32.
+
+    n, head: [G, 1, 1]; frames: [1, F_PAD, 1]; cols: [1, 1, F_PAD]. Mirrors the map op's
+    `_guide_rows` (ops/attention_probs/triton.py) in three dimensions.
+    """
+    x = n % W
+    y = (n // W) % H
+    b = n // (H * W)
+    if GUIDE_MODE == 1:  # nearest: src = min(floor(dst * in / out), in - 1)
+        ys = tl.minimum((y.to(tl.float32) * scale_y).to(tl.int32), h - 1)
+        xs = tl.minimum((x.to(tl.float32) * scale_x).to(tl.int32), w - 1)
+        src = (((b * h + ys) * w + xs) * heads + head) * F + frames
+        upsampled = tl.load(guide_ptr + src * F + cols, mask=mask, other=0.0).to(tl.float32)
+    else:  # bilinear, align_corners=False: src = max((dst + 0.5) * in / out - 0.5, 0)
+        sy = tl.maximum((y.to(tl.float32) + 0.5) * scale_y - 0.5, 0.0)
+        sx = tl.maximum((x.to(tl.float32) + 0.5) * scale_x - 0.5, 0.0)
+        y0 = sy.to(tl.int32)
+        x0 = sx.to(tl.int32)
+        y1 = y0 + (y0 < h - 1).to(tl.int32)
+        x1 = x0 + (x0 < w - 1).to(tl.int32)
+        wy = sy - y0.to(tl.float32)
+        wx = sx - x0.to(tl.float32)
+        base = b * h
+        row00 = (((base + y0) * w + x0) * heads + head) * F + frames
+        row01 = (((base + y0) * w + x1) * heads + head) * F + frames
+        row10 = (((base + y1) * w + x0) * heads + head) * F + frames
+        row11 = (((base + y1) * w + x1) * heads + head) * F + frames
+        g00 = tl.load(guide_ptr + row00 * F + cols, mask=mask, other=0.0).to(tl.float32)
+        g01 = tl.load(guide_ptr + row01 * F + cols, mask=mask, other=0.0).to(tl.float32)
+        g10 = tl.load(guide_ptr + row10 * F + cols, mask=mask, other=0.0).to(tl.float32)
+        g11 = tl.load(guide_ptr + row11 * F + cols, mask=mask, other=0.0).to(tl.float32)
+        upsampled = (1.0 - wy) * ((1.0 - wx) * g00 + wx * g01) + wy * ((1.0 - wx) * g10 + wx * g11)
+    return upsampled
+
+
+@triton.jit
+def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, heads,
+                    q_sn, q_sf, k_sn, k_sf, H, W, h, w, scale_y, scale_x, scale_log2, alpha,
+                    F: tl.constexpr, F_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                    G: tl.constexpr, GUIDE_MODE: tl.constexpr, FULL_BAND: tl.constexpr):
+    """(attn, guided, guided @ P, row_valid) of G sequences, [G, F_PAD, F_PAD] fp32.
+
+    Padded columns of all three are zero; rows of padded frames or sequences hold finite values
+    that callers must not store or sum (row_valid, [G, F_PAD, 1], says which rows are real).
+    """
+    n = (seq // heads).to(tl.int64)[:, None, None]
+    head = (seq % heads)[:, None, None]
+    frames = tl.arange(0, F_PAD)[None, :, None]
+    cols = tl.arange(0, F_PAD)[None, None, :]
+    dims = tl.arange(0, BLOCK_D)[None, None, :]
+    row_valid = seq_valid[:, None, None] & (frames < F)
+    col_valid = cols < F
+    q_rows = q_ptr + n * q_sn + frames * q_sf + head * D
+    k_rows = k_ptr + n * k_sn + frames * k_sf + head * D
+    logits = tl.zeros([G, F_PAD, F_PAD], dtype=tl.float32)
+    for start in range(0, D, BLOCK_D):  # d in chunks: d = 40, 80, 160 need no power-of-two pad
+        mask = row_valid & (start + dims < D)
+        q_chunk = tl.load(q_rows + start + dims, mask=mask, other=0.0)
+        k_chunk = tl.load(k_rows + start + dims, mask=mask, other=0.0)
+        logits = tl.dot(q_chunk, tl.permute(k_chunk, (0, 2, 1)), logits, input_precision="ieee")
+    # softmax of scale * q k^T, in base 2 (the scale carries log2(e))
+    logits = tl.where(col_valid, logits * scale_log2, float("-inf"))
+    exps = tl.exp2(logits - tl.max(logits, axis=2)[:, :, None])
+    attn = exps / tl.sum(exps, axis=2)[:, :, None]
+    if GUIDE_MODE == 0:
+        guided = attn
+    else:
+        upsampled = _guide_tile(guide_ptr, n, head, frames, cols, row_valid & col_valid, H, W, h, w,
+                                heads, scale_y, scale_x, F, GUIDE_MODE)
+        guided = attn + alpha * (upsampled - attn)
+    if FULL_BAND:  # P = I - 1/F: remove the row mean
+        high = tl.where(col_valid, guided - (tl.sum(guided, axis=2) / F)[:, :, None], 0.0)
+    else:
+        band_cols = tl.arange(0, F_PAD)
+        band = tl.load(band_ptr + band_cols[:, None] * F_PAD + band_cols[None, :])
+        high = tl.dot(guided, tl.broadcast_to(band[None, :, :], (G, F_PAD, F_PAD)),
+                      input_precision="ieee")
+    return attn, guided, high, row_valid
+
+
+@triton.jit
+def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, out_ptr, map_ptr,
+                      sequences, heads, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf,
+                      H, W, h, w, scale_y, scale_x, videos, scale_log2, alpha, beta0,
+                      F: tl.constexpr, F_PAD: tl.constexpr, D: tl.constexpr,
+                      BLOCK_D: tl.constexpr, G: tl.constexpr, GUIDE_MODE: tl.constexpr,
+                      FULL_BAND: tl.constexpr, PER_VIDEO: tl.constexpr, HAS_BETA: tl.constexpr,
+                      WITH_MAP: tl.constexpr):
+    """out = A3 @ v for G sequences (grid axis 0: 2**31 - 1 programs); beta from beta_ptr if
+    HAS_BETA (one per energy group), else beta0; the plain map too if WITH_MAP."""
+    seq = tl.program_id(0).to(tl.int64) * G + tl.arange(0, G)
+    seq_valid = seq < sequences
+    attn, guided, high, row_valid = _attention_tile(
+        q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, heads, q_sn, q_sf, k_sn, k_sf,
+        H, W, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G, GUIDE_MODE,
+        FULL_BAND)
+    if HAS_BETA:
+        entry = seq // heads // (H * W)
+        group = entry % videos if PER_VIDEO else entry * 0
+        beta = tl.load(beta_ptr + group, mask=seq_valid, other=1.0)[:, None, None]
+    else:
+        beta = beta0
+    n = (seq // heads)[:, None, None]
+    head = (seq % heads)[:, None, None]
+    frames = tl.arange(0, F_PAD)[None, :, None]
+    cols = tl.arange(0, F_PAD)[None, None, :]
+    if WITH_MAP:
+        map_offsets = ((seq[:, None, None] * F + frames) * F + cols)
+        tl.store(map_ptr + map_offsets, attn.to(map_ptr.dtype.element_ty), mask=row_valid & (cols < F))
+    # divide by rowsum(A2), which equals rowsum(A3): the band term sums to 0
+    row_sum = tl.where(row_valid, tl.sum(guided, axis=2)[:, :, None], 1.0)
+    probs = ((guided + (beta - 1.0) * high) / row_sum).to(v_ptr.dtype.element_ty)
+    dims = tl.arange(0, BLOCK_D)[None, None, :]
+    v_rows = v_ptr + n * v_sn + frames * v_sf + head * D
+    out_rows = out_ptr + (n * F + frames) * (heads * D) + head * D
+    for start in range(0, D, BLOCK_D):
+        mask = row_valid & (start + dims < D)
+        v_chunk = tl.load(v_rows + start + dims, mask=mask, other=0.0)
+        out_chunk = tl.dot(probs, v_chunk, input_precision="ieee")
+        tl.store(out_rows + start + dims, out_chunk.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, sequences_per_entry,
+                   first_entry, heads, q_sn, q_sf, k_sn, k_sf, H, W, h, w, scale_y, scale_x,
+                   scale_log2, alpha,
+                   F: tl.constexpr, F_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                   G: tl.constexpr, GUIDE_MODE: tl.constexpr, FULL_BAND: tl.constexpr):
+    """Six energy sums of G sequences of video program_id(1) of the energy part, into this
+    program's own slot (program_id(1) * num_programs(0) + program_id(0)) of `partials`."""
+    video = tl.program_id(1)
+    local = tl.program_id(0) * G + tl.arange(0, G)
+    seq_valid = local < sequences_per_entry
+    seq = (first_entry + video).to(tl.int64) * sequences_per_entry + local
+    attn, guided, high, row_valid = _attention_tile(
+        q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, heads, q_sn, q_sf, k_sn, k_sf,
+        H, W, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G, GUIDE_MODE,
+        FULL_BAND)
+    # E3 is the energy of the output A3 / s with s = rowsum(A2) (A2 @ P sums to 0)
+    inv_square_sum = 1.0 / tl.where(row_valid, tl.sum(guided, axis=2)[:, :, None], 1.0)
+    inv_square_sum = inv_square_sum * inv_square_sum
+    slot = partials_ptr + (video * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) * 6
+    tl.store(slot + 0, _tile_sum(tl.where(row_valid, attn * attn, 0.0)))
+    tl.store(slot + 1, _tile_sum(tl.where(row_valid, guided * guided, 0.0)))
+    tl.store(slot + 2, _tile_sum(tl.where(row_valid, guided * high, 0.0)))
+    tl.store(slot + 3, _tile_sum(tl.where(row_valid, guided * guided * inv_square_sum, 0.0)))
+    tl.store(slot + 4, _tile_sum(tl.where(row_valid, guided * high * inv_square_sum, 0.0)))
+    tl.store(slot + 5, _tile_sum(tl.where(row_valid, high * high * inv_square_sum, 0.0)))
+
+
+@triton.jit
+def _tile_sum(block):
+    return tl.sum(tl.sum(tl.sum(block, axis=2), axis=1), axis=0)
+
+
+@triton.jit
+def _beta_kernel(partials_ptr, beta_ptr, stats_ptr, groups, slots_per_group, rows_per_group,
+                 beta0, beta_max, high_energy_floor, BLOCK: tl.constexpr, ADAPTIVE: tl.constexpr,
+                 HAS_BETA_MAX: tl.constexpr, WRITE_STATS: tl.constexpr):
+    """One program: per energy group, sum its slots in a fixed order (fp64), then beta (the map
+    op's rule) into beta_ptr and, if WRITE_STATS, the stats row (beta, E1, E2, E2_low, E2_high, E3)."""
+    lanes = tl.arange(0, BLOCK)[:, None]
+    fields = tl.arange(0, 8)[None, :]
+    count = tl.maximum(rows_per_group, 1.0)
+    for group in range(groups):
+        totals = tl.zeros([BLOCK, 8], dtype=tl.float64)
+        first = group * slots_per_group
+        for start in range(0, slots_per_group, BLOCK):
+            mask = (start + lanes < slots_per_group) & (fields < 6)
+            totals += tl.load(partials_ptr + (first + start + lanes) * 6 + fields, mask=mask,
+                              other=0.0).to(tl.float64)
+        sums = tl.sum(totals, axis=0)
+        field = tl.arange(0, 8)
+        e1 = tl.sum(tl.where(field == 0, sums, 0.0)) / count
+        e2 = tl.sum(tl.where(field == 1, sums, 0.0)) / count
+        e2_high = tl.sum(tl.where(field == 2, sums, 0.0)) / count
+        beta = tl.zeros_like(e1) + beta0  # fp64, a tensor in the interpreter too
+        if ADAPTIVE:
+            has_high = e2_high > high_energy_floor * e2
+            ratio = tl.maximum(e1 - (e2 - e2_high), 0.0) / tl.where(has_high, e2_high, 1.0)
+            beta = tl.where(has_high, tl.maximum(beta, tl.sqrt(ratio)), beta)
+            if HAS_BETA_MAX:
+                beta = tl.minimum(beta, beta_max)
+        beta = beta.to(tl.float32)
+        tl.store(beta_ptr + group, beta)
+        if WRITE_STATS:
+            gain = beta.to(tl.float64) - 1.0
+            e3 = (tl.sum(tl.where(field == 3, sums, 0.0))
+                  + 2.0 * gain * tl.sum(tl.where(field == 4, sums, 0.0))
+                  + gain * gain * tl.sum(tl.where(field == 5, sums, 0.0))) / count
+            row = stats_ptr + group * 6
+            tl.store(row + 0, beta)
+            tl.store(row + 1, e1.to(tl.float32))
+            tl.store(row + 2, e2.to(tl.float32))
+            tl.store(row + 3, (e2 - e2_high).to(tl.float32))
+            tl.store(row + 4, e2_high.to(tl.float32))
+            tl.store(row + 5, e3.to(tl.float32))
+
+
+def _check_device(q: torch.Tensor) -> None:
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f"the fused temporal attention kernel needs CUDA tensors (got {q.device}); on CPU it "
+            "runs only under the Triton interpreter (TRITON_INTERPRET=1 set before importing "
+            "bytheway_kernels)"
+        )
+
+
+def temporal_attention_triton_out(q, k, v, guide, heads: int, height: int, width: int,
+                                  scale: float, params: ByTheWayParams, out: torch.Tensor,
+                                  plain_map: Optional[torch.Tensor] = None,
+                                  stats: Optional[torch.Tensor] = None,
+                                  config: Optional[TileConfig] = None) -> None:
+    """Launch the fused kernels writing into `out` (contiguous, q's shape and dtype), `plain_map`
+    ((B, H, W, heads, F, F) contiguous) and `stats` ((rows, 6) float32) when given.
+
+    Fixed beta without stats: one launch. Otherwise: energy pass, beta kernel, attention pass.
+    `config` overrides the tile shape (`default_config`), for tuning.
+    """
+    _check_device(q)
+    alpha, beta, tau, adaptive_beta, parts, energy_part, energy_scope, guide_upsample, beta_max = params
+    sequences_total, frames, channels = q.shape
+    head_dim = channels // heads
+    batch = sequences_total // (height * width)
+    videos = batch // parts
+    per_video = energy_scope == "sample"
+    padded = padded_frames(frames)
+    tile = config or default_config(frames, head_dim)
+    full_band = is_full_band(frames, tau)
+    band = q if full_band else high_band_matrix(frames, tau, padded, q.device)
+    guide_mode = GUIDE_MODES[None if guide is None else guide_upsample]
+    if guide is None:
+        guide, (h, w) = q, (height, width)  # an unused pointer
+    else:
+        guide, (h, w) = guide.contiguous(), guide.shape[1:3]
+    strides = dict(q_sn=q.stride(0), q_sf=q.stride(1), k_sn=k.stride(0), k_sf=k.stride(1))
+    geometry = dict(heads=heads, H=height, W=width, h=h, w=w, scale_y=h / height,
+                    scale_x=w / width, scale_log2=scale * math.log2(math.e), alpha=alpha)
+    meta = dict(F=frames, F_PAD=padded, D=head_dim, BLOCK_D=tile.block_d, G=tile.sequences,
+                GUIDE_MODE=guide_mode,
+                FULL_BAND=full_band, num_warps=tile.num_warps)
+    has_sums = adaptive_beta or stats is not None
+    groups = (videos if per_video else 1) if has_sums else 0
+    betas = torch.empty((max(groups, 1),), dtype=torch.float32, device=q.device)
+    if has_sums:
+        sequences_per_entry = height * width * heads
+        blocks = triton.cdiv(sequences_per_entry, tile.sequences)
+        partials = torch.empty((blocks * videos, SUM_FIELDS), dtype=torch.float32, device=q.device)
+        if videos > 0:
+            _energy_kernel[(blocks, videos)](q, k, guide, band, partials, sequences_per_entry,
+                                             energy_part * videos, **strides, **geometry, **meta)
+        _beta_kernel[(1,)](
+            partials, betas, stats if stats is not None else betas, groups,
+            blocks * (1 if per_video else videos),
+            float(sequences_per_entry * frames * (1 if per_video else videos)), beta,
+            beta if beta_max is None else beta_max, HIGH_ENERGY_FLOOR, BLOCK=REDUCE_BLOCK,
+            ADAPTIVE=adaptive_beta, HAS_BETA_MAX=beta_max is not None,
+            WRITE_STATS=stats is not None, num_warps=4)
+    sequences = sequences_total * heads
+    if sequences == 0:
+        return
+    _attention_kernel[(triton.cdiv(sequences, tile.sequences),)](
+        q, k, v, guide, band, betas, out, out if plain_map is None else plain_map, sequences,
+        v_sn=v.stride(0), v_sf=v.stride(1), videos=max(videos, 1), beta0=beta, **strides,
+        **geometry, PER_VIDEO=per_video, HAS_BETA=adaptive_beta, WITH_MAP=plain_map is not None,
+        **meta,
+    )
+
+
+def temporal_attention_triton(q, k, v, guide, heads: int, height: int, width: int, scale: float,
+                              params: ByTheWayParams, with_map: bool, with_stats: bool):
+    """(out, map, stats) as `torch.ops.bytheway.temporal_attention` returns them."""
+    sequences, frames, channels = q.shape
+    batch = sequences // (height * width)
+    out = q.new_empty((sequences, frames, channels))
+    plain_map = (q.new_empty((batch, height, width, heads, frames, frames)) if with_map
+                 else q.new_empty((0,)))
+    rows = params.stats_rows(batch) if with_stats else 0
+    stats = q.new_empty((rows, len(STATS_FIELDS)), dtype=torch.float32)
+    temporal_attention_triton_out(q, k, v, guide, heads, height, width, scale, params, out,
+                                  plain_map if with_map else None, stats if with_stats else None)
+    return out, plain_map, stats

@@ -1,0 +1,254 @@
+"""The fused temporal attention kernels vs the float64 composed formula, by the Triton interpreter.
+
+`TRITON_INTERPRET=1` (set in conftest.py) executes the very kernel source that runs on GPU. The
+kernels write into outputs the test fills with NaN first, so any element they miss fails.
+"""
+
+import itertools
+
+import pytest
+import torch
+import triton.language as tl
+
+import bytheway_kernels as btw
+from attention_probs_cases import needs_triton_interpreter
+from bytheway_kernels.band import max_tau
+from bytheway_kernels.ops.temporal_attention import triton as kernels
+from bytheway_kernels.ops.temporal_attention.triton import (TileConfig,
+                                                            temporal_attention_triton_out)
+from temporal_attention_cases import AttentionCase, assert_matches, make_inputs
+
+pytestmark = needs_triton_interpreter
+
+
+@pytest.fixture(autouse=True)
+def interpreter_bfloat16_dot(monkeypatch):
+    """The interpreter stores bfloat16 as uint16 and its `tl.dot` multiplies those bit patterns
+    (triton-lang/triton#11584, not supported upstream); convert bfloat16 operands to float32
+    first, which is exact and what the GPU's bf16 MMA computes (exact products, fp32 sums).
+    The kernel code is unchanged."""
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, *args):
+        a, b = (self.cast_impl(x, tl.float32) if x.dtype.scalar == tl.bfloat16 else x for x in (a, b))
+        return original(self, a, b, d, *args)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+
+
+def run_poisoned(case: AttentionCase, inputs, with_map=True, with_stats=True, config=None):
+    """Launch into NaN-filled out / map / stats; return them (map, stats None when not asked)."""
+    q, k, v, guide = inputs
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype)
+    plain_map = stats = None
+    if with_map:
+        plain_map = torch.full((case.batch, case.height, case.width, case.heads, case.frames,
+                                case.frames), float("nan"), dtype=q.dtype)
+    if with_stats:
+        stats = torch.full((case.params().stats_rows(case.batch), 6), float("nan"))
+    temporal_attention_triton_out(q, k, v, guide, case.heads, case.height, case.width,
+                                  case.head_dim ** -0.5, case.params(), out, plain_map, stats,
+                                  config)
+    return out, plain_map, stats
+
+
+def case_matrix():
+    """Every F, head dim, dtype, guide mode, batch split, scope and beta mode, cycled together
+    (not their full product: the interpreter is slow), plus the AnimateDiff configurations."""
+    dtypes = [torch.float32, torch.float16, torch.bfloat16]
+    guides = [(None, "nearest"), ((1, 1), "nearest"), ((2, 3), "bilinear"), ((1, 2), "nearest"),
+              ((2, 2), "bilinear")]
+    flags = [  # adaptive, (parts, energy_part), scope, beta_max
+        (True, (2, 1), "batch", None), (False, (2, 1), "batch", None),
+        (True, (1, 0), "sample", None), (True, (3, 1), "sample", 4.0),
+        (False, (1, 0), "batch", None), (True, (3, 1), "batch", None),
+        (True, (2, 1), "sample", 2.0),
+    ]
+    cycle = itertools.count()
+    cases = []
+    for frames, head_dim in [(2, 8), (8, 40), (8, 16), (16, 80), (24, 8), (33, 24), (64, 8)]:
+        for tau in sorted({0, max_tau(frames)}):
+            i = next(cycle)
+            guide_size, upsample = guides[i % len(guides)]
+            adaptive, (parts, part), scope, beta_max = flags[i % len(flags)]
+            height, width = 2 + i % 2, 3 - i % 2
+            if guide_size is not None:
+                guide_size = (min(guide_size[0], height), min(guide_size[1], width))
+            cases.append(AttentionCase(
+                frames=frames, tau=tau, head_dim=head_dim, dtype=dtypes[i % 3],
+                heads=1 if frames >= 33 else 2, batch=parts * (1 + i % 2), height=height,
+                width=width, guide_size=guide_size, guide_upsample=upsample,
+                adaptive_beta=adaptive, parts=parts, energy_part=part, energy_scope=scope,
+                beta_max=None if beta_max is None else max(beta_max, (1.5, 10.0, 0.5)[i % 3]),
+                beta=(1.5, 10.0, 0.5)[i % 3], alpha=(0.6, 0.1, 1.0)[i % 3],
+                fused_qkv=i % 4 != 3,
+            ))
+    # the AnimateDiff layers (F = 16, full band; d = 40, 80, 160) in every dtype and beta mode
+    for (head_dim, dtype), (adaptive, upsample) in zip(
+        itertools.product((40, 80, 160), dtypes),
+        itertools.cycle([(False, "nearest"), (True, "bilinear"), (True, "nearest")]),
+    ):
+        cases.append(AttentionCase(head_dim=head_dim, dtype=dtype, adaptive_beta=adaptive,
+                                   guide_upsample=upsample, guide_size=(1, 2), heads=3))
+    return cases
+
+
+@pytest.mark.parametrize("case", case_matrix(), ids=str)
+def test_matches_float64_formula(case):
+    inputs = make_inputs(case, seed=7)
+    out, plain_map, stats = run_poisoned(case, inputs)
+    assert_matches(case, inputs, out, plain_map, stats)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("frames,tau,head_dim", [(16, 7, 40), (16, 3, 160), (12, 2, 80)])
+def test_fixed_beta_out_only(frames, tau, head_dim, dtype):
+    case = AttentionCase(frames=frames, tau=tau, head_dim=head_dim, dtype=dtype, beta=10.0,
+                         alpha=0.3, guide_size=(2, 1), height=3)
+    inputs = make_inputs(case, seed=3)
+    out, _, _ = run_poisoned(case, inputs, with_map=False, with_stats=False)
+    assert_matches(case, inputs, out)
+
+
+def test_plain_attention_matches_sdpa():
+    case = AttentionCase(head_dim=40, dtype=torch.float16, guide_size=None, alpha=0.0, beta=1.0)
+    q, k, v, _ = inputs = make_inputs(case)
+    out, _, _ = run_poisoned(case, inputs, with_map=False, with_stats=False)
+
+    def split(values):
+        return values.double().view(values.shape[0], values.shape[1], 2, -1).transpose(1, 2)
+
+    ref = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+    torch.testing.assert_close(out.double(), ref.transpose(1, 2).reshape(q.shape), atol=2e-3,
+                               rtol=2e-3)
+
+
+@pytest.mark.parametrize("config", [TileConfig(1, 16, 4), TileConfig(8, 32, 4), TileConfig(2, 64, 8)])
+def test_other_tile_configs(config):
+    """The tuning configurations of benchmarks/temporal_attention_gpu_check.py are correct too;
+    G = 8 with 3 * 2 * 3 * 2 = 36 sequences leaves a partly filled last program."""
+    case = AttentionCase(head_dim=40, dtype=torch.float16, heads=2, height=3, width=3,
+                         adaptive_beta=True, guide_upsample="bilinear", guide_size=(2, 2))
+    inputs = make_inputs(case)
+    out, plain_map, stats = run_poisoned(case, inputs, config=config)
+    assert_matches(case, inputs, out, plain_map, stats)
+
+
+class _CountingKernel:
+    def __init__(self, kernel, name, launches):
+        self.kernel, self.name, self.launches = kernel, name, launches
+
+    def __getitem__(self, grid):
+        self.launches.append((self.name, len(grid)))
+        return self.kernel[grid]
+
+
+def _count_launches(monkeypatch):
+    launches = []
+    for name in ("_energy_kernel", "_beta_kernel", "_attention_kernel"):
+        monkeypatch.setattr(kernels, name, _CountingKernel(getattr(kernels, name), name, launches))
+    return launches
+
+
+def test_fixed_beta_is_one_launch_adaptive_three(monkeypatch):
+    launches = _count_launches(monkeypatch)
+    case = AttentionCase(adaptive_beta=False)
+    inputs = make_inputs(case)
+    out, plain_map, _ = run_poisoned(case, inputs, with_map=True, with_stats=False)
+    assert launches == [("_attention_kernel", 1)]  # one launch, a 1-D grid (axis 0 only)
+    assert_matches(case, inputs, out, plain_map)
+    launches.clear()
+    adaptive = AttentionCase(adaptive_beta=True)
+    out, _, _ = run_poisoned(adaptive, inputs, with_map=False, with_stats=False)
+    assert [name for name, _ in launches] == ["_energy_kernel", "_beta_kernel", "_attention_kernel"]
+    assert_matches(adaptive, inputs, out)
+
+
+@pytest.mark.parametrize("scope", ["batch", "sample"])
+def test_adaptive_beta_is_bit_identical_run_to_run(scope):
+    case = AttentionCase(adaptive_beta=True, energy_scope=scope, batch=4, height=3, width=3)
+    inputs = make_inputs(case)
+    first = run_poisoned(case, inputs)
+    second = run_poisoned(case, inputs)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_stats_match_the_map_op_on_the_same_scores():
+    case = AttentionCase(adaptive_beta=True, energy_scope="sample", batch=4, beta_max=3.0)
+    q, k, v, guide = inputs = make_inputs(case)
+    _, _, stats = run_poisoned(case, inputs, with_map=False)
+    scores = (q.double().view(-1, 16, 2, 8).transpose(1, 2) @ k.double().view(-1, 16, 2, 8)
+              .permute(0, 2, 3, 1)) * 8 ** -0.5
+    _, map_stats = btw.reference.bytheway_attention_probs(
+        scores.float().view(4, 2, 2, 2, 16, 16), guide, return_stats=True, **case.kwargs())
+    torch.testing.assert_close(stats, map_stats, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("logit_scale", [0.0, 300.0])
+def test_uniform_and_one_hot_rows_stay_finite(logit_scale, dtype):
+    """q = 0 gives uniform rows (E2_high = 0: beta falls back to beta_0); huge logits give
+    one-hot rows; alpha = 1 makes guided = guide, so padded rows would divide 0 by 0."""
+    case = AttentionCase(adaptive_beta=True, logit_scale=logit_scale, dtype=dtype, alpha=1.0,
+                         guide_size=None if logit_scale == 0 else (1, 1), frames=12, tau=1)
+    inputs = make_inputs(case)
+    out, plain_map, stats = run_poisoned(case, inputs)
+    assert torch.isfinite(out).all() and torch.isfinite(stats).all()
+    if logit_scale == 0:
+        assert stats[0, 0] == case.beta
+    assert_matches(case, inputs, out, plain_map, stats)
+
+
+@pytest.mark.parametrize("scope", ["batch", "sample"])
+def test_empty_batch(scope):
+    case = AttentionCase(batch=0, adaptive_beta=True, energy_scope=scope)
+    inputs = make_inputs(case)
+    out, plain_map, stats = run_poisoned(case, inputs)
+    assert out.shape == inputs[0].shape and plain_map.numel() == 0
+    assert stats.tolist() == ([[1.5, 0.0, 0.0, 0.0, 0.0, 0.0]] if scope == "batch" else [])
+
+
+def test_cpu_tensors_without_interpreter_fail_clearly(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    case = AttentionCase()
+    q, k, v, guide = make_inputs(case)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        temporal_attention_triton_out(q, k, v, guide, 2, 2, 2, 0.3, case.params(),
+                                      torch.empty_like(q))
+
+
+def test_op_dispatches_to_the_kernel_and_float64_to_the_composed_path(monkeypatch):
+    monkeypatch.setenv("BYTHEWAY_BACKEND", "triton")
+    launches = _count_launches(monkeypatch)
+    case = AttentionCase(adaptive_beta=True, dtype=torch.bfloat16)
+    q, k, v, guide = inputs = make_inputs(case)
+    out, stats = btw.temporal_attention(q, k, v, heads=2, height=2, width=2, guide=guide,
+                                        return_stats=True, **case.kwargs())
+    assert [name for name, _ in launches] == ["_energy_kernel", "_beta_kernel", "_attention_kernel"]
+    assert_matches(case, inputs, out, stats=stats)
+    launches.clear()
+    double = tuple(t.double() for t in inputs)
+    out = btw.temporal_attention(*double[:3], heads=2, height=2, width=2, guide=double[3],
+                                 **case.kwargs())
+    assert launches == [] and out.dtype == torch.float64
+    assert_matches(AttentionCase(adaptive_beta=True, dtype=torch.float64), double, out)
+
+
+def test_opcheck_and_compile_with_the_triton_backend(monkeypatch):
+    monkeypatch.setenv("BYTHEWAY_BACKEND", "triton")
+    case = AttentionCase(frames=8)
+    q, k, v, guide = make_inputs(case)
+    args = (q, k, v, guide, 2, 2, 2, 0.35, 0.6, 1.5, 3, True, 2, 1, "batch", "bilinear", None,
+            True, True)
+    torch.library.opcheck(torch.ops.bytheway.temporal_attention.default, args)
+    torch._dynamo.reset()
+
+    def layer(q, k, v, guide):
+        return btw.temporal_attention(q, k, v, heads=2, height=2, width=2, guide=guide, alpha=0.6,
+                                      beta=1.5, tau=3, adaptive_beta=True) * 2.0
+
+    compiled = torch.compile(layer, fullgraph=True, backend="inductor")
+    torch.testing.assert_close(compiled(q, k, v, guide), layer(q, k, v, guide))

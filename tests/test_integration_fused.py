@@ -251,6 +251,22 @@ def test_composes_with_bytheway_in_either_order(pipe, force_fused, fast_first, r
     assert torch.equal(_denoise(pipe, 0), stock[0]) and torch.equal(_denoise(pipe, 1), stock[1])
 
 
+def test_torch_compile_fullgraph_with_both_fused_processors(pipe, force_fused):
+    # fullgraph=True fails on any graph break: the fused op, the ByTheWay processor (active step)
+    # and the fast processor (every other temporal layer) trace as one graph; hooks stay outside.
+    sample, text = unet_inputs(pipe)
+    timestep = pipe.scheduler.timesteps[0]
+    torch._dynamo.reset()
+    try:
+        with enable_fast_temporal_attention(pipe), apply_bytheway(pipe, cfg=True), torch.no_grad():
+            eager = pipe.unet(sample, timestep, encoder_hidden_states=text).sample
+            compiled = torch.compile(pipe.unet, backend="eager", fullgraph=True)
+            traced = compiled(sample, timestep, encoder_hidden_states=text).sample
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(traced, eager, **TOLERANCE)
+
+
 # -- Copies and pickles -------------------------------------------------------------------------
 def test_deepcopy_and_pickle_are_refused_while_applied_and_work_after_remove():
     pipe = tiny.tiny_animatediff_pipeline()

@@ -35,8 +35,8 @@ def split_target(target):
             denoiser = getattr(target, "transformer", None)
         if not isinstance(denoiser, torch.nn.Module):
             raise ValueError(
-                f"expected a diffusers pipeline with a `unet` or `transformer`, or a denoiser module; "
-                f"got {type(target).__name__}"
+                f"bytheway_kernels needs a diffusers pipeline with a `unet` or `transformer`, or a denoiser "
+                f"module; got {type(target).__name__}"
             )
     return pipeline, denoiser, getattr(denoiser, "_orig_mod", denoiser)
 
@@ -49,8 +49,10 @@ def _batch_split_override(pipeline, cfg, batch_split) -> Optional[Tuple[int, int
             f"cfg must be None or a bool, got the tuple {cfg!r}: pass a (parts, energy_part) split as "
             f"batch_split={cfg!r}"
         )
+    if cfg is not None:
+        cfg = check_flag("cfg", cfg)
     if cfg is not None or batch_split is not None:
-        return batch_parts(True if cfg is None else cfg, batch_split)
+        return batch_parts(bool(cfg), batch_split)  # an explicit batch_split overrides cfg
     if pipeline is None:
         raise ValueError(
             "cfg is required when applying ByTheWay to a bare denoiser: pass cfg=True when the batch "

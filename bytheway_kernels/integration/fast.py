@@ -34,7 +34,7 @@ import torch
 from ..ops.temporal_attention import fused_available, temporal_attention
 from .controller import split_target
 from .layers import TemporalLayer, all_temporal_layers, family_of
-from .processor import BINDING_ATTR, RefusesCopy, delegate, finish_output, normed_input, project_qkv
+from .processor import BINDING_ATTR, BoundProcessor, RefusesCopy, delegate, finish_output, normed_input, project_qkv
 
 #: Attribute of a diffusers `Attention` module holding its FastBinding while the fast attention is on.
 FAST_ATTR = "_bytheway_fast_binding"
@@ -89,30 +89,16 @@ def _set_base_processor(attn, processor) -> None:
         binding.original = processor
 
 
-class FastTemporalAttnProcessor:
+class FastTemporalAttnProcessor(BoundProcessor):
     """diffusers attention processor running temporal self-attention through the fused op.
 
-    Installed by `enable_fast_temporal_attention`; zero-argument constructor (diffusers re-creates
-    processors with `processor.__class__()`). A module without a FastBinding gets the stock
-    computation (`AttnProcessor2_0`).
+    Installed by `enable_fast_temporal_attention`; on a module it did not bind it behaves exactly
+    like `AttnProcessor2_0`.
     """
 
-    def __init__(self):
-        from diffusers.models.attention_processor import AttnProcessor2_0
+    binding_attr = FAST_ATTR
 
-        self._stock = AttnProcessor2_0()
-
-    def __call__(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        temb: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        binding = getattr(attn, FAST_ATTR, None)
-        if binding is None:
-            return self._stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+    def bound_call(self, binding: FastBinding, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
         if (
             not binding.state.fused or encoder_hidden_states is not None or attention_mask is not None
             or hidden_states.dim() != 3

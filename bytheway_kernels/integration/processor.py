@@ -170,12 +170,16 @@ def _split_heads(values: torch.Tensor, heads: int) -> torch.Tensor:
     return values.view(rows, frames, heads, channels // heads).transpose(1, 2).reshape(rows * heads, frames, -1)
 
 
-class ByTheWayAttnProcessor:
-    """diffusers attention processor running ByTheWay on temporal self-attention layers.
+class BoundProcessor:
+    """Base of this package's diffusers attention processors.
 
-    Install it with `bytheway_kernels.apply_bytheway`, which binds the layers it selects; on any
-    other module it behaves exactly like `AttnProcessor2_0`.
+    diffusers re-creates processors with `processor.__class__()`, so the constructor takes no
+    argument and a call's state lives in a binding stored on the `Attention` module under
+    `binding_attr`; a module without one gets the stock computation (`AttnProcessor2_0`).
+    Subclasses implement `bound_call`.
     """
+
+    binding_attr: str
 
     def __init__(self):
         # Imported here so that `import bytheway_kernels` does not import diffusers.
@@ -191,9 +195,25 @@ class ByTheWayAttnProcessor:
         attention_mask: Optional[torch.Tensor] = None,
         temb: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        binding = getattr(attn, BINDING_ATTR, None)
+        binding = getattr(attn, self.binding_attr, None)
         if binding is None:
             return self._stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        return self.bound_call(binding, attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    def bound_call(self, binding, attn, hidden_states, encoder_hidden_states, attention_mask, temb) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ByTheWayAttnProcessor(BoundProcessor):
+    """diffusers attention processor running ByTheWay on temporal self-attention layers.
+
+    Install it with `bytheway_kernels.apply_bytheway`, which binds the layers it selects; on any
+    other module it behaves exactly like `AttnProcessor2_0`.
+    """
+
+    binding_attr = BINDING_ATTR
+
+    def bound_call(self, binding: LayerBinding, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
         state = binding.state
         if (not state.modify and not state.measure) or encoder_hidden_states is not None:
             return delegate(binding.original, attn, hidden_states, encoder_hidden_states, attention_mask, temb)

@@ -11,6 +11,7 @@ with BYTHEWAY_BACKEND=triton, on one small denoiser call each.
 from __future__ import annotations
 
 import copy
+import doctest
 import os
 import pickle
 
@@ -378,3 +379,9 @@ def test_cuda_fused_paths_are_as_accurate_as_materialised(dtype):
 def test_public_names():
     assert bytheway_kernels.enable_fast_temporal_attention is enable_fast_temporal_attention
     assert bytheway_kernels.temporal_attention.__name__ == "temporal_attention"
+
+
+@pytest.mark.parametrize("module", [bytheway_kernels.config, controller_module, fast_module])
+def test_docstring_examples_run(module, no_kernel):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

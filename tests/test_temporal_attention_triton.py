@@ -252,3 +252,22 @@ def test_opcheck_and_compile_with_the_triton_backend(monkeypatch):
 
     compiled = torch.compile(layer, fullgraph=True, backend="inductor")
     torch.testing.assert_close(compiled(q, k, v, guide), layer(q, k, v, guide))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_identity_settings_skip_the_guide_and_the_band(dtype):
+    """alpha = 0 never reads the guide and fixed beta = 1 skips the band step; both are exact
+    identities, so the output equals plain attention bit for bit."""
+    plain_case = AttentionCase(dtype=dtype, head_dim=40, guide_size=None, alpha=0.0, beta=1.0)
+    inputs = make_inputs(plain_case)
+    plain, _, _ = run_poisoned(plain_case, inputs, with_map=False, with_stats=False)
+    assert_matches(plain_case, inputs, plain)
+    guided_case = AttentionCase(dtype=dtype, head_dim=40, alpha=0.0, beta=1.0, tau=3,
+                                guide_size=(1, 2))
+    guide = make_inputs(guided_case)[3]
+    guided, _, _ = run_poisoned(guided_case, inputs[:3] + (guide,), with_map=False,
+                                with_stats=False)
+    assert torch.equal(guided, plain)
+    beta_one = AttentionCase(dtype=dtype, head_dim=40, alpha=0.5, beta=1.0, tau=3, guide_size=(1, 2))
+    out, _, _ = run_poisoned(beta_one, inputs[:3] + (guide,), with_map=False, with_stats=False)
+    assert_matches(beta_one, inputs[:3] + (guide,), out)

@@ -3,8 +3,8 @@
 A sequence is one (n, head) pair: F query frames attending to the same F frames; sequence
 s = n * heads + head, so the G sequences of a program are consecutive heads of consecutive rows n
 and their q, k, v channels are neighbours in memory. Each program takes G sequences and runs them
-through batched 3-D `tl.dot`s ([G, F, d] x [G, d, F]), so a tensor-core tile holds G * F_PAD >= 64
-rows even though F is 16: scores = q k^T (d in BLOCK_D chunks, fp32 accumulation) -> softmax ->
+through batched 3-D `tl.dot`s ([G, 16, d] x [G, d, F_PAD] for 16 of its query frames), so a
+program's tiles hold 64 rows even though F is 16 (F_PAD: F rounded up to a power of two >= 16): scores = q k^T (d in BLOCK_D chunks, fp32 accumulation) -> softmax ->
 blend with the anchor map, upsampled by index arithmetic (never materialised) -> band step
 (`guided - mean` for the full band, else a dot with the circulant P) -> divide by rowsum(guided)
 (the band term sums to 0, so this is the map op's renormalisation without its cancellation at
@@ -33,9 +33,14 @@ from ...energy import HIGH_ENERGY_FLOOR, STATS_FIELDS
 from ..params import ByTheWayParams
 
 GUIDE_MODES = {None: 0, "nearest": 1, "bilinear": 2}
+# The band step: none (fixed beta = 1: the identity), P = I - 1/F (the full band), circulant P.
+BAND_MODES = {"none": 0, "full": 1, "circulant": 2}
 # Per program: sum|A|^2, sum|A2|^2, sum<A2, A2 P>, then the last three over s^2, s = rowsum(A2),
 # from which E3 = |A2 + (beta - 1) A2 P|^2 / s^2 follows for any beta without another pass.
 SUM_FIELDS = 6
+# Query frames per program: every F_PAD >= 16 splits into 16-row blocks, so a program's tiles are
+# [G, 16, F_PAD] (G * F_PAD = 64 keeps them at 1024 fp32 elements for every F up to 64).
+QUERY_BLOCK = 16
 # Slots the beta kernel sums per step: each lane adds its slots in order, then one tree sum.
 REDUCE_BLOCK = 256
 
@@ -54,20 +59,36 @@ def padded_frames(frames: int) -> int:
 
 
 def default_config(frames: int, head_dim: int) -> TileConfig:
-    """G * F_PAD = 64 rows per program (G = 4 at F = 16, the best measured packing), and the
-    largest d chunk in 16/32/64 that divides d (d = 40 runs as 3 masked chunks of 16): chunking d
-    keeps d = 160 free of spills where padding it to 256 would not be."""
+    """G * F_PAD = 64 (G = 4 at F = 16, the best measured packing; [G, 16, F_PAD] fp32 tiles of
+    1024 elements, on 4 warps, or 8 from F_PAD = 32 where the F_PAD x F_PAD band matrix and the
+    bilinear guide need them to stay out of local memory), and the largest d chunk in 16/32/64 that divides d (d = 40 runs as 3
+    masked chunks of 16): chunking d keeps d = 160 free of spills where padding it to 256 would not
+    be (register use per variant: tests/test_temporal_attention_sm90.py)."""
     padded = padded_frames(frames)
     block_d = next((size for size in (64, 32) if head_dim % size == 0), 16)
-    return TileConfig(max(1, 64 // padded), block_d, 4 if padded <= 32 else 8)
+    return TileConfig(max(1, 64 // padded), block_d, 4 if padded == 16 else 8)
+
+
+def candidate_configs(frames: int, head_dim: int) -> list:
+    """The default and the alternatives benchmarks/temporal_attention_gpu_check.py times: twice
+    the sequences on twice the warps, another d chunk, half the sequences on 2 warps. All compile
+    without spills on sm_90 (tests/test_temporal_attention_sm90.py)."""
+    default = default_config(frames, head_dim)
+    other_chunk = 32 if default.block_d != 32 else 16
+    candidates = [default,
+                  default._replace(sequences=2 * default.sequences, num_warps=2 * default.num_warps),
+                  default._replace(block_d=other_chunk)]
+    if default.sequences > 1:
+        candidates.append(default._replace(sequences=default.sequences // 2, num_warps=2))
+    return candidates
 
 
 @triton.jit
 def _guide_tile(guide_ptr, n, head, frames, cols, mask, H, W, h, w, heads, scale_y, scale_x,
                 F: tl.constexpr, GUIDE_MODE: tl.constexpr):
-    """Upsampled anchor map for [G, F_PAD, F_PAD], torch.interpolate's index rules in fp32.
+    """Upsampled anchor map for [G, BLOCK_I, F_PAD], torch.interpolate's index rules in fp32.
 
-    n, head: [G, 1, 1]; frames: [1, F_PAD, 1]; cols: [1, 1, F_PAD]. Mirrors the map op's
+    n, head: [G, 1, 1]; frames: [1, BLOCK_I, 1]; cols: [1, 1, F_PAD]. Mirrors the map op's
     `_guide_rows` (ops/attention_probs/triton.py) in three dimensions.
     """
     x = n % W
@@ -101,29 +122,31 @@ def _guide_tile(guide_ptr, n, head, frames, cols, mask, H, W, h, w, heads, scale
 
 
 @triton.jit
-def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, heads,
+def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, heads,
                     q_sn, q_sf, k_sn, k_sf, H, W, h, w, scale_y, scale_x, scale_log2, alpha,
                     F: tl.constexpr, F_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                    G: tl.constexpr, GUIDE_MODE: tl.constexpr, FULL_BAND: tl.constexpr):
-    """(attn, guided, guided @ P, row_valid) of G sequences, [G, F_PAD, F_PAD] fp32.
+                    G: tl.constexpr, BLOCK_I: tl.constexpr, GUIDE_MODE: tl.constexpr,
+                    BAND: tl.constexpr):
+    """(attn, guided, guided @ P, row_valid) of query frames `frames` ([1, BLOCK_I, 1]) of G
+    sequences against all F key frames, [G, BLOCK_I, F_PAD] fp32.
 
     Padded columns of all three are zero; rows of padded frames or sequences hold finite values
-    that callers must not store or sum (row_valid, [G, F_PAD, 1], says which rows are real).
+    that callers must not store or sum (row_valid, [G, BLOCK_I, 1], says which rows are real).
     """
     n = (seq // heads).to(tl.int64)[:, None, None]
     head = (seq % heads)[:, None, None]
-    frames = tl.arange(0, F_PAD)[None, :, None]
+    keys = tl.arange(0, F_PAD)[None, :, None]
     cols = tl.arange(0, F_PAD)[None, None, :]
     dims = tl.arange(0, BLOCK_D)[None, None, :]
     row_valid = seq_valid[:, None, None] & (frames < F)
+    key_valid = seq_valid[:, None, None] & (keys < F)
     col_valid = cols < F
     q_rows = q_ptr + n * q_sn + frames * q_sf + head * D
-    k_rows = k_ptr + n * k_sn + frames * k_sf + head * D
-    logits = tl.zeros([G, F_PAD, F_PAD], dtype=tl.float32)
+    k_rows = k_ptr + n * k_sn + keys * k_sf + head * D
+    logits = tl.zeros([G, BLOCK_I, F_PAD], dtype=tl.float32)
     for start in range(0, D, BLOCK_D):  # d in chunks: d = 40, 80, 160 need no power-of-two pad
-        mask = row_valid & (start + dims < D)
-        q_chunk = tl.load(q_rows + start + dims, mask=mask, other=0.0)
-        k_chunk = tl.load(k_rows + start + dims, mask=mask, other=0.0)
+        q_chunk = tl.load(q_rows + start + dims, mask=row_valid & (start + dims < D), other=0.0)
+        k_chunk = tl.load(k_rows + start + dims, mask=key_valid & (start + dims < D), other=0.0)
         logits = tl.dot(q_chunk, tl.permute(k_chunk, (0, 2, 1)), logits, input_precision="ieee")
     # softmax of scale * q k^T, in base 2 (the scale carries log2(e))
     logits = tl.where(col_valid, logits * scale_log2, float("-inf"))
@@ -135,7 +158,9 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, heads,
         upsampled = _guide_tile(guide_ptr, n, head, frames, cols, row_valid & col_valid, H, W, h, w,
                                 heads, scale_y, scale_x, F, GUIDE_MODE)
         guided = attn + alpha * (upsampled - attn)
-    if FULL_BAND:  # P = I - 1/F: remove the row mean
+    if BAND == 0:  # beta = 1: the band step is the identity and `high` goes unused
+        high = guided
+    elif BAND == 1:  # the full band, P = I - 1/F: remove the row mean
         high = tl.where(col_valid, guided - (tl.sum(guided, axis=2) / F)[:, :, None], 0.0)
     else:
         band_cols = tl.arange(0, F_PAD)
@@ -150,17 +175,20 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, out_pt
                       sequences, heads, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf,
                       H, W, h, w, scale_y, scale_x, videos, scale_log2, alpha, beta0,
                       F: tl.constexpr, F_PAD: tl.constexpr, D: tl.constexpr,
-                      BLOCK_D: tl.constexpr, G: tl.constexpr, GUIDE_MODE: tl.constexpr,
-                      FULL_BAND: tl.constexpr, PER_VIDEO: tl.constexpr, HAS_BETA: tl.constexpr,
-                      WITH_MAP: tl.constexpr):
-    """out = A3 @ v for G sequences (grid axis 0: 2**31 - 1 programs); beta from beta_ptr if
-    HAS_BETA (one per energy group), else beta0; the plain map too if WITH_MAP."""
-    seq = tl.program_id(0).to(tl.int64) * G + tl.arange(0, G)
+                      BLOCK_D: tl.constexpr, G: tl.constexpr, BLOCK_I: tl.constexpr,
+                      GUIDE_MODE: tl.constexpr, BAND: tl.constexpr, PER_VIDEO: tl.constexpr,
+                      HAS_BETA: tl.constexpr, WITH_MAP: tl.constexpr):
+    """out = A3 @ v for BLOCK_I query frames of G sequences (grid axis 0: 2**31 - 1 programs,
+    F_PAD // BLOCK_I per G sequences); beta from beta_ptr if HAS_BETA (one per energy group),
+    else beta0; the plain map too if WITH_MAP."""
+    pid = tl.program_id(0).to(tl.int64)
+    seq = (pid // (F_PAD // BLOCK_I)) * G + tl.arange(0, G)
     seq_valid = seq < sequences
+    frames = ((pid % (F_PAD // BLOCK_I)) * BLOCK_I + tl.arange(0, BLOCK_I))[None, :, None]
     attn, guided, high, row_valid = _attention_tile(
-        q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, heads, q_sn, q_sf, k_sn, k_sf,
-        H, W, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G, GUIDE_MODE,
-        FULL_BAND)
+        q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, heads, q_sn, q_sf, k_sn, k_sf,
+        H, W, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G, BLOCK_I,
+        GUIDE_MODE, BAND)
     if HAS_BETA:
         entry = seq // heads // (H * W)
         group = entry % videos if PER_VIDEO else entry * 0
@@ -169,22 +197,26 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, out_pt
         beta = beta0
     n = (seq // heads)[:, None, None]
     head = (seq % heads)[:, None, None]
-    frames = tl.arange(0, F_PAD)[None, :, None]
+    keys = tl.arange(0, F_PAD)[None, :, None]
     cols = tl.arange(0, F_PAD)[None, None, :]
     if WITH_MAP:
-        map_offsets = ((seq[:, None, None] * F + frames) * F + cols)
+        map_offsets = (seq[:, None, None] * F + frames) * F + cols
         tl.store(map_ptr + map_offsets, attn.to(map_ptr.dtype.element_ty), mask=row_valid & (cols < F))
     # divide by rowsum(A2), which equals rowsum(A3): the band term sums to 0
     row_sum = tl.where(row_valid, tl.sum(guided, axis=2)[:, :, None], 1.0)
-    probs = ((guided + (beta - 1.0) * high) / row_sum).to(v_ptr.dtype.element_ty)
+    if BAND == 0:
+        probs = (guided / row_sum).to(v_ptr.dtype.element_ty)
+    else:
+        probs = ((guided + (beta - 1.0) * high) / row_sum).to(v_ptr.dtype.element_ty)
     dims = tl.arange(0, BLOCK_D)[None, None, :]
-    v_rows = v_ptr + n * v_sn + frames * v_sf + head * D
+    key_valid = seq_valid[:, None, None] & (keys < F)
+    v_rows = v_ptr + n * v_sn + keys * v_sf + head * D
     out_rows = out_ptr + (n * F + frames) * (heads * D) + head * D
     for start in range(0, D, BLOCK_D):
-        mask = row_valid & (start + dims < D)
-        v_chunk = tl.load(v_rows + start + dims, mask=mask, other=0.0)
+        v_chunk = tl.load(v_rows + start + dims, mask=key_valid & (start + dims < D), other=0.0)
         out_chunk = tl.dot(probs, v_chunk, input_precision="ieee")
-        tl.store(out_rows + start + dims, out_chunk.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_rows + start + dims, out_chunk.to(out_ptr.dtype.element_ty),
+                 mask=row_valid & (start + dims < D))
 
 
 @triton.jit
@@ -192,17 +224,21 @@ def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, sequences_pe
                    first_entry, heads, q_sn, q_sf, k_sn, k_sf, H, W, h, w, scale_y, scale_x,
                    scale_log2, alpha,
                    F: tl.constexpr, F_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                   G: tl.constexpr, GUIDE_MODE: tl.constexpr, FULL_BAND: tl.constexpr):
-    """Six energy sums of G sequences of video program_id(1) of the energy part, into this
-    program's own slot (program_id(1) * num_programs(0) + program_id(0)) of `partials`."""
+                   G: tl.constexpr, BLOCK_I: tl.constexpr, GUIDE_MODE: tl.constexpr,
+                   BAND: tl.constexpr):
+    """Six energy sums of BLOCK_I query frames of G sequences of video program_id(1) of the
+    energy part, into this program's own slot (program_id(1) * num_programs(0) + program_id(0))
+    of `partials`."""
     video = tl.program_id(1)
-    local = tl.program_id(0) * G + tl.arange(0, G)
+    pid = tl.program_id(0)
+    local = (pid // (F_PAD // BLOCK_I)) * G + tl.arange(0, G)
     seq_valid = local < sequences_per_entry
     seq = (first_entry + video).to(tl.int64) * sequences_per_entry + local
+    frames = ((pid % (F_PAD // BLOCK_I)) * BLOCK_I + tl.arange(0, BLOCK_I))[None, :, None]
     attn, guided, high, row_valid = _attention_tile(
-        q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, heads, q_sn, q_sf, k_sn, k_sf,
-        H, W, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G, GUIDE_MODE,
-        FULL_BAND)
+        q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, heads, q_sn, q_sf, k_sn, k_sf,
+        H, W, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G, BLOCK_I,
+        GUIDE_MODE, BAND)
     # E3 is the energy of the output A3 / s with s = rowsum(A2) (A2 @ P sums to 0)
     inv_square_sum = 1.0 / tl.where(row_valid, tl.sum(guided, axis=2)[:, :, None], 1.0)
     inv_square_sum = inv_square_sum * inv_square_sum
@@ -293,10 +329,11 @@ def temporal_attention_triton_out(q, k, v, guide, heads: int, height: int, width
     per_video = energy_scope == "sample"
     padded = padded_frames(frames)
     tile = config or default_config(frames, head_dim)
-    full_band = is_full_band(frames, tau)
-    band = q if full_band else high_band_matrix(frames, tau, padded, q.device)
-    guide_mode = GUIDE_MODES[None if guide is None else guide_upsample]
-    if guide is None:
+    band_mode = BAND_MODES["full" if is_full_band(frames, tau) else "circulant"]
+    band = q if band_mode == BAND_MODES["full"] else high_band_matrix(frames, tau, padded, q.device)
+    # alpha = 0 makes guided = attn exactly, so the guide need not be read at all
+    guide_mode = GUIDE_MODES[None if guide is None or alpha == 0 else guide_upsample]
+    if guide_mode == 0:
         guide, (h, w) = q, (height, width)  # an unused pointer
     else:
         guide, (h, w) = guide.contiguous(), guide.shape[1:3]
@@ -304,18 +341,18 @@ def temporal_attention_triton_out(q, k, v, guide, heads: int, height: int, width
     geometry = dict(heads=heads, H=height, W=width, h=h, w=w, scale_y=h / height,
                     scale_x=w / width, scale_log2=scale * math.log2(math.e), alpha=alpha)
     meta = dict(F=frames, F_PAD=padded, D=head_dim, BLOCK_D=tile.block_d, G=tile.sequences,
-                GUIDE_MODE=guide_mode,
-                FULL_BAND=full_band, num_warps=tile.num_warps)
+                BLOCK_I=QUERY_BLOCK, GUIDE_MODE=guide_mode, num_warps=tile.num_warps)
     has_sums = adaptive_beta or stats is not None
     groups = (videos if per_video else 1) if has_sums else 0
     betas = torch.empty((max(groups, 1),), dtype=torch.float32, device=q.device)
     if has_sums:
         sequences_per_entry = height * width * heads
-        blocks = triton.cdiv(sequences_per_entry, tile.sequences)
+        blocks = triton.cdiv(sequences_per_entry, tile.sequences) * (padded // QUERY_BLOCK)
         partials = torch.empty((blocks * videos, SUM_FIELDS), dtype=torch.float32, device=q.device)
         if videos > 0:
             _energy_kernel[(blocks, videos)](q, k, guide, band, partials, sequences_per_entry,
-                                             energy_part * videos, **strides, **geometry, **meta)
+                                             energy_part * videos, **strides, **geometry,
+                                             BAND=band_mode, **meta)
         _beta_kernel[(1,)](
             partials, betas, stats if stats is not None else betas, groups,
             blocks * (1 if per_video else videos),
@@ -326,11 +363,11 @@ def temporal_attention_triton_out(q, k, v, guide, heads: int, height: int, width
     sequences = sequences_total * heads
     if sequences == 0:
         return
-    _attention_kernel[(triton.cdiv(sequences, tile.sequences),)](
+    _attention_kernel[(triton.cdiv(sequences, tile.sequences) * (padded // QUERY_BLOCK),)](
         q, k, v, guide, band, betas, out, out if plain_map is None else plain_map, sequences,
         v_sn=v.stride(0), v_sf=v.stride(1), videos=max(videos, 1), beta0=beta, **strides,
         **geometry, PER_VIDEO=per_video, HAS_BETA=adaptive_beta, WITH_MAP=plain_map is not None,
-        **meta,
+        BAND=BAND_MODES["none"] if beta == 1.0 and not adaptive_beta else band_mode, **meta,
     )
 
 

@@ -27,7 +27,7 @@ from bytheway_kernels import ByTheWayConfig, apply_bytheway, enable_fast_tempora
 from bytheway_kernels.integration import ByTheWayAttnProcessor, FastTemporalAttnProcessor, tiny
 from bytheway_kernels.integration.fast import FAST_ATTR
 from bytheway_kernels.integration.processor import BINDING_ATTR
-from integration_helpers import STEPS, unet_inputs
+from integration_helpers import STEPS, call_denoiser, i2vgenxl_case, latte_case, svd_case, unet_inputs
 
 pytest.importorskip("diffusers")
 
@@ -165,6 +165,10 @@ def test_fast_attention_covers_every_temporal_self_attention_layer():
     with enable_fast_temporal_attention(svd) as fast:
         assert fast.layer_names and all(name.endswith("temporal_transformer_blocks.0.attn1") for name in fast.layer_names)
         assert len(fast.layer_names) == 7  # down 2, mid 1, up 4; attn2 (cross-attention) untouched
+    with enable_fast_temporal_attention(tiny.tiny_i2vgenxl_unet()) as fast:
+        assert "image_latents_temporal_encoder.attn1" in fast.layer_names and len(fast.layer_names) == 17
+    with enable_fast_temporal_attention(tiny.tiny_latte_transformer()) as fast:
+        assert fast.layer_names == [f"temporal_transformer_blocks.{i}.attn1" for i in range(4)]
 
 
 def test_fast_attention_matches_stock_and_remove_is_bit_identical(pipe, monkeypatch, force_fused):
@@ -178,6 +182,18 @@ def test_fast_attention_matches_stock_and_remove_is_bit_identical(pipe, monkeypa
     assert all(set(c) == {"heads", "height", "width", "scale", "cfg"} for c in spy.calls)  # plain attention
     _assert_restored(pipe.unet, before)
     assert torch.equal(_denoise(pipe, 0), stock)
+
+
+@pytest.mark.parametrize("case", [i2vgenxl_case, svd_case, latte_case], ids=["i2vgenxl", "svd", "latte"])
+def test_fast_attention_matches_stock_on_other_denoisers(case, force_fused):
+    model, sample, kwargs = case()
+    timestep = torch.tensor(500)
+    stock = call_denoiser(model, sample, timestep, kwargs)
+    with enable_fast_temporal_attention(model):
+        fused = call_denoiser(model, sample, timestep, kwargs)
+    torch.testing.assert_close(fused, stock, **TOLERANCE)
+    assert not torch.equal(fused, stock)  # the fused op really ran
+    assert torch.equal(call_denoiser(model, sample, timestep, kwargs), stock)
 
 
 def test_fast_attention_keeps_stock_where_the_kernel_is_unavailable(pipe, monkeypatch, no_kernel):

@@ -320,6 +320,8 @@ def test_deepcopy_and_pickle_are_refused_while_applied_and_work_after_remove():
     (dict(guide_upsample="cubic"), "guide_upsample must be one of"),
     (dict(beta_max=1.0), "beta_max must be >= 1.5"),
     (dict(diagnostics=1), "diagnostics must be a bool"),
+    (dict(scheduler="ddim"), "scheduler must be a diffusers scheduler"),
+    (dict(anchor=1.0), "anchor must be None, a decoder block index or a block name"),
     (dict(cfg=(3, 1)), r"pass a \(parts, energy_part\) split as batch_split=\(3, 1\)"),
     (dict(cfg=1), "cfg must be a bool"),
     (dict(batch_split=(2, 2)), "batch_split=.* needs parts >= 1 and 0 <= energy_part < parts"),

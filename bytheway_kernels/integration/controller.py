@@ -430,6 +430,8 @@ def apply_bytheway(
         config = config.replace(**overrides)
     if fused_attention is not None:
         fused_attention = check_flag("fused_attention", fused_attention)
+    if scheduler is not None and not hasattr(scheduler, "set_timesteps"):
+        raise ValueError(f"scheduler must be a diffusers scheduler (with set_timesteps), got {type(scheduler).__name__}")
     return ByTheWayController(
         pipe_or_denoiser, config, cfg=cfg, batch_split=batch_split, anchor=anchor,
         diagnostics=check_flag("diagnostics", diagnostics), observe_only=check_flag("observe_only", observe_only),

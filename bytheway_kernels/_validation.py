@@ -41,7 +41,17 @@ def check_flag(name: str, value) -> bool:
 
 
 def check_number(name: str, value, low: Optional[float] = None, high: Optional[float] = None) -> float:
-    """A finite real number within [low, high] (Python or numpy; not a bool, not a tensor), as a float."""
+    """A finite real number within [low, high] (Python or numpy; not a bool, not a tensor), as a float.
+
+    Examples:
+        >>> import numpy as np
+        >>> check_number("alpha", np.float32(0.5), low=0.0, high=1.0)
+        0.5
+        >>> check_number("beta", 10**400)
+        Traceback (most recent call last):
+        ...
+        ValueError: beta must be a finite real number, got an integer beyond the float range
+    """
     if is_flag(value) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a finite real number, got {value!r}")
     try:
@@ -65,7 +75,13 @@ def check_integer(name: str, value) -> int:
 
 
 def check_tau(tau, frames: int) -> int:
-    """tau as an int, valid for F = `frames`."""
+    """tau as an int, valid for F = `frames`.
+
+    Examples:
+        >>> import numpy as np
+        >>> check_tau(np.int64(7), 16)
+        7
+    """
     tau = check_integer("tau", tau)
     if frames < 2:
         raise ValueError(f"ByTheWay needs at least F=2 frames, got F={frames}")
@@ -115,12 +131,19 @@ def resolve_batch_split(batch: int, cfg: bool, batch_split: Optional[Tuple[int, 
     return BatchSplit(parts, energy_part, batch // parts)
 
 
+def _check_dtype(name: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"got dtype {tensor.dtype}"
+        )
+
+
 def check_scores(scores) -> None:
     """(B, H, W, heads, F, F) logits of a supported floating dtype."""
     if not isinstance(scores, torch.Tensor):
         raise ValueError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
-    if scores.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"scores must have dtype float16, bfloat16, float32 or float64, got {scores.dtype}")
+    _check_dtype("scores", scores)
     if scores.dim() != 6 or scores.shape[-1] != scores.shape[-2]:
         raise ValueError(
             f"scores must be 6-D (B, H, W, heads, F, F) with equal last two dims, got shape "
@@ -134,8 +157,7 @@ def check_guide(guide, scores: torch.Tensor) -> None:
         return
     if not isinstance(guide, torch.Tensor):
         raise ValueError(f"guide must be a torch.Tensor or None, got {type(guide).__name__}")
-    if guide.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"guide must have dtype float16, bfloat16, float32 or float64, got {guide.dtype}")
+    _check_dtype("guide", guide)
     if guide.device != scores.device:
         raise ValueError(f"guide is on {guide.device} but scores are on {scores.device}")
     if guide.dim() != 6:

@@ -15,23 +15,47 @@ import torch
 
 
 def max_tau(frames: int) -> int:
-    """Largest valid tau for F frames: the band [F//2 - tau, F//2 + tau] must stay in [1, F-1]."""
+    """Largest valid tau for F frames: the band [F//2 - tau, F//2 + tau] must stay in [1, F-1].
+
+    Examples:
+        >>> max_tau(16), max_tau(15)
+        (7, 6)
+    """
     return (frames - 2) // 2
 
 
 def high_band(frames: int, tau: int) -> range:
-    """The DFT indices scaled by beta: c - tau .. c + tau with c = F // 2."""
+    """The DFT indices scaled by beta: c - tau .. c + tau with c = F // 2.
+
+    Examples:
+        >>> list(high_band(16, 2))
+        [6, 7, 8, 9, 10]
+    """
     centre = frames // 2
     return range(centre - tau, centre + tau + 1)
 
 
 def is_full_band(frames: int, tau: int) -> bool:
-    """True when the band is every k != 0 (even F, tau = (F-2)/2): then a @ P = a - mean(a)."""
+    """True when the band is every k != 0 (even F, tau = (F-2)/2): then a @ P = a - mean(a).
+
+    The one source of this rule: the Triton and C++ kernels take it from here.
+
+    Examples:
+        >>> is_full_band(16, 7), is_full_band(16, 6), is_full_band(15, 6)
+        (True, False, False)
+    """
     return frames % 2 == 0 and tau == max_tau(frames)
 
 
+@functools.lru_cache(maxsize=64)
 def high_band_matrix_float64(frames: int, tau: int) -> torch.Tensor:
-    """P as an (F, F) float64 CPU tensor."""
+    """P as an (F, F) float64 CPU tensor, built once per (F, tau) and shared: do not modify it.
+
+    Examples:
+        >>> p = high_band_matrix_float64(8, 3)  # the full band: P = I - 1/F
+        >>> bool(torch.allclose(p, torch.eye(8, dtype=torch.float64) - 1 / 8))
+        True
+    """
     if not 0 <= tau <= max_tau(frames):
         raise ValueError(f"tau={tau} is out of range for F={frames} (0 <= tau <= {max_tau(frames)})")
     band = list(high_band(frames, tau))
@@ -46,6 +70,10 @@ def high_band_matrix(frames: int, tau: int, padded: int, device: torch.device) -
     """P in float32 on `device`, zero-padded to (padded, padded); built once per key and cached.
 
     Build it before CUDA graph capture (any eager call does): the first call copies it to the GPU.
+
+    Examples:
+        >>> high_band_matrix(15, 3, 16, torch.device("cpu")).shape
+        torch.Size([16, 16])
     """
     matrix = torch.zeros((padded, padded), dtype=torch.float32)
     matrix[:frames, :frames] = high_band_matrix_float64(frames, tau).to(torch.float32)

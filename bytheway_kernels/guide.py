@@ -10,7 +10,13 @@ import torch.nn.functional as F_nn
 
 
 def upsample_guide(guide: torch.Tensor, height: int, width: int, mode: str) -> torch.Tensor:
-    """(B, h, w, heads, F, F) -> (B, H, W, heads, F, F) with torch's interpolate index rules."""
+    """(B, h, w, heads, F, F) -> (B, H, W, heads, F, F) with torch's interpolate index rules.
+
+    Examples:
+        >>> guide = torch.softmax(torch.randn(1, 2, 2, 4, 16, 16), dim=-1)
+        >>> upsample_guide(guide, 4, 4, "bilinear").shape
+        torch.Size([1, 4, 4, 4, 16, 16])
+    """
     batch, h, w, heads, frames, _ = guide.shape
     if (h, w) == (height, width):
         return guide

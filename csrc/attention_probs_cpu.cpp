@@ -8,9 +8,11 @@
 // Argument validation (ValueErrors naming the argument) happens in Python before this runs; the
 // checks here only guard memory safety.
 //
-// Per row of a (F x F) map: softmax -> blend with the upsampled guide row (A2) -> high band
-// A2 @ P with P the real circulant matrix of the band -> A3 = A2 + (beta - 1) A2 P -> divide by
-// the row sum -> store in the scores' dtype. Accumulation is in float (double for double input).
+// Per row of a (F x F) map: softmax -> blend with the upsampled guide row (A2; a row whose
+// guided sum is <= 0 or not finite keeps A) -> high band A2 @ P with P the real circulant matrix
+// of the band, given by Python (bytheway_kernels/band.py) -> A3 = A2 + (beta - 1) A2 P -> divide
+// by rowsum(A2) (= rowsum(A3): DC is outside the band) -> store in the scores' dtype (float16
+// saturates). Accumulation is in float (double for double input).
 // Adaptive beta needs four global sums first, so it runs a stats pass over the rows in scope and
 // then the apply pass; fixed beta is a single pass (which also gathers the stats if asked).
 
@@ -28,18 +30,21 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace bytheway_cpu {
 namespace {
+
+// The per-map steps below are separate functions for reading; forcing them inline keeps the
+// code the compiler sees (and its alias analysis across steps) that of one loop body.
+#define BYTHEWAY_INLINE inline __attribute__((always_inline))
 
 // Maps per unit of parallel work. Stats partial sums are kept per block and reduced in block
 // order, so the result does not depend on the number of threads.
 constexpr int64_t kBlockMaps = 64;
 // How many maps ahead the scores are prefetched.
 constexpr int64_t kPrefetchMaps = 2;
-// Same value as reference.HIGH_ENERGY_FLOOR: below this fraction of E2 the high band counts as 0.
-constexpr double kHighEnergyFloor = 1e-6;
 
 inline void prefetch_bytes(const void* data, int64_t bytes) {
   constexpr int64_t kCacheLine = 64;
@@ -161,12 +166,13 @@ struct Plan {
   int64_t maps_per_entry;  // height * width * heads
   int64_t guide_height, guide_width;
   bool has_guide, bilinear;
-  bool full_band;  // band = every k != 0, so A2 P = A2 - rowsum(A2) / F
+  bool full_band;  // band = every k != 0, so A2 P = A2 - rowsum(A2) / F (bytheway_kernels/band.py)
   acc_t alpha;
-  std::vector<acc_t> circulant;  // P, row-major F x F (empty when full_band)
+  std::vector<acc_t> circulant;  // P, row-major F x F, from bytheway_kernels/band.py (empty when full_band)
   AxisTaps<acc_t> taps_y, taps_x;
 
-  Plan(const at::Tensor& scores, const at::Tensor* guide, double alpha_, int64_t tau, bool bilinear_)
+  Plan(const at::Tensor& scores, const at::Tensor* guide, const at::Tensor& band_matrix, bool full_band_,
+       double alpha_, bool bilinear_)
       : batch(scores.size(0)),
         height(scores.size(1)),
         width(scores.size(2)),
@@ -177,28 +183,14 @@ struct Plan {
         guide_width(guide ? guide->size(2) : width),
         has_guide(guide != nullptr),
         bilinear(bilinear_),
-        full_band(frames % 2 == 0 && tau == (frames - 2) / 2),
+        full_band(full_band_),
         alpha(static_cast<acc_t>(alpha_)),
         taps_y(guide_height, height, bilinear_),
         taps_x(guide_width, width, bilinear_) {
-    if (full_band) {
-      return;
-    }
-    // c[n] = (1/F) sum_{k in band} cos(2 pi k n / F); P[s, j] = c[(j - s) mod F].
-    const int64_t centre = frames / 2;
-    std::vector<double> kernel(frames, 0.0);
-    for (int64_t n = 0; n < frames; ++n) {
-      for (int64_t k = centre - tau; k <= centre + tau; ++k) {
-        // (k * n) mod F keeps the cosine argument small, so it is accurate in double.
-        kernel[n] += std::cos(2.0 * M_PI * static_cast<double>((k * n) % frames) / frames);
-      }
-      kernel[n] /= static_cast<double>(frames);
-    }
-    circulant.resize(frames * frames);
-    for (int64_t s = 0; s < frames; ++s) {
-      for (int64_t j = 0; j < frames; ++j) {
-        circulant[s * frames + j] = static_cast<acc_t>(kernel[((j - s) % frames + frames) % frames]);
-      }
+    if (!full_band) {
+      const at::Tensor p = band_matrix.to(at::kDouble).contiguous();
+      const double* values = p.data_ptr<double>();
+      circulant.assign(values, values + frames * frames);
     }
   }
 };
@@ -206,21 +198,19 @@ struct Plan {
 // Per-row sums the adaptive beta and the stats need, accumulated over the rows in scope.
 // E3 is the energy of A3 after the division by its row sum t = rowsum(A2) (DC is outside the
 // band), and t is not 1 when guide rows are not exactly stochastic (e.g. rounded to bf16), so E3
-// needs the same three sums weighted per row by 1 / t^2.
+// needs ||A2||^2, <A2, A2 P> and ||A2 P||^2 weighted per row by 1 / t^2.
 struct EnergySums {
   double softmax_sq = 0;       // S1 = sum ||A||^2
   double guided_sq = 0;        // S2 = sum ||A2||^2
   double guided_dot_high = 0;  // S2h = sum <A2, A2 P>
-  double high_sq = 0;          // Spp = sum ||A2 P||^2 (differs from S2h when P is no projector)
   double guided_sq_normalised = 0;        // sum ||A2||^2 / t^2
   double guided_dot_high_normalised = 0;  // sum <A2, A2 P> / t^2
-  double high_sq_normalised = 0;          // sum ||A2 P||^2 / t^2
+  double high_sq_normalised = 0;          // sum ||A2 P||^2 / t^2 (differs from S2h when P is no projector)
 
   void add(const EnergySums& other) {
     softmax_sq += other.softmax_sq;
     guided_sq += other.guided_sq;
     guided_dot_high += other.guided_dot_high;
-    high_sq += other.high_sq;
     guided_sq_normalised += other.guided_sq_normalised;
     guided_dot_high_normalised += other.guided_dot_high_normalised;
     high_sq_normalised += other.high_sq_normalised;
@@ -231,7 +221,7 @@ struct EnergySums {
 // (the compiler then unrolls the loops over it), else heap storage of a runtime size.
 template <typename T, int kSize>
 struct Scratch {
-  std::array<T, kSize> values;
+  alignas(64) std::array<T, kSize> values;  // cache-line aligned, also inside a struct
   explicit Scratch(int64_t) {}
   T* data() { return values.data(); }
   const T* data() const { return values.data(); }
@@ -244,9 +234,9 @@ struct Scratch<T, 0> {
   const T* data() const { return values.data(); }
 };
 
-// The seven energy sums of EnergySums kept per column j, so rows add to them with vertical
+// The six energy sums of EnergySums kept per column j, so rows add to them with vertical
 // (elementwise) operations: one horizontal reduction per block instead of several per row.
-constexpr int kEnergySums = 7;
+constexpr int kEnergySums = 6;
 
 template <typename T, int kFrames>
 struct EnergyLanes {
@@ -272,7 +262,7 @@ struct EnergyLanes {
         s[k] += static_cast<double>(lanes.data()[k * frames + j]);
       }
     }
-    return EnergySums{s[0], s[1], s[2], s[3], s[4], s[5], s[6]};
+    return EnergySums{s[0], s[1], s[2], s[3], s[4], s[5]};
   }
 };
 
@@ -342,10 +332,206 @@ inline void band_product(const acc_t* __restrict__ guided, const acc_t* __restri
   }
 }
 
+// The steps of one F x F map, in order. Each runs over all F rows of the map before the next
+// starts: the rows' horizontal reductions are independent, so they overlap instead of forming one
+// long dependency chain. The buffers are separate locals of `process_maps` passed as __restrict__
+// parameters: GCC honours restrict on parameters, and its alias analysis does not tell apart the
+// fields of one struct, so scratch kept in a struct costs the vectoriser ~25% at F = 16.
+
+// softmax numerators exp(s - max) and 1 / their row sums. Reductions get loops of their own
+// instead of being fused into the elementwise loops: the compiler then emits vector code for
+// them, and the F rows' reductions overlap. The logits are read in place.
+template <typename scalar_t, typename acc_t>
+BYTHEWAY_INLINE void softmax_numerators(const scalar_t* __restrict__ logits, int64_t F,
+                                        acc_t* __restrict__ numerators, acc_t* __restrict__ row_maxima,
+                                        acc_t* __restrict__ row_inv_denominator) {
+  for (int64_t i = 0; i < F; ++i) {
+    row_maxima[i] = row_max<acc_t>(logits + i * F, F);
+  }
+  for (int64_t i = 0; i < F; ++i) {
+    const acc_t m = row_maxima[i];
+#pragma omp simd
+    for (int64_t j = 0; j < F; ++j) {
+      numerators[i * F + j] = exp_nonpositive(static_cast<acc_t>(logits[i * F + j]) - m);
+    }
+  }
+  for (int64_t i = 0; i < F; ++i) {
+    row_inv_denominator[i] = acc_t(1) / row_sum(numerators + i * F, F);
+  }
+}
+
+// Without a guide: A = numerators / row sum (in place), and A2 = A with row sums 1.
+template <typename acc_t>
+BYTHEWAY_INLINE void normalise_without_guide(int64_t F, const acc_t* __restrict__ row_inv_denominator,
+                                             acc_t* __restrict__ softmax, acc_t* __restrict__ guided,
+                                             acc_t* __restrict__ row_guided_sum) {
+  for (int64_t i = 0; i < F; ++i) {
+    const acc_t inv_denominator = row_inv_denominator[i];
+#pragma omp simd
+    for (int64_t j = 0; j < F; ++j) {
+      const acc_t a = softmax[i * F + j] * inv_denominator;
+      softmax[i * F + j] = a;
+      guided[i * F + j] = a;
+    }
+    row_guided_sum[i] = acc_t(1);
+  }
+}
+
+// The guide maps and weights of one output position: 1 map (nearest) or 4 (bilinear, w_yx).
+template <typename acc_t, typename guide_t>
+struct GuideTaps {
+  const guide_t* u00;
+  const guide_t* u01;
+  const guide_t* u10;
+  const guide_t* u11;
+  acc_t w00, w01, w10, w11;
+
+  GuideTaps(const Plan<acc_t>& plan, const guide_t* guide, int64_t entry, int64_t y, int64_t x, int64_t head) {
+    const auto& ty = plan.taps_y;
+    const auto& tx = plan.taps_x;
+    const int64_t map_size = plan.frames * plan.frames;
+    auto guide_map = [&](int64_t gy, int64_t gx) {
+      return guide + (((entry * plan.guide_height + gy) * plan.guide_width + gx) * plan.heads + head) * map_size;
+    };
+    u00 = guide_map(ty.first[y], tx.first[x]);
+    u01 = guide_map(ty.first[y], tx.second[x]);
+    u10 = guide_map(ty.second[y], tx.first[x]);
+    u11 = guide_map(ty.second[y], tx.second[x]);
+    w00 = ty.first_weight[y] * tx.first_weight[x];
+    w01 = ty.first_weight[y] * tx.second_weight[x];
+    w10 = ty.second_weight[y] * tx.first_weight[x];
+    w11 = ty.second_weight[y] * tx.second_weight[x];
+  }
+};
+
+// A = numerators / row sum (in place), A2 = A + alpha (U - A) and rowsum(A2). A row whose guided
+// sum is <= 0 or not finite (e.g. an all-zero guide row with alpha = 1) keeps A2 = A: the op's rule.
+template <typename acc_t, typename guide_t>
+BYTHEWAY_INLINE void normalise_and_blend(int64_t F, const Plan<acc_t>& plan, const GuideTaps<acc_t, guide_t>& taps,
+                                         const acc_t* __restrict__ row_inv_denominator,
+                                         acc_t* __restrict__ softmax, acc_t* __restrict__ guided,
+                                         acc_t* __restrict__ row_guided_sum) {
+  const acc_t alpha = plan.alpha;
+  const guide_t* __restrict__ u00 = taps.u00;
+  const guide_t* __restrict__ u01 = taps.u01;
+  const guide_t* __restrict__ u10 = taps.u10;
+  const guide_t* __restrict__ u11 = taps.u11;
+  for (int64_t i = 0; i < F; ++i) {
+    const acc_t inv_denominator = row_inv_denominator[i];
+    if (!plan.bilinear) {
+#pragma omp simd
+      for (int64_t j = 0; j < F; ++j) {
+        const int64_t k = i * F + j;
+        const acc_t a = softmax[k] * inv_denominator;
+        softmax[k] = a;
+        guided[k] = a + alpha * (static_cast<acc_t>(u00[k]) - a);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < F; ++j) {
+        const int64_t k = i * F + j;
+        const acc_t a = softmax[k] * inv_denominator;
+        const acc_t u = taps.w00 * static_cast<acc_t>(u00[k]) + taps.w01 * static_cast<acc_t>(u01[k]) +
+            taps.w10 * static_cast<acc_t>(u10[k]) + taps.w11 * static_cast<acc_t>(u11[k]);
+        softmax[k] = a;
+        guided[k] = a + alpha * (u - a);
+      }
+    }
+  }
+  for (int64_t i = 0; i < F; ++i) {
+    row_guided_sum[i] = row_sum(guided + i * F, F);
+  }
+  // 0 < t <= max is false for t <= 0, inf and NaN. The per-row fallback below practically never
+  // runs, so all rows are checked at once: the smallest sum is > 0 and the total (which an inf or
+  // NaN row makes non-finite) is finite.
+  constexpr acc_t kLargest = std::numeric_limits<acc_t>::max();
+  const acc_t smallest = reduce_row(row_guided_sum, F, kLargest, [](acc_t a, acc_t b) { return b < a ? b : a; });
+  if (smallest > acc_t(0) && row_sum(row_guided_sum, F) <= kLargest) {
+    return;
+  }
+  for (int64_t i = 0; i < F; ++i) {
+    if (!(row_guided_sum[i] > acc_t(0) && row_guided_sum[i] <= kLargest)) {
+      std::copy(softmax + i * F, softmax + (i + 1) * F, guided + i * F);
+      row_guided_sum[i] = row_sum(guided + i * F, F);
+    }
+  }
+}
+
+// high = A2 P: the closed form A2 - rowsum(A2) / F for the full band, else the band product.
+template <typename acc_t, int kFrames>
+BYTHEWAY_INLINE void high_band_rows(int64_t F, const Plan<acc_t>& plan, const acc_t* __restrict__ guided,
+                                    const acc_t* __restrict__ row_guided_sum, acc_t* __restrict__ high) {
+  if (!plan.full_band) {
+    band_product<acc_t, kFrames>(guided, plan.circulant.data(), high, F);
+    return;
+  }
+  const acc_t inv_frames = acc_t(1) / static_cast<acc_t>(F);
+  for (int64_t i = 0; i < F; ++i) {
+    const acc_t mean = row_guided_sum[i] * inv_frames;
+#pragma omp simd
+    for (int64_t j = 0; j < F; ++j) {
+      high[i * F + j] = guided[i * F + j] - mean;
+    }
+  }
+}
+
+// Adds the map's energy terms to per-column lanes (see EnergySums).
+template <typename acc_t, int kFrames>
+BYTHEWAY_INLINE void add_energies(int64_t F, const acc_t* __restrict__ softmax, const acc_t* __restrict__ guided,
+                                  const acc_t* __restrict__ high, const acc_t* __restrict__ row_guided_sum,
+                                  EnergyLanes<acc_t, kFrames>& lanes) {
+  acc_t* __restrict__ softmax_sq = lanes.lane(0);
+  acc_t* __restrict__ guided_sq = lanes.lane(1);
+  acc_t* __restrict__ guided_dot_high = lanes.lane(2);
+  acc_t* __restrict__ guided_sq_normalised = lanes.lane(3);
+  acc_t* __restrict__ guided_dot_high_normalised = lanes.lane(4);
+  acc_t* __restrict__ high_sq_normalised = lanes.lane(5);
+  for (int64_t i = 0; i < F; ++i) {
+    const acc_t t = row_guided_sum[i];
+    const acc_t weight = acc_t(1) / (t * t);
+#pragma omp simd
+    for (int64_t j = 0; j < F; ++j) {
+      const int64_t k = i * F + j;
+      const acc_t gg = guided[k] * guided[k];
+      const acc_t gh = guided[k] * high[k];
+      softmax_sq[j] += softmax[k] * softmax[k];
+      guided_sq[j] += gg;
+      guided_dot_high[j] += gh;
+      guided_sq_normalised[j] += gg * weight;
+      guided_dot_high_normalised[j] += gh * weight;
+      high_sq_normalised[j] += high[k] * high[k] * weight;
+    }
+  }
+}
+
+// Rounds to the output dtype; float16 saturates at its largest finite value (reachable only for
+// beta above ~7e4), NaN stays NaN. The op's rule, as in the reference.
+template <typename scalar_t, typename acc_t>
+inline scalar_t to_output(acc_t value) {
+  if constexpr (std::is_same_v<scalar_t, at::Half>) {
+    constexpr acc_t kHalfMax = acc_t(65504);
+    value = value > kHalfMax ? kHalfMax : (value < -kHalfMax ? -kHalfMax : value);
+  }
+  return static_cast<scalar_t>(value);
+}
+
+// A3 = A2 + (beta - 1) A2 P, divided by its row sum rowsum(A2) (DC is outside the band).
+template <typename scalar_t, typename acc_t>
+BYTHEWAY_INLINE void store_enhanced(int64_t F, const acc_t* __restrict__ guided, const acc_t* __restrict__ high,
+                                    const acc_t* __restrict__ row_guided_sum, acc_t band_gain,
+                                    scalar_t* __restrict__ out) {
+  for (int64_t i = 0; i < F; ++i) {
+    const acc_t inv_sum = acc_t(1) / row_guided_sum[i];
+#pragma omp simd
+    for (int64_t j = 0; j < F; ++j) {
+      const int64_t k = i * F + j;
+      out[k] = to_output<scalar_t>((guided[k] + band_gain * high[k]) * inv_sum);
+    }
+  }
+}
+
 // Processes maps [map_begin, map_end) of batch entry `entry`. Writes probabilities when `probs`
 // is set (with gain beta - 1 on the band), stores the block's energy sums in `sums` when set.
-// Each step runs over all F rows of a map before the next step starts: the rows' horizontal
-// reductions are independent, so they overlap instead of forming one long dependency chain.
 template <typename scalar_t, typename guide_t, int kFrames>
 void process_maps(
     const Plan<typename AccumulateType<scalar_t>::type>& plan,
@@ -361,16 +547,10 @@ void process_maps(
   constexpr int kMapSize = kFrames * kFrames;
   const int64_t F = kFrames > 0 ? kFrames : plan.frames;
   const int64_t map_size = F * F;
-  const acc_t alpha = plan.alpha;
   const acc_t band_gain = beta - acc_t(1);
-  const acc_t inv_frames = acc_t(1) / static_cast<acc_t>(F);
-  Scratch<acc_t, kMapSize> softmax_map(map_size), guided_map(map_size), high_map(map_size);
-  Scratch<acc_t, kFrames> row_max_values(F), row_inv_denominator(F), row_guided_sum(F);
-  // Distinct buffers (guided is a copy of softmax without a guide), so all may be __restrict__.
-  acc_t* __restrict__ softmax = softmax_map.data();
-  acc_t* __restrict__ guided = guided_map.data();
-  acc_t* __restrict__ high = high_map.data();
-  // Per-map lanes in acc_t (F rows each), accumulated per block in double.
+  Scratch<acc_t, kMapSize> softmax(map_size), guided(map_size), high(map_size);  // A, A2, A2 P
+  Scratch<acc_t, kFrames> row_maxima(F), row_inv_denominator(F), row_guided_sum(F);
+  // Per-map lanes in acc_t (F columns each), accumulated per block in double.
   EnergyLanes<acc_t, kFrames> map_lanes(sums ? F : 0);
   EnergyLanes<double, kFrames> block_lanes(sums ? F : 0);
 
@@ -379,138 +559,26 @@ void process_maps(
     const int64_t x = (map / plan.heads) % plan.width;
     const int64_t y = map / (plan.heads * plan.width);
     const int64_t offset = (entry * plan.maps_per_entry + map) * map_size;
-    const scalar_t* __restrict__ logits = scores + offset;
+    const scalar_t* logits = scores + offset;
     // The hardware prefetcher alone leaves the first reads of each map waiting on memory.
     if (map + kPrefetchMaps < map_end) {
       prefetch_bytes(logits + kPrefetchMaps * map_size, map_size * sizeof(scalar_t));
     }
-
-    // softmax: A = exp(s - max) / sum. Reductions get loops of their own instead of being fused
-    // into the elementwise loops: the compiler then emits vector code for them, and the F rows'
-    // reductions overlap. The logits are read in place (no staging copy of the map).
-    for (int64_t i = 0; i < F; ++i) {
-      row_max_values.data()[i] = row_max<acc_t>(logits + i * F, F);
-    }
-    for (int64_t i = 0; i < F; ++i) {
-      const acc_t m = row_max_values.data()[i];
-#pragma omp simd
-      for (int64_t j = 0; j < F; ++j) {
-        softmax[i * F + j] = exp_nonpositive(static_cast<acc_t>(logits[i * F + j]) - m);
-      }
-    }
-    for (int64_t i = 0; i < F; ++i) {
-      row_inv_denominator.data()[i] = acc_t(1) / row_sum(softmax + i * F, F);
-    }
-
-    // A2 = A + alpha (U - A) with U the upsampled guide: 1 guide map (nearest) or 4 (bilinear,
-    // weights w_yx). The row sum of A2 is also that of A3 (DC is outside the band) and is what the
-    // final division uses; without a guide it is rowsum(A) = 1.
-    if (!plan.has_guide) {
-      for (int64_t i = 0; i < F; ++i) {
-        const acc_t inv_denominator = row_inv_denominator.data()[i];
-#pragma omp simd
-        for (int64_t j = 0; j < F; ++j) {
-          const acc_t a = softmax[i * F + j] * inv_denominator;
-          softmax[i * F + j] = a;
-          guided[i * F + j] = a;
-        }
-        row_guided_sum.data()[i] = acc_t(1);
-      }
+    softmax_numerators(logits, F, softmax.data(), row_maxima.data(), row_inv_denominator.data());
+    if (plan.has_guide) {
+      normalise_and_blend(F, plan, GuideTaps<acc_t, guide_t>(plan, guide, entry, y, x, head),
+                          row_inv_denominator.data(), softmax.data(), guided.data(), row_guided_sum.data());
     } else {
-      const auto& ty = plan.taps_y;
-      const auto& tx = plan.taps_x;
-      auto guide_map = [&](int64_t gy, int64_t gx) {
-        return guide + (((entry * plan.guide_height + gy) * plan.guide_width + gx) * plan.heads + head) * map_size;
-      };
-      const guide_t* __restrict__ u00 = guide_map(ty.first[y], tx.first[x]);
-      const guide_t* __restrict__ u01 = guide_map(ty.first[y], tx.second[x]);
-      const guide_t* __restrict__ u10 = guide_map(ty.second[y], tx.first[x]);
-      const guide_t* __restrict__ u11 = guide_map(ty.second[y], tx.second[x]);
-      const acc_t w00 = ty.first_weight[y] * tx.first_weight[x];
-      const acc_t w01 = ty.first_weight[y] * tx.second_weight[x];
-      const acc_t w10 = ty.second_weight[y] * tx.first_weight[x];
-      const acc_t w11 = ty.second_weight[y] * tx.second_weight[x];
-      for (int64_t i = 0; i < F; ++i) {
-        const acc_t inv_denominator = row_inv_denominator.data()[i];
-        if (!plan.bilinear) {
-#pragma omp simd
-          for (int64_t j = 0; j < F; ++j) {
-            const int64_t k = i * F + j;
-            const acc_t a = softmax[k] * inv_denominator;
-            softmax[k] = a;
-            guided[k] = a + alpha * (static_cast<acc_t>(u00[k]) - a);
-          }
-        } else {
-#pragma omp simd
-          for (int64_t j = 0; j < F; ++j) {
-            const int64_t k = i * F + j;
-            const acc_t a = softmax[k] * inv_denominator;
-            const acc_t u = w00 * static_cast<acc_t>(u00[k]) + w01 * static_cast<acc_t>(u01[k]) +
-                w10 * static_cast<acc_t>(u10[k]) + w11 * static_cast<acc_t>(u11[k]);
-            softmax[k] = a;
-            guided[k] = a + alpha * (u - a);
-          }
-        }
-      }
-      for (int64_t i = 0; i < F; ++i) {
-        row_guided_sum.data()[i] = row_sum(guided + i * F, F);
-      }
+      normalise_without_guide(F, row_inv_denominator.data(), softmax.data(), guided.data(), row_guided_sum.data());
     }
-
-    // high = A2 P
-    if (plan.full_band) {
-      for (int64_t i = 0; i < F; ++i) {
-        const acc_t mean = row_guided_sum.data()[i] * inv_frames;
-#pragma omp simd
-        for (int64_t j = 0; j < F; ++j) {
-          high[i * F + j] = guided[i * F + j] - mean;
-        }
-      }
-    } else {
-      band_product<acc_t, kFrames>(guided, plan.circulant.data(), high, F);
-    }
-
+    high_band_rows<acc_t, kFrames>(F, plan, guided.data(), row_guided_sum.data(), high.data());
     if (sums != nullptr) {
-      acc_t* __restrict__ softmax_sq = map_lanes.lane(0);
-      acc_t* __restrict__ guided_sq = map_lanes.lane(1);
-      acc_t* __restrict__ guided_dot_high = map_lanes.lane(2);
-      acc_t* __restrict__ high_sq = map_lanes.lane(3);
-      acc_t* __restrict__ guided_sq_normalised = map_lanes.lane(4);
-      acc_t* __restrict__ guided_dot_high_normalised = map_lanes.lane(5);
-      acc_t* __restrict__ high_sq_normalised = map_lanes.lane(6);
-      for (int64_t i = 0; i < F; ++i) {
-        const acc_t t = row_guided_sum.data()[i];
-        const acc_t weight = acc_t(1) / (t * t);
-#pragma omp simd
-        for (int64_t j = 0; j < F; ++j) {
-          const int64_t k = i * F + j;
-          const acc_t gg = guided[k] * guided[k];
-          const acc_t gh = guided[k] * high[k];
-          const acc_t hh = high[k] * high[k];
-          softmax_sq[j] += softmax[k] * softmax[k];
-          guided_sq[j] += gg;
-          guided_dot_high[j] += gh;
-          high_sq[j] += hh;
-          guided_sq_normalised[j] += gg * weight;
-          guided_dot_high_normalised[j] += gh * weight;
-          high_sq_normalised[j] += hh * weight;
-        }
-      }
+      add_energies(F, softmax.data(), guided.data(), high.data(), row_guided_sum.data(), map_lanes);
       map_lanes.add_to(block_lanes);
       map_lanes.clear();
     }
-
     if (probs != nullptr) {
-      // A3 = A2 + (beta - 1) A2 P, divided by its row sum.
-      scalar_t* __restrict__ out = probs + offset;
-      for (int64_t i = 0; i < F; ++i) {
-        const acc_t inv_sum = acc_t(1) / row_guided_sum.data()[i];
-#pragma omp simd
-        for (int64_t j = 0; j < F; ++j) {
-          const int64_t k = i * F + j;
-          out[k] = static_cast<scalar_t>((guided[k] + band_gain * high[k]) * inv_sum);
-        }
-      }
+      store_enhanced(F, guided.data(), high.data(), row_guided_sum.data(), band_gain, probs + offset);
     }
   }
   if (sums != nullptr) {
@@ -554,15 +622,35 @@ struct EnergyScope {
   int64_t groups() const { return per_video ? videos : 1; }
 };
 
+// How beta follows from the energies (the constants come from bytheway_kernels/energy.py).
+struct BetaRule {
+  double beta0;
+  bool adaptive;
+  std::optional<double> beta_max;
+  double high_energy_floor;  // below this fraction of E2 the high band counts as 0
+
+  double operator()(double e1, double e2, double e2_high) const {
+    double beta = beta0;
+    if (!adaptive) {
+      return beta;
+    }
+    if (e2_high > high_energy_floor * e2) {
+      beta = std::max(beta0, std::sqrt(std::max(e1 - (e2 - e2_high), 0.0) / e2_high));
+    }
+    return beta_max.has_value() ? std::min(beta, *beta_max) : beta;
+  }
+};
+
+// Columns of the stats output: len(bytheway_kernels.energy.STATS_FIELDS).
+constexpr int64_t kStatsFields = 6;
+
 // Per-group beta and stats row from the summed energies; fills `group_beta` and `stats`.
 void finish_groups(
     const std::vector<EnergySums>& block_sums,
     int64_t blocks_per_entry,
     int64_t rows_per_entry,
     const EnergyScope& scope,
-    double beta0,
-    bool adaptive_beta,
-    std::optional<double> beta_max,
+    const BetaRule& rule,
     std::vector<double>& group_beta,
     float* stats) {
   const int64_t groups = scope.groups();
@@ -573,30 +661,21 @@ void finish_groups(
     }
   }
   const double rows = static_cast<double>(std::max<int64_t>(rows_per_entry * (scope.per_video ? 1 : scope.videos), 1));
-  group_beta.assign(groups, beta0);
+  group_beta.assign(groups, rule.beta0);
   for (int64_t g = 0; g < groups; ++g) {
     const EnergySums& s = group_sums[g];
     const double e1 = s.softmax_sq / rows;
     const double e2 = s.guided_sq / rows;
     const double e2_high = s.guided_dot_high / rows;
-    const double e2_low = e2 - e2_high;
-    double beta = beta0;
-    if (adaptive_beta) {
-      if (e2_high > kHighEnergyFloor * e2) {
-        beta = std::max(beta0, std::sqrt(std::max(e1 - e2_low, 0.0) / e2_high));
-      }
-      if (beta_max.has_value()) {
-        beta = std::min(beta, *beta_max);
-      }
-    }
+    const double beta = rule(e1, e2, e2_high);
     group_beta[g] = beta;
     if (stats != nullptr) {
       const double gain = beta - 1.0;
       const double e3 = (s.guided_sq_normalised + 2.0 * gain * s.guided_dot_high_normalised +
                          gain * gain * s.high_sq_normalised) / rows;
-      const double row[6] = {beta, e1, e2, e2_low, e2_high, e3};
-      for (int k = 0; k < 6; ++k) {
-        stats[g * 6 + k] = static_cast<float>(row[k]);
+      const double row[kStatsFields] = {beta, e1, e2, e2 - e2_high, e2_high, e3};
+      for (int64_t k = 0; k < kStatsFields; ++k) {
+        stats[g * kStatsFields + k] = static_cast<float>(row[k]);
       }
     }
   }
@@ -610,9 +689,7 @@ void run_op(
     scalar_t* probs,
     float* stats,
     const EnergyScope& scope,
-    double beta0,
-    bool adaptive_beta,
-    std::optional<double> beta_max) {
+    const BetaRule& rule) {
   using acc_t = typename AccumulateType<scalar_t>::type;
   const int64_t blocks_per_entry = (plan.maps_per_entry + kBlockMaps - 1) / kBlockMaps;
   const int64_t rows_per_entry = plan.maps_per_entry * plan.frames;
@@ -626,16 +703,16 @@ void run_op(
     return entry_beta;
   };
 
-  if (adaptive_beta) {
+  if (rule.adaptive) {
     // Stats pass over the rows in scope, then the apply pass with each group's beta.
     const auto block_sums = run_blocks<scalar_t, guide_t, kFrames>(
         plan, scores, guide, nullptr, {}, scope.first_entry, scope_end, true);
-    finish_groups(block_sums, blocks_per_entry, rows_per_entry, scope, beta0, true, beta_max, group_beta, stats);
+    finish_groups(block_sums, blocks_per_entry, rows_per_entry, scope, rule, group_beta, stats);
     run_blocks<scalar_t, guide_t, kFrames>(plan, scores, guide, probs, betas_per_entry(), 0, plan.batch, false);
     return;
   }
   // Fixed beta: one pass; the in-scope entries also gather stats when they are wanted.
-  group_beta.assign(scope.groups(), beta0);
+  group_beta.assign(scope.groups(), rule.beta0);
   const auto entry_beta = betas_per_entry();
   if (stats == nullptr) {
     run_blocks<scalar_t, guide_t, kFrames>(plan, scores, guide, probs, entry_beta, 0, plan.batch, false);
@@ -645,7 +722,7 @@ void run_op(
   const auto block_sums = run_blocks<scalar_t, guide_t, kFrames>(
       plan, scores, guide, probs, entry_beta, scope.first_entry, scope_end, true);
   run_blocks<scalar_t, guide_t, kFrames>(plan, scores, guide, probs, entry_beta, scope_end, plan.batch, false);
-  finish_groups(block_sums, blocks_per_entry, rows_per_entry, scope, beta0, false, beta_max, group_beta, stats);
+  finish_groups(block_sums, blocks_per_entry, rows_per_entry, scope, rule, group_beta, stats);
 }
 
 template <typename scalar_t, typename guide_t>
@@ -656,9 +733,7 @@ void dispatch_frames(
     const at::Tensor& probs,
     float* stats,
     const EnergyScope& scope,
-    double beta0,
-    bool adaptive_beta,
-    std::optional<double> beta_max) {
+    const BetaRule& rule) {
   const guide_t* guide_data = guide ? guide->data_ptr<guide_t>() : nullptr;
   // Common frame counts get a compile-time F (constant trip counts: unrolled, vectorised loops
   // and register-resident blocks); 16 is the AnimateDiff / VideoCrafter2 count.
@@ -670,30 +745,36 @@ void dispatch_frames(
     case 32: run = &run_op<scalar_t, guide_t, 32>; break;
     default: break;
   }
-  run(plan, scores.data_ptr<scalar_t>(), guide_data, probs.data_ptr<scalar_t>(), stats, scope, beta0,
-      adaptive_beta, beta_max);
+  run(plan, scores.data_ptr<scalar_t>(), guide_data, probs.data_ptr<scalar_t>(), stats, scope, rule);
 }
 
-void attention_probs_out(
-    const at::Tensor& scores_in,
-    const std::optional<at::Tensor>& guide_in,
-    double alpha,
-    double beta,
-    int64_t tau,
-    bool adaptive_beta,
-    int64_t parts,
-    int64_t energy_part,
-    c10::string_view energy_scope,
-    c10::string_view guide_upsample,
-    std::optional<double> beta_max,
-    const at::Tensor& probs,
-    const std::optional<at::Tensor>& stats) {
+// The guide in the scores' dtype, or converted once to the accumulation dtype; contiguous.
+std::optional<at::Tensor> checked_guide(const std::optional<at::Tensor>& guide_in, const at::Tensor& scores,
+                                        at::ScalarType acc_type) {
+  if (!guide_in.has_value()) {
+    return std::nullopt;
+  }
+  const at::Tensor& g = *guide_in;
+  const int64_t frames = scores.size(5);
+  TORCH_CHECK(g.device().is_cpu() && g.dim() == 6 && g.size(0) == scores.size(0) && g.size(3) == scores.size(3) &&
+                  g.size(4) == frames && g.size(5) == frames && g.size(1) <= scores.size(1) &&
+                  g.size(2) <= scores.size(2),
+              "bytheway_cpu: guide shape ", g.sizes(), " does not fit scores ", scores.sizes());
+  TORCH_CHECK(scores.size(1) * scores.size(2) == 0 || g.size(1) * g.size(2) > 0,
+              "bytheway_cpu: empty guide for non-empty scores");
+  return (g.scalar_type() == scores.scalar_type() ? g : g.to(acc_type)).contiguous();
+}
+
+// Memory-safety checks only: the ValueErrors naming arguments are raised in Python before this.
+void check_arguments(const at::Tensor& scores_in, const at::Tensor& band_matrix, int64_t parts, int64_t energy_part,
+                     c10::string_view energy_scope, c10::string_view guide_upsample, const at::Tensor& probs) {
   TORCH_CHECK(scores_in.device().is_cpu(), "bytheway_cpu: scores must be a CPU tensor");
-  TORCH_CHECK(scores_in.dim() == 6 && scores_in.size(4) == scores_in.size(5),
-              "bytheway_cpu: scores must be (B, H, W, heads, F, F), got ", scores_in.sizes());
+  TORCH_CHECK(scores_in.dim() == 6 && scores_in.size(4) == scores_in.size(5) && scores_in.size(5) >= 2,
+              "bytheway_cpu: scores must be (B, H, W, heads, F, F) with F >= 2, got ", scores_in.sizes());
   const int64_t frames = scores_in.size(5);
-  TORCH_CHECK(frames >= 2 && tau >= 0 && tau <= (frames - 2) / 2, "bytheway_cpu: tau=", tau,
-              " is invalid for F=", frames);
+  TORCH_CHECK(band_matrix.device().is_cpu() && band_matrix.is_floating_point() && band_matrix.dim() == 2 &&
+                  band_matrix.size(0) == frames && band_matrix.size(1) == frames,
+              "bytheway_cpu: band_matrix must be a floating (F, F) CPU tensor with F=", frames);
   TORCH_CHECK(parts >= 1 && energy_part >= 0 && energy_part < parts && scores_in.size(0) % parts == 0,
               "bytheway_cpu: bad batch split parts=", parts, ", energy_part=", energy_part);
   TORCH_CHECK(energy_scope == "batch" || energy_scope == "sample", "bytheway_cpu: bad energy_scope");
@@ -701,44 +782,54 @@ void attention_probs_out(
   TORCH_CHECK(probs.device().is_cpu() && probs.sizes() == scores_in.sizes() &&
                   probs.scalar_type() == scores_in.scalar_type(),
               "bytheway_cpu: probs must be a CPU tensor with the shape and dtype of scores");
+}
 
+// `band_matrix` is P (F x F, any floating dtype; read in double) from bytheway_kernels/band.py;
+// with `full_band` (band.is_full_band) it is not read and A2 P = A2 - rowsum(A2) / F is used.
+void attention_probs_out(
+    const at::Tensor& scores_in,
+    const std::optional<at::Tensor>& guide_in,
+    const at::Tensor& band_matrix,
+    bool full_band,
+    double alpha,
+    double beta,
+    bool adaptive_beta,
+    int64_t parts,
+    int64_t energy_part,
+    c10::string_view energy_scope,
+    c10::string_view guide_upsample,
+    std::optional<double> beta_max,
+    double high_energy_floor,
+    const at::Tensor& probs,
+    const std::optional<at::Tensor>& stats) {
+  check_arguments(scores_in, band_matrix, parts, energy_part, energy_scope, guide_upsample, probs);
   const at::Tensor scores = scores_in.contiguous();
   const at::ScalarType acc_type = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  std::optional<at::Tensor> guide;
-  if (guide_in.has_value()) {
-    const at::Tensor& g = *guide_in;
-    TORCH_CHECK(g.device().is_cpu() && g.dim() == 6 && g.size(0) == scores.size(0) && g.size(3) == scores.size(3) &&
-                    g.size(4) == frames && g.size(5) == frames && g.size(1) <= scores.size(1) &&
-                    g.size(2) <= scores.size(2),
-                "bytheway_cpu: guide shape ", g.sizes(), " does not fit scores ", scores.sizes());
-    TORCH_CHECK(scores.size(1) * scores.size(2) == 0 || g.size(1) * g.size(2) > 0,
-                "bytheway_cpu: empty guide for non-empty scores");
-    // The guide is read in the scores' dtype, or converted once to the accumulation dtype.
-    guide = (g.scalar_type() == scores.scalar_type() ? g : g.to(acc_type)).contiguous();
-  }
+  const std::optional<at::Tensor> guide = checked_guide(guide_in, scores, acc_type);
 
   const int64_t batch = scores.size(0);
   const EnergyScope scope{batch / parts, energy_part * (batch / parts), energy_scope == "sample"};
+  const BetaRule rule{beta, adaptive_beta, beta_max, high_energy_floor};
   float* stats_data = nullptr;
   at::Tensor stats_buffer;
   if (stats.has_value()) {
     TORCH_CHECK(stats->device().is_cpu() && stats->scalar_type() == at::kFloat && stats->dim() == 2 &&
-                    stats->size(0) == scope.groups() && stats->size(1) == 6,
-                "bytheway_cpu: stats must be float32 (", scope.groups(), ", 6), got ", stats->sizes());
-    stats_buffer = stats->is_contiguous() ? *stats : at::empty({scope.groups(), 6}, stats->options());
+                    stats->size(0) == scope.groups() && stats->size(1) == kStatsFields,
+                "bytheway_cpu: stats must be float32 (", scope.groups(), ", ", kStatsFields, "), got ",
+                stats->sizes());
+    stats_buffer = stats->is_contiguous() ? *stats : at::empty({scope.groups(), kStatsFields}, stats->options());
     stats_data = stats_buffer.data_ptr<float>();
   }
   const at::Tensor probs_buffer = probs.is_contiguous() ? probs : at::empty_like(scores);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "bytheway_cpu", [&] {
     using acc_t = typename AccumulateType<scalar_t>::type;
-    const Plan<acc_t> plan(scores, guide ? &*guide : nullptr, alpha, tau, guide_upsample == "bilinear");
+    const Plan<acc_t> plan(scores, guide ? &*guide : nullptr, band_matrix, full_band, alpha,
+                           guide_upsample == "bilinear");
     if (!guide || guide->scalar_type() == scores.scalar_type()) {
-      dispatch_frames<scalar_t, scalar_t>(plan, scores, guide, probs_buffer, stats_data, scope, beta, adaptive_beta,
-                                          beta_max);
+      dispatch_frames<scalar_t, scalar_t>(plan, scores, guide, probs_buffer, stats_data, scope, rule);
     } else {
-      dispatch_frames<scalar_t, acc_t>(plan, scores, guide, probs_buffer, stats_data, scope, beta, adaptive_beta,
-                                       beta_max);
+      dispatch_frames<scalar_t, acc_t>(plan, scores, guide, probs_buffer, stats_data, scope, rule);
     }
   });
 
@@ -754,9 +845,9 @@ void attention_probs_out(
 
 TORCH_LIBRARY(bytheway_cpu, m) {
   m.def(
-      "attention_probs_out(Tensor scores, Tensor? guide, float alpha, float beta, int tau, bool adaptive_beta, "
-      "int parts, int energy_part, str energy_scope, str guide_upsample, float? beta_max, Tensor(a!) probs, "
-      "Tensor(b!)? stats) -> ()");
+      "attention_probs_out(Tensor scores, Tensor? guide, Tensor band_matrix, bool full_band, float alpha, "
+      "float beta, bool adaptive_beta, int parts, int energy_part, str energy_scope, str guide_upsample, "
+      "float? beta_max, float high_energy_floor, Tensor(a!) probs, Tensor(b!)? stats) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(bytheway_cpu, CPU, m) {

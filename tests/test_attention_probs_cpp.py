@@ -4,6 +4,9 @@ The first test to need the extension builds it (JIT, ~20 s once per source/CPU/t
 then cached). These tests fail rather than skip when it cannot be built: CI must build it.
 """
 
+import os
+import sys
+
 import pytest
 import torch
 
@@ -107,3 +110,103 @@ def test_failed_build_reports_unavailable_without_raising(monkeypatch, tmp_path)
     with pytest.warns(RuntimeWarning, match="build failed"):
         status = cpp_backend.cpp_status.__wrapped__()
     assert not status.available and "simulated broken source" in status.reason
+
+
+@pytest.mark.parametrize("adaptive,beta_max", [(False, None), (True, None), (True, 1e6)])
+@pytest.mark.parametrize("frames,tau", [(16, 7), (16, 3), (9, 2)])
+def test_float64_at_the_largest_beta(frames, tau, adaptive, beta_max):
+    case = Case(frames=frames, tau=tau, beta=1e6, adaptive_beta=adaptive, beta_max=beta_max)
+    scores, guide = make_inputs(case, seed=13)
+    scores, guide = scores.double(), guide.double()
+    probs, stats = run_cpp(scores, guide, case)
+    ref_probs, ref_stats = reference.bytheway_attention_probs(scores, guide, return_stats=True, **case.kwargs())
+    assert torch.isfinite(probs).all() and torch.isfinite(stats).all()
+    torch.testing.assert_close(probs, ref_probs, atol=1e-12 * 1e6, rtol=1e-10)
+    torch.testing.assert_close(stats, ref_stats, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("logits", ["+-1e4", "+-finfo.max", "1e4 + 3 randn"])
+def test_extreme_finite_logits_and_zero_guide_stay_finite(dtype, logits):
+    """Issue 11 item 3 on every dtype: huge logits, a zero guide with alpha = 1, beta = 1e6."""
+    case = Case(alpha=1.0, beta=1e6, adaptive_beta=True)
+    scores, guide = make_inputs(case, seed=14)
+    big = torch.finfo(dtype).max
+    scores = {"+-1e4": scores.sign() * 1e4, "+-finfo.max": scores.sign().double() * big,
+              "1e4 + 3 randn": 1e4 + scores}[logits].to(dtype)
+    guide = torch.zeros_like(guide, dtype=dtype)
+    probs, stats = run_cpp(scores, guide, case)
+    assert torch.isfinite(probs).all() and torch.isfinite(stats).all()
+    if dtype != torch.float64 or logits != "+-finfo.max":  # the float64 truth overflows there too
+        assert_matches_reference(scores, guide, case, probs, stats)
+
+
+def _fake_build(monkeypatch, tmp_path):
+    """Stand-ins for the compiler and the loader; returns the list of calls made."""
+    calls = []
+
+    def fake_load(name, build_directory, **_):
+        calls.append(("build", name))
+        library = tmp_path / "cache" / "bytheway_kernels" / name / f"{name}.so"
+        library.write_bytes(b"not a real library")
+        return str(library)
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_load)
+    monkeypatch.setattr(torch.ops, "load_library", lambda path: calls.append(("load", path)))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
+    return calls
+
+
+def test_build_notice_only_on_a_real_build(monkeypatch, tmp_path, capsys):
+    calls = _fake_build(monkeypatch, tmp_path)
+    first = cpp_backend._build_and_load()
+    assert capsys.readouterr().err.splitlines() == [cpp_backend.BUILD_NOTICE]
+    assert calls == [("build", first.name)]
+    second = cpp_backend._build_and_load()  # a later process: the cache hit loads without ninja
+    assert second == first and capsys.readouterr().err == ""
+    assert calls[1:] == [("load", str(first / f"{first.name}.so"))]
+
+
+def test_unfinished_build_is_not_loaded(monkeypatch, tmp_path, capsys):
+    """A directory without the completion marker (an interrupted build) is built again."""
+    calls = _fake_build(monkeypatch, tmp_path)
+    directory = cpp_backend._build_and_load()
+    (directory / "built_library.txt").unlink()
+    cpp_backend._build_and_load()
+    assert [kind for kind, _ in calls] == ["build", "build"]
+    assert capsys.readouterr().err.count(cpp_backend.BUILD_NOTICE) == 2
+
+
+def _key(sources=None, flags=None):
+    sources = sources or [cpp_backend.source_dir() / name for name in cpp_backend._SOURCE_FILES]
+    return cpp_backend.build_key(sources, flags or cpp_backend._compiler_flags())
+
+
+def test_build_key_ignores_the_venv_the_interpreter_path_and_ninja(monkeypatch, tmp_path):
+    key = _key()
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "other-venv" / "bin" / "python"))
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "other-venv"))
+    monkeypatch.setenv("VIRTUAL_ENV", str(tmp_path / "other-venv"))
+    monkeypatch.setenv("PATH", str(tmp_path / "other-venv" / "bin") + os.pathsep + os.environ["PATH"])
+    monkeypatch.setattr(torch.utils.cpp_extension, "is_ninja_available", lambda: True)
+    monkeypatch.setattr(sys, "version", sys.version + " [another build of the same Python]")
+    assert _key() == key
+
+
+def test_build_key_follows_source_flags_compiler_and_torch(monkeypatch, tmp_path):
+    key = _key()
+    changed = tmp_path / cpp_backend._SOURCE_FILES[0]
+    changed.write_bytes((cpp_backend.source_dir() / cpp_backend._SOURCE_FILES[0]).read_bytes() + b"\n")
+    assert _key(sources=[changed]) != key
+    assert _key(flags=cpp_backend._compiler_flags() + ["-DSOMETHING"]) != key
+    monkeypatch.setattr(cpp_backend, "compiler_identity", lambda compiler: "c++ (another) 99.1")
+    assert _key() != key
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    assert _key() != key
+
+
+def test_compiler_identity_is_the_first_version_line():
+    identity = cpp_backend.compiler_identity(cpp_backend._compiler())
+    assert identity and "\n" not in identity
+    assert cpp_backend.compiler_identity("/nonexistent/compiler") == ""

@@ -145,3 +145,64 @@ def test_public_function_matches_reference_on_cpu():
     ref_probs, ref_stats = reference.bytheway_attention_probs(scores, guide, **kwargs)
     torch.testing.assert_close(probs, ref_probs, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(stats, ref_stats, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_rows_with_nonpositive_guided_sum_keep_the_unguided_map(adaptive):
+    """alpha = 1 and guide rows summing to 0 or less: those rows (only) use A, as if unguided."""
+    scores = _random((2, 3, 3, 2, 8, 8), seed=4).double()
+    guide = torch.softmax(_random((2, 3, 3, 2, 8, 8), seed=5), -1).double()  # ratio 1: rows align
+    bad_rows = torch.zeros(guide.shape[:-1], dtype=torch.bool)
+    bad_rows[0, 1, 2, 0, 3] = bad_rows[1, 0, 0, 1, 7] = bad_rows[1, 2, 1, 0, 0] = True
+    broken = guide.clone()
+    broken[bad_rows] = 0.0
+    broken[1, 2, 1, 0, 0] = -guide[1, 2, 1, 0, 0]  # a negative sum
+    kwargs = dict(alpha=1.0, beta=3.0, tau=2, adaptive_beta=adaptive, cfg=False, energy_scope="sample")
+    probs, stats = reference.bytheway_attention_probs(scores, broken, return_stats=True, **kwargs)
+    assert torch.isfinite(probs).all() and torch.isfinite(stats).all()
+    # Expected rows: the unguided map's where the guide is broken, the guide's elsewhere, each
+    # enhanced with the beta the mixed map gives (fixed beta: beta_0).
+    fixed = {**kwargs, "adaptive_beta": False}
+    beta_rows = stats[:, 0].double()
+    for video in range(2):
+        fixed["beta"] = float(beta_rows[video])
+        guided = reference.bytheway_attention_probs(scores[video:video + 1], guide[video:video + 1], **fixed)
+        unguided = reference.bytheway_attention_probs(scores[video:video + 1], None, **fixed)
+        expected = torch.where(bad_rows[video:video + 1, ..., None], unguided, guided)
+        torch.testing.assert_close(probs[video:video + 1], expected, rtol=1e-12, atol=1e-13)
+
+
+def test_zero_guide_with_alpha_one_is_the_unguided_op():
+    scores = _random((2, 4, 4, 2, 16, 16), seed=6)
+    zero_guide = torch.zeros((2, 2, 2, 2, 16, 16))
+    kwargs = dict(beta=1.5, tau=7, return_stats=True)
+    probs, stats = reference.bytheway_attention_probs(scores, zero_guide, alpha=1.0, **kwargs)
+    expected, expected_stats = reference.bytheway_attention_probs(scores, alpha=1.0, **kwargs)
+    torch.testing.assert_close(probs, expected, rtol=0, atol=0)
+    torch.testing.assert_close(stats, expected_stats, rtol=0, atol=0)
+    assert stats[0, 1] == stats[0, 2]  # E2 = E1: the energies use A for those rows too
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_largest_beta_is_finite(dtype, adaptive):
+    """beta = BETA_LIMIT: finite everywhere; float16 saturates at its largest value."""
+    scores = (_random((2, 2, 2, 2, 16, 16), seed=7) * 3).to(dtype)
+    guide = torch.softmax(_random((2, 1, 1, 2, 16, 16), seed=8), -1).to(dtype)
+    probs, stats = reference.bytheway_attention_probs(scores, guide, alpha=0.5, beta=1e6, tau=3,
+                                                      adaptive_beta=adaptive, return_stats=True)
+    assert torch.isfinite(probs).all() and torch.isfinite(stats).all()
+    if dtype == torch.float16:
+        assert probs.abs().max() == torch.finfo(torch.float16).max  # saturated, not inf
+    exact = reference.bytheway_attention_probs(scores.double(), guide.double(), alpha=0.5, beta=1e6, tau=3,
+                                               adaptive_beta=adaptive)
+    tolerance = {torch.float64: 1e-9, torch.float32: 1e-6}.get(dtype)
+    if tolerance is not None:  # fp32 evaluation divides by rowsum(A2), no cancellation at large beta
+        torch.testing.assert_close(probs.double(), exact, rtol=tolerance, atol=tolerance * 1e6)
+
+
+def test_huge_beta_is_a_value_error_not_runtime_error():
+    scores = _random((2, 2, 2, 1, 8, 8))
+    for name in ("beta", "beta_max"):
+        with pytest.raises(ValueError, match=name):
+            reference.bytheway_attention_probs(scores, alpha=0.5, tau=3, **{"beta": 1.5, name: 1e39})

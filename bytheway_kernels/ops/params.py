@@ -12,6 +12,13 @@ class ByTheWayParams(NamedTuple):
 
     The custom ops' schemas take these fields flat (a schema has no struct type); each op
     rebuilds the object inside and hands it to its backend.
+
+    Examples:
+        >>> params = ByTheWayParams(alpha=0.6, beta=1.5, tau=7, adaptive_beta=True, parts=2,
+        ...                         energy_part=1, energy_scope="sample", guide_upsample="nearest",
+        ...                         beta_max=None)
+        >>> params.stats_rows(batch=4)  # one row per video: 4 entries = 2 CFG halves of 2 videos
+        2
     """
 
     alpha: float

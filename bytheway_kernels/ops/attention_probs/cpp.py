@@ -7,11 +7,15 @@ branch reaches it through `attention_probs_cpp_out` below.
 
 Build: `torch.utils.cpp_extension.load` compiles `csrc/attention_probs_cpu.cpp` with the host C++
 compiler and ninja (no download, no CUDA) into the torch extensions cache
-(`$TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`), under a directory keyed by a hash
-of the sources, the compiler flags (which include the instruction set torch detected on this CPU),
-torch and Python versions. A source change or a CPU with another instruction set therefore never
-reuses a stale build. Without a compiler or ninja, or when the build fails, `cpp_status()` reports
-`available=False` with the reason (and warns once); nothing is raised at import.
+(`$TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`), under a directory keyed by what
+changes the binary and nothing else: the source bytes, the compiler flags (which include the
+instruction set torch detected on this CPU), the compiler's identity, the torch version and the
+Python ABI. A finished build is loaded directly from there by later processes, without asking
+ninja: ninja would rebuild whenever its own version or the include paths of the running
+interpreter's torch (another venv) differ, because `cpp_extension.load` regenerates
+`build.ninja` in every new process. One line on stderr announces a real build (~20-30 s).
+Without a compiler or ninja, or when the build fails, `cpp_status()` reports `available=False`
+with the reason (and warns once); nothing is raised at import.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import logging
 import os
 import platform
 import shutil
+import subprocess
 import sys
+import sysconfig
 import time
 import warnings
 from pathlib import Path
@@ -30,10 +36,15 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ...band import high_band_matrix_float64, is_full_band
+from ...energy import HIGH_ENERGY_FLOOR
 from ..params import ByTheWayParams
 
 _SOURCE_FILES = ("attention_probs_cpu.cpp",)
 _EXTENSION_PREFIX = "attention_probs_cpu"
+#: Written into a build directory once its library has been built and loaded: names the library.
+_BUILT_MARKER = "built_library.txt"
+BUILD_NOTICE = "bytheway_kernels: building the C++ CPU kernel (first use, about 20-30 s)..."
 
 _log = logging.getLogger(__name__)
 
@@ -73,15 +84,42 @@ def _compiler_flags() -> list:
     return ["-O3", "-ffp-contract=fast", "-fno-trapping-math", *openmp, *_isa_flags()]
 
 
-def _build_directory(sources, flags) -> Path:
-    import torch.utils.cpp_extension as cpp_extension
+def _compiler() -> str:
+    return os.environ.get("CXX", "c++")
 
+
+@functools.lru_cache(maxsize=None)
+def compiler_identity(compiler: str) -> str:
+    """First line of `<compiler> --version` (e.g. "c++ (Debian 12.2.0-14) 12.2.0"), or "" if it fails."""
+    try:
+        result = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    lines = result.stdout.splitlines()
+    return lines[0].strip() if lines else ""
+
+
+def build_key(sources, flags) -> str:
+    """Hash of what changes the binary: sources, flags, compiler, torch, Python ABI, machine.
+
+    Deliberately not the interpreter's path, the venv or the ninja version: the same torch in two
+    venvs loads the same library.
+    """
     key = hashlib.sha256()
     for path in sources:
         key.update(path.read_bytes())
-    key.update(repr((flags, torch.__version__, sys.version, platform.machine())).encode())
+    abi = (sys.implementation.cache_tag, sysconfig.get_config_var("SOABI"))
+    identity = (flags, compiler_identity(_compiler()), torch.__version__, torch.version.git_version, abi,
+                platform.machine())
+    key.update(repr(identity).encode())
+    return key.hexdigest()[:16]
+
+
+def _build_directory(sources, flags) -> Path:
+    import torch.utils.cpp_extension as cpp_extension
+
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-    return Path(root) / "bytheway_kernels" / f"{_EXTENSION_PREFIX}_{key.hexdigest()[:16]}"
+    return Path(root) / "bytheway_kernels" / f"{_EXTENSION_PREFIX}_{build_key(sources, flags)}"
 
 
 def _missing_tool() -> Optional[str]:
@@ -91,10 +129,19 @@ def _missing_tool() -> Optional[str]:
         return "the JIT build supports Linux and macOS compilers only"
     if not cpp_extension.is_ninja_available():
         return "ninja is not installed (pip install ninja)"
-    compiler = os.environ.get("CXX", "c++")
+    compiler = _compiler()
     if shutil.which(compiler) is None:
         return f"no C++ compiler found ({compiler!r} is not on PATH; set CXX)"
     return None
+
+
+def _built_library(build_directory: Path) -> Optional[Path]:
+    """The library a finished build in `build_directory` left, or None."""
+    marker = build_directory / _BUILT_MARKER
+    if not marker.is_file():
+        return None
+    library = build_directory / marker.read_text().strip()
+    return library if library.is_file() else None
 
 
 def _build_and_load() -> Path:
@@ -106,14 +153,22 @@ def _build_and_load() -> Path:
     sources = [directory / name for name in _SOURCE_FILES]
     flags = _compiler_flags()
     build_directory = _build_directory(sources, flags)
-    build_directory.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    _log.info("bytheway_kernels: building/loading the C++ CPU kernel in %s", build_directory)
-    cpp_extension.load(
-        name=build_directory.name, sources=[str(path) for path in sources], extra_cflags=flags,
-        build_directory=str(build_directory), is_python_module=False, verbose=False,
-    )
-    _log.info("bytheway_kernels: C++ CPU kernel ready after %.1f s", time.perf_counter() - started)
+    library = _built_library(build_directory)
+    if library is not None:
+        torch.ops.load_library(str(library))
+    else:
+        build_directory.mkdir(parents=True, exist_ok=True)
+        print(BUILD_NOTICE, file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        library = Path(cpp_extension.load(
+            name=build_directory.name, sources=[str(path) for path in sources], extra_cflags=flags,
+            build_directory=str(build_directory), is_python_module=False, verbose=False,
+        ))
+        # Written last and atomically: another process never loads a half-linked library.
+        partial = build_directory / f"{_BUILT_MARKER}.{os.getpid()}"
+        partial.write_text(library.name)
+        partial.replace(build_directory / _BUILT_MARKER)
+        _log.info("bytheway_kernels: C++ CPU kernel built in %.1f s", time.perf_counter() - started)
     if not hasattr(torch.ops.bytheway_cpu, "attention_probs_out"):
         raise RuntimeError("the built library did not register bytheway_cpu::attention_probs_out")
     return build_directory
@@ -121,7 +176,13 @@ def _build_and_load() -> Path:
 
 @functools.lru_cache(maxsize=None)
 def cpp_status() -> CppStatus:
-    """Whether the C++ kernel is usable here, and why not; builds it on the first call."""
+    """Whether the C++ kernel is usable here, and why not; builds it on the first call.
+
+    Examples:
+        >>> status = cpp_status()  # doctest: +SKIP
+        >>> status.available, status.reason  # doctest: +SKIP
+        (True, 'built in /home/me/.cache/torch_extensions/bytheway_kernels/attention_probs_cpu_...')
+    """
     reason = _missing_tool()
     if reason is None:
         try:
@@ -143,6 +204,22 @@ def _require_extension() -> None:
 
 
 def attention_probs_cpp_out(scores, guide, params: ByTheWayParams, probs, stats) -> None:
-    """Write the op's result into `probs` (and `stats`, float32 (rows, 6), unless it is None)."""
+    """Write the op's result into `probs` (and `stats`, float32 (rows, 6), unless it is None).
+
+    The band rules come from Python (`band.py`, `energy.py`), so the kernel never restates them.
+
+    Examples:
+        >>> import torch
+        >>> from bytheway_kernels.ops.params import ByTheWayParams
+        >>> scores = torch.randn(2, 2, 2, 1, 16, 16)
+        >>> params = ByTheWayParams(0.0, 1.5, 7, False, 1, 0, "batch", "nearest", None)
+        >>> probs = torch.empty_like(scores)
+        >>> attention_probs_cpp_out(scores, None, params, probs, None)  # doctest: +SKIP
+    """
     _require_extension()
-    torch.ops.bytheway_cpu.attention_probs_out(scores, guide, *params, probs, stats)
+    frames = scores.shape[-1]
+    torch.ops.bytheway_cpu.attention_probs_out(
+        scores, guide, high_band_matrix_float64(frames, params.tau), is_full_band(frames, params.tau),
+        params.alpha, params.beta, params.adaptive_beta, params.parts, params.energy_part,
+        params.energy_scope, params.guide_upsample, params.beta_max, HIGH_ENERGY_FLOOR, probs, stats,
+    )

@@ -40,7 +40,15 @@ def _group_mean(row_values: torch.Tensor, split, energy_scope: str) -> torch.Ten
 
 
 def guided_map(attn: torch.Tensor, guide: Optional[torch.Tensor], alpha: float, guide_upsample: str):
-    """A2 = A + alpha (U - A) and its row sums; rows whose sum is <= 0 or not finite keep A."""
+    """A2 = A + alpha (U - A) and its row sums; rows whose sum is <= 0 or not finite keep A.
+
+    Examples:
+        >>> attn = torch.full((1, 1, 1, 1, 2, 4), 0.25)
+        >>> guide = torch.tensor([[0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0]]).view(1, 1, 1, 1, 2, 4)
+        >>> guided, sums = guided_map(attn, guide, 1.0, "nearest")
+        >>> guided[0, 0, 0, 0].tolist()  # the zero row keeps A
+        [[0.0, 0.0, 0.0, 1.0], [0.25, 0.25, 0.25, 0.25]]
+    """
     if guide is None:
         return attn, attn.sum(-1, keepdim=True)
     upsampled = upsample_guide(guide.to(attn.dtype), attn.shape[1], attn.shape[2], guide_upsample)
@@ -61,7 +69,10 @@ class Energies(NamedTuple):
 
 
 def energies(attn, guided, spectrum, band, split: BatchSplit, energy_scope: str) -> Energies:
-    """E1 = E(A), E2 = E(A2) and its split by Parseval into the band's energy and the rest."""
+    """E1 = E(A), E2 = E(A2) and its split by Parseval into the band's energy and the rest.
+
+    `band` is a boolean mask over the F DFT indices; `spectrum` is the DFT of `guided` rows.
+    """
     frames = attn.shape[-1]
     e1 = _group_mean((attn**2).sum(-1), split, energy_scope)
     e2 = _group_mean((guided**2).sum(-1), split, energy_scope)
@@ -70,7 +81,15 @@ def energies(attn, guided, spectrum, band, split: BatchSplit, energy_scope: str)
 
 
 def group_beta(energy: Energies, beta: float, adaptive_beta: bool, beta_max: Optional[float]) -> torch.Tensor:
-    """beta = max(beta_0, sqrt(max(E1 - E2_low, 0) / E2_high)), beta_0 when E2_high is ~0, capped."""
+    """beta = max(beta_0, sqrt(max(E1 - E2_low, 0) / E2_high)), beta_0 when E2_high is ~0, capped.
+
+    Examples:
+        >>> energy = Energies(*(torch.tensor([v]) for v in (0.5, 0.4, 0.3, 0.1)))
+        >>> group_beta(energy, 1.0, True, None)  # max(1, sqrt((0.5 - 0.3) / 0.1))
+        tensor([1.4142])
+        >>> group_beta(energy, 1.0, True, 1.2)  # capped by beta_max
+        tensor([1.2000])
+    """
     beta_group = torch.full_like(energy.e1, float(beta))
     if not adaptive_beta:
         return beta_group

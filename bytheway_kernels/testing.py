@@ -1,0 +1,57 @@
+"""What the tests and the benchmarks share to check a backend: tolerances and poisoned outputs.
+
+Every fused backend is compared with the pure-torch reference evaluated in float64 on the same
+(already rounded) inputs, into outputs filled with NaN first so that an element a kernel fails
+to write cannot pass.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+#: (atol, rtol) on probabilities against the float64 reference. The kernels accumulate in fp32
+#: from the same inputs, so the difference is one final rounding to the output dtype (half an
+#: ulp: 2**-11 for fp16, 2**-8 for bf16, relative) plus fp32 arithmetic over <= 64 terms (~1e-6);
+#: the band term is amplified by beta, so callers multiply atol by max(1, beta). Two ulps.
+PROB_TOLERANCES = {
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+    torch.float64: (1e-12, 1e-10),
+}
+
+#: (atol, rtol) on the float32 stats: means over all rows in scope, accumulated in fp32 (sums of
+#: <= 1e4 positive terms).
+STATS_TOLERANCE = (1e-5, 1e-4)
+
+
+def prob_tolerance(dtype: torch.dtype) -> Tuple[float, float]:
+    """(atol, rtol) for probabilities of `dtype`.
+
+    Examples:
+        >>> prob_tolerance(torch.float16)
+        (0.002, 0.002)
+    """
+    return PROB_TOLERANCES[dtype]
+
+
+def poisoned(shape, dtype: torch.dtype, device="cpu") -> torch.Tensor:
+    """A contiguous tensor filled with NaN: an output that fails every check until written.
+
+    Examples:
+        >>> bool(poisoned((2, 3), torch.float32).isnan().all())
+        True
+    """
+    return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
+
+
+def poisoned_like(tensor: torch.Tensor) -> torch.Tensor:
+    """`poisoned` with the shape, dtype and device of `tensor`.
+
+    Examples:
+        >>> poisoned_like(torch.zeros(2, dtype=torch.bfloat16)).dtype
+        torch.bfloat16
+    """
+    return poisoned(tensor.shape, tensor.dtype, tensor.device)

@@ -7,12 +7,14 @@ The ground truth is built independently of the op: scores = scale * q k^T in flo
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Optional, Tuple
 
 import torch
 
 from attention_probs_cases import PROB_TOLERANCES, STATS_TOLERANCE
 from bytheway_kernels import reference
+from bytheway_kernels.band import max_tau
 from bytheway_kernels.ops.params import ByTheWayParams
 
 # Relative error per term of out = sum_j A3[i, j] v[j]: the fused kernel feeds A3 to the product
@@ -132,3 +134,44 @@ def assert_matches(case: AttentionCase, inputs, out, plain_map=None, stats=None,
         assert stats.dtype == torch.float32
         torch.testing.assert_close(stats.cpu().double(), ref_stats.double(), atol=atol, rtol=rtol,
                                    msg=lambda m: f"{case}: stats differ\n{m}")
+
+
+def case_matrix():
+    """Every F, head dim, dtype, guide mode, batch split, scope and beta mode, cycled together
+    (not their full product: the interpreter is slow), plus the AnimateDiff configurations."""
+    dtypes = [torch.float32, torch.float16, torch.bfloat16]
+    guides = [(None, "nearest"), ((1, 1), "nearest"), ((2, 3), "bilinear"), ((1, 2), "nearest"),
+              ((2, 2), "bilinear")]
+    flags = [  # adaptive, (parts, energy_part), scope, beta_max
+        (True, (2, 1), "batch", None), (False, (2, 1), "batch", None),
+        (True, (1, 0), "sample", None), (True, (3, 1), "sample", 4.0),
+        (False, (1, 0), "batch", None), (True, (3, 1), "batch", None),
+        (True, (2, 1), "sample", 2.0),
+    ]
+    cycle = itertools.count()
+    cases = []
+    for frames, head_dim in [(2, 8), (8, 40), (8, 16), (16, 80), (24, 8), (33, 24), (64, 8)]:
+        for tau in sorted({0, max_tau(frames)}):
+            i = next(cycle)
+            guide_size, upsample = guides[i % len(guides)]
+            adaptive, (parts, part), scope, beta_max = flags[i % len(flags)]
+            height, width = 2 + i % 2, 3 - i % 2
+            if guide_size is not None:
+                guide_size = (min(guide_size[0], height), min(guide_size[1], width))
+            cases.append(AttentionCase(
+                frames=frames, tau=tau, head_dim=head_dim, dtype=dtypes[i % 3],
+                heads=1 if frames >= 33 else 2, batch=parts * (1 + i % 2), height=height,
+                width=width, guide_size=guide_size, guide_upsample=upsample,
+                adaptive_beta=adaptive, parts=parts, energy_part=part, energy_scope=scope,
+                beta_max=None if beta_max is None else max(beta_max, (1.5, 10.0, 0.5)[i % 3]),
+                beta=(1.5, 10.0, 0.5)[i % 3], alpha=(0.6, 0.1, 1.0)[i % 3],
+                fused_qkv=i % 4 != 3,
+            ))
+    # the AnimateDiff layers (F = 16, full band; d = 40, 80, 160) in every dtype and beta mode
+    for (head_dim, dtype), (adaptive, upsample) in zip(
+        itertools.product((40, 80, 160), dtypes),
+        itertools.cycle([(False, "nearest"), (True, "bilinear"), (True, "nearest")]),
+    ):
+        cases.append(AttentionCase(head_dim=head_dim, dtype=dtype, adaptive_beta=adaptive,
+                                   guide_upsample=upsample, guide_size=(1, 2), heads=3))
+    return cases

@@ -4,19 +4,16 @@
 kernels write into outputs the test fills with NaN first, so any element they miss fails.
 """
 
-import itertools
-
 import pytest
 import torch
 import triton.language as tl
 
 import bytheway_kernels as btw
 from attention_probs_cases import needs_triton_interpreter
-from bytheway_kernels.band import max_tau
 from bytheway_kernels.ops.temporal_attention import triton as kernels
 from bytheway_kernels.ops.temporal_attention.triton import (TileConfig,
                                                             temporal_attention_triton_out)
-from temporal_attention_cases import AttentionCase, assert_matches, make_inputs
+from temporal_attention_cases import AttentionCase, assert_matches, case_matrix, make_inputs
 
 pytestmark = needs_triton_interpreter
 
@@ -52,47 +49,6 @@ def run_poisoned(case: AttentionCase, inputs, with_map=True, with_stats=True, co
                                   case.head_dim ** -0.5, case.params(), out, plain_map, stats,
                                   config)
     return out, plain_map, stats
-
-
-def case_matrix():
-    """Every F, head dim, dtype, guide mode, batch split, scope and beta mode, cycled together
-    (not their full product: the interpreter is slow), plus the AnimateDiff configurations."""
-    dtypes = [torch.float32, torch.float16, torch.bfloat16]
-    guides = [(None, "nearest"), ((1, 1), "nearest"), ((2, 3), "bilinear"), ((1, 2), "nearest"),
-              ((2, 2), "bilinear")]
-    flags = [  # adaptive, (parts, energy_part), scope, beta_max
-        (True, (2, 1), "batch", None), (False, (2, 1), "batch", None),
-        (True, (1, 0), "sample", None), (True, (3, 1), "sample", 4.0),
-        (False, (1, 0), "batch", None), (True, (3, 1), "batch", None),
-        (True, (2, 1), "sample", 2.0),
-    ]
-    cycle = itertools.count()
-    cases = []
-    for frames, head_dim in [(2, 8), (8, 40), (8, 16), (16, 80), (24, 8), (33, 24), (64, 8)]:
-        for tau in sorted({0, max_tau(frames)}):
-            i = next(cycle)
-            guide_size, upsample = guides[i % len(guides)]
-            adaptive, (parts, part), scope, beta_max = flags[i % len(flags)]
-            height, width = 2 + i % 2, 3 - i % 2
-            if guide_size is not None:
-                guide_size = (min(guide_size[0], height), min(guide_size[1], width))
-            cases.append(AttentionCase(
-                frames=frames, tau=tau, head_dim=head_dim, dtype=dtypes[i % 3],
-                heads=1 if frames >= 33 else 2, batch=parts * (1 + i % 2), height=height,
-                width=width, guide_size=guide_size, guide_upsample=upsample,
-                adaptive_beta=adaptive, parts=parts, energy_part=part, energy_scope=scope,
-                beta_max=None if beta_max is None else max(beta_max, (1.5, 10.0, 0.5)[i % 3]),
-                beta=(1.5, 10.0, 0.5)[i % 3], alpha=(0.6, 0.1, 1.0)[i % 3],
-                fused_qkv=i % 4 != 3,
-            ))
-    # the AnimateDiff layers (F = 16, full band; d = 40, 80, 160) in every dtype and beta mode
-    for (head_dim, dtype), (adaptive, upsample) in zip(
-        itertools.product((40, 80, 160), dtypes),
-        itertools.cycle([(False, "nearest"), (True, "bilinear"), (True, "nearest")]),
-    ):
-        cases.append(AttentionCase(head_dim=head_dim, dtype=dtype, adaptive_beta=adaptive,
-                                   guide_upsample=upsample, guide_size=(1, 2), heads=3))
-    return cases
 
 
 @pytest.mark.parametrize("case", case_matrix(), ids=str)

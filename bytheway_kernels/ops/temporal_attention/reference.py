@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..attention_probs.op import attention_probs
+from ..attention_probs.op import _BACKEND_FUNCTIONS, attention_probs
 from ..params import ByTheWayParams
 
 
@@ -29,7 +29,7 @@ def temporal_attention_composed(
     """(out, map, stats) of `torch.ops.bytheway.temporal_attention` by materialising the map.
 
     The map op runs on its backend for the device (`select_backend`), so on CPU this is
-    bmm -> the map op's CPU kernel -> bmm.
+    bmm -> the map op's CPU kernel -> bmm; float64 always uses the map op's float64 reference.
     """
     sequences, frames, channels = q.shape
     compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -39,7 +39,10 @@ def temporal_attention_composed(
     scores = scores.view(sequences // (height * width), height, width, heads, frames, frames)
     if guide is not None:
         guide = guide.to(compute_dtype)
-    probs, stats = attention_probs(scores, guide, *params, with_stats)
+    if compute_dtype == torch.float64:  # the map op's GPU kernel would compute it in fp32
+        probs, stats = _BACKEND_FUNCTIONS["reference"](scores, guide, params, with_stats)
+    else:
+        probs, stats = attention_probs(scores, guide, *params, with_stats)
     out = torch.matmul(probs.view(sequences, heads, frames, frames), split_heads(v, heads, compute_dtype))
     out = out.transpose(1, 2).reshape(sequences, frames, channels).to(q.dtype)
     plain_map = torch.softmax(scores, dim=-1).to(q.dtype) if with_map else q.new_empty((0,))

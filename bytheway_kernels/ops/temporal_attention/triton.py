@@ -4,12 +4,13 @@ A sequence is one (n, head) pair: F query frames attending to the same F frames;
 s = n * heads + head, so the G sequences of a program are consecutive heads of consecutive rows n
 and their q, k, v channels are neighbours in memory. Each program takes G sequences and runs them
 through batched 3-D `tl.dot`s ([G, 16, d] x [G, d, F_PAD] for 16 of its query frames), so a
-program's tiles hold 64 rows even though F is 16 (F_PAD: F rounded up to a power of two >= 16): scores = q k^T (d in BLOCK_D chunks, fp32 accumulation) -> softmax ->
-blend with the anchor map, upsampled by index arithmetic (never materialised) -> band step
-(`guided - mean` for the full band, else a dot with the circulant P) -> divide by rowsum(guided)
-(the band term sums to 0, so this is the map op's renormalisation without its cancellation at
-large beta) -> out = A3 @ v, d in chunks again, stored in q's dtype. The F x F map never reaches
-memory, except the plain softmax map when the caller asks for it (same pass).
+program's tiles hold 64 rows even though F is 16 (F_PAD: F rounded up to a power of two >= 16):
+scores = q k^T (d in BLOCK_D chunks, fp32 accumulation) -> softmax -> blend with the anchor
+map, upsampled by index arithmetic (never materialised) -> band step (`guided - mean` for the
+full band, else a dot with the circulant P) -> divide by rowsum(guided) (the band term sums to 0,
+so this is the map op's renormalisation without its cancellation at large beta) -> out = A3 @ v,
+d in chunks again, stored in q's dtype. The F x F map never reaches memory, except the plain
+softmax map when the caller asks for it (same pass).
 
 Fixed beta is one launch of `_attention_kernel`. Adaptive beta (or stats) first runs
 `_energy_kernel` over the energy part, which recomputes the scores from q and k and writes one
@@ -61,9 +62,9 @@ def padded_frames(frames: int) -> int:
 def default_config(frames: int, head_dim: int) -> TileConfig:
     """G * F_PAD = 64 (G = 4 at F = 16, the best measured packing; [G, 16, F_PAD] fp32 tiles of
     1024 elements, on 4 warps, or 8 from F_PAD = 32 where the F_PAD x F_PAD band matrix and the
-    bilinear guide need them to stay out of local memory), and the largest d chunk in 16/32/64 that divides d (d = 40 runs as 3
-    masked chunks of 16): chunking d keeps d = 160 free of spills where padding it to 256 would not
-    be (register use per variant: tests/test_temporal_attention_sm90.py)."""
+    bilinear guide need them to stay out of local memory), and the largest d chunk in 16/32/64
+    that divides d (d = 40 runs as 3 masked chunks of 16): chunking d keeps d = 160 free of spills
+    where padding it to 256 would not be (register use: tests/test_temporal_attention_sm90.py)."""
     padded = padded_frames(frames)
     block_d = next((size for size in (64, 32) if head_dim % size == 0), 16)
     return TileConfig(max(1, 64 // padded), block_d, 4 if padded == 16 else 8)

@@ -1,0 +1,191 @@
+"""Quick GPU check and timing of fused temporal attention at the AnimateDiff shapes (< 60 s).
+
+    PYTHONPATH=$PWD TRITON_DEFAULT_FP_FUSION=1 python3 benchmarks/temporal_attention_gpu_check.py
+
+For each temporal attention layer shape of AnimateDiff at 512x512 (batch 2 for CFG, 8 heads,
+16 frames, fp16, q, k, v as strided slices of one (N, F, 3C) projection) it
+1. checks the fused kernels against the composed path (q k^T -> the map op -> @ v) for plain
+   attention, the animatediff preset with a 16x16 guide (fixed and adaptive beta, stats too) and
+   the anchor's returned map, and plain attention against SDPA;
+2. times with `triton.testing.do_bench` (median, L2 flushed before every call) the fused kernel
+   (plain, fixed beta, adaptive beta, fixed beta + map), the composed path and each SDPA backend,
+   with the memory floor (q, k, v read + out written at 4.25 TB/s), and the host cost per call of
+   the public function;
+3. times the fused fixed-beta kernel with each tile configuration of `candidate_configs` and
+   prints the fastest, to choose `default_config` from one GPU run.
+Exits non-zero if a check fails. A tuning tool: the benchmark suite proper is benchmarks/test_*.py.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F_nn
+import triton
+import triton.testing
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from bytheway_kernels import PRESETS, temporal_attention
+from bytheway_kernels.ops.params import ByTheWayParams
+from bytheway_kernels.ops.temporal_attention.reference import temporal_attention_composed
+from bytheway_kernels.ops.temporal_attention.triton import (candidate_configs, default_config,
+                                                            temporal_attention_triton_out)
+
+BANDWIDTH = 4.25e12  # bytes/s, measured copy bandwidth of an H200 (DESIGN.md section 7)
+BATCH, HEADS, FRAMES, GUIDE_SIZE = 2, 8, 16, (16, 16)
+SHAPES = [("up_blocks.1", 16, 16, 160), ("up_blocks.2", 32, 32, 80), ("up_blocks.3", 64, 64, 40)]
+DEVICE = "cuda"
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "cudnn": SDPBackend.CUDNN_ATTENTION}
+HOST_CALLS = 200  # calls of the public function timed on the host
+MAX_RELATIVE_ERROR = 4e-3  # fp16 output: 2 ulps of the largest |out| (both paths accumulate in fp32)
+
+
+def bench_us(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-30))
+
+
+def make_layer(height: int, width: int, head_dim: int):
+    sequences, channels = BATCH * height * width, HEADS * head_dim
+    qkv = torch.randn((sequences, FRAMES, 3 * channels), device=DEVICE, dtype=torch.float16)
+    q, k, v = qkv.split(channels, dim=-1)
+    guide_logits = torch.randn((BATCH, *GUIDE_SIZE, HEADS, FRAMES, FRAMES), device=DEVICE)
+    guide = torch.softmax(2.0 * guide_logits, dim=-1).to(torch.float16)
+    return q, k, v, guide
+
+
+def sdpa(q, k, v):
+    def heads_view(values):  # (N, F, heads*d) -> (N, heads, F, d), a view: no copy
+        return values.unflatten(-1, (HEADS, -1)).transpose(1, 2)
+
+    return F_nn.scaled_dot_product_attention(heads_view(q), heads_view(k), heads_view(v))
+
+
+def check_shape(name, height, width, head_dim, preset) -> list:
+    """Correctness of the fused kernels at one shape; returns failure messages."""
+    q, k, v, guide = make_layer(height, width, head_dim)
+    scale = head_dim ** -0.5
+    failures = []
+    settings = {
+        "plain": (None, ByTheWayParams(0.0, 1.0, 0, False, 2, 1, "batch", "nearest", None)),
+        "fixed": (guide, ByTheWayParams(preset.alpha, preset.beta, preset.tau, False, 2, 1, "batch",
+                                        "nearest", None)),
+        "adaptive": (guide, ByTheWayParams(preset.alpha, preset.beta, preset.tau, True, 2, 1,
+                                           "batch", "nearest", None)),
+    }
+    for label, (layer_guide, params) in settings.items():
+        composed = temporal_attention_composed(q, k, v, layer_guide, HEADS, height, width, scale,
+                                               params, True, True)
+        out = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)
+        plain_map = torch.full_like(composed[1], float("nan"))
+        stats = torch.full_like(composed[2], float("nan"))
+        temporal_attention_triton_out(q, k, v, layer_guide, HEADS, height, width, scale, params,
+                                      out, plain_map, stats)
+        errors = dict(out=relative_error(out, composed[0]), map=relative_error(plain_map, composed[1]),
+                      stats=relative_error(stats, composed[2]))
+        print(f"  {name} {label:9} rel. error vs composed: "
+              + ", ".join(f"{key} {value:.2e}" for key, value in errors.items())
+              + f"  (beta {float(stats[0, 0]):.4f})")
+        failures += [f"{name} {label} {key} {value:.2e}" for key, value in errors.items()
+                     if not value <= MAX_RELATIVE_ERROR]
+    with sdpa_kernel(SDPBackend.MATH):
+        reference = sdpa(q.float(), k.float(), v.float())
+    plain = temporal_attention(q, k, v, heads=HEADS, height=height, width=width)
+    error = relative_error(plain.unflatten(-1, (HEADS, -1)).transpose(1, 2), reference)
+    print(f"  {name} plain vs SDPA (fp32 math): rel. error {error:.2e}")
+    if not error <= MAX_RELATIVE_ERROR:
+        failures.append(f"{name} plain vs SDPA {error:.2e}")
+    return failures
+
+
+def time_shape(name, height, width, head_dim, preset) -> dict:
+    q, k, v, guide = make_layer(height, width, head_dim)
+    bytes_moved = 4 * q.numel() * q.element_size()  # q, k, v read once, out written once
+    row = {"shape": name, "floor": bytes_moved / BANDWIDTH * 1e6}
+    scale = head_dim ** -0.5
+    fixed = ByTheWayParams(preset.alpha, preset.beta, preset.tau, False, 2, 1, "batch", "nearest",
+                           None)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    plain_map = torch.empty((BATCH, height, width, HEADS, FRAMES, FRAMES), device=DEVICE,
+                            dtype=torch.float16)
+
+    def fused(layer_guide, params, with_map=False, config=None):
+        return lambda: temporal_attention_triton_out(
+            q, k, v, layer_guide, HEADS, height, width, scale, params, out,
+            plain_map if with_map else None, None, config)
+
+    row["fused plain"] = bench_us(fused(None, ByTheWayParams(0.0, 1.0, 0, False, 2, 1, "batch",
+                                                              "nearest", None)))
+    row["fused fixed"] = bench_us(fused(guide, fixed))
+    row["fused adaptive"] = bench_us(fused(guide, fixed._replace(adaptive_beta=True)))
+    row["fused anchor+map"] = bench_us(fused(None, fixed, with_map=True))
+    row["composed fixed"] = bench_us(lambda: temporal_attention_composed(
+        q, k, v, guide, HEADS, height, width, scale, fixed, False, False))
+    for backend, kind in SDPA_BACKENDS.items():
+        try:
+            with sdpa_kernel(kind):
+                sdpa(q, k, v)
+                row[f"sdpa {backend}"] = bench_us(lambda: sdpa(q, k, v))
+        except RuntimeError as error:  # a backend that does not take this shape or layout
+            row[f"sdpa {backend}"] = float("nan")
+            print(f"  {name}: SDPA {backend} unavailable: {str(error).splitlines()[0][:100]}")
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(HOST_CALLS):
+        temporal_attention(q, k, v, heads=HEADS, height=height, width=width, guide=guide,
+                           alpha=preset.alpha, beta=preset.beta, tau=preset.tau)
+    row["host us/call"] = (time.perf_counter() - started) / HOST_CALLS * 1e6
+    torch.cuda.synchronize()
+    tiles = {}
+    for config in candidate_configs(FRAMES, head_dim):
+        tiles[tuple(config)] = bench_us(fused(guide, fixed, config=config))
+    row["tiles"] = tiles
+    return row
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU")
+        return 2
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    preset = PRESETS["animatediff"]
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    print(f"preset animatediff: alpha {preset.alpha}, beta {preset.beta}, tau {preset.tau}; "
+          f"guide {GUIDE_SIZE}, nearest; B={BATCH} (CFG), heads={HEADS}, F={FRAMES}, fp16")
+    failures = []
+    for name, height, width, head_dim in SHAPES:
+        failures += check_shape(name, height, width, head_dim, preset)
+    rows = [time_shape(*shape, preset) for shape in SHAPES]
+    columns = ["floor", "fused plain", "fused fixed", "fused adaptive", "fused anchor+map",
+               "composed fixed", "sdpa flash", "sdpa efficient", "sdpa cudnn"]
+    print("\nkernel time, us (median, L2 flushed)")
+    print(f"{'shape':12}" + "".join(f"{column:>17}" for column in columns)
+          + f"{'fixed/best SDPA':>17}{'floor/fixed':>13}{'host us/call':>14}")
+    for row in rows:
+        best_sdpa = min((row[f"sdpa {b}"] for b in SDPA_BACKENDS if not math.isnan(row[f"sdpa {b}"])),
+                        default=float("nan"))
+        print(f"{row['shape']:12}" + "".join(f"{row[column]:17.1f}" for column in columns)
+              + f"{row['fused fixed'] / best_sdpa:17.3f}{row['floor'] / row['fused fixed']:13.2f}"
+              + f"{row['host us/call']:14.1f}")
+    print("\ntile configurations (G sequences, BLOCK_D, warps), fused fixed beta, us")
+    for row, (_, _, _, head_dim) in zip(rows, SHAPES):
+        default = tuple(default_config(FRAMES, head_dim))
+        timings = ", ".join(f"{config}{'*' if config == default else ''}: {value:.1f}"
+                            for config, value in row["tiles"].items())
+        fastest = min(row["tiles"], key=row["tiles"].get)
+        print(f"{row['shape']:12} {timings}  -> fastest {fastest} (* = default)")
+    print(f"\n{'FAILED: ' + '; '.join(failures) if failures else 'all checks passed'}"
+          f"  ({time.perf_counter() - started:.0f} s)")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

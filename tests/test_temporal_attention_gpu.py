@@ -1,0 +1,71 @@
+"""The compiled fused temporal attention kernels on a CUDA GPU (skipped without one): the case
+matrix against the float64 formula, a grid of more than 65,535 programs, CUDA graphs,
+torch.compile and run-to-run determinism."""
+
+import pytest
+import torch
+
+import bytheway_kernels as btw
+from bytheway_kernels.ops.temporal_attention.triton import temporal_attention_triton_out
+from temporal_attention_cases import AttentionCase, assert_matches, case_matrix, make_inputs
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _call(case, inputs, **extra):
+    q, k, v, guide = inputs
+    return btw.temporal_attention(q, k, v, heads=case.heads, height=case.height, width=case.width,
+                                  guide=guide, **{**case.kwargs(), **extra})
+
+
+@pytest.mark.parametrize("case", case_matrix(), ids=str)
+def test_matches_float64_formula(case):
+    q, k, v, guide = inputs = make_inputs(case, seed=11, device="cuda")
+    out = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)
+    plain_map = torch.full((case.batch, case.height, case.width, case.heads, case.frames,
+                            case.frames), float("nan"), dtype=q.dtype, device="cuda")
+    stats = torch.full((case.params().stats_rows(case.batch), 6), float("nan"), device="cuda")
+    temporal_attention_triton_out(q, k, v, guide, case.heads, case.height, case.width,
+                                  case.head_dim ** -0.5, case.params(), out, plain_map, stats)
+    assert_matches(case, inputs, out, plain_map, stats)
+
+
+def test_more_than_65535_programs():
+    """2 * 128 * 128 * 8 = 262,144 sequences: 65,536 programs of G = 4 on grid axis 0."""
+    case = AttentionCase(batch=2, height=128, width=128, heads=8, head_dim=8,
+                         dtype=torch.float16, adaptive_beta=True, guide_size=(16, 16))
+    inputs = make_inputs(case, device="cuda")
+    out, stats = _call(case, inputs, return_stats=True)
+    assert_matches(case, inputs, out, stats=stats)
+
+
+def test_cuda_graph_and_determinism():
+    case = AttentionCase(batch=4, height=8, width=8, heads=8, head_dim=40, dtype=torch.float16,
+                         adaptive_beta=True, energy_scope="sample", guide_size=(4, 4))
+    inputs = make_inputs(case, device="cuda")
+    eager = _call(case, inputs, return_stats=True)
+    again = _call(case, inputs, return_stats=True)
+    for first, second in zip(eager, again):
+        assert torch.equal(first, second)  # fixed-order reduction: bit-identical run to run
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _call(case, inputs, return_stats=True)
+    graph.replay()
+    torch.cuda.synchronize()
+    for first, second in zip(eager, captured):
+        assert torch.equal(first, second)
+
+
+def test_torch_compile_fullgraph():
+    case = AttentionCase(heads=8, head_dim=80, dtype=torch.bfloat16, adaptive_beta=True)
+    q, k, v, guide = make_inputs(case, device="cuda")
+    qkv = torch.cat([q, k, v], dim=-1)
+
+    def layer(qkv, guide):
+        q, k, v = qkv.split(640, dim=-1)
+        return btw.temporal_attention(q, k, v, heads=8, height=2, width=2, guide=guide,
+                                      alpha=0.6, beta=1.5, tau=7, adaptive_beta=True) * 2.0
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True)
+    torch.testing.assert_close(compiled(qkv, guide), layer(qkv, guide))

@@ -1,7 +1,7 @@
 """bytheway_kernels: fused kernels for ByTheWay (CVPR 2025) temporal-attention editing."""
 
 from .config import PRESETS, ByTheWayConfig
-from .integration import ByTheWayController, apply_bytheway
+from .integration import ByTheWayController, apply_bytheway, enable_fast_temporal_attention
 from .ops import BACKENDS, select_backend
 from .ops.attention_probs import bytheway_attention_probs, reference
 from .ops.temporal_attention import temporal_attention
@@ -15,6 +15,7 @@ __all__ = [
     "PRESETS",
     "apply_bytheway",
     "bytheway_attention_probs",
+    "enable_fast_temporal_attention",
     "reference",
     "select_backend",
     "temporal_attention",

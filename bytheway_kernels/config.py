@@ -5,7 +5,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from ._validation import ENERGY_SCOPES, GUIDE_UPSAMPLE_MODES, check_number
+from ._validation import BETA_LIMIT, ENERGY_SCOPES, GUIDE_UPSAMPLE_MODES, check_flag, check_integer, check_number
+
+
+def _check_choice(name: str, value, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -14,7 +20,8 @@ class ByTheWayConfig:
 
     Attributes:
         alpha: Temporal Self-Guidance strength in [0, 1] (0 disables guidance).
-        beta: beta_0, the minimum high-frequency gain of Fourier Motion Enhancement (>= 0).
+        beta: beta_0, the minimum high-frequency gain of Fourier Motion Enhancement, in
+            [0, BETA_LIMIT] (1e6).
         tau: half-width of the high band centred on F // 2; valid for 0 <= tau <= (F - 2) // 2.
         step_fraction: fraction of the denoising steps (from the start) in which ByTheWay is
             active; the number of active steps is ceil(step_fraction * steps), at least one.
@@ -23,7 +30,18 @@ class ByTheWayConfig:
         energy_scope: "batch" (one energy for the whole conditional half, as the official code)
             or "sample" (one per video, so results do not depend on the rest of the batch).
         guide_upsample: "nearest" or "bilinear", how the anchor map is upsampled in space.
-        beta_max: optional cap on the adaptive beta.
+        beta_max: optional cap on the adaptive beta, in [beta, BETA_LIMIT].
+
+    Every field is checked, types included, when the config is made (a ValueError naming it):
+    numbers may be Python or numpy scalars and are stored as Python float/int, flags may be
+    `bool` or `numpy.bool_` (not 0/1).
+
+    Examples:
+        >>> from bytheway_kernels import PRESETS, ByTheWayConfig
+        >>> ByTheWayConfig(alpha=0.6, beta=1.5, tau=7).step_fraction
+        0.2
+        >>> PRESETS["animatediff"].replace(alpha=0.3).alpha
+        0.3
     """
 
     alpha: float
@@ -36,23 +54,26 @@ class ByTheWayConfig:
     beta_max: Optional[float] = None
 
     def __post_init__(self) -> None:
-        check_number("alpha", self.alpha, low=0.0, high=1.0)
-        check_number("beta", self.beta, low=0.0)
-        if isinstance(self.tau, bool) or not isinstance(self.tau, int) or self.tau < 0:
+        """Validate every field, types included, and store Python scalars (numpy scalars such as
+        `np.float32(0.5)` or `np.int64(7)` are accepted like the Python numbers they hold)."""
+        fields = dict(
+            alpha=check_number("alpha", self.alpha, low=0.0, high=1.0),
+            beta=check_number("beta", self.beta, low=0.0, high=BETA_LIMIT),
+            tau=check_integer("tau", self.tau),
+            step_fraction=check_number("step_fraction", self.step_fraction, low=0.0, high=1.0),
+            adaptive_beta=check_flag("adaptive_beta", self.adaptive_beta),
+            energy_scope=_check_choice("energy_scope", self.energy_scope, ENERGY_SCOPES),
+            guide_upsample=_check_choice("guide_upsample", self.guide_upsample, GUIDE_UPSAMPLE_MODES),
+            beta_max=None if self.beta_max is None else check_number(
+                "beta_max", self.beta_max, low=self.beta, high=BETA_LIMIT
+            ),
+        )
+        if fields["tau"] < 0:
             raise ValueError(f"tau must be a non-negative integer, got {self.tau!r}")
-        check_number("step_fraction", self.step_fraction, low=0.0, high=1.0)
-        if self.step_fraction <= 0.0:
+        if fields["step_fraction"] <= 0.0:
             raise ValueError(f"step_fraction must be in (0, 1], got {self.step_fraction!r}")
-        if self.energy_scope not in ENERGY_SCOPES:
-            raise ValueError(
-                f"energy_scope must be one of {ENERGY_SCOPES}, got {self.energy_scope!r}"
-            )
-        if self.guide_upsample not in GUIDE_UPSAMPLE_MODES:
-            raise ValueError(
-                f"guide_upsample must be one of {GUIDE_UPSAMPLE_MODES}, got {self.guide_upsample!r}"
-            )
-        if self.beta_max is not None:
-            check_number("beta_max", self.beta_max, low=self.beta)
+        for name, value in fields.items():  # frozen: the normalised values go in through object
+            object.__setattr__(self, name, value)
 
     def replace(self, **overrides) -> "ByTheWayConfig":
         """A copy with some fields changed (validated again)."""

@@ -8,6 +8,7 @@ from typing import List, Optional
 import torch
 
 import bytheway_kernels.integration.processor as processor_module
+from bytheway_kernels.integration import tiny
 
 FRAMES = 16
 STEPS = 5  # ceil(0.2 * 5) = 1 active step
@@ -64,3 +65,42 @@ def unet_inputs(pipe, batch: int = 2, frames: int = FRAMES, height: int = 8, wid
     per_frame = pipe.unet.__class__.__name__ == "UNetMotionModel"  # AnimateDiff repeats text per frame
     rows = batch * frames if per_frame else batch
     return sample, torch.randn(rows, 7, text_dim, generator=generator)
+
+
+def i2vgenxl_case():
+    """(I2VGenXLUNet, sample, call kwargs) for a direct denoiser call: batch 2, 16 frames, 8x8."""
+    unet = tiny.tiny_i2vgenxl_unet()
+    generator = torch.Generator().manual_seed(0)
+    kwargs = dict(
+        fps=torch.tensor([8, 8]), image_latents=torch.randn(2, 4, FRAMES, 8, 8, generator=generator),
+        image_embeddings=torch.randn(2, tiny.TINY_TEXT_DIM, generator=generator),
+        encoder_hidden_states=torch.randn(2, 7, tiny.TINY_TEXT_DIM, generator=generator),
+    )
+    return unet, torch.randn(2, 4, FRAMES, 8, 8, generator=generator), kwargs
+
+
+def svd_case():
+    """(SVD UNet, sample, call kwargs) for a direct denoiser call: batch 2, 16 frames, 8x8."""
+    unet = tiny.tiny_svd_unet()
+    generator = torch.Generator().manual_seed(0)
+    kwargs = dict(
+        encoder_hidden_states=torch.randn(2, 1, tiny.TINY_TEXT_DIM, generator=generator),
+        added_time_ids=torch.randn(2, 3, generator=generator),
+    )
+    return unet, torch.randn(2, FRAMES, 8, 8, 8, generator=generator), kwargs
+
+
+def latte_case():
+    """(Latte transformer, sample, call kwargs) for a direct denoiser call: batch 2, 16 frames, 8x8."""
+    transformer = tiny.tiny_latte_transformer()
+    generator = torch.Generator().manual_seed(0)
+    kwargs = dict(encoder_hidden_states=torch.randn(2, 7, tiny.TINY_TEXT_DIM, generator=generator))
+    return transformer, torch.randn(2, 4, FRAMES, 8, 8, generator=generator), kwargs
+
+
+def call_denoiser(model, sample, timestep, kwargs):
+    """The denoiser's output `.sample` for one call without gradients (Latte takes keywords)."""
+    with torch.no_grad():
+        if "hidden_states" in model.forward.__code__.co_varnames[:2]:  # Latte
+            return model(sample, timestep=timestep.expand(sample.shape[0]), **kwargs).sample
+        return model(sample, timestep, **kwargs).sample

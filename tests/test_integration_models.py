@@ -9,54 +9,28 @@ import torch
 
 from bytheway_kernels.integration import ByTheWayAttnProcessor, apply_bytheway
 from bytheway_kernels.integration import tiny
-from integration_helpers import FRAMES, STEPS, OpSpy, run_frames, video_call_kwargs
+from integration_helpers import (
+    FRAMES, STEPS, OpSpy, call_denoiser, i2vgenxl_case, latte_case, run_frames, svd_case, video_call_kwargs,
+)
 
 pytest.importorskip("diffusers")
-
-
-def _i2vgenxl():
-    unet = tiny.tiny_i2vgenxl_unet()
-    generator = torch.Generator().manual_seed(0)
-    kwargs = dict(
-        fps=torch.tensor([8, 8]), image_latents=torch.randn(2, 4, FRAMES, 8, 8, generator=generator),
-        image_embeddings=torch.randn(2, tiny.TINY_TEXT_DIM, generator=generator),
-        encoder_hidden_states=torch.randn(2, 7, tiny.TINY_TEXT_DIM, generator=generator),
-    )
-    return unet, torch.randn(2, 4, FRAMES, 8, 8, generator=generator), kwargs
-
-
-def _svd():
-    unet = tiny.tiny_svd_unet()
-    generator = torch.Generator().manual_seed(0)
-    kwargs = dict(
-        encoder_hidden_states=torch.randn(2, 1, tiny.TINY_TEXT_DIM, generator=generator),
-        added_time_ids=torch.randn(2, 3, generator=generator),
-    )
-    return unet, torch.randn(2, FRAMES, 8, 8, 8, generator=generator), kwargs
-
-
-def _latte():
-    transformer = tiny.tiny_latte_transformer()
-    generator = torch.Generator().manual_seed(0)
-    kwargs = dict(encoder_hidden_states=torch.randn(2, 7, tiny.TINY_TEXT_DIM, generator=generator))
-    return transformer, torch.randn(2, 4, FRAMES, 8, 8, generator=generator), kwargs
 
 
 # model builder, expected layers, (anchor H, W, heads) and (guided H, W, heads) of the scores
 CASES = {
     "i2vgenxl": (
-        _i2vgenxl,
+        i2vgenxl_case,
         [f"up_blocks.{b}.temp_attentions.{m}.transformer_blocks.0.{a}" for b in (1, 2) for m in (0, 1)
          for a in ("attn1", "attn2")],
         (4, 4, 4), (8, 8, 2),
     ),
     "svd": (
-        _svd,
+        svd_case,
         [f"up_blocks.{b}.attentions.{m}.temporal_transformer_blocks.0.attn1" for b in (1, 2) for m in (0, 1)],
         (4, 4, 4), (8, 8, 2),
     ),
     "latte": (
-        _latte,
+        latte_case,
         ["temporal_transformer_blocks.2.attn1", "temporal_transformer_blocks.3.attn1"],
         (4, 4, 2), (4, 4, 2),
     ),
@@ -67,13 +41,6 @@ def _processors(model):
     return {name: m.processor for name, m in model.named_modules() if hasattr(m, "set_processor")}
 
 
-def _call(model, sample, timestep, kwargs):
-    with torch.no_grad():
-        if "hidden_states" in model.forward.__code__.co_varnames[:2]:  # Latte
-            return model(sample, timestep=timestep.expand(sample.shape[0]), **kwargs).sample
-        return model(sample, timestep, **kwargs).sample
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_denoiser_layers_shapes_activity_and_remove(name, monkeypatch):
     build, expected_layers, anchor_shape, guided_shape = CASES[name]
@@ -81,7 +48,7 @@ def test_denoiser_layers_shapes_activity_and_remove(name, monkeypatch):
     scheduler = tiny.tiny_ddim_scheduler()
     scheduler.set_timesteps(STEPS)
     active_t, inactive_t = scheduler.timesteps[0], scheduler.timesteps[1]
-    stock_active, stock_inactive = (_call(model, sample, t, kwargs) for t in (active_t, inactive_t))
+    stock_active, stock_inactive = (call_denoiser(model, sample, t, kwargs) for t in (active_t, inactive_t))
     before = _processors(model)
 
     spy = OpSpy(monkeypatch)
@@ -89,8 +56,8 @@ def test_denoiser_layers_shapes_activity_and_remove(name, monkeypatch):
         assert sorted(controller.layer_names) == sorted(expected_layers)
         installed = [n for n, p in _processors(model).items() if isinstance(p, ByTheWayAttnProcessor)]
         assert sorted(installed) == sorted(expected_layers)  # SVD's cross-attention attn2 is untouched
-        active = _call(model, sample, active_t, kwargs)
-        inactive = _call(model, sample, inactive_t, kwargs)
+        active = call_denoiser(model, sample, active_t, kwargs)
+        inactive = call_denoiser(model, sample, inactive_t, kwargs)
     assert torch.isfinite(active).all() and not torch.equal(active, stock_active)
     assert torch.equal(inactive, stock_inactive)
     assert len(spy.calls) == len(expected_layers)
@@ -101,11 +68,11 @@ def test_denoiser_layers_shapes_activity_and_remove(name, monkeypatch):
             assert call.scores_shape == (2, *guided_shape, FRAMES, FRAMES)
             assert call.guide_shape == (2, *anchor_shape[:2], guided_shape[2], FRAMES, FRAMES)
     assert all(_processors(model)[n] is p for n, p in before.items())
-    assert torch.equal(_call(model, sample, active_t, kwargs), stock_active)
+    assert torch.equal(call_denoiser(model, sample, active_t, kwargs), stock_active)
 
 
 def test_latte_anchor_is_configurable():
-    model, _, _ = _latte()
+    model, _, _ = latte_case()
     with apply_bytheway(model, cfg=True, anchor=0) as controller:
         assert controller.anchor == "temporal_transformer_blocks.0"
         assert len(controller.layer_names) == 4

@@ -2,26 +2,25 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Dict, List, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
-from .._validation import batch_parts, check_tau
+from .._validation import batch_parts, check_flag, check_tau
 from ..config import PRESETS, ByTheWayConfig
+from ..ops.temporal_attention import fused_available
 from . import diagnostics as diagnostics_module
 from .layers import ModelFamily, TemporalLayer, decoder_temporal_layers, family_of, frames_of, resolve_anchor
-from .processor import BINDING_ATTR, ByTheWayAttnProcessor, LayerBinding, RunState
-
-CfgSpec = Union[None, bool, Tuple[int, int]]
-
+from .processor import BINDING_ATTR, BYTHEWAY_COPY_ADVICE, ByTheWayAttnProcessor, LayerBinding, RefusesCopy, RunState
 
 def active_step_count(step_fraction: float, num_steps: int) -> int:
     """ceil(step_fraction * num_steps), at least one (rounded first so 0.2 * 15 gives 3, not 4)."""
     return max(1, math.ceil(round(step_fraction * num_steps, 9)))
 
 
-def _split_target(target):
+def split_target(target):
     """(pipeline or None, denoiser as called, denoiser module) from a pipeline or a bare denoiser.
 
     The last two differ for a torch.compile'd denoiser: layers and geometry hooks go on the real
@@ -36,22 +35,78 @@ def _split_target(target):
             denoiser = getattr(target, "transformer", None)
         if not isinstance(denoiser, torch.nn.Module):
             raise ValueError(
-                f"apply_bytheway needs a diffusers pipeline with a `unet` or `transformer`, or a denoiser "
+                f"bytheway_kernels needs a diffusers pipeline with a `unet` or `transformer`, or a denoiser "
                 f"module; got {type(target).__name__}"
             )
     return pipeline, denoiser, getattr(denoiser, "_orig_mod", denoiser)
 
 
-def _batch_split_of(cfg) -> Tuple[int, int]:
-    """(parts, energy part) from cfg=True/False or an explicit (parts, energy_part) pair."""
-    if isinstance(cfg, bool):
-        return batch_parts(cfg, None)
-    if not isinstance(cfg, tuple):
-        raise ValueError(f"cfg must be None, a bool or a (parts, energy_part) pair of ints, got {cfg!r}")
-    return batch_parts(True, cfg, name="cfg")
+def _batch_split_override(pipeline, cfg, batch_split) -> Optional[Tuple[int, int]]:
+    """The fixed (parts, energy part) from `cfg` / `batch_split`, or None to ask the pipeline per
+    call; a ValueError when neither is given and the pipeline cannot tell."""
+    if isinstance(cfg, tuple):
+        raise ValueError(
+            f"cfg must be None or a bool, got the tuple {cfg!r}: pass a (parts, energy_part) split as "
+            f"batch_split={cfg!r}"
+        )
+    if cfg is not None:
+        cfg = check_flag("cfg", cfg)
+    if cfg is not None or batch_split is not None:
+        return batch_parts(bool(cfg), batch_split)  # an explicit batch_split overrides cfg
+    if pipeline is None:
+        raise ValueError(
+            "cfg is required when applying ByTheWay to a bare denoiser: pass cfg=True when the batch "
+            "is (unconditional, conditional) halves, cfg=False otherwise (or batch_split=(parts, part))"
+        )
+    if not hasattr(type(pipeline), "do_classifier_free_guidance"):
+        raise ValueError(
+            f"{type(pipeline).__name__} does not expose do_classifier_free_guidance: pass cfg=True "
+            f"(guidance_scale > 1) or cfg=False to apply_bytheway"
+        )
+    return None
 
 
-class ByTheWayController:
+def _select_layers(denoiser, family: ModelFamily, anchor) -> Tuple[str, List[TemporalLayer]]:
+    """(anchor block name, every processed layer from the anchor block on), with a
+    ValueError when a processed layer has no anchor layer at the same position."""
+    blocks = decoder_temporal_layers(denoiser, family)
+    if not any(layers for _, layers in blocks):
+        raise ValueError(
+            f"found no temporal self-attention layers in the decoder of {type(denoiser).__name__}; "
+            f"searched {[name for name, _ in blocks]} for {family.name} temporal modules"
+        )
+    block_names = [name for name, _ in blocks]
+    anchor = resolve_anchor(anchor, denoiser, family, block_names)
+    anchor_index = block_names.index(anchor)
+    anchor_layers = blocks[anchor_index][1]
+    if not anchor_layers:
+        raise ValueError(f"anchor block {anchor!r} of {family.name} has no temporal self-attention")
+    selected = [layer for _, layers in blocks[anchor_index:] for layer in layers]
+    anchor_positions = {layer.position for layer in anchor_layers}
+    missing = [layer.name for layer in selected if layer.position not in anchor_positions]
+    if missing:
+        raise ValueError(
+            f"layers {missing} have no layer at the same position in the anchor block {anchor!r} "
+            f"(positions there: {sorted(anchor_positions)})"
+        )
+    for layer in selected:
+        if getattr(layer.attn, BINDING_ATTR, None) is not None:
+            raise ValueError(
+                f"ByTheWay is already applied to {layer.name}; call remove() on the existing controller first"
+            )
+    return anchor, selected
+
+
+def _guide_heads(anchor: str, layers: List[TemporalLayer]) -> Dict[Tuple, Tuple[int, ...]]:
+    """Per anchor position, the head counts of the later layers its map guides."""
+    heads: Dict[Tuple, set] = {}
+    for layer in layers:
+        if layer.block != anchor:
+            heads.setdefault(layer.position, set()).add(layer.attn.heads)
+    return {position: tuple(sorted(counts)) for position, counts in heads.items()}
+
+
+class ByTheWayController(RefusesCopy):
     """ByTheWay applied to one denoiser: the installed processors, hooks and run state.
 
     Create it with `apply_bytheway`. `remove()` (or leaving a `with` block) restores the original
@@ -61,84 +116,61 @@ class ByTheWayController:
       video-to-video with strength < 1 counts from its first step), and enables ByTheWay for the
       first ceil(step_fraction * steps) of the loop's steps; without a scheduler (a bare
       denoiser) every call is active;
-    - reads whether classifier-free guidance (and PAG) is on from the pipeline, unless `cfg` was given;
-    - checks tau against the frame count before the denoiser runs;
+    - reads whether classifier-free guidance (and PAG) is on from the pipeline, unless `cfg` or
+      `batch_split` was given;
+    - checks tau against the frame count, and the fused kernel's availability on the sample's
+      device, before the denoiser runs;
     - frees the recorded anchor maps when the call ends.
+
+    The model cannot be deep-copied or pickled while the controller is active (a TypeError says to
+    call remove() first).
     """
 
-    def __init__(self, target, config: ByTheWayConfig, *, cfg: CfgSpec = None, anchor=None,
-                 diagnostics: bool = False, observe_only: bool = False, scheduler=None):
-        pipeline, called_denoiser, denoiser = _split_target(target)
+    copy_advice = BYTHEWAY_COPY_ADVICE
+
+    def __init__(self, target, config: ByTheWayConfig, *, cfg: Optional[bool] = None,
+                 batch_split: Optional[Tuple[int, int]] = None, anchor=None, diagnostics: bool = False,
+                 observe_only: bool = False, scheduler=None, fused_attention: Optional[bool] = None):
+        pipeline, called_denoiser, denoiser = split_target(target)
         self._pipeline = pipeline
         self._denoiser = denoiser
         self._family: ModelFamily = family_of(denoiser)
         self._scheduler = scheduler if scheduler is not None else getattr(pipeline, "scheduler", None)
-        self._batch_split_override = None if cfg is None else _batch_split_of(cfg)
-        if self._batch_split_override is None:
-            if pipeline is None:
-                raise ValueError(
-                    "cfg is required when applying ByTheWay to a bare denoiser: pass cfg=True when the batch "
-                    "is (unconditional, conditional) halves, cfg=False otherwise"
-                )
-            if not hasattr(type(pipeline), "do_classifier_free_guidance"):
-                raise ValueError(
-                    f"{type(pipeline).__name__} does not expose do_classifier_free_guidance: pass cfg=True "
-                    f"(guidance_scale > 1) or cfg=False to apply_bytheway"
-                )
+        self._batch_split_override = _batch_split_override(pipeline, cfg, batch_split)
+        self._fused_attention = fused_attention
         self._observe_only = observe_only
         self._diagnostics = diagnostics or observe_only
         self._state = RunState(config=config)
         self._calls_without_scheduler = 0
         self._run_schedule, self._run_begin, self._run_last_position = None, 0, -1
+        self._anchor, self._layers = _select_layers(denoiser, self._family, anchor)
+        self._install_processors()
+        self._hooks = self._register_hooks(called_denoiser)
+        self._removed = False
 
-        blocks = decoder_temporal_layers(denoiser, self._family)
-        if not any(layers for _, layers in blocks):
-            raise ValueError(
-                f"found no temporal self-attention layers in the decoder of {type(denoiser).__name__}; "
-                f"searched {[name for name, _ in blocks]} for {self._family.name} temporal modules"
-            )
-        block_names = [name for name, _ in blocks]
-        self._anchor = resolve_anchor(anchor, denoiser, self._family, block_names)
-        anchor_index = block_names.index(self._anchor)
-        anchor_layers = blocks[anchor_index][1]
-        if not anchor_layers:
-            raise ValueError(f"anchor block {self._anchor!r} of {self._family.name} has no temporal self-attention")
-        selected: List[TemporalLayer] = [layer for _, layers in blocks[anchor_index:] for layer in layers]
-        anchor_positions = {layer.position for layer in anchor_layers}
-        missing = [layer.name for layer in selected if layer.position not in anchor_positions]
-        if missing:
-            raise ValueError(
-                f"layers {missing} have no layer at the same position in the anchor block {self._anchor!r} "
-                f"(positions there: {sorted(anchor_positions)})"
-            )
-        self._check_not_applied(selected)
-        self._layers = selected
-
-        guide_heads: Dict[Tuple, set] = {}
-        for layer in selected:
-            if layer.block != self._anchor:
-                guide_heads.setdefault(layer.position, set()).add(layer.attn.heads)
-        self._processor = ByTheWayAttnProcessor()
-        self._hooks = []
-        for layer in selected:
+    def _install_processors(self) -> None:
+        """Bind every selected layer and give it the (shared, stateless) ByTheWay processor."""
+        guide_heads = _guide_heads(self._anchor, self._layers)
+        processor = ByTheWayAttnProcessor()
+        for layer in self._layers:
             is_anchor = layer.block == self._anchor
             binding = LayerBinding(
                 state=self._state, layer=layer, original=layer.attn.processor, is_anchor=is_anchor,
-                guide_heads=tuple(sorted(guide_heads.get(layer.position, ()))) if is_anchor else (),
+                guide_heads=guide_heads.get(layer.position, ()) if is_anchor else (),
             )
             setattr(layer.attn, BINDING_ATTR, binding)
-            layer.attn.set_processor(self._processor)
-        owners = {id(layer.owner): layer for layer in selected}
-        for layer in owners.values():
-            self._hooks.append(layer.owner.register_forward_pre_hook(self._geometry_hook(layer), with_kwargs=True))
-        # Step tracking reads the timestep's position in the schedule: host work that must not be
-        # traced by torch.compile (it would specialise the graph on the step). Disabled for dynamo,
-        # it costs one graph break at the denoiser's entry when the denoiser is compiled after
-        # apply_bytheway, and none when it was compiled before (the hook sits on the wrapper).
-        begin = torch.compiler.disable(self._begin_denoiser_call)
-        self._hooks.append(called_denoiser.register_forward_pre_hook(begin, with_kwargs=True))
-        self._hooks.append(called_denoiser.register_forward_hook(self._end_denoiser_call, always_call=True))
-        self._removed = False
+            layer.attn.set_processor(processor)
+
+    def _register_hooks(self, called_denoiser) -> list:
+        """Geometry pre-hooks on the temporal modules, step tracking around the denoiser."""
+        owners = {id(layer.owner): layer for layer in self._layers}
+        hooks = [
+            layer.owner.register_forward_pre_hook(functools.partial(self._capture_geometry, layer), with_kwargs=True)
+            for layer in owners.values()
+        ]
+        hooks.append(called_denoiser.register_forward_pre_hook(self._begin_denoiser_call, with_kwargs=True))
+        hooks.append(called_denoiser.register_forward_hook(self._end_denoiser_call, always_call=True))
+        return hooks
 
     # -- public ---------------------------------------------------------------------------------
     @property
@@ -192,14 +224,17 @@ class ByTheWayController:
         return f"ByTheWayController({type(self._denoiser).__name__}, {state}, {self.config})"
 
     # -- hooks ----------------------------------------------------------------------------------
-    def _geometry_hook(self, layer: TemporalLayer):
-        geometry, read = layer.geometry, self._family.geometry
+    def _capture_geometry(self, layer: TemporalLayer, module, args, kwargs) -> None:
+        # A bound method (not a closure), so that pickling the hooked model reaches this
+        # controller's refusal instead of failing on a local function.
+        geometry = layer.geometry
+        geometry.batch, geometry.height, geometry.width = self._family.geometry(module, args, kwargs)
 
-        def capture(module, args, kwargs):
-            geometry.batch, geometry.height, geometry.width = read(module, args, kwargs)
-
-        return capture
-
+    # Step tracking reads the timestep's position in the schedule: host work that must not be
+    # traced by torch.compile (it would specialise the graph on the step). Disabled for dynamo, it
+    # costs one graph break at the denoiser's entry when the denoiser is compiled after
+    # apply_bytheway, and none when it was compiled before (the hook sits on the wrapper).
+    @torch.compiler.disable
     def _begin_denoiser_call(self, module, args, kwargs):
         self._check_layers_in_place()
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
@@ -218,6 +253,7 @@ class ByTheWayController:
         state.step = step
         state.modify = active and not self._observe_only
         state.measure = self._diagnostics
+        state.fused = self._fused_on(sample if isinstance(sample, torch.Tensor) else None)
         state.batch_split = split
         state.guides.clear()
         state.calls.clear()
@@ -227,12 +263,20 @@ class ByTheWayController:
         self._state.calls.clear()
 
     # -- helpers --------------------------------------------------------------------------------
-    def _check_not_applied(self, layers: List[TemporalLayer]) -> None:
-        for layer in layers:
-            if getattr(layer.attn, BINDING_ATTR, None) is not None:
-                raise ValueError(
-                    f"ByTheWay is already applied to {layer.name}; call remove() on the existing controller first"
-                )
+    def _fused_on(self, sample: Optional[torch.Tensor]) -> bool:
+        """Whether this call runs the fused op: fused_attention=None follows the kernel's
+        availability on the sample's device, True requires it, False never fuses."""
+        if self._fused_attention is False:
+            return False
+        device = sample.device if sample is not None else next(self._denoiser.parameters()).device
+        available = fused_available(device)
+        if self._fused_attention and not available:
+            raise RuntimeError(
+                f"apply_bytheway(fused_attention=True): the fused temporal attention kernel is not available "
+                f"on {device} (it needs CUDA, or BYTHEWAY_BACKEND=triton with TRITON_INTERPRET=1 on CPU); "
+                f"pass fused_attention=None to fall back to the materialised path where it is unavailable"
+            )
+        return available
 
     def _check_layers_in_place(self) -> None:
         for layer in self._layers:
@@ -322,11 +366,13 @@ def apply_bytheway(
     pipe_or_denoiser,
     preset: Union[str, ByTheWayConfig] = "animatediff",
     *,
-    cfg: CfgSpec = None,
+    cfg: Optional[bool] = None,
+    batch_split: Optional[Tuple[int, int]] = None,
     anchor=None,
     diagnostics: bool = False,
     observe_only: bool = False,
     scheduler=None,
+    fused_attention: Optional[bool] = None,
     **overrides,
 ) -> ByTheWayController:
     """Turn ByTheWay on inside a diffusers video pipeline (or a bare denoiser).
@@ -336,15 +382,22 @@ def apply_bytheway(
             I2VGenXL, StableVideoDiffusion, Latte) or the denoiser module itself.
         preset: a name in `bytheway_kernels.PRESETS` ("animatediff", "videocrafter2") or a
             ByTheWayConfig.
-        cfg: None (ask the pipeline's `do_classifier_free_guidance`), True/False, or a
-            (parts, energy_part) batch split, e.g. (3, 1) for PAG with CFG. Required for a bare
+        cfg: None (ask the pipeline's `do_classifier_free_guidance`), True (the batch is
+            (unconditional, conditional) halves) or False. Required, or `batch_split`, for a bare
             denoiser and for pipelines without that property (TextToVideoSDPipeline).
+        batch_split: an explicit (parts, energy_part) split of the batch, e.g. (3, 1) for PAG with
+            CFG; it overrides `cfg`.
         anchor: the guide block: None (default: "up_blocks.1"; Latte: temporal block N // 2), a
             decoder block name or its index. It and every later decoder block are processed.
         diagnostics: record per-layer, per-step stats (see `ByTheWayController.diagnostics`).
         observe_only: record diagnostics on every step but never change outputs (the baseline).
         scheduler: the scheduler whose `timesteps` give the step index when a bare denoiser is
             passed (a pipeline's own scheduler is used otherwise). Without one, every call is active.
+        fused_attention: None (default) runs the fused `temporal_attention` op in the active steps
+            where its kernel is available (CUDA), the materialised map (scores, map op, bmm)
+            elsewhere; True requires the fused kernel (a RuntimeError at the first denoiser call on
+            a device without it, before the denoiser runs); False always materialises. Calls with
+            an attention mask and calls recording diagnostics are always materialised.
         **overrides: ByTheWayConfig fields replacing the preset's (alpha, beta, tau, step_fraction,
             adaptive_beta, energy_scope, guide_upsample, beta_max).
 
@@ -352,19 +405,35 @@ def apply_bytheway(
         The controller; call `.remove()` or use it as a context manager.
 
     Raises:
-        ValueError: unknown preset or field, missing anchor block, no temporal layers found, a
-            pipeline without CFG information and no `cfg`. A tau invalid for the frame count is a
-            ValueError raised at the first denoiser call, before the denoiser runs.
+        ValueError: unknown preset or field, a bad field value or type, missing anchor block, no
+            temporal layers found, a pipeline without CFG information and no `cfg`. A tau invalid
+            for the frame count is a ValueError raised at the first denoiser call, before the
+            denoiser runs.
+
+    Examples:
+        >>> import torch, bytheway_kernels as btw
+        >>> from bytheway_kernels.integration.tiny import tiny_animatediff_pipeline
+        >>> pipe = tiny_animatediff_pipeline()
+        >>> with btw.apply_bytheway(pipe, "animatediff", alpha=0.5) as controller:
+        ...     video = pipe("a cat", num_frames=16, height=16, width=16, num_inference_steps=5,
+        ...                  output_type="pt").frames
+        >>> controller.anchor
+        'up_blocks.1'
     """
     if isinstance(preset, ByTheWayConfig):
         config = preset
-    elif preset in PRESETS:
+    elif isinstance(preset, str) and preset in PRESETS:
         config = PRESETS[preset]
     else:
         raise ValueError(f"unknown ByTheWay preset {preset!r}; presets are {sorted(PRESETS)}")
     if overrides:
         config = config.replace(**overrides)
+    if fused_attention is not None:
+        fused_attention = check_flag("fused_attention", fused_attention)
+    if scheduler is not None and not hasattr(scheduler, "set_timesteps"):
+        raise ValueError(f"scheduler must be a diffusers scheduler (with set_timesteps), got {type(scheduler).__name__}")
     return ByTheWayController(
-        pipe_or_denoiser, config, cfg=cfg, anchor=anchor, diagnostics=diagnostics,
-        observe_only=observe_only, scheduler=scheduler,
+        pipe_or_denoiser, config, cfg=cfg, batch_split=batch_split, anchor=anchor,
+        diagnostics=check_flag("diagnostics", diagnostics), observe_only=check_flag("observe_only", observe_only),
+        scheduler=scheduler, fused_attention=fused_attention,
     )

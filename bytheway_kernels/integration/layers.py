@@ -1,9 +1,13 @@
 """Finding the temporal self-attention layers of a diffusers video denoiser.
 
-Each supported architecture is described by a `ModelFamily`: where its decoder blocks are, which
-modules inside a block are temporal transformers, which `Attention` modules inside those are
-temporal *self*-attention, and how to read the video geometry (B, H, W) from the arguments of the
-module that reshapes `(B*F, C, H, W)` into `(B*H*W, F, C)`.
+Each supported architecture is described by a `ModelFamily`: where its decoder blocks (and all its
+other blocks) are, which modules inside a block are temporal transformers, which `Attention`
+modules inside those are temporal *self*-attention, and how to read the video geometry (B, H, W)
+from the arguments of the module that reshapes `(B*F, C, H, W)` into `(B*H*W, F, C)`.
+ByTheWay edits the decoder's layers (`decoder_temporal_layers`); the fast temporal attention runs
+every temporal self-attention layer (`all_temporal_layers`), encoder, middle block and the
+temporal modules outside the blocks (UNet3D's `transformer_in`, I2VGenXL's image-latent encoder)
+included.
 
 | denoiser | decoder blocks | temporal transformer modules | layers | default anchor |
 |---|---|---|---|---|
@@ -11,6 +15,10 @@ module that reshapes `(B*F, C, H, W)` into `(B*H*W, F, C)`.
 | UNet3DConditionModel, I2VGenXLUNet | up_blocks.i | temp_attentions | attn1, attn2 | up_blocks.1 |
 | UNetSpatioTemporalConditionModel (SVD) | up_blocks.i | attentions (temporal_transformer_blocks) | attn1 only | up_blocks.1 |
 | LatteTransformer3DModel | temporal_transformer_blocks.i | the block itself | attn1 | block N // 2 |
+
+Outside the decoder, `all_temporal_layers` adds down_blocks.i and mid_block (same modules and
+layers as the decoder blocks), UNet3D's and I2VGenXL's `transformer_in` (attn1, attn2) and
+I2VGenXL's `image_latents_temporal_encoder` (attn1).
 """
 
 from __future__ import annotations
@@ -90,10 +98,20 @@ class ModelFamily:
     geometry: Callable  # (owner, args, kwargs) -> (B, H, W)
     owner_is_denoiser: bool  # geometry comes from the denoiser's own arguments
     frames_axis: int  # axis of F in the denoiser's `sample`
+    all_blocks: Callable  # denoiser -> [(block name, block module)]: encoder, middle and decoder
+    standalone: Sequence[str] = ()  # denoiser attributes that are temporal modules outside blocks
 
 
 def _up_blocks(denoiser):
     return [(f"up_blocks.{i}", block) for i, block in enumerate(getattr(denoiser, "up_blocks", []))]
+
+
+def _unet_blocks(denoiser):
+    """down_blocks.i, mid_block and up_blocks.i, in execution order."""
+    blocks = [(f"down_blocks.{i}", block) for i, block in enumerate(getattr(denoiser, "down_blocks", []))]
+    if getattr(denoiser, "mid_block", None) is not None:
+        blocks.append(("mid_block", denoiser.mid_block))
+    return blocks + _up_blocks(denoiser)
 
 
 def _module_list(attribute: str):
@@ -121,13 +139,16 @@ def _latte_blocks(denoiser):
 
 
 def _transformer_blocks(module):
-    return list(module.transformer_blocks)
+    """The transformer blocks of a temporal module; one without any is its own block (I2VGenXL's
+    image-latent encoder)."""
+    blocks = getattr(module, "transformer_blocks", None)
+    return [module] if blocks is None else list(blocks)
 
 
 _UNET3D_LIKE = dict(
     default_anchor=_up_block_1, blocks=_up_blocks, temporal_modules=_module_list("temp_attentions"),
     transformer_blocks=_transformer_blocks, attributes=("attn1", "attn2"),
-    geometry=_geometry_from_frames_argument, owner_is_denoiser=False, frames_axis=2,
+    geometry=_geometry_from_frames_argument, owner_is_denoiser=False, frames_axis=2, all_blocks=_unet_blocks,
 )
 
 FAMILIES = {
@@ -135,21 +156,24 @@ FAMILIES = {
         name="AnimateDiff UNetMotionModel", default_anchor=_up_block_1, blocks=_up_blocks,
         temporal_modules=_module_list("motion_modules"), transformer_blocks=_transformer_blocks,
         attributes=("attn1", "attn2"), geometry=_geometry_from_frames_argument, owner_is_denoiser=False,
-        frames_axis=2,
+        frames_axis=2, all_blocks=_unet_blocks,
     ),
-    "UNet3DConditionModel": ModelFamily(name="UNet3DConditionModel", **_UNET3D_LIKE),
-    "I2VGenXLUNet": ModelFamily(name="I2VGenXLUNet", **_UNET3D_LIKE),
+    "UNet3DConditionModel": ModelFamily(name="UNet3DConditionModel", standalone=("transformer_in",), **_UNET3D_LIKE),
+    "I2VGenXLUNet": ModelFamily(
+        name="I2VGenXLUNet", standalone=("transformer_in", "image_latents_temporal_encoder"), **_UNET3D_LIKE
+    ),
     "UNetSpatioTemporalConditionModel": ModelFamily(
         # attn2 of the temporal blocks is cross-attention to the image embedding: never touched.
         name="UNetSpatioTemporalConditionModel (SVD)", default_anchor=_up_block_1, blocks=_up_blocks,
         temporal_modules=_svd_modules, transformer_blocks=lambda module: list(module.temporal_transformer_blocks),
         attributes=("attn1",), geometry=_geometry_from_indicator, owner_is_denoiser=False, frames_axis=1,
+        all_blocks=_unet_blocks,
     ),
     "LatteTransformer3DModel": ModelFamily(
         name="LatteTransformer3DModel", default_anchor=_latte_anchor, blocks=_latte_blocks,
         temporal_modules=lambda block: [block], transformer_blocks=lambda module: [module],
         attributes=("attn1", "attn2"), geometry=_geometry_from_latte_input, owner_is_denoiser=True,
-        frames_axis=2,
+        frames_axis=2, all_blocks=_latte_blocks,
     ),
 }
 
@@ -174,27 +198,46 @@ def family_of(denoiser) -> ModelFamily:
 
 def decoder_temporal_layers(denoiser, family: ModelFamily) -> List[Tuple[str, List[TemporalLayer]]]:
     """Every decoder block in order with its temporal self-attention layers (possibly none)."""
-    result = []
     geometries = {}  # one Geometry per owner module, shared by the layers it contains
-    for block_name, block in family.blocks(denoiser):
-        layers = []
-        for module_index, module in enumerate(family.temporal_modules(block)):
-            owner = denoiser if family.owner_is_denoiser else module
-            geometry = geometries.setdefault(id(owner), Geometry())
-            for block_index, transformer_block in enumerate(family.transformer_blocks(module)):
-                for attribute in family.attributes:
-                    attn = getattr(transformer_block, attribute, None)
-                    if not _is_self_attention(attn):
-                        continue
-                    prefix = block_name if module is block else f"{block_name}.{_child_path(block, module)}"
-                    inner = "" if transformer_block is module else f"{_child_path(module, transformer_block)}."
-                    layers.append(TemporalLayer(
-                        name=f"{prefix}.{inner}{attribute}", block=block_name,
-                        position=(module_index, block_index, attribute), attn=attn,
-                        parent=transformer_block, attribute=attribute, owner=owner, geometry=geometry,
-                    ))
-        result.append((block_name, layers))
-    return result
+    return [
+        (name, _block_layers(denoiser, family, name, block, family.temporal_modules(block), geometries))
+        for name, block in family.blocks(denoiser)
+    ]
+
+
+def all_temporal_layers(denoiser, family: ModelFamily) -> List[TemporalLayer]:
+    """Every temporal self-attention layer of `denoiser`: the temporal modules outside the blocks,
+    then those of every block (encoder, middle, decoder)."""
+    geometries = {}
+    layers = []
+    for attribute in family.standalone:
+        module = getattr(denoiser, attribute, None)
+        if module is not None:
+            layers += _block_layers(denoiser, family, attribute, module, [module], geometries)
+    for name, block in family.all_blocks(denoiser):
+        layers += _block_layers(denoiser, family, name, block, family.temporal_modules(block), geometries)
+    return layers
+
+
+def _block_layers(denoiser, family: ModelFamily, block_name: str, block, modules, geometries) -> List[TemporalLayer]:
+    """The temporal self-attention layers inside `modules`, the temporal modules of `block`."""
+    layers = []
+    for module_index, module in enumerate(modules):
+        owner = denoiser if family.owner_is_denoiser else module
+        geometry = geometries.setdefault(id(owner), Geometry())
+        for block_index, transformer_block in enumerate(family.transformer_blocks(module)):
+            for attribute in family.attributes:
+                attn = getattr(transformer_block, attribute, None)
+                if not _is_self_attention(attn):
+                    continue
+                prefix = block_name if module is block else f"{block_name}.{_child_path(block, module)}"
+                inner = "" if transformer_block is module else f"{_child_path(module, transformer_block)}."
+                layers.append(TemporalLayer(
+                    name=f"{prefix}.{inner}{attribute}", block=block_name,
+                    position=(module_index, block_index, attribute), attn=attn,
+                    parent=transformer_block, attribute=attribute, owner=owner, geometry=geometry,
+                ))
+    return layers
 
 
 def _child_path(root: torch.nn.Module, child: torch.nn.Module) -> str:

@@ -8,11 +8,20 @@ computation (`AttnProcessor2_0`).
 
 Per call the processor either
 - delegates to the layer's original processor (outside the active steps, or when the call is not
-  temporal self-attention): bit-identical to never installing ByTheWay; or
-- computes q, k, v and the scaled scores exactly as diffusers' `Attention.get_attention_scores`
-  (baddbmm with `attn.scale`, masks, upcasting), views the scores as (B, H, W, heads, F, F), calls
-  `bytheway_attention_probs`, multiplies by v and runs `to_out`, the residual and the rescale.
-  In the anchor block it first records the plain softmax map as the guide of the later blocks.
+  temporal self-attention): bit-identical to never installing ByTheWay (or, when the fast
+  temporal attention was enabled first, the fast processor's output); or
+- computes q, k, v as diffusers does (spatial_norm, group_norm, to_q/to_k/to_v, norm_q/norm_k),
+  then the attention with ByTheWay in one of two ways, and runs `to_out`, the residual and the
+  rescale:
+  - fused (`temporal_attention`, the F x F map never in memory) when the controller resolved
+    `fused_attention` to True for this call's device, the call has no attention mask and no
+    diagnostics are recorded (they need the maps); the anchor records its plain map with
+    `return_map=True` in the same pass. Scores are `attn.scale * q k^T` in fp32 whatever the
+    input dtype (as `upcast_attention` would); float64 and F > 64 run the op's composed path;
+  - materialised otherwise: scores exactly as `Attention.get_attention_scores` (baddbmm with
+    `attn.scale`, masks, upcasting), viewed as (B, H, W, heads, F, F), `bytheway_attention_probs`,
+    then bmm with v. The anchor first records its plain softmax map.
+  Either way the recorded anchor map is reduced to each consumer's head count (`reduce_heads`).
 
 Nothing here synchronises with the host: diagnostics are appended as device tensors.
 """
@@ -26,6 +35,7 @@ import torch
 
 from ..config import ByTheWayConfig
 from ..ops.attention_probs import bytheway_attention_probs
+from ..ops.temporal_attention import temporal_attention
 from ..guide import upsample_guide
 from .layers import TemporalLayer
 
@@ -33,17 +43,41 @@ from .layers import TemporalLayer
 BINDING_ATTR = "_bytheway_binding"
 
 
+#: What to do before copying a model with ByTheWay applied (see `RefusesCopy`).
+BYTHEWAY_COPY_ADVICE = (
+    "ByTheWay is applied to it; call remove() on the ByTheWayController first, then apply_bytheway to each copy"
+)
+
+
+class RefusesCopy:
+    """Mixin for objects tied to one model by hooks and processors (controllers, bindings).
+
+    A deep copy would keep pointing at the original model and a pickle cannot carry the hooks, so
+    both are refused (`copy.deepcopy` and `pickle` go through `__reduce_ex__`), naming what to
+    remove first. Subclasses set `copy_advice`.
+    """
+
+    copy_advice = "call remove() first"
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            f"cannot copy or pickle a model while {self.copy_advice}: copy.deepcopy and pickle would "
+            f"keep hooks and processors bound to the original model"
+        )
+
+
 @dataclasses.dataclass(eq=False)
 class RunState:
     """Mutable state of one controller, shared by all its layers (never global).
 
-    The controller's denoiser pre-hook sets `modify`, `measure`, `step` and `batch_split` and
-    empties `guides` and `calls` before every denoiser call; the forward hook empties them after.
+    The controller's denoiser pre-hook sets `modify`, `measure`, `fused`, `step` and `batch_split`
+    and empties `guides` and `calls` before every denoiser call; the forward hook empties them after.
     """
 
     config: ByTheWayConfig
     modify: bool = False  # this denoiser call is in the active steps: outputs are ByTheWay's
     measure: bool = False  # record diagnostics in this call
+    fused: bool = False  # run the fused temporal_attention op (the call's device has the kernel)
     step: int = -1
     batch_split: Tuple[int, int] = (1, 0)  # (parts, part whose rows give the energies)
     guides: Dict[Tuple, Dict[int, torch.Tensor]] = dataclasses.field(default_factory=dict)
@@ -52,8 +86,10 @@ class RunState:
 
 
 @dataclasses.dataclass(eq=False)
-class LayerBinding:
+class LayerBinding(RefusesCopy):
     """What the processor needs to know about one selected layer."""
+
+    copy_advice = BYTHEWAY_COPY_ADVICE
 
     state: RunState
     layer: TemporalLayer
@@ -85,7 +121,7 @@ def _rms_row_distance(maps: torch.Tensor, reference_maps: torch.Tensor) -> torch
     return (difference * difference).sum(-1).mean().sqrt()
 
 
-def _delegate(processor, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
+def delegate(processor, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
     """Call `processor` the way `Attention.forward` would have (temb only when it was given)."""
     extra = {} if temb is None else {"temb": temb}
     return processor(
@@ -93,12 +129,57 @@ def _delegate(processor, attn, hidden_states, encoder_hidden_states, attention_m
     )
 
 
-class ByTheWayAttnProcessor:
-    """diffusers attention processor running ByTheWay on temporal self-attention layers.
+def normed_input(attn, hidden_states: torch.Tensor, temb) -> torch.Tensor:
+    """The input of the q, k, v projections: spatial_norm and group_norm as diffusers applies them."""
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    return hidden_states
 
-    Install it with `bytheway_kernels.apply_bytheway`, which binds the layers it selects; on any
-    other module it behaves exactly like `AttnProcessor2_0`.
+
+def project_qkv(attn, hidden_states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Self-attention q, k, v as (N, F, heads*d), with diffusers' per-head norm_q / norm_k applied.
+
+    Without those norms the projections are returned as they are (no copy); with one, its output
+    is brought back to the (N, F, heads*d) layout.
     """
+    query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    return _head_normed(attn.norm_q, query, attn.heads), _head_normed(attn.norm_k, key, attn.heads), value
+
+
+def _head_normed(norm, values: torch.Tensor, heads: int) -> torch.Tensor:
+    if norm is None:
+        return values
+    rows, frames, channels = values.shape
+    per_head = values.view(rows, frames, heads, channels // heads).transpose(1, 2)
+    return norm(per_head).transpose(1, 2).reshape(rows, frames, channels)
+
+
+def finish_output(attn, attended: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """to_out (projection, dropout), the residual connection and the output rescale, as diffusers."""
+    hidden_states = attn.to_out[1](attn.to_out[0](attended))
+    if attn.residual_connection:
+        hidden_states = hidden_states + residual
+    return hidden_states / attn.rescale_output_factor
+
+
+def _split_heads(values: torch.Tensor, heads: int) -> torch.Tensor:
+    """(N, F, heads*d) -> (N*heads, F, d) with row index n*heads + head, as head_to_batch_dim."""
+    rows, frames, channels = values.shape
+    return values.view(rows, frames, heads, channels // heads).transpose(1, 2).reshape(rows * heads, frames, -1)
+
+
+class BoundProcessor:
+    """Base of this package's diffusers attention processors.
+
+    diffusers re-creates processors with `processor.__class__()`, so the constructor takes no
+    argument and a call's state lives in a binding stored on the `Attention` module under
+    `binding_attr`; a module without one gets the stock computation (`AttnProcessor2_0`).
+    Subclasses implement `bound_call`.
+    """
+
+    binding_attr: str
 
     def __init__(self):
         # Imported here so that `import bytheway_kernels` does not import diffusers.
@@ -114,93 +195,80 @@ class ByTheWayAttnProcessor:
         attention_mask: Optional[torch.Tensor] = None,
         temb: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        binding = getattr(attn, BINDING_ATTR, None)
+        binding = getattr(attn, self.binding_attr, None)
         if binding is None:
             return self._stock(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        return self.bound_call(binding, attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    def bound_call(self, binding, attn, hidden_states, encoder_hidden_states, attention_mask, temb) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ByTheWayAttnProcessor(BoundProcessor):
+    """diffusers attention processor running ByTheWay on temporal self-attention layers.
+
+    Install it with `bytheway_kernels.apply_bytheway`, which binds the layers it selects; on any
+    other module it behaves exactly like `AttnProcessor2_0`.
+    """
+
+    binding_attr = BINDING_ATTR
+
+    def bound_call(self, binding: LayerBinding, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
         state = binding.state
         if (not state.modify and not state.measure) or encoder_hidden_states is not None:
-            return _delegate(binding.original, attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+            return delegate(binding.original, attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         output = self._bytheway(attn, binding, hidden_states, attention_mask, temb)
         if state.modify:
             return output
         # Diagnostics outside the active steps: stats were recorded, the output stays stock.
-        return _delegate(binding.original, attn, hidden_states, None, attention_mask, temb)
+        return delegate(binding.original, attn, hidden_states, None, attention_mask, temb)
 
     def _bytheway(self, attn, binding: LayerBinding, hidden_states, attention_mask, temb):
-        state, layer = binding.state, binding.layer
-        call = state.calls.get(layer.name, 0)
-        state.calls[layer.name] = call + 1
-        key = (layer.position, call)
-
-        if hidden_states.dim() != 3:
-            raise RuntimeError(
-                f"{layer.name}: expected temporal hidden states (B*H*W, F, C), got {tuple(hidden_states.shape)}"
-            )
+        """The layer's output with ByTheWay: fused where the state says so and the call allows
+        (no attention mask, no diagnostics, which need the maps), materialised otherwise."""
+        state = binding.state
+        call = _count_call(state, binding.layer)
+        _check_geometry(binding.layer, hidden_states)
         residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        rows, frames, _ = hidden_states.shape
-        geometry = layer.geometry
-        if rows != geometry.batch * geometry.height * geometry.width:
-            raise RuntimeError(
-                f"{layer.name}: {rows} attention rows do not match the captured video geometry "
-                f"B={geometry.batch}, H={geometry.height}, W={geometry.width} (B*H*W = "
-                f"{geometry.batch * geometry.height * geometry.width}); chunked/split inference of "
-                f"the temporal layers is not supported with ByTheWay"
-            )
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, frames, rows)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-        key_states = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        heads = attn.heads
-        head_dim = key_states.shape[-1] // heads
-        query = query.view(rows, frames, heads, head_dim).transpose(1, 2)
-        key_states = key_states.view(rows, frames, heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key_states = attn.norm_k(key_states)
-        # (rows*heads, F, d) with row index row*heads + head, as diffusers' head_to_batch_dim.
-        query = query.reshape(rows * heads, frames, head_dim)
-        key_states = key_states.reshape(rows * heads, frames, head_dim)
-        value = value.view(rows, frames, heads, head_dim).transpose(1, 2).reshape(rows * heads, frames, head_dim)
-
-        # Scores with the semantics of Attention.get_attention_scores (before its softmax).
-        if attn.upcast_attention:
-            query, key_states = query.float(), key_states.float()
-        if attention_mask is None:
-            scores = torch.baddbmm(
-                torch.empty(rows * heads, frames, frames, dtype=query.dtype, device=query.device),
-                query, key_states.transpose(-1, -2), beta=0, alpha=attn.scale,
-            )
+        hidden_states = normed_input(attn, hidden_states, temb)
+        query, key, value = project_qkv(attn, hidden_states)
+        if state.fused and attention_mask is None and not state.measure:
+            attended = self._attend_fused(attn, binding, call, query, key, value)
         else:
-            scores = torch.baddbmm(attention_mask, query, key_states.transpose(-1, -2), beta=1, alpha=attn.scale)
-        if attn.upcast_softmax:
-            scores = scores.float()
+            attended = self._attend_materialised(attn, binding, call, query, key, value, attention_mask)
+        return finish_output(attn, attended, residual)
+
+    @staticmethod
+    def _attend_fused(attn, binding: LayerBinding, call: int, query, key, value) -> torch.Tensor:
+        """One `temporal_attention` call; the anchor records its plain map in the same pass."""
+        state, geometry = binding.state, binding.layer.geometry
+        record = binding.is_anchor and bool(binding.guide_heads)
+        result = temporal_attention(
+            query, key, value, heads=attn.heads, height=geometry.height, width=geometry.width,
+            scale=attn.scale, guide=_guide_for(binding, call, attn.heads), **state.config.op_kwargs(),
+            batch_split=state.batch_split, return_map=record,
+        )
+        if not record:
+            return result
+        attended, plain = result
+        _store_guide(binding, call, plain)
+        return attended
+
+    def _attend_materialised(self, attn, binding: LayerBinding, call: int, query, key, value, attention_mask):
+        """baddbmm scores (as `Attention.get_attention_scores`), the map op, then bmm with v."""
+        state, geometry = binding.state, binding.layer.geometry
+        rows, frames, _ = query.shape
+        heads, channels = attn.heads, value.shape[-1]
+        scores = _scores(attn, _split_heads(query, heads), _split_heads(key, heads), attention_mask)
         scores = scores.view(geometry.batch, geometry.height, geometry.width, heads, frames, frames)
 
         plain = None
-        guide = None  # for the anchor itself: its own map as guide is a no-op (A + alpha*(A - A) = A)
-        if binding.is_anchor:
-            if binding.guide_heads or state.measure:
-                plain = torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
-                state.guides[key] = {h: reduce_heads(plain, h) for h in binding.guide_heads}
-        else:
-            recorded = state.guides.get(key)
-            if recorded is None:
-                raise RuntimeError(
-                    f"{layer.name}: no anchor map recorded for position {layer.position}, call {call} in "
-                    f"this denoiser call (the anchor layer must run before the layers it guides)"
-                )
-            guide = recorded[heads]
-
-        config = state.config
+        if binding.is_anchor and (binding.guide_heads or state.measure):
+            plain = torch.softmax(scores, dim=-1, dtype=torch.float32).to(scores.dtype)
+            _store_guide(binding, call, plain)
+        guide = _guide_for(binding, call, heads)
         result = bytheway_attention_probs(
-            scores, guide, **config.op_kwargs(), batch_split=state.batch_split, return_stats=state.measure,
+            scores, guide, **state.config.op_kwargs(), batch_split=state.batch_split, return_stats=state.measure,
         )
         if state.measure:
             probs, stats = result
@@ -208,14 +276,9 @@ class ByTheWayAttnProcessor:
         else:
             probs = result
 
-        hidden_states = torch.bmm(probs.view(rows * heads, frames, frames).to(value.dtype), value)
-        hidden_states = hidden_states.view(rows, heads, frames, head_dim).transpose(1, 2)
-        hidden_states = hidden_states.reshape(rows, frames, heads * head_dim)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        value = _split_heads(value, heads)
+        attended = torch.bmm(probs.view(rows * heads, frames, frames).to(value.dtype), value)
+        return attended.view(rows, heads, frames, -1).transpose(1, 2).reshape(rows, frames, channels)
 
     @staticmethod
     def _record(state: RunState, binding: LayerBinding, call, scores, plain, guide, probs, stats):
@@ -234,3 +297,64 @@ class ByTheWayAttnProcessor:
         ])
         layer = binding.layer
         state.records.append((layer.name, layer.block, state.step, call, state.modify, values))
+
+
+def _count_call(state: RunState, layer: TemporalLayer) -> int:
+    """This call's index among the calls of `layer` in the current denoiser call (FreeNoise runs
+    each layer once per context window); the anchor maps are keyed by (position, call)."""
+    call = state.calls.get(layer.name, 0)
+    state.calls[layer.name] = call + 1
+    return call
+
+
+def _check_geometry(layer: TemporalLayer, hidden_states: torch.Tensor) -> None:
+    if hidden_states.dim() != 3:
+        raise RuntimeError(
+            f"{layer.name}: expected temporal hidden states (B*H*W, F, C), got {tuple(hidden_states.shape)}"
+        )
+    geometry = layer.geometry
+    expected = geometry.batch * geometry.height * geometry.width
+    if hidden_states.shape[0] != expected:
+        raise RuntimeError(
+            f"{layer.name}: {hidden_states.shape[0]} attention rows do not match the captured video geometry "
+            f"B={geometry.batch}, H={geometry.height}, W={geometry.width} (B*H*W = {expected}); "
+            f"chunked/split inference of the temporal layers is not supported with ByTheWay"
+        )
+
+
+def _scores(attn, query: torch.Tensor, key: torch.Tensor, attention_mask) -> torch.Tensor:
+    """scale * q k^T (+ mask) with the semantics of `Attention.get_attention_scores` before its
+    softmax: upcasting, and the mask prepared by `prepare_attention_mask`."""
+    batch_heads, frames, _ = query.shape
+    if attn.upcast_attention:
+        query, key = query.float(), key.float()
+    if attention_mask is None:
+        scores = torch.baddbmm(
+            torch.empty(batch_heads, frames, frames, dtype=query.dtype, device=query.device),
+            query, key.transpose(-1, -2), beta=0, alpha=attn.scale,
+        )
+    else:
+        mask = attn.prepare_attention_mask(attention_mask, frames, batch_heads // attn.heads)
+        scores = torch.baddbmm(mask, query, key.transpose(-1, -2), beta=1, alpha=attn.scale)
+    return scores.float() if attn.upcast_softmax else scores
+
+
+def _store_guide(binding: LayerBinding, call: int, plain: torch.Tensor) -> None:
+    """Record the anchor's plain map for the layers at the same position, one copy per head count."""
+    key = (binding.layer.position, call)
+    binding.state.guides[key] = {heads: reduce_heads(plain, heads) for heads in binding.guide_heads}
+
+
+def _guide_for(binding: LayerBinding, call: int, heads: int) -> Optional[torch.Tensor]:
+    """The anchor map guiding this call: None for the anchor itself (its own map as guide is a
+    no-op, A + alpha * (A - A) = A), else the map recorded at the same position and call."""
+    if binding.is_anchor:
+        return None
+    layer = binding.layer
+    recorded = binding.state.guides.get((layer.position, call))
+    if recorded is None:
+        raise RuntimeError(
+            f"{layer.name}: no anchor map recorded for position {layer.position}, call {call} in "
+            f"this denoiser call (the anchor layer must run before the layers it guides)"
+        )
+    return recorded[heads]

@@ -1,0 +1,405 @@
+"""The fused temporal_attention op inside the integration: ByTheWay's fused path against the
+materialised one, `enable_fast_temporal_attention` against stock, their composition in both
+orders, copy/pickle refusal, and the configuration checks made by `apply_bytheway`.
+
+Most tests force the fused path on CPU by patching the availability check: the op then runs its
+composed CPU path (scores, map op, @ v), which exercises every integration decision. The tests
+marked `interpreter` run the real fused Triton kernel under TRITON_INTERPRET=1 (set by conftest)
+with BYTHEWAY_BACKEND=triton, on one small denoiser call each.
+"""
+
+from __future__ import annotations
+
+import copy
+import doctest
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import bytheway_kernels
+import bytheway_kernels.integration.controller as controller_module
+import bytheway_kernels.integration.fast as fast_module
+import bytheway_kernels.integration.processor as processor_module
+from bytheway_kernels import ByTheWayConfig, apply_bytheway, enable_fast_temporal_attention
+from bytheway_kernels.integration import ByTheWayAttnProcessor, FastTemporalAttnProcessor, tiny
+from bytheway_kernels.integration.fast import FAST_ATTR
+from bytheway_kernels.integration.processor import BINDING_ATTR
+from integration_helpers import STEPS, call_denoiser, i2vgenxl_case, latte_case, svd_case, unet_inputs
+
+pytest.importorskip("diffusers")
+
+# Fused (fp32 scores from matmul, fp32 accumulation) against materialised (baddbmm, bmm) in fp32:
+# both are fp32 evaluations of the same sums in another order, ~1e-6 relative per layer; through
+# the whole tiny UNet (outputs ~1) the difference stays far below 1e-4. ByTheWay itself moves the
+# output by more than 1e-2 here, so the tolerance cannot hide a path that ignores ByTheWay.
+TOLERANCE = dict(rtol=1e-4, atol=1e-4)
+
+interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="needs the Triton interpreter (CPU-only machines; conftest.py)"
+)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = tiny.tiny_animatediff_pipeline()
+    pipe.scheduler.set_timesteps(STEPS)
+    return pipe
+
+
+@pytest.fixture
+def force_fused(monkeypatch):
+    """Make every device count as having the fused kernel (the op then runs its CPU path)."""
+    monkeypatch.setattr(controller_module, "fused_available", lambda device: True)
+    monkeypatch.setattr(fast_module, "fused_available", lambda device: True)
+
+
+@pytest.fixture
+def no_kernel(monkeypatch):
+    """CPU without the forced Triton backend: the fused kernel is unavailable."""
+    monkeypatch.delenv("BYTHEWAY_BACKEND", raising=False)
+
+
+class FusedSpy:
+    """Records the processor's temporal_attention calls (and still runs them)."""
+
+    def __init__(self, monkeypatch, module):
+        self.calls = []
+        original = module.temporal_attention
+
+        def spy(q, k, v, **kwargs):
+            self.calls.append(kwargs)
+            return original(q, k, v, **kwargs)
+
+        monkeypatch.setattr(module, "temporal_attention", spy)
+
+
+def _denoise(pipe, timestep_index: int, **input_options):
+    sample, text = unet_inputs(pipe, **input_options)
+    with torch.no_grad():
+        return pipe.unet(sample, pipe.scheduler.timesteps[timestep_index], encoder_hidden_states=text).sample
+
+
+def _processors(unet):
+    return dict(unet.attn_processors)
+
+
+def _assert_restored(unet, before):
+    after = _processors(unet)
+    assert after.keys() == before.keys() and all(after[name] is before[name] for name in before)
+    assert not any(hasattr(m, BINDING_ATTR) or hasattr(m, FAST_ATTR) for m in unet.modules())
+    assert not unet._forward_pre_hooks and not unet._forward_hooks
+
+
+# -- ByTheWay: fused against materialised ------------------------------------------------------
+def test_fused_bytheway_matches_materialised_and_anchor_records_in_the_same_pass(pipe, monkeypatch, force_fused):
+    stock = _denoise(pipe, 0)
+    with apply_bytheway(pipe, cfg=True, fused_attention=False):
+        materialised = _denoise(pipe, 0)
+    spy = FusedSpy(monkeypatch, processor_module)
+    with apply_bytheway(pipe, cfg=True) as controller:
+        fused = _denoise(pipe, 0)
+        inactive = _denoise(pipe, 1)
+        layers = controller.layer_names
+    torch.testing.assert_close(fused, materialised, **TOLERANCE)
+    assert (materialised - stock).abs().max() > 1e-2  # ByTheWay changed the output
+    assert torch.equal(inactive, _denoise(pipe, 1))  # inactive steps stay stock, bit for bit
+    assert len(spy.calls) == len(layers)  # one fused call per layer in the active step, none after
+    anchors = [c for c in spy.calls if c["guide"] is None]
+    guided = [c for c in spy.calls if c["guide"] is not None]
+    assert len(anchors) == len(guided) == 4
+    assert all(c["return_map"] for c in anchors) and not any(c["return_map"] for c in guided)
+    assert {c["guide"].shape for c in guided} == {(2, 4, 4, 2, 16, 16)}  # 4 anchor heads averaged in pairs
+    assert {(c["height"], c["width"], c["batch_split"]) for c in guided} == {(8, 8, (2, 1))}
+    assert {(c["alpha"], c["beta"], c["tau"]) for c in spy.calls} == {(0.6, 1.5, 7)}
+
+
+def test_fused_path_falls_back_for_diagnostics(pipe, monkeypatch, force_fused):
+    spy = FusedSpy(monkeypatch, processor_module)
+    with apply_bytheway(pipe, cfg=True, diagnostics=True) as controller:
+        _denoise(pipe, 0)
+        rows = controller.diagnostics()
+    assert not spy.calls and len(rows) == len(controller.layer_names)  # diagnostics need the maps
+
+
+def test_fused_attention_false_and_unavailable_device_use_the_materialised_path(pipe, monkeypatch, no_kernel):
+    spy = FusedSpy(monkeypatch, processor_module)
+    with apply_bytheway(pipe, cfg=True):  # None: fused only where available, not on this CPU
+        default = _denoise(pipe, 0)
+    with apply_bytheway(pipe, cfg=True, fused_attention=False):
+        materialised = _denoise(pipe, 0)
+    assert not spy.calls and torch.equal(default, materialised)
+
+
+def test_fused_attention_true_without_kernel_is_a_clear_error_before_the_denoiser_runs(pipe, no_kernel):
+    ran = []
+    handle = pipe.unet.down_blocks[0].register_forward_pre_hook(lambda *args: ran.append(1))
+    try:
+        with apply_bytheway(pipe, cfg=True, fused_attention=True):
+            with pytest.raises(RuntimeError, match=r"fused_attention=True.*not available on cpu"):
+                _denoise(pipe, 0)
+    finally:
+        handle.remove()
+    assert not ran
+    with pytest.raises(ValueError, match="fused_attention must be a bool"):
+        apply_bytheway(pipe, cfg=True, fused_attention="yes")
+
+
+# -- Fast temporal attention (ByTheWay off) ----------------------------------------------------
+def test_fast_attention_covers_every_temporal_self_attention_layer():
+    pipe = tiny.tiny_animatediff_pipeline()
+    expected = sorted(name for name, m in pipe.unet.named_modules()
+                      if ".motion_modules." in name and name.endswith(("attn1", "attn2")))
+    with enable_fast_temporal_attention(pipe) as fast:
+        assert sorted(fast.layer_names) == expected and len(expected) == 20  # down, mid and up blocks
+        installed = sorted(n[: -len(".processor")] for n, p in _processors(pipe.unet).items()
+                           if isinstance(p, FastTemporalAttnProcessor))
+        assert installed == expected
+    t2v = tiny.tiny_text_to_video_pipeline()
+    with enable_fast_temporal_attention(t2v.unet) as fast:
+        assert {"transformer_in.transformer_blocks.0.attn1", "transformer_in.transformer_blocks.0.attn2",
+                "mid_block.temp_attentions.0.transformer_blocks.0.attn1"} <= set(fast.layer_names)
+    svd = tiny.tiny_svd_unet()
+    with enable_fast_temporal_attention(svd) as fast:
+        assert fast.layer_names and all(name.endswith("temporal_transformer_blocks.0.attn1") for name in fast.layer_names)
+        assert len(fast.layer_names) == 7  # down 2, mid 1, up 4; attn2 (cross-attention) untouched
+    with enable_fast_temporal_attention(tiny.tiny_i2vgenxl_unet()) as fast:
+        assert "image_latents_temporal_encoder.attn1" in fast.layer_names and len(fast.layer_names) == 17
+    with enable_fast_temporal_attention(tiny.tiny_latte_transformer()) as fast:
+        assert fast.layer_names == [f"temporal_transformer_blocks.{i}.attn1" for i in range(4)]
+
+
+def test_fast_attention_matches_stock_and_remove_is_bit_identical(pipe, monkeypatch, force_fused):
+    before = _processors(pipe.unet)
+    stock = _denoise(pipe, 0)
+    spy = FusedSpy(monkeypatch, fast_module)
+    with enable_fast_temporal_attention(pipe) as fast:
+        fused = _denoise(pipe, 0)
+    torch.testing.assert_close(fused, stock, **TOLERANCE)
+    assert len(spy.calls) == len(fast.layer_names)
+    assert all(set(c) == {"heads", "height", "width", "scale", "cfg"} for c in spy.calls)  # plain attention
+    _assert_restored(pipe.unet, before)
+    assert torch.equal(_denoise(pipe, 0), stock)
+
+
+@pytest.mark.parametrize("case", [i2vgenxl_case, svd_case, latte_case], ids=["i2vgenxl", "svd", "latte"])
+def test_fast_attention_matches_stock_on_other_denoisers(case, force_fused):
+    model, sample, kwargs = case()
+    timestep = torch.tensor(500)
+    stock = call_denoiser(model, sample, timestep, kwargs)
+    with enable_fast_temporal_attention(model):
+        fused = call_denoiser(model, sample, timestep, kwargs)
+    torch.testing.assert_close(fused, stock, **TOLERANCE)
+    assert not torch.equal(fused, stock)  # the fused op really ran
+    assert torch.equal(call_denoiser(model, sample, timestep, kwargs), stock)
+
+
+def test_fast_attention_keeps_stock_where_the_kernel_is_unavailable(pipe, monkeypatch, no_kernel):
+    stock = _denoise(pipe, 0)
+    spy = FusedSpy(monkeypatch, fast_module)
+    with enable_fast_temporal_attention(pipe):
+        assert torch.equal(_denoise(pipe, 0), stock)
+    assert not spy.calls
+
+
+def test_fast_attention_refuses_twice_and_keeps_non_standard_processors(pipe):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    class CustomProcessor(AttnProcessor):  # not one of diffusers' standard classes: kept
+        pass
+
+    attn = pipe.unet.up_blocks[1].motion_modules[0].transformer_blocks[0].attn1
+    original, custom = attn.processor, CustomProcessor()
+    attn.set_processor(custom)
+    try:
+        with enable_fast_temporal_attention(pipe) as fast:
+            assert attn.processor is custom
+            assert "up_blocks.1.motion_modules.0.transformer_blocks.0.attn1" not in fast.layer_names
+            assert len(fast.layer_names) == 19
+            with pytest.raises(ValueError, match="already enabled"):
+                enable_fast_temporal_attention(pipe)
+        assert attn.processor is custom
+    finally:
+        attn.set_processor(original)
+    # diffusers re-creates processors with processor.__class__(): unbound, it is the stock processor.
+    hidden = torch.randn(4, 16, attn.to_q.in_features)
+    with torch.no_grad():
+        assert torch.equal(FastTemporalAttnProcessor()(attn, hidden), original(attn, hidden))
+
+
+# -- Composition --------------------------------------------------------------------------------
+@pytest.mark.parametrize("fast_first", [True, False])
+@pytest.mark.parametrize("remove_fast_first", [True, False])
+def test_composes_with_bytheway_in_either_order(pipe, force_fused, fast_first, remove_fast_first):
+    before = _processors(pipe.unet)
+    stock = [_denoise(pipe, 0), _denoise(pipe, 1)]
+    with apply_bytheway(pipe, cfg=True):
+        bytheway_active = _denoise(pipe, 0)
+
+    if fast_first:
+        fast = enable_fast_temporal_attention(pipe)
+        controller = apply_bytheway(pipe, cfg=True)
+    else:
+        controller = apply_bytheway(pipe, cfg=True)
+        fast = enable_fast_temporal_attention(pipe)
+    assert len(fast.layer_names) == 20  # ByTheWay's layers included
+    bytheway_layers = set(controller.layer_names)
+    for name, processor in _processors(pipe.unet).items():
+        layer = name[: -len(".processor")]
+        if layer in bytheway_layers:
+            assert isinstance(processor, ByTheWayAttnProcessor), name
+        elif layer in fast.layer_names:
+            assert isinstance(processor, FastTemporalAttnProcessor), name
+    active, inactive = _denoise(pipe, 0), _denoise(pipe, 1)
+    torch.testing.assert_close(active, bytheway_active, **TOLERANCE)  # ByTheWay on, fused elsewhere
+    torch.testing.assert_close(inactive, stock[1], **TOLERANCE)  # the inactive step runs fused
+    assert not torch.equal(inactive, stock[1])  # ... really through the fast processor
+
+    first, second = (fast, controller) if remove_fast_first else (controller, fast)
+    first.remove()
+    remaining = _denoise(pipe, 0)
+    if remove_fast_first:  # ByTheWay alone again, materialised where the fast path was
+        torch.testing.assert_close(remaining, bytheway_active, **TOLERANCE)
+    else:  # the fast attention alone, every layer fused
+        torch.testing.assert_close(remaining, stock[0], **TOLERANCE)
+    second.remove()
+    _assert_restored(pipe.unet, before)
+    assert torch.equal(_denoise(pipe, 0), stock[0]) and torch.equal(_denoise(pipe, 1), stock[1])
+
+
+def test_torch_compile_fullgraph_with_both_fused_processors(pipe, force_fused):
+    # fullgraph=True fails on any graph break: the fused op, the ByTheWay processor (active step)
+    # and the fast processor (every other temporal layer) trace as one graph; hooks stay outside.
+    sample, text = unet_inputs(pipe)
+    timestep = pipe.scheduler.timesteps[0]
+    torch._dynamo.reset()
+    try:
+        with enable_fast_temporal_attention(pipe), apply_bytheway(pipe, cfg=True), torch.no_grad():
+            eager = pipe.unet(sample, timestep, encoder_hidden_states=text).sample
+            compiled = torch.compile(pipe.unet, backend="eager", fullgraph=True)
+            traced = compiled(sample, timestep, encoder_hidden_states=text).sample
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(traced, eager, **TOLERANCE)
+
+
+# -- Copies and pickles -------------------------------------------------------------------------
+def test_deepcopy_and_pickle_are_refused_while_applied_and_work_after_remove():
+    pipe = tiny.tiny_animatediff_pipeline()
+    with apply_bytheway(pipe) as controller:
+        for action in (copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError, match=r"ByTheWay is applied.*call remove\(\) on the ByTheWayController"):
+                action(pipe)
+            with pytest.raises(TypeError, match="ByTheWay is applied"):
+                action(pipe.unet.up_blocks[1])  # a part of the model: its layers are bound too
+        with pytest.raises(TypeError, match="ByTheWay is applied"):
+            copy.deepcopy(controller)
+    with enable_fast_temporal_attention(pipe.unet):
+        for action in (copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError, match=r"fast temporal attention is enabled.*call remove\(\)"):
+                action(pipe.unet)
+    duplicate = copy.deepcopy(pipe.unet)  # removed: an ordinary model again
+    assert not any(hasattr(m, BINDING_ATTR) or hasattr(m, FAST_ATTR) for m in duplicate.modules())
+
+
+# -- Configuration checks at apply time ----------------------------------------------------------
+@pytest.mark.parametrize("overrides,message", [
+    (dict(adaptive_beta=0), "adaptive_beta must be a bool"),
+    (dict(adaptive_beta="yes"), "adaptive_beta must be a bool"),
+    (dict(alpha="0.5"), "alpha must be a finite real number"),
+    (dict(alpha=1.5), "alpha must be <= 1"),
+    (dict(beta=float("nan")), "beta must be a finite real number"),
+    (dict(beta=10 ** 400), "beta must be a finite real number"),
+    (dict(tau=7.0), "tau must be an integer"),
+    (dict(tau=True), "tau must be an integer"),
+    (dict(tau=-1), "tau must be a non-negative integer"),
+    (dict(step_fraction=0), "step_fraction must be in"),
+    (dict(energy_scope=["batch"]), "energy_scope must be one of"),
+    (dict(guide_upsample="cubic"), "guide_upsample must be one of"),
+    (dict(beta_max=1.0), "beta_max must be >= 1.5"),
+    (dict(diagnostics=1), "diagnostics must be a bool"),
+    (dict(scheduler="ddim"), "scheduler must be a diffusers scheduler"),
+    (dict(anchor=1.0), "anchor must be None, a decoder block index or a block name"),
+    (dict(cfg=(3, 1)), r"pass a \(parts, energy_part\) split as batch_split=\(3, 1\)"),
+    (dict(cfg=1), "cfg must be a bool"),
+    (dict(batch_split=(2, 2)), "batch_split=.* needs parts >= 1 and 0 <= energy_part < parts"),
+])
+def test_every_config_field_is_checked_when_applying(pipe, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        apply_bytheway(pipe, **overrides)
+    assert not any(hasattr(m, BINDING_ATTR) for m in pipe.unet.modules())
+
+
+def test_numpy_scalars_are_accepted_like_python_numbers(pipe, monkeypatch):
+    config = ByTheWayConfig(alpha=np.float32(0.5), beta=np.float64(2.0), tau=np.int64(7),
+                            step_fraction=np.float32(0.5), adaptive_beta=np.bool_(False), beta_max=np.int32(4))
+    assert (config.alpha, config.beta, config.tau, config.adaptive_beta, config.beta_max) == (0.5, 2.0, 7, False, 4.0)
+    assert type(config.tau) is int and type(config.alpha) is float and type(config.adaptive_beta) is bool
+    with apply_bytheway(pipe, config, batch_split=(2, 1)) as controller:
+        changed = _denoise(pipe, 0)
+    assert controller.config == config and torch.isfinite(changed).all()
+
+
+# -- The real fused kernel under the Triton interpreter -----------------------------------------
+@interpreter
+def test_interpreter_kernel_bytheway_and_fast_attention(pipe, monkeypatch):
+    small = dict(batch=2, frames=8, height=4, width=4)
+    stock = _denoise(pipe, 0, **small)
+    with apply_bytheway(pipe, cfg=True, tau=3, fused_attention=False):
+        materialised = _denoise(pipe, 0, **small)
+    monkeypatch.setenv("BYTHEWAY_BACKEND", "triton")
+    with apply_bytheway(pipe, cfg=True, tau=3, fused_attention=True):
+        fused = _denoise(pipe, 0, **small)
+    with enable_fast_temporal_attention(pipe):
+        fast = _denoise(pipe, 0, **small)
+    torch.testing.assert_close(fused, materialised, **TOLERANCE)
+    torch.testing.assert_close(fast, stock, **TOLERANCE)
+    assert (materialised - stock).abs().max() > 1e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the fused kernel compiled for the GPU)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_fused_paths_are_as_accurate_as_materialised(dtype):
+    # In half precision the materialised path rounds the scores and the map to `dtype`; the fused
+    # kernel keeps them in fp32. Both are compared with the same model run in fp32 (materialised):
+    # the fused error must not exceed the materialised one by more than 50% (+ a small floor).
+    pipe32 = tiny.tiny_animatediff_pipeline(device="cuda")
+    pipe = tiny.tiny_animatediff_pipeline(device="cuda", dtype=dtype)
+    for p in (pipe32, pipe):
+        p.scheduler.set_timesteps(STEPS)
+    sample, text = (t.cuda() for t in unet_inputs(pipe32))
+
+    def run(model_pipe, timestep_index=0):
+        cast = dict(dtype=model_pipe.unet.dtype)
+        with torch.no_grad():
+            return model_pipe.unet(sample.to(**cast), model_pipe.scheduler.timesteps[timestep_index],
+                                   encoder_hidden_states=text.to(**cast)).sample.float()
+
+    def error(output, truth):
+        return ((output - truth).abs().max() / truth.abs().max()).item()
+
+    with apply_bytheway(pipe32, cfg=True, fused_attention=False):
+        truth = run(pipe32)
+    with apply_bytheway(pipe, cfg=True, fused_attention=False):
+        materialised = run(pipe)
+    with apply_bytheway(pipe, cfg=True, fused_attention=True):
+        fused = run(pipe)
+    assert error(fused, truth) <= 1.5 * error(materialised, truth) + 1e-3
+    stock_truth, stock = run(pipe32), run(pipe)
+    with enable_fast_temporal_attention(pipe):
+        fast = run(pipe)
+    assert error(fast, stock_truth) <= 1.5 * error(stock, stock_truth) + 1e-3
+    assert torch.equal(run(pipe), stock)
+
+
+def test_public_names():
+    assert bytheway_kernels.enable_fast_temporal_attention is enable_fast_temporal_attention
+    assert bytheway_kernels.temporal_attention.__name__ == "temporal_attention"
+
+
+@pytest.mark.parametrize("module", [bytheway_kernels.config, controller_module, fast_module])
+def test_docstring_examples_run(module, no_kernel):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

@@ -57,26 +57,25 @@ step versions 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.tota
   python3 -m pip list 2>/dev/null | grep -i -E "^(pytest|pytest-benchmark|huggingface|importlib)"'
 cat "$logs/versions.log"
 
-gpu_tests=$(ls tests/test_attention_probs_gpu.py tests/test_temporal_attention*gpu*.py tests/*sm90*.py 2>/dev/null)
-if [[ -n $gpu_tests ]]; then
-  step gpu_tests 150 python3 -m pytest -q -p no:cacheprovider -rfEs $gpu_tests
-fi
-
+# Most important first: the quick checks that measure the issues' kernel targets, the CUDA tests,
+# then the benchmark suite in parts (each with its own JSON: a part that times out loses only its
+# own numbers). The sm_90 compile tests need no GPU and run in CI instead. fp16 only: the dtype
+# AnimateDiff runs in and the issues' targets use.
 if [[ -f benchmarks/temporal_attention_gpu_check.py ]]; then
   step ta_gpu_check 60 python3 benchmarks/temporal_attention_gpu_check.py
 fi
-
-# The suite in parts, most important first, each with its own JSON (a part that times out loses
-# only its own numbers). fp16 only: the dtype AnimateDiff runs in and the issues' targets use.
-bench=(python3 -m pytest -q -p no:cacheprovider -rfEs --benchmark-only --bench-dtype=float16
-       --benchmark-max-time=0.02 --benchmark-min-rounds=10 --benchmark-warmup=on --benchmark-warmup-iterations=2)
-step bench_attention 120 "${bench[@]}" benchmarks/test_temporal_attention.py --benchmark-json="$logs/bench_attention.json"
-step bench_map 140 "${bench[@]}" benchmarks/test_attention_probs.py --benchmark-json="$logs/bench_map.json"
-step bench_denoiser 120 "${bench[@]}" benchmarks/test_denoiser.py --benchmark-json="$logs/bench_denoiser.json"
-if [[ -f benchmarks/map_op_kernel_times.py ]]; then  # profiler cross-check of the map op's kernel and host times
+if [[ -f benchmarks/map_op_kernel_times.py ]]; then  # profiler: the map op's kernel and host times
   step map_kernel_times 45 python3 benchmarks/map_op_kernel_times.py
 fi
-step bench_layer 60 "${bench[@]}" benchmarks/test_layer.py --benchmark-json="$logs/bench_layer.json"
+step gpu_tests 130 bash -c 'python3 -m pytest -q -p no:cacheprovider -rfEs tests/test_attention_probs_gpu.py \
+  tests/test_temporal_attention_gpu.py; python3 -m pytest -q -p no:cacheprovider -rfEs tests/test_integration_fused.py -k cuda'
+
+bench=(python3 -m pytest -q -p no:cacheprovider -rfEs --benchmark-only --bench-dtype=float16
+       --benchmark-max-time=0.02 --benchmark-min-rounds=10 --benchmark-warmup=on --benchmark-warmup-iterations=2)
+step bench_denoiser 110 "${bench[@]}" benchmarks/test_denoiser.py --benchmark-json="$logs/bench_denoiser.json"
+step bench_attention 100 "${bench[@]}" benchmarks/test_temporal_attention.py --benchmark-json="$logs/bench_attention.json"
+step bench_map 110 "${bench[@]}" benchmarks/test_attention_probs.py --benchmark-json="$logs/bench_map.json"
+step bench_layer 50 "${bench[@]}" benchmarks/test_layer.py --benchmark-json="$logs/bench_layer.json"
 
 parts=$(ls "$logs"/bench_*.json 2>/dev/null)
 if [[ -n $parts ]]; then

@@ -271,3 +271,22 @@ def test_beta_at_its_limit_stays_finite(dtype, adaptive):
         assert (out.abs() == 65504).any()  # saturated, not inf
     else:
         assert_matches(case, inputs, out, plain_map, stats)
+
+
+@pytest.mark.parametrize("scope", ["batch", "sample"])
+def test_energy_programs_sum_several_tiles(scope, monkeypatch):
+    """At most ENERGY_PROGRAMS energy programs per video, each summing `steps` tiles: 3 x 3 x 2 =
+    18 sequences per video are 5 tiles of G = 4; with 2 programs each sums 3 tiles, the last
+    one past the end (masked)."""
+    monkeypatch.setattr(kernels, "ENERGY_PROGRAMS", 2)
+    kernels._launch_plan.cache_clear()
+    case = AttentionCase(adaptive_beta=True, energy_scope=scope, batch=4, height=3, width=3,
+                         guide_upsample="bilinear", guide_size=(2, 2))
+    inputs = make_inputs(case)
+    plan = kernels._launch_plan(16, 8, 2, 3, 3, 4, 7, 2, (2, 2), 8 ** -0.5, False, True,
+                                (True, 2, 1, scope == "sample", False), True, 4,
+                                torch.device("cpu"), None, None)
+    assert plan.energy_grid == (2, 2) and plan.energy_constants["steps"] == 3
+    out, plain_map, stats = run_poisoned(case, inputs)
+    kernels._launch_plan.cache_clear()
+    assert_matches(case, inputs, out, plain_map, stats)

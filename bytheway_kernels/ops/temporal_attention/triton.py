@@ -13,10 +13,15 @@ d in chunks again, stored in q's dtype. The F x F map never reaches memory, exce
 softmax map when the caller asks for it (same pass).
 
 Fixed beta is one launch of `_attention_kernel`. Adaptive beta (or stats) first runs
-`_energy_kernel` over the energy part, which recomputes the scores from q and k and writes one
-slot of six partial sums per program (no zeroing, no atomics), then the one-program
+`_energy_kernel` over the energy part, which recomputes the scores from q and k; each of its
+programs sums a run of tiles (at most `ENERGY_PROGRAMS` programs per video) and writes one slot of
+partial sums (three for beta, six with the stats; no zeroing, no atomics), then the one-program
 `_beta_kernel` sums the slots in a fixed order (bit-identical run to run) and turns them into beta
 and the stats on the device; the attention pass reads beta from there. No host synchronisation.
+
+Every backend's rules hold here too: rows whose guided sum is <= 0 or not finite keep the unguided
+map (energies included), and float16 A3 and out saturate at +-65504 (`_round_like`). The launch
+settings of a call signature are computed once (`_launch_plan`).
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ SUM_FIELDS_WITH_STATS = 6
 # Energy programs per video at most: each program sums `steps` consecutive tiles, so the one-program
 # beta kernel reads at most this many slots however large the layer (~8 programs per H200 SM).
 ENERGY_PROGRAMS = 1024
+# The energy pass is not software-pipelined: with its loop over tiles, prefetching spills registers
+# on sm_90 (fp32 inputs, d = 80: 255 registers and a stack; 144 registers without).
+ENERGY_NUM_STAGES = 1
 # Query frames per program: every F_PAD >= 16 splits into 16-row blocks, so a program's tiles are
 # [G, 16, F_PAD] (G * F_PAD = 64 keeps them at 1024 fp32 elements for every F up to 64).
 QUERY_BLOCK = 16
@@ -64,27 +72,32 @@ def padded_frames(frames: int) -> int:
     return max(16, triton.next_power_of_2(frames))
 
 
-def default_config(frames: int, head_dim: int) -> TileConfig:
+def default_config(frames: int, head_dim: int, element_size: int = 2) -> TileConfig:
     """The attention pass's tiles: G * F_PAD = 64 sequence rows (G = 4 at F = 16; [G, 16, F_PAD]
     fp32 tiles of 1024 elements) on 4 warps, or 8 from F_PAD = 32 where the F_PAD x F_PAD band
     matrix and the bilinear guide need them to stay out of local memory; d in chunks of
     BLOCK_D = 64 if 64 divides d, else 32 (d = 40, 80 and 160 run in chunks of 32; the last chunk
-    of d = 40 and 80 is masked). Measured on an H200 (benchmarks/RESULTS.md, fp16, fixed beta, AnimateDiff shapes):
+    of d = 40 and 80 is masked). Measured on an H200 (benchmarks/RESULTS.md; fp16, fixed beta,
+    the AnimateDiff shapes):
     BLOCK_D = 32 beat 16 by 9-11% at d = 40, 80 and 160; twice the sequences on twice the warps
     was no faster; half the sequences on 2 warps was within 5% (timed with BLOCK_D = 16 only, so
-    the GPU check times it again). Chunking d keeps d = 160 free of
-    spills where padding it to 256 would not be (register use: tests/test_temporal_attention_sm90.py)."""
+    the GPU check times it again). float32 inputs (`element_size` 4) take chunks of 16: their
+    exact dots run on the FMA units, and chunks of 32 spill on sm_90 under triton 3.9. Chunking d
+    keeps d = 160 free of spills where padding it to 256 would not be (register use:
+    tests/test_temporal_attention_sm90.py)."""
     padded = padded_frames(frames)
-    block_d = 64 if head_dim % 64 == 0 else 32
+    block_d = 16 if element_size > 2 else 64 if head_dim % 64 == 0 else 32
     return TileConfig(max(1, 64 // padded), block_d, 4 if padded == 16 else 8)
 
 
 def default_energy_config(frames: int, head_dim: int) -> TileConfig:
-    """The energy pass's tiles: twice the attention pass's sequences (it holds no v, out or A3
-    tile, so it has the registers), same d chunk and warps. Unmeasured: the candidates of
+    """The energy pass's tiles: the attention pass's for 2-byte inputs, whatever the dtype (run
+    unpipelined, `ENERGY_NUM_STAGES`, float32 inputs fit in chunks of 32). It holds no v or out
+    tile, but with the bilinear guide twice the sequences on the same warps spill on sm_90 (255
+    registers), so its savings are elsewhere: each program sums many tiles (`ENERGY_PROGRAMS`)
+    and only the sums beta needs unless stats are asked for. The alternatives of
     `energy_candidate_configs` are timed by benchmarks/temporal_attention_gpu_check.py."""
-    tile = default_config(frames, head_dim)
-    return tile._replace(sequences=2 * tile.sequences)
+    return default_config(frames, head_dim)
 
 
 def candidate_configs(frames: int, head_dim: int) -> list:
@@ -103,10 +116,13 @@ def candidate_configs(frames: int, head_dim: int) -> list:
 
 def energy_candidate_configs(frames: int, head_dim: int) -> list:
     """The energy pass's default and alternatives (timed with adaptive beta by the GPU check):
-    the attention pass's tiles, and twice the default's sequences on twice the warps."""
+    twice the sequences on twice the warps, and half the sequences on 2 warps where G > 1."""
     default = default_energy_config(frames, head_dim)
-    return [default, default_config(frames, head_dim),
-            default._replace(sequences=2 * default.sequences, num_warps=2 * default.num_warps)]
+    doubled = default._replace(sequences=2 * default.sequences, num_warps=2 * default.num_warps)
+    candidates = [default, doubled]
+    if default.sequences > 1:
+        candidates.append(default._replace(sequences=default.sequences // 2, num_warps=2))
+    return candidates
 
 
 @triton.jit
@@ -114,17 +130,18 @@ def _guide_tile(guide_ptr, n, head, frames, cols, mask, H, W, h, w, heads, scale
                 F: tl.constexpr, GUIDE_MODE: tl.constexpr):
     """Upsampled anchor map for [G, BLOCK_I, F_PAD], torch.interpolate's index rules in fp32.
 
-    n, head: [G, 1, 1]; frames: [1, BLOCK_I, 1]; cols: [1, 1, F_PAD]. Mirrors the map op's
-    `_guide_rows` (ops/attention_probs/triton.py) in three dimensions.
+    n (int32), head: [G, 1, 1]; frames: [1, BLOCK_I, 1]; cols: [1, 1, F_PAD]. Mirrors the map
+    op's `_guide_rows` (ops/attention_probs/triton.py) in three dimensions.
     """
-    x = n % W
+    x = n % W  # int32 index arithmetic: 64-bit division would take a stack frame
     y = (n // W) % H
     b = n // (H * W)
+    within = frames * F + cols  # int32 offsets inside one (F, F) map; whole maps in int64
     if GUIDE_MODE == 1:  # nearest: src = min(floor(dst * in / out), in - 1)
         ys = tl.minimum((y.to(tl.float32) * scale_y).to(tl.int32), h - 1)
         xs = tl.minimum((x.to(tl.float32) * scale_x).to(tl.int32), w - 1)
-        src = (((b * h + ys) * w + xs) * heads + head) * F + frames
-        upsampled = tl.load(guide_ptr + src * F + cols, mask=mask, other=0.0).to(tl.float32)
+        source = guide_ptr + (((b * h + ys) * w + xs) * heads + head).to(tl.int64) * (F * F)
+        upsampled = tl.load(source + within, mask=mask, other=0.0).to(tl.float32)
     else:  # bilinear, align_corners=False: src = max((dst + 0.5) * in / out - 0.5, 0)
         sy = tl.maximum((y.to(tl.float32) + 0.5) * scale_y - 0.5, 0.0)
         sx = tl.maximum((x.to(tl.float32) + 0.5) * scale_x - 0.5, 0.0)
@@ -134,16 +151,17 @@ def _guide_tile(guide_ptr, n, head, frames, cols, mask, H, W, h, w, heads, scale
         x1 = x0 + (x0 < w - 1).to(tl.int32)
         wy = sy - y0.to(tl.float32)
         wx = sx - x0.to(tl.float32)
-        base = b * h
-        row00 = (((base + y0) * w + x0) * heads + head) * F + frames
-        row01 = (((base + y0) * w + x1) * heads + head) * F + frames
-        row10 = (((base + y1) * w + x0) * heads + head) * F + frames
-        row11 = (((base + y1) * w + x1) * heads + head) * F + frames
-        g00 = tl.load(guide_ptr + row00 * F + cols, mask=mask, other=0.0).to(tl.float32)
-        g01 = tl.load(guide_ptr + row01 * F + cols, mask=mask, other=0.0).to(tl.float32)
-        g10 = tl.load(guide_ptr + row10 * F + cols, mask=mask, other=0.0).to(tl.float32)
-        g11 = tl.load(guide_ptr + row11 * F + cols, mask=mask, other=0.0).to(tl.float32)
-        upsampled = (1.0 - wy) * ((1.0 - wx) * g00 + wx * g01) + wy * ((1.0 - wx) * g10 + wx * g11)
+        row0 = (b * h + y0) * w
+        row1 = (b * h + y1) * w
+        map00 = guide_ptr + ((row0 + x0) * heads + head).to(tl.int64) * (F * F)
+        map01 = guide_ptr + ((row0 + x1) * heads + head).to(tl.int64) * (F * F)
+        map10 = guide_ptr + ((row1 + x0) * heads + head).to(tl.int64) * (F * F)
+        map11 = guide_ptr + ((row1 + x1) * heads + head).to(tl.int64) * (F * F)
+        top = ((1.0 - wx) * tl.load(map00 + within, mask=mask, other=0.0).to(tl.float32)
+               + wx * tl.load(map01 + within, mask=mask, other=0.0).to(tl.float32))
+        bottom = ((1.0 - wx) * tl.load(map10 + within, mask=mask, other=0.0).to(tl.float32)
+                  + wx * tl.load(map11 + within, mask=mask, other=0.0).to(tl.float32))
+        upsampled = (1.0 - wy) * top + wy * bottom
     return upsampled
 
 
@@ -161,7 +179,8 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, h
     values (row sums may be 0) that callers must not store or sum (row_valid, [G, BLOCK_I, 1],
     says which rows are real).
     """
-    n = (seq // heads).to(tl.int64)[:, None, None]
+    n32 = (seq // heads)[:, None, None]
+    n = n32.to(tl.int64)  # addresses in int64
     head = (seq % heads)[:, None, None]
     keys = tl.arange(0, F_PAD)[None, :, None]
     cols = tl.arange(0, F_PAD)[None, None, :]
@@ -184,8 +203,8 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, h
         guided = attn
         row_sum = tl.sum(attn, axis=2)[:, :, None]
     else:
-        upsampled = _guide_tile(guide_ptr, n, head, frames, cols, row_valid & col_valid, H, W, h, w,
-                                heads, scale_y, scale_x, F, GUIDE_MODE)
+        upsampled = _guide_tile(guide_ptr, n32, head, frames, cols, row_valid & col_valid, H, W, h,
+                                w, heads, scale_y, scale_x, F, GUIDE_MODE)
         guided = attn + alpha * (upsampled - attn)
         # rows whose guided sum is <= 0 or not finite keep A (the map op's rule, energies too)
         row_sum = tl.sum(guided, axis=2)[:, :, None]
@@ -215,7 +234,8 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, out_pt
     """out = A3 @ v for BLOCK_I query frames of G sequences (grid axis 0: 2**31 - 1 programs,
     F_PAD // BLOCK_I per G sequences); beta from beta_ptr if HAS_BETA (one per energy group),
     else beta0; the plain map too if WITH_MAP."""
-    pid = tl.program_id(0).to(tl.int64)
+    # sequence indices fit in int32 (`sequences` is an i32 argument); addresses are int64
+    pid = tl.program_id(0)
     seq = (pid // (F_PAD // BLOCK_I)) * G + tl.arange(0, G)
     seq_valid = seq < sequences
     frames = ((pid % (F_PAD // BLOCK_I)) * BLOCK_I + tl.arange(0, BLOCK_I))[None, :, None]
@@ -224,17 +244,17 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, out_pt
         H, W, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G, BLOCK_I,
         GUIDE_MODE, BAND)
     if HAS_BETA:
-        entry = seq // heads // (H * W)
+        entry = seq // heads // (H * W)  # int32: 64-bit division would take a stack frame
         group = entry % videos if PER_VIDEO else entry * 0
         beta = tl.load(beta_ptr + group, mask=seq_valid, other=1.0)[:, None, None]
     else:
         beta = beta0
-    n = (seq // heads)[:, None, None]
+    n = (seq // heads).to(tl.int64)[:, None, None]
     head = (seq % heads)[:, None, None]
     keys = tl.arange(0, F_PAD)[None, :, None]
     cols = tl.arange(0, F_PAD)[None, None, :]
     if WITH_MAP:
-        map_offsets = (seq[:, None, None] * F + frames) * F + cols
+        map_offsets = (seq.to(tl.int64)[:, None, None] * F + frames) * F + cols
         tl.store(map_ptr + map_offsets, attn.to(map_ptr.dtype.element_ty), mask=row_valid & (cols < F))
     # divide by rowsum(A2), which equals rowsum(A3): the band term sums to 0
     row_sum = tl.where(row_valid, row_sum, 1.0)
@@ -288,7 +308,7 @@ def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, sequences_pe
         tile = first_tile + step  # tiles past the last sequence are masked (seq_valid)
         local = (tile // (F_PAD // BLOCK_I)) * G + tl.arange(0, G)
         seq_valid = local < sequences_per_entry
-        seq = (first_entry + video).to(tl.int64) * sequences_per_entry + local
+        seq = (first_entry + video) * sequences_per_entry + local
         frames = ((tile % (F_PAD // BLOCK_I)) * BLOCK_I + tl.arange(0, BLOCK_I))[None, :, None]
         attn, guided, high, row_sum, row_valid = _attention_tile(
             q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, heads, q_sn, q_sf, k_sn,
@@ -307,7 +327,8 @@ def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, sequences_pe
             inv_square = inv_square * inv_square
             guided_e3 += tl.where(row_valid, guided_rows * inv_square, 0.0)
             cross_e3 += tl.where(row_valid, cross_rows * inv_square, 0.0)
-            high_e3 += tl.where(row_valid, tl.sum(high * high, axis=2)[:, :, None] * inv_square, 0.0)
+            high_rows = tl.sum(high * high, axis=2)[:, :, None]
+            high_e3 += tl.where(row_valid, high_rows * inv_square, 0.0)
     slot = partials_ptr + (video * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) * FIELDS
     tl.store(slot + 0, _tile_sum(plain))
     tl.store(slot + 1, _tile_sum(guided_sum))
@@ -383,7 +404,7 @@ class _LaunchPlan(NamedTuple):
     placeholder: torch.Tensor  # a float32 pointer for the beta argument when beta is fixed
     attention_grid: tuple
     attention_constants: dict  # geometry and constexprs of `_attention_kernel`
-    energy_grid: Optional[tuple]  # None: no energy pass; (0, 0) when the energy part is empty
+    energy_grid: Optional[tuple]  # None: no energy pass; (programs, videos), videos 0 if B = 0
     energy_constants: dict
     partials_shape: tuple
     beta_constants: dict
@@ -392,13 +413,14 @@ class _LaunchPlan(NamedTuple):
 @functools.lru_cache(maxsize=256)
 def _launch_plan(frames: int, head_dim: int, heads: int, height: int, width: int, batch: int,
                  tau: int, guide_mode: int, guide_size: tuple, scale: float, identity_band: bool,
-                 with_sums: bool, params_key: tuple, with_stats: bool, device: torch.device,
-                 config: Optional[TileConfig], energy_config: Optional[TileConfig]) -> _LaunchPlan:
+                 with_sums: bool, params_key: tuple, with_stats: bool, element_size: int,
+                 device: torch.device, config: Optional[TileConfig],
+                 energy_config: Optional[TileConfig]) -> _LaunchPlan:
     """The launch plan of one call signature, built once (its device tensors before any CUDA graph
     capture, on the first eager call) and reused: the per-call host work is binding pointers."""
     adaptive_beta, parts, energy_part, per_video, has_beta_max = params_key
     padded = padded_frames(frames)
-    tile = config or default_config(frames, head_dim)
+    tile = config or default_config(frames, head_dim, element_size)
     full_band = is_full_band(frames, tau)
     band = None if full_band else high_band_matrix(frames, tau, padded, device)
     h, w = guide_size
@@ -426,10 +448,11 @@ def _launch_plan(frames: int, head_dim: int, heads: int, height: int, width: int
             geometry, sequences_per_entry=sequences_per_entry, first_entry=energy_part * videos,
             steps=steps, F=frames, F_PAD=padded, D=head_dim, BLOCK_D=energy_tile.block_d,
             G=energy_tile.sequences, BLOCK_I=QUERY_BLOCK, GUIDE_MODE=guide_mode, BAND=band_mode,
-            FIELDS=fields, num_warps=energy_tile.num_warps)
+            FIELDS=fields, num_warps=energy_tile.num_warps, num_stages=ENERGY_NUM_STAGES)
         partials_shape = (programs * videos, fields)
         beta_constants = dict(
-            groups=videos if per_video else 1, slots_per_group=programs * (1 if per_video else videos),
+            groups=videos if per_video else 1,
+            slots_per_group=programs * (1 if per_video else videos),
             rows_per_group=float(sequences_per_entry * frames * (1 if per_video else videos)),
             high_energy_floor=HIGH_ENERGY_FLOOR, BLOCK=REDUCE_BLOCK, ADAPTIVE=adaptive_beta,
             HAS_BETA_MAX=has_beta_max, WRITE_STATS=with_stats, FIELDS=fields, num_warps=4)
@@ -466,13 +489,14 @@ def temporal_attention_triton_out(q, k, v, guide, heads: int, height: int, width
         frames, channels // heads, heads, height, width, sequences_total // (height * width), tau,
         guide_mode, guide_size, scale, beta == 1.0 and not adaptive_beta, with_sums,
         (adaptive_beta, parts, energy_part, energy_scope == "sample", beta_max is not None),
-        stats is not None, q.device, config, energy_config)
+        stats is not None, q.element_size(), q.device, config, energy_config)
     band = q if plan.band is None else plan.band
     betas = plan.placeholder
     if with_sums:
-        betas = torch.empty((max(plan.beta_constants["groups"], 1),), dtype=torch.float32, device=q.device)
+        groups = max(plan.beta_constants["groups"], 1)  # never a null pointer
+        betas = torch.empty((groups,), dtype=torch.float32, device=q.device)
         partials = torch.empty(plan.partials_shape, dtype=torch.float32, device=q.device)
-        if plan.energy_grid[0] * plan.energy_grid[1] > 0:
+        if plan.energy_grid[1] > 0:
             _energy_kernel[plan.energy_grid](q, k, guide, band, partials, q_sn=q.stride(0),
                                              q_sf=q.stride(1), k_sn=k.stride(0), k_sf=k.stride(1),
                                              alpha=alpha, **plan.energy_constants)

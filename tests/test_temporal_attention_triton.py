@@ -37,7 +37,8 @@ def interpreter_bfloat16_dot(monkeypatch):
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
 
 
-def run_poisoned(case: AttentionCase, inputs, with_map=True, with_stats=True, config=None):
+def run_poisoned(case: AttentionCase, inputs, with_map=True, with_stats=True, config=None,
+                 energy_config=None):
     """Launch into NaN-filled out / map / stats; return them (map, stats None when not asked)."""
     q, k, v, guide = inputs
     out = torch.full(q.shape, float("nan"), dtype=q.dtype)
@@ -49,7 +50,7 @@ def run_poisoned(case: AttentionCase, inputs, with_map=True, with_stats=True, co
         stats = torch.full((case.params().stats_rows(case.batch), 6), float("nan"))
     temporal_attention_triton_out(q, k, v, guide, case.heads, case.height, case.width,
                                   case.head_dim ** -0.5, case.params(), out, plain_map, stats,
-                                  config)
+                                  config, energy_config)
     return out, plain_map, stats
 
 
@@ -85,12 +86,12 @@ def test_plain_attention_matches_sdpa():
 
 @pytest.mark.parametrize("config", [TileConfig(1, 16, 4), TileConfig(8, 32, 4), TileConfig(2, 64, 8)])
 def test_other_tile_configs(config):
-    """The tuning configurations of benchmarks/temporal_attention_gpu_check.py are correct too;
-    G = 8 with 3 * 2 * 3 * 2 = 36 sequences leaves a partly filled last program."""
+    """The tuning configurations of benchmarks/temporal_attention_gpu_check.py, for both passes,
+    are correct too; G = 8 with 3 * 2 * 3 * 2 = 36 sequences leaves a partly filled last program."""
     case = AttentionCase(head_dim=40, dtype=torch.float16, heads=2, height=3, width=3,
                          adaptive_beta=True, guide_upsample="bilinear", guide_size=(2, 2))
     inputs = make_inputs(case)
-    out, plain_map, stats = run_poisoned(case, inputs, config=config)
+    out, plain_map, stats = run_poisoned(case, inputs, config=config, energy_config=config)
     assert_matches(case, inputs, out, plain_map, stats)
 
 

@@ -175,6 +175,11 @@ def temporal_attention(
             the anchor layer records as the later layers' guide).
         return_stats: also return float32 stats (rows, 6) = (beta, E1, E2, E2_low, E2_high, E3).
 
+    The map op's rules hold: rows whose guided sum rowsum(A2) is <= 0 or not finite use the
+    unguided map (in the energies too), and a float16 out saturates at +-65504 (A3 @ v reaches it
+    only with beta above ~7e4; the fused kernel also saturates A3 where it rounds it to float16
+    for the product), so every finite input gives a finite output.
+
     Returns:
         out (B*H*W, F, heads*d), contiguous, in q's dtype; then the map and/or the stats if asked.
         Never synchronises with the host.

@@ -11,8 +11,9 @@ For each temporal attention layer shape of AnimateDiff at 512x512 (batch 2 for C
    (plain, fixed beta, adaptive beta, fixed beta + map), the composed path and each SDPA backend,
    with the memory floor (q, k, v read + out written at 4.25 TB/s), and the host cost per call of
    the public function;
-3. times the fused fixed-beta kernel with each tile configuration of `candidate_configs` and
-   prints the fastest, to choose `default_config` from one GPU run.
+3. times the fused fixed-beta kernel with each tile configuration of `candidate_configs`, and
+   adaptive beta with each energy-pass configuration of `energy_candidate_configs`, and prints the
+   fastest, to choose `default_config` and `default_energy_config` from one GPU run.
 Exits non-zero if a check fails. A tuning tool: the benchmark suite proper is benchmarks/test_*.py.
 """
 
@@ -32,6 +33,8 @@ from bytheway_kernels import PRESETS, temporal_attention
 from bytheway_kernels.ops.params import ByTheWayParams
 from bytheway_kernels.ops.temporal_attention.reference import temporal_attention_composed
 from bytheway_kernels.ops.temporal_attention.triton import (candidate_configs, default_config,
+                                                            default_energy_config,
+                                                            energy_candidate_configs,
                                                             temporal_attention_triton_out)
 
 BANDWIDTH = 4.25e12  # bytes/s, measured copy bandwidth of an H200 (docs/DESIGN.md section 7)
@@ -116,10 +119,10 @@ def time_shape(name, height, width, head_dim, preset) -> dict:
     plain_map = torch.empty((BATCH, height, width, HEADS, FRAMES, FRAMES), device=DEVICE,
                             dtype=torch.float16)
 
-    def fused(layer_guide, params, with_map=False, config=None):
+    def fused(layer_guide, params, with_map=False, config=None, energy_config=None):
         return lambda: temporal_attention_triton_out(
             q, k, v, layer_guide, HEADS, height, width, scale, params, out,
-            plain_map if with_map else None, None, config)
+            plain_map if with_map else None, None, config=config, energy_config=energy_config)
 
     row["fused plain"] = bench_us(fused(None, ByTheWayParams(0.0, 1.0, 0, False, 2, 1, "batch",
                                                               "nearest", None)))
@@ -147,6 +150,9 @@ def time_shape(name, height, width, head_dim, preset) -> dict:
     for config in candidate_configs(FRAMES, head_dim):
         tiles[tuple(config)] = bench_us(fused(guide, fixed, config=config))
     row["tiles"] = tiles
+    adaptive = fixed._replace(adaptive_beta=True)
+    row["energy tiles"] = {tuple(config): bench_us(fused(guide, adaptive, energy_config=config))
+                           for config in energy_candidate_configs(FRAMES, head_dim)}
     return row
 
 
@@ -168,12 +174,13 @@ def main() -> int:
                "composed fixed", "sdpa flash", "sdpa efficient", "sdpa cudnn"]
     print("\nkernel time, us (median, L2 flushed)")
     print(f"{'shape':12}" + "".join(f"{column:>17}" for column in columns)
-          + f"{'fixed/best SDPA':>17}{'floor/fixed':>13}{'host us/call':>14}")
+          + f"{'fixed/best SDPA':>17}{'floor/fixed':>13}{'adaptive/fixed':>16}{'host us/call':>14}")
     for row in rows:
         best_sdpa = min((row[f"sdpa {b}"] for b in SDPA_BACKENDS if not math.isnan(row[f"sdpa {b}"])),
                         default=float("nan"))
         print(f"{row['shape']:12}" + "".join(f"{row[column]:17.1f}" for column in columns)
               + f"{row['fused fixed'] / best_sdpa:17.3f}{row['floor'] / row['fused fixed']:13.2f}"
+              + f"{row['fused adaptive'] / row['fused fixed']:16.2f}"
               + f"{row['host us/call']:14.1f}")
     print("\ntile configurations (G sequences, BLOCK_D, warps), fused fixed beta, us")
     for row, (_, _, _, head_dim) in zip(rows, SHAPES):
@@ -181,6 +188,13 @@ def main() -> int:
         timings = ", ".join(f"{config}{'*' if config == default else ''}: {value:.1f}"
                             for config, value in row["tiles"].items())
         fastest = min(row["tiles"], key=row["tiles"].get)
+        print(f"{row['shape']:12} {timings}  -> fastest {fastest} (* = default)")
+    print("\nenergy-pass configurations (G sequences, BLOCK_D, warps), fused adaptive beta, us")
+    for row, (_, _, _, head_dim) in zip(rows, SHAPES):
+        default = tuple(default_energy_config(FRAMES, head_dim))
+        timings = ", ".join(f"{config}{'*' if config == default else ''}: {value:.1f}"
+                            for config, value in row["energy tiles"].items())
+        fastest = min(row["energy tiles"], key=row["energy tiles"].get)
         print(f"{row['shape']:12} {timings}  -> fastest {fastest} (* = default)")
     print(f"\n{'FAILED: ' + '; '.join(failures) if failures else 'all checks passed'}"
           f"  ({time.perf_counter() - started:.0f} s)")

@@ -1,13 +1,16 @@
 """Fused temporal attention's public function and custom op on CPU: validation, the composed path
 against the float64 formula and SDPA, opcheck, torch.compile."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F_nn
 
 import bytheway_kernels as btw
 from bytheway_kernels.ops.temporal_attention import fused_available, temporal_attention_op
-from temporal_attention_cases import AttentionCase, assert_matches, make_inputs
+from temporal_attention_cases import (OUT_TOLERANCE, AttentionCase, assert_matches, expected,
+                                      make_inputs)
 
 BYTHEWAY = dict(alpha=0.6, beta=1.5, tau=7)
 
@@ -209,3 +212,65 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(layer, fullgraph=True, backend="inductor")
     for got, want in zip(compiled(qkv, guide), layer(qkv, guide)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
+def test_composed_zero_guide_with_alpha_one_is_the_unguided_result(adaptive, backend, monkeypatch):
+    """Every guided row sums to 0: each keeps the unguided map (energies too), as in the map op
+    (to rounding: the C++ kernel orders its fp32 sums differently with and without a guide)."""
+    monkeypatch.setenv("BYTHEWAY_BACKEND", backend)
+    case = AttentionCase(adaptive_beta=adaptive, alpha=1.0, head_dim=40, dtype=torch.float16)
+    q, k, v, guide = make_inputs(case)
+    zero_guide = torch.zeros_like(guide)
+    got = _call(case, (q, k, v, zero_guide), return_map=True, return_stats=True)
+    unguided = dataclasses.replace(case, guide_size=None, alpha=0.0)
+    want = _call(unguided, (q, k, v, None), return_map=True, return_stats=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)  # float16: rtol 1e-3, one ulp of the rounded output
+    assert_matches(case, (q, k, v, zero_guide), *got)
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_composed_beta_at_its_limit_stays_finite(dtype, adaptive):
+    """beta = BETA_LIMIT (1e6): out of the float32 composition exceeds float16's range, so
+    float16 saturates at +-65504 (and matches the clamped formula); the others match the formula."""
+    case = AttentionCase(dtype=dtype, beta=1e6, adaptive_beta=adaptive, head_dim=40,
+                         beta_max=1e6 if adaptive else None)
+    inputs = make_inputs(case)
+    out, stats = _call(case, inputs, return_stats=True)
+    assert torch.isfinite(out).all() and torch.isfinite(stats).all()
+    if dtype != torch.float16:
+        assert_matches(case, inputs, out, stats=stats)
+        return
+    assert (out.abs() == 65504).any()
+    want, _, _, bound = expected(case, *inputs)
+    error = (out.double() - want.clamp(-65504, 65504)).abs()
+    assert (error <= OUT_TOLERANCE[torch.float16] * bound + 1e-6).all()
+
+
+def test_eager_calls_skip_the_custom_op_and_cache_only_valid_signatures(monkeypatch):
+    """Plain eager calls run the implementation directly (the op is not called); a cached valid
+    signature never hides a bad argument of the same shapes."""
+    from bytheway_kernels.ops.temporal_attention import op as op_module
+
+    def refuse(*args):
+        raise AssertionError("the custom op was called")
+
+    case = AttentionCase(adaptive_beta=True)
+    inputs = make_inputs(case)
+    want = _call(case, inputs)
+    monkeypatch.setattr(op_module, "temporal_attention_op", refuse)
+    torch.testing.assert_close(_call(case, inputs), want, atol=0, rtol=0)
+    for bad, match in ((dict(alpha=True), "alpha must be a finite"),
+                       (dict(adaptive_beta=1), "adaptive_beta must be a bool"),
+                       (dict(beta=-1.0), "beta must be >= 0")):
+        with pytest.raises(ValueError, match=match):
+            _call(case, inputs, **bad)
+    class PassThrough(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with pytest.raises(AssertionError, match="custom op was called"), PassThrough():
+        _call(case, inputs)  # a Python mode: through the op

@@ -4,6 +4,8 @@
 kernels write into outputs the test fills with NaN first, so any element they miss fails.
 """
 
+import dataclasses
+
 import pytest
 import torch
 import triton.language as tl
@@ -35,7 +37,8 @@ def interpreter_bfloat16_dot(monkeypatch):
     monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
 
 
-def run_poisoned(case: AttentionCase, inputs, with_map=True, with_stats=True, config=None):
+def run_poisoned(case: AttentionCase, inputs, with_map=True, with_stats=True, config=None,
+                 energy_config=None):
     """Launch into NaN-filled out / map / stats; return them (map, stats None when not asked)."""
     q, k, v, guide = inputs
     out = torch.full(q.shape, float("nan"), dtype=q.dtype)
@@ -47,7 +50,7 @@ def run_poisoned(case: AttentionCase, inputs, with_map=True, with_stats=True, co
         stats = torch.full((case.params().stats_rows(case.batch), 6), float("nan"))
     temporal_attention_triton_out(q, k, v, guide, case.heads, case.height, case.width,
                                   case.head_dim ** -0.5, case.params(), out, plain_map, stats,
-                                  config)
+                                  config, energy_config)
     return out, plain_map, stats
 
 
@@ -83,12 +86,12 @@ def test_plain_attention_matches_sdpa():
 
 @pytest.mark.parametrize("config", [TileConfig(1, 16, 4), TileConfig(8, 32, 4), TileConfig(2, 64, 8)])
 def test_other_tile_configs(config):
-    """The tuning configurations of benchmarks/temporal_attention_gpu_check.py are correct too;
-    G = 8 with 3 * 2 * 3 * 2 = 36 sequences leaves a partly filled last program."""
+    """The tuning configurations of benchmarks/temporal_attention_gpu_check.py, for both passes,
+    are correct too; G = 8 with 3 * 2 * 3 * 2 = 36 sequences leaves a partly filled last program."""
     case = AttentionCase(head_dim=40, dtype=torch.float16, heads=2, height=3, width=3,
                          adaptive_beta=True, guide_upsample="bilinear", guide_size=(2, 2))
     inputs = make_inputs(case)
-    out, plain_map, stats = run_poisoned(case, inputs, config=config)
+    out, plain_map, stats = run_poisoned(case, inputs, config=config, energy_config=config)
     assert_matches(case, inputs, out, plain_map, stats)
 
 
@@ -227,3 +230,64 @@ def test_identity_settings_skip_the_guide_and_the_band(dtype):
     beta_one = AttentionCase(dtype=dtype, head_dim=40, alpha=0.5, beta=1.0, tau=3, guide_size=(1, 2))
     out, _, _ = run_poisoned(beta_one, inputs[:3] + (guide,), with_map=False, with_stats=False)
     assert_matches(beta_one, inputs[:3] + (guide,), out)
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
+def test_zero_guide_with_alpha_one_is_the_unguided_result(adaptive):
+    """alpha = 1 with an all-zero guide makes every guided row sum 0: each row keeps the unguided
+    map, in the energies too, so out, map and stats equal those without a guide bit for bit."""
+    unguided = AttentionCase(adaptive_beta=adaptive, guide_size=None, alpha=0.0, head_dim=40,
+                             dtype=torch.float16)
+    q, k, v, _ = inputs = make_inputs(unguided)
+    zero_guided = dataclasses.replace(unguided, guide_size=(1, 2), alpha=1.0)
+    zero_guide = torch.zeros_like(make_inputs(zero_guided)[3])
+    expected = run_poisoned(unguided, inputs)
+    got = run_poisoned(zero_guided, (q, k, v, zero_guide))
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+    assert_matches(zero_guided, (q, k, v, zero_guide), *got)
+
+
+def test_rows_with_a_zero_guide_row_keep_the_unguided_map():
+    """Some guide rows zero (guided sum 0 with alpha = 1), the others a softmax: per-row choice."""
+    case = AttentionCase(alpha=1.0, adaptive_beta=True, guide_size=(2, 2), height=3, width=3)
+    q, k, v, guide = make_inputs(case)
+    guide = guide.clone()
+    guide[:, 0, :, :, ::3] = 0.0
+    out, plain_map, stats = run_poisoned(case, (q, k, v, guide))
+    assert_matches(case, (q, k, v, guide), out, plain_map, stats)
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_beta_at_its_limit_stays_finite(dtype, adaptive):
+    """beta = BETA_LIMIT (1e6) puts A3 and out far beyond float16's range: float16 saturates at
+    +-65504 (A3 before the product with v and out), the other dtypes match the formula."""
+    case = AttentionCase(dtype=dtype, beta=1e6, adaptive_beta=adaptive, head_dim=40,
+                         beta_max=1e6 if adaptive else None)
+    inputs = make_inputs(case)
+    out, plain_map, stats = run_poisoned(case, inputs)
+    assert torch.isfinite(out).all() and torch.isfinite(stats).all()
+    if dtype == torch.float16:
+        assert (out.abs() == 65504).any()  # saturated, not inf
+    else:
+        assert_matches(case, inputs, out, plain_map, stats)
+
+
+@pytest.mark.parametrize("scope", ["batch", "sample"])
+def test_energy_programs_sum_several_tiles(scope, monkeypatch):
+    """At most ENERGY_PROGRAMS energy programs per video, each summing `steps` tiles: 3 x 3 x 2 =
+    18 sequences per video are 5 tiles of G = 4; with 2 programs each sums 3 tiles, the last
+    one past the end (masked)."""
+    monkeypatch.setattr(kernels, "ENERGY_PROGRAMS", 2)
+    kernels._launch_plan.cache_clear()
+    case = AttentionCase(adaptive_beta=True, energy_scope=scope, batch=4, height=3, width=3,
+                         guide_upsample="bilinear", guide_size=(2, 2))
+    inputs = make_inputs(case)
+    plan = kernels._launch_plan(16, 8, 2, 3, 3, 4, 7, 2, (2, 2), 8 ** -0.5, False, True,
+                                (True, 2, 1, scope == "sample", False), True, 4,
+                                torch.device("cpu"), None, None)
+    assert plan.energy_grid == (2, 2) and plan.energy_constants["steps"] == 3
+    out, plain_map, stats = run_poisoned(case, inputs)
+    kernels._launch_plan.cache_clear()
+    assert_matches(case, inputs, out, plain_map, stats)

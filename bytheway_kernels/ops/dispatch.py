@@ -43,3 +43,21 @@ def _cpp_module():
 
 def _cpp_available() -> bool:
     return _cpp_module().cpp_status().available  # builds the C++ kernel on first use (cached)
+
+
+def direct_call_is_equivalent(*tensors) -> bool:
+    """Whether an op's public function may call its implementation directly instead of through
+    its custom op and get the same result: plain eager tensors (or None: no subclass such as fake
+    or functional tensors, no functorch wrapper), no tracing or compiling, no Python modes and
+    nothing for autograd to record. Skipping the custom op's Python dispatch saves most of an
+    eager call's host time."""
+    if torch.compiler.is_compiling():
+        return False
+    for tensor in tensors:
+        if tensor is not None and (type(tensor) is not torch.Tensor
+                                   or torch._C._functorch.is_functorch_wrapped_tensor(tensor)):
+            return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return False
+    return not (torch.is_grad_enabled()
+                and any(tensor is not None and tensor.requires_grad for tensor in tensors))

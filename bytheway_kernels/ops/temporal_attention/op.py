@@ -2,7 +2,10 @@
 
 q, k, v -> out = A3 @ v with A3 the ByTheWay map of the scores scale * q k^T (docs/DESIGN.md section 7).
 CUDA tensors run the fused Triton kernels (`triton.py`: the F x F map never reaches memory); other
-devices, float64 inputs and F > 64 run the composed path (`reference.py`).
+devices, float64 inputs and F > 64 run the composed path (`reference.py`). In plain eager calls
+the public function runs the implementation directly, skipping the custom op's Python dispatch
+(`ops.dispatch.direct_call_is_equivalent`); tracing, compiling, Python modes, functorch and
+autograd go through the op.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch
 
 from ..._validation import check_temporal_attention_args
 from ...energy import STATS_FIELDS, stats_rows
-from ..dispatch import select_backend
+from ..dispatch import direct_call_is_equivalent, select_backend
 from ..params import ByTheWayParams
 from .reference import temporal_attention_composed
 
@@ -29,6 +32,19 @@ def fused_available(device) -> bool:
 def _runs_fused(q: torch.Tensor) -> bool:
     return (select_backend(q.device) == "triton" and q.dtype != torch.float64
             and q.shape[1] <= FUSED_MAX_FRAMES)
+
+
+def _temporal_attention(q, k, v, guide, heads: int, height: int, width: int, scale: float,
+                        params: ByTheWayParams, with_map: bool, with_stats: bool):
+    """(out, map, stats) from the fused kernel or the composed path, whichever runs `q`; the map
+    and the stats are None unless asked for."""
+    if _runs_fused(q):
+        from .triton import temporal_attention_triton  # imports triton only when used
+
+        return temporal_attention_triton(q, k, v, guide, heads, height, width, scale, params,
+                                         with_map, with_stats)
+    return temporal_attention_composed(q, k, v, guide, heads, height, width, scale, params,
+                                       with_map, with_stats)
 
 
 @torch.library.custom_op("bytheway::temporal_attention", mutates_args=())
@@ -59,13 +75,13 @@ def temporal_attention_op(
     """
     params = ByTheWayParams(alpha, beta, tau, adaptive_beta, parts, energy_part, energy_scope,
                             guide_upsample, beta_max)
-    if _runs_fused(q):
-        from .triton import temporal_attention_triton  # imports triton only when used
-
-        return temporal_attention_triton(q, k, v, guide, heads, height, width, scale, params,
-                                         with_map, with_stats)
-    return temporal_attention_composed(q, k, v, guide, heads, height, width, scale, params,
-                                       with_map, with_stats)
+    out, plain_map, stats = _temporal_attention(q, k, v, guide, heads, height, width, scale,
+                                                params, with_map, with_stats)
+    if plain_map is None:
+        plain_map = q.new_empty((0,))
+    if stats is None:
+        stats = q.new_empty((0, len(STATS_FIELDS)), dtype=torch.float32)
+    return out, plain_map, stats
 
 
 @temporal_attention_op.register_fake
@@ -78,6 +94,47 @@ def _(q, k, v, guide, heads, height, width, scale, alpha, beta, tau, adaptive_be
                  else q.new_empty((0,)))
     rows = stats_rows(batch, parts, energy_scope) if with_stats else 0
     return out, plain_map, q.new_empty((rows, len(STATS_FIELDS)), dtype=torch.float32)
+
+
+def _validate(q, k, v, heads, height, width, scale, guide, alpha, beta, tau, adaptive_beta, cfg,
+              energy_scope, guide_upsample, beta_max, batch_split, return_map, return_stats):
+    """(resolved scale, ByTheWayParams) of valid arguments; a ValueError naming a bad one."""
+    split, scale = check_temporal_attention_args(
+        q, k, v, heads, height, width, scale, guide, alpha, beta, tau, adaptive_beta, cfg,
+        energy_scope, guide_upsample, beta_max, batch_split, return_map, return_stats,
+    )
+    params = ByTheWayParams(float(alpha), float(beta), int(tau), adaptive_beta, split.parts,
+                            split.energy_part, energy_scope, guide_upsample,
+                            None if beta_max is None else float(beta_max))
+    return scale, params
+
+
+# Validation results of eager calls by argument signature: validity depends only on the tensors'
+# shapes, strides, dtypes and devices and on the plain Python settings, which the key holds.
+_VALIDATED: dict = {}
+_VALIDATED_MAX = 1024
+_NUMBER_TYPES = (int, float)
+
+
+def _validation_key(q, k, v, heads, height, width, scale, guide, alpha, beta, tau, adaptive_beta,
+                    cfg, energy_scope, guide_upsample, beta_max, batch_split, return_map,
+                    return_stats):
+    """A hashable signature of plain (eager) tensors and exact-type Python settings, else None
+    (numpy scalars, bools passed as numbers and other types are validated on every call)."""
+    numbers = (alpha, beta) + ((beta_max,) if beta_max is not None else ()) + (
+        (scale,) if scale is not None else ())
+    if not (all(type(number) in _NUMBER_TYPES for number in numbers)
+            and type(heads) is int and type(height) is int and type(width) is int
+            and type(tau) is int and type(adaptive_beta) is bool and type(cfg) is bool
+            and type(return_map) is bool and type(return_stats) is bool
+            and type(energy_scope) is str and type(guide_upsample) is str
+            and (batch_split is None or (type(batch_split) is tuple
+                                         and all(type(part) is int for part in batch_split)))):
+        return None
+    tensors = tuple((t.shape, t.stride(), t.dtype, t.device) for t in (q, k, v))
+    guide_key = None if guide is None else (guide.shape, guide.dtype, guide.device)
+    return (tensors, guide_key, heads, height, width, scale, alpha, beta, tau, adaptive_beta, cfg,
+            energy_scope, guide_upsample, beta_max, batch_split, return_map, return_stats)
 
 
 def temporal_attention(
@@ -118,18 +175,32 @@ def temporal_attention(
             the anchor layer records as the later layers' guide).
         return_stats: also return float32 stats (rows, 6) = (beta, E1, E2, E2_low, E2_high, E3).
 
+    The map op's rules hold: rows whose guided sum rowsum(A2) is <= 0 or not finite use the
+    unguided map (in the energies too), and a float16 out saturates at +-65504 (A3 @ v reaches it
+    only with beta above ~7e4; the fused kernel also saturates A3 where it rounds it to float16
+    for the product), so every finite input gives a finite output.
+
     Returns:
         out (B*H*W, F, heads*d), contiguous, in q's dtype; then the map and/or the stats if asked.
         Never synchronises with the host.
     """
-    split, scale = check_temporal_attention_args(
-        q, k, v, heads, height, width, scale, guide, alpha, beta, tau, adaptive_beta, cfg,
-        energy_scope, guide_upsample, beta_max, batch_split, return_map, return_stats,
-    )
-    params = ByTheWayParams(float(alpha), float(beta), int(tau), adaptive_beta, split.parts,
-                            split.energy_part, energy_scope, guide_upsample,
-                            None if beta_max is None else float(beta_max))
-    out, plain_map, stats = temporal_attention_op(q, k, v, guide, heads, height, width, scale,
-                                                  *params, return_map, return_stats)
+    args = (q, k, v, heads, height, width, scale, guide, alpha, beta, tau, adaptive_beta, cfg,
+            energy_scope, guide_upsample, beta_max, batch_split, return_map, return_stats)
+    if direct_call_is_equivalent(q, k, v, guide):
+        key = _validation_key(*args)
+        checked = _VALIDATED.get(key) if key is not None else None
+        if checked is None:
+            checked = _validate(*args)
+            if key is not None:
+                if len(_VALIDATED) >= _VALIDATED_MAX:
+                    _VALIDATED.clear()
+                _VALIDATED[key] = checked
+        scale, params = checked
+        out, plain_map, stats = _temporal_attention(q, k, v, guide, heads, height, width, scale,
+                                                    params, return_map, return_stats)
+    else:
+        scale, params = _validate(*args)
+        out, plain_map, stats = temporal_attention_op(q, k, v, guide, heads, height, width, scale,
+                                                      *params, return_map, return_stats)
     extras = ((plain_map,) if return_map else ()) + ((stats,) if return_stats else ())
     return (out, *extras) if extras else out

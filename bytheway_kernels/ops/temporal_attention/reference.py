@@ -2,7 +2,10 @@
 
 This is what CPU tensors run, and, with the reference map-op backend on float64 inputs, the ground
 truth the fused Triton kernel is tested against. Scores and the product with v are computed in
-float32 (float64 for float64 inputs) whatever the input dtype, as the fused kernel does.
+float32 (float64 for float64 inputs) whatever the input dtype, as the fused kernel does, and out
+is rounded to q's dtype once; float16 saturates at +-65504 there as the map op's float16 outputs do
+(with beta near its limit of 1e6, A3 @ v exceeds the float16 range although the float32 map does
+not), so every finite input gives a finite output.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..attention_probs.op import _BACKEND_FUNCTIONS, attention_probs
+from ..attention_probs.reference import _to_output_dtype
 from ..params import ByTheWayParams
 
 
@@ -25,8 +29,9 @@ def temporal_attention_composed(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, guide: Optional[torch.Tensor],
     heads: int, height: int, width: int, scale: float, params: ByTheWayParams,
     with_map: bool, with_stats: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, map, stats) of `torch.ops.bytheway.temporal_attention` by materialising the map.
+) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(out, map, stats) of `torch.ops.bytheway.temporal_attention` by materialising the map; the
+    map and the stats are None unless asked for.
 
     The map op runs on its backend for the device (`select_backend`), so on CPU this is
     bmm -> the map op's CPU kernel -> bmm; float64 always uses the map op's float64 reference.
@@ -44,6 +49,6 @@ def temporal_attention_composed(
     else:
         probs, stats = attention_probs(scores, guide, *params, with_stats)
     out = torch.matmul(probs.view(sequences, heads, frames, frames), split_heads(v, heads, compute_dtype))
-    out = out.transpose(1, 2).reshape(sequences, frames, channels).to(q.dtype)
-    plain_map = torch.softmax(scores, dim=-1).to(q.dtype) if with_map else q.new_empty((0,))
-    return out, plain_map, stats
+    out = _to_output_dtype(out.transpose(1, 2).reshape(sequences, frames, channels), q.dtype)
+    plain_map = torch.softmax(scores, dim=-1).to(q.dtype) if with_map else None
+    return out, plain_map, stats if with_stats else None

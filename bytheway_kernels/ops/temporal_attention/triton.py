@@ -13,14 +13,20 @@ d in chunks again, stored in q's dtype. The F x F map never reaches memory, exce
 softmax map when the caller asks for it (same pass).
 
 Fixed beta is one launch of `_attention_kernel`. Adaptive beta (or stats) first runs
-`_energy_kernel` over the energy part, which recomputes the scores from q and k and writes one
-slot of six partial sums per program (no zeroing, no atomics), then the one-program
+`_energy_kernel` over the energy part, which recomputes the scores from q and k; each of its
+programs sums a run of tiles (at most `ENERGY_PROGRAMS` programs per video) and writes one slot of
+partial sums (three for beta, six with the stats; no zeroing, no atomics), then the one-program
 `_beta_kernel` sums the slots in a fixed order (bit-identical run to run) and turns them into beta
 and the stats on the device; the attention pass reads beta from there. No host synchronisation.
+
+Every backend's rules hold here too: rows whose guided sum is <= 0 or not finite keep the unguided
+map (energies included), and float16 A3 and out saturate at +-65504 (`_round_like`). The launch
+settings of a call signature are computed once (`_launch_plan`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import NamedTuple, Optional
@@ -36,9 +42,16 @@ from ..params import ByTheWayParams
 GUIDE_MODES = {None: 0, "nearest": 1, "bilinear": 2}
 # The band step: none (fixed beta = 1: the identity), P = I - 1/F (the full band), circulant P.
 BAND_MODES = {"none": 0, "full": 1, "circulant": 2}
-# Per program: sum|A|^2, sum|A2|^2, sum<A2, A2 P>, then the last three over s^2, s = rowsum(A2),
-# from which E3 = |A2 + (beta - 1) A2 P|^2 / s^2 follows for any beta without another pass.
-SUM_FIELDS = 6
+# Per program: sum|A|^2, sum|A2|^2, sum<A2, A2 P> (what beta needs), and with stats the last three
+# over s^2, s = rowsum(A2), from which E3 = |A2 + (beta - 1) A2 P|^2 / s^2 follows for any beta.
+SUM_FIELDS = 3
+SUM_FIELDS_WITH_STATS = 6
+# Energy programs per video at most: each program sums `steps` consecutive tiles, so the one-program
+# beta kernel reads at most this many slots however large the layer (~8 programs per H200 SM).
+ENERGY_PROGRAMS = 1024
+# The energy pass is not software-pipelined: with its loop over tiles, prefetching spills registers
+# on sm_90 (fp32 inputs, d = 80: 255 registers and a stack; 144 registers without).
+ENERGY_NUM_STAGES = 1
 # Query frames per program: every F_PAD >= 16 splits into 16-row blocks, so a program's tiles are
 # [G, 16, F_PAD] (G * F_PAD = 64 keeps them at 1024 fp32 elements for every F up to 64).
 QUERY_BLOCK = 16
@@ -59,15 +72,32 @@ def padded_frames(frames: int) -> int:
     return max(16, triton.next_power_of_2(frames))
 
 
-def default_config(frames: int, head_dim: int) -> TileConfig:
-    """G * F_PAD = 64 (G = 4 at F = 16, the best measured packing; [G, 16, F_PAD] fp32 tiles of
-    1024 elements, on 4 warps, or 8 from F_PAD = 32 where the F_PAD x F_PAD band matrix and the
-    bilinear guide need them to stay out of local memory), and the largest d chunk in 16/32/64
-    that divides d (d = 40 runs as 3 masked chunks of 16): chunking d keeps d = 160 free of spills
-    where padding it to 256 would not be (register use: tests/test_temporal_attention_sm90.py)."""
+def default_config(frames: int, head_dim: int, element_size: int = 2) -> TileConfig:
+    """The attention pass's tiles: G * F_PAD = 64 sequence rows (G = 4 at F = 16; [G, 16, F_PAD]
+    fp32 tiles of 1024 elements) on 4 warps, or 8 from F_PAD = 32 where the F_PAD x F_PAD band
+    matrix and the bilinear guide need them to stay out of local memory; d in chunks of
+    BLOCK_D = 64 if 64 divides d, else 32 (d = 40, 80 and 160 run in chunks of 32; the last chunk
+    of d = 40 and 80 is masked). Measured on an H200 (benchmarks/RESULTS.md; fp16, fixed beta,
+    the AnimateDiff shapes):
+    BLOCK_D = 32 beat 16 by 9-11% at d = 40, 80 and 160; twice the sequences on twice the warps
+    was no faster; half the sequences on 2 warps was within 5% (timed with BLOCK_D = 16 only, so
+    the GPU check times it again). float32 inputs (`element_size` 4) take chunks of 16: their
+    exact dots run on the FMA units, and chunks of 32 spill on sm_90 under triton 3.9. Chunking d
+    keeps d = 160 free of spills where padding it to 256 would not be (register use:
+    tests/test_temporal_attention_sm90.py)."""
     padded = padded_frames(frames)
-    block_d = next((size for size in (64, 32) if head_dim % size == 0), 16)
+    block_d = 16 if element_size > 2 else 64 if head_dim % 64 == 0 else 32
     return TileConfig(max(1, 64 // padded), block_d, 4 if padded == 16 else 8)
+
+
+def default_energy_config(frames: int, head_dim: int) -> TileConfig:
+    """The energy pass's tiles: the attention pass's for 2-byte inputs, whatever the dtype (run
+    unpipelined, `ENERGY_NUM_STAGES`, float32 inputs fit in chunks of 32). It holds no v or out
+    tile, but with the bilinear guide twice the sequences on the same warps spill on sm_90 (255
+    registers), so its savings are elsewhere: each program sums many tiles (`ENERGY_PROGRAMS`)
+    and only the sums beta needs unless stats are asked for. The alternatives of
+    `energy_candidate_configs` are timed by benchmarks/temporal_attention_gpu_check.py."""
+    return default_config(frames, head_dim)
 
 
 def candidate_configs(frames: int, head_dim: int) -> list:
@@ -75,10 +105,21 @@ def candidate_configs(frames: int, head_dim: int) -> list:
     the sequences on twice the warps, another d chunk, half the sequences on 2 warps. All compile
     without spills on sm_90 (tests/test_temporal_attention_sm90.py)."""
     default = default_config(frames, head_dim)
-    other_chunk = 32 if default.block_d != 32 else 16
+    other_chunk = 16 if default.block_d == 32 else 32
     candidates = [default,
                   default._replace(sequences=2 * default.sequences, num_warps=2 * default.num_warps),
                   default._replace(block_d=other_chunk)]
+    if default.sequences > 1:
+        candidates.append(default._replace(sequences=default.sequences // 2, num_warps=2))
+    return candidates
+
+
+def energy_candidate_configs(frames: int, head_dim: int) -> list:
+    """The energy pass's default and alternatives (timed with adaptive beta by the GPU check):
+    twice the sequences on twice the warps, and half the sequences on 2 warps where G > 1."""
+    default = default_energy_config(frames, head_dim)
+    doubled = default._replace(sequences=2 * default.sequences, num_warps=2 * default.num_warps)
+    candidates = [default, doubled]
     if default.sequences > 1:
         candidates.append(default._replace(sequences=default.sequences // 2, num_warps=2))
     return candidates
@@ -89,17 +130,18 @@ def _guide_tile(guide_ptr, n, head, frames, cols, mask, H, W, h, w, heads, scale
                 F: tl.constexpr, GUIDE_MODE: tl.constexpr):
     """Upsampled anchor map for [G, BLOCK_I, F_PAD], torch.interpolate's index rules in fp32.
 
-    n, head: [G, 1, 1]; frames: [1, BLOCK_I, 1]; cols: [1, 1, F_PAD]. Mirrors the map op's
-    `_guide_rows` (ops/attention_probs/triton.py) in three dimensions.
+    n (int32), head: [G, 1, 1]; frames: [1, BLOCK_I, 1]; cols: [1, 1, F_PAD]. Mirrors the map
+    op's `_guide_rows` (ops/attention_probs/triton.py) in three dimensions.
     """
-    x = n % W
+    x = n % W  # int32 index arithmetic: 64-bit division would take a stack frame
     y = (n // W) % H
     b = n // (H * W)
+    within = frames * F + cols  # int32 offsets inside one (F, F) map; whole maps in int64
     if GUIDE_MODE == 1:  # nearest: src = min(floor(dst * in / out), in - 1)
         ys = tl.minimum((y.to(tl.float32) * scale_y).to(tl.int32), h - 1)
         xs = tl.minimum((x.to(tl.float32) * scale_x).to(tl.int32), w - 1)
-        src = (((b * h + ys) * w + xs) * heads + head) * F + frames
-        upsampled = tl.load(guide_ptr + src * F + cols, mask=mask, other=0.0).to(tl.float32)
+        source = guide_ptr + (((b * h + ys) * w + xs) * heads + head).to(tl.int64) * (F * F)
+        upsampled = tl.load(source + within, mask=mask, other=0.0).to(tl.float32)
     else:  # bilinear, align_corners=False: src = max((dst + 0.5) * in / out - 0.5, 0)
         sy = tl.maximum((y.to(tl.float32) + 0.5) * scale_y - 0.5, 0.0)
         sx = tl.maximum((x.to(tl.float32) + 0.5) * scale_x - 0.5, 0.0)
@@ -109,16 +151,17 @@ def _guide_tile(guide_ptr, n, head, frames, cols, mask, H, W, h, w, heads, scale
         x1 = x0 + (x0 < w - 1).to(tl.int32)
         wy = sy - y0.to(tl.float32)
         wx = sx - x0.to(tl.float32)
-        base = b * h
-        row00 = (((base + y0) * w + x0) * heads + head) * F + frames
-        row01 = (((base + y0) * w + x1) * heads + head) * F + frames
-        row10 = (((base + y1) * w + x0) * heads + head) * F + frames
-        row11 = (((base + y1) * w + x1) * heads + head) * F + frames
-        g00 = tl.load(guide_ptr + row00 * F + cols, mask=mask, other=0.0).to(tl.float32)
-        g01 = tl.load(guide_ptr + row01 * F + cols, mask=mask, other=0.0).to(tl.float32)
-        g10 = tl.load(guide_ptr + row10 * F + cols, mask=mask, other=0.0).to(tl.float32)
-        g11 = tl.load(guide_ptr + row11 * F + cols, mask=mask, other=0.0).to(tl.float32)
-        upsampled = (1.0 - wy) * ((1.0 - wx) * g00 + wx * g01) + wy * ((1.0 - wx) * g10 + wx * g11)
+        row0 = (b * h + y0) * w
+        row1 = (b * h + y1) * w
+        map00 = guide_ptr + ((row0 + x0) * heads + head).to(tl.int64) * (F * F)
+        map01 = guide_ptr + ((row0 + x1) * heads + head).to(tl.int64) * (F * F)
+        map10 = guide_ptr + ((row1 + x0) * heads + head).to(tl.int64) * (F * F)
+        map11 = guide_ptr + ((row1 + x1) * heads + head).to(tl.int64) * (F * F)
+        top = ((1.0 - wx) * tl.load(map00 + within, mask=mask, other=0.0).to(tl.float32)
+               + wx * tl.load(map01 + within, mask=mask, other=0.0).to(tl.float32))
+        bottom = ((1.0 - wx) * tl.load(map10 + within, mask=mask, other=0.0).to(tl.float32)
+                  + wx * tl.load(map11 + within, mask=mask, other=0.0).to(tl.float32))
+        upsampled = (1.0 - wy) * top + wy * bottom
     return upsampled
 
 
@@ -128,13 +171,16 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, h
                     F: tl.constexpr, F_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                     G: tl.constexpr, BLOCK_I: tl.constexpr, GUIDE_MODE: tl.constexpr,
                     BAND: tl.constexpr):
-    """(attn, guided, guided @ P, row_valid) of query frames `frames` ([1, BLOCK_I, 1]) of G
-    sequences against all F key frames, [G, BLOCK_I, F_PAD] fp32.
+    """(attn, guided, guided @ P, rowsum(guided), row_valid) of query frames `frames`
+    ([1, BLOCK_I, 1]) of G sequences against all F key frames: [G, BLOCK_I, F_PAD] fp32, row sums
+    [G, BLOCK_I, 1].
 
-    Padded columns of all three are zero; rows of padded frames or sequences hold finite values
-    that callers must not store or sum (row_valid, [G, BLOCK_I, 1], says which rows are real).
+    Padded columns of the first three are zero; rows of padded frames or sequences hold finite
+    values (row sums may be 0) that callers must not store or sum (row_valid, [G, BLOCK_I, 1],
+    says which rows are real).
     """
-    n = (seq // heads).to(tl.int64)[:, None, None]
+    n32 = (seq // heads)[:, None, None]
+    n = n32.to(tl.int64)  # addresses in int64
     head = (seq % heads)[:, None, None]
     keys = tl.arange(0, F_PAD)[None, :, None]
     cols = tl.arange(0, F_PAD)[None, None, :]
@@ -155,10 +201,16 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, h
     attn = exps / tl.sum(exps, axis=2)[:, :, None]
     if GUIDE_MODE == 0:
         guided = attn
+        row_sum = tl.sum(attn, axis=2)[:, :, None]
     else:
-        upsampled = _guide_tile(guide_ptr, n, head, frames, cols, row_valid & col_valid, H, W, h, w,
-                                heads, scale_y, scale_x, F, GUIDE_MODE)
+        upsampled = _guide_tile(guide_ptr, n32, head, frames, cols, row_valid & col_valid, H, W, h,
+                                w, heads, scale_y, scale_x, F, GUIDE_MODE)
         guided = attn + alpha * (upsampled - attn)
+        # rows whose guided sum is <= 0 or not finite keep A (the map op's rule, energies too)
+        row_sum = tl.sum(guided, axis=2)[:, :, None]
+        usable = (row_sum > 0.0) & (row_sum < float("inf"))  # false for NaN too
+        guided = tl.where(usable, guided, attn)
+        row_sum = tl.where(usable, row_sum, tl.sum(attn, axis=2)[:, :, None])
     if BAND == 0:  # beta = 1: the band step is the identity and `high` goes unused
         high = guided
     elif BAND == 1:  # the full band, P = I - 1/F: remove the row mean
@@ -168,7 +220,7 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, h
         band = tl.load(band_ptr + band_cols[:, None] * F_PAD + band_cols[None, :])
         high = tl.dot(guided, tl.broadcast_to(band[None, :, :], (G, F_PAD, F_PAD)),
                       input_precision="ieee")
-    return attn, guided, high, row_valid
+    return attn, guided, high, row_sum, row_valid
 
 
 @triton.jit
@@ -182,33 +234,34 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, out_pt
     """out = A3 @ v for BLOCK_I query frames of G sequences (grid axis 0: 2**31 - 1 programs,
     F_PAD // BLOCK_I per G sequences); beta from beta_ptr if HAS_BETA (one per energy group),
     else beta0; the plain map too if WITH_MAP."""
-    pid = tl.program_id(0).to(tl.int64)
+    # sequence indices fit in int32 (`sequences` is an i32 argument); addresses are int64
+    pid = tl.program_id(0)
     seq = (pid // (F_PAD // BLOCK_I)) * G + tl.arange(0, G)
     seq_valid = seq < sequences
     frames = ((pid % (F_PAD // BLOCK_I)) * BLOCK_I + tl.arange(0, BLOCK_I))[None, :, None]
-    attn, guided, high, row_valid = _attention_tile(
+    attn, guided, high, row_sum, row_valid = _attention_tile(
         q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, heads, q_sn, q_sf, k_sn, k_sf,
         H, W, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G, BLOCK_I,
         GUIDE_MODE, BAND)
     if HAS_BETA:
-        entry = seq // heads // (H * W)
+        entry = seq // heads // (H * W)  # int32: 64-bit division would take a stack frame
         group = entry % videos if PER_VIDEO else entry * 0
         beta = tl.load(beta_ptr + group, mask=seq_valid, other=1.0)[:, None, None]
     else:
         beta = beta0
-    n = (seq // heads)[:, None, None]
+    n = (seq // heads).to(tl.int64)[:, None, None]
     head = (seq % heads)[:, None, None]
     keys = tl.arange(0, F_PAD)[None, :, None]
     cols = tl.arange(0, F_PAD)[None, None, :]
     if WITH_MAP:
-        map_offsets = (seq[:, None, None] * F + frames) * F + cols
+        map_offsets = (seq.to(tl.int64)[:, None, None] * F + frames) * F + cols
         tl.store(map_ptr + map_offsets, attn.to(map_ptr.dtype.element_ty), mask=row_valid & (cols < F))
     # divide by rowsum(A2), which equals rowsum(A3): the band term sums to 0
-    row_sum = tl.where(row_valid, tl.sum(guided, axis=2)[:, :, None], 1.0)
+    row_sum = tl.where(row_valid, row_sum, 1.0)
     if BAND == 0:
-        probs = (guided / row_sum).to(v_ptr.dtype.element_ty)
+        probs = _round_like(guided / row_sum, v_ptr)
     else:
-        probs = ((guided + (beta - 1.0) * high) / row_sum).to(v_ptr.dtype.element_ty)
+        probs = _round_like((guided + (beta - 1.0) * high) / row_sum, v_ptr)
     dims = tl.arange(0, BLOCK_D)[None, None, :]
     key_valid = seq_valid[:, None, None] & (keys < F)
     v_rows = v_ptr + n * v_sn + keys * v_sf + head * D
@@ -216,40 +269,74 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, out_pt
     for start in range(0, D, BLOCK_D):
         v_chunk = tl.load(v_rows + start + dims, mask=key_valid & (start + dims < D), other=0.0)
         out_chunk = tl.dot(probs, v_chunk, input_precision="ieee")
-        tl.store(out_rows + start + dims, out_chunk.to(out_ptr.dtype.element_ty),
+        tl.store(out_rows + start + dims, _round_like(out_chunk, out_ptr),
                  mask=row_valid & (start + dims < D))
 
 
 @triton.jit
+def _round_like(values, ptr):
+    """`values` in the element dtype of `ptr`; float16 saturates at +-65504 instead of overflowing
+    to inf (NaN stays NaN), as the map op's float16 outputs do: A3 and out reach it only with
+    beta above ~7e4."""
+    if ptr.dtype.element_ty == tl.float16:
+        values = tl.where(values > 65504.0, 65504.0, tl.where(values < -65504.0, -65504.0, values))
+    return values.to(ptr.dtype.element_ty)
+
+
+@triton.jit
 def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, sequences_per_entry,
-                   first_entry, heads, q_sn, q_sf, k_sn, k_sf, H, W, h, w, scale_y, scale_x,
-                   scale_log2, alpha,
+                   first_entry, steps, heads, q_sn, q_sf, k_sn, k_sf, H, W, h, w, scale_y,
+                   scale_x, scale_log2, alpha,
                    F: tl.constexpr, F_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                    G: tl.constexpr, BLOCK_I: tl.constexpr, GUIDE_MODE: tl.constexpr,
-                   BAND: tl.constexpr):
-    """Six energy sums of BLOCK_I query frames of G sequences of video program_id(1) of the
-    energy part, into this program's own slot (program_id(1) * num_programs(0) + program_id(0))
-    of `partials`."""
+                   BAND: tl.constexpr, FIELDS: tl.constexpr):
+    """Energy sums of `steps` consecutive tiles (BLOCK_I query frames of G sequences each) of
+    video program_id(1) of the energy part, into this program's own slot
+    (program_id(1) * num_programs(0) + program_id(0)) of `partials`: sum|A|^2, sum|A2|^2,
+    sum<A2, A2 P>, and if FIELDS == 6 (stats asked for) the three over s^2 that E3 needs.
+
+    Sums accumulate per row in a fixed order, so the result is bit-identical run to run."""
     video = tl.program_id(1)
-    pid = tl.program_id(0)
-    local = (pid // (F_PAD // BLOCK_I)) * G + tl.arange(0, G)
-    seq_valid = local < sequences_per_entry
-    seq = (first_entry + video).to(tl.int64) * sequences_per_entry + local
-    frames = ((pid % (F_PAD // BLOCK_I)) * BLOCK_I + tl.arange(0, BLOCK_I))[None, :, None]
-    attn, guided, high, row_valid = _attention_tile(
-        q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, heads, q_sn, q_sf, k_sn, k_sf,
-        H, W, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G, BLOCK_I,
-        GUIDE_MODE, BAND)
-    # E3 is the energy of the output A3 / s with s = rowsum(A2) (A2 @ P sums to 0)
-    inv_square_sum = 1.0 / tl.where(row_valid, tl.sum(guided, axis=2)[:, :, None], 1.0)
-    inv_square_sum = inv_square_sum * inv_square_sum
-    slot = partials_ptr + (video * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) * 6
-    tl.store(slot + 0, _tile_sum(tl.where(row_valid, attn * attn, 0.0)))
-    tl.store(slot + 1, _tile_sum(tl.where(row_valid, guided * guided, 0.0)))
-    tl.store(slot + 2, _tile_sum(tl.where(row_valid, guided * high, 0.0)))
-    tl.store(slot + 3, _tile_sum(tl.where(row_valid, guided * guided * inv_square_sum, 0.0)))
-    tl.store(slot + 4, _tile_sum(tl.where(row_valid, guided * high * inv_square_sum, 0.0)))
-    tl.store(slot + 5, _tile_sum(tl.where(row_valid, high * high * inv_square_sum, 0.0)))
+    first_tile = tl.program_id(0) * steps
+    plain = tl.zeros([G, BLOCK_I, 1], dtype=tl.float32)
+    guided_sum = tl.zeros([G, BLOCK_I, 1], dtype=tl.float32)
+    high_sum = tl.zeros([G, BLOCK_I, 1], dtype=tl.float32)
+    guided_e3 = tl.zeros([G, BLOCK_I, 1], dtype=tl.float32)
+    cross_e3 = tl.zeros([G, BLOCK_I, 1], dtype=tl.float32)
+    high_e3 = tl.zeros([G, BLOCK_I, 1], dtype=tl.float32)
+    for step in range(steps):
+        tile = first_tile + step  # tiles past the last sequence are masked (seq_valid)
+        local = (tile // (F_PAD // BLOCK_I)) * G + tl.arange(0, G)
+        seq_valid = local < sequences_per_entry
+        seq = (first_entry + video) * sequences_per_entry + local
+        frames = ((tile % (F_PAD // BLOCK_I)) * BLOCK_I + tl.arange(0, BLOCK_I))[None, :, None]
+        attn, guided, high, row_sum, row_valid = _attention_tile(
+            q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, heads, q_sn, q_sf, k_sn,
+            k_sf, H, W, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G,
+            BLOCK_I, GUIDE_MODE, BAND)
+        guided_rows = tl.sum(guided * guided, axis=2)[:, :, None]
+        cross_rows = tl.sum(guided * high, axis=2)[:, :, None]
+        if GUIDE_MODE == 0:  # A2 = A: E1 = E2
+            plain += tl.where(row_valid, guided_rows, 0.0)
+        else:
+            plain += tl.where(row_valid, tl.sum(attn * attn, axis=2)[:, :, None], 0.0)
+        guided_sum += tl.where(row_valid, guided_rows, 0.0)
+        high_sum += tl.where(row_valid, cross_rows, 0.0)
+        if FIELDS == 6:  # E3 is the energy of A3 / s, s = rowsum(A2) (A2 @ P sums to 0)
+            inv_square = 1.0 / tl.where(row_valid, row_sum, 1.0)
+            inv_square = inv_square * inv_square
+            guided_e3 += tl.where(row_valid, guided_rows * inv_square, 0.0)
+            cross_e3 += tl.where(row_valid, cross_rows * inv_square, 0.0)
+            high_rows = tl.sum(high * high, axis=2)[:, :, None]
+            high_e3 += tl.where(row_valid, high_rows * inv_square, 0.0)
+    slot = partials_ptr + (video * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) * FIELDS
+    tl.store(slot + 0, _tile_sum(plain))
+    tl.store(slot + 1, _tile_sum(guided_sum))
+    tl.store(slot + 2, _tile_sum(high_sum))
+    if FIELDS == 6:
+        tl.store(slot + 3, _tile_sum(guided_e3))
+        tl.store(slot + 4, _tile_sum(cross_e3))
+        tl.store(slot + 5, _tile_sum(high_e3))
 
 
 @triton.jit
@@ -260,7 +347,7 @@ def _tile_sum(block):
 @triton.jit
 def _beta_kernel(partials_ptr, beta_ptr, stats_ptr, groups, slots_per_group, rows_per_group,
                  beta0, beta_max, high_energy_floor, BLOCK: tl.constexpr, ADAPTIVE: tl.constexpr,
-                 HAS_BETA_MAX: tl.constexpr, WRITE_STATS: tl.constexpr):
+                 HAS_BETA_MAX: tl.constexpr, WRITE_STATS: tl.constexpr, FIELDS: tl.constexpr):
     """One program: per energy group, sum its slots in a fixed order (fp64), then beta (the map
     op's rule) into beta_ptr and, if WRITE_STATS, the stats row (beta, E1, E2, E2_low, E2_high, E3)."""
     lanes = tl.arange(0, BLOCK)[:, None]
@@ -270,8 +357,8 @@ def _beta_kernel(partials_ptr, beta_ptr, stats_ptr, groups, slots_per_group, row
         totals = tl.zeros([BLOCK, 8], dtype=tl.float64)
         first = group * slots_per_group
         for start in range(0, slots_per_group, BLOCK):
-            mask = (start + lanes < slots_per_group) & (fields < 6)
-            totals += tl.load(partials_ptr + (first + start + lanes) * 6 + fields, mask=mask,
+            mask = (start + lanes < slots_per_group) & (fields < FIELDS)
+            totals += tl.load(partials_ptr + (first + start + lanes) * FIELDS + fields, mask=mask,
                               other=0.0).to(tl.float64)
         sums = tl.sum(totals, axis=0)
         field = tl.arange(0, 8)
@@ -310,78 +397,131 @@ def _check_device(q: torch.Tensor) -> None:
         )
 
 
+class _LaunchPlan(NamedTuple):
+    """Everything about the launches that depends only on shapes and settings, not on values."""
+
+    band: Optional[torch.Tensor]  # the circulant P on the device, None for the full band
+    placeholder: torch.Tensor  # a float32 pointer for the beta argument when beta is fixed
+    attention_grid: tuple
+    attention_constants: dict  # geometry and constexprs of `_attention_kernel`
+    energy_grid: Optional[tuple]  # None: no energy pass; (programs, videos), videos 0 if B = 0
+    energy_constants: dict
+    partials_shape: tuple
+    beta_constants: dict
+
+
+@functools.lru_cache(maxsize=256)
+def _launch_plan(frames: int, head_dim: int, heads: int, height: int, width: int, batch: int,
+                 tau: int, guide_mode: int, guide_size: tuple, scale: float, identity_band: bool,
+                 with_sums: bool, params_key: tuple, with_stats: bool, element_size: int,
+                 device: torch.device, config: Optional[TileConfig],
+                 energy_config: Optional[TileConfig]) -> _LaunchPlan:
+    """The launch plan of one call signature, built once (its device tensors before any CUDA graph
+    capture, on the first eager call) and reused: the per-call host work is binding pointers."""
+    adaptive_beta, parts, energy_part, per_video, has_beta_max = params_key
+    padded = padded_frames(frames)
+    tile = config or default_config(frames, head_dim, element_size)
+    full_band = is_full_band(frames, tau)
+    band = None if full_band else high_band_matrix(frames, tau, padded, device)
+    h, w = guide_size
+    geometry = dict(heads=heads, H=height, W=width, h=h, w=w, scale_y=h / height,
+                    scale_x=w / width, scale_log2=scale * math.log2(math.e))
+    band_mode = BAND_MODES["full" if full_band else "circulant"]
+    frame_blocks = padded // QUERY_BLOCK
+    sequences = batch * height * width * heads
+    videos = batch // parts
+    attention_constants = dict(
+        geometry, sequences=sequences, videos=max(videos, 1), F=frames, F_PAD=padded, D=head_dim,
+        BLOCK_D=tile.block_d, G=tile.sequences, BLOCK_I=QUERY_BLOCK, GUIDE_MODE=guide_mode,
+        BAND=BAND_MODES["none"] if identity_band else band_mode, PER_VIDEO=per_video,
+        HAS_BETA=adaptive_beta, num_warps=tile.num_warps)
+    energy_grid, energy_constants, beta_constants, partials_shape = None, {}, {}, (0,)
+    if with_sums:
+        energy_tile = energy_config or default_energy_config(frames, head_dim)
+        fields = SUM_FIELDS_WITH_STATS if with_stats else SUM_FIELDS
+        sequences_per_entry = height * width * heads
+        tiles = triton.cdiv(sequences_per_entry, energy_tile.sequences) * frame_blocks
+        steps = triton.cdiv(tiles, ENERGY_PROGRAMS) if tiles else 1
+        programs = triton.cdiv(tiles, steps)
+        energy_grid = (programs, videos)
+        energy_constants = dict(
+            geometry, sequences_per_entry=sequences_per_entry, first_entry=energy_part * videos,
+            steps=steps, F=frames, F_PAD=padded, D=head_dim, BLOCK_D=energy_tile.block_d,
+            G=energy_tile.sequences, BLOCK_I=QUERY_BLOCK, GUIDE_MODE=guide_mode, BAND=band_mode,
+            FIELDS=fields, num_warps=energy_tile.num_warps, num_stages=ENERGY_NUM_STAGES)
+        partials_shape = (programs * videos, fields)
+        beta_constants = dict(
+            groups=videos if per_video else 1,
+            slots_per_group=programs * (1 if per_video else videos),
+            rows_per_group=float(sequences_per_entry * frames * (1 if per_video else videos)),
+            high_energy_floor=HIGH_ENERGY_FLOOR, BLOCK=REDUCE_BLOCK, ADAPTIVE=adaptive_beta,
+            HAS_BETA_MAX=has_beta_max, WRITE_STATS=with_stats, FIELDS=fields, num_warps=4)
+    return _LaunchPlan(
+        band, torch.empty((1,), dtype=torch.float32, device=device),
+        (triton.cdiv(sequences, tile.sequences) * frame_blocks,), attention_constants,
+        energy_grid, energy_constants, partials_shape, beta_constants)
+
+
 def temporal_attention_triton_out(q, k, v, guide, heads: int, height: int, width: int,
                                   scale: float, params: ByTheWayParams, out: torch.Tensor,
                                   plain_map: Optional[torch.Tensor] = None,
                                   stats: Optional[torch.Tensor] = None,
-                                  config: Optional[TileConfig] = None) -> None:
+                                  config: Optional[TileConfig] = None,
+                                  energy_config: Optional[TileConfig] = None) -> None:
     """Launch the fused kernels writing into `out` (contiguous, q's shape and dtype), `plain_map`
     ((B, H, W, heads, F, F) contiguous) and `stats` ((rows, 6) float32) when given.
 
     Fixed beta without stats: one launch. Otherwise: energy pass, beta kernel, attention pass.
-    `config` overrides the tile shape (`default_config`), for tuning.
+    `config` and `energy_config` override the tile shapes of the attention and energy passes
+    (`default_config`, `default_energy_config`), for tuning.
     """
     _check_device(q)
     alpha, beta, tau, adaptive_beta, parts, energy_part, energy_scope, guide_upsample, beta_max = params
     sequences_total, frames, channels = q.shape
-    head_dim = channels // heads
-    batch = sequences_total // (height * width)
-    videos = batch // parts
-    per_video = energy_scope == "sample"
-    padded = padded_frames(frames)
-    tile = config or default_config(frames, head_dim)
-    band_mode = BAND_MODES["full" if is_full_band(frames, tau) else "circulant"]
-    band = q if band_mode == BAND_MODES["full"] else high_band_matrix(frames, tau, padded, q.device)
     # alpha = 0 makes guided = attn exactly, so the guide need not be read at all
     guide_mode = GUIDE_MODES[None if guide is None or alpha == 0 else guide_upsample]
     if guide_mode == 0:
-        guide, (h, w) = q, (height, width)  # an unused pointer
+        guide, guide_size = q, (height, width)  # an unused pointer
     else:
-        guide, (h, w) = guide.contiguous(), guide.shape[1:3]
-    strides = dict(q_sn=q.stride(0), q_sf=q.stride(1), k_sn=k.stride(0), k_sf=k.stride(1))
-    geometry = dict(heads=heads, H=height, W=width, h=h, w=w, scale_y=h / height,
-                    scale_x=w / width, scale_log2=scale * math.log2(math.e), alpha=alpha)
-    meta = dict(F=frames, F_PAD=padded, D=head_dim, BLOCK_D=tile.block_d, G=tile.sequences,
-                BLOCK_I=QUERY_BLOCK, GUIDE_MODE=guide_mode, num_warps=tile.num_warps)
-    has_sums = adaptive_beta or stats is not None
-    groups = (videos if per_video else 1) if has_sums else 0
-    betas = torch.empty((max(groups, 1),), dtype=torch.float32, device=q.device)
-    if has_sums:
-        sequences_per_entry = height * width * heads
-        blocks = triton.cdiv(sequences_per_entry, tile.sequences) * (padded // QUERY_BLOCK)
-        partials = torch.empty((blocks * videos, SUM_FIELDS), dtype=torch.float32, device=q.device)
-        if videos > 0:
-            _energy_kernel[(blocks, videos)](q, k, guide, band, partials, sequences_per_entry,
-                                             energy_part * videos, **strides, **geometry,
-                                             BAND=band_mode, **meta)
-        _beta_kernel[(1,)](
-            partials, betas, stats if stats is not None else betas, groups,
-            blocks * (1 if per_video else videos),
-            float(sequences_per_entry * frames * (1 if per_video else videos)), beta,
-            beta if beta_max is None else beta_max, HIGH_ENERGY_FLOOR, BLOCK=REDUCE_BLOCK,
-            ADAPTIVE=adaptive_beta, HAS_BETA_MAX=beta_max is not None,
-            WRITE_STATS=stats is not None, num_warps=4)
-    sequences = sequences_total * heads
-    if sequences == 0:
+        guide, guide_size = guide.contiguous(), (guide.shape[1], guide.shape[2])
+    with_sums = adaptive_beta or stats is not None
+    plan = _launch_plan(
+        frames, channels // heads, heads, height, width, sequences_total // (height * width), tau,
+        guide_mode, guide_size, scale, beta == 1.0 and not adaptive_beta, with_sums,
+        (adaptive_beta, parts, energy_part, energy_scope == "sample", beta_max is not None),
+        stats is not None, q.element_size(), q.device, config, energy_config)
+    band = q if plan.band is None else plan.band
+    betas = plan.placeholder
+    if with_sums:
+        groups = max(plan.beta_constants["groups"], 1)  # never a null pointer
+        betas = torch.empty((groups,), dtype=torch.float32, device=q.device)
+        partials = torch.empty(plan.partials_shape, dtype=torch.float32, device=q.device)
+        if plan.energy_grid[1] > 0:
+            _energy_kernel[plan.energy_grid](q, k, guide, band, partials, q_sn=q.stride(0),
+                                             q_sf=q.stride(1), k_sn=k.stride(0), k_sf=k.stride(1),
+                                             alpha=alpha, **plan.energy_constants)
+        _beta_kernel[(1,)](partials, betas, betas if stats is None else stats, beta0=beta,
+                           beta_max=beta if beta_max is None else beta_max, **plan.beta_constants)
+    if plan.attention_grid[0] == 0:
         return
-    _attention_kernel[(triton.cdiv(sequences, tile.sequences) * (padded // QUERY_BLOCK),)](
-        q, k, v, guide, band, betas, out, out if plain_map is None else plain_map, sequences,
-        v_sn=v.stride(0), v_sf=v.stride(1), videos=max(videos, 1), beta0=beta, **strides,
-        **geometry, PER_VIDEO=per_video, HAS_BETA=adaptive_beta, WITH_MAP=plain_map is not None,
-        BAND=BAND_MODES["none"] if beta == 1.0 and not adaptive_beta else band_mode, **meta,
-    )
+    _attention_kernel[plan.attention_grid](
+        q, k, v, guide, band, betas, out, out if plain_map is None else plain_map,
+        q_sn=q.stride(0), q_sf=q.stride(1), k_sn=k.stride(0), k_sf=k.stride(1), v_sn=v.stride(0),
+        v_sf=v.stride(1), alpha=alpha, beta0=beta, WITH_MAP=plain_map is not None,
+        **plan.attention_constants)
 
 
 def temporal_attention_triton(q, k, v, guide, heads: int, height: int, width: int, scale: float,
                               params: ByTheWayParams, with_map: bool, with_stats: bool):
-    """(out, map, stats) as `torch.ops.bytheway.temporal_attention` returns them."""
+    """(out, map, stats) as `torch.ops.bytheway.temporal_attention` returns them, except that the
+    map and the stats are None unless asked for."""
     sequences, frames, channels = q.shape
     batch = sequences // (height * width)
     out = q.new_empty((sequences, frames, channels))
-    plain_map = (q.new_empty((batch, height, width, heads, frames, frames)) if with_map
-                 else q.new_empty((0,)))
-    rows = params.stats_rows(batch) if with_stats else 0
-    stats = q.new_empty((rows, len(STATS_FIELDS)), dtype=torch.float32)
+    plain_map = q.new_empty((batch, height, width, heads, frames, frames)) if with_map else None
+    stats = None
+    if with_stats:
+        stats = q.new_empty((params.stats_rows(batch), len(STATS_FIELDS)), dtype=torch.float32)
     temporal_attention_triton_out(q, k, v, guide, heads, height, width, scale, params, out,
-                                  plain_map if with_map else None, stats if with_stats else None)
+                                  plain_map, stats)
     return out, plain_map, stats

@@ -218,6 +218,8 @@ def _apply_kernel(scores_ptr, guide_ptr, band_ptr, betas_ptr, probs_ptr, rows_pe
         scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_entry, H, W, h, w, heads,
         scale_y, scale_x, alpha, F, F_PAD, GUIDE_MODE, FULL_BAND)
     enhanced = (guided + (beta - 1.0) * high) * (1.0 / row_sum)[:, None]
+    if probs_ptr.dtype.element_ty == tl.float16:  # saturate, as the reference; NaN compares false
+        enhanced = tl.where(enhanced > 65504.0, 65504.0, tl.where(enhanced < -65504.0, -65504.0, enhanced))
     cols = tl.arange(0, F_PAD)
     offsets = (b * rows_per_entry + rows)[:, None] * F + cols[None, :]
     tl.store(probs_ptr + offsets, enhanced.to(probs_ptr.dtype.element_ty),

@@ -395,7 +395,9 @@ def attention_probs_triton_out(scores, guide, params: ByTheWayParams, probs, sta
             stats.zero_()
             stats[:, 0] = params.beta
         return
-    scores = scores.contiguous()
-    guide = None if guide is None else guide.contiguous()
+    if not scores.is_contiguous():  # checked first: .contiguous() costs a dispatch even as a no-op
+        scores = scores.contiguous()
+    if guide is not None and not guide.is_contiguous():
+        guide = guide.contiguous()
     for launch in kernel_launches(scores, guide, params, probs, stats):
         launch.kernel[launch.grid](**launch.args)

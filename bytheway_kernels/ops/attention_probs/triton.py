@@ -37,9 +37,11 @@ PARTIAL_FIELDS = 6
 # sum over the slots short; past it, the grid grows instead.
 MAX_STATS_TILES = 4
 TARGET_STATS_PROGRAMS = 2048
-# Partial slots the last stats program adds per loop iteration and field.
+# Partial slots the last stats program adds per loop iteration and field (4 warps: 2 per thread;
+# 512 spills under Triton 3.6 with stats in sample scope).
 REDUCE_CHUNK = 256
 ENERGY_FLOOR = tl.constexpr(HIGH_ENERGY_FLOOR)
+
 
 @triton.jit
 def _guide_rows(guide_ptr, b, rows, row_mask, cols, col_mask, H, W, h, w, heads,

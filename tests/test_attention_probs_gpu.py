@@ -99,3 +99,29 @@ def test_ticket_counter_is_self_cleaning_and_safe_to_create_in_a_capture(monkeyp
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(probs, expected) and torch.equal(stats, expected_stats)
+
+
+def test_stats_passes_on_two_streams_at_once():
+    """Each stream has its own ticket counter: overlapping adaptive calls on two streams both
+    give the single-stream result."""
+    from bytheway_kernels.ops.attention_probs import triton as kernels
+
+    case = Case(height=64, width=64, heads=8, dtype=torch.float16, guide_size=(16, 16))
+    inputs = [make_inputs(case, seed=seed, device="cuda") for seed in (1, 2)]
+    kwargs = dict(alpha=0.6, beta=1.5, tau=7, return_stats=True)
+    expected = [btw.bytheway_attention_probs(s, g, **kwargs) for s, g in inputs]
+    streams = [torch.cuda.Stream() for _ in inputs]
+    torch.cuda.synchronize()
+    results = []
+    for _ in range(5):
+        for stream, (scores, guide) in zip(streams, inputs):
+            with torch.cuda.stream(stream):
+                results.append((stream, btw.bytheway_attention_probs(scores, guide, **kwargs)))
+    torch.cuda.synchronize()
+    with torch.cuda.stream(streams[0]):
+        first = kernels._ticket_counter(torch.device("cuda", torch.cuda.current_device()))
+    with torch.cuda.stream(streams[1]):
+        second = kernels._ticket_counter(torch.device("cuda", torch.cuda.current_device()))
+    assert first.data_ptr() != second.data_ptr() and int(first) == 0 and int(second) == 0
+    for index, (_, (probs, stats)) in enumerate(results):
+        assert torch.equal(probs, expected[index % 2][0]) and torch.equal(stats, expected[index % 2][1])

@@ -329,18 +329,20 @@ _TICKET_COUNTERS: dict = {}
 
 
 def _ticket_counter(device: torch.device) -> torch.Tensor:
-    """The stats pass's int32 ticket counter on `device`: allocated zeroed once, and put back to 0
-    by the last stats program of every launch, so it needs no zeroing launch (CUDA graphs too).
+    """The stats pass's int32 ticket counter for the current stream of `device`: allocated zeroed
+    once and put back to 0 by the last stats program of every launch, so it needs no zeroing
+    launch (CUDA graphs replay it too).
 
-    One counter per device: stats passes on different streams of one device must not overlap in
-    time (they would share tickets). A counter first needed inside a CUDA graph capture is not
-    kept: its zeroing is part of that graph.
+    One counter per stream, so that stats passes running at the same time on different streams
+    never share tickets (calls on one stream run one after the other). A counter first needed
+    inside a CUDA graph capture is not kept: its zeroing is part of that graph.
     """
-    counter = _TICKET_COUNTERS.get(device)
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    counter = _TICKET_COUNTERS.get(key)
     if counter is None:
         counter = torch.zeros(1, dtype=torch.int32, device=device)
         if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            _TICKET_COUNTERS[device] = counter
+            _TICKET_COUNTERS[key] = counter
     return counter
 
 

@@ -159,7 +159,7 @@ LaunchOut = Callable[..., None]
 #: Backends whose kernel does not follow the rules of issue 11 item 3 on this branch yet: the
 #: rule tests below are expected failures for them (the Triton kernel gets the rules in its own
 #: branch; remove its entry when merging it).
-RULES_PENDING = {"triton": "issue 11 item 3: the guided-sum fallback and beta <= 1e6 rules land with the Triton branch"}
+RULES_PENDING = {}
 
 #: Guides whose guided row sums are <= 0 or not finite with alpha = 1 (F = 16, 2 x 2 guide).
 BAD_GUIDES = {

@@ -52,7 +52,8 @@ def test_cuda_graph_capture_and_compile():
 
 
 def test_adaptive_stats_are_bit_identical_run_to_run():
-    """The stats pass writes per-program partials, summed in a fixed order: no atomics."""
+    """The stats pass writes per-program partials, summed in a fixed order by the last program
+    (the ticket atomic picks who sums, not what): the same bits run to run."""
     scores, guide = make_inputs(Case(height=64, width=64, heads=8, dtype=torch.float16,
                                      guide_size=(16, 16)), device="cuda")
     first = btw.bytheway_attention_probs(scores, guide, alpha=0.6, beta=1.5, tau=7, return_stats=True)
@@ -71,3 +72,56 @@ def test_zero_guide_and_float64_on_cuda():
     probs64 = btw.bytheway_attention_probs(logits, None, alpha=0.6, beta=1.5, tau=7)
     expected = btw.reference.bytheway_attention_probs((logits - 1e4).cpu(), None, alpha=0.6, beta=1.5, tau=7)
     assert probs64.dtype == torch.float64 and (probs64.cpu() - expected).abs().max() < 1e-12
+
+
+def test_ticket_counter_is_self_cleaning_and_safe_to_create_in_a_capture(monkeypatch):
+    """The last stats program puts the ticket counter back to 0; a counter first needed inside a
+    CUDA graph capture is zeroed by that graph at each replay and not kept for eager calls."""
+    from bytheway_kernels.ops.attention_probs import triton as kernels
+
+    scores, guide = make_inputs(Case(height=32, width=32, heads=8, dtype=torch.float16,
+                                     guide_size=(16, 16)), device="cuda")
+    kwargs = dict(alpha=0.6, beta=1.5, tau=7, return_stats=True)
+    expected, expected_stats = btw.bytheway_attention_probs(scores, guide, **kwargs)  # compiles
+    counter = kernels._ticket_counter(scores.device)
+    for _ in range(3):
+        btw.bytheway_attention_probs(scores, guide, **kwargs)
+        torch.cuda.synchronize()
+        assert int(counter) == 0
+    monkeypatch.setattr(kernels, "_TICKET_COUNTERS", {})
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        probs, stats = btw.bytheway_attention_probs(scores, guide, **kwargs)
+    assert not kernels._TICKET_COUNTERS
+    for _ in range(2):
+        probs.zero_()
+        stats.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(probs, expected) and torch.equal(stats, expected_stats)
+
+
+def test_stats_passes_on_two_streams_at_once():
+    """Each stream has its own ticket counter: overlapping adaptive calls on two streams both
+    give the single-stream result."""
+    from bytheway_kernels.ops.attention_probs import triton as kernels
+
+    case = Case(height=64, width=64, heads=8, dtype=torch.float16, guide_size=(16, 16))
+    inputs = [make_inputs(case, seed=seed, device="cuda") for seed in (1, 2)]
+    kwargs = dict(alpha=0.6, beta=1.5, tau=7, return_stats=True)
+    expected = [btw.bytheway_attention_probs(s, g, **kwargs) for s, g in inputs]
+    streams = [torch.cuda.Stream() for _ in inputs]
+    torch.cuda.synchronize()
+    results = []
+    for _ in range(5):
+        for stream, (scores, guide) in zip(streams, inputs):
+            with torch.cuda.stream(stream):
+                results.append((stream, btw.bytheway_attention_probs(scores, guide, **kwargs)))
+    torch.cuda.synchronize()
+    with torch.cuda.stream(streams[0]):
+        first = kernels._ticket_counter(torch.device("cuda", torch.cuda.current_device()))
+    with torch.cuda.stream(streams[1]):
+        second = kernels._ticket_counter(torch.device("cuda", torch.cuda.current_device()))
+    assert first.data_ptr() != second.data_ptr() and int(first) == 0 and int(second) == 0
+    for index, (_, (probs, stats)) in enumerate(results):
+        assert torch.equal(probs, expected[index % 2][0]) and torch.equal(stats, expected[index % 2][1])

@@ -174,3 +174,25 @@ def test_float64_is_computed_in_float64(backend, monkeypatch):
     probs, stats = btw.bytheway_attention_probs(scores, guide, **GOOD, return_stats=True)
     expected = btw.reference.bytheway_attention_probs(scores - 1e4, guide, **GOOD)
     assert probs.dtype == torch.float64 and (probs - expected).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(beta=True), r"beta must be a finite real number"),  # True == 1 == 1.0, but no number
+        (dict(tau=7.0), r"tau must be an integer"),  # 7.0 == 7
+        (dict(adaptive_beta=1), r"adaptive_beta must be a bool"),  # 1 == True
+        (dict(batch_split=(2.0, 1)), r"batch_split"),  # (2.0, 1) == (2, 1)
+    ],
+)
+def test_validation_cache_keeps_types_apart(change, match):
+    """A call that passed validation is remembered by its arguments and their types: an equal
+    argument of a refused type still gets its ValueError after the good call was cached."""
+    scores, guide = _inputs()
+    good = dict(GOOD, beta=1.0, adaptive_beta=True, batch_split=(2, 1))
+    expected = btw.bytheway_attention_probs(scores, guide, **good)
+    torch.testing.assert_close(btw.bytheway_attention_probs(scores, guide, **good), expected)
+    with pytest.raises(ValueError, match=match):
+        btw.bytheway_attention_probs(scores, guide, **{**good, **change})
+    with pytest.raises(ValueError, match="guide shape"):  # shapes are part of what is remembered
+        btw.bytheway_attention_probs(scores, guide[:, :, :, :1], **good)

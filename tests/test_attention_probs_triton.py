@@ -14,7 +14,7 @@ from bytheway_kernels.ops.attention_probs.triton import attention_probs_triton_o
 
 pytestmark = needs_triton_interpreter
 
-KERNELS = ("_stats_kernel", "_reduce_kernel", "_apply_kernel")
+KERNELS = ("_stats_kernel", "_apply_kernel")
 
 
 class TestTritonContract(BackendContract):
@@ -42,8 +42,8 @@ def launches(monkeypatch):
 
 @pytest.mark.parametrize("frames,tau", [(16, 7), (16, 3), (7, 2)])
 def test_launch_counts(frames, tau, launches):
-    """Fixed beta without stats: one launch. Adaptive or with stats: stats, reduce, apply (no
-    zeroing launch: every stats program writes its own slot)."""
+    """Fixed beta without stats: one launch. Adaptive or with stats: stats then apply (no zeroing
+    or reduce launch: the last stats program sums the slots)."""
     case = Case(frames=frames, tau=tau, adaptive_beta=False)
     scores, guide = make_inputs(case)
     probs, _ = run_poisoned(attention_probs_triton_out, scores, guide, case, with_stats=False)
@@ -59,8 +59,9 @@ def test_launch_counts(frames, tau, launches):
 
 @pytest.fixture
 def many_stats_programs(monkeypatch):
-    """Force several tiles per stats program and several reduce iterations on small inputs."""
-    monkeypatch.setattr(triton_kernels, "MAX_STATS_PROGRAMS", 8)
+    """Force several tiles per stats program, many programs and several summing iterations."""
+    monkeypatch.setattr(triton_kernels, "TARGET_STATS_PROGRAMS", 4)
+    monkeypatch.setattr(triton_kernels, "MAX_STATS_TILES", 2)
     monkeypatch.setattr(triton_kernels, "REDUCE_CHUNK", 2)
     triton_kernels._launch_plan.cache_clear()
     yield
@@ -69,14 +70,19 @@ def many_stats_programs(monkeypatch):
 
 @pytest.mark.parametrize("scope", ["batch", "sample"])
 def test_stats_are_deterministic_with_many_partials(scope, many_stats_programs):
-    """Partial slots summed in a fixed order: the same input gives the same bits, run to run."""
+    """Partial slots summed in a fixed order by the last program: the same input gives the same
+    bits run to run, and the ticket counter is back to 0 after every call."""
     case = Case(batch=4, height=5, width=7, frames=8, tau=1, energy_scope=scope,
                 guide_upsample="bilinear", guide_size=(3, 2))
     scores, guide = make_inputs(case, seed=5)
     plan = triton_kernels._launch_plan(tuple(scores.shape), (3, 2), case.params(), True)
-    assert plan.stats_args["tiles_per_program"] > 1 and plan.reduce_args["slots_per_group"] > 2
+    programs, videos = plan.stats_grid
+    assert plan.stats_args["TILES"] == 2 and programs * videos // plan.groups > 2 * 2
+    counter = triton_kernels._ticket_counter(scores.device)
     first = run_poisoned(attention_probs_triton_out, scores, guide, case)
+    assert int(counter) == 0
     second = run_poisoned(attention_probs_triton_out, scores, guide, case)
+    assert int(counter) == 0
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     assert_matches_reference(scores, guide, case, *first)
 

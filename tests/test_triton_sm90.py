@@ -121,11 +121,13 @@ def _map_op_variants():
     for frames, tau_kind, guide_mode in itertools.product((3, 16, 24, 64), ("zero", "max"),
                                                           (None, "nearest", "bilinear")):
         tau = 0 if tau_kind == "zero" else max_tau(frames)
-        scores = torch.zeros((2, 2, 2, 1, frames, frames), dtype=torch.float16)
         guide = None if guide_mode is None else torch.zeros((2, 1, 1, 1, frames, frames), dtype=torch.float16)
-        probs = torch.empty_like(scores)
-        for adaptive, with_stats, beta_max, scope in configs + (
-                extra_configs if frames == 16 and guide_mode == "nearest" else []):
+        # at F=16 also up_blocks.3's size, where each stats program takes several tiles
+        sizes = [(2, 1)] + ([(64, 8)] if frames == 16 else [])
+        for (size, heads), (adaptive, with_stats, beta_max, scope) in itertools.product(sizes, configs + (
+                extra_configs if frames == 16 and guide_mode == "nearest" else [])):
+            scores = torch.zeros((2, size, size, heads, frames, frames), dtype=torch.float16)
+            probs = torch.empty_like(scores)
             params = ByTheWayParams(0.6, 1.5, tau, adaptive, 2, 1, scope, guide_mode or "nearest", beta_max)
             stats = torch.empty((params.stats_rows(scores.shape[0]), 6)) if with_stats else None
             for launch in kernels.kernel_launches(scores, guide, params, probs, stats):
@@ -160,12 +162,12 @@ def test_map_op_kernels_compile_for_sm90_without_spills(version):
     if version:
         assert report["triton"].startswith(version), report["triton"]
     results = report["results"]
-    counts = {name: sum(r["kernel"] == name for r in results)
-              for name in ("_stats_kernel", "_reduce_kernel", "_apply_kernel")}
-    # 7 distinct (F, tau) x 3 guides; the apply kernel with all flags on and all off, and at F=16
-    # with a nearest guide (2 taus) also adaptive in batch scope and fixed with stats (its beta
-    # pointer is fp32 there); the reduce kernel has no shape constexprs: its 3 flag sets
-    assert counts == {"_stats_kernel": 21, "_reduce_kernel": 3, "_apply_kernel": 21 * 2 + 2 * 2}, counts
+    counts = {name: sum(r["kernel"] == name for r in results) for name in ("_stats_kernel", "_apply_kernel")}
+    # 7 distinct (F, tau) x 3 guides; the apply kernel with all flags on and all off, the stats
+    # kernel with all on, and at F=16 with a nearest guide (2 taus) both also adaptive in batch
+    # scope and fixed with stats (the apply kernel's beta pointer is fp32 there); the stats
+    # kernel again at F=16 with several tiles per program (2 taus x (3 guides + 2 extra))
+    assert counts == {"_stats_kernel": 21 + 2 * 2 + 2 * 5, "_apply_kernel": 21 * 2 + 2 * 2}, counts
     spilled = [r for r in results if r["spill_bytes"]]
     assert not spilled, f"register spills under Triton {report['triton']}: {spilled}"
 

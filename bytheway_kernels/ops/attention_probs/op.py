@@ -104,6 +104,43 @@ def _direct_call_is_equivalent(scores: torch.Tensor, guide: Optional[torch.Tenso
                 and (scores.requires_grad or (guide is not None and guide.requires_grad)))
 
 
+# Arguments already validated, by everything validation looks at: tensor shapes, dtypes and
+# devices, and the other arguments with their types (so that True never passes for 1).
+_VALIDATED: dict = {}
+_VALIDATED_LIMIT = 512
+
+
+def _validated_params(scores, guide, alpha, beta, tau, adaptive_beta, cfg, energy_scope,
+                      guide_upsample, beta_max, batch_split, return_stats) -> ByTheWayParams:
+    """`check_op_args`, then the ByTheWayParams; a repeated call (same layer, same settings)
+    skips the checks, as only arguments that passed them are remembered."""
+    arguments = (alpha, beta, tau, adaptive_beta, cfg, energy_scope, guide_upsample, beta_max,
+                 batch_split, return_stats)
+    key = None
+    if type(scores) is torch.Tensor and (guide is None or type(guide) is torch.Tensor):
+        key = (scores.shape, scores.dtype, scores.device,
+               None if guide is None else (guide.shape, guide.dtype, guide.device),
+               arguments, tuple(map(type, arguments)),
+               tuple(map(type, batch_split)) if type(batch_split) is tuple else None)
+        try:
+            return _VALIDATED[key]
+        except (KeyError, TypeError):  # TypeError: an unhashable argument, validated below
+            pass
+    split = check_op_args(scores, guide, alpha, beta, tau, adaptive_beta, cfg, energy_scope,
+                          guide_upsample, beta_max, batch_split, return_stats)
+    params = ByTheWayParams(float(alpha), float(beta), int(tau), bool(adaptive_beta), split.parts,
+                            split.energy_part, energy_scope, guide_upsample,
+                            None if beta_max is None else float(beta_max))
+    if key is not None:
+        if len(_VALIDATED) >= _VALIDATED_LIMIT:
+            _VALIDATED.clear()
+        try:
+            _VALIDATED[key] = params
+        except TypeError:
+            pass
+    return params
+
+
 @torch.library.custom_op("bytheway::attention_probs", mutates_args=())
 def attention_probs(
     scores: torch.Tensor,
@@ -197,14 +234,9 @@ def bytheway_attention_probs(
         >>> probs.shape, stats.shape
         (torch.Size([2, 4, 4, 8, 16, 16]), torch.Size([1, 6]))
     """
-    split = check_op_args(
-        scores, guide, alpha, beta, tau, adaptive_beta, cfg, energy_scope, guide_upsample,
-        beta_max, batch_split, return_stats,
-    )
+    params = _validated_params(scores, guide, alpha, beta, tau, adaptive_beta, cfg, energy_scope,
+                               guide_upsample, beta_max, batch_split, return_stats)
     return_stats = bool(return_stats)  # numpy flags become Python bools for the schema
-    params = ByTheWayParams(float(alpha), float(beta), int(tau), bool(adaptive_beta), split.parts,
-                            split.energy_part, energy_scope, guide_upsample,
-                            None if beta_max is None else float(beta_max))
     if _direct_call_is_equivalent(scores, guide):
         probs, stats = _run_backend(scores, guide, params, return_stats)
     else:

@@ -6,10 +6,11 @@ step as `guided @ P` (tl.dot with the cached circulant matrix, or `guided - mean
 every k != 0) -> divide by rowsum(guided) (the band term sums to 0) -> store.
 
 Fixed beta is one launch of `_apply_kernel`. Adaptive beta (or `stats`) needs global energies
-first: `_stats_kernel` programs each sum a contiguous run of tiles and write their own slot of a
-partials buffer (no atomics, no zeroing), `_reduce_kernel` (one program per energy group) sums the
-slots in a fixed order in fp64, turns them into beta and the stats row, and `_apply_kernel` reads
-beta from the device. Same input, same bits; no host synchronisation (CUDA graphs, torch.compile).
+first: `_stats_kernel` programs each sum a few consecutive tiles and write their own slot of a
+partials buffer (no zeroing, no same-address atomics but one ticket each); the program that draws
+the last ticket sums the slots in a fixed order in fp64 and writes beta and the stats row, and
+`_apply_kernel` reads beta from the device. Two launches; same input, same bits; no host
+synchronisation (CUDA graphs, torch.compile).
 Row r of batch entry b is ((y * W + x) * heads + head) * F + i, as diffusers lays it out.
 """
 
@@ -28,14 +29,18 @@ from ...energy import HIGH_ENERGY_FLOOR
 from ..params import ByTheWayParams
 
 GUIDE_MODES = {None: 0, "nearest": 1, "bilinear": 2}
-# Per stats program: sum|A|^2, sum|A2|^2, sum<A2, A2 P>, then the last three over s^2, s = rowsum(A2),
-# from which E3 = |A2 + (beta - 1) A2 P|^2 / s^2 follows for any beta without another pass.
+# Per stats program: sum|A|^2, sum|A2|^2, sum<A2, A2 P>, then (with stats) the last three over s^2,
+# s = rowsum(A2), from which E3 = |A2 + (beta - 1) A2 P|^2 / s^2 follows for any beta.
 PARTIAL_FIELDS = 6
-# Stats programs per launch, at most: enough to fill an H100/H200 (132 SMs) a few times over, few
-# enough that one reduce program per energy group sums their slots in a few loop iterations.
-MAX_STATS_PROGRAMS = 2048
-# Partial slots the reduce kernel adds per loop iteration (8 warps: 16 values per thread).
-REDUCE_CHUNK = 512
+# Unrolled tiles per stats program, at most: up to this, programs take more tiles until there are
+# about TARGET_STATS_PROGRAMS of them (an H100/H200 has 132 SMs), which keeps the last program's
+# sum over the slots short; past it, the grid grows instead.
+MAX_STATS_TILES = 4
+TARGET_STATS_PROGRAMS = 2048
+# Partial slots the last stats program adds per loop iteration and field (4 warps: 2 per thread;
+# 512 spills under Triton 3.6 with stats in sample scope).
+REDUCE_CHUNK = 256
+ENERGY_FLOOR = tl.constexpr(HIGH_ENERGY_FLOOR)
 
 
 @triton.jit
@@ -113,12 +118,19 @@ def _guided_block(scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_e
 
 
 @triton.jit
-def _stats_kernel(scores_ptr, guide_ptr, band_ptr, partials_ptr, rows_per_entry, first_entry,
-                  tiles_per_program, H, W, h, w, heads, scale_y, scale_x, alpha,
-                  F: tl.constexpr, F_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
-                  GUIDE_MODE: tl.constexpr, FULL_BAND: tl.constexpr):
-    """Energy sums of `tiles_per_program` consecutive tiles of one entry in scope, written to this
-    program's own slot partials[video, program, :] (fp32 per row, summed in fp32 per program)."""
+def _stats_kernel(scores_ptr, guide_ptr, band_ptr, partials_ptr, counter_ptr, betas_ptr, stats_ptr,
+                  rows_per_entry, first_entry, H, W, h, w, heads, scale_y, scale_x, alpha, beta0,
+                  beta_max, F: tl.constexpr, F_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+                  TILES: tl.constexpr, GUIDE_MODE: tl.constexpr, FULL_BAND: tl.constexpr,
+                  ADAPTIVE: tl.constexpr, HAS_BETA_MAX: tl.constexpr, WRITE_STATS: tl.constexpr,
+                  PER_VIDEO: tl.constexpr, CHUNK: tl.constexpr):
+    """Energy sums of TILES consecutive tiles of one entry in scope, written to this program's
+    slot of `partials` (field-major: partials[field, slot]); the last program to finish adds
+    every slot in a fixed order and writes beta (and stats), see `_finish_energies`.
+
+    The tiles are unrolled (no loop-carried loads), so each program has all its loads in flight
+    at once. The three 1/s^2-weighted sums behind E3 are computed only with WRITE_STATS.
+    """
     program = tl.program_id(0)
     video = tl.program_id(1)
     b = (first_entry + video).to(tl.int64)
@@ -128,73 +140,99 @@ def _stats_kernel(scores_ptr, guide_ptr, band_ptr, partials_ptr, rows_per_entry,
     out_guided = tl.zeros((BLOCK_R,), dtype=tl.float32)
     out_cross = tl.zeros((BLOCK_R,), dtype=tl.float32)
     out_high = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    first_row = program * tiles_per_program * BLOCK_R
-    for tile in range(0, tiles_per_program):
-        rows = first_row + tile * BLOCK_R + tl.arange(0, BLOCK_R)
+    for tile in tl.static_range(TILES):
+        rows = (program * TILES + tile) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_mask = rows < rows_per_entry
         attn, guided, high, row_sum = _guided_block(
             scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_entry, H, W, h, w, heads,
             scale_y, scale_x, alpha, F, F_PAD, GUIDE_MODE, FULL_BAND)
-        # E3 is the energy of the output A3 / s, s = rowsum(A2) (A2 @ P sums to 0)
-        inv_square_sum = 1.0 / (row_sum * row_sum)
         guided_square = tl.sum(guided * guided, axis=1)
         guided_high = tl.sum(guided * high, axis=1)
         attn_energy += tl.where(row_mask, tl.sum(attn * attn, axis=1), 0.0)
         guided_energy += tl.where(row_mask, guided_square, 0.0)
         high_energy += tl.where(row_mask, guided_high, 0.0)
-        out_guided += tl.where(row_mask, guided_square * inv_square_sum, 0.0)
-        out_cross += tl.where(row_mask, guided_high * inv_square_sum, 0.0)
-        out_high += tl.where(row_mask, tl.sum(high * high, axis=1) * inv_square_sum, 0.0)
-    slot = partials_ptr + (video * tl.num_programs(0) + program) * 6
-    tl.store(slot + 0, tl.sum(attn_energy, axis=0))
-    tl.store(slot + 1, tl.sum(guided_energy, axis=0))
-    tl.store(slot + 2, tl.sum(high_energy, axis=0))
-    tl.store(slot + 3, tl.sum(out_guided, axis=0))
-    tl.store(slot + 4, tl.sum(out_cross, axis=0))
-    tl.store(slot + 5, tl.sum(out_high, axis=0))
+        if WRITE_STATS:  # E3 is the energy of A3 / s, s = rowsum(A2) (A2 @ P sums to 0)
+            inv_square_sum = 1.0 / (row_sum * row_sum)
+            out_guided += tl.where(row_mask, guided_square * inv_square_sum, 0.0)
+            out_cross += tl.where(row_mask, guided_high * inv_square_sum, 0.0)
+            out_high += tl.where(row_mask, tl.sum(high * high, axis=1) * inv_square_sum, 0.0)
+    slots = tl.num_programs(0) * tl.num_programs(1)
+    slot = partials_ptr + video * tl.num_programs(0) + program
+    tl.store(slot + 0 * slots, tl.sum(attn_energy, axis=0))
+    tl.store(slot + 1 * slots, tl.sum(guided_energy, axis=0))
+    tl.store(slot + 2 * slots, tl.sum(high_energy, axis=0))
+    if WRITE_STATS:
+        tl.store(slot + 3 * slots, tl.sum(out_guided, axis=0))
+        tl.store(slot + 4 * slots, tl.sum(out_cross, axis=0))
+        tl.store(slot + 5 * slots, tl.sum(out_high, axis=0))
+    # Ticket: the barrier orders every thread's slot store before the release of the atomic
+    # (as in CUDA's threadfence reduction); the last program's loads come after its acquire.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+    if ticket == slots - 1:
+        tl.store(counter_ptr, 0)  # self-cleaning: the next launch finds 0 (CUDA graphs too)
+        _finish_energies(partials_ptr, betas_ptr, stats_ptr, slots, tl.num_programs(1),
+                         rows_per_entry, beta0, beta_max, CHUNK, ADAPTIVE, HAS_BETA_MAX,
+                         WRITE_STATS, PER_VIDEO)
 
 
 @triton.jit
-def _reduce_kernel(partials_ptr, betas_ptr, stats_ptr, slots_per_group, rows_per_group, beta0,
-                   beta_max, high_energy_floor, CHUNK: tl.constexpr, ADAPTIVE: tl.constexpr,
-                   HAS_BETA_MAX: tl.constexpr, WRITE_STATS: tl.constexpr):
-    """One program per energy group: add its partial slots in a fixed order (fp64), write beta
-    (betas[group]) and, if asked, the stats row (beta, E1, E2, E2_low, E2_high, E3)."""
-    group = tl.program_id(0)
-    fields = tl.arange(0, 8)
-    slots = tl.arange(0, CHUNK)
-    first = partials_ptr + group.to(tl.int64) * slots_per_group * 6
-    totals = tl.zeros((8,), dtype=tl.float64)
-    for start in range(0, slots_per_group, CHUNK):
-        mask = ((start + slots) < slots_per_group)[:, None] & (fields < 6)[None, :]
-        chunk = tl.load(first + (start + slots)[:, None] * 6 + fields[None, :], mask=mask, other=0.0)
-        totals += tl.sum(chunk.to(tl.float64), axis=0)
+def _finish_energies(partials_ptr, betas_ptr, stats_ptr, slots, videos, rows_per_entry, beta0,
+                     beta_max, CHUNK: tl.constexpr, ADAPTIVE: tl.constexpr,
+                     HAS_BETA_MAX: tl.constexpr, WRITE_STATS: tl.constexpr,
+                     PER_VIDEO: tl.constexpr):
+    """Per energy group (one per video, or one): add its slots in a fixed order (fp64), write beta
+    (betas[group]) and, with WRITE_STATS, the stats row (beta, E1, E2, E2_low, E2_high, E3)."""
+    groups = videos if PER_VIDEO else 1
+    slots_per_group = slots // groups
+    offsets = tl.arange(0, CHUNK)
     zero = tl.zeros((), dtype=tl.float64)  # scalar arguments arrive as fp32/int: widen them
-    count = tl.maximum(zero + rows_per_group, 1.0)
-    means = totals / count
-    e1 = tl.sum(tl.where(fields == 0, means, 0.0), axis=0)
-    e2 = tl.sum(tl.where(fields == 1, means, 0.0), axis=0)
-    e2_high = tl.sum(tl.where(fields == 2, means, 0.0), axis=0)
-    beta = zero + beta0
-    if ADAPTIVE:
-        has_high = e2_high > high_energy_floor * e2
-        ratio = tl.maximum(e1 - (e2 - e2_high), 0.0) / tl.where(has_high, e2_high, 1.0)
-        beta = tl.where(has_high, tl.maximum(beta, tl.sqrt(ratio)), beta)
-        if HAS_BETA_MAX:
-            beta = tl.minimum(beta, zero + beta_max)
-    beta = beta.to(tl.float32)
-    tl.store(betas_ptr + group, beta)
-    if WRITE_STATS:
-        gain = beta.to(tl.float64) - 1.0
-        weights = tl.where(fields == 3, 1.0, tl.where(fields == 4, 2.0 * gain, gain * gain))
-        e3 = tl.sum(tl.where((fields >= 3) & (fields < 6), weights * means, 0.0), axis=0)
-        row = stats_ptr + group * 6
-        tl.store(row + 0, beta)
-        tl.store(row + 1, e1.to(tl.float32))
-        tl.store(row + 2, e2.to(tl.float32))
-        tl.store(row + 3, (e2 - e2_high).to(tl.float32))
-        tl.store(row + 4, e2_high.to(tl.float32))
-        tl.store(row + 5, e3.to(tl.float32))
+    count = tl.maximum((zero + rows_per_entry) * (videos // groups), 1.0)
+    for group in range(0, groups):
+        first = partials_ptr + group * slots_per_group
+        sums = tl.zeros((CHUNK,), dtype=tl.float64)
+        guided_sums = tl.zeros((CHUNK,), dtype=tl.float64)
+        high_sums = tl.zeros((CHUNK,), dtype=tl.float64)
+        out_guided_sums = tl.zeros((CHUNK,), dtype=tl.float64)
+        out_cross_sums = tl.zeros((CHUNK,), dtype=tl.float64)
+        out_high_sums = tl.zeros((CHUNK,), dtype=tl.float64)
+        for start in range(0, slots_per_group, CHUNK):
+            mask = start + offsets < slots_per_group
+            at = first + start + offsets
+            # .cg: straight from L2, where the other programs' stores are
+            sums += tl.load(at, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float64)
+            guided_sums += tl.load(at + slots, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float64)
+            high_sums += tl.load(at + 2 * slots, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float64)
+            if WRITE_STATS:
+                out_guided_sums += tl.load(at + 3 * slots, mask=mask, other=0.0,
+                                           cache_modifier=".cg").to(tl.float64)
+                out_cross_sums += tl.load(at + 4 * slots, mask=mask, other=0.0,
+                                          cache_modifier=".cg").to(tl.float64)
+                out_high_sums += tl.load(at + 5 * slots, mask=mask, other=0.0,
+                                         cache_modifier=".cg").to(tl.float64)
+        e1 = tl.sum(sums, axis=0) / count
+        e2 = tl.sum(guided_sums, axis=0) / count
+        e2_high = tl.sum(high_sums, axis=0) / count
+        beta = zero + beta0
+        if ADAPTIVE:
+            has_high = e2_high > ENERGY_FLOOR * e2
+            ratio = tl.maximum(e1 - (e2 - e2_high), 0.0) / tl.where(has_high, e2_high, 1.0)
+            beta = tl.where(has_high, tl.maximum(beta, tl.sqrt(ratio)), beta)
+            if HAS_BETA_MAX:
+                beta = tl.minimum(beta, zero + beta_max)
+        beta = beta.to(tl.float32)
+        tl.store(betas_ptr + group, beta)
+        if WRITE_STATS:
+            gain = beta.to(tl.float64) - 1.0
+            e3 = (tl.sum(out_guided_sums, axis=0) + 2.0 * gain * tl.sum(out_cross_sums, axis=0)
+                  + gain * gain * tl.sum(out_high_sums, axis=0)) / count
+            row = stats_ptr + group * 6
+            tl.store(row + 0, beta)
+            tl.store(row + 1, e1.to(tl.float32))
+            tl.store(row + 2, e2.to(tl.float32))
+            tl.store(row + 3, (e2 - e2_high).to(tl.float32))
+            tl.store(row + 4, e2_high.to(tl.float32))
+            tl.store(row + 5, e3.to(tl.float32))
 
 
 @triton.jit
@@ -218,6 +256,8 @@ def _apply_kernel(scores_ptr, guide_ptr, band_ptr, betas_ptr, probs_ptr, rows_pe
         scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_entry, H, W, h, w, heads,
         scale_y, scale_x, alpha, F, F_PAD, GUIDE_MODE, FULL_BAND)
     enhanced = (guided + (beta - 1.0) * high) * (1.0 / row_sum)[:, None]
+    if probs_ptr.dtype.element_ty == tl.float16:  # saturate, as the reference; NaN compares false
+        enhanced = tl.where(enhanced > 65504.0, 65504.0, tl.where(enhanced < -65504.0, -65504.0, enhanced))
     cols = tl.arange(0, F_PAD)
     offsets = (b * rows_per_entry + rows)[:, None] * F + cols[None, :]
     tl.store(probs_ptr + offsets, enhanced.to(probs_ptr.dtype.element_ty),
@@ -229,12 +269,6 @@ def _launch_shape(padded_frames: int):
     free of register spills on sm_90 (checked by tests/test_triton_sm90.py under Triton 3.6 and
     the current Triton), and tl.dot needs >= 16 rows."""
     return max(16, 1024 // padded_frames), (8 if padded_frames >= 64 else 4)
-
-
-def _stats_launch_shape(padded_frames: int):
-    """(rows per tile, warps) of the stats pass: its six loop-carried row sums need smaller
-    tiles (~512 fp32 elements) to stay free of spills."""
-    return max(16, 512 // padded_frames), 4
 
 
 class KernelLaunch(NamedTuple):
@@ -250,11 +284,10 @@ class _LaunchPlan(NamedTuple):
     """Everything about the launches that depends only on shapes, dtypes and parameters."""
 
     stats_grid: tuple
-    reduce_grid: tuple
     apply_grid: tuple
     partial_count: int
+    groups: int
     stats_args: dict
-    reduce_args: dict
     apply_args: dict
     full_band: bool
 
@@ -270,59 +303,77 @@ def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams
     per_video = params.energy_scope == "sample"
     h, w = (height, width) if guide_hw is None else guide_hw
     common = dict(rows_per_entry=rows_per_entry, H=height, W=width, h=h, w=w, heads=heads,
-                  scale_y=h / height, scale_x=w / width, alpha=params.alpha, F=frames,
-                  F_PAD=padded, BLOCK_R=block_rows,
+                  scale_y=h / height, scale_x=w / width, alpha=params.alpha, beta0=params.beta,
+                  F=frames, F_PAD=padded, BLOCK_R=block_rows,
                   GUIDE_MODE=GUIDE_MODES[None if guide_hw is None else params.guide_upsample],
-                  FULL_BAND=is_full_band(frames, params.tau), num_warps=num_warps)
+                  FULL_BAND=is_full_band(frames, params.tau), ADAPTIVE=params.adaptive_beta,
+                  PER_VIDEO=per_video, num_warps=num_warps)
     tiles = triton.cdiv(rows_per_entry, block_rows)  # grid axis 0: it allows 2**31 - 1 programs
-    stats_block_rows, stats_warps = _stats_launch_shape(padded)
+    # tl.dot's layouts need more registers: half tiles there keep the stats pass free of spills
+    stats_block_rows = block_rows if common["FULL_BAND"] else max(16, block_rows // 2)
     stats_tiles = triton.cdiv(rows_per_entry, stats_block_rows)
-    tiles_per_program = max(1, triton.cdiv(stats_tiles * videos, MAX_STATS_PROGRAMS))
+    tiles_per_program = min(MAX_STATS_TILES, triton.next_power_of_2(
+        triton.cdiv(stats_tiles * videos, TARGET_STATS_PROGRAMS)))
     programs = triton.cdiv(stats_tiles, tiles_per_program)
-    groups = videos if per_video else 1
-    stats_args = dict(common, first_entry=params.energy_part * videos,
-                      tiles_per_program=tiles_per_program, BLOCK_R=stats_block_rows,
-                      num_warps=stats_warps)
-    reduce_args = dict(slots_per_group=programs * videos // groups,
-                       rows_per_group=rows_per_entry * videos // groups, beta0=params.beta,
-                       beta_max=params.beta if params.beta_max is None else params.beta_max,
-                       high_energy_floor=HIGH_ENERGY_FLOOR, CHUNK=REDUCE_CHUNK,
-                       ADAPTIVE=params.adaptive_beta, HAS_BETA_MAX=params.beta_max is not None,
-                       WRITE_STATS=with_stats, num_warps=8)
-    apply_args = dict(common, videos=max(videos, 1), beta0=params.beta, PER_VIDEO=per_video,
-                      ADAPTIVE=params.adaptive_beta)
-    return _LaunchPlan((programs, videos), (groups,), (tiles, batch), videos * programs * PARTIAL_FIELDS,
-                       stats_args, reduce_args, apply_args, common["FULL_BAND"])
+    stats_args = dict(common, first_entry=params.energy_part * videos, TILES=tiles_per_program,
+                      BLOCK_R=stats_block_rows,
+                      beta_max=params.beta if params.beta_max is None else params.beta_max,
+                      HAS_BETA_MAX=params.beta_max is not None, WRITE_STATS=with_stats,
+                      CHUNK=REDUCE_CHUNK)
+    apply_args = dict(common, videos=max(videos, 1))
+    return _LaunchPlan((programs, videos), (tiles, batch), videos * programs * PARTIAL_FIELDS,
+                       videos if per_video else 1, stats_args, apply_args, common["FULL_BAND"])
+
+
+_TICKET_COUNTERS: dict = {}
+
+
+def _ticket_counter(device: torch.device) -> torch.Tensor:
+    """The stats pass's int32 ticket counter for the current stream of `device`: allocated zeroed
+    once and put back to 0 by the last stats program of every launch, so it needs no zeroing
+    launch (CUDA graphs replay it too).
+
+    One counter per stream, so that stats passes running at the same time on different streams
+    never share tickets (calls on one stream run one after the other). A counter first needed
+    inside a CUDA graph capture is not kept: its zeroing is part of that graph.
+    """
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    counter = _TICKET_COUNTERS.get(key)
+    if counter is None:
+        counter = torch.zeros(1, dtype=torch.int32, device=device)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _TICKET_COUNTERS[key] = counter
+    return counter
 
 
 def kernel_launches(scores, guide, params: ByTheWayParams, probs, stats=None) -> list:
     """The launches that write ByTheWay(scores) into `probs` (and `stats` if given), in order.
 
-    Fixed beta without stats: `_apply_kernel` alone. Otherwise `_stats_kernel`, `_reduce_kernel`,
-    `_apply_kernel`. `scores` and `guide` must be contiguous and `probs` non-empty.
+    Fixed beta without stats: `_apply_kernel` alone. Otherwise `_stats_kernel` (whose last program
+    also turns the energies into beta and stats) then `_apply_kernel`. `scores` and `guide` must
+    be contiguous and `probs` non-empty.
     """
     plan = _launch_plan(tuple(scores.shape), None if guide is None else tuple(guide.shape[1:3]),
                         params, stats is not None)
-    frames = scores.shape[-1]
-    band = scores if plan.full_band else high_band_matrix(frames, params.tau, plan.apply_args["F_PAD"],
-                                                         scores.device)
-    tensors = dict(scores_ptr=scores, guide_ptr=scores if guide is None else guide, band_ptr=band)
+    band = scores if plan.full_band else high_band_matrix(scores.shape[-1], params.tau,
+                                                         plan.apply_args["F_PAD"], scores.device)
+    guide = scores if guide is None else guide
     if not (params.adaptive_beta or stats is not None):
         return [KernelLaunch(_apply_kernel, plan.apply_grid,
-                             dict(plan.apply_args, **tensors, betas_ptr=probs, probs_ptr=probs))]
-    groups = plan.reduce_grid[0]
+                             dict(plan.apply_args, scores_ptr=scores, guide_ptr=guide, band_ptr=band,
+                                  betas_ptr=probs, probs_ptr=probs))]
     # one buffer: the stats programs' partial slots, then one beta per energy group
-    workspace = torch.empty(plan.partial_count + groups, dtype=torch.float32, device=scores.device)
+    workspace = torch.empty(plan.partial_count + plan.groups, dtype=torch.float32, device=scores.device)
     partials, betas = workspace[:plan.partial_count], workspace[plan.partial_count:]
-    launches = [
-        KernelLaunch(_stats_kernel, plan.stats_grid, dict(plan.stats_args, **tensors, partials_ptr=partials)),
-        KernelLaunch(_reduce_kernel, plan.reduce_grid,
-                     dict(plan.reduce_args, partials_ptr=partials, betas_ptr=betas,
-                          stats_ptr=betas if stats is None else stats)),
+    return [
+        KernelLaunch(_stats_kernel, plan.stats_grid,
+                     dict(plan.stats_args, scores_ptr=scores, guide_ptr=guide, band_ptr=band,
+                          partials_ptr=partials, counter_ptr=_ticket_counter(scores.device),
+                          betas_ptr=betas, stats_ptr=betas if stats is None else stats)),
         KernelLaunch(_apply_kernel, plan.apply_grid,
-                     dict(plan.apply_args, **tensors, betas_ptr=betas, probs_ptr=probs)),
+                     dict(plan.apply_args, scores_ptr=scores, guide_ptr=guide, band_ptr=band,
+                          betas_ptr=betas, probs_ptr=probs)),
     ]
-    return launches
 
 
 def _check_device(scores: torch.Tensor) -> None:
@@ -348,7 +399,9 @@ def attention_probs_triton_out(scores, guide, params: ByTheWayParams, probs, sta
             stats.zero_()
             stats[:, 0] = params.beta
         return
-    scores = scores.contiguous()
-    guide = None if guide is None else guide.contiguous()
+    if not scores.is_contiguous():  # checked first: .contiguous() costs a dispatch even as a no-op
+        scores = scores.contiguous()
+    if guide is not None and not guide.is_contiguous():
+        guide = guide.contiguous()
     for launch in kernel_launches(scores, guide, params, probs, stats):
         launch.kernel[launch.grid](**launch.args)

@@ -110,12 +110,12 @@ def test_sdpa(bench, shape, attn_inputs, expected, backend):
         return merge_heads(F_nn.scaled_dot_product_attention(
             split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)))
 
-    fn = attend
-    if backend != "default":
-        def fn():
-            with sdpa_kernel(sdpa_backend(backend)):
-                return attend()
+    def with_backend():
+        with sdpa_kernel(sdpa_backend(backend)):
+            return attend()
 
+    fn = attend if backend == "default" else with_backend
+    if backend != "default":
         try:
             fn()
         except RuntimeError as error:  # no kernel of this backend for this device, dtype or shape

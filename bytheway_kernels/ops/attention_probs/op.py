@@ -19,7 +19,7 @@ import torch
 
 from ..._validation import check_op_args
 from ...energy import STATS_FIELDS, stats_rows
-from ..dispatch import select_backend
+from ..dispatch import direct_call_is_equivalent, select_backend
 from ..params import ByTheWayParams
 from . import reference
 
@@ -84,24 +84,6 @@ def backend_for(scores: torch.Tensor) -> str:
 def _run_backend(scores, guide, params: ByTheWayParams, with_stats: bool):
     """(probs, stats or None) from the backend chosen for `scores`."""
     return _BACKEND_FUNCTIONS[backend_for(scores)](scores, guide, params, with_stats)
-
-
-def _is_plain_tensor(tensor: Optional[torch.Tensor]) -> bool:
-    """None, or an eager torch.Tensor: no subclass (fake, functional, ...) and no functorch wrapper."""
-    return tensor is None or (type(tensor) is torch.Tensor
-                              and not torch._C._functorch.is_functorch_wrapped_tensor(tensor))
-
-
-def _direct_call_is_equivalent(scores: torch.Tensor, guide: Optional[torch.Tensor]) -> bool:
-    """Whether calling the backend directly gives what the custom op would: plain eager tensors,
-    no tracing or compiling, no Python modes and no autograd. Skipping the op's Python dispatch
-    saves most of an eager call's host time."""
-    if torch.compiler.is_compiling() or not (_is_plain_tensor(scores) and _is_plain_tensor(guide)):
-        return False
-    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
-        return False
-    return not (torch.is_grad_enabled()
-                and (scores.requires_grad or (guide is not None and guide.requires_grad)))
 
 
 # Arguments already validated, by everything validation looks at: tensor shapes, dtypes and
@@ -237,7 +219,7 @@ def bytheway_attention_probs(
     params = _validated_params(scores, guide, alpha, beta, tau, adaptive_beta, cfg, energy_scope,
                                guide_upsample, beta_max, batch_split, return_stats)
     return_stats = bool(return_stats)  # numpy flags become Python bools for the schema
-    if _direct_call_is_equivalent(scores, guide):
+    if direct_call_is_equivalent(scores, guide):
         probs, stats = _run_backend(scores, guide, params, return_stats)
     else:
         probs, stats = attention_probs(scores, guide, *params, return_stats)

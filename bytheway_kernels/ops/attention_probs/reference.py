@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import NamedTuple, Optional, Tuple
 
 import torch
-import torch.nn.functional as F_nn
 
 from ..._validation import BatchSplit, check_op_args
 from ...band import high_band

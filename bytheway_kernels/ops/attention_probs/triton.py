@@ -170,7 +170,6 @@ def _stats_kernel(scores_ptr, guide_ptr, band_ptr, partials_ptr, counter_ptr, be
     tl.debug_barrier()
     ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     if ticket == slots - 1:
-        tl.store(counter_ptr, 0)  # self-cleaning: the next launch finds 0 (CUDA graphs too)
         _finish_energies(partials_ptr, betas_ptr, stats_ptr, slots, tl.num_programs(1),
                          rows_per_entry, beta0, beta_max, CHUNK, ADAPTIVE, HAS_BETA_MAX,
                          WRITE_STATS, PER_VIDEO)
@@ -325,27 +324,6 @@ def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams
                        videos if per_video else 1, stats_args, apply_args, common["FULL_BAND"])
 
 
-_TICKET_COUNTERS: dict = {}
-
-
-def _ticket_counter(device: torch.device) -> torch.Tensor:
-    """The stats pass's int32 ticket counter for the current stream of `device`: allocated zeroed
-    once and put back to 0 by the last stats program of every launch, so it needs no zeroing
-    launch (CUDA graphs replay it too).
-
-    One counter per stream, so that stats passes running at the same time on different streams
-    never share tickets (calls on one stream run one after the other). A counter first needed
-    inside a CUDA graph capture is not kept: its zeroing is part of that graph.
-    """
-    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
-    counter = _TICKET_COUNTERS.get(key)
-    if counter is None:
-        counter = torch.zeros(1, dtype=torch.int32, device=device)
-        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-            _TICKET_COUNTERS[key] = counter
-    return counter
-
-
 def kernel_launches(scores, guide, params: ByTheWayParams, probs, stats=None) -> list:
     """The launches that write ByTheWay(scores) into `probs` (and `stats` if given), in order.
 
@@ -362,13 +340,18 @@ def kernel_launches(scores, guide, params: ByTheWayParams, probs, stats=None) ->
         return [KernelLaunch(_apply_kernel, plan.apply_grid,
                              dict(plan.apply_args, scores_ptr=scores, guide_ptr=guide, band_ptr=band,
                                   betas_ptr=probs, probs_ptr=probs))]
-    # one buffer: the stats programs' partial slots, then one beta per energy group
-    workspace = torch.empty(plan.partial_count + plan.groups, dtype=torch.float32, device=scores.device)
-    partials, betas = workspace[:plan.partial_count], workspace[plan.partial_count:]
+    # One zeroed buffer per call: the stats programs' partial slots, one beta per energy group and
+    # the int32 ticket counter (zero bits). A per-call counter is correct on any stream, in CUDA
+    # graphs and in torch.compile's CUDA-graph trees, which forbid cached live allocations.
+    workspace = torch.zeros(plan.partial_count + plan.groups + 1, dtype=torch.float32,
+                            device=scores.device)
+    partials = workspace[:plan.partial_count]
+    betas = workspace[plan.partial_count:-1]
+    counter = workspace[-1:].view(torch.int32)
     return [
         KernelLaunch(_stats_kernel, plan.stats_grid,
                      dict(plan.stats_args, scores_ptr=scores, guide_ptr=guide, band_ptr=band,
-                          partials_ptr=partials, counter_ptr=_ticket_counter(scores.device),
+                          partials_ptr=partials, counter_ptr=counter,
                           betas_ptr=betas, stats_ptr=betas if stats is None else stats)),
         KernelLaunch(_apply_kernel, plan.apply_grid,
                      dict(plan.apply_args, scores_ptr=scores, guide_ptr=guide, band_ptr=band,

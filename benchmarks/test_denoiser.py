@@ -41,6 +41,7 @@ MODES = {
     "bytheway-materialised": "bytheway materialised",
     "bytheway-fused": "bytheway fused",
     "fast-stock": "fast stock",
+    "bytheway-fused-fast": "bytheway fused + fast stock",
 }
 #: Real-size model: ‖out − ref‖ / ‖ref‖ against the float32 copy of the same (rounded) weights; a
 #: fp16 UNet of this depth lands near 1e-3 (2.3e-3 measured between compiled and eager on an H200).
@@ -135,10 +136,28 @@ def bytheway_options(fused: bool) -> dict:
     return {"fused_attention": fused} if HAS_FUSED_CHOICE else {}
 
 
+class _Together:
+    """Handles applied one after the other, removed in the opposite order."""
+
+    def __init__(self, *handles):
+        self.handles = handles
+
+    def remove(self):
+        for handle in reversed(self.handles):
+            handle.remove()
+
+
 def enable(mode: str, unet, scheduler):
     """Turn `mode` on for `unet`; returns the handle whose .remove() turns it off (or None)."""
     if mode == "off":
         return None
+    if mode == "bytheway-fused-fast":  # every temporal layer fused, ByTheWay on the decoder's
+        fast = enable("fast-stock", unet, scheduler)
+        try:
+            return _Together(fast, enable("bytheway-fused", unet, scheduler))
+        except BaseException:  # a skip or an error: leave the model stock
+            fast.remove()
+            raise
     if mode == "fast-stock":
         enable_fast = getattr(btw, "enable_fast_temporal_attention", None)
         if enable_fast is None:
@@ -156,7 +175,7 @@ def enable(mode: str, unet, scheduler):
 def test_denoiser_step(bench, monkeypatch, dtype, denoiser_case, mode):
     case = denoiser_case
     backend = btw.select_backend(harness.DEVICE) if mode.startswith("bytheway") else ""  # builds C++ on CPU
-    if mode == "bytheway-fused" or mode == "fast-stock":
+    if mode in ("bytheway-fused", "fast-stock", "bytheway-fused-fast"):
         backend = "fused"
     try:
         handle = enable(mode, case.unet, case.scheduler)

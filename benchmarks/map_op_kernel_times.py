@@ -3,7 +3,7 @@
 Run from the repository root: `python benchmarks/map_op_kernel_times.py`. For each AnimateDiff
 shape (fp16, CFG batch 2, 8 heads, 16x16 guide, preset animatediff) it prints the profiler's self
 device time per kernel averaged over 20 calls, and the host time per call of 200 calls issued
-without synchronising, as shared/measurements/h200-2026-11-26.md measured them.
+without synchronising, as the 2026-11-26 H200 notes measured them (benchmarks/results/h200-2026-11-26.notes.md).
 """
 
 import time

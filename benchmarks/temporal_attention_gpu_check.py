@@ -182,20 +182,16 @@ def main() -> int:
               + f"{row['fused fixed'] / best_sdpa:17.3f}{row['floor'] / row['fused fixed']:13.2f}"
               + f"{row['fused adaptive'] / row['fused fixed']:16.2f}"
               + f"{row['host us/call']:14.1f}")
-    print("\ntile configurations (G sequences, BLOCK_D, warps), fused fixed beta, us")
-    for row, (_, _, _, head_dim) in zip(rows, SHAPES):
-        default = tuple(default_config(FRAMES, head_dim))
-        timings = ", ".join(f"{config}{'*' if config == default else ''}: {value:.1f}"
-                            for config, value in row["tiles"].items())
-        fastest = min(row["tiles"], key=row["tiles"].get)
-        print(f"{row['shape']:12} {timings}  -> fastest {fastest} (* = default)")
-    print("\nenergy-pass configurations (G sequences, BLOCK_D, warps), fused adaptive beta, us")
-    for row, (_, _, _, head_dim) in zip(rows, SHAPES):
-        default = tuple(default_energy_config(FRAMES, head_dim))
-        timings = ", ".join(f"{config}{'*' if config == default else ''}: {value:.1f}"
-                            for config, value in row["energy tiles"].items())
-        fastest = min(row["energy tiles"], key=row["energy tiles"].get)
-        print(f"{row['shape']:12} {timings}  -> fastest {fastest} (* = default)")
+    for pass_name, title, key, default_of in (
+            ("tile", "fused fixed beta", "tiles", default_config),
+            ("energy-pass", "fused adaptive beta", "energy tiles", default_energy_config)):
+        print(f"\n{pass_name} configurations (G sequences, BLOCK_D, warps), {title}, us")
+        for row, (_, _, _, head_dim) in zip(rows, SHAPES):
+            default = tuple(default_of(FRAMES, head_dim))
+            timings = ", ".join(f"{config}{'*' if config == default else ''}: {value:.1f}"
+                                for config, value in row[key].items())
+            fastest = min(row[key], key=row[key].get)
+            print(f"{row['shape']:12} {timings}  -> fastest {fastest} (* = default)")
     print(f"\n{'FAILED: ' + '; '.join(failures) if failures else 'all checks passed'}"
           f"  ({time.perf_counter() - started:.0f} s)")
     return 1 if failures else 0

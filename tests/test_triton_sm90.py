@@ -8,8 +8,9 @@ installed: `pip install --target .triton36 triton==3.6.0` in the repository root
 BYTHEWAY_TRITON36_DIR at such a directory.
 
 Reusable by other ops' compile tests (import this module from a subprocess script):
-`compile_for_sm90(kernel, signature, constexprs, num_warps) -> (registers, spill_bytes)`,
-`launch_signature(kernel, args) -> (signature, constexprs, num_warps)` and
+`compile_for_sm90(kernel, signature, constexprs, options) -> (registers, spill_bytes)`,
+`launch_signature(kernel, args) -> (signature, constexprs, options)`, `compiled_variants(launches)`
+(the distinct compilations of `bytheway_kernels.ops.launch.KernelLaunch`es) and
 `run_script(path, triton_dir=None) -> the JSON its last stdout line holds`.
 """
 
@@ -53,8 +54,12 @@ def _argument_type(value) -> str:
     raise TypeError(f"no Triton type for launch argument {value!r}")
 
 
+#: Launch options a KernelLaunch's args may carry besides the kernel's own parameters.
+LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
 def launch_signature(kernel, args: dict):
-    """(signature, constexprs, num_warps) of `kernel[grid](**args)`, derived from the kernel's
+    """(signature, constexprs, options) of `kernel[grid](**args)`, derived from the kernel's
     parameters, so that a new kernel argument needs no change here."""
     signature, constexprs = {}, {}
     for param in kernel.params:
@@ -62,10 +67,20 @@ def launch_signature(kernel, args: dict):
             constexprs[param.name] = args[param.name]
         else:
             signature[param.name] = _argument_type(args[param.name])
-    return signature, constexprs, args.get("num_warps", 4)
+    return signature, constexprs, {name: args[name] for name in LAUNCH_OPTIONS if name in args}
 
 
-def compile_for_sm90(kernel, signature: dict, constexprs: dict, num_warps: int):
+def compiled_variants(launches) -> list:
+    """The distinct (kernel, signature, constexprs, options) that `launches` compile."""
+    variants = {}
+    for launch in launches:
+        signature, constexprs, options = launch_signature(launch.kernel, launch.args)
+        key = json.dumps([launch.kernel.__name__, signature, constexprs, options], sort_keys=True)
+        variants[key] = (launch.kernel, signature, constexprs, options)
+    return list(variants.values())
+
+
+def compile_for_sm90(kernel, signature: dict, constexprs: dict, options: dict):
     """AOT-compile `kernel` for sm_90; (registers per thread, spilled bytes: stack + local)."""
     import tempfile
 
@@ -75,7 +90,7 @@ def compile_for_sm90(kernel, signature: dict, constexprs: dict, num_warps: int):
 
     full_signature = {name: signature.get(name, "constexpr") for name in kernel.arg_names}
     source = ASTSource(fn=kernel, signature=full_signature, constexprs=dict(constexprs))
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(options))
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     with tempfile.TemporaryDirectory() as directory:
         cubin = os.path.join(directory, "kernel.cubin")
@@ -107,7 +122,6 @@ def _map_op_variants():
     import itertools
 
     import torch
-    import triton
 
     from bytheway_kernels.band import max_tau
     from bytheway_kernels.ops.attention_probs import triton as kernels
@@ -117,7 +131,7 @@ def _map_op_variants():
     # in the first and off in the second; the others only at F=16, nearest guide.
     configs = [(True, True, 3.0, "sample"), (False, False, None, "batch")]
     extra_configs = [(False, True, None, "batch"), (True, False, None, "batch")]
-    variants = {}
+    launches = []
     for frames, tau_kind, guide_mode in itertools.product((3, 16, 24, 64), ("zero", "max"),
                                                           (None, "nearest", "bilinear")):
         tau = 0 if tau_kind == "zero" else max_tau(frames)
@@ -130,21 +144,20 @@ def _map_op_variants():
             probs = torch.empty_like(scores)
             params = ByTheWayParams(0.6, 1.5, tau, adaptive, 2, 1, scope, guide_mode or "nearest", beta_max)
             stats = torch.empty((params.stats_rows(scores.shape[0]), 6)) if with_stats else None
-            for launch in kernels.kernel_launches(scores, guide, params, probs, stats):
-                signature, constexprs, num_warps = launch_signature(launch.kernel, launch.args)
-                key = json.dumps([launch.kernel.__name__, signature, constexprs, num_warps], sort_keys=True)
-                variants[key] = (launch.kernel, signature, constexprs, num_warps)
-    return triton.__version__, list(variants.values())
+            launches += kernels.kernel_launches(scores, guide, params, probs, stats)
+    return compiled_variants(launches)
 
 
-def _report_map_op_usage() -> None:
-    version, variants = _map_op_variants()
+def report_usage(variants) -> None:
+    """Compile every variant; print {triton, results} as JSON on the last line (for run_script)."""
+    import triton
+
     results = []
-    for kernel, signature, constexprs, num_warps in variants:
-        registers, spill_bytes = compile_for_sm90(kernel, signature, constexprs, num_warps)
-        results.append(dict(kernel=kernel.__name__, constexprs=constexprs, num_warps=num_warps,
+    for kernel, signature, constexprs, options in variants:
+        registers, spill_bytes = compile_for_sm90(kernel, signature, constexprs, options)
+        results.append(dict(kernel=kernel.__name__, constexprs=constexprs, options=options,
                             registers=registers, spill_bytes=spill_bytes))
-    print(json.dumps(dict(triton=version, results=results)))
+    print(json.dumps(dict(triton=triton.__version__, results=results)))
 
 
 TRITON_VERSIONS = [
@@ -173,4 +186,4 @@ def test_map_op_kernels_compile_for_sm90_without_spills(version):
 
 
 if __name__ == "__main__":
-    _report_map_op_usage()
+    report_usage(_map_op_variants())

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ...band import high_band_matrix, is_full_band
 from ...energy import HIGH_ENERGY_FLOOR
+from ..launch import KernelLaunch
 from ..params import ByTheWayParams
 
 GUIDE_MODES = {None: 0, "nearest": 1, "bilinear": 2}
@@ -270,15 +271,6 @@ def _launch_shape(padded_frames: int):
     return max(16, 1024 // padded_frames), (8 if padded_frames >= 64 else 4)
 
 
-class KernelLaunch(NamedTuple):
-    """One kernel launch: `kernel[grid](**args)`; `args` holds every argument, constexprs and
-    launch options (num_warps) included, so tests can derive the compiled signature from it."""
-
-    kernel: object
-    grid: tuple
-    args: dict
-
-
 class _LaunchPlan(NamedTuple):
     """Everything about the launches that depends only on shapes, dtypes and parameters."""
 
@@ -387,4 +379,4 @@ def attention_probs_triton_out(scores, guide, params: ByTheWayParams, probs, sta
     if guide is not None and not guide.is_contiguous():
         guide = guide.contiguous()
     for launch in kernel_launches(scores, guide, params, probs, stats):
-        launch.kernel[launch.grid](**launch.args)
+        launch.run()

@@ -37,6 +37,7 @@ import triton.language as tl
 
 from ...band import high_band_matrix, is_full_band
 from ...energy import HIGH_ENERGY_FLOOR, STATS_FIELDS
+from ..launch import KernelLaunch
 from ..params import ByTheWayParams
 
 GUIDE_MODES = {None: 0, "nearest": 1, "bilinear": 2}
@@ -57,6 +58,8 @@ ENERGY_NUM_STAGES = 1
 QUERY_BLOCK = 16
 # Slots the beta kernel sums per step: each lane adds its slots in order, then one tree sum.
 REDUCE_BLOCK = 256
+# 4 warps left an 8-byte stack frame in one beta-kernel variant under Triton 3.6 (sm_90).
+BETA_NUM_WARPS = 8
 
 
 class TileConfig(NamedTuple):
@@ -455,27 +458,24 @@ def _launch_plan(frames: int, head_dim: int, heads: int, height: int, width: int
             slots_per_group=programs * (1 if per_video else videos),
             rows_per_group=float(sequences_per_entry * frames * (1 if per_video else videos)),
             high_energy_floor=HIGH_ENERGY_FLOOR, BLOCK=REDUCE_BLOCK, ADAPTIVE=adaptive_beta,
-            HAS_BETA_MAX=has_beta_max, WRITE_STATS=with_stats, FIELDS=fields, num_warps=4)
+            HAS_BETA_MAX=has_beta_max, WRITE_STATS=with_stats, FIELDS=fields,
+            num_warps=BETA_NUM_WARPS)
     return _LaunchPlan(
         band, torch.empty((1,), dtype=torch.float32, device=device),
         (triton.cdiv(sequences, tile.sequences) * frame_blocks,), attention_constants,
         energy_grid, energy_constants, partials_shape, beta_constants)
 
 
-def temporal_attention_triton_out(q, k, v, guide, heads: int, height: int, width: int,
-                                  scale: float, params: ByTheWayParams, out: torch.Tensor,
-                                  plain_map: Optional[torch.Tensor] = None,
-                                  stats: Optional[torch.Tensor] = None,
-                                  config: Optional[TileConfig] = None,
-                                  energy_config: Optional[TileConfig] = None) -> None:
-    """Launch the fused kernels writing into `out` (contiguous, q's shape and dtype), `plain_map`
-    ((B, H, W, heads, F, F) contiguous) and `stats` ((rows, 6) float32) when given.
+def kernel_launches(q, k, v, guide, heads: int, height: int, width: int, scale: float,
+                    params: ByTheWayParams, out: torch.Tensor,
+                    plain_map: Optional[torch.Tensor] = None, stats: Optional[torch.Tensor] = None,
+                    config: Optional[TileConfig] = None,
+                    energy_config: Optional[TileConfig] = None) -> list:
+    """The launches that write `out` (and `plain_map`, `stats` when given), in order.
 
-    Fixed beta without stats: one launch. Otherwise: energy pass, beta kernel, attention pass.
-    `config` and `energy_config` override the tile shapes of the attention and energy passes
-    (`default_config`, `default_energy_config`), for tuning.
+    Fixed beta without stats: `_attention_kernel` alone. Otherwise `_energy_kernel` (skipped for
+    an empty batch), `_beta_kernel`, then `_attention_kernel` (skipped when there are no rows).
     """
-    _check_device(q)
     alpha, beta, tau, adaptive_beta, parts, energy_part, energy_scope, guide_upsample, beta_max = params
     sequences_total, frames, channels = q.shape
     # alpha = 0 makes guided = attn exactly, so the guide need not be read at all
@@ -491,24 +491,46 @@ def temporal_attention_triton_out(q, k, v, guide, heads: int, height: int, width
         (adaptive_beta, parts, energy_part, energy_scope == "sample", beta_max is not None),
         stats is not None, q.element_size(), q.device, config, energy_config)
     band = q if plan.band is None else plan.band
+    strides = dict(q_sn=q.stride(0), q_sf=q.stride(1), k_sn=k.stride(0), k_sf=k.stride(1))
     betas = plan.placeholder
+    launches = []
     if with_sums:
         groups = max(plan.beta_constants["groups"], 1)  # never a null pointer
         betas = torch.empty((groups,), dtype=torch.float32, device=q.device)
         partials = torch.empty(plan.partials_shape, dtype=torch.float32, device=q.device)
         if plan.energy_grid[1] > 0:
-            _energy_kernel[plan.energy_grid](q, k, guide, band, partials, q_sn=q.stride(0),
-                                             q_sf=q.stride(1), k_sn=k.stride(0), k_sf=k.stride(1),
-                                             alpha=alpha, **plan.energy_constants)
-        _beta_kernel[(1,)](partials, betas, betas if stats is None else stats, beta0=beta,
-                           beta_max=beta if beta_max is None else beta_max, **plan.beta_constants)
-    if plan.attention_grid[0] == 0:
-        return
-    _attention_kernel[plan.attention_grid](
-        q, k, v, guide, band, betas, out, out if plain_map is None else plain_map,
-        q_sn=q.stride(0), q_sf=q.stride(1), k_sn=k.stride(0), k_sf=k.stride(1), v_sn=v.stride(0),
-        v_sf=v.stride(1), alpha=alpha, beta0=beta, WITH_MAP=plain_map is not None,
-        **plan.attention_constants)
+            launches.append(KernelLaunch(_energy_kernel, plan.energy_grid, dict(
+                plan.energy_constants, **strides, q_ptr=q, k_ptr=k, guide_ptr=guide, band_ptr=band,
+                partials_ptr=partials, alpha=alpha)))
+        launches.append(KernelLaunch(_beta_kernel, (1,), dict(
+            plan.beta_constants, partials_ptr=partials, beta_ptr=betas,
+            stats_ptr=betas if stats is None else stats, beta0=beta,
+            beta_max=beta if beta_max is None else beta_max)))
+    if plan.attention_grid[0] > 0:
+        launches.append(KernelLaunch(_attention_kernel, plan.attention_grid, dict(
+            plan.attention_constants, **strides, q_ptr=q, k_ptr=k, v_ptr=v, guide_ptr=guide,
+            band_ptr=band, beta_ptr=betas, out_ptr=out,
+            map_ptr=out if plain_map is None else plain_map, v_sn=v.stride(0), v_sf=v.stride(1),
+            alpha=alpha, beta0=beta, WITH_MAP=plain_map is not None)))
+    return launches
+
+
+def temporal_attention_triton_out(q, k, v, guide, heads: int, height: int, width: int,
+                                  scale: float, params: ByTheWayParams, out: torch.Tensor,
+                                  plain_map: Optional[torch.Tensor] = None,
+                                  stats: Optional[torch.Tensor] = None,
+                                  config: Optional[TileConfig] = None,
+                                  energy_config: Optional[TileConfig] = None) -> None:
+    """Launch the fused kernels writing into `out` (contiguous, q's shape and dtype), `plain_map`
+    ((B, H, W, heads, F, F) contiguous) and `stats` ((rows, 6) float32) when given.
+
+    Launch counts: see `kernel_launches`. `config` and `energy_config` override the tile shapes of
+    the attention and energy passes (`default_config`, `default_energy_config`), for tuning.
+    """
+    _check_device(q)
+    for launch in kernel_launches(q, k, v, guide, heads, height, width, scale, params, out,
+                                  plain_map, stats, config, energy_config):
+        launch.run()
 
 
 def temporal_attention_triton(q, k, v, guide, heads: int, height: int, width: int, scale: float,

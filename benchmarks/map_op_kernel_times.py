@@ -3,16 +3,18 @@
 Run from the repository root: `python benchmarks/map_op_kernel_times.py`. For each AnimateDiff
 shape (fp16, CFG batch 2, 8 heads, 16x16 guide, preset animatediff) it prints the profiler's self
 device time per kernel averaged over 20 calls, and the host time per call of 200 calls issued
-without synchronising, as the 2026-11-26 H200 notes measured them (benchmarks/results/h200-2026-11-26.notes.md).
+without synchronising, as the 2026-11-26 H200 notes measured them (benchmarks/results/h200-2026-11-26.notes.md),
+three ways: through Triton's launch path, through the direct launcher, and our Python alone
+(benchmarks/host_cost.py).
 """
 
-import time
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import bytheway_kernels as btw
+from host_cost import HOST_COLUMNS, host_costs, host_us_per_call
 
 CALLS = 20
 
@@ -32,19 +34,9 @@ def kernel_times(fn):
     return dict(times)
 
 
-def host_time(fn, calls=200):
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = (time.perf_counter() - start) / calls * 1e6
-    torch.cuda.synchronize()
-    return elapsed
-
-
 def main():
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    print("host us/call: " + " / ".join(HOST_COLUMNS) + " (softmax: its one host time)")
     for size in (16, 32, 64):
         scores = torch.randn((2, size, size, 8, 16, 16), device="cuda", dtype=torch.float16) * 3
         guide = torch.softmax(torch.randn((2, 16, 16, 8, 16, 16), device="cuda"), -1).half()
@@ -60,8 +52,13 @@ def main():
             total = sum(kernels.values())
             softmax_kernel = softmax_kernel or total
             parts = ", ".join(f"{key.split('(')[0][:24]} {value:.1f}" for key, value in kernels.items())
+            if name == "softmax":
+                host_text = f"{host_us_per_call(fn):6.1f}"
+            else:
+                host = host_costs(fn)
+                host_text = " / ".join(f"{host[column]:6.1f}" for column in HOST_COLUMNS)
             print(f"{size}x{size} {name:8s} kernel {total:6.1f} us ({total / softmax_kernel:.2f}x softmax)"
-                  f"  host {host_time(fn):6.1f} us/call  [{parts}]")
+                  f"  host {host_text} us/call  [{parts}]")
 
 
 if __name__ == "__main__":

@@ -10,10 +10,13 @@ For each temporal attention layer shape of AnimateDiff at 512x512 (batch 2 for C
 2. times with `triton.testing.do_bench` (median, L2 flushed before every call) the fused kernel
    (plain, fixed beta, adaptive beta, fixed beta + map), the composed path and each SDPA backend,
    with the memory floor (q, k, v read + out written at 4.25 TB/s), and the host cost per call of
-   the public function;
+   the public function three ways (through Triton's launch path, the direct launcher, our Python
+   alone: benchmarks/host_cost.py);
 3. times the fused fixed-beta kernel with each tile configuration of `candidate_configs`, and
-   adaptive beta with each energy-pass configuration of `energy_candidate_configs`, and prints the
-   fastest, to choose `default_config` and `default_energy_config` from one GPU run.
+   adaptive beta with each energy-pass configuration of `energy_candidate_configs` and with each
+   cap on the energy programs per video of `ENERGY_PROGRAM_CAPS` (fewer programs sum more tiles
+   each; more leave more slots to the one-program beta kernel), and prints the fastest, to choose
+   `default_config`, `default_energy_config` and `ENERGY_PROGRAMS` from one GPU run.
 Exits non-zero if a check fails. A tuning tool: the benchmark suite proper is benchmarks/test_*.py.
 """
 
@@ -32,10 +35,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from bytheway_kernels import PRESETS, temporal_attention
 from bytheway_kernels.ops.params import ByTheWayParams
 from bytheway_kernels.ops.temporal_attention.reference import temporal_attention_composed
+from bytheway_kernels.ops.temporal_attention import triton as attention_kernels
 from bytheway_kernels.ops.temporal_attention.triton import (candidate_configs, default_config,
                                                             default_energy_config,
                                                             energy_candidate_configs,
                                                             temporal_attention_triton_out)
+from host_cost import HOST_COLUMNS, host_costs  # benchmarks/host_cost.py
 
 BANDWIDTH = 4.25e12  # bytes/s, measured copy bandwidth of an H200 (docs/DESIGN.md section 7)
 BATCH, HEADS, FRAMES, GUIDE_SIZE = 2, 8, 16, (16, 16)
@@ -43,6 +48,7 @@ SHAPES = [("up_blocks.1", 16, 16, 160), ("up_blocks.2", 32, 32, 80), ("up_blocks
 DEVICE = "cuda"
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                  "cudnn": SDPBackend.CUDNN_ATTENTION}
+ENERGY_PROGRAM_CAPS = (256, 1024, 4096, 16384)
 HOST_CALLS = 200  # calls of the public function timed on the host
 MAX_RELATIVE_ERROR = 4e-3  # fp16 output: 2 ulps of the largest |out| (both paths accumulate in fp32)
 
@@ -139,13 +145,9 @@ def time_shape(name, height, width, head_dim, preset) -> dict:
         except RuntimeError as error:  # a backend that does not take this shape or layout
             row[f"sdpa {backend}"] = float("nan")
             print(f"  {name}: SDPA {backend} unavailable: {str(error).splitlines()[0][:100]}")
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(HOST_CALLS):
-        temporal_attention(q, k, v, heads=HEADS, height=height, width=width, guide=guide,
-                           alpha=preset.alpha, beta=preset.beta, tau=preset.tau)
-    row["host us/call"] = (time.perf_counter() - started) / HOST_CALLS * 1e6
-    torch.cuda.synchronize()
+    row["host"] = host_costs(lambda: temporal_attention(
+        q, k, v, heads=HEADS, height=height, width=width, guide=guide, alpha=preset.alpha,
+        beta=preset.beta, tau=preset.tau), HOST_CALLS)
     tiles = {}
     for config in candidate_configs(FRAMES, head_dim):
         tiles[tuple(config)] = bench_us(fused(guide, fixed, config=config))
@@ -153,6 +155,16 @@ def time_shape(name, height, width, head_dim, preset) -> dict:
     adaptive = fixed._replace(adaptive_beta=True)
     row["energy tiles"] = {tuple(config): bench_us(fused(guide, adaptive, energy_config=config))
                            for config in energy_candidate_configs(FRAMES, head_dim)}
+    row["energy programs"] = {}
+    default_cap = attention_kernels.ENERGY_PROGRAMS
+    try:
+        for cap in ENERGY_PROGRAM_CAPS:
+            attention_kernels.ENERGY_PROGRAMS = cap
+            attention_kernels._launch_plan.cache_clear()  # the plan holds the grid
+            row["energy programs"][cap] = bench_us(fused(guide, adaptive))
+    finally:
+        attention_kernels.ENERGY_PROGRAMS = default_cap
+        attention_kernels._launch_plan.cache_clear()
     return row
 
 
@@ -174,14 +186,15 @@ def main() -> int:
                "composed fixed", "sdpa flash", "sdpa efficient", "sdpa cudnn"]
     print("\nkernel time, us (median, L2 flushed)")
     print(f"{'shape':12}" + "".join(f"{column:>17}" for column in columns)
-          + f"{'fixed/best SDPA':>17}{'floor/fixed':>13}{'adaptive/fixed':>16}{'host us/call':>14}")
+          + f"{'fixed/best SDPA':>17}{'floor/fixed':>13}{'adaptive/fixed':>16}"
+          + "".join(f"{'host ' + column:>20}" for column in HOST_COLUMNS))
     for row in rows:
         best_sdpa = min((row[f"sdpa {b}"] for b in SDPA_BACKENDS if not math.isnan(row[f"sdpa {b}"])),
                         default=float("nan"))
         print(f"{row['shape']:12}" + "".join(f"{row[column]:17.1f}" for column in columns)
               + f"{row['fused fixed'] / best_sdpa:17.3f}{row['floor'] / row['fused fixed']:13.2f}"
               + f"{row['fused adaptive'] / row['fused fixed']:16.2f}"
-              + f"{row['host us/call']:14.1f}")
+              + "".join(f"{row['host'][column]:20.1f}" for column in HOST_COLUMNS))
     for pass_name, title, key, default_of in (
             ("tile", "fused fixed beta", "tiles", default_config),
             ("energy-pass", "fused adaptive beta", "energy tiles", default_energy_config)):
@@ -192,6 +205,12 @@ def main() -> int:
                                 for config, value in row[key].items())
             fastest = min(row[key], key=row[key].get)
             print(f"{row['shape']:12} {timings}  -> fastest {fastest} (* = default)")
+    print("\nenergy programs per video at most (ENERGY_PROGRAMS), fused adaptive beta, us")
+    for row in rows:
+        timings = ", ".join(f"{cap}{'*' if cap == attention_kernels.ENERGY_PROGRAMS else ''}: {value:.1f}"
+                            for cap, value in row["energy programs"].items())
+        fastest = min(row["energy programs"], key=row["energy programs"].get)
+        print(f"{row['shape']:12} {timings}  -> fastest {fastest} (* = default)")
     print(f"\n{'FAILED: ' + '; '.join(failures) if failures else 'all checks passed'}"
           f"  ({time.perf_counter() - started:.0f} s)")
     return 1 if failures else 0

@@ -1,18 +1,134 @@
-"""A Triton kernel launch as data, shared by the ops' Triton backends and their compile tests."""
+"""A Triton kernel launch as data, shared by the ops' Triton backends and their compile tests, and
+the optional direct launcher that skips most of Triton's per-launch host work.
+
+`kernel[grid](**args)` costs tens of microseconds of host time per launch under Triton 3.6: the
+binder specialises every argument, the cache key is rebuilt and hashed, and the launch builds
+metadata for hooks that are empty. The ops' launches split their arguments into `constants`, one
+dict object per call signature cached by the op's launch plan, and this call's `values`. The
+direct launcher (opt-in: `BYTHEWAY_DIRECT_LAUNCH=1`) keeps the kernel Triton compiled for each
+(constants object, value signature) and calls its launcher itself with the arguments Triton would
+pass, in the same order. The value signature is what Triton specialises on or finer: each
+tensor's dtype and 16-byte alignment, each scalar's exact type and value. It is off by default
+until a GPU session has checked it (benchmarks/gpu_session.sh runs the CUDA tests and times
+host cost with it on).
+"""
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
+
+import torch
+
+DIRECT_LAUNCH_ENV = "BYTHEWAY_DIRECT_LAUNCH"
+# Triton releases whose JITFunction.run was read to match the call in `_launch_direct`.
+DIRECT_LAUNCH_TRITON_VERSIONS = ("3.6.", "3.9.")
+_DIRECT_CACHE_LIMIT = 1024
 
 
 class KernelLaunch(NamedTuple):
-    """One kernel launch: `kernel[grid](**args)`; `args` holds every argument, constexprs and
-    launch options (num_warps, num_stages) included, so tests can derive the compiled signature
-    from it."""
+    """One kernel launch: `kernel[grid](**constants, **values)`.
+
+    `constants` holds what the op's launch plan fixes for a call signature (constexprs, shapes,
+    num_warps / num_stages), the same dict object on every such call; `values` holds this call's
+    tensors and scalars. The two never share a name."""
 
     kernel: object
     grid: tuple
-    args: dict
+    constants: dict
+    values: dict
+
+    @property
+    def args(self) -> dict:
+        """Every argument, launch options included, so tests can derive the compiled signature."""
+        return {**self.constants, **self.values}
 
     def run(self) -> None:
-        self.kernel[self.grid](**self.args)
+        if direct_launch_enabled():
+            _launch_direct(self)
+        else:
+            self.kernel[self.grid](**self.constants, **self.values)
+
+
+def direct_launch_enabled() -> bool:
+    """`BYTHEWAY_DIRECT_LAUNCH=1`, compiled kernels (not the interpreter) and a Triton release whose
+    launch path `_launch_direct` follows."""
+    return (os.environ.get(DIRECT_LAUNCH_ENV) == "1" and os.environ.get("TRITON_INTERPRET") != "1"
+            and _triton_version().startswith(DIRECT_LAUNCH_TRITON_VERSIONS))
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+class _DirectEntry(NamedTuple):
+    constants: dict  # kept so that a recycled id() of another dict never matches
+    compiled: object  # triton.compiler.CompiledKernel
+    arguments: list  # every kernel parameter in signature order, the constants filled in
+    value_slots: tuple  # (position in `arguments`, name in `values`)
+
+
+_DIRECT_CACHE: dict = {}
+
+
+def _value_signature(values: dict) -> tuple:
+    """Everything about `values` that Triton's specialisation can depend on, or finer: the names,
+    each tensor's dtype and 16-byte alignment, each scalar's type and value."""
+    return tuple(values), tuple([
+        (value.dtype, value.data_ptr() % 16 == 0) if isinstance(value, torch.Tensor) else (type(value), value)
+        for value in values.values()])
+
+
+def _hooks_are_empty(triton_knobs) -> bool:
+    """No launch hooks (profilers such as proton add them): Triton's launch would call nothing."""
+    for hook in (triton_knobs.runtime.launch_enter_hook, triton_knobs.runtime.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", None) != []:
+            return False
+    return True
+
+
+def _device_and_stream():
+    from triton.runtime import driver
+
+    device = driver.active.get_current_device()
+    return device, driver.active.get_current_stream(device)
+
+
+def _launch_direct(launch: KernelLaunch) -> None:
+    from triton import knobs
+
+    kernel = launch.kernel
+    if getattr(kernel, "pre_run_hooks", None) or not _hooks_are_empty(knobs):
+        kernel[launch.grid](**launch.constants, **launch.values)
+        return
+    device, stream = _device_and_stream()
+    key = (kernel, id(launch.constants), device, _value_signature(launch.values))
+    entry = _DIRECT_CACHE.get(key)
+    if entry is None or entry.constants is not launch.constants:
+        # Triton's own path: compiles on first use and returns the kernel it launched.
+        compiled = kernel[launch.grid](**launch.constants, **launch.values)
+        _remember(key, launch, compiled)
+        return
+    arguments = entry.arguments.copy()
+    for position, name in entry.value_slots:
+        arguments[position] = launch.values[name]
+    grid = launch.grid
+    compiled = entry.compiled
+    # The call JITFunction.run makes, with no launch metadata and no hooks (both are empty).
+    compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
+                 compiled.function, compiled.packed_metadata, None, None, None, *arguments)
+
+
+def _remember(key, launch: KernelLaunch, compiled) -> None:
+    if not all(hasattr(compiled, name) for name in ("run", "function", "packed_metadata")):
+        return  # not a compiled kernel (another launcher): every call takes Triton's path
+    names = launch.kernel.arg_names
+    if any(name not in launch.constants and name not in launch.values for name in names):
+        return  # a parameter left to its default: Triton's binder fills it in, so keep its path
+    arguments = [launch.constants.get(name) for name in names]
+    value_slots = tuple((position, name) for position, name in enumerate(names) if name in launch.values)
+    if len(_DIRECT_CACHE) >= _DIRECT_CACHE_LIMIT:
+        _DIRECT_CACHE.clear()
+    _DIRECT_CACHE[key] = _DirectEntry(launch.constants, compiled, arguments, value_slots)

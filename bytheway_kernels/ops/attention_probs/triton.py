@@ -329,9 +329,9 @@ def kernel_launches(scores, guide, params: ByTheWayParams, probs, stats=None) ->
                                                          plan.apply_args["F_PAD"], scores.device)
     guide = scores if guide is None else guide
     if not (params.adaptive_beta or stats is not None):
-        return [KernelLaunch(_apply_kernel, plan.apply_grid,
-                             dict(plan.apply_args, scores_ptr=scores, guide_ptr=guide, band_ptr=band,
-                                  betas_ptr=probs, probs_ptr=probs))]
+        return [KernelLaunch(_apply_kernel, plan.apply_grid, plan.apply_args,
+                             dict(scores_ptr=scores, guide_ptr=guide, band_ptr=band, betas_ptr=probs,
+                                  probs_ptr=probs))]
     # One zeroed buffer per call: the stats programs' partial slots, one beta per energy group and
     # the int32 ticket counter (zero bits). A per-call counter is correct on any stream, in CUDA
     # graphs and in torch.compile's CUDA-graph trees, which forbid cached live allocations.
@@ -341,13 +341,13 @@ def kernel_launches(scores, guide, params: ByTheWayParams, probs, stats=None) ->
     betas = workspace[plan.partial_count:-1]
     counter = workspace[-1:].view(torch.int32)
     return [
-        KernelLaunch(_stats_kernel, plan.stats_grid,
-                     dict(plan.stats_args, scores_ptr=scores, guide_ptr=guide, band_ptr=band,
-                          partials_ptr=partials, counter_ptr=counter,
-                          betas_ptr=betas, stats_ptr=betas if stats is None else stats)),
-        KernelLaunch(_apply_kernel, plan.apply_grid,
-                     dict(plan.apply_args, scores_ptr=scores, guide_ptr=guide, band_ptr=band,
-                          betas_ptr=betas, probs_ptr=probs)),
+        KernelLaunch(_stats_kernel, plan.stats_grid, plan.stats_args,
+                     dict(scores_ptr=scores, guide_ptr=guide, band_ptr=band, partials_ptr=partials,
+                          counter_ptr=counter, betas_ptr=betas,
+                          stats_ptr=betas if stats is None else stats)),
+        KernelLaunch(_apply_kernel, plan.apply_grid, plan.apply_args,
+                     dict(scores_ptr=scores, guide_ptr=guide, band_ptr=band, betas_ptr=betas,
+                          probs_ptr=probs)),
     ]
 
 

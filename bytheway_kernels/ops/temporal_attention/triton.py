@@ -499,19 +499,17 @@ def kernel_launches(q, k, v, guide, heads: int, height: int, width: int, scale: 
         betas = torch.empty((groups,), dtype=torch.float32, device=q.device)
         partials = torch.empty(plan.partials_shape, dtype=torch.float32, device=q.device)
         if plan.energy_grid[1] > 0:
-            launches.append(KernelLaunch(_energy_kernel, plan.energy_grid, dict(
-                plan.energy_constants, **strides, q_ptr=q, k_ptr=k, guide_ptr=guide, band_ptr=band,
-                partials_ptr=partials, alpha=alpha)))
-        launches.append(KernelLaunch(_beta_kernel, (1,), dict(
-            plan.beta_constants, partials_ptr=partials, beta_ptr=betas,
-            stats_ptr=betas if stats is None else stats, beta0=beta,
-            beta_max=beta if beta_max is None else beta_max)))
+            launches.append(KernelLaunch(_energy_kernel, plan.energy_grid, plan.energy_constants, dict(
+                strides, q_ptr=q, k_ptr=k, guide_ptr=guide, band_ptr=band, partials_ptr=partials,
+                alpha=alpha)))
+        launches.append(KernelLaunch(_beta_kernel, (1,), plan.beta_constants, dict(
+            partials_ptr=partials, beta_ptr=betas, stats_ptr=betas if stats is None else stats,
+            beta0=beta, beta_max=beta if beta_max is None else beta_max)))
     if plan.attention_grid[0] > 0:
-        launches.append(KernelLaunch(_attention_kernel, plan.attention_grid, dict(
-            plan.attention_constants, **strides, q_ptr=q, k_ptr=k, v_ptr=v, guide_ptr=guide,
-            band_ptr=band, beta_ptr=betas, out_ptr=out,
-            map_ptr=out if plain_map is None else plain_map, v_sn=v.stride(0), v_sf=v.stride(1),
-            alpha=alpha, beta0=beta, WITH_MAP=plain_map is not None)))
+        launches.append(KernelLaunch(_attention_kernel, plan.attention_grid, plan.attention_constants, dict(
+            strides, q_ptr=q, k_ptr=k, v_ptr=v, guide_ptr=guide, band_ptr=band, beta_ptr=betas,
+            out_ptr=out, map_ptr=out if plain_map is None else plain_map, v_sn=v.stride(0),
+            v_sf=v.stride(1), alpha=alpha, beta0=beta, WITH_MAP=plain_map is not None)))
     return launches
 
 

@@ -1,0 +1,188 @@
+"""The launch description (`KernelLaunch`) and the opt-in direct launcher (bytheway_kernels/ops/launch.py).
+
+The direct launcher's call into a compiled kernel needs a GPU, so here it meets a stand-in kernel
+that records what it is called with: the tests check that it calls the kernel Triton compiled
+with the arguments `JITFunction.run` would pass, and that every change Triton could specialise on
+sends the call back through Triton. benchmarks/gpu_session.sh runs the CUDA tests with it on.
+"""
+
+import pytest
+import torch
+
+from bytheway_kernels.ops import launch as launch_module
+from bytheway_kernels.ops.launch import DIRECT_LAUNCH_ENV, KernelLaunch, direct_launch_enabled
+
+STREAM = 1234
+GRID = (7, 3)
+
+
+class RecordingCompiledKernel:
+    """Stands in for triton.compiler.CompiledKernel: records its launcher's calls."""
+
+    function = "function-handle"
+    packed_metadata = ("warps", "ctas", "shared")
+
+    def __init__(self):
+        self.calls = []
+
+    def run(self, *args):
+        self.calls.append(args)
+
+
+class RecordingKernel:
+    """Stands in for a JITFunction: `kernel[grid](**kwargs)` records the call (Triton's path)."""
+
+    def __init__(self, arg_names):
+        self.arg_names = list(arg_names)
+        self.pre_run_hooks = []
+        self.compiled = RecordingCompiledKernel()
+        self.triton_calls = []
+
+    def __getitem__(self, grid):
+        def launch(**kwargs):
+            self.triton_calls.append((grid, kwargs))
+            return self.compiled
+
+        return launch
+
+
+@pytest.fixture
+def direct(monkeypatch):
+    """Direct launches on, as on a GPU with a supported Triton; an empty cache before and after."""
+    monkeypatch.setenv(DIRECT_LAUNCH_ENV, "1")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(launch_module, "_triton_version", lambda: "3.6.0")
+    monkeypatch.setattr(launch_module, "_device_and_stream", lambda: (0, STREAM))
+    launch_module._DIRECT_CACHE.clear()
+    yield
+    launch_module._DIRECT_CACHE.clear()
+
+
+def _values(dtype=torch.float16, offset=0, count=5, flag=True):
+    storage = torch.zeros(64, dtype=dtype)
+    return dict(x_ptr=storage[offset:], out_ptr=torch.zeros(64, dtype=dtype), count=count, alpha=0.5,
+                WITH_MAP=flag)
+
+
+CONSTANTS = dict(F=16, BLOCK=64, num_warps=4)
+ARG_NAMES = ("x_ptr", "F", "count", "out_ptr", "alpha", "BLOCK", "WITH_MAP")
+
+
+def test_direct_launch_calls_the_compiled_kernel_as_triton_does(direct):
+    kernel = RecordingKernel(ARG_NAMES)
+    KernelLaunch(kernel, GRID, CONSTANTS, _values()).run()
+    assert len(kernel.triton_calls) == 1 and kernel.compiled.calls == []  # compiled by Triton
+
+    values = _values()
+    KernelLaunch(kernel, GRID, CONSTANTS, values).run()
+    assert len(kernel.triton_calls) == 1
+    (call,) = kernel.compiled.calls
+    expected_arguments = [values["x_ptr"], 16, 5, values["out_ptr"], 0.5, 64, True]
+    assert call[:9] == (7, 3, 1, STREAM, "function-handle", ("warps", "ctas", "shared"), None, None, None)
+    assert len(call) == 9 + len(expected_arguments)
+    for got, expected in zip(call[9:], expected_arguments):
+        assert got is expected or (not isinstance(got, torch.Tensor) and got == expected)
+
+
+@pytest.mark.parametrize("change", ["dtype", "misaligned tensor", "int value", "bool for int",
+                                    "constexpr value", "equal constants, another object"])
+def test_a_new_signature_goes_through_triton(direct, change):
+    kernel = RecordingKernel(ARG_NAMES)
+    baseline_count = 1 if change == "bool for int" else 5  # True == 1 and hash(True) == hash(1)
+    KernelLaunch(kernel, GRID, CONSTANTS, _values(count=baseline_count)).run()
+    constants, values = CONSTANTS, _values(count=baseline_count)
+    if change == "dtype":
+        values = _values(dtype=torch.bfloat16)
+    elif change == "misaligned tensor":
+        values = _values(offset=1)  # 2 bytes past a 16-byte boundary
+    elif change == "int value":
+        values = _values(count=16)
+    elif change == "bool for int":
+        values = _values(count=True)
+    elif change == "constexpr value":
+        values = _values(flag=False)
+    else:
+        constants = dict(CONSTANTS)
+    KernelLaunch(kernel, GRID, constants, values).run()
+    assert len(kernel.triton_calls) == 2 and kernel.compiled.calls == []
+    KernelLaunch(kernel, GRID, constants, values).run()  # now remembered
+    assert len(kernel.triton_calls) == 2 and len(kernel.compiled.calls) == 1
+
+
+def test_launch_hooks_send_every_launch_through_triton(direct):
+    from triton import knobs
+
+    kernel = RecordingKernel(ARG_NAMES)
+    seen = []
+    hook = seen.append
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        for _ in range(3):
+            KernelLaunch(kernel, GRID, CONSTANTS, _values()).run()
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert len(kernel.triton_calls) == 3 and kernel.compiled.calls == []
+
+
+def test_a_parameter_left_to_its_default_keeps_tritons_path(direct):
+    kernel = RecordingKernel(ARG_NAMES + ("DEFAULTED",))
+    for _ in range(2):
+        KernelLaunch(kernel, GRID, CONSTANTS, _values()).run()
+    assert len(kernel.triton_calls) == 2 and kernel.compiled.calls == []
+
+
+def test_direct_launch_needs_the_switch_compiled_kernels_and_a_known_triton(direct, monkeypatch):
+    assert direct_launch_enabled()
+    monkeypatch.setattr(launch_module, "_triton_version", lambda: "3.4.0")
+    assert not direct_launch_enabled()
+    monkeypatch.setattr(launch_module, "_triton_version", lambda: "3.9.1")
+    assert direct_launch_enabled()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not direct_launch_enabled()
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv(DIRECT_LAUNCH_ENV)
+    assert not direct_launch_enabled()  # off by default
+
+
+def _op_launches():
+    """Launches of both ops' Triton backends in their main variants (fixed, adaptive, stats, map)."""
+    from bytheway_kernels.ops.attention_probs import triton as map_kernels
+    from bytheway_kernels.ops.params import ByTheWayParams
+    from bytheway_kernels.ops.temporal_attention import triton as attention_kernels
+
+    launches = []
+    frames, heads, head_dim = 16, 2, 40
+    for adaptive, tau in ((False, 7), (True, 7), (True, 1)):
+        params = ByTheWayParams(0.6, 1.5, tau, adaptive, 2, 1, "batch", "nearest", None)
+        scores = torch.zeros((2, 2, 2, heads, frames, frames))
+        guide = torch.zeros((2, 1, 1, heads, frames, frames))
+        stats = torch.empty((1, 6)) if adaptive else None
+        launches += map_kernels.kernel_launches(scores, guide, params, torch.empty_like(scores), stats)
+        q, k, v = torch.zeros((8, frames, 3 * heads * head_dim), dtype=torch.float16).split(heads * head_dim, -1)
+        out = torch.empty((8, frames, heads * head_dim), dtype=torch.float16)
+        plain_map = torch.empty((2, 2, 2, heads, frames, frames), dtype=torch.float16)
+        launches += attention_kernels.kernel_launches(q, k, v, guide.half(), heads, 2, 2, head_dim ** -0.5,
+                                                      params, out, plain_map, stats)
+    return launches
+
+
+def test_op_launches_give_every_kernel_parameter_once():
+    """What the direct launcher relies on: constants and values never share a name and together
+    name every kernel parameter; the only other names are launch options."""
+    launches = _op_launches()
+    kernels = {launch.kernel for launch in launches}
+    assert len(kernels) == 5  # map op: stats, apply; fused attention: energy, beta, attention
+    for launch in launches:
+        assert not set(launch.constants) & set(launch.values)
+        names = set(launch.kernel.arg_names)
+        assert names <= set(launch.args)
+        assert set(launch.args) - names <= {"num_warps", "num_stages"}
+
+
+def test_op_launch_constants_are_one_object_per_call_signature():
+    """The direct launcher keys its cache on the constants object: a repeated call must hand over
+    the same dict, not an equal copy (else every launch would take Triton's path)."""
+    first, second = _op_launches(), _op_launches()
+    assert len(first) == len(second)
+    for a, b in zip(first, second):
+        assert a.kernel is b.kernel and a.constants is b.constants

@@ -73,9 +73,14 @@ def print_info() -> int:
     print(f"bytheway_kernels {__version__}, torch {torch.__version__}, device {device}")
     from .ops.dispatch import select_backend
 
-    for name, (ok, reason) in backend_availability(device).items():
+    availability = backend_availability(device)
+    for name, (ok, reason) in availability.items():
         print(f"  {name:10s} {'available' if ok else 'unavailable':12s} {reason}")
     print(f"  default backend for {device}: {select_backend(device)}")
+    from .ops.launch import DIRECT_LAUNCH_ENV, direct_launch_enabled
+
+    launches = "direct launcher" if availability["triton"][0] and direct_launch_enabled() else "through Triton"
+    print(f"  Triton launches: {launches} ({DIRECT_LAUNCH_ENV}={os.environ.get(DIRECT_LAUNCH_ENV, 'unset')})")
     return 0
 
 

@@ -186,3 +186,14 @@ def test_op_launch_constants_are_one_object_per_call_signature():
     assert len(first) == len(second)
     for a, b in zip(first, second):
         assert a.kernel is b.kernel and a.constants is b.constants
+
+
+def test_info_says_how_triton_kernels_are_launched(monkeypatch, capsys):
+    from bytheway_kernels.check import print_info
+
+    monkeypatch.delenv(DIRECT_LAUNCH_ENV, raising=False)
+    print_info()
+    assert f"Triton launches: through Triton ({DIRECT_LAUNCH_ENV}=unset)" in capsys.readouterr().out
+    monkeypatch.setenv(DIRECT_LAUNCH_ENV, "1")  # the interpreter (or no CUDA) keeps Triton's path
+    print_info()
+    assert f"Triton launches: through Triton ({DIRECT_LAUNCH_ENV}=1)" in capsys.readouterr().out

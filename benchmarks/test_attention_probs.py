@@ -10,6 +10,7 @@ import torch
 import bytheway_kernels as btw
 import harness
 from bytheway_kernels.ops.dispatch import BACKEND_ENV
+from bytheway_kernels.ops.launch import DIRECT_LAUNCH_ENV
 from official_fft import official_fft_probs
 
 
@@ -37,9 +38,14 @@ def expected(map_inputs):
     return lookup
 
 
+#: Backends timed, with "triton-direct": the Triton backend with the opt-in direct launcher
+#: (BYTHEWAY_DIRECT_LAUNCH=1, bytheway_kernels/ops/launch.py), which changes only the host cost.
+BACKENDS = ["triton", "triton-direct", "cpp", "reference"]
+
+
 def backend_skip_reason(backend: str):
     """Why `backend` cannot be timed on this device, or None."""
-    if backend == "triton" and harness.DEVICE.type != "cuda":
+    if backend.startswith("triton") and harness.DEVICE.type != "cuda":
         return "the Triton backend is timed on CUDA only (on CPU it needs TRITON_INTERPRET=1, far too slow to time)"
     if backend == "cpp":
         if harness.DEVICE.type != "cpu":
@@ -60,18 +66,20 @@ def test_softmax(bench, shape, dtype, map_inputs):
 
 
 @pytest.mark.parametrize("variant", list(harness.VARIANTS))
-@pytest.mark.parametrize("backend", ["triton", "cpp", "reference"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bytheway_op(bench, monkeypatch, shape, dtype, map_inputs, expected, backend, variant):
     reason = backend_skip_reason(backend)
     if reason:
         pytest.skip(reason)
-    monkeypatch.setenv(BACKEND_ENV, backend)
+    monkeypatch.setenv(BACKEND_ENV, backend.removesuffix("-direct"))
+    if backend == "triton-direct":
+        monkeypatch.setenv(DIRECT_LAUNCH_ENV, "1")
     adaptive, with_guide = harness.VARIANTS[variant]
     scores, guide = map_inputs
     guide = guide if with_guide else None
     kwargs = harness.op_kwargs(adaptive)
     probs = bench(lambda: btw.bytheway_attention_probs(scores, guide, **kwargs),
-                  group=group_name(shape, dtype), impl=backend, variant=variant,
+                  group=group_name(shape, dtype), impl=backend.replace("-", " "), variant=variant,
                   bytes_moved=harness.map_bytes(scores, guide), breakdown=backend == "triton")
     harness.assert_close_to(probs, expected(variant), dtype)
 
@@ -93,8 +101,11 @@ TINY_SCORES = (2, 1, 1, 1, 16, 16)
 
 
 @pytest.mark.parametrize("case", ["softmax", "fixed-noguide", "adaptive-noguide",
+                                  "direct fixed-noguide", "direct adaptive-noguide",
                                   "fft fixed-noguide", "fft adaptive-noguide"])
-def test_tiny_call(bench, dtype, case):
+def test_tiny_call(bench, monkeypatch, dtype, case):
+    if case.startswith("direct ") and harness.DEVICE.type != "cuda":
+        pytest.skip("the direct launcher launches compiled Triton kernels: CUDA only")
     gen = torch.Generator().manual_seed(3)
     scores = (torch.randn(TINY_SCORES, generator=gen) * 3.0).to(harness.DEVICE, dtype)
     group = f"tiny-call map {'x'.join(map(str, TINY_SCORES))} {str(dtype).removeprefix('torch.')}"
@@ -102,7 +113,7 @@ def test_tiny_call(bench, dtype, case):
         probs = bench(lambda: torch.softmax(scores, dim=-1), group=group, impl="torch.softmax", floor=True)
         harness.assert_close_to(probs, torch.softmax(scores.double(), dim=-1), dtype)
         return
-    variant = case.removeprefix("fft ")
+    variant = case.removeprefix("fft ").removeprefix("direct ")
     adaptive, _ = harness.VARIANTS[variant]
     kwargs = harness.op_kwargs(adaptive)
     if case.startswith("fft "):
@@ -110,6 +121,9 @@ def test_tiny_call(bench, dtype, case):
                       variant=variant)
     else:
         backend = btw.select_backend(harness.DEVICE)  # on CPU this builds the C++ kernel, before timing
+        if case.startswith("direct "):
+            monkeypatch.setenv(DIRECT_LAUNCH_ENV, "1")
+            backend += " direct"
         probs = bench(lambda: btw.bytheway_attention_probs(scores, None, **kwargs), group=group, impl=backend,
                       variant=variant)
     harness.assert_close_to(probs, harness.reference_probs(scores, None, adaptive), dtype)

@@ -72,6 +72,7 @@ fi
 if [[ -f benchmarks/map_op_kernel_times.py ]]; then  # profiler: the map op's kernel and host times
   step map_kernel_times 45 python3 benchmarks/map_op_kernel_times.py
 fi
+step host_cost 30 python3 benchmarks/host_cost.py  # host per call: Triton's path / direct / our Python
 
 bench=(python3 -m pytest -q -p no:cacheprovider -rfEs --benchmark-only --bench-dtype=float16
        --benchmark-max-time=0.02 --benchmark-min-rounds=10 --benchmark-warmup=on --benchmark-warmup-iterations=2)

@@ -7,11 +7,17 @@ pipeline pays on the CPU), measured three ways in one run:
 - "direct launch": with `BYTHEWAY_DIRECT_LAUNCH=1` (bytheway_kernels/ops/launch.py);
 - "python only": every kernel launch replaced by nothing, so what is left is our own host work
   (validation, allocation, launch plan); the difference to the others is the launch path's cost.
+
+Run as a script (`python benchmarks/host_cost.py`) it prints the three for the map op and fused
+temporal attention at up_blocks.1's shape (AnimateDiff preset, fixed and adaptive beta). Without
+CUDA it prints "python only" alone, through the Triton backend under the interpreter with the
+launches skipped: our own host work per call on this CPU.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from contextlib import contextmanager
 
@@ -48,14 +54,19 @@ def _launches_skipped():
         launch_module.KernelLaunch.run = original
 
 
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def host_us_per_call(fn, calls: int = 200) -> float:
     fn()
-    torch.cuda.synchronize()
+    _synchronize()
     started = time.perf_counter()
     for _ in range(calls):
         fn()
     elapsed = (time.perf_counter() - started) / calls * 1e6
-    torch.cuda.synchronize()
+    _synchronize()
     return elapsed
 
 
@@ -69,3 +80,45 @@ def host_costs(fn, calls: int = 200) -> dict:
     with _launches_skipped():
         costs["python only"] = host_us_per_call(fn, calls)
     return costs
+
+
+def _calls(device: str) -> dict:
+    """Public calls at up_blocks.1's shape (B = 2 with CFG, 16x16, 8 heads, F = 16, d = 160)."""
+    import bytheway_kernels as btw
+
+    preset = btw.PRESETS["animatediff"]
+    scores = torch.randn((2, 16, 16, 8, 16, 16), device=device, dtype=torch.float16)
+    guide = torch.softmax(torch.randn((2, 16, 16, 8, 16, 16), device=device), -1).half()
+    q, k, v = torch.randn((512, 16, 3 * 1280), device=device, dtype=torch.float16).split(1280, -1)
+    settings = dict(alpha=preset.alpha, beta=preset.beta, tau=preset.tau)
+    return {
+        "map op fixed": lambda: btw.bytheway_attention_probs(scores, guide, adaptive_beta=False, **settings),
+        "map op adaptive": lambda: btw.bytheway_attention_probs(scores, guide, **settings),
+        "attention plain": lambda: btw.temporal_attention(q, k, v, heads=8, height=16, width=16),
+        "attention fixed": lambda: btw.temporal_attention(q, k, v, heads=8, height=16, width=16,
+                                                          guide=guide, **settings),
+        "attention adaptive": lambda: btw.temporal_attention(q, k, v, heads=8, height=16, width=16,
+                                                             guide=guide, adaptive_beta=True, **settings),
+    }
+
+
+def main() -> int:
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:  # the Triton backend's host path, its launches skipped (never interpreted)
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.environ["BYTHEWAY_BACKEND"] = "triton"
+    device = "cuda" if on_gpu else "cpu"
+    print(f"host us/call on {torch.cuda.get_device_name() if on_gpu else 'CPU'}, torch {torch.__version__}, "
+          f"{os.cpu_count()} logical CPUs: " + (" / ".join(HOST_COLUMNS) if on_gpu else "python only"))
+    for name, fn in _calls(device).items():
+        if on_gpu:
+            costs = host_costs(fn, 500)
+            print(f"  {name:20s} " + " / ".join(f"{costs[column]:6.1f}" for column in HOST_COLUMNS))
+        else:
+            with _launches_skipped():
+                print(f"  {name:20s} {host_us_per_call(fn, 2000):6.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

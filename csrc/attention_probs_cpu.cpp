@@ -33,6 +33,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace bytheway_cpu {
 namespace {
 
@@ -52,6 +56,31 @@ inline void prefetch_bytes(const void* data, int64_t bytes) {
   for (int64_t byte = 0; byte < bytes; byte += kCacheLine) {
     __builtin_prefetch(begin + byte);
   }
+}
+
+// Asks Linux for transparent huge pages on the 2 MiB-aligned interior of an output that has not
+// been written yet. Outputs above glibc's mmap threshold (32 MiB at most) are fresh mappings on
+// every call, and faulting them in 4 KiB pages costs more than the kernel itself (~0.4 ms per MiB
+// here, against ~0.1 ms with 2 MiB pages). Advice only: where THP is off ("never") or the call
+// fails, nothing changes. Small outputs are skipped (their memory is usually reused, and the
+// call would cost more than it saves).
+inline void advise_huge_pages(void* data, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+  constexpr int64_t kSmallest = 8 * int64_t(kHugePage);
+  if (bytes < kSmallest) {
+    return;
+  }
+  const uintptr_t address = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t begin = (address + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t end = (address + static_cast<uintptr_t>(bytes)) & ~(kHugePage - 1);
+  if (end > begin) {
+    madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  }
+#else
+  (void)data;
+  (void)bytes;
+#endif
 }
 
 template <typename scalar_t>
@@ -821,6 +850,7 @@ void attention_probs_out(
     stats_data = stats_buffer.data_ptr<float>();
   }
   const at::Tensor probs_buffer = probs.is_contiguous() ? probs : at::empty_like(scores);
+  advise_huge_pages(probs_buffer.data_ptr(), probs_buffer.nbytes());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "bytheway_cpu", [&] {
     using acc_t = typename AccumulateType<scalar_t>::type;

@@ -559,14 +559,54 @@ BYTHEWAY_INLINE void store_enhanced(int64_t F, const acc_t* __restrict__ guided,
   }
 }
 
-// Processes maps [map_begin, map_end) of batch entry `entry`. Writes probabilities when `probs`
-// is set (with gain beta - 1 on the band), stores the block's energy sums in `sums` when set.
+// The normalised guided map X = A2 / rowsum(A2), the value both full-band stores start from.
+template <typename acc_t>
+BYTHEWAY_INLINE acc_t normalised(acc_t guided, acc_t inv_sum) {
+  return guided * inv_sum;
+}
+
+// The full band without the product: A3 / t = X + (beta - 1)(X - 1/F) = beta X - (beta - 1) / F.
+template <typename scalar_t, typename acc_t>
+BYTHEWAY_INLINE void store_enhanced_full_band(int64_t F, const acc_t* __restrict__ guided,
+                                              const acc_t* __restrict__ row_guided_sum, acc_t beta,
+                                              scalar_t* __restrict__ out) {
+  const acc_t offset = (beta - acc_t(1)) / static_cast<acc_t>(F);
+  for (int64_t i = 0; i < F; ++i) {
+    const acc_t inv_sum = acc_t(1) / row_guided_sum[i];
+#pragma omp simd
+    for (int64_t j = 0; j < F; ++j) {
+      const int64_t k = i * F + j;
+      out[k] = to_output<scalar_t>(beta * normalised(guided[k], inv_sum) - offset);
+    }
+  }
+}
+
+// X = A2 / rowsum(A2), kept in a float32/float64 output until beta is known (adaptive beta).
+template <typename acc_t>
+BYTHEWAY_INLINE void store_normalised(int64_t F, const acc_t* __restrict__ guided,
+                                      const acc_t* __restrict__ row_guided_sum, acc_t* __restrict__ out) {
+  for (int64_t i = 0; i < F; ++i) {
+    const acc_t inv_sum = acc_t(1) / row_guided_sum[i];
+#pragma omp simd
+    for (int64_t j = 0; j < F; ++j) {
+      out[i * F + j] = normalised(guided[i * F + j], inv_sum);
+    }
+  }
+}
+
+// What `process_maps` writes into `probs`: the probabilities, or (adaptive beta, float32/float64
+// outputs) the normalised guided map X that `finish_normalised` turns into them in place.
+enum class Output { kNothing, kProbabilities, kNormalisedGuided };
+
+// Processes maps [map_begin, map_end) of batch entry `entry`. Writes `output` into `probs` (the
+// probabilities with gain beta - 1 on the band), stores the block's energy sums in `sums` when set.
 template <typename scalar_t, typename guide_t, int kFrames>
 void process_maps(
     const Plan<typename AccumulateType<scalar_t>::type>& plan,
     const scalar_t* scores,
     const guide_t* guide,
     scalar_t* probs,
+    Output output,
     EnergySums* sums,
     typename AccumulateType<scalar_t>::type beta,
     int64_t entry,
@@ -577,6 +617,9 @@ void process_maps(
   const int64_t F = kFrames > 0 ? kFrames : plan.frames;
   const int64_t map_size = F * F;
   const acc_t band_gain = beta - acc_t(1);
+  // The band product A2 P is needed for the energies and for the probabilities of a partial band;
+  // the full band's stores use its closed form instead.
+  const bool needs_high = sums != nullptr || (output == Output::kProbabilities && !plan.full_band);
   Scratch<acc_t, kMapSize> softmax(map_size), guided(map_size), high(map_size);  // A, A2, A2 P
   Scratch<acc_t, kFrames> row_maxima(F), row_inv_denominator(F), row_guided_sum(F);
   // Per-map lanes in acc_t (F columns each), accumulated per block in double.
@@ -600,14 +643,24 @@ void process_maps(
     } else {
       normalise_without_guide(F, row_inv_denominator.data(), softmax.data(), guided.data(), row_guided_sum.data());
     }
-    high_band_rows<acc_t, kFrames>(F, plan, guided.data(), row_guided_sum.data(), high.data());
+    if (needs_high) {
+      high_band_rows<acc_t, kFrames>(F, plan, guided.data(), row_guided_sum.data(), high.data());
+    }
     if (sums != nullptr) {
       add_energies(F, softmax.data(), guided.data(), high.data(), row_guided_sum.data(), map_lanes);
       map_lanes.add_to(block_lanes);
       map_lanes.clear();
     }
-    if (probs != nullptr) {
-      store_enhanced(F, guided.data(), high.data(), row_guided_sum.data(), band_gain, probs + offset);
+    if (output == Output::kProbabilities) {
+      if (plan.full_band) {
+        store_enhanced_full_band(F, guided.data(), row_guided_sum.data(), beta, probs + offset);
+      } else {
+        store_enhanced(F, guided.data(), high.data(), row_guided_sum.data(), band_gain, probs + offset);
+      }
+    } else if (output == Output::kNormalisedGuided) {
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        store_normalised(F, guided.data(), row_guided_sum.data(), probs + offset);
+      }
     }
   }
   if (sums != nullptr) {
@@ -615,33 +668,85 @@ void process_maps(
   }
 }
 
-// Runs `process_maps` on every block of the given batch entries in parallel. Returns one
-// EnergySums per block (ordered by entry, then map) when `with_sums`.
+// Turns the normalised guided maps X of maps [map_begin, map_end) of one entry into the
+// probabilities in place: X + (beta - 1) X P (beta X - (beta - 1) / F for the full band; the same
+// values the one-pass stores compute from X).
+template <typename acc_t, int kFrames>
+void finish_normalised(const Plan<acc_t>& plan, acc_t* values, acc_t beta, int64_t map_begin, int64_t map_end) {
+  constexpr int kMapSize = kFrames * kFrames;
+  const int64_t F = kFrames > 0 ? kFrames : plan.frames;
+  const int64_t map_size = F * F;
+  const acc_t band_gain = beta - acc_t(1);
+  if (plan.full_band) {
+    const acc_t offset = band_gain / static_cast<acc_t>(F);
+    acc_t* __restrict__ data = values + map_begin * map_size;
+    const int64_t count = (map_end - map_begin) * map_size;
+#pragma omp simd
+    for (int64_t k = 0; k < count; ++k) {
+      data[k] = beta * data[k] - offset;
+    }
+    return;
+  }
+  Scratch<acc_t, kMapSize> high(map_size);
+  for (int64_t map = map_begin; map < map_end; ++map) {
+    acc_t* __restrict__ data = values + map * map_size;
+    band_product<acc_t, kFrames>(data, plan.circulant.data(), high.data(), F);
+    const acc_t* __restrict__ band = high.data();
+#pragma omp simd
+    for (int64_t k = 0; k < map_size; ++k) {
+      data[k] += band_gain * band[k];
+    }
+  }
+}
+
+// Runs `process_maps` on every block of entries [entry_begin, entry_end) in parallel, writing
+// `output` with each entry's beta. Entries [sums_begin, sums_end) also gather energies: returns
+// one EnergySums per block of theirs, ordered by entry, then map.
 template <typename scalar_t, typename guide_t, int kFrames>
 std::vector<EnergySums> run_blocks(
     const Plan<typename AccumulateType<scalar_t>::type>& plan,
     const scalar_t* scores,
     const guide_t* guide,
     scalar_t* probs,
+    Output output,
     const std::vector<typename AccumulateType<scalar_t>::type>& entry_beta,
     int64_t entry_begin,
     int64_t entry_end,
-    bool with_sums) {
+    int64_t sums_begin,
+    int64_t sums_end) {
+  using acc_t = typename AccumulateType<scalar_t>::type;
   const int64_t blocks_per_entry = (plan.maps_per_entry + kBlockMaps - 1) / kBlockMaps;
   const int64_t blocks = (entry_end - entry_begin) * blocks_per_entry;
-  std::vector<EnergySums> block_sums(with_sums ? blocks : 0);
+  std::vector<EnergySums> block_sums(std::max<int64_t>(sums_end - sums_begin, 0) * blocks_per_entry);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
       const int64_t entry = entry_begin + block / blocks_per_entry;
-      const int64_t map_begin = (block % blocks_per_entry) * kBlockMaps;
+      const int64_t entry_block = block % blocks_per_entry;
+      const int64_t map_begin = entry_block * kBlockMaps;
       const int64_t map_end = std::min(map_begin + kBlockMaps, plan.maps_per_entry);
+      const bool with_sums = entry >= sums_begin && entry < sums_end;
       process_maps<scalar_t, guide_t, kFrames>(
-          plan, scores, guide, probs, with_sums ? &block_sums[block] : nullptr,
-          probs != nullptr ? entry_beta[entry] : typename AccumulateType<scalar_t>::type(1), entry,
-          map_begin, map_end);
+          plan, scores, guide, probs, output,
+          with_sums ? &block_sums[(entry - sums_begin) * blocks_per_entry + entry_block] : nullptr,
+          entry_beta.empty() ? acc_t(1) : entry_beta[entry], entry, map_begin, map_end);
     }
   });
   return block_sums;
+}
+
+// `finish_normalised` on every block of every entry, in parallel.
+template <typename acc_t, int kFrames>
+void finish_blocks(const Plan<acc_t>& plan, acc_t* probs, const std::vector<acc_t>& entry_beta) {
+  const int64_t blocks_per_entry = (plan.maps_per_entry + kBlockMaps - 1) / kBlockMaps;
+  const int64_t entry_size = plan.maps_per_entry * plan.frames * plan.frames;
+  at::parallel_for(0, plan.batch * blocks_per_entry, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t entry = block / blocks_per_entry;
+      const int64_t map_begin = (block % blocks_per_entry) * kBlockMaps;
+      const int64_t map_end = std::min(map_begin + kBlockMaps, plan.maps_per_entry);
+      finish_normalised<acc_t, kFrames>(plan, probs + entry * entry_size, entry_beta[entry], map_begin, map_end);
+    }
+  });
 }
 
 struct EnergyScope {
@@ -733,25 +838,33 @@ void run_op(
   };
 
   if (rule.adaptive) {
-    // Stats pass over the rows in scope, then the apply pass with each group's beta.
-    const auto block_sums = run_blocks<scalar_t, guide_t, kFrames>(
-        plan, scores, guide, nullptr, {}, scope.first_entry, scope_end, true);
-    finish_groups(block_sums, blocks_per_entry, rows_per_entry, scope, rule, group_beta, stats);
-    run_blocks<scalar_t, guide_t, kFrames>(plan, scores, guide, probs, betas_per_entry(), 0, plan.batch, false);
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      // float32/float64: one pass over every entry keeps X = A2 / rowsum(A2) in the output (and
+      // gathers the energies of the entries in scope); the probabilities follow from X in place.
+      const auto block_sums = run_blocks<scalar_t, guide_t, kFrames>(
+          plan, scores, guide, probs, Output::kNormalisedGuided, {}, 0, plan.batch, scope.first_entry, scope_end);
+      finish_groups(block_sums, blocks_per_entry, rows_per_entry, scope, rule, group_beta, stats);
+      finish_blocks<acc_t, kFrames>(plan, probs, betas_per_entry());
+    } else {
+      // float16/bfloat16 outputs cannot hold X without a loss that grows with beta: a stats pass
+      // over the entries in scope, then the apply pass recomputes the maps with each group's beta.
+      const auto block_sums = run_blocks<scalar_t, guide_t, kFrames>(
+          plan, scores, guide, probs, Output::kNothing, {}, scope.first_entry, scope_end, scope.first_entry,
+          scope_end);
+      finish_groups(block_sums, blocks_per_entry, rows_per_entry, scope, rule, group_beta, stats);
+      run_blocks<scalar_t, guide_t, kFrames>(plan, scores, guide, probs, Output::kProbabilities, betas_per_entry(),
+                                             0, plan.batch, 0, 0);
+    }
     return;
   }
-  // Fixed beta: one pass; the in-scope entries also gather stats when they are wanted.
+  // Fixed beta: one pass; the entries in scope also gather the energies when stats are wanted.
   group_beta.assign(scope.groups(), rule.beta0);
-  const auto entry_beta = betas_per_entry();
-  if (stats == nullptr) {
-    run_blocks<scalar_t, guide_t, kFrames>(plan, scores, guide, probs, entry_beta, 0, plan.batch, false);
-    return;
-  }
-  run_blocks<scalar_t, guide_t, kFrames>(plan, scores, guide, probs, entry_beta, 0, scope.first_entry, false);
   const auto block_sums = run_blocks<scalar_t, guide_t, kFrames>(
-      plan, scores, guide, probs, entry_beta, scope.first_entry, scope_end, true);
-  run_blocks<scalar_t, guide_t, kFrames>(plan, scores, guide, probs, entry_beta, scope_end, plan.batch, false);
-  finish_groups(block_sums, blocks_per_entry, rows_per_entry, scope, rule, group_beta, stats);
+      plan, scores, guide, probs, Output::kProbabilities, betas_per_entry(), 0, plan.batch,
+      stats != nullptr ? scope.first_entry : 0, stats != nullptr ? scope_end : 0);
+  if (stats != nullptr) {
+    finish_groups(block_sums, blocks_per_entry, rows_per_entry, scope, rule, group_beta, stats);
+  }
 }
 
 template <typename scalar_t, typename guide_t>

@@ -378,20 +378,20 @@ inline void band_product(const acc_t* __restrict__ guided, const acc_t* __restri
 // instead of being fused into the elementwise loops: the compiler then emits vector code for
 // them, and the F rows' reductions overlap. The logits are read in place.
 template <typename scalar_t, typename acc_t>
-BYTHEWAY_INLINE void softmax_numerators(const scalar_t* __restrict__ logits, int64_t F,
+BYTHEWAY_INLINE void softmax_numerators(const scalar_t* __restrict__ logits, int64_t rows, int64_t F,
                                         acc_t* __restrict__ numerators, acc_t* __restrict__ row_maxima,
                                         acc_t* __restrict__ row_inv_denominator) {
-  for (int64_t i = 0; i < F; ++i) {
+  for (int64_t i = 0; i < rows; ++i) {
     row_maxima[i] = row_max<acc_t>(logits + i * F, F);
   }
-  for (int64_t i = 0; i < F; ++i) {
+  for (int64_t i = 0; i < rows; ++i) {
     const acc_t m = row_maxima[i];
 #pragma omp simd
     for (int64_t j = 0; j < F; ++j) {
       numerators[i * F + j] = exp_nonpositive(static_cast<acc_t>(logits[i * F + j]) - m);
     }
   }
-  for (int64_t i = 0; i < F; ++i) {
+  for (int64_t i = 0; i < rows; ++i) {
     row_inv_denominator[i] = acc_t(1) / row_sum(numerators + i * F, F);
   }
 }
@@ -399,9 +399,9 @@ BYTHEWAY_INLINE void softmax_numerators(const scalar_t* __restrict__ logits, int
 // Without a guide: A = numerators / row sum, in place; A2 is A itself (the caller reads the same
 // buffer for both), with row sums 1.
 template <typename acc_t>
-BYTHEWAY_INLINE void normalise_without_guide(int64_t F, const acc_t* __restrict__ row_inv_denominator,
+BYTHEWAY_INLINE void normalise_without_guide(int64_t rows, int64_t F, const acc_t* __restrict__ row_inv_denominator,
                                              acc_t* __restrict__ softmax, acc_t* __restrict__ row_guided_sum) {
-  for (int64_t i = 0; i < F; ++i) {
+  for (int64_t i = 0; i < rows; ++i) {
     const acc_t inv_denominator = row_inv_denominator[i];
 #pragma omp simd
     for (int64_t j = 0; j < F; ++j) {
@@ -438,13 +438,11 @@ struct GuideTaps {
   }
 };
 
-// A = numerators / row sum (in place), A2 = A + alpha (U - A) and rowsum(A2). A row whose guided
-// sum is <= 0 or not finite (e.g. an all-zero guide row with alpha = 1) keeps A2 = A: the op's rule.
+// A = numerators / row sum (in place) and A2 = A + alpha (U - A) for the F rows of one map.
 template <typename acc_t, typename guide_t>
 BYTHEWAY_INLINE void normalise_and_blend(int64_t F, const Plan<acc_t>& plan, const GuideTaps<acc_t, guide_t>& taps,
                                          const acc_t* __restrict__ row_inv_denominator,
-                                         acc_t* __restrict__ softmax, acc_t* __restrict__ guided,
-                                         acc_t* __restrict__ row_guided_sum) {
+                                         acc_t* __restrict__ softmax, acc_t* __restrict__ guided) {
   const acc_t alpha = plan.alpha;
   const guide_t* __restrict__ u00 = taps.u00;
   const guide_t* __restrict__ u01 = taps.u01;
@@ -472,18 +470,25 @@ BYTHEWAY_INLINE void normalise_and_blend(int64_t F, const Plan<acc_t>& plan, con
       }
     }
   }
-  for (int64_t i = 0; i < F; ++i) {
+}
+
+// rowsum(A2) for `rows` rows. A row whose guided sum is <= 0 or not finite (e.g. an all-zero guide
+// row with alpha = 1) keeps A2 = A: the op's rule.
+template <typename acc_t>
+BYTHEWAY_INLINE void guided_row_sums(int64_t rows, int64_t F, const acc_t* __restrict__ softmax,
+                                     acc_t* __restrict__ guided, acc_t* __restrict__ row_guided_sum) {
+  for (int64_t i = 0; i < rows; ++i) {
     row_guided_sum[i] = row_sum(guided + i * F, F);
   }
   // 0 < t <= max is false for t <= 0, inf and NaN. The per-row fallback below practically never
   // runs, so all rows are checked at once: the smallest sum is > 0 and the total (which an inf or
   // NaN row makes non-finite) is finite.
   constexpr acc_t kLargest = std::numeric_limits<acc_t>::max();
-  const acc_t smallest = reduce_row(row_guided_sum, F, kLargest, [](acc_t a, acc_t b) { return b < a ? b : a; });
-  if (smallest > acc_t(0) && row_sum(row_guided_sum, F) <= kLargest) {
+  const acc_t smallest = reduce_row(row_guided_sum, rows, kLargest, [](acc_t a, acc_t b) { return b < a ? b : a; });
+  if (smallest > acc_t(0) && row_sum(row_guided_sum, rows) <= kLargest) {
     return;
   }
-  for (int64_t i = 0; i < F; ++i) {
+  for (int64_t i = 0; i < rows; ++i) {
     if (!(row_guided_sum[i] > acc_t(0) && row_guided_sum[i] <= kLargest)) {
       std::copy(softmax + i * F, softmax + (i + 1) * F, guided + i * F);
       row_guided_sum[i] = row_sum(guided + i * F, F);
@@ -493,14 +498,16 @@ BYTHEWAY_INLINE void normalise_and_blend(int64_t F, const Plan<acc_t>& plan, con
 
 // high = A2 P: the closed form A2 - rowsum(A2) / F for the full band, else the band product.
 template <typename acc_t, int kFrames>
-BYTHEWAY_INLINE void high_band_rows(int64_t F, const Plan<acc_t>& plan, const acc_t* __restrict__ guided,
+BYTHEWAY_INLINE void high_band_rows(int64_t rows, int64_t F, const Plan<acc_t>& plan, const acc_t* __restrict__ guided,
                                     const acc_t* __restrict__ row_guided_sum, acc_t* __restrict__ high) {
   if (!plan.full_band) {
-    band_product<acc_t, kFrames>(guided, plan.circulant.data(), high, F);
+    for (int64_t map = 0; map < rows / F; ++map) {
+      band_product<acc_t, kFrames>(guided + map * F * F, plan.circulant.data(), high + map * F * F, F);
+    }
     return;
   }
   const acc_t inv_frames = acc_t(1) / static_cast<acc_t>(F);
-  for (int64_t i = 0; i < F; ++i) {
+  for (int64_t i = 0; i < rows; ++i) {
     const acc_t mean = row_guided_sum[i] * inv_frames;
 #pragma omp simd
     for (int64_t j = 0; j < F; ++j) {
@@ -511,7 +518,7 @@ BYTHEWAY_INLINE void high_band_rows(int64_t F, const Plan<acc_t>& plan, const ac
 
 // Adds the map's energy terms to per-column lanes (see EnergySums).
 template <typename acc_t, int kFrames>
-BYTHEWAY_INLINE void add_energies(int64_t F, const acc_t* __restrict__ softmax, const acc_t* __restrict__ guided,
+BYTHEWAY_INLINE void add_energies(int64_t rows, int64_t F, const acc_t* __restrict__ softmax, const acc_t* __restrict__ guided,
                                   const acc_t* __restrict__ high, const acc_t* __restrict__ row_guided_sum,
                                   EnergyLanes<acc_t, kFrames>& lanes) {
   acc_t* __restrict__ softmax_sq = lanes.lane(0);
@@ -520,7 +527,7 @@ BYTHEWAY_INLINE void add_energies(int64_t F, const acc_t* __restrict__ softmax, 
   acc_t* __restrict__ guided_sq_normalised = lanes.lane(3);
   acc_t* __restrict__ guided_dot_high_normalised = lanes.lane(4);
   acc_t* __restrict__ high_sq_normalised = lanes.lane(5);
-  for (int64_t i = 0; i < F; ++i) {
+  for (int64_t i = 0; i < rows; ++i) {
     const acc_t t = row_guided_sum[i];
     const acc_t weight = acc_t(1) / (t * t);
 #pragma omp simd
@@ -551,10 +558,10 @@ inline scalar_t to_output(acc_t value) {
 
 // A3 = A2 + (beta - 1) A2 P, divided by its row sum rowsum(A2) (DC is outside the band).
 template <typename scalar_t, typename acc_t>
-BYTHEWAY_INLINE void store_enhanced(int64_t F, const acc_t* __restrict__ guided, const acc_t* __restrict__ high,
+BYTHEWAY_INLINE void store_enhanced(int64_t rows, int64_t F, const acc_t* __restrict__ guided, const acc_t* __restrict__ high,
                                     const acc_t* __restrict__ row_guided_sum, acc_t band_gain,
                                     scalar_t* __restrict__ out) {
-  for (int64_t i = 0; i < F; ++i) {
+  for (int64_t i = 0; i < rows; ++i) {
     const acc_t inv_sum = acc_t(1) / row_guided_sum[i];
 #pragma omp simd
     for (int64_t j = 0; j < F; ++j) {
@@ -572,11 +579,11 @@ BYTHEWAY_INLINE acc_t normalised(acc_t guided, acc_t inv_sum) {
 
 // The full band without the product: A3 / t = X + (beta - 1)(X - 1/F) = beta X - (beta - 1) / F.
 template <typename scalar_t, typename acc_t>
-BYTHEWAY_INLINE void store_enhanced_full_band(int64_t F, const acc_t* __restrict__ guided,
+BYTHEWAY_INLINE void store_enhanced_full_band(int64_t rows, int64_t F, const acc_t* __restrict__ guided,
                                               const acc_t* __restrict__ row_guided_sum, acc_t beta,
                                               scalar_t* __restrict__ out) {
   const acc_t offset = (beta - acc_t(1)) / static_cast<acc_t>(F);
-  for (int64_t i = 0; i < F; ++i) {
+  for (int64_t i = 0; i < rows; ++i) {
     const acc_t inv_sum = acc_t(1) / row_guided_sum[i];
 #pragma omp simd
     for (int64_t j = 0; j < F; ++j) {
@@ -588,9 +595,9 @@ BYTHEWAY_INLINE void store_enhanced_full_band(int64_t F, const acc_t* __restrict
 
 // X = A2 / rowsum(A2), kept in a float32/float64 output until beta is known (adaptive beta).
 template <typename acc_t>
-BYTHEWAY_INLINE void store_normalised(int64_t F, const acc_t* __restrict__ guided,
+BYTHEWAY_INLINE void store_normalised(int64_t rows, int64_t F, const acc_t* __restrict__ guided,
                                       const acc_t* __restrict__ row_guided_sum, acc_t* __restrict__ out) {
-  for (int64_t i = 0; i < F; ++i) {
+  for (int64_t i = 0; i < rows; ++i) {
     const acc_t inv_sum = acc_t(1) / row_guided_sum[i];
 #pragma omp simd
     for (int64_t j = 0; j < F; ++j) {
@@ -602,6 +609,88 @@ BYTHEWAY_INLINE void store_normalised(int64_t F, const acc_t* __restrict__ guide
 // What `process_maps` writes into `probs`: the probabilities, or (adaptive beta, float32/float64
 // outputs) the normalised guided map X that `finish_normalised` turns into them in place.
 enum class Output { kNothing, kProbabilities, kNormalisedGuided };
+
+// Maps processed together by one step of `process_maps` at a compile-time F: each step runs
+// over all their rows before the next step starts, so a short map (F = 16: one vector per row)
+// still gives the out-of-order core enough independent rows to overlap each step's latency.
+template <int kFrames>
+constexpr int maps_per_step() {
+  return kFrames > 0 && kFrames <= 16 ? 32 / kFrames : 1;
+}
+
+// Scratch of `process_maps`: A (softmax), A2 (guided), A2 P (high) and per-row values, for the
+// maps of one step.
+template <typename acc_t, int kFrames>
+struct StepScratch {
+  static constexpr int kMaps = maps_per_step<kFrames>();
+  Scratch<acc_t, kMaps * kFrames * kFrames> softmax, guided, high;
+  Scratch<acc_t, kMaps * kFrames> row_maxima, row_inv_denominator, row_guided_sum;
+  explicit StepScratch(int64_t frames)
+      : softmax(kMaps * frames * frames),
+        guided(kMaps * frames * frames),
+        high(kMaps * frames * frames),
+        row_maxima(kMaps * frames),
+        row_inv_denominator(kMaps * frames),
+        row_guided_sum(kMaps * frames) {}
+};
+
+// One step: kMaps consecutive maps of entry `entry` starting at `first_map`.
+template <int kMaps, typename scalar_t, typename guide_t, int kFrames>
+BYTHEWAY_INLINE void process_step(
+    const Plan<typename AccumulateType<scalar_t>::type>& plan,
+    const scalar_t* __restrict__ logits,
+    const guide_t* guide,
+    scalar_t* __restrict__ out,
+    Output output,
+    bool with_sums,
+    bool needs_high,
+    typename AccumulateType<scalar_t>::type beta,
+    int64_t entry,
+    int64_t first_map,
+    StepScratch<typename AccumulateType<scalar_t>::type, kFrames>& scratch,
+    EnergyLanes<typename AccumulateType<scalar_t>::type, kFrames>& lanes) {
+  using acc_t = typename AccumulateType<scalar_t>::type;
+  const int64_t F = kFrames > 0 ? kFrames : plan.frames;
+  const int64_t map_size = F * F;
+  const int64_t rows = kMaps * F;
+  acc_t* __restrict__ softmax = scratch.softmax.data();
+  acc_t* __restrict__ guided = scratch.guided.data();
+  acc_t* __restrict__ high = scratch.high.data();
+  acc_t* __restrict__ row_inv_denominator = scratch.row_inv_denominator.data();
+  acc_t* __restrict__ row_guided_sum = scratch.row_guided_sum.data();
+  softmax_numerators(logits, rows, F, softmax, scratch.row_maxima.data(), row_inv_denominator);
+  if (plan.has_guide) {
+    for (int m = 0; m < kMaps; ++m) {
+      const int64_t map = first_map + m;
+      const int64_t head = map % plan.heads;
+      const int64_t x = (map / plan.heads) % plan.width;
+      const int64_t y = map / (plan.heads * plan.width);
+      normalise_and_blend(F, plan, GuideTaps<acc_t, guide_t>(plan, guide, entry, y, x, head),
+                          row_inv_denominator + m * F, softmax + m * map_size, guided + m * map_size);
+    }
+    guided_row_sums(rows, F, softmax, guided, row_guided_sum);
+  } else {
+    normalise_without_guide(rows, F, row_inv_denominator, softmax, row_guided_sum);
+  }
+  const acc_t* guided_map = plan.has_guide ? guided : softmax;  // A2
+  if (needs_high) {
+    high_band_rows<acc_t, kFrames>(rows, F, plan, guided_map, row_guided_sum, high);
+  }
+  if (with_sums) {
+    add_energies(rows, F, softmax, guided_map, high, row_guided_sum, lanes);
+  }
+  if (output == Output::kProbabilities) {
+    if (plan.full_band) {
+      store_enhanced_full_band(rows, F, guided_map, row_guided_sum, beta, out);
+    } else {
+      store_enhanced(rows, F, guided_map, high, row_guided_sum, beta - acc_t(1), out);
+    }
+  } else if (output == Output::kNormalisedGuided) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      store_normalised(rows, F, guided_map, row_guided_sum, out);
+    }
+  }
+}
 
 // Processes maps [map_begin, map_end) of batch entry `entry`. Writes `output` into `probs` (the
 // probabilities with gain beta - 1 on the band), stores the block's energy sums in `sums` when set.
@@ -618,56 +707,38 @@ void process_maps(
     int64_t map_begin,
     int64_t map_end) {
   using acc_t = typename AccumulateType<scalar_t>::type;
-  constexpr int kMapSize = kFrames * kFrames;
+  constexpr int kMaps = maps_per_step<kFrames>();
   const int64_t F = kFrames > 0 ? kFrames : plan.frames;
   const int64_t map_size = F * F;
-  const acc_t band_gain = beta - acc_t(1);
   // The band product A2 P is needed for the energies and for the probabilities of a partial band;
   // the full band's stores use its closed form instead.
   const bool needs_high = sums != nullptr || (output == Output::kProbabilities && !plan.full_band);
-  Scratch<acc_t, kMapSize> softmax(map_size), guided(map_size), high(map_size);  // A, A2, A2 P
-  Scratch<acc_t, kFrames> row_maxima(F), row_inv_denominator(F), row_guided_sum(F);
-  // Per-map lanes in acc_t (F columns each), accumulated per block in double.
-  EnergyLanes<acc_t, kFrames> map_lanes(sums ? F : 0);
+  StepScratch<acc_t, kFrames> scratch(F);
+  // Per-step lanes in acc_t (F columns each), accumulated per block in double.
+  EnergyLanes<acc_t, kFrames> step_lanes(sums ? F : 0);
   EnergyLanes<double, kFrames> block_lanes(sums ? F : 0);
 
-  for (int64_t map = map_begin; map < map_end; ++map) {
-    const int64_t head = map % plan.heads;
-    const int64_t x = (map / plan.heads) % plan.width;
-    const int64_t y = map / (plan.heads * plan.width);
+  for (int64_t map = map_begin; map < map_end;) {
     const int64_t offset = (entry * plan.maps_per_entry + map) * map_size;
-    const scalar_t* logits = scores + offset;
+    const int64_t step = map_end - map >= kMaps ? kMaps : 1;
     // The hardware prefetcher alone leaves the first reads of each map waiting on memory.
-    if (map + kPrefetchMaps < map_end) {
-      prefetch_bytes(logits + kPrefetchMaps * map_size, map_size * sizeof(scalar_t));
+    if (map + step + kPrefetchMaps <= map_end) {
+      prefetch_bytes(scores + offset + step * map_size, kPrefetchMaps * map_size * sizeof(scalar_t));
     }
-    softmax_numerators(logits, F, softmax.data(), row_maxima.data(), row_inv_denominator.data());
-    if (plan.has_guide) {
-      normalise_and_blend(F, plan, GuideTaps<acc_t, guide_t>(plan, guide, entry, y, x, head),
-                          row_inv_denominator.data(), softmax.data(), guided.data(), row_guided_sum.data());
+    if (step == kMaps) {
+      process_step<kMaps, scalar_t, guide_t, kFrames>(plan, scores + offset, guide, probs + offset, output,
+                                                      sums != nullptr, needs_high, beta, entry, map, scratch,
+                                                      step_lanes);
     } else {
-      normalise_without_guide(F, row_inv_denominator.data(), softmax.data(), row_guided_sum.data());
-    }
-    const acc_t* guided_map = plan.has_guide ? guided.data() : softmax.data();  // A2
-    if (needs_high) {
-      high_band_rows<acc_t, kFrames>(F, plan, guided_map, row_guided_sum.data(), high.data());
+      process_step<1, scalar_t, guide_t, kFrames>(plan, scores + offset, guide, probs + offset, output,
+                                                  sums != nullptr, needs_high, beta, entry, map, scratch,
+                                                  step_lanes);
     }
     if (sums != nullptr) {
-      add_energies(F, softmax.data(), guided_map, high.data(), row_guided_sum.data(), map_lanes);
-      map_lanes.add_to(block_lanes);
-      map_lanes.clear();
+      step_lanes.add_to(block_lanes);
+      step_lanes.clear();
     }
-    if (output == Output::kProbabilities) {
-      if (plan.full_band) {
-        store_enhanced_full_band(F, guided_map, row_guided_sum.data(), beta, probs + offset);
-      } else {
-        store_enhanced(F, guided_map, high.data(), row_guided_sum.data(), band_gain, probs + offset);
-      }
-    } else if (output == Output::kNormalisedGuided) {
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        store_normalised(F, guided_map, row_guided_sum.data(), probs + offset);
-      }
-    }
+    map += step;
   }
   if (sums != nullptr) {
     *sums = block_lanes.sum();

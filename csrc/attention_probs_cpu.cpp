@@ -436,6 +436,23 @@ struct GuideTaps {
     w10 = ty.second_weight[y] * tx.first_weight[x];
     w11 = ty.second_weight[y] * tx.second_weight[x];
   }
+
+  // The taps of map `map` (row-major over H, W, heads) of batch entry `entry`.
+  static GuideTaps of_map(const Plan<acc_t>& plan, const guide_t* guide, int64_t entry, int64_t map) {
+    const int64_t head = map % plan.heads;
+    const int64_t x = (map / plan.heads) % plan.width;
+    const int64_t y = map / (plan.heads * plan.width);
+    return GuideTaps(plan, guide, entry, y, x, head);
+  }
+
+  void prefetch(int64_t bytes) const {
+    prefetch_bytes(u00, bytes);
+    if (w01 != acc_t(0) || w10 != acc_t(0) || w11 != acc_t(0)) {
+      prefetch_bytes(u01, bytes);
+      prefetch_bytes(u10, bytes);
+      prefetch_bytes(u11, bytes);
+    }
+  }
 };
 
 // A = numerators / row sum (in place) and A2 = A + alpha (U - A) for the F rows of one map.
@@ -661,11 +678,7 @@ BYTHEWAY_INLINE void process_step(
   softmax_numerators(logits, rows, F, softmax, scratch.row_maxima.data(), row_inv_denominator);
   if (plan.has_guide) {
     for (int m = 0; m < kMaps; ++m) {
-      const int64_t map = first_map + m;
-      const int64_t head = map % plan.heads;
-      const int64_t x = (map / plan.heads) % plan.width;
-      const int64_t y = map / (plan.heads * plan.width);
-      normalise_and_blend(F, plan, GuideTaps<acc_t, guide_t>(plan, guide, entry, y, x, head),
+      normalise_and_blend(F, plan, GuideTaps<acc_t, guide_t>::of_map(plan, guide, entry, first_map + m),
                           row_inv_denominator + m * F, softmax + m * map_size, guided + m * map_size);
     }
     guided_row_sums(rows, F, softmax, guided, row_guided_sum);
@@ -724,6 +737,11 @@ void process_maps(
     // The hardware prefetcher alone leaves the first reads of each map waiting on memory.
     if (map + step + kPrefetchMaps <= map_end) {
       prefetch_bytes(scores + offset + step * map_size, kPrefetchMaps * map_size * sizeof(scalar_t));
+      if (plan.has_guide) {
+        for (int64_t ahead = map + step; ahead < map + step + kPrefetchMaps; ++ahead) {
+          GuideTaps<acc_t, guide_t>::of_map(plan, guide, entry, ahead).prefetch(map_size * sizeof(guide_t));
+        }
+      }
     }
     if (step == kMaps) {
       process_step<kMaps, scalar_t, guide_t, kFrames>(plan, scores + offset, guide, probs + offset, output,

@@ -829,14 +829,15 @@ std::vector<EnergySums> run_blocks(
   return block_sums;
 }
 
-// `finish_normalised` on every block of every entry, in parallel.
+// `finish_normalised` on every block of entries [entry_begin, entry_end), in parallel.
 template <typename acc_t, int kFrames>
-void finish_blocks(const Plan<acc_t>& plan, acc_t* probs, const std::vector<acc_t>& entry_beta) {
+void finish_blocks(const Plan<acc_t>& plan, acc_t* probs, const std::vector<acc_t>& entry_beta, int64_t entry_begin,
+                   int64_t entry_end) {
   const int64_t blocks_per_entry = (plan.maps_per_entry + kBlockMaps - 1) / kBlockMaps;
   const int64_t entry_size = plan.maps_per_entry * plan.frames * plan.frames;
-  at::parallel_for(0, plan.batch * blocks_per_entry, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, (entry_end - entry_begin) * blocks_per_entry, 1, [&](int64_t begin, int64_t end) {
     for (int64_t block = begin; block < end; ++block) {
-      const int64_t entry = block / blocks_per_entry;
+      const int64_t entry = entry_begin + block / blocks_per_entry;
       const int64_t map_begin = (block % blocks_per_entry) * kBlockMaps;
       const int64_t map_end = std::min(map_begin + kBlockMaps, plan.maps_per_entry);
       finish_normalised<acc_t, kFrames>(plan, probs + entry * entry_size, entry_beta[entry], map_begin, map_end);
@@ -934,12 +935,20 @@ void run_op(
 
   if (rule.adaptive) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      // float32/float64: one pass over every entry keeps X = A2 / rowsum(A2) in the output (and
-      // gathers the energies of the entries in scope); the probabilities follow from X in place.
+      // float32/float64: the pass over the entries in scope gathers their energies and keeps
+      // X = A2 / rowsum(A2) in the output, which then becomes the probabilities in place; the
+      // other entries are computed once, with beta known. Separate parallel loops, as a finish is
+      // much cheaper than a map and the loops split their ranges evenly between threads.
       const auto block_sums = run_blocks<scalar_t, guide_t, kFrames>(
-          plan, scores, guide, probs, Output::kNormalisedGuided, {}, 0, plan.batch, scope.first_entry, scope_end);
+          plan, scores, guide, probs, Output::kNormalisedGuided, {}, scope.first_entry, scope_end,
+          scope.first_entry, scope_end);
       finish_groups(block_sums, blocks_per_entry, rows_per_entry, scope, rule, group_beta, stats);
-      finish_blocks<acc_t, kFrames>(plan, probs, betas_per_entry());
+      const auto entry_beta = betas_per_entry();
+      finish_blocks<acc_t, kFrames>(plan, probs, entry_beta, scope.first_entry, scope_end);
+      run_blocks<scalar_t, guide_t, kFrames>(plan, scores, guide, probs, Output::kProbabilities, entry_beta, 0,
+                                             scope.first_entry, 0, 0);
+      run_blocks<scalar_t, guide_t, kFrames>(plan, scores, guide, probs, Output::kProbabilities, entry_beta,
+                                             scope_end, plan.batch, 0, 0);
     } else {
       // float16/bfloat16 outputs cannot hold X without a loss that grows with beta: a stats pass
       // over the entries in scope, then the apply pass recomputes the maps with each group's beta.

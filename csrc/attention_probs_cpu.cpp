@@ -455,45 +455,55 @@ struct GuideTaps {
   }
 };
 
-// A = numerators / row sum (in place) and A2 = A + alpha (U - A) for the F rows of one map.
+// A2 = A + alpha (U - A) for the F rows of one map, A = numerators / row sum. With
+// `keep_softmax` (the energies need A) A is also stored, in place of the numerators; without,
+// the numerators stay and A2 = (1 - alpha) / rowsum * numerators + alpha U, one store and one
+// operation less per element.
 template <typename acc_t, typename guide_t>
 BYTHEWAY_INLINE void normalise_and_blend(int64_t F, const Plan<acc_t>& plan, const GuideTaps<acc_t, guide_t>& taps,
-                                         const acc_t* __restrict__ row_inv_denominator,
+                                         bool keep_softmax, const acc_t* __restrict__ row_inv_denominator,
                                          acc_t* __restrict__ softmax, acc_t* __restrict__ guided) {
   const acc_t alpha = plan.alpha;
   const guide_t* __restrict__ u00 = taps.u00;
   const guide_t* __restrict__ u01 = taps.u01;
   const guide_t* __restrict__ u10 = taps.u10;
   const guide_t* __restrict__ u11 = taps.u11;
+  // The upsampled guide U at element k of the map.
+  auto upsampled = [&](int64_t k) {
+    if (!plan.bilinear) {
+      return static_cast<acc_t>(u00[k]);
+    }
+    return taps.w00 * static_cast<acc_t>(u00[k]) + taps.w01 * static_cast<acc_t>(u01[k]) +
+        taps.w10 * static_cast<acc_t>(u10[k]) + taps.w11 * static_cast<acc_t>(u11[k]);
+  };
   for (int64_t i = 0; i < F; ++i) {
     const acc_t inv_denominator = row_inv_denominator[i];
-    if (!plan.bilinear) {
+    const acc_t softmax_weight = (acc_t(1) - alpha) * inv_denominator;
+    if (keep_softmax) {
 #pragma omp simd
       for (int64_t j = 0; j < F; ++j) {
         const int64_t k = i * F + j;
         const acc_t a = softmax[k] * inv_denominator;
         softmax[k] = a;
-        guided[k] = a + alpha * (static_cast<acc_t>(u00[k]) - a);
+        guided[k] = a + alpha * (upsampled(k) - a);
       }
     } else {
 #pragma omp simd
       for (int64_t j = 0; j < F; ++j) {
         const int64_t k = i * F + j;
-        const acc_t a = softmax[k] * inv_denominator;
-        const acc_t u = taps.w00 * static_cast<acc_t>(u00[k]) + taps.w01 * static_cast<acc_t>(u01[k]) +
-            taps.w10 * static_cast<acc_t>(u10[k]) + taps.w11 * static_cast<acc_t>(u11[k]);
-        softmax[k] = a;
-        guided[k] = a + alpha * (u - a);
+        guided[k] = softmax[k] * softmax_weight + alpha * upsampled(k);
       }
     }
   }
 }
 
 // rowsum(A2) for `rows` rows. A row whose guided sum is <= 0 or not finite (e.g. an all-zero guide
-// row with alpha = 1) keeps A2 = A: the op's rule.
+// row with alpha = 1) keeps A2 = A: the op's rule. `softmax` holds A, or the numerators when
+// `row_inv_denominator` is given (then A = numerators * row_inv_denominator, as stored above).
 template <typename acc_t>
 BYTHEWAY_INLINE void guided_row_sums(int64_t rows, int64_t F, const acc_t* __restrict__ softmax,
-                                     acc_t* __restrict__ guided, acc_t* __restrict__ row_guided_sum) {
+                                     const acc_t* __restrict__ row_inv_denominator, acc_t* __restrict__ guided,
+                                     acc_t* __restrict__ row_guided_sum) {
   for (int64_t i = 0; i < rows; ++i) {
     row_guided_sum[i] = row_sum(guided + i * F, F);
   }
@@ -507,7 +517,10 @@ BYTHEWAY_INLINE void guided_row_sums(int64_t rows, int64_t F, const acc_t* __res
   }
   for (int64_t i = 0; i < rows; ++i) {
     if (!(row_guided_sum[i] > acc_t(0) && row_guided_sum[i] <= kLargest)) {
-      std::copy(softmax + i * F, softmax + (i + 1) * F, guided + i * F);
+      const acc_t scale = row_inv_denominator != nullptr ? row_inv_denominator[i] : acc_t(1);
+      for (int64_t j = 0; j < F; ++j) {
+        guided[i * F + j] = row_inv_denominator != nullptr ? softmax[i * F + j] * scale : softmax[i * F + j];
+      }
       row_guided_sum[i] = row_sum(guided + i * F, F);
     }
   }
@@ -679,9 +692,9 @@ BYTHEWAY_INLINE void process_step(
   if (plan.has_guide) {
     for (int m = 0; m < kMaps; ++m) {
       normalise_and_blend(F, plan, GuideTaps<acc_t, guide_t>::of_map(plan, guide, entry, first_map + m),
-                          row_inv_denominator + m * F, softmax + m * map_size, guided + m * map_size);
+                          with_sums, row_inv_denominator + m * F, softmax + m * map_size, guided + m * map_size);
     }
-    guided_row_sums(rows, F, softmax, guided, row_guided_sum);
+    guided_row_sums(rows, F, softmax, with_sums ? nullptr : row_inv_denominator, guided, row_guided_sum);
   } else {
     normalise_without_guide(rows, F, row_inv_denominator, softmax, row_guided_sum);
   }

@@ -374,13 +374,13 @@ inline void band_product(const acc_t* __restrict__ guided, const acc_t* __restri
 // parameters: GCC honours restrict on parameters, and its alias analysis does not tell apart the
 // fields of one struct, so scratch kept in a struct costs the vectoriser ~25% at F = 16.
 
-// softmax numerators exp(s - max) and 1 / their row sums. Reductions get loops of their own
+// softmax numerators exp(s - max), their row sums and 1 / the sums. Reductions get loops of their own
 // instead of being fused into the elementwise loops: the compiler then emits vector code for
 // them, and the F rows' reductions overlap. The logits are read in place.
 template <typename scalar_t, typename acc_t>
 BYTHEWAY_INLINE void softmax_numerators(const scalar_t* __restrict__ logits, int64_t rows, int64_t F,
                                         acc_t* __restrict__ numerators, acc_t* __restrict__ row_maxima,
-                                        acc_t* __restrict__ row_inv_denominator) {
+                                        acc_t* __restrict__ row_denominator, acc_t* __restrict__ row_inv_denominator) {
   for (int64_t i = 0; i < rows; ++i) {
     row_maxima[i] = row_max<acc_t>(logits + i * F, F);
   }
@@ -392,7 +392,10 @@ BYTHEWAY_INLINE void softmax_numerators(const scalar_t* __restrict__ logits, int
     }
   }
   for (int64_t i = 0; i < rows; ++i) {
-    row_inv_denominator[i] = acc_t(1) / row_sum(numerators + i * F, F);
+    row_denominator[i] = row_sum(numerators + i * F, F);
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    row_inv_denominator[i] = acc_t(1) / row_denominator[i];
   }
 }
 
@@ -654,12 +657,13 @@ template <typename acc_t, int kFrames>
 struct StepScratch {
   static constexpr int kMaps = maps_per_step<kFrames>();
   Scratch<acc_t, kMaps * kFrames * kFrames> softmax, guided, high;
-  Scratch<acc_t, kMaps * kFrames> row_maxima, row_inv_denominator, row_guided_sum;
+  Scratch<acc_t, kMaps * kFrames> row_maxima, row_denominator, row_inv_denominator, row_guided_sum;
   explicit StepScratch(int64_t frames)
       : softmax(kMaps * frames * frames),
         guided(kMaps * frames * frames),
         high(kMaps * frames * frames),
         row_maxima(kMaps * frames),
+        row_denominator(kMaps * frames),
         row_inv_denominator(kMaps * frames),
         row_guided_sum(kMaps * frames) {}
 };
@@ -688,32 +692,40 @@ BYTHEWAY_INLINE void process_step(
   acc_t* __restrict__ high = scratch.high.data();
   acc_t* __restrict__ row_inv_denominator = scratch.row_inv_denominator.data();
   acc_t* __restrict__ row_guided_sum = scratch.row_guided_sum.data();
-  softmax_numerators(logits, rows, F, softmax, scratch.row_maxima.data(), row_inv_denominator);
+  softmax_numerators(logits, rows, F, softmax, scratch.row_maxima.data(), scratch.row_denominator.data(),
+                     row_inv_denominator);
+  const acc_t* guided_map = guided;          // A2
+  const acc_t* guided_sums = row_guided_sum;  // rowsum(A2)
   if (plan.has_guide) {
     for (int m = 0; m < kMaps; ++m) {
       normalise_and_blend(F, plan, GuideTaps<acc_t, guide_t>::of_map(plan, guide, entry, first_map + m),
                           with_sums, row_inv_denominator + m * F, softmax + m * map_size, guided + m * map_size);
     }
     guided_row_sums(rows, F, softmax, with_sums ? nullptr : row_inv_denominator, guided, row_guided_sum);
-  } else {
+  } else if (with_sums) {
     normalise_without_guide(rows, F, row_inv_denominator, softmax, row_guided_sum);
+    guided_map = softmax;
+  } else {
+    // Everything after this divides A2 by its row sums, so the numerators and their sums serve as
+    // A2 and rowsum(A2) as they are (numerator / sum is A exactly as normalising computes it).
+    guided_map = softmax;
+    guided_sums = scratch.row_denominator.data();
   }
-  const acc_t* guided_map = plan.has_guide ? guided : softmax;  // A2
   if (needs_high) {
-    high_band_rows<acc_t, kFrames>(rows, F, plan, guided_map, row_guided_sum, high);
+    high_band_rows<acc_t, kFrames>(rows, F, plan, guided_map, guided_sums, high);
   }
   if (with_sums) {
-    add_energies(rows, F, softmax, guided_map, high, row_guided_sum, lanes);
+    add_energies(rows, F, softmax, guided_map, high, guided_sums, lanes);
   }
   if (output == Output::kProbabilities) {
     if (plan.full_band) {
-      store_enhanced_full_band(rows, F, guided_map, row_guided_sum, beta, out);
+      store_enhanced_full_band(rows, F, guided_map, guided_sums, beta, out);
     } else {
-      store_enhanced(rows, F, guided_map, high, row_guided_sum, beta - acc_t(1), out);
+      store_enhanced(rows, F, guided_map, high, guided_sums, beta - acc_t(1), out);
     }
   } else if (output == Output::kNormalisedGuided) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      store_normalised(rows, F, guided_map, row_guided_sum, out);
+      store_normalised(rows, F, guided_map, guided_sums, out);
     }
   }
 }

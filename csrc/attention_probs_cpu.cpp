@@ -138,7 +138,7 @@ inline double exp_nonpositive(double x) {
 constexpr int kReductionLanes = 16;  // the tree steps below are written out for 16
 
 template <typename acc_t, typename value_t, typename Combine>
-inline acc_t reduce_row(const value_t* values, int64_t n, acc_t identity, Combine combine) {
+BYTHEWAY_INLINE acc_t reduce_row(const value_t* values, int64_t n, acc_t identity, Combine combine) {
   acc_t lanes[kReductionLanes];
   for (int l = 0; l < kReductionLanes; ++l) {
     lanes[l] = l < n ? static_cast<acc_t>(values[l]) : identity;
@@ -155,7 +155,7 @@ inline acc_t reduce_row(const value_t* values, int64_t n, acc_t identity, Combin
 }
 
 template <typename acc_t>
-inline acc_t row_sum(const acc_t* values, int64_t n) {
+BYTHEWAY_INLINE acc_t row_sum(const acc_t* values, int64_t n) {
   return reduce_row(values, n, acc_t(0), [](acc_t a, acc_t b) { return a + b; });
 }
 

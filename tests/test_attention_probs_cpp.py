@@ -140,6 +140,16 @@ def test_fixed_beta_odd_map_counts(dtype, frames, tau, with_guide):
     _assert_matches_in_its_dtype(scores, guide, case, probs, stats)
 
 
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_output_large_enough_for_huge_pages(adaptive):
+    """A 16.8 MB output (over the kernel's 16 MiB huge-page threshold), fully written and correct."""
+    case = Case(frames=32, tau=7, height=16, width=16, heads=8, guide_size=(8, 8), adaptive_beta=adaptive)
+    scores, guide = make_inputs(case, seed=22)
+    assert scores.nbytes >= 16 * 2**20
+    probs, stats = run_cpp(scores, guide, case)
+    assert_matches_reference(scores, guide, case, probs, stats)
+
+
 def test_public_function_uses_cpp_by_default_on_cpu(monkeypatch):
     monkeypatch.delenv("BYTHEWAY_BACKEND", raising=False)
     assert btw.select_backend(torch.device("cpu")) == "cpp"

@@ -640,6 +640,41 @@ BYTHEWAY_INLINE void store_normalised(int64_t rows, int64_t F, const acc_t* __re
   }
 }
 
+// The full band with a nearest guide and no energies, without forming A2: with the guide's row
+// sums (taken before the softmax, so that the two overlap) rowsum(A2) is
+// (1 - alpha) / den * rowsum(numerators) + alpha rowsum(U), and beta A2 / rowsum(A2) - (beta - 1) / F
+// is formed from the numerators and U directly, for the F rows of one map. Returns false, having
+// written nothing, when a row's guided sum is <= 0 or not finite; the caller then takes the
+// general path, which applies the op's rule to such rows.
+template <typename scalar_t, typename acc_t, typename guide_t>
+BYTHEWAY_INLINE bool store_blended_full_band(int64_t F, acc_t alpha, const guide_t* __restrict__ u,
+                                             const acc_t* __restrict__ numerators,
+                                             const acc_t* __restrict__ row_denominator,
+                                             const acc_t* __restrict__ row_inv_denominator, acc_t beta,
+                                             acc_t* __restrict__ row_guided_sum, scalar_t* __restrict__ out) {
+  const acc_t softmax_share = acc_t(1) - alpha;
+  for (int64_t i = 0; i < F; ++i) {  // row_guided_sum holds rowsum(U) on entry
+    row_guided_sum[i] = softmax_share * row_inv_denominator[i] * row_denominator[i] + alpha * row_guided_sum[i];
+  }
+  constexpr acc_t kLargest = std::numeric_limits<acc_t>::max();  // as in guided_row_sums
+  const acc_t smallest = reduce_row(row_guided_sum, F, kLargest, [](acc_t a, acc_t b) { return b < a ? b : a; });
+  if (!(smallest > acc_t(0) && row_sum(row_guided_sum, F) <= kLargest)) {
+    return false;
+  }
+  const acc_t offset = (beta - acc_t(1)) / static_cast<acc_t>(F);
+  for (int64_t i = 0; i < F; ++i) {
+    const acc_t scale = beta / row_guided_sum[i];
+    const acc_t numerator_weight = softmax_share * row_inv_denominator[i] * scale;
+    const acc_t guide_weight = alpha * scale;
+#pragma omp simd
+    for (int64_t j = 0; j < F; ++j) {
+      const int64_t k = i * F + j;
+      out[k] = to_output<scalar_t>(numerators[k] * numerator_weight + static_cast<acc_t>(u[k]) * guide_weight - offset);
+    }
+  }
+  return true;
+}
+
 // What `process_maps` writes into `probs`: the probabilities, or (adaptive beta, float32/float64
 // outputs) the normalised guided map X that `finish_normalised` turns into them in place.
 enum class Output { kNothing, kProbabilities, kNormalisedGuided };
@@ -693,6 +728,29 @@ BYTHEWAY_INLINE void process_step(
   acc_t* __restrict__ high = scratch.high.data();
   acc_t* __restrict__ row_inv_denominator = scratch.row_inv_denominator.data();
   acc_t* __restrict__ row_guided_sum = scratch.row_guided_sum.data();
+  if (plan.has_guide && !plan.bilinear && plan.full_band && !with_sums && output == Output::kProbabilities) {
+    const guide_t* u[kMaps];
+    for (int m = 0; m < kMaps; ++m) {
+      u[m] = GuideTaps<acc_t, guide_t>::of_map(plan, guide, entry, first_map + m).u00;
+      for (int64_t i = 0; i < F; ++i) {
+        row_guided_sum[m * F + i] = reduce_row(u[m] + i * F, F, acc_t(0), [](acc_t a, acc_t b) { return a + b; });
+      }
+    }
+    softmax_numerators(logits, rows, F, softmax, scratch.row_maxima.data(), scratch.row_denominator.data(),
+                       row_inv_denominator);
+    for (int m = 0; m < kMaps; ++m) {
+      if (!store_blended_full_band(F, plan.alpha, u[m], softmax + m * map_size,
+                                   scratch.row_denominator.data() + m * F, row_inv_denominator + m * F, beta,
+                                   row_guided_sum + m * F, out + m * map_size)) {
+        normalise_and_blend(F, plan, GuideTaps<acc_t, guide_t>::of_map(plan, guide, entry, first_map + m), false,
+                            row_inv_denominator + m * F, softmax + m * map_size, guided + m * map_size);
+        guided_row_sums(F, F, softmax + m * map_size, row_inv_denominator + m * F, guided + m * map_size,
+                        row_guided_sum + m * F);
+        store_enhanced_full_band(F, F, guided + m * map_size, row_guided_sum + m * F, beta, out + m * map_size);
+      }
+    }
+    return;
+  }
   softmax_numerators(logits, rows, F, softmax, scratch.row_maxima.data(), scratch.row_denominator.data(),
                      row_inv_denominator);
   const acc_t* guided_map = guided;          // A2

@@ -13,8 +13,9 @@
 // of the band, given by Python (bytheway_kernels/band.py) -> A3 = A2 + (beta - 1) A2 P -> divide
 // by rowsum(A2) (= rowsum(A3): DC is outside the band) -> store in the scores' dtype (float16
 // saturates). Accumulation is in float (double for double input).
-// Adaptive beta needs four global sums first, so it runs a stats pass over the rows in scope and
-// then the apply pass; fixed beta is a single pass (which also gathers the stats if asked).
+// Adaptive beta needs global sums first, so it runs a pass over the entries in scope (which, for
+// float32/float64 outputs, also leaves A2 / rowsum(A2) in the output to finish in place) and then
+// the pass that writes the rest; fixed beta is a single pass (which also gathers the stats if asked).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

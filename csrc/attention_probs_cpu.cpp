@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -879,6 +880,21 @@ void finish_normalised(const Plan<acc_t>& plan, acc_t* values, acc_t beta, int64
   }
 }
 
+// Runs body(block) for blocks [0, blocks) on torch's threads, each thread taking the next block
+// when it finishes one. A static split would leave a thread whose core is busy with another
+// process holding its half of the work while the other waits. Each block writes only its own
+// outputs (and its own EnergySums slot), so the result does not depend on who runs which block.
+template <typename Body>
+void for_each_block(int64_t blocks, const Body& body) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), blocks);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t block = next.fetch_add(1); block < blocks; block = next.fetch_add(1)) {
+      body(block);
+    }
+  });
+}
+
 // Runs `process_maps` on every block of entries [entry_begin, entry_end) in parallel, writing
 // `output` with each entry's beta. Entries [sums_begin, sums_end) also gather energies: returns
 // one EnergySums per block of theirs, ordered by entry, then map.
@@ -898,18 +914,16 @@ std::vector<EnergySums> run_blocks(
   const int64_t blocks_per_entry = (plan.maps_per_entry + kBlockMaps - 1) / kBlockMaps;
   const int64_t blocks = (entry_end - entry_begin) * blocks_per_entry;
   std::vector<EnergySums> block_sums(std::max<int64_t>(sums_end - sums_begin, 0) * blocks_per_entry);
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t entry = entry_begin + block / blocks_per_entry;
-      const int64_t entry_block = block % blocks_per_entry;
-      const int64_t map_begin = entry_block * kBlockMaps;
-      const int64_t map_end = std::min(map_begin + kBlockMaps, plan.maps_per_entry);
-      const bool with_sums = entry >= sums_begin && entry < sums_end;
-      process_maps<scalar_t, guide_t, kFrames>(
-          plan, scores, guide, probs, output,
-          with_sums ? &block_sums[(entry - sums_begin) * blocks_per_entry + entry_block] : nullptr,
-          entry_beta.empty() ? acc_t(1) : entry_beta[entry], entry, map_begin, map_end);
-    }
+  for_each_block(blocks, [&](int64_t block) {
+    const int64_t entry = entry_begin + block / blocks_per_entry;
+    const int64_t entry_block = block % blocks_per_entry;
+    const int64_t map_begin = entry_block * kBlockMaps;
+    const int64_t map_end = std::min(map_begin + kBlockMaps, plan.maps_per_entry);
+    const bool with_sums = entry >= sums_begin && entry < sums_end;
+    process_maps<scalar_t, guide_t, kFrames>(
+        plan, scores, guide, probs, output,
+        with_sums ? &block_sums[(entry - sums_begin) * blocks_per_entry + entry_block] : nullptr,
+        entry_beta.empty() ? acc_t(1) : entry_beta[entry], entry, map_begin, map_end);
   });
   return block_sums;
 }
@@ -920,13 +934,11 @@ void finish_blocks(const Plan<acc_t>& plan, acc_t* probs, const std::vector<acc_
                    int64_t entry_end) {
   const int64_t blocks_per_entry = (plan.maps_per_entry + kBlockMaps - 1) / kBlockMaps;
   const int64_t entry_size = plan.maps_per_entry * plan.frames * plan.frames;
-  at::parallel_for(0, (entry_end - entry_begin) * blocks_per_entry, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t entry = entry_begin + block / blocks_per_entry;
-      const int64_t map_begin = (block % blocks_per_entry) * kBlockMaps;
-      const int64_t map_end = std::min(map_begin + kBlockMaps, plan.maps_per_entry);
-      finish_normalised<acc_t, kFrames>(plan, probs + entry * entry_size, entry_beta[entry], map_begin, map_end);
-    }
+  for_each_block((entry_end - entry_begin) * blocks_per_entry, [&](int64_t block) {
+    const int64_t entry = entry_begin + block / blocks_per_entry;
+    const int64_t map_begin = (block % blocks_per_entry) * kBlockMaps;
+    const int64_t map_end = std::min(map_begin + kBlockMaps, plan.maps_per_entry);
+    finish_normalised<acc_t, kFrames>(plan, probs + entry * entry_size, entry_beta[entry], map_begin, map_end);
   });
 }
 

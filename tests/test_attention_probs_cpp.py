@@ -4,6 +4,7 @@ The first test to need the extension builds it (JIT, ~20 s once per source/CPU/t
 then cached). These tests fail rather than skip when it cannot be built: CI must build it.
 """
 
+import dataclasses
 import os
 import sys
 
@@ -54,13 +55,15 @@ def test_compiled_frame_counts_with_interior_bands(frames, tau, adaptive, upsamp
     assert_matches_reference(scores, guide, case, probs, stats)
 
 
-@pytest.mark.parametrize("adaptive,scope,frames,tau", [
-    (True, "batch", 16, 7), (True, "sample", 16, 7), (False, "batch", 16, 7),
-    (True, "batch", 24, 7), (True, "sample", 32, 7),
-])
-def test_one_and_two_threads_agree_bitwise(adaptive, scope, frames, tau):
-    case = Case(frames=frames, tau=tau, batch=4, height=16, width=12, heads=4, guide_size=(8, 6),
-                adaptive_beta=adaptive, energy_scope=scope, beta=2.0)
+@pytest.mark.parametrize("adaptive,scope,frames,tau,parts,dtype", [
+    (True, "batch", 16, 7, 2, torch.float32), (True, "sample", 16, 7, 2, torch.float32),
+    (False, "batch", 16, 7, 2, torch.float32), (True, "batch", 24, 7, 2, torch.float32),
+    (True, "sample", 32, 7, 2, torch.float32), (True, "sample", 16, 7, 3, torch.float64),
+    (True, "batch", 24, 7, 3, torch.float64), (True, "batch", 16, 7, 2, torch.float16),
+], ids=str)
+def test_one_and_two_threads_agree_bitwise(adaptive, scope, frames, tau, parts, dtype):
+    case = Case(frames=frames, tau=tau, batch=2 * parts, height=16, width=12, heads=4, guide_size=(8, 6),
+                adaptive_beta=adaptive, energy_scope=scope, beta=2.0, parts=parts, dtype=dtype)
     scores, guide = make_inputs(case, seed=7)
     threads = torch.get_num_threads()
     try:
@@ -73,6 +76,78 @@ def test_one_and_two_threads_agree_bitwise(adaptive, scope, frames, tau):
     (probs_1, stats_1), (probs_2, stats_2) = results
     assert torch.equal(probs_1, probs_2) and torch.equal(stats_1, stats_2)
     assert_matches_reference(scores, guide, case, probs_1, stats_1)
+
+
+def _assert_matches_in_its_dtype(scores, guide, case, probs, stats):
+    """float64 against the float64 reference at float64's tolerance, else the shared checker."""
+    if scores.dtype != torch.float64:
+        assert_matches_reference(scores, guide, case, probs, stats)
+        return
+    ref_probs, ref_stats = reference.bytheway_attention_probs(scores, guide, return_stats=True, **case.kwargs())
+    scale = max(1.0, float(ref_stats[:, 0].max()))  # the band term grows with beta
+    torch.testing.assert_close(probs, ref_probs, atol=1e-12 * scale, rtol=1e-10)
+    torch.testing.assert_close(stats, ref_stats, atol=1e-7, rtol=1e-6)
+
+
+# Adaptive beta on float32/float64 outputs keeps X = A2 / rowsum(A2) in the output between its two
+# passes and finishes it in place; float16/bfloat16 recompute. These cases cover the full band
+# (closed form) and partial bands (band product), compiled and runtime F, maps per entry that are
+# odd (a one-map step after the two-map steps at F = 16) or above one parallel block (64 maps),
+# both energy scopes, an energy part that is not the last one of a 3-part split, and guide rows
+# whose guided sum is 0 (alpha = 1), which keep the unguided map.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("frames,tau,heads,scope,split", [
+    (16, 7, 1, "batch", (2, 1)), (16, 7, 2, "sample", (3, 1)), (16, 3, 1, "sample", (2, 1)),
+    (24, 7, 2, "batch", (3, 0)), (32, 7, 1, "sample", (2, 1)), (15, 3, 2, "batch", (3, 2)),
+    (31, 7, 1, "sample", (2, 0)),
+])
+@pytest.mark.parametrize("zero_guide_rows", [False, True])
+def test_adaptive_in_place_finish(dtype, frames, tau, heads, scope, split, zero_guide_rows):
+    parts, part = split
+    case = Case(frames=frames, tau=tau, dtype=dtype, batch=2 * parts, height=5, width=7, heads=heads,
+                guide_size=(2, 3), guide_upsample="bilinear" if frames % 2 else "nearest",
+                alpha=1.0 if zero_guide_rows else 0.6, beta=2.0, parts=parts, energy_part=part,
+                energy_scope=scope)
+    scores, guide = make_inputs(case, seed=frames + heads + parts)
+    if zero_guide_rows:
+        guide = guide.index_fill(-2, torch.tensor([1, frames - 2]), 0.0)
+    probs, stats = run_cpp(scores, guide, case)
+    assert torch.isfinite(probs).all()
+    _assert_matches_in_its_dtype(scores, guide, case, probs, stats)
+
+
+@pytest.mark.parametrize("frames,tau", [(16, 7), (24, 7)])
+def test_adaptive_float32_agrees_with_fixed_beta_at_its_beta(frames, tau):
+    """The in-place finish and the one-pass store compute the same thing from the same X."""
+    case = Case(frames=frames, tau=tau, height=5, width=3, heads=3, beta=1.5)
+    scores, guide = make_inputs(case, seed=21)
+    adaptive_probs, stats = run_cpp(scores, guide, case)
+    beta = float(stats[0, 0])
+    assert beta > case.beta  # the adaptive rule raised beta: the two calls differ in their beta source
+    fixed_probs, _ = run_cpp(scores, guide, dataclasses.replace(case, adaptive_beta=False, beta=beta))
+    torch.testing.assert_close(adaptive_probs, fixed_probs, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
+@pytest.mark.parametrize("frames,tau", [(16, 7), (24, 7), (32, 7), (15, 3)])
+@pytest.mark.parametrize("with_guide", [False, True])
+def test_fixed_beta_odd_map_counts(dtype, frames, tau, with_guide):
+    """An odd number of maps per entry, above one block: two-map steps, then a one-map step."""
+    case = Case(frames=frames, tau=tau, dtype=dtype, height=5, width=13, heads=1, adaptive_beta=False,
+                beta=4.0, guide_size=(3, 4) if with_guide else None)
+    scores, guide = make_inputs(case, seed=frames)
+    probs, stats = run_cpp(scores, guide, case)
+    _assert_matches_in_its_dtype(scores, guide, case, probs, stats)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_output_large_enough_for_huge_pages(adaptive):
+    """A 16.8 MB output (over the kernel's 16 MiB huge-page threshold), fully written and correct."""
+    case = Case(frames=32, tau=7, height=16, width=16, heads=8, guide_size=(8, 8), adaptive_beta=adaptive)
+    scores, guide = make_inputs(case, seed=22)
+    assert scores.nbytes >= 16 * 2**20
+    probs, stats = run_cpp(scores, guide, case)
+    assert_matches_reference(scores, guide, case, probs, stats)
 
 
 def test_public_function_uses_cpp_by_default_on_cpu(monkeypatch):

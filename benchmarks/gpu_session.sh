@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One prepared device run for a session that is lent a GPU: the CUDA tests, the GPU quick check of
-# the fused temporal attention, the benchmark suite (kernel time, host per call, wall, peak memory)
-# and this device's section of benchmarks/RESULTS.md. Every step is independent (one failing or
+# One prepared device run for a session that is lent a GPU: the GPU quick check of the fused
+# temporal attention (with its tile and energy-program sweeps), the map op's kernel times, the
+# host cost per call split three ways (benchmarks/host_cost.py), the benchmark suite (kernel time,
+# host per call, wall, peak memory), the CUDA tests with the direct launcher on, and this device's
+# section of benchmarks/RESULTS.md. Every step is independent (one failing or
 # timing out does not stop the others) and the whole run ends within BYTHEWAY_GPU_BUDGET_S seconds
 # (default 530, for a device call of timeout_s=600). About 7-9 minutes on an H100/H200; give it
 # BYTHEWAY_GPU_BUDGET_S=545 when the whole session's device time is for it.

@@ -421,10 +421,10 @@ inline void band_product(const acc_t* __restrict__ guided, const acc_t* __restri
 // multiply-adds of `band_product`. The reversal R: s -> F-1-s and the half shift T: s -> s+F/2
 // commute with each other and with P (a symmetric circulant: P[s][j] = c[j-s] with c even), so a
 // row splits into parts of sign (sign_r, sign_t) under (R, T) that P maps to parts of the same signs.
-// A part is known from its F/4 values at q < F/4, where it is a[q] + sign_r a[F-1-q]
-// + sign_t a[q+F/2] + sign_r sign_t a[F/2-1-q] (times 1/4, kept in the blocks), and its
-// image is that times the (F/4 x F/4) block of `fold_band_matrix`; a P at q, F-1-q, q+F/2 and
-// F/2-1-q is the sum of the four images with the same signs.
+// A part is known from its F/4 values at q < F/4: a[q] + sign_r a[F-1-q] + sign_t a[q+F/2]
+// + sign_r sign_t a[F/2-1-q], times 1/4 (folded into the blocks). Its image is those values times
+// the part's (F/4 x F/4) block of `fold_band_matrix`, and (a P) at j, F-1-j, j+F/2 and F/2-1-j
+// (j < F/4) is the sum of the four images with the signs of R, T and RT at that index.
 template <typename acc_t, int kFrames>
 inline void folded_band_product(const acc_t* __restrict__ guided, const acc_t* __restrict__ folded,
                                 acc_t* __restrict__ high) {
@@ -491,8 +491,8 @@ inline void folded_band_product(const acc_t* __restrict__ guided, const acc_t* _
   }
 }
 
-// high = guided @ P for one map of the plan's F: the folded product where F is known at compile
-// time and `folds_band_product`, else the direct one.
+// high = guided @ P for one map of the plan's F: `folded_band_product` at a compile-time F that
+// `folds_band_product`, else `band_product`.
 template <typename acc_t, int kFrames>
 BYTHEWAY_INLINE void plan_band_product(const Plan<acc_t>& plan, const acc_t* __restrict__ guided,
                                        acc_t* __restrict__ high) {

@@ -43,7 +43,7 @@ def test_float64_computes_in_double(frames, tau, upsample):
     torch.testing.assert_close(stats, ref_stats, atol=1e-7, rtol=1e-6)
 
 
-# Frame counts with a compile-time path in the kernel (8, 16, 24, 32; a row-blocked band product)
+# Frame counts with a compile-time path in the kernel (8, 16, 24, 32; a row-blocked or folded band product)
 # and runtime-F ones around them, each with an interior band (neither empty-ish nor full).
 @pytest.mark.parametrize("frames,tau", [(8, 1), (16, 3), (24, 7), (24, 4), (32, 7), (32, 11), (12, 2), (31, 7)])
 @pytest.mark.parametrize("adaptive,upsample", [(True, "nearest"), (False, "bilinear")])
@@ -52,6 +52,23 @@ def test_compiled_frame_counts_with_interior_bands(frames, tau, adaptive, upsamp
                 adaptive_beta=adaptive, beta=3.0)
     scores, guide = make_inputs(case, seed=frames + tau)
     probs, stats = run_cpp(scores, guide, case)
+    assert_matches_reference(scores, guide, case, probs, stats)
+
+
+# F = 24 and 32 form A2 P with the folded product (csrc/, `folded_band_product`): every path that
+# uses it (the fixed pass from the softmax numerators or, with stats, from A; the adaptive stats
+# pass, the in-place finish for float32 and the recomputing pass for float16/bfloat16), with and
+# without a guide, against the float64 reference.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("frames,tau", [(24, 7), (32, 7), (32, 2)])
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("with_guide", [False, True])
+@pytest.mark.parametrize("with_stats", [False, True])
+def test_folded_band_product_paths(dtype, frames, tau, adaptive, with_guide, with_stats):
+    case = Case(frames=frames, tau=tau, dtype=dtype, height=4, width=6, heads=3, adaptive_beta=adaptive, beta=3.0,
+                guide_size=(2, 3) if with_guide else None, energy_scope="sample")
+    scores, guide = make_inputs(case, seed=frames + tau)
+    probs, stats = run_poisoned(attention_probs_cpp_out, scores, guide, case, with_stats=with_stats)
     assert_matches_reference(scores, guide, case, probs, stats)
 
 

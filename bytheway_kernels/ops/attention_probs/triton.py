@@ -28,6 +28,7 @@ from ...band import high_band_matrix, is_full_band
 from ...energy import HIGH_ENERGY_FLOOR
 from ..launch import KernelLaunch
 from ..params import ByTheWayParams
+from ..triton_rules import bilinear_sources, group_beta, nearest_source, store_stats_row
 
 GUIDE_MODES = {None: 0, "nearest": 1, "bilinear": 2}
 # Per stats program: sum|A|^2, sum|A2|^2, sum<A2, A2 P>, then (with stats) the last three over s^2,
@@ -55,20 +56,16 @@ def _guide_rows(guide_ptr, b, rows, row_mask, cols, col_mask, H, W, h, w, heads,
     x = pixel % W
     y = pixel // W
     mask = row_mask[:, None] & col_mask[None, :]
-    if GUIDE_MODE == 1:  # nearest: src = min(floor(dst * in / out), in - 1), scale in fp32
-        ys = tl.minimum((y.to(tl.float32) * scale_y).to(tl.int32), h - 1)
-        xs = tl.minimum((x.to(tl.float32) * scale_x).to(tl.int32), w - 1)
+    if GUIDE_MODE == 1:
+        ys = nearest_source(y, scale_y, h)
+        xs = nearest_source(x, scale_x, w)
         src = (((b * h + ys) * w + xs) * heads + head) * F + frame
         upsampled = tl.load(guide_ptr + src[:, None] * F + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    else:  # bilinear, align_corners=False: src = max((dst + 0.5) * in / out - 0.5, 0)
-        sy = tl.maximum((y.to(tl.float32) + 0.5) * scale_y - 0.5, 0.0)
-        sx = tl.maximum((x.to(tl.float32) + 0.5) * scale_x - 0.5, 0.0)
-        y0 = sy.to(tl.int32)
-        x0 = sx.to(tl.int32)
-        y1 = y0 + (y0 < h - 1).to(tl.int32)
-        x1 = x0 + (x0 < w - 1).to(tl.int32)
-        wy = (sy - y0.to(tl.float32))[:, None]
-        wx = (sx - x0.to(tl.float32))[:, None]
+    else:
+        y0, y1, wy = bilinear_sources(y, scale_y, h)
+        x0, x1, wx = bilinear_sources(x, scale_x, w)
+        wy = wy[:, None]
+        wx = wx[:, None]
         base = b * h
         row00 = (((base + y0) * w + x0) * heads + head) * F + frame
         row01 = (((base + y0) * w + x1) * heads + head) * F + frame
@@ -213,26 +210,11 @@ def _finish_energies(partials_ptr, betas_ptr, stats_ptr, slots, videos, rows_per
         e1 = tl.sum(sums, axis=0) / count
         e2 = tl.sum(guided_sums, axis=0) / count
         e2_high = tl.sum(high_sums, axis=0) / count
-        beta = zero + beta0
-        if ADAPTIVE:
-            has_high = e2_high > ENERGY_FLOOR * e2
-            ratio = tl.maximum(e1 - (e2 - e2_high), 0.0) / tl.where(has_high, e2_high, 1.0)
-            beta = tl.where(has_high, tl.maximum(beta, tl.sqrt(ratio)), beta)
-            if HAS_BETA_MAX:
-                beta = tl.minimum(beta, zero + beta_max)
-        beta = beta.to(tl.float32)
+        beta = group_beta(e1, e2, e2_high, beta0, beta_max, ENERGY_FLOOR, ADAPTIVE, HAS_BETA_MAX)
         tl.store(betas_ptr + group, beta)
         if WRITE_STATS:
-            gain = beta.to(tl.float64) - 1.0
-            e3 = (tl.sum(out_guided_sums, axis=0) + 2.0 * gain * tl.sum(out_cross_sums, axis=0)
-                  + gain * gain * tl.sum(out_high_sums, axis=0)) / count
-            row = stats_ptr + group * 6
-            tl.store(row + 0, beta)
-            tl.store(row + 1, e1.to(tl.float32))
-            tl.store(row + 2, e2.to(tl.float32))
-            tl.store(row + 3, (e2 - e2_high).to(tl.float32))
-            tl.store(row + 4, e2_high.to(tl.float32))
-            tl.store(row + 5, e3.to(tl.float32))
+            store_stats_row(stats_ptr, group, beta, e1, e2, e2_high, tl.sum(out_guided_sums, axis=0),
+                            tl.sum(out_cross_sums, axis=0), tl.sum(out_high_sums, axis=0), count)
 
 
 @triton.jit

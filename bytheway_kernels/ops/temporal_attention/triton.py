@@ -39,6 +39,7 @@ from ...band import high_band_matrix, is_full_band
 from ...energy import HIGH_ENERGY_FLOOR, STATS_FIELDS
 from ..launch import KernelLaunch
 from ..params import ByTheWayParams
+from ..triton_rules import bilinear_sources, group_beta, nearest_source, store_stats_row
 
 GUIDE_MODES = {None: 0, "nearest": 1, "bilinear": 2}
 # The band step: none (fixed beta = 1: the identity), P = I - 1/F (the full band), circulant P.
@@ -134,26 +135,21 @@ def _guide_tile(guide_ptr, n, head, frames, cols, mask, H, W, h, w, heads, scale
     """Upsampled anchor map for [G, BLOCK_I, F_PAD], torch.interpolate's index rules in fp32.
 
     n (int32), head: [G, 1, 1]; frames: [1, BLOCK_I, 1]; cols: [1, 1, F_PAD]. Mirrors the map
-    op's `_guide_rows` (ops/attention_probs/triton.py) in three dimensions.
+    op's `_guide_rows` (ops/attention_probs/triton.py) in three dimensions; both take the index
+    rules from `ops/triton_rules.py`.
     """
     x = n % W  # int32 index arithmetic: 64-bit division would take a stack frame
     y = (n // W) % H
     b = n // (H * W)
     within = frames * F + cols  # int32 offsets inside one (F, F) map; whole maps in int64
-    if GUIDE_MODE == 1:  # nearest: src = min(floor(dst * in / out), in - 1)
-        ys = tl.minimum((y.to(tl.float32) * scale_y).to(tl.int32), h - 1)
-        xs = tl.minimum((x.to(tl.float32) * scale_x).to(tl.int32), w - 1)
+    if GUIDE_MODE == 1:
+        ys = nearest_source(y, scale_y, h)
+        xs = nearest_source(x, scale_x, w)
         source = guide_ptr + (((b * h + ys) * w + xs) * heads + head).to(tl.int64) * (F * F)
         upsampled = tl.load(source + within, mask=mask, other=0.0).to(tl.float32)
-    else:  # bilinear, align_corners=False: src = max((dst + 0.5) * in / out - 0.5, 0)
-        sy = tl.maximum((y.to(tl.float32) + 0.5) * scale_y - 0.5, 0.0)
-        sx = tl.maximum((x.to(tl.float32) + 0.5) * scale_x - 0.5, 0.0)
-        y0 = sy.to(tl.int32)
-        x0 = sx.to(tl.int32)
-        y1 = y0 + (y0 < h - 1).to(tl.int32)
-        x1 = x0 + (x0 < w - 1).to(tl.int32)
-        wy = sy - y0.to(tl.float32)
-        wx = sx - x0.to(tl.float32)
+    else:
+        y0, y1, wy = bilinear_sources(y, scale_y, h)
+        x0, x1, wx = bilinear_sources(x, scale_x, w)
         row0 = (b * h + y0) * w
         row1 = (b * h + y1) * w
         map00 = guide_ptr + ((row0 + x0) * heads + head).to(tl.int64) * (F * F)
@@ -368,27 +364,13 @@ def _beta_kernel(partials_ptr, beta_ptr, stats_ptr, groups, slots_per_group, row
         e1 = tl.sum(tl.where(field == 0, sums, 0.0)) / count
         e2 = tl.sum(tl.where(field == 1, sums, 0.0)) / count
         e2_high = tl.sum(tl.where(field == 2, sums, 0.0)) / count
-        beta = tl.zeros_like(e1) + beta0  # fp64, a tensor in the interpreter too
-        if ADAPTIVE:
-            has_high = e2_high > high_energy_floor * e2
-            ratio = tl.maximum(e1 - (e2 - e2_high), 0.0) / tl.where(has_high, e2_high, 1.0)
-            beta = tl.where(has_high, tl.maximum(beta, tl.sqrt(ratio)), beta)
-            if HAS_BETA_MAX:
-                beta = tl.minimum(beta, beta_max)
-        beta = beta.to(tl.float32)
+        beta = group_beta(e1, e2, e2_high, beta0, beta_max, high_energy_floor, ADAPTIVE, HAS_BETA_MAX)
         tl.store(beta_ptr + group, beta)
         if WRITE_STATS:
-            gain = beta.to(tl.float64) - 1.0
-            e3 = (tl.sum(tl.where(field == 3, sums, 0.0))
-                  + 2.0 * gain * tl.sum(tl.where(field == 4, sums, 0.0))
-                  + gain * gain * tl.sum(tl.where(field == 5, sums, 0.0))) / count
-            row = stats_ptr + group * 6
-            tl.store(row + 0, beta)
-            tl.store(row + 1, e1.to(tl.float32))
-            tl.store(row + 2, e2.to(tl.float32))
-            tl.store(row + 3, (e2 - e2_high).to(tl.float32))
-            tl.store(row + 4, e2_high.to(tl.float32))
-            tl.store(row + 5, e3.to(tl.float32))
+            store_stats_row(stats_ptr, group, beta, e1, e2, e2_high,
+                            tl.sum(tl.where(field == 3, sums, 0.0)),
+                            tl.sum(tl.where(field == 4, sums, 0.0)),
+                            tl.sum(tl.where(field == 5, sums, 0.0)), count)
 
 
 def _check_device(q: torch.Tensor) -> None:

@@ -47,7 +47,11 @@ class KernelLaunch(NamedTuple):
         if direct_launch_enabled():
             _launch_direct(self)
         else:
-            self.kernel[self.grid](**self.constants, **self.values)
+            self.run_through_triton()
+
+    def run_through_triton(self):
+        """Triton's own launch path (compiling on first use); returns what it returns."""
+        return self.kernel[self.grid](**self.constants, **self.values)
 
 
 def direct_launch_enabled() -> bool:
@@ -101,15 +105,13 @@ def _launch_direct(launch: KernelLaunch) -> None:
 
     kernel = launch.kernel
     if getattr(kernel, "pre_run_hooks", None) or not _hooks_are_empty(knobs):
-        kernel[launch.grid](**launch.constants, **launch.values)
+        launch.run_through_triton()
         return
     device, stream = _device_and_stream()
     key = (kernel, id(launch.constants), device, _value_signature(launch.values))
     entry = _DIRECT_CACHE.get(key)
     if entry is None or entry.constants is not launch.constants:
-        # Triton's own path: compiles on first use and returns the kernel it launched.
-        compiled = kernel[launch.grid](**launch.constants, **launch.values)
-        _remember(key, launch, compiled)
+        _remember(key, launch, launch.run_through_triton())  # the kernel Triton launched
         return
     arguments = entry.arguments.copy()
     for position, name in entry.value_slots:

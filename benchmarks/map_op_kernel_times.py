@@ -1,11 +1,14 @@
 """Kernel and host time of the map op's Triton backend vs torch.softmax (needs CUDA).
 
 Run from the repository root: `python benchmarks/map_op_kernel_times.py`. For each AnimateDiff
-shape (fp16, CFG batch 2, 8 heads, 16x16 guide, preset animatediff) it prints the profiler's self
-device time per kernel averaged over 20 calls, and the host time per call of 200 calls issued
-without synchronising, as the 2026-11-26 H200 notes measured them (benchmarks/results/h200-2026-11-26.notes.md),
-three ways: through Triton's launch path, through the direct launcher, and our Python alone
-(benchmarks/host_cost.py).
+shape (fp16, CFG batch 2, 8 heads, 16x16 guide, preset animatediff) and for F = 24 and 32 at
+up_blocks.2's size (tau 7: a circulant band, so the band step multiplies by P) it prints the
+profiler's self device time per kernel averaged over 20 calls, and the host time per call of 200
+calls issued without synchronising, as the 2026-11-26 H200 notes measured them
+(benchmarks/results/h200-2026-11-26.notes.md), three ways: through Triton's launch path, through
+the direct launcher, and our Python alone (benchmarks/host_cost.py). At F = 24 and 32 it also
+times the band product as one exact fp32 dot ("fma" rows) next to the default three tf32
+products on tensor cores (`bytheway_kernels.ops.triton_rules.band_product`).
 """
 
 from collections import defaultdict
@@ -14,9 +17,12 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import bytheway_kernels as btw
+from bytheway_kernels.testing import band_product_split
 from host_cost import HOST_COLUMNS, host_costs, host_us_per_call
 
 CALLS = 20
+# (spatial size, frames): the three AnimateDiff layers, then longer videos at up_blocks.2's size
+SHAPES = [(16, 16), (32, 16), (64, 16), (32, 24), (32, 32)]
 
 
 def kernel_times(fn):
@@ -37,28 +43,34 @@ def kernel_times(fn):
 def main():
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     print("host us/call: " + " / ".join(HOST_COLUMNS) + " (softmax: its one host time)")
-    for size in (16, 32, 64):
-        scores = torch.randn((2, size, size, 8, 16, 16), device="cuda", dtype=torch.float16) * 3
-        guide = torch.softmax(torch.randn((2, 16, 16, 8, 16, 16), device="cuda"), -1).half()
+    for size, frames in SHAPES:
+        scores = torch.randn((2, size, size, 8, frames, frames), device="cuda", dtype=torch.float16) * 3
+        guide = torch.softmax(torch.randn((2, 16, 16, 8, frames, frames), device="cuda"), -1).half()
         calls = {
             "softmax": lambda: torch.softmax(scores, -1),
             "fixed": lambda: btw.bytheway_attention_probs(scores, guide, alpha=0.6, beta=1.5, tau=7,
                                                           adaptive_beta=False),
             "adaptive": lambda: btw.bytheway_attention_probs(scores, guide, alpha=0.6, beta=1.5, tau=7),
         }
+        runs = [(name, fn, True) for name, fn in calls.items()]
+        if frames != 16:  # tau 7 is the full band at F = 16: no product with P there
+            runs += [(f"{name} fma", calls[name], False) for name in ("fixed", "adaptive")]
         softmax_kernel = None
-        for name, fn in calls.items():
-            kernels = kernel_times(fn)
-            total = sum(kernels.values())
-            softmax_kernel = softmax_kernel or total
-            parts = ", ".join(f"{key.split('(')[0][:24]} {value:.1f}" for key, value in kernels.items())
-            if name == "softmax":
-                host_text = f"{host_us_per_call(fn):6.1f}"
-            else:
-                host = host_costs(fn)
-                host_text = " / ".join(f"{host[column]:6.1f}" for column in HOST_COLUMNS)
-            print(f"{size}x{size} {name:8s} kernel {total:6.1f} us ({total / softmax_kernel:.2f}x softmax)"
-                  f"  host {host_text} us/call  [{parts}]")
+        for name, fn, split in runs:
+            with band_product_split(split):
+                kernels = kernel_times(fn)
+                total = sum(kernels.values())
+                softmax_kernel = softmax_kernel or total
+                parts = ", ".join(f"{key.split('(')[0][:24]} {value:.1f}" for key, value in kernels.items())
+                if name == "softmax":
+                    host_text = f"{host_us_per_call(fn):6.1f}"
+                elif not split:
+                    host_text = "(as with tensor cores)"
+                else:
+                    host = host_costs(fn)
+                    host_text = " / ".join(f"{host[column]:6.1f}" for column in HOST_COLUMNS)
+            print(f"{size}x{size} F{frames} {name:12s} kernel {total:6.1f} us ({total / softmax_kernel:.2f}x "
+                  f"softmax)  host {host_text} us/call  [{parts}]")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,10 @@ For each temporal attention layer shape of AnimateDiff at 512x512 (batch 2 for C
    adaptive beta with each energy-pass configuration of `energy_candidate_configs` and with each
    cap on the energy programs per video of `ENERGY_PROGRAM_CAPS` (fewer programs sum more tiles
    each; more leave more slots to the one-program beta kernel), and prints the fastest, to choose
-   `default_config`, `default_energy_config` and `ENERGY_PROGRAMS` from one GPU run.
+   `default_config`, `default_energy_config` and `ENERGY_PROGRAMS` from one GPU run;
+4. at up_blocks.2's size with F = 24 and 32 (tau 7: a circulant band), checks and times fixed and
+   adaptive beta with the band product as three tf32 products on tensor cores (the default,
+   `bytheway_kernels.ops.triton_rules.band_product`) and as one exact fp32 dot on the FMA units.
 Exits non-zero if a check fails. A tuning tool: the benchmark suite proper is benchmarks/test_*.py.
 """
 
@@ -36,6 +39,7 @@ from bytheway_kernels import PRESETS, temporal_attention
 from bytheway_kernels.ops.params import ByTheWayParams
 from bytheway_kernels.ops.temporal_attention.reference import temporal_attention_composed
 from bytheway_kernels.ops.temporal_attention import triton as attention_kernels
+from bytheway_kernels.testing import band_product_split
 from bytheway_kernels.ops.temporal_attention.triton import (candidate_configs, default_config,
                                                             default_energy_config,
                                                             energy_candidate_configs,
@@ -45,6 +49,7 @@ from host_cost import HOST_COLUMNS, host_costs  # benchmarks/host_cost.py
 BANDWIDTH = 4.25e12  # bytes/s, measured copy bandwidth of an H200 (docs/DESIGN.md section 7)
 BATCH, HEADS, FRAMES, GUIDE_SIZE = 2, 8, 16, (16, 16)
 SHAPES = [("up_blocks.1", 16, 16, 160), ("up_blocks.2", 32, 32, 80), ("up_blocks.3", 64, 64, 40)]
+BAND_FRAMES = (24, 32)  # at up_blocks.2's size: the band product with P, both ways
 DEVICE = "cuda"
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                  "cudnn": SDPBackend.CUDNN_ATTENTION}
@@ -61,11 +66,11 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-30))
 
 
-def make_layer(height: int, width: int, head_dim: int):
+def make_layer(height: int, width: int, head_dim: int, frames: int = FRAMES):
     sequences, channels = BATCH * height * width, HEADS * head_dim
-    qkv = torch.randn((sequences, FRAMES, 3 * channels), device=DEVICE, dtype=torch.float16)
+    qkv = torch.randn((sequences, frames, 3 * channels), device=DEVICE, dtype=torch.float16)
     q, k, v = qkv.split(channels, dim=-1)
-    guide_logits = torch.randn((BATCH, *GUIDE_SIZE, HEADS, FRAMES, FRAMES), device=DEVICE)
+    guide_logits = torch.randn((BATCH, *GUIDE_SIZE, HEADS, frames, frames), device=DEVICE)
     guide = torch.softmax(2.0 * guide_logits, dim=-1).to(torch.float16)
     return q, k, v, guide
 
@@ -168,6 +173,36 @@ def time_shape(name, height, width, head_dim, preset) -> dict:
     return row
 
 
+def time_band_products(preset) -> tuple:
+    """(failures, rows): at up_blocks.2's size with each F of BAND_FRAMES, the fused fixed and
+    adaptive kernels with the band product split on tensor cores and as one fp32 dot, checked
+    against the composed path and timed."""
+    _, height, width, head_dim = SHAPES[1]
+    failures, rows = [], []
+    for frames in BAND_FRAMES:
+        q, k, v, guide = make_layer(height, width, head_dim, frames)
+        scale = head_dim ** -0.5
+        fixed = ByTheWayParams(preset.alpha, preset.beta, preset.tau, False, 2, 1, "batch",
+                               "nearest", None)
+        row = {"frames": frames}
+        for label, params in (("fixed", fixed), ("adaptive", fixed._replace(adaptive_beta=True))):
+            composed = temporal_attention_composed(q, k, v, guide, HEADS, height, width, scale,
+                                                   params, False, False)[0]
+            for split, product in ((True, "tensor cores"), (False, "fma")):
+                out = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)
+                with band_product_split(split):
+                    def call():
+                        temporal_attention_triton_out(q, k, v, guide, HEADS, height, width, scale,
+                                                      params, out)
+                    call()
+                    error = relative_error(out, composed)
+                    row[f"{label} {product}"] = bench_us(call)
+                if not error <= MAX_RELATIVE_ERROR:
+                    failures.append(f"F{frames} {label} {product} out {error:.2e}")
+        rows.append(row)
+    return failures, rows
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
@@ -182,6 +217,8 @@ def main() -> int:
     for name, height, width, head_dim in SHAPES:
         failures += check_shape(name, height, width, head_dim, preset)
     rows = [time_shape(*shape, preset) for shape in SHAPES]
+    band_failures, band_rows = time_band_products(preset)
+    failures += band_failures
     columns = ["floor", "fused plain", "fused fixed", "fused adaptive", "fused anchor+map",
                "composed fixed", "sdpa flash", "sdpa efficient", "sdpa cudnn"]
     print("\nkernel time, us (median, L2 flushed)")
@@ -211,6 +248,14 @@ def main() -> int:
                             for cap, value in row["energy programs"].items())
         fastest = min(row["energy programs"], key=row["energy programs"].get)
         print(f"{row['shape']:12} {timings}  -> fastest {fastest} (* = default)")
+    print(f"\nband product at {SHAPES[1][0]}'s size, tau {preset.tau}: kernel time, us "
+          "(tensor cores: the default three tf32 products; fma: one exact fp32 dot)")
+    band_columns = [f"{label} {product}" for label in ("fixed", "adaptive")
+                    for product in ("tensor cores", "fma")]
+    print(f"{'F':>4}" + "".join(f"{column:>23}" for column in band_columns) + f"{'fixed tc/fma':>14}")
+    for row in band_rows:
+        print(f"{row['frames']:4d}" + "".join(f"{row[column]:23.1f}" for column in band_columns)
+              + f"{row['fixed tensor cores'] / row['fixed fma']:14.2f}")
     print(f"\n{'FAILED: ' + '; '.join(failures) if failures else 'all checks passed'}"
           f"  ({time.perf_counter() - started:.0f} s)")
     return 1 if failures else 0

@@ -78,3 +78,32 @@ def high_band_matrix(frames: int, tau: int, padded: int, device: torch.device) -
     matrix = torch.zeros((padded, padded), dtype=torch.float32)
     matrix[:frames, :frames] = high_band_matrix_float64(frames, tau).to(torch.float32)
     return matrix.to(device)
+
+
+def tf32_round(matrix: torch.Tensor) -> torch.Tensor:
+    """float32 values rounded to the nearest tf32 number (10 stored mantissa bits, ties away from
+    zero), the host twin of `ops.triton_rules.tf32_round`.
+
+    Examples:
+        >>> tf32_round(torch.tensor([1.0 + 2.0**-11, 1.0 + 2.0**-12])).tolist()
+        [1.0009765625, 1.0]
+    """
+    bits = matrix.to(torch.float32).contiguous().view(torch.int32)
+    return ((bits + 0x1000) & -0x2000).view(torch.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def high_band_matrix_tf32_split(frames: int, tau: int, padded: int, device: torch.device) -> torch.Tensor:
+    """(2, padded, padded) float32 on `device`: P's tf32 high part, then the tf32 rounding of the
+    rest, for the kernels' three-product band step on tensor cores (`ops.triton_rules.band_product`).
+    Their sum is P to ~2^-22 relative. Built once per key and cached, like `high_band_matrix`.
+
+    Examples:
+        >>> split = high_band_matrix_tf32_split(24, 7, 32, torch.device("cpu"))
+        >>> exact = high_band_matrix_float64(24, 7)
+        >>> bool(((split[0] + split[1])[:24, :24].double() - exact).abs().max() < 1e-7)
+        True
+    """
+    matrix = high_band_matrix(frames, tau, padded, torch.device("cpu"))
+    high = tf32_round(matrix)
+    return torch.stack([high, tf32_round(matrix - high)]).to(device)

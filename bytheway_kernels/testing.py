@@ -1,4 +1,5 @@
-"""What the tests and the benchmarks share to check a backend: tolerances and poisoned outputs.
+"""What the tests and the benchmarks share to check a backend: tolerances, poisoned outputs, and
+a switch between the Triton kernels' two band products.
 
 Every fused backend is compared with the pure-torch reference evaluated in float64 on the same
 (already rounded) inputs, into outputs filled with NaN first so that an element a kernel fails
@@ -7,7 +8,8 @@ to write cannot pass.
 
 from __future__ import annotations
 
-from typing import Tuple
+import contextlib
+from typing import Iterator, Tuple
 
 import torch
 
@@ -55,3 +57,34 @@ def poisoned_like(tensor: torch.Tensor) -> torch.Tensor:
         torch.bfloat16
     """
     return poisoned(tensor.shape, tensor.dtype, tensor.device)
+
+
+@contextlib.contextmanager
+def band_product_split(split: bool) -> Iterator[None]:
+    """Inside the block, both ops' Triton kernels run a circulant band step split on tensor cores
+    (True, the default: `ops.triton_rules.band_product`) or as one exact fp32 dot (False), for
+    testing both and timing them side by side; launch plans are rebuilt on entry and on exit.
+    Needs Triton.
+
+    Examples:
+        >>> from bytheway_kernels.ops.attention_probs import triton as kernels
+        >>> with band_product_split(False):
+        ...     kernels.SPLIT_BAND
+        False
+    """
+    from .ops.attention_probs import triton as map_kernels
+    from .ops.temporal_attention import triton as attention_kernels
+
+    modules = (map_kernels, attention_kernels)
+    saved = [module.SPLIT_BAND for module in modules]
+
+    def use(values) -> None:
+        for module, value in zip(modules, values):
+            module.SPLIT_BAND = value
+            module._launch_plan.cache_clear()  # plans hold the SPLIT_BAND constexpr and P
+
+    use([split] * len(modules))
+    try:
+        yield
+    finally:
+        use(saved)

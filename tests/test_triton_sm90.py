@@ -8,8 +8,8 @@ installed: `pip install --target .triton36 triton==3.6.0` in the repository root
 BYTHEWAY_TRITON36_DIR at such a directory.
 
 Reusable by other ops' compile tests (import this module from a subprocess script):
-`compile_for_sm90(kernel, signature, constexprs, options) -> (registers, spill_bytes)`,
-`launch_signature(kernel, args) -> (signature, constexprs, options)`, `compiled_variants(launches)`
+`compile_for_sm90(kernel, signature, constexprs, attrs, options) -> (registers, spill_bytes)`,
+`launch_signature(kernel, args) -> (signature, constexprs, attrs, options)`, `compiled_variants(launches)`
 (the distinct compilations of `bytheway_kernels.ops.launch.KernelLaunch`es) and
 `run_script(path, triton_dir=None) -> the JSON its last stdout line holds`.
 """
@@ -30,9 +30,6 @@ pytest.importorskip("triton")
 
 REPO = Path(__file__).resolve().parents[1]
 TRITON36_ENV = "BYTHEWAY_TRITON36_DIR"
-# Triton type names of the tensors the kernels take.
-POINTER_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64",
-                 "int32": "i32", "int64": "i64"}
 
 
 def triton36_dir() -> Optional[Path]:
@@ -41,46 +38,48 @@ def triton36_dir() -> Optional[Path]:
     return directory if (directory / "triton" / "__init__.py").is_file() else None
 
 
-def _argument_type(value) -> str:
-    """The Triton signature type the JIT would give this launch argument."""
-    if hasattr(value, "dtype") and hasattr(value, "data_ptr"):
-        return "*" + POINTER_TYPES[str(value.dtype).replace("torch.", "")]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -2**31 <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"no Triton type for launch argument {value!r}")
-
-
 #: Launch options a KernelLaunch's args may carry besides the kernel's own parameters.
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
 def launch_signature(kernel, args: dict):
-    """(signature, constexprs, options) of `kernel[grid](**args)`, derived from the kernel's
-    parameters, so that a new kernel argument needs no change here."""
-    signature, constexprs = {}, {}
-    for param in kernel.params:
+    """(signature, constexprs, attrs, options) of `kernel[grid](**args)`, specialised exactly as
+    Triton's JIT specialises a launch (its own native rule, 3.6 and 3.9 alike): tensors 16-byte
+    aligned and ints divisible by 16 get tt.divisibility 16 (vectorised loads follow from it),
+    an int equal to 1 becomes a constant, bools are u1. Derived from the kernel's parameters, so
+    that a new kernel argument needs no change here."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(kernel.params):
+        value = args[param.name]
         if param.is_constexpr:
-            constexprs[param.name] = args[param.name]
+            constexprs[param.name] = value
+            continue
+        kind, key = native_specialize_impl(BaseBackend, value, False, not param.do_not_specialize,
+                                           not param.do_not_specialize_on_alignment)
+        if kind == "constexpr":
+            constexprs[param.name] = key
         else:
-            signature[param.name] = _argument_type(args[param.name])
-    return signature, constexprs, {name: args[name] for name in LAUNCH_OPTIONS if name in args}
+            signature[param.name] = kind
+            if isinstance(key, str) and BaseBackend.parse_attr(key):
+                attrs[(index,)] = BaseBackend.parse_attr(key)
+    return signature, constexprs, attrs, {name: args[name] for name in LAUNCH_OPTIONS if name in args}
 
 
 def compiled_variants(launches) -> list:
-    """The distinct (kernel, signature, constexprs, options) that `launches` compile."""
+    """The distinct (kernel, signature, constexprs, attrs, options) that `launches` compile."""
     variants = {}
     for launch in launches:
-        signature, constexprs, options = launch_signature(launch.kernel, launch.args)
-        key = json.dumps([launch.kernel.__name__, signature, constexprs, options], sort_keys=True)
-        variants[key] = (launch.kernel, signature, constexprs, options)
+        signature, constexprs, attrs, options = launch_signature(launch.kernel, launch.args)
+        key = json.dumps([launch.kernel.__name__, signature, constexprs, sorted(attrs.items()),
+                          options], sort_keys=True)
+        variants[key] = (launch.kernel, signature, constexprs, attrs, options)
     return list(variants.values())
 
 
-def compile_for_sm90(kernel, signature: dict, constexprs: dict, options: dict):
+def compile_for_sm90(kernel, signature: dict, constexprs: dict, attrs: dict, options: dict):
     """AOT-compile `kernel` for sm_90; (registers per thread, spilled bytes: stack + local)."""
     import tempfile
 
@@ -89,7 +88,8 @@ def compile_for_sm90(kernel, signature: dict, constexprs: dict, options: dict):
     from triton.compiler import ASTSource
 
     full_signature = {name: signature.get(name, "constexpr") for name in kernel.arg_names}
-    source = ASTSource(fn=kernel, signature=full_signature, constexprs=dict(constexprs))
+    source = ASTSource(fn=kernel, signature=full_signature, constexprs=dict(constexprs),
+                       attrs=dict(attrs))
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(options))
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     with tempfile.TemporaryDirectory() as directory:
@@ -153,8 +153,8 @@ def report_usage(variants) -> None:
     import triton
 
     results = []
-    for kernel, signature, constexprs, options in variants:
-        registers, spill_bytes = compile_for_sm90(kernel, signature, constexprs, options)
+    for kernel, signature, constexprs, attrs, options in variants:
+        registers, spill_bytes = compile_for_sm90(kernel, signature, constexprs, attrs, options)
         results.append(dict(kernel=kernel.__name__, constexprs=constexprs, options=options,
                             registers=registers, spill_bytes=spill_bytes))
     print(json.dumps(dict(triton=triton.__version__, results=results)))
@@ -179,8 +179,11 @@ def test_map_op_kernels_compile_for_sm90_without_spills(version):
     # 7 distinct (F, tau) x 3 guides; the apply kernel with all flags on and all off, the stats
     # kernel with all on, and at F=16 with a nearest guide (2 taus) both also adaptive in batch
     # scope and fixed with stats (the apply kernel's beta pointer is fp32 there); the stats
-    # kernel again at F=16 with several tiles per program (2 taus x (3 guides + 2 extra))
-    assert counts == {"_stats_kernel": 21 + 2 * 2 + 2 * 5, "_apply_kernel": 21 * 2 + 2 * 2}, counts
+    # kernel again at F=16 with several tiles per program (2 taus x (3 guides + 2 extra)), and
+    # the apply kernel there too, where heads, H and W are not the constant 1 that the JIT makes
+    # of an int argument equal to 1 (2 taus x (2 x 3 guides + 2 extra))
+    assert counts == {"_stats_kernel": 21 + 2 * 2 + 2 * 5,
+                      "_apply_kernel": 21 * 2 + 2 * 2 + 2 * 8}, counts
     spilled = [r for r in results if r["spill_bytes"]]
     assert not spilled, f"register spills under Triton {report['triton']}: {spilled}"
 

@@ -1,12 +1,30 @@
 """Triton pieces that both ops' kernels share, so that each rule is written once:
-torch.nn.functional.interpolate's source indices for the guide upsampling, and the beta rule with
+torch.nn.functional.interpolate's source indices for the guide upsampling, the beta rule with
 the stats row (the map op's `bytheway_kernels.energy` contract, as the C++ kernel and the
-reference follow it)."""
+reference follow it), and the band step's product with the circulant P."""
 
 from __future__ import annotations
 
+import os
+
 import triton
 import triton.language as tl
+
+BAND_PRODUCT_ENV = "BYTHEWAY_BAND_PRODUCT"
+BAND_PRODUCTS = ("tensor-cores", "fma")
+
+
+def _split_band_setting() -> bool:
+    value = os.environ.get(BAND_PRODUCT_ENV, BAND_PRODUCTS[0])
+    if value not in BAND_PRODUCTS:
+        raise ValueError(f"{BAND_PRODUCT_ENV}={value!r}: expected one of {', '.join(BAND_PRODUCTS)}")
+    return value == BAND_PRODUCTS[0]
+
+
+#: Whether a circulant band step runs as `band_product`'s three tf32 products on tensor cores
+#: (the default) rather than one exact fp32 dot on the FMA units (BYTHEWAY_BAND_PRODUCT=fma, read
+#: at import: for timing the two side by side). The full band never multiplies by P.
+SPLIT_BAND = _split_band_setting()
 
 
 @triton.jit
@@ -55,3 +73,28 @@ def store_stats_row(stats_ptr, group, beta, e1, e2, e2_high, e3_guided, e3_cross
     tl.store(row + 3, (e2 - e2_high).to(tl.float32))
     tl.store(row + 4, e2_high.to(tl.float32))
     tl.store(row + 5, e3.to(tl.float32))
+
+
+@triton.jit
+def tf32_round(values):
+    """`values` rounded to the nearest tf32 number (10 stored mantissa bits; ties away from zero),
+    as fp32: a tensor core multiplies such numbers exactly, and so does the interpreter's fp32
+    matmul, so both run the same arithmetic. Infinities and quiet NaNs stay what they are."""
+    bits = values.to(tl.int32, bitcast=True)
+    return ((bits + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def band_product(values, band, band_low, SPLIT: tl.constexpr):
+    """values @ P in fp32. SPLIT: on tensor cores, as three tf32 products of the split
+    values = high + low (both tf32) with P = band + band_low (both tf32, split on the host):
+    high @ P_low + low @ P_high + high @ P_high, accumulated in fp32 (the dropped low @ P_low is
+    ~2^-22 of the product). Otherwise one exact fp32 dot, which runs on the FMA units."""
+    if SPLIT:
+        high = tf32_round(values)
+        low = tf32_round(values - high)
+        product = tl.dot(high, band_low, input_precision="tf32")
+        product = tl.dot(low, band, product, input_precision="tf32")
+        return tl.dot(high, band, product, input_precision="tf32")
+    else:
+        return tl.dot(values, band, input_precision="ieee")

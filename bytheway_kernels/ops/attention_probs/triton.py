@@ -2,8 +2,8 @@
 
 A tile is BLOCK_R rows (query frames) of one batch entry; a row is F logits. For each row:
 softmax -> blend with the anchor map, upsampled by index arithmetic (never materialised) -> band
-step as `guided @ P` (tl.dot with the cached circulant matrix, or `guided - mean` when the band is
-every k != 0) -> divide by rowsum(guided) (the band term sums to 0) -> store.
+step as `guided @ P` (three tf32 dots on tensor cores with the cached split of the circulant
+matrix, `triton_rules.band_product`, or `guided - mean` when the band is every k != 0) -> divide by rowsum(guided) (the band term sums to 0) -> store.
 
 Fixed beta is one launch of `_apply_kernel`. Adaptive beta (or `stats`) needs global energies
 first: `_stats_kernel` programs each sum a few consecutive tiles and write their own slot of a
@@ -24,11 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ...band import high_band_matrix, is_full_band
+from ...band import high_band_matrix, high_band_matrix_tf32_split, is_full_band
 from ...energy import HIGH_ENERGY_FLOOR
 from ..launch import KernelLaunch
 from ..params import ByTheWayParams
-from ..triton_rules import bilinear_sources, group_beta, nearest_source, store_stats_row
+from ..triton_rules import (SPLIT_BAND, band_product, bilinear_sources, group_beta,
+                            nearest_source, store_stats_row)
 
 GUIDE_MODES = {None: 0, "nearest": 1, "bilinear": 2}
 # Per stats program: sum|A|^2, sum|A2|^2, sum<A2, A2 P>, then (with stats) the last three over s^2,
@@ -83,7 +84,7 @@ def _guide_rows(guide_ptr, b, rows, row_mask, cols, col_mask, H, W, h, w, heads,
 def _guided_block(scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_entry,
                   H, W, h, w, heads, scale_y, scale_x, alpha,
                   F: tl.constexpr, F_PAD: tl.constexpr, GUIDE_MODE: tl.constexpr,
-                  FULL_BAND: tl.constexpr):
+                  FULL_BAND: tl.constexpr, SPLIT_BAND: tl.constexpr):
     """(attn, guided, guided @ P, rowsum(guided)) for BLOCK_R rows, fp32, padded columns zero.
 
     A row whose guided sum is <= 0 or not finite (e.g. a zero guide with alpha = 1) uses the
@@ -110,8 +111,12 @@ def _guided_block(scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_e
     if FULL_BAND:  # P = I - 1/F: remove the row mean
         high = tl.where(col_mask[None, :], guided - (row_sum / F)[:, None], 0.0)
     else:
-        band = tl.load(band_ptr + cols[:, None] * F_PAD + cols[None, :])
-        high = tl.dot(guided, band, input_precision="ieee")
+        band_offsets = cols[:, None] * F_PAD + cols[None, :]
+        band = tl.load(band_ptr + band_offsets)
+        band_low = band
+        if SPLIT_BAND:  # band_ptr holds P's tf32 high part, then its low part
+            band_low = tl.load(band_ptr + F_PAD * F_PAD + band_offsets)
+        high = band_product(guided, band, band_low, SPLIT_BAND)
     return attn, guided, high, row_sum
 
 
@@ -120,8 +125,8 @@ def _stats_kernel(scores_ptr, guide_ptr, band_ptr, partials_ptr, counter_ptr, be
                   rows_per_entry, first_entry, H, W, h, w, heads, scale_y, scale_x, alpha, beta0,
                   beta_max, F: tl.constexpr, F_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
                   TILES: tl.constexpr, GUIDE_MODE: tl.constexpr, FULL_BAND: tl.constexpr,
-                  ADAPTIVE: tl.constexpr, HAS_BETA_MAX: tl.constexpr, WRITE_STATS: tl.constexpr,
-                  PER_VIDEO: tl.constexpr, CHUNK: tl.constexpr):
+                  SPLIT_BAND: tl.constexpr, ADAPTIVE: tl.constexpr, HAS_BETA_MAX: tl.constexpr,
+                  WRITE_STATS: tl.constexpr, PER_VIDEO: tl.constexpr, CHUNK: tl.constexpr):
     """Energy sums of TILES consecutive tiles of one entry in scope, written to this program's
     slot of `partials` (field-major: partials[field, slot]); the last program to finish adds
     every slot in a fixed order and writes beta (and stats), see `_finish_energies`.
@@ -143,7 +148,7 @@ def _stats_kernel(scores_ptr, guide_ptr, band_ptr, partials_ptr, counter_ptr, be
         row_mask = rows < rows_per_entry
         attn, guided, high, row_sum = _guided_block(
             scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_entry, H, W, h, w, heads,
-            scale_y, scale_x, alpha, F, F_PAD, GUIDE_MODE, FULL_BAND)
+            scale_y, scale_x, alpha, F, F_PAD, GUIDE_MODE, FULL_BAND, SPLIT_BAND)
         guided_square = tl.sum(guided * guided, axis=1)
         guided_high = tl.sum(guided * high, axis=1)
         attn_energy += tl.where(row_mask, tl.sum(attn * attn, axis=1), 0.0)
@@ -221,8 +226,8 @@ def _finish_energies(partials_ptr, betas_ptr, stats_ptr, slots, videos, rows_per
 def _apply_kernel(scores_ptr, guide_ptr, band_ptr, betas_ptr, probs_ptr, rows_per_entry, videos,
                   H, W, h, w, heads, scale_y, scale_x, alpha, beta0,
                   F: tl.constexpr, F_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
-                  GUIDE_MODE: tl.constexpr, FULL_BAND: tl.constexpr, PER_VIDEO: tl.constexpr,
-                  ADAPTIVE: tl.constexpr):
+                  GUIDE_MODE: tl.constexpr, FULL_BAND: tl.constexpr, SPLIT_BAND: tl.constexpr,
+                  PER_VIDEO: tl.constexpr, ADAPTIVE: tl.constexpr):
     """Write A3 = (guided + (beta - 1) * guided @ P) / rowsum(guided); beta from `betas` if adaptive.
 
     Dividing by rowsum(A2) rather than rowsum(A3) keeps the error independent of beta: both are
@@ -236,7 +241,7 @@ def _apply_kernel(scores_ptr, guide_ptr, band_ptr, betas_ptr, probs_ptr, rows_pe
         beta = tl.load(betas_ptr + (b % videos if PER_VIDEO else 0))
     attn, guided, high, row_sum = _guided_block(
         scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_entry, H, W, h, w, heads,
-        scale_y, scale_x, alpha, F, F_PAD, GUIDE_MODE, FULL_BAND)
+        scale_y, scale_x, alpha, F, F_PAD, GUIDE_MODE, FULL_BAND, SPLIT_BAND)
     enhanced = (guided + (beta - 1.0) * high) * (1.0 / row_sum)[:, None]
     if probs_ptr.dtype.element_ty == tl.float16:  # saturate, as the reference; NaN compares false
         enhanced = tl.where(enhanced > 65504.0, 65504.0, tl.where(enhanced < -65504.0, -65504.0, enhanced))
@@ -275,11 +280,13 @@ def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams
     block_rows, num_warps = _launch_shape(padded)
     per_video = params.energy_scope == "sample"
     h, w = (height, width) if guide_hw is None else guide_hw
+    full_band = is_full_band(frames, params.tau)
     common = dict(rows_per_entry=rows_per_entry, H=height, W=width, h=h, w=w, heads=heads,
                   scale_y=h / height, scale_x=w / width, alpha=params.alpha, beta0=params.beta,
                   F=frames, F_PAD=padded, BLOCK_R=block_rows,
                   GUIDE_MODE=GUIDE_MODES[None if guide_hw is None else params.guide_upsample],
-                  FULL_BAND=is_full_band(frames, params.tau), ADAPTIVE=params.adaptive_beta,
+                  FULL_BAND=full_band, SPLIT_BAND=SPLIT_BAND and not full_band,
+                  ADAPTIVE=params.adaptive_beta,
                   PER_VIDEO=per_video, num_warps=num_warps)
     tiles = triton.cdiv(rows_per_entry, block_rows)  # grid axis 0: it allows 2**31 - 1 programs
     # tl.dot's layouts need more registers: half tiles there keep the stats pass free of spills
@@ -307,8 +314,10 @@ def kernel_launches(scores, guide, params: ByTheWayParams, probs, stats=None) ->
     """
     plan = _launch_plan(tuple(scores.shape), None if guide is None else tuple(guide.shape[1:3]),
                         params, stats is not None)
-    band = scores if plan.full_band else high_band_matrix(scores.shape[-1], params.tau,
-                                                         plan.apply_args["F_PAD"], scores.device)
+    band = scores
+    if not plan.full_band:
+        band_matrix = high_band_matrix_tf32_split if plan.apply_args["SPLIT_BAND"] else high_band_matrix
+        band = band_matrix(scores.shape[-1], params.tau, plan.apply_args["F_PAD"], scores.device)
     guide = scores if guide is None else guide
     if not (params.adaptive_beta or stats is not None):
         return [KernelLaunch(_apply_kernel, plan.apply_grid, plan.apply_args,

@@ -7,7 +7,8 @@ through batched 3-D `tl.dot`s ([G, 16, d] x [G, d, F_PAD] for 16 of its query fr
 program's tiles hold 64 rows even though F is 16 (F_PAD: F rounded up to a power of two >= 16):
 scores = q k^T (d in BLOCK_D chunks, fp32 accumulation) -> softmax -> blend with the anchor
 map, upsampled by index arithmetic (never materialised) -> band step (`guided - mean` for the
-full band, else a dot with the circulant P) -> divide by rowsum(guided) (the band term sums to 0,
+full band, else the product with the circulant P, one 2-D dot for the G sequences on tensor cores:
+`triton_rules.band_product`) -> divide by rowsum(guided) (the band term sums to 0,
 so this is the map op's renormalisation without its cancellation at large beta) -> out = A3 @ v,
 d in chunks again, stored in q's dtype. The F x F map never reaches memory, except the plain
 softmax map when the caller asks for it (same pass).
@@ -35,11 +36,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ...band import high_band_matrix, is_full_band
+from ...band import high_band_matrix, high_band_matrix_tf32_split, is_full_band
 from ...energy import HIGH_ENERGY_FLOOR, STATS_FIELDS
 from ..launch import KernelLaunch
 from ..params import ByTheWayParams
-from ..triton_rules import bilinear_sources, group_beta, nearest_source, store_stats_row
+from ..triton_rules import (SPLIT_BAND, band_product, bilinear_sources, group_beta,
+                            nearest_source, store_stats_row)
 
 GUIDE_MODES = {None: 0, "nearest": 1, "bilinear": 2}
 # The band step: none (fixed beta = 1: the identity), P = I - 1/F (the full band), circulant P.
@@ -94,14 +96,14 @@ def default_config(frames: int, head_dim: int, element_size: int = 2) -> TileCon
     return TileConfig(max(1, 64 // padded), block_d, 4 if padded == 16 else 8)
 
 
-def default_energy_config(frames: int, head_dim: int) -> TileConfig:
-    """The energy pass's tiles: the attention pass's for 2-byte inputs, whatever the dtype (run
-    unpipelined, `ENERGY_NUM_STAGES`, float32 inputs fit in chunks of 32). It holds no v or out
+def default_energy_config(frames: int, head_dim: int, element_size: int = 2) -> TileConfig:
+    """The energy pass's tiles: the attention pass's (float32 inputs take d chunks of 16 here too:
+    chunks of 32 left a stack frame on sm_90 under Triton 3.9). It holds no v or out
     tile, but with the bilinear guide twice the sequences on the same warps spill on sm_90 (255
     registers), so its savings are elsewhere: each program sums many tiles (`ENERGY_PROGRAMS`)
     and only the sums beta needs unless stats are asked for. The alternatives of
     `energy_candidate_configs` are timed by benchmarks/temporal_attention_gpu_check.py."""
-    return default_config(frames, head_dim)
+    return default_config(frames, head_dim, element_size)
 
 
 def candidate_configs(frames: int, head_dim: int) -> list:
@@ -169,7 +171,7 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, h
                     q_sn, q_sf, k_sn, k_sf, H, W, h, w, scale_y, scale_x, scale_log2, alpha,
                     F: tl.constexpr, F_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                     G: tl.constexpr, BLOCK_I: tl.constexpr, GUIDE_MODE: tl.constexpr,
-                    BAND: tl.constexpr):
+                    BAND: tl.constexpr, SPLIT_BAND: tl.constexpr):
     """(attn, guided, guided @ P, rowsum(guided), row_valid) of query frames `frames`
     ([1, BLOCK_I, 1]) of G sequences against all F key frames: [G, BLOCK_I, F_PAD] fp32, row sums
     [G, BLOCK_I, 1].
@@ -215,10 +217,15 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, h
     elif BAND == 1:  # the full band, P = I - 1/F: remove the row mean
         high = tl.where(col_valid, guided - (tl.sum(guided, axis=2) / F)[:, :, None], 0.0)
     else:
+        # one 2-D product for the G sequences: they share P
         band_cols = tl.arange(0, F_PAD)
-        band = tl.load(band_ptr + band_cols[:, None] * F_PAD + band_cols[None, :])
-        high = tl.dot(guided, tl.broadcast_to(band[None, :, :], (G, F_PAD, F_PAD)),
-                      input_precision="ieee")
+        band_offsets = band_cols[:, None] * F_PAD + band_cols[None, :]
+        band = tl.load(band_ptr + band_offsets)
+        band_low = band
+        if SPLIT_BAND:  # band_ptr holds P's tf32 high part, then its low part
+            band_low = tl.load(band_ptr + F_PAD * F_PAD + band_offsets)
+        high = band_product(tl.reshape(guided, (G * BLOCK_I, F_PAD)), band, band_low, SPLIT_BAND)
+        high = tl.reshape(high, (G, BLOCK_I, F_PAD))
     return attn, guided, high, row_sum, row_valid
 
 
@@ -228,8 +235,8 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, out_pt
                       H, W, h, w, scale_y, scale_x, videos, scale_log2, alpha, beta0,
                       F: tl.constexpr, F_PAD: tl.constexpr, D: tl.constexpr,
                       BLOCK_D: tl.constexpr, G: tl.constexpr, BLOCK_I: tl.constexpr,
-                      GUIDE_MODE: tl.constexpr, BAND: tl.constexpr, PER_VIDEO: tl.constexpr,
-                      HAS_BETA: tl.constexpr, WITH_MAP: tl.constexpr):
+                      GUIDE_MODE: tl.constexpr, BAND: tl.constexpr, SPLIT_BAND: tl.constexpr,
+                      PER_VIDEO: tl.constexpr, HAS_BETA: tl.constexpr, WITH_MAP: tl.constexpr):
     """out = A3 @ v for BLOCK_I query frames of G sequences (grid axis 0: 2**31 - 1 programs,
     F_PAD // BLOCK_I per G sequences); beta from beta_ptr if HAS_BETA (one per energy group),
     else beta0; the plain map too if WITH_MAP."""
@@ -241,7 +248,7 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, out_pt
     attn, guided, high, row_sum, row_valid = _attention_tile(
         q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, heads, q_sn, q_sf, k_sn, k_sf,
         H, W, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G, BLOCK_I,
-        GUIDE_MODE, BAND)
+        GUIDE_MODE, BAND, SPLIT_BAND)
     if HAS_BETA:
         entry = seq // heads // (H * W)  # int32: 64-bit division would take a stack frame
         group = entry % videos if PER_VIDEO else entry * 0
@@ -288,7 +295,7 @@ def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, sequences_pe
                    scale_x, scale_log2, alpha,
                    F: tl.constexpr, F_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                    G: tl.constexpr, BLOCK_I: tl.constexpr, GUIDE_MODE: tl.constexpr,
-                   BAND: tl.constexpr, FIELDS: tl.constexpr):
+                   BAND: tl.constexpr, SPLIT_BAND: tl.constexpr, FIELDS: tl.constexpr):
     """Energy sums of `steps` consecutive tiles (BLOCK_I query frames of G sequences each) of
     video program_id(1) of the energy part, into this program's own slot
     (program_id(1) * num_programs(0) + program_id(0)) of `partials`: sum|A|^2, sum|A2|^2,
@@ -312,7 +319,7 @@ def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, sequences_pe
         attn, guided, high, row_sum, row_valid = _attention_tile(
             q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, heads, q_sn, q_sf, k_sn,
             k_sf, H, W, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G,
-            BLOCK_I, GUIDE_MODE, BAND)
+            BLOCK_I, GUIDE_MODE, BAND, SPLIT_BAND)
         guided_rows = tl.sum(guided * guided, axis=2)[:, :, None]
         cross_rows = tl.sum(guided * high, axis=2)[:, :, None]
         if GUIDE_MODE == 0:  # A2 = A: E1 = E2
@@ -407,7 +414,10 @@ def _launch_plan(frames: int, head_dim: int, heads: int, height: int, width: int
     padded = padded_frames(frames)
     tile = config or default_config(frames, head_dim, element_size)
     full_band = is_full_band(frames, tau)
-    band = None if full_band else high_band_matrix(frames, tau, padded, device)
+    split = SPLIT_BAND and not full_band
+    band = None
+    if not full_band:
+        band = (high_band_matrix_tf32_split if split else high_band_matrix)(frames, tau, padded, device)
     h, w = guide_size
     geometry = dict(heads=heads, H=height, W=width, h=h, w=w, scale_y=h / height,
                     scale_x=w / width, scale_log2=scale * math.log2(math.e))
@@ -418,11 +428,13 @@ def _launch_plan(frames: int, head_dim: int, heads: int, height: int, width: int
     attention_constants = dict(
         geometry, sequences=sequences, videos=max(videos, 1), F=frames, F_PAD=padded, D=head_dim,
         BLOCK_D=tile.block_d, G=tile.sequences, BLOCK_I=QUERY_BLOCK, GUIDE_MODE=guide_mode,
-        BAND=BAND_MODES["none"] if identity_band else band_mode, PER_VIDEO=per_video,
+        BAND=BAND_MODES["none"] if identity_band else band_mode,
+        SPLIT_BAND=split and not identity_band,
+        PER_VIDEO=per_video,
         HAS_BETA=adaptive_beta, num_warps=tile.num_warps)
     energy_grid, energy_constants, beta_constants, partials_shape = None, {}, {}, (0,)
     if with_sums:
-        energy_tile = energy_config or default_energy_config(frames, head_dim)
+        energy_tile = energy_config or default_energy_config(frames, head_dim, element_size)
         fields = SUM_FIELDS_WITH_STATS if with_stats else SUM_FIELDS
         sequences_per_entry = height * width * heads
         tiles = triton.cdiv(sequences_per_entry, energy_tile.sequences) * frame_blocks
@@ -433,6 +445,7 @@ def _launch_plan(frames: int, head_dim: int, heads: int, height: int, width: int
             geometry, sequences_per_entry=sequences_per_entry, first_entry=energy_part * videos,
             steps=steps, F=frames, F_PAD=padded, D=head_dim, BLOCK_D=energy_tile.block_d,
             G=energy_tile.sequences, BLOCK_I=QUERY_BLOCK, GUIDE_MODE=guide_mode, BAND=band_mode,
+            SPLIT_BAND=split,
             FIELDS=fields, num_warps=energy_tile.num_warps, num_stages=ENERGY_NUM_STAGES)
         partials_shape = (programs * videos, fields)
         beta_constants = dict(

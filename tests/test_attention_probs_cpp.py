@@ -7,6 +7,7 @@ then cached). These tests fail rather than skip when it cannot be built: CI must
 import dataclasses
 import os
 import sys
+import types
 
 import pytest
 import torch
@@ -237,24 +238,32 @@ def _fake_build(monkeypatch, tmp_path):
     """Stand-ins for the compiler and the loader; returns the list of calls made."""
     calls = []
 
-    def fake_load(name, build_directory, **_):
+    def fake_module(library):
+        return types.SimpleNamespace(__file__=str(library), attention_probs_out=None)
+
+    def fake_load(name, build_directory, is_python_module, **_):
+        assert is_python_module
         calls.append(("build", name))
         library = tmp_path / "cache" / "bytheway_kernels" / name / f"{name}.so"
         library.write_bytes(b"not a real library")
-        return str(library)
+        return fake_module(library)
+
+    def fake_import(name, library):
+        calls.append(("load", str(library)))
+        return fake_module(library)
 
     monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_load)
-    monkeypatch.setattr(torch.ops, "load_library", lambda path: calls.append(("load", path)))
+    monkeypatch.setattr(cpp_backend, "_load_module", fake_import)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
     return calls
 
 
 def test_build_notice_only_on_a_real_build(monkeypatch, tmp_path, capsys):
     calls = _fake_build(monkeypatch, tmp_path)
-    first = cpp_backend._build_and_load()
+    first, _ = cpp_backend._build_and_load()
     assert capsys.readouterr().err.splitlines() == [cpp_backend.BUILD_NOTICE]
     assert calls == [("build", first.name)]
-    second = cpp_backend._build_and_load()  # a later process: the cache hit loads without ninja
+    second, _ = cpp_backend._build_and_load()  # a later process: the cache hit loads without ninja
     assert second == first and capsys.readouterr().err == ""
     assert calls[1:] == [("load", str(first / f"{first.name}.so"))]
 
@@ -262,7 +271,7 @@ def test_build_notice_only_on_a_real_build(monkeypatch, tmp_path, capsys):
 def test_unfinished_build_is_not_loaded(monkeypatch, tmp_path, capsys):
     """A directory without the completion marker (an interrupted build) is built again."""
     calls = _fake_build(monkeypatch, tmp_path)
-    directory = cpp_backend._build_and_load()
+    directory, _ = cpp_backend._build_and_load()
     (directory / "built_library.txt").unlink()
     cpp_backend._build_and_load()
     assert [kind for kind, _ in calls] == ["build", "build"]

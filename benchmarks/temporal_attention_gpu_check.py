@@ -13,9 +13,10 @@ For each temporal attention layer shape of AnimateDiff at 512x512 (batch 2 for C
    the public function three ways (through Triton's launch path, the direct launcher, our Python
    alone: benchmarks/host_cost.py);
 3. times the fused fixed-beta kernel with each tile configuration of `candidate_configs`, and
-   adaptive beta with each energy-pass configuration of `energy_candidate_configs` and with each
-   cap on the energy programs per video of `ENERGY_PROGRAM_CAPS` (fewer programs sum more tiles
-   each; more leave more slots to the one-program beta kernel), and prints the fastest, to choose
+   adaptive beta with each energy-pass configuration of `energy_candidate_configs` (a register
+   cap among them) and with each cap on the energy programs per video of `ENERGY_PROGRAM_CAPS`
+   (fewer programs sum more tiles each; more leave more slots to the one-program beta kernel),
+   and prints the fastest, to choose
    `default_config`, `default_energy_config` and `ENERGY_PROGRAMS` from one GPU run;
 4. at up_blocks.2's size with F = 24 and 32 (tau 7: a circulant band), checks and times fixed and
    adaptive beta with the band product as three tf32 products on tensor cores (the default,
@@ -235,7 +236,7 @@ def main() -> int:
     for pass_name, title, key, default_of in (
             ("tile", "fused fixed beta", "tiles", default_config),
             ("energy-pass", "fused adaptive beta", "energy tiles", default_energy_config)):
-        print(f"\n{pass_name} configurations (G sequences, BLOCK_D, warps), {title}, us")
+        print(f"\n{pass_name} configurations (G sequences, BLOCK_D, warps, register cap), {title}, us")
         for row, (_, _, _, head_dim) in zip(rows, SHAPES):
             default = tuple(default_of(FRAMES, head_dim))
             timings = ", ".join(f"{config}{'*' if config == default else ''}: {value:.1f}"

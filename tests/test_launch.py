@@ -176,7 +176,7 @@ def test_op_launches_give_every_kernel_parameter_once():
         assert not set(launch.constants) & set(launch.values)
         names = set(launch.kernel.arg_names)
         assert names <= set(launch.args)
-        assert set(launch.args) - names <= {"num_warps", "num_stages"}
+        assert set(launch.args) - names <= {"num_warps", "num_stages", "maxnreg"}
 
 
 def test_op_launch_constants_are_one_object_per_call_signature():

@@ -84,7 +84,8 @@ def test_plain_attention_matches_sdpa():
                                rtol=2e-3)
 
 
-@pytest.mark.parametrize("config", [TileConfig(1, 16, 4), TileConfig(8, 32, 4), TileConfig(2, 64, 8)])
+@pytest.mark.parametrize("config", [TileConfig(1, 16, 4), TileConfig(8, 32, 4), TileConfig(2, 64, 8),
+                                    TileConfig(4, 32, 4, max_registers=96)])
 def test_other_tile_configs(config):
     """The tuning configurations of benchmarks/temporal_attention_gpu_check.py, for both passes,
     are correct too; G = 8 with 3 * 2 * 3 * 2 = 36 sequences leaves a partly filled last program."""

@@ -39,7 +39,7 @@ def triton36_dir() -> Optional[Path]:
 
 
 #: Launch options a KernelLaunch's args may carry besides the kernel's own parameters.
-LAUNCH_OPTIONS = ("num_warps", "num_stages")
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")
 
 
 def launch_signature(kernel, args: dict):

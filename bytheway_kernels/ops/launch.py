@@ -30,8 +30,8 @@ class KernelLaunch(NamedTuple):
     """One kernel launch: `kernel[grid](**constants, **values)`.
 
     `constants` holds what the op's launch plan fixes for a call signature (constexprs, shapes,
-    num_warps / num_stages), the same dict object on every such call; `values` holds this call's
-    tensors and scalars. The two never share a name."""
+    num_warps / num_stages / maxnreg), the same dict object on every such call; `values` holds
+    this call's tensors and scalars. The two never share a name."""
 
     kernel: object
     grid: tuple

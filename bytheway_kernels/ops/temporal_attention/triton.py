@@ -66,11 +66,13 @@ BETA_NUM_WARPS = 8
 
 
 class TileConfig(NamedTuple):
-    """Launch shape: G sequences per program, head-dim chunk BLOCK_D, warps."""
+    """Launch shape: G sequences per program, head-dim chunk BLOCK_D, warps, and a cap on the
+    registers per thread that ptxas may use (Triton's `maxnreg`; None: ptxas decides)."""
 
     sequences: int
     block_d: int
     num_warps: int
+    max_registers: Optional[int] = None
 
 
 def padded_frames(frames: int) -> int:
@@ -120,12 +122,21 @@ def candidate_configs(frames: int, head_dim: int) -> list:
     return candidates
 
 
+#: The energy pass's register cap to time against ptxas's own choice: left alone, ptxas keeps the
+#: looping pass at 64 registers (8 programs of 4 warps per SM) and reloads a value or two from
+#: local memory in every iteration at up_blocks.3's size (d = 40 with the nearest guide: one LDL;
+#: sm_90 SASS, Triton 3.9); with `maxnreg` 96 it takes 80 registers and reloads nothing, at 6
+#: programs per SM. Which is faster needs a GPU (benchmarks/temporal_attention_gpu_check.py).
+ENERGY_REGISTER_CANDIDATE = 96
+
+
 def energy_candidate_configs(frames: int, head_dim: int) -> list:
     """The energy pass's default and alternatives (timed with adaptive beta by the GPU check):
-    twice the sequences on twice the warps, and half the sequences on 2 warps where G > 1."""
+    twice the sequences on twice the warps, up to `ENERGY_REGISTER_CANDIDATE` registers, and
+    half the sequences on 2 warps where G > 1."""
     default = default_energy_config(frames, head_dim)
     doubled = default._replace(sequences=2 * default.sequences, num_warps=2 * default.num_warps)
-    candidates = [default, doubled]
+    candidates = [default, doubled, default._replace(max_registers=ENERGY_REGISTER_CANDIDATE)]
     if default.sequences > 1:
         candidates.append(default._replace(sequences=default.sequences // 2, num_warps=2))
     return candidates
@@ -432,6 +443,8 @@ def _launch_plan(frames: int, head_dim: int, heads: int, height: int, width: int
         SPLIT_BAND=split and not identity_band,
         PER_VIDEO=per_video,
         HAS_BETA=adaptive_beta, num_warps=tile.num_warps)
+    if tile.max_registers is not None:
+        attention_constants["maxnreg"] = tile.max_registers
     energy_grid, energy_constants, beta_constants, partials_shape = None, {}, {}, (0,)
     if with_sums:
         energy_tile = energy_config or default_energy_config(frames, head_dim, element_size)
@@ -447,6 +460,8 @@ def _launch_plan(frames: int, head_dim: int, heads: int, height: int, width: int
             G=energy_tile.sequences, BLOCK_I=QUERY_BLOCK, GUIDE_MODE=guide_mode, BAND=band_mode,
             SPLIT_BAND=split,
             FIELDS=fields, num_warps=energy_tile.num_warps, num_stages=ENERGY_NUM_STAGES)
+        if energy_tile.max_registers is not None:
+            energy_constants["maxnreg"] = energy_tile.max_registers
         partials_shape = (programs * videos, fields)
         beta_constants = dict(
             groups=videos if per_video else 1,

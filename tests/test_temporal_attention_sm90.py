@@ -10,7 +10,8 @@ import pytest
 
 pytest.importorskip("triton")
 
-from test_triton_sm90 import TRITON_VERSIONS, compiled_variants, report_usage, run_script, triton36_dir  # noqa: E402
+from test_triton_sm90 import (BAND_PRODUCTS, TRITON_VERSIONS, compiled_variants, report_usage,  # noqa: E402
+                              run_script, triton36_dir)
 
 
 def _temporal_attention_variants():
@@ -59,12 +60,15 @@ def _temporal_attention_variants():
     return compiled_variants(launches)
 
 
+@pytest.mark.parametrize("band_product", BAND_PRODUCTS)
 @pytest.mark.parametrize("version", TRITON_VERSIONS)
-def test_temporal_attention_kernels_compile_for_sm90_without_spills(version):
-    report = run_script(__file__, triton36_dir() if version else None)
+def test_temporal_attention_kernels_compile_for_sm90_without_spills(version, band_product):
+    report = run_script(__file__, triton36_dir() if version else None, band_product)
     if version:
         assert report["triton"].startswith(version), report["triton"]
     results = report["results"]
+    split = [r for r in results if r["constexprs"].get("SPLIT_BAND")]
+    assert bool(split) is (band_product == "tensor-cores"), "the circulant variants use this product"
     counts = {name: sum(r["kernel"] == name for r in results)
               for name in ("_attention_kernel", "_energy_kernel", "_beta_kernel")}
     assert min(counts.values()) > 0 and len(results) >= 60, counts

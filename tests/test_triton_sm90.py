@@ -105,11 +105,13 @@ def compile_for_sm90(kernel, signature: dict, constexprs: dict, attrs: dict, opt
     return registers, stack + local
 
 
-def run_script(path, triton_dir: Optional[Path] = None):
-    """Run a Python script with the interpreter off (and `triton_dir` first on the path);
-    return the JSON value its last stdout line holds."""
+def run_script(path, triton_dir: Optional[Path] = None, band_product: str = "tensor-cores"):
+    """Run a Python script with the interpreter off (and `triton_dir` first on the path), the
+    kernels' band product set to `band_product` (BYTHEWAY_BAND_PRODUCT); return the JSON value
+    its last stdout line holds."""
     path_entries = ([str(triton_dir)] if triton_dir else []) + [str(REPO), str(REPO / "tests")]
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
+               BYTHEWAY_BAND_PRODUCT=band_product,
                PYTHONPATH=os.pathsep.join(path_entries + [os.environ.get("PYTHONPATH", "")]))
     run = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, env=env,
                          timeout=900)
@@ -160,6 +162,10 @@ def report_usage(variants) -> None:
     print(json.dumps(dict(triton=triton.__version__, results=results)))
 
 
+#: Both band products (`bytheway_kernels.ops.triton_rules.band_product`): the default and the
+#: exact fp32 dot that BYTHEWAY_BAND_PRODUCT=fma selects.
+BAND_PRODUCTS = ["tensor-cores", "fma"]
+
 TRITON_VERSIONS = [
     pytest.param(None, id="current-triton"),
     pytest.param("3.6", id="triton-3.6.0", marks=pytest.mark.skipif(
@@ -169,12 +175,15 @@ TRITON_VERSIONS = [
 ]
 
 
+@pytest.mark.parametrize("band_product", BAND_PRODUCTS)
 @pytest.mark.parametrize("version", TRITON_VERSIONS)
-def test_map_op_kernels_compile_for_sm90_without_spills(version):
-    report = run_script(__file__, triton36_dir() if version else None)
+def test_map_op_kernels_compile_for_sm90_without_spills(version, band_product):
+    report = run_script(__file__, triton36_dir() if version else None, band_product)
     if version:
         assert report["triton"].startswith(version), report["triton"]
     results = report["results"]
+    split = [r for r in results if r["constexprs"].get("SPLIT_BAND")]
+    assert bool(split) is (band_product == "tensor-cores"), "the circulant variants use this product"
     counts = {name: sum(r["kernel"] == name for r in results) for name in ("_stats_kernel", "_apply_kernel")}
     # 7 distinct (F, tau) x 3 guides; the apply kernel with all flags on and all off, the stats
     # kernel with all on, and at F=16 with a nearest guide (2 taus) both also adaptive in batch

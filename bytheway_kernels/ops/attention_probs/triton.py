@@ -289,8 +289,11 @@ def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams
                   ADAPTIVE=params.adaptive_beta,
                   PER_VIDEO=per_video, num_warps=num_warps)
     tiles = triton.cdiv(rows_per_entry, block_rows)  # grid axis 0: it allows 2**31 - 1 programs
-    # tl.dot's layouts need more registers: half tiles there keep the stats pass free of spills
-    stats_block_rows = block_rows if common["FULL_BAND"] else max(16, block_rows // 2)
+    # the exact fp32 dot's layouts need more registers: half tiles keep its stats pass free of
+    # spills (the split product on tensor cores fits in full tiles, sm_90, Triton 3.6 and 3.9)
+    stats_block_rows = block_rows
+    if not (full_band or common["SPLIT_BAND"]):
+        stats_block_rows = max(16, block_rows // 2)
     stats_tiles = triton.cdiv(rows_per_entry, stats_block_rows)
     tiles_per_program = min(MAX_STATS_TILES, triton.next_power_of_2(
         triton.cdiv(stats_tiles * videos, TARGET_STATS_PROGRAMS)))

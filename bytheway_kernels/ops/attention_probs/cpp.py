@@ -14,7 +14,7 @@ instruction set torch detected on this CPU), the compiler's identity, the torch 
 Python ABI. A finished build is loaded directly from there by later processes, without asking
 ninja: ninja would rebuild whenever its own version or the include paths of the running
 interpreter's torch (another venv) differ, because `cpp_extension.load` regenerates
-`build.ninja` in every new process. One line on stderr announces a real build (~20-30 s).
+`build.ninja` in every new process. One line on stderr announces a real build (about a minute).
 Without a compiler or ninja, or when the build fails, `cpp_status()` reports `available=False`
 with the reason (and warns once); nothing is raised at import.
 """
@@ -47,7 +47,7 @@ _SOURCE_FILES = ("attention_probs_cpu.cpp",)
 _EXTENSION_PREFIX = "attention_probs_cpu"
 #: Written into a build directory once its library has been built and loaded: names the library.
 _BUILT_MARKER = "built_library.txt"
-BUILD_NOTICE = "bytheway_kernels: building the C++ CPU kernel (first use, about 20-30 s)..."
+BUILD_NOTICE = "bytheway_kernels: building the C++ CPU kernel (first use, about a minute)..."
 
 _log = logging.getLogger(__name__)
 

@@ -16,7 +16,8 @@ import triton.language as tl
 
 from attention_probs_cases import Case, assert_matches_reference, make_inputs, needs_triton_interpreter
 from attention_probs_cases import run_poisoned as run_map_op_poisoned
-from bytheway_kernels.band import high_band_matrix, high_band_matrix_float64, high_band_matrix_tf32_split, tf32_round
+from bytheway_kernels.band import (high_band_matrix, high_band_matrix_float64, high_band_matrix_tf32_split,
+                                   tf32_round)
 from bytheway_kernels.ops import triton_rules
 from bytheway_kernels.ops.attention_probs import triton as map_kernels
 from bytheway_kernels.ops.attention_probs.triton import attention_probs_triton_out
@@ -82,7 +83,8 @@ def test_rounding_keeps_ten_mantissa_bits_to_nearest():
     assert tf32_round(torch.tensor([float("inf")])).isinf().all()
 
 
-@pytest.mark.parametrize("frames,tau,padded", [(24, 7, 32), (32, 7, 32), (16, 3, 16), (7, 2, 16), (48, 5, 64)])
+@pytest.mark.parametrize("frames,tau,padded",
+                         [(24, 7, 32), (32, 7, 32), (16, 3, 16), (7, 2, 16), (48, 5, 64)])
 def test_split_product_is_as_accurate_as_fp32(frames, tau, padded):
     """The split product's error stays at fp32 rounding (~1e-7 of sum |a| |P|). One tf32 product
     would be ~1e-3 off, and dropping either cross term ~5e-4 off: the bound tells them apart."""
@@ -91,22 +93,23 @@ def test_split_product_is_as_accurate_as_fp32(frames, tau, padded):
     logits = torch.randn((rows, padded), generator=generator) * 3
     logits[:, frames:] = float("-inf")
     values = torch.softmax(logits, -1)
-    values[::3] = 0.4 * values[::3] + 0.6 * torch.softmax(torch.randn((1, padded)), -1) * (
-        torch.arange(padded) < frames)  # a guided-like blend
+    blend = torch.softmax(logits[:1] + torch.randn((1, padded), generator=generator), -1)
+    values[::3] = 0.4 * values[::3] + 0.6 * blend  # guided-like rows
+    cpu = torch.device("cpu")
+    band = high_band_matrix(frames, tau, padded, cpu)
     exact_band = torch.zeros((padded, padded), dtype=torch.float64)
     exact_band[:frames, :frames] = high_band_matrix_float64(frames, tau)
     expected = values.double() @ exact_band
-    scale = values.double().abs() @ exact_band.abs()
+    bound = 4 * 2.0 ** -24 * math.sqrt(padded) * (values.double().abs() @ exact_band.abs()) + 1e-30
     split = torch.full_like(values, float("nan"))
-    _product_kernel[(1,)](values, high_band_matrix_tf32_split(frames, tau, padded, torch.device("cpu")),
-                          split, ROWS=rows, F_PAD=padded, SPLIT=True)
+    _product_kernel[(1,)](values, high_band_matrix_tf32_split(frames, tau, padded, cpu), split,
+                          ROWS=rows, F_PAD=padded, SPLIT=True)
     exact = torch.full_like(values, float("nan"))
-    _product_kernel[(1,)](values, high_band_matrix(frames, tau, padded, torch.device("cpu")), exact,
-                          ROWS=rows, F_PAD=padded, SPLIT=False)
-    bound = 4 * 2.0 ** -24 * math.sqrt(padded) * scale + 1e-30
+    _product_kernel[(1,)](values, band, exact, ROWS=rows, F_PAD=padded, SPLIT=False)
     for product in (split, exact):
-        assert ((product.double() - expected).abs() <= bound).all(), (product.double() - expected).abs().max()
-    one_pass = tf32_round(values).double() @ tf32_round(high_band_matrix(frames, tau, padded, torch.device("cpu"))).double()
+        error = (product.double() - expected).abs()
+        assert (error <= bound).all(), error.max()
+    one_pass = tf32_round(values).double() @ tf32_round(band).double()
     assert ((one_pass - expected).abs() > bound).any()
 
 

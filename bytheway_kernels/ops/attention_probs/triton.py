@@ -3,7 +3,8 @@
 A tile is BLOCK_R rows (query frames) of one batch entry; a row is F logits. For each row:
 softmax -> blend with the anchor map, upsampled by index arithmetic (never materialised) -> band
 step as `guided @ P` (three tf32 dots on tensor cores with the cached split of the circulant
-matrix, `triton_rules.band_product`, or `guided - mean` when the band is every k != 0) -> divide by rowsum(guided) (the band term sums to 0) -> store.
+matrix, `triton_rules.band_product`, or `guided - mean` when the band is every k != 0) -> divide
+by rowsum(guided) (the band term sums to 0) -> store.
 
 Fixed beta is one launch of `_apply_kernel`. Adaptive beta (or `stats`) needs global energies
 first: `_stats_kernel` programs each sum a few consecutive tiles and write their own slot of a
@@ -286,8 +287,7 @@ def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams
                   F=frames, F_PAD=padded, BLOCK_R=block_rows,
                   GUIDE_MODE=GUIDE_MODES[None if guide_hw is None else params.guide_upsample],
                   FULL_BAND=full_band, SPLIT_BAND=SPLIT_BAND and not full_band,
-                  ADAPTIVE=params.adaptive_beta,
-                  PER_VIDEO=per_video, num_warps=num_warps)
+                  ADAPTIVE=params.adaptive_beta, PER_VIDEO=per_video, num_warps=num_warps)
     tiles = triton.cdiv(rows_per_entry, block_rows)  # grid axis 0: it allows 2**31 - 1 programs
     # the exact fp32 dot's layouts need more registers: half tiles keep its stats pass free of
     # spills (the split product on tensor cores fits in full tiles, sm_90, Triton 3.6 and 3.9)

@@ -18,7 +18,8 @@ For each temporal attention layer shape of AnimateDiff at 512x512 (batch 2 for C
    (fewer programs sum more tiles each; more leave more slots to the one-program beta kernel),
    and prints the fastest, to choose
    `default_config`, `default_energy_config` and `ENERGY_PROGRAMS` from one GPU run;
-4. at up_blocks.2's size with F = 24 and 32 (tau 7: a circulant band), checks and times fixed and
+4. checks the band product's fp32 accuracy on this GPU (a small layer against float64), then at
+   up_blocks.2's size with F = 24 and 32 (tau 7: a circulant band), checks and times fixed and
    adaptive beta with the band product as three tf32 products on tensor cores (the default,
    `bytheway_kernels.ops.triton_rules.band_product`) and as one exact fp32 dot on the FMA units.
 Exits non-zero if a check fails. A tuning tool: the benchmark suite proper is benchmarks/test_*.py.
@@ -57,6 +58,7 @@ SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EF
 ENERGY_PROGRAM_CAPS = (256, 1024, 4096, 16384)
 HOST_CALLS = 200  # calls of the public function timed on the host
 MAX_RELATIVE_ERROR = 4e-3  # fp16 output: 2 ulps of the largest |out| (both paths accumulate in fp32)
+FP32_MAX_RELATIVE_ERROR = 2e-5  # fp32 output against float64 (PROB_TOLERANCES' fp32 atol)
 
 
 def bench_us(fn) -> float:
@@ -174,10 +176,40 @@ def time_shape(name, height, width, head_dim, preset) -> dict:
     return row
 
 
+def check_band_products_fp32(preset) -> list:
+    """The band product's accuracy on this GPU's tensor cores: fp32 inputs at F = 24 and 32 on a
+    small layer, both products against the composed path in float64 (the map op's pure-torch
+    reference: no Triton involved); returns failure messages. The split keeps fp32 accuracy
+    (~2^-22 of the product, tests/test_band_product.py); FP32_MAX_RELATIVE_ERROR is well below
+    what one tf32 product would give (~1e-3)."""
+    height, width, head_dim = 4, 4, 80
+    failures = []
+    for frames in BAND_FRAMES:
+        q, k, v, guide = (x.float() for x in make_layer(height, width, head_dim, frames))
+        guide = guide[:, :2, :2].contiguous()
+        scale = head_dim ** -0.5
+        for adaptive in (False, True):
+            params = ByTheWayParams(preset.alpha, preset.beta, preset.tau, adaptive, 2, 1, "batch",
+                                    "nearest", None)
+            truth = temporal_attention_composed(q.double(), k.double(), v.double(), guide.double(),
+                                                HEADS, height, width, scale, params, False, False)[0]
+            for split, product in ((True, "tensor cores"), (False, "fma")):
+                out = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)
+                with band_product_split(split):
+                    temporal_attention_triton_out(q, k, v, guide, HEADS, height, width, scale,
+                                                  params, out)
+                error = relative_error(out, truth)
+                label = f"F{frames} {'adaptive' if adaptive else 'fixed'} fp32 {product}"
+                print(f"  band product {label}: rel. error vs float64 {error:.2e}")
+                if not error <= FP32_MAX_RELATIVE_ERROR:
+                    failures.append(f"{label} out {error:.2e}")
+    return failures
+
+
 def time_band_products(preset) -> tuple:
     """(failures, rows): at up_blocks.2's size with each F of BAND_FRAMES, the fused fixed and
     adaptive kernels with the band product split on tensor cores and as one fp32 dot, checked
-    against the composed path and timed."""
+    against the composed path (its map op running the exact fp32 dot) and timed."""
     _, height, width, head_dim = SHAPES[1]
     failures, rows = [], []
     for frames in BAND_FRAMES:
@@ -187,8 +219,9 @@ def time_band_products(preset) -> tuple:
                                "nearest", None)
         row = {"frames": frames}
         for label, params in (("fixed", fixed), ("adaptive", fixed._replace(adaptive_beta=True))):
-            composed = temporal_attention_composed(q, k, v, guide, HEADS, height, width, scale,
-                                                   params, False, False)[0]
+            with band_product_split(False):
+                composed = temporal_attention_composed(q, k, v, guide, HEADS, height, width, scale,
+                                                       params, False, False)[0]
             for split, product in ((True, "tensor cores"), (False, "fma")):
                 out = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)
                 with band_product_split(split):
@@ -218,6 +251,7 @@ def main() -> int:
     for name, height, width, head_dim in SHAPES:
         failures += check_shape(name, height, width, head_dim, preset)
     rows = [time_shape(*shape, preset) for shape in SHAPES]
+    failures += check_band_products_fp32(preset)
     band_failures, band_rows = time_band_products(preset)
     failures += band_failures
     columns = ["floor", "fused plain", "fused fixed", "fused adaptive", "fused anchor+map",

@@ -79,7 +79,9 @@ def store_stats_row(stats_ptr, group, beta, e1, e2, e2_high, e3_guided, e3_cross
 def tf32_round(values):
     """`values` rounded to the nearest tf32 number (10 stored mantissa bits; ties away from zero),
     as fp32: a tensor core multiplies such numbers exactly, and so does the interpreter's fp32
-    matmul, so both run the same arithmetic. Infinities and quiet NaNs stay what they are."""
+    matmul, so both run the same arithmetic. Infinities and quiet NaNs stay what they are; a
+    finite value within half a tf32 step of the largest float (|x| >= 3.4020e38) rounds to
+    infinity, far from anything a guided map holds."""
     bits = values.to(tl.int32, bitcast=True)
     return ((bits + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
 

@@ -10,8 +10,8 @@ import pytest
 
 pytest.importorskip("triton")
 
-from test_triton_sm90 import (BAND_PRODUCTS, TRITON_VERSIONS, compiled_variants, report_usage,  # noqa: E402
-                              run_script, triton36_dir)
+from test_triton_sm90 import (COMPILE_RUNS, compiled_variants, report_usage, run_script,  # noqa: E402
+                              triton36_dir)
 
 
 def _temporal_attention_variants():
@@ -60,8 +60,7 @@ def _temporal_attention_variants():
     return compiled_variants(launches)
 
 
-@pytest.mark.parametrize("band_product", BAND_PRODUCTS)
-@pytest.mark.parametrize("version", TRITON_VERSIONS)
+@pytest.mark.parametrize("version,band_product", COMPILE_RUNS)
 def test_temporal_attention_kernels_compile_for_sm90_without_spills(version, band_product):
     report = run_script(__file__, triton36_dir() if version else None, band_product)
     if version:

@@ -162,21 +162,22 @@ def report_usage(variants) -> None:
     print(json.dumps(dict(triton=triton.__version__, results=results)))
 
 
-#: Both band products (`bytheway_kernels.ops.triton_rules.band_product`): the default and the
-#: exact fp32 dot that BYTHEWAY_BAND_PRODUCT=fma selects.
-BAND_PRODUCTS = ["tensor-cores", "fma"]
+_NEEDS_TRITON36 = pytest.mark.skipif(
+    triton36_dir() is None,
+    reason=f"Triton 3.6.0 not installed: pip install --target .triton36 triton==3.6.0 "
+           f"(or set {TRITON36_ENV})")
 
-TRITON_VERSIONS = [
-    pytest.param(None, id="current-triton"),
-    pytest.param("3.6", id="triton-3.6.0", marks=pytest.mark.skipif(
-        triton36_dir() is None,
-        reason=f"Triton 3.6.0 not installed: pip install --target .triton36 triton==3.6.0 "
-               f"(or set {TRITON36_ENV})")),
+#: (Triton version, band product) of each compile run: the current Triton and Triton 3.6.0 (the
+#: GPU images') with the default band product, and 3.6.0 again with the exact fp32 dot that
+#: BYTHEWAY_BAND_PRODUCT=fma selects (`bytheway_kernels.ops.triton_rules.band_product`).
+COMPILE_RUNS = [
+    pytest.param(None, "tensor-cores", id="current-triton"),
+    pytest.param("3.6", "tensor-cores", id="triton-3.6.0", marks=_NEEDS_TRITON36),
+    pytest.param("3.6", "fma", id="triton-3.6.0-fma", marks=_NEEDS_TRITON36),
 ]
 
 
-@pytest.mark.parametrize("band_product", BAND_PRODUCTS)
-@pytest.mark.parametrize("version", TRITON_VERSIONS)
+@pytest.mark.parametrize("version,band_product", COMPILE_RUNS)
 def test_map_op_kernels_compile_for_sm90_without_spills(version, band_product):
     report = run_script(__file__, triton36_dir() if version else None, band_product)
     if version:

@@ -72,15 +72,17 @@ def band_product_split(split: bool) -> Iterator[None]:
         ...     kernels.SPLIT_BAND
         False
     """
+    from .ops import triton_rules
     from .ops.attention_probs import triton as map_kernels
     from .ops.temporal_attention import triton as attention_kernels
 
-    modules = (map_kernels, attention_kernels)
+    modules = (triton_rules, map_kernels, attention_kernels)  # the setting, and its two users
     saved = [module.SPLIT_BAND for module in modules]
 
     def use(values) -> None:
         for module, value in zip(modules, values):
             module.SPLIT_BAND = value
+        for module in modules[1:]:
             module._launch_plan.cache_clear()  # plans hold the SPLIT_BAND constexpr and P
 
     use([split] * len(modules))

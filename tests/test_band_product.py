@@ -129,7 +129,7 @@ def test_plans_split_only_a_circulant_band(frames, tau):
         assert launch.args["SPLIT_BAND"] is False
         if circulant:
             assert launch.args["band_ptr"].shape == (padded, padded)
-    assert map_kernels.SPLIT_BAND and attention_kernels.SPLIT_BAND  # restored
+    assert triton_rules.SPLIT_BAND and map_kernels.SPLIT_BAND and attention_kernels.SPLIT_BAND  # restored
 
 
 MAP_OP_CASES = [
@@ -186,7 +186,6 @@ def test_info_names_the_band_product(capsys):
 
     print_info()  # the interpreter makes the Triton backend available
     assert "Triton band product: three tf32 products on tensor cores" in capsys.readouterr().out
-    with band_product_split(False), pytest.MonkeyPatch.context() as patch:
-        patch.setattr(triton_rules, "SPLIT_BAND", False)
+    with band_product_split(False):
         print_info()
     assert "Triton band product: one fp32 dot (FMA units)" in capsys.readouterr().out

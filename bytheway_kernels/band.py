@@ -107,3 +107,10 @@ def high_band_matrix_tf32_split(frames: int, tau: int, padded: int, device: torc
     matrix = high_band_matrix(frames, tau, padded, torch.device("cpu"))
     high = tf32_round(matrix)
     return torch.stack([high, tf32_round(matrix - high)]).to(device)
+
+
+def band_operand(frames: int, tau: int, padded: int, device: torch.device, split: bool) -> torch.Tensor:
+    """P as the Triton kernels' band product reads it (`ops.triton_rules.band_product`): the
+    tf32 split when `split`, else the padded fp32 matrix. Cached (both builders are)."""
+    builder = high_band_matrix_tf32_split if split else high_band_matrix
+    return builder(frames, tau, padded, device)

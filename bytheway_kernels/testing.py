@@ -63,30 +63,19 @@ def poisoned_like(tensor: torch.Tensor) -> torch.Tensor:
 def band_product_split(split: bool) -> Iterator[None]:
     """Inside the block, both ops' Triton kernels run a circulant band step split on tensor cores
     (True, the default: `ops.triton_rules.band_product`) or as one exact fp32 dot (False), for
-    testing both and timing them side by side; launch plans are rebuilt on entry and on exit.
-    Needs Triton.
+    testing both and timing them side by side. Needs Triton.
 
     Examples:
-        >>> from bytheway_kernels.ops.attention_probs import triton as kernels
+        >>> from bytheway_kernels.ops import triton_rules
         >>> with band_product_split(False):
-        ...     kernels.SPLIT_BAND
+        ...     triton_rules.SPLIT_BAND
         False
     """
     from .ops import triton_rules
-    from .ops.attention_probs import triton as map_kernels
-    from .ops.temporal_attention import triton as attention_kernels
 
-    modules = (triton_rules, map_kernels, attention_kernels)  # the setting, and its two users
-    saved = [module.SPLIT_BAND for module in modules]
-
-    def use(values) -> None:
-        for module, value in zip(modules, values):
-            module.SPLIT_BAND = value
-        for module in modules[1:]:
-            module._launch_plan.cache_clear()  # plans hold the SPLIT_BAND constexpr and P
-
-    use([split] * len(modules))
+    saved = triton_rules.SPLIT_BAND
+    triton_rules.SPLIT_BAND = split  # part of both ops' launch-plan keys: no cache to clear
     try:
         yield
     finally:
-        use(saved)
+        triton_rules.SPLIT_BAND = saved

@@ -9,6 +9,7 @@ import torch
 from attention_probs_cases import (BackendContract, Case, assert_matches_reference, make_inputs,
                                    needs_triton_interpreter, run_poisoned)
 from bytheway_kernels import reference
+from bytheway_kernels.ops import triton_rules
 from bytheway_kernels.ops.attention_probs import triton as triton_kernels
 from bytheway_kernels.ops.attention_probs.triton import attention_probs_triton_out
 
@@ -75,7 +76,8 @@ def test_stats_are_deterministic_with_many_partials(scope, many_stats_programs):
     case = Case(batch=4, height=5, width=7, frames=8, tau=1, energy_scope=scope,
                 guide_upsample="bilinear", guide_size=(3, 2))
     scores, guide = make_inputs(case, seed=5)
-    plan = triton_kernels._launch_plan(tuple(scores.shape), (3, 2), case.params(), True)
+    plan = triton_kernels._launch_plan(tuple(scores.shape), (3, 2), case.params(), True,
+                                       triton_rules.SPLIT_BAND)
     programs, videos = plan.stats_grid
     assert plan.stats_args["TILES"] == 2 and programs * videos // plan.groups > 2 * 2
     first = run_poisoned(attention_probs_triton_out, scores, guide, case)

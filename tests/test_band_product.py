@@ -21,7 +21,6 @@ from bytheway_kernels.band import (high_band_matrix, high_band_matrix_float64, h
 from bytheway_kernels.ops import triton_rules
 from bytheway_kernels.ops.attention_probs import triton as map_kernels
 from bytheway_kernels.ops.attention_probs.triton import attention_probs_triton_out
-from bytheway_kernels.ops.temporal_attention import triton as attention_kernels
 from bytheway_kernels.ops.temporal_attention.triton import temporal_attention_triton_out
 from bytheway_kernels.testing import band_product_split
 from temporal_attention_cases import AttentionCase, assert_matches
@@ -41,12 +40,8 @@ def _product_kernel(values_ptr, band_ptr, out_ptr, ROWS: tl.constexpr, F_PAD: tl
                     SPLIT: tl.constexpr):
     rows = tl.arange(0, ROWS)[:, None]
     cols = tl.arange(0, F_PAD)[None, :]
-    band_rows = tl.arange(0, F_PAD)[:, None]
     values = tl.load(values_ptr + rows * F_PAD + cols)
-    band = tl.load(band_ptr + band_rows * F_PAD + cols)
-    band_low = band
-    if SPLIT:
-        band_low = tl.load(band_ptr + F_PAD * F_PAD + band_rows * F_PAD + cols)
+    band, band_low = triton_rules.load_band(band_ptr, F_PAD, SPLIT)
     tl.store(out_ptr + rows * F_PAD + cols, triton_rules.band_product(values, band, band_low, SPLIT))
 
 
@@ -129,7 +124,7 @@ def test_plans_split_only_a_circulant_band(frames, tau):
         assert launch.args["SPLIT_BAND"] is False
         if circulant:
             assert launch.args["band_ptr"].shape == (padded, padded)
-    assert triton_rules.SPLIT_BAND and map_kernels.SPLIT_BAND and attention_kernels.SPLIT_BAND  # restored
+    assert triton_rules.SPLIT_BAND  # restored
 
 
 MAP_OP_CASES = [

@@ -12,6 +12,7 @@ import triton.language as tl
 
 import bytheway_kernels as btw
 from attention_probs_cases import needs_triton_interpreter
+from bytheway_kernels.ops import triton_rules
 from bytheway_kernels.ops.temporal_attention import triton as kernels
 from bytheway_kernels.ops.temporal_attention.triton import (TileConfig,
                                                             temporal_attention_triton_out)
@@ -287,7 +288,7 @@ def test_energy_programs_sum_several_tiles(scope, monkeypatch):
     inputs = make_inputs(case)
     plan = kernels._launch_plan(16, 8, 2, 3, 3, 4, 7, 2, (2, 2), 8 ** -0.5, False, True,
                                 (True, 2, 1, scope == "sample", False), True, 4,
-                                torch.device("cpu"), None, None)
+                                torch.device("cpu"), None, None, triton_rules.SPLIT_BAND)
     assert plan.energy_grid == (2, 2) and plan.energy_constants["steps"] == 3
     out, plain_map, stats = run_poisoned(case, inputs)
     kernels._launch_plan.cache_clear()

@@ -23,7 +23,9 @@ def _split_band_setting() -> bool:
 
 #: Whether a circulant band step runs as `band_product`'s three tf32 products on tensor cores
 #: (the default) rather than one exact fp32 dot on the FMA units (BYTHEWAY_BAND_PRODUCT=fma, read
-#: at import: for timing the two side by side). The full band never multiplies by P.
+#: at import: for timing the two side by side). The full band never multiplies by P. Both ops
+#: read it here when they look up a call's launch plan (it is part of the plan's key), so
+#: `bytheway_kernels.testing.band_product_split` switches it for both by setting it here.
 SPLIT_BAND = _split_band_setting()
 
 
@@ -87,11 +89,26 @@ def tf32_round(values):
 
 
 @triton.jit
+def load_band(band_ptr, F_PAD: tl.constexpr, SPLIT: tl.constexpr):
+    """(P, P's low part) as `band_product` takes them, from P as `band.band_operand` lays it out:
+    with SPLIT, P's tf32 high part then its low part; else the fp32 matrix (returned twice).
+    Load it before reshaping the values: the other order spilled under Triton 3.6 (F_PAD = 64)."""
+    cols = tl.arange(0, F_PAD)
+    offsets = cols[:, None] * F_PAD + cols[None, :]
+    band = tl.load(band_ptr + offsets)
+    band_low = band
+    if SPLIT:
+        band_low = tl.load(band_ptr + F_PAD * F_PAD + offsets)
+    return band, band_low
+
+
+@triton.jit
 def band_product(values, band, band_low, SPLIT: tl.constexpr):
-    """values @ P in fp32. SPLIT: on tensor cores, as three tf32 products of the split
-    values = high + low (both tf32) with P = band + band_low (both tf32, split on the host):
-    high @ P_low + low @ P_high + high @ P_high, accumulated in fp32 (the dropped low @ P_low is
-    ~2^-22 of the product). Otherwise one exact fp32 dot, which runs on the FMA units."""
+    """values @ P in fp32, (band, band_low) from `load_band`. SPLIT: on tensor cores, as three
+    tf32 products of the split values = high + low (both tf32) with P = band + band_low (both
+    tf32, split on the host): high @ P_low + low @ P_high + high @ P_high, accumulated in fp32
+    (the dropped low @ P_low is ~2^-22 of the product). Otherwise one exact fp32 dot, which runs
+    on the FMA units."""
     if SPLIT:
         high = tf32_round(values)
         low = tf32_round(values - high)

@@ -25,12 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ...band import high_band_matrix, high_band_matrix_tf32_split, is_full_band
+from ...band import band_operand, is_full_band
 from ...energy import HIGH_ENERGY_FLOOR
 from ..launch import KernelLaunch
 from ..params import ByTheWayParams
-from ..triton_rules import (SPLIT_BAND, band_product, bilinear_sources, group_beta,
-                            nearest_source, store_stats_row)
+from .. import triton_rules
+from ..triton_rules import (band_product, bilinear_sources, group_beta, load_band, nearest_source,
+                            store_stats_row)
 
 GUIDE_MODES = {None: 0, "nearest": 1, "bilinear": 2}
 # Per stats program: sum|A|^2, sum|A2|^2, sum<A2, A2 P>, then (with stats) the last three over s^2,
@@ -112,11 +113,7 @@ def _guided_block(scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_e
     if FULL_BAND:  # P = I - 1/F: remove the row mean
         high = tl.where(col_mask[None, :], guided - (row_sum / F)[:, None], 0.0)
     else:
-        band_offsets = cols[:, None] * F_PAD + cols[None, :]
-        band = tl.load(band_ptr + band_offsets)
-        band_low = band
-        if SPLIT_BAND:  # band_ptr holds P's tf32 high part, then its low part
-            band_low = tl.load(band_ptr + F_PAD * F_PAD + band_offsets)
+        band, band_low = load_band(band_ptr, F_PAD, SPLIT_BAND)
         high = band_product(guided, band, band_low, SPLIT_BAND)
     return attn, guided, high, row_sum
 
@@ -273,7 +270,7 @@ class _LaunchPlan(NamedTuple):
 
 @functools.lru_cache(maxsize=256)
 def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams,
-                 with_stats: bool) -> _LaunchPlan:
+                 with_stats: bool, split_band: bool) -> _LaunchPlan:
     batch, height, width, heads, frames, _ = shape
     videos = batch // params.parts
     rows_per_entry = height * width * heads * frames
@@ -286,7 +283,7 @@ def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams
                   scale_y=h / height, scale_x=w / width, alpha=params.alpha, beta0=params.beta,
                   F=frames, F_PAD=padded, BLOCK_R=block_rows,
                   GUIDE_MODE=GUIDE_MODES[None if guide_hw is None else params.guide_upsample],
-                  FULL_BAND=full_band, SPLIT_BAND=SPLIT_BAND and not full_band,
+                  FULL_BAND=full_band, SPLIT_BAND=split_band and not full_band,
                   ADAPTIVE=params.adaptive_beta, PER_VIDEO=per_video, num_warps=num_warps)
     tiles = triton.cdiv(rows_per_entry, block_rows)  # grid axis 0: it allows 2**31 - 1 programs
     # the exact fp32 dot's layouts need more registers: half tiles keep its stats pass free of
@@ -316,11 +313,11 @@ def kernel_launches(scores, guide, params: ByTheWayParams, probs, stats=None) ->
     be contiguous and `probs` non-empty.
     """
     plan = _launch_plan(tuple(scores.shape), None if guide is None else tuple(guide.shape[1:3]),
-                        params, stats is not None)
+                        params, stats is not None, triton_rules.SPLIT_BAND)
     band = scores
     if not plan.full_band:
-        band_matrix = high_band_matrix_tf32_split if plan.apply_args["SPLIT_BAND"] else high_band_matrix
-        band = band_matrix(scores.shape[-1], params.tau, plan.apply_args["F_PAD"], scores.device)
+        band = band_operand(scores.shape[-1], params.tau, plan.apply_args["F_PAD"], scores.device,
+                            plan.apply_args["SPLIT_BAND"])
     guide = scores if guide is None else guide
     if not (params.adaptive_beta or stats is not None):
         return [KernelLaunch(_apply_kernel, plan.apply_grid, plan.apply_args,

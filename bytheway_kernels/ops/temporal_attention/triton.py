@@ -36,12 +36,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ...band import high_band_matrix, high_band_matrix_tf32_split, is_full_band
+from ...band import band_operand, is_full_band
 from ...energy import HIGH_ENERGY_FLOOR, STATS_FIELDS
 from ..launch import KernelLaunch
 from ..params import ByTheWayParams
-from ..triton_rules import (SPLIT_BAND, band_product, bilinear_sources, group_beta,
-                            nearest_source, store_stats_row)
+from .. import triton_rules
+from ..triton_rules import (band_product, bilinear_sources, group_beta, load_band, nearest_source,
+                            store_stats_row)
 
 GUIDE_MODES = {None: 0, "nearest": 1, "bilinear": 2}
 # The band step: none (fixed beta = 1: the identity), P = I - 1/F (the full band), circulant P.
@@ -229,12 +230,7 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, h
         high = tl.where(col_valid, guided - (tl.sum(guided, axis=2) / F)[:, :, None], 0.0)
     else:
         # one 2-D product for the G sequences: they share P
-        band_cols = tl.arange(0, F_PAD)
-        band_offsets = band_cols[:, None] * F_PAD + band_cols[None, :]
-        band = tl.load(band_ptr + band_offsets)
-        band_low = band
-        if SPLIT_BAND:  # band_ptr holds P's tf32 high part, then its low part
-            band_low = tl.load(band_ptr + F_PAD * F_PAD + band_offsets)
+        band, band_low = load_band(band_ptr, F_PAD, SPLIT_BAND)
         high = band_product(tl.reshape(guided, (G * BLOCK_I, F_PAD)), band, band_low, SPLIT_BAND)
         high = tl.reshape(high, (G, BLOCK_I, F_PAD))
     return attn, guided, high, row_sum, row_valid
@@ -400,6 +396,13 @@ def _check_device(q: torch.Tensor) -> None:
         )
 
 
+def _launch_options(tile: TileConfig) -> dict:
+    """Triton's launch options for a tile configuration: warps, and the register cap if set."""
+    if tile.max_registers is None:
+        return dict(num_warps=tile.num_warps)
+    return dict(num_warps=tile.num_warps, maxnreg=tile.max_registers)
+
+
 class _LaunchPlan(NamedTuple):
     """Everything about the launches that depends only on shapes and settings, not on values."""
 
@@ -418,17 +421,15 @@ def _launch_plan(frames: int, head_dim: int, heads: int, height: int, width: int
                  tau: int, guide_mode: int, guide_size: tuple, scale: float, identity_band: bool,
                  with_sums: bool, params_key: tuple, with_stats: bool, element_size: int,
                  device: torch.device, config: Optional[TileConfig],
-                 energy_config: Optional[TileConfig]) -> _LaunchPlan:
+                 energy_config: Optional[TileConfig], split_band: bool) -> _LaunchPlan:
     """The launch plan of one call signature, built once (its device tensors before any CUDA graph
     capture, on the first eager call) and reused: the per-call host work is binding pointers."""
     adaptive_beta, parts, energy_part, per_video, has_beta_max = params_key
     padded = padded_frames(frames)
     tile = config or default_config(frames, head_dim, element_size)
     full_band = is_full_band(frames, tau)
-    split = SPLIT_BAND and not full_band
-    band = None
-    if not full_band:
-        band = (high_band_matrix_tf32_split if split else high_band_matrix)(frames, tau, padded, device)
+    split = split_band and not full_band
+    band = None if full_band else band_operand(frames, tau, padded, device, split)
     h, w = guide_size
     geometry = dict(heads=heads, H=height, W=width, h=h, w=w, scale_y=h / height,
                     scale_x=w / width, scale_log2=scale * math.log2(math.e))
@@ -442,9 +443,7 @@ def _launch_plan(frames: int, head_dim: int, heads: int, height: int, width: int
         BAND=BAND_MODES["none"] if identity_band else band_mode,
         SPLIT_BAND=split and not identity_band,
         PER_VIDEO=per_video,
-        HAS_BETA=adaptive_beta, num_warps=tile.num_warps)
-    if tile.max_registers is not None:
-        attention_constants["maxnreg"] = tile.max_registers
+        HAS_BETA=adaptive_beta, **_launch_options(tile))
     energy_grid, energy_constants, beta_constants, partials_shape = None, {}, {}, (0,)
     if with_sums:
         energy_tile = energy_config or default_energy_config(frames, head_dim, element_size)
@@ -459,9 +458,7 @@ def _launch_plan(frames: int, head_dim: int, heads: int, height: int, width: int
             steps=steps, F=frames, F_PAD=padded, D=head_dim, BLOCK_D=energy_tile.block_d,
             G=energy_tile.sequences, BLOCK_I=QUERY_BLOCK, GUIDE_MODE=guide_mode, BAND=band_mode,
             SPLIT_BAND=split,
-            FIELDS=fields, num_warps=energy_tile.num_warps, num_stages=ENERGY_NUM_STAGES)
-        if energy_tile.max_registers is not None:
-            energy_constants["maxnreg"] = energy_tile.max_registers
+            FIELDS=fields, num_stages=ENERGY_NUM_STAGES, **_launch_options(energy_tile))
         partials_shape = (programs * videos, fields)
         beta_constants = dict(
             groups=videos if per_video else 1,
@@ -499,7 +496,7 @@ def kernel_launches(q, k, v, guide, heads: int, height: int, width: int, scale: 
         frames, channels // heads, heads, height, width, sequences_total // (height * width), tau,
         guide_mode, guide_size, scale, beta == 1.0 and not adaptive_beta, with_sums,
         (adaptive_beta, parts, energy_part, energy_scope == "sample", beta_max is not None),
-        stats is not None, q.element_size(), q.device, config, energy_config)
+        stats is not None, q.element_size(), q.device, config, energy_config, triton_rules.SPLIT_BAND)
     band = q if plan.band is None else plan.band
     strides = dict(q_sn=q.stride(0), q_sf=q.stride(1), k_sn=k.stride(0), k_sf=k.stride(1))
     betas = plan.placeholder

@@ -2,7 +2,7 @@
 # One prepared device run for a session that is lent a GPU: the GPU quick check of the fused
 # temporal attention (with its tile and energy-program sweeps), the map op's kernel times, the
 # host cost per call split three ways (benchmarks/host_cost.py), the benchmark suite (kernel time,
-# host per call, wall, peak memory), the CUDA tests with the direct launcher on, and this device's
+# host per call, wall, peak memory), the CUDA tests (direct launcher, the default), and this device's
 # section of benchmarks/RESULTS.md. Every step is independent (one failing or
 # timing out does not stop the others) and the whole run ends within BYTHEWAY_GPU_BUDGET_S seconds
 # (default 530, for a device call of timeout_s=600). About 7-9 minutes on an H100/H200; give it
@@ -63,13 +63,16 @@ cat "$logs/versions.log"
 # Most important first: the quick checks that measure the issues' kernel targets and split the
 # host cost (Triton's launch path, the direct launcher, our Python alone), the benchmark suite in
 # parts (each with its own JSON: a part that times out loses only its own numbers), then the CUDA
-# tests with the direct launcher on (BYTHEWAY_DIRECT_LAUNCH=1: each signature's first launch goes
-# through Triton, the rest direct, so both paths run), last because they get whatever time is left
+# tests (the direct launcher is the default: each signature's first launch goes through Triton,
+# the rest direct, so both paths run), last because they get whatever time is left
 # and by then most kernels are in Triton's cache (a cold compile of every test variant took over
 # 130 s on an H200). The sm_90 compile tests need no GPU and run in CI instead. fp16 only: the
 # dtype AnimateDiff runs in and the issues' targets use.
 if [[ -f benchmarks/temporal_attention_gpu_check.py ]]; then
-  step ta_gpu_check 100 python3 benchmarks/temporal_attention_gpu_check.py
+  step ta_gpu_check 140 python3 benchmarks/temporal_attention_gpu_check.py
+fi
+if [[ -f benchmarks/fused_kernel_times.py ]]; then  # profiler: fused kernel device times, no launch gaps
+  step fused_kernel_times 90 python3 benchmarks/fused_kernel_times.py
 fi
 if [[ -f benchmarks/map_op_kernel_times.py ]]; then  # profiler: the map op's kernel and host times
   step map_kernel_times 70 python3 benchmarks/map_op_kernel_times.py
@@ -82,7 +85,7 @@ step bench_denoiser 110 "${bench[@]}" benchmarks/test_denoiser.py --benchmark-js
 step bench_attention 100 "${bench[@]}" benchmarks/test_temporal_attention.py --benchmark-json="$logs/bench_attention.json"
 step bench_map 110 "${bench[@]}" benchmarks/test_attention_probs.py --benchmark-json="$logs/bench_map.json"
 step bench_layer 50 "${bench[@]}" benchmarks/test_layer.py --benchmark-json="$logs/bench_layer.json"
-step gpu_tests 300 env BYTHEWAY_DIRECT_LAUNCH=1 bash -c 'python3 -m pytest -q -p no:cacheprovider -rfEs \
+step gpu_tests 300 bash -c 'python3 -m pytest -q -p no:cacheprovider -rfEs \
   tests/test_attention_probs_gpu.py tests/test_temporal_attention_gpu.py; python3 -m pytest -q -p no:cacheprovider -rfEs \
   tests/test_integration_fused.py -k cuda'
 

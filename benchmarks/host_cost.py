@@ -3,8 +3,8 @@
 Used by benchmarks/map_op_kernel_times.py and benchmarks/temporal_attention_gpu_check.py. Host
 time is the wall time per call of `calls` back-to-back calls without synchronising (what an eager
 pipeline pays on the CPU), measured three ways in one run:
-- "triton launch": as shipped, every launch through `kernel[grid](...)`;
-- "direct launch": with `BYTHEWAY_DIRECT_LAUNCH=1` (bytheway_kernels/ops/launch.py);
+- "triton launch": every launch through `kernel[grid](...)` (`BYTHEWAY_DIRECT_LAUNCH=0`);
+- "direct launch": as shipped (bytheway_kernels/ops/launch.py);
 - "python only": every kernel launch replaced by nothing, so what is left is our own host work
   (validation, allocation, launch plan); the difference to the others is the launch path's cost.
 
@@ -73,7 +73,7 @@ def host_us_per_call(fn, calls: int = 200) -> float:
 def host_costs(fn, calls: int = 200) -> dict:
     """{column of HOST_COLUMNS: host microseconds per call of `fn`}."""
     costs = {}
-    with _environment(launch_module.DIRECT_LAUNCH_ENV, None):
+    with _environment(launch_module.DIRECT_LAUNCH_ENV, "0"):
         costs["triton launch"] = host_us_per_call(fn, calls)
     with _environment(launch_module.DIRECT_LAUNCH_ENV, "1"):
         costs["direct launch"] = host_us_per_call(fn, calls)

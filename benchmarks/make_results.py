@@ -226,21 +226,6 @@ def map_targets(group: str, rows: List[dict], on_gpu: bool):
             if stats:
                 yield "stats", f"{backend}, profiler", max(stats)
     yield from fft_speedup(rows, backend)
-    yield from direct_launch_targets(rows, backend)
-
-
-def direct_launch_targets(rows: List[dict], backend: str):
-    """The host-cost and fft targets again for the opt-in direct launcher's rows ("triton direct"),
-    where the run timed them: it changes the host cost only."""
-    direct = f"{backend} direct"
-    ops = [b for b in rows if b["extra_info"].get("impl") == direct]
-    for mode in ("fixed", "adaptive"):
-        hosts = [b["extra_info"]["host_s"] for b in ops
-                 if b["extra_info"]["variant"].startswith(mode) and "host_s" in b["extra_info"]]
-        if hosts:
-            yield f"host-{mode}", f"{direct}, host", max(hosts)
-    if ops:
-        yield from fft_speedup(rows, direct)
 
 
 def fft_speedup(rows: List[dict], backend: str):
@@ -262,7 +247,6 @@ def tiny_targets(rows: List[dict], on_gpu: bool):
         return
     yield from fft_speedup(rows, backend)
     if on_gpu:  # the GPU's per-call cost is the map groups' host/call target
-        yield from fft_speedup(rows, f"{backend} direct")  # nothing where it was not timed
         return
     for mode in ("fixed", "adaptive"):
         bench = find(rows, backend, f"{mode}-noguide")

@@ -7,8 +7,8 @@ profiler's self device time per kernel averaged over 20 calls, and the host time
 calls issued without synchronising, as the 2026-11-26 H200 notes measured them
 (benchmarks/results/h200-2026-11-26.notes.md), three ways: through Triton's launch path, through
 the direct launcher, and our Python alone (benchmarks/host_cost.py). At F = 24 and 32 it also
-times the band product as one exact fp32 dot ("fma" rows) next to the default three tf32
-products on tensor cores (`bytheway_kernels.ops.triton_rules.band_product`).
+times the band product as three tf32 products on tensor cores ("tc" rows) next to the default
+exact fp32 dot (`bytheway_kernels.ops.triton_rules.band_product`).
 """
 
 from collections import defaultdict
@@ -52,9 +52,9 @@ def main():
                                                           adaptive_beta=False),
             "adaptive": lambda: btw.bytheway_attention_probs(scores, guide, alpha=0.6, beta=1.5, tau=7),
         }
-        runs = [(name, fn, True) for name, fn in calls.items()]
+        runs = [(name, fn, False) for name, fn in calls.items()]
         if frames != 16:  # tau 7 is the full band at F = 16: no product with P there
-            runs += [(f"{name} fma", calls[name], False) for name in ("fixed", "adaptive")]
+            runs += [(f"{name} tc", calls[name], True) for name in ("fixed", "adaptive")]
         softmax_kernel = None
         for name, fn, split in runs:
             with band_product_split(split):
@@ -64,8 +64,8 @@ def main():
                 parts = ", ".join(f"{key.split('(')[0][:24]} {value:.1f}" for key, value in kernels.items())
                 if name == "softmax":
                     host_text = f"{host_us_per_call(fn):6.1f}"
-                elif not split:
-                    host_text = "(as with tensor cores)"
+                elif split:
+                    host_text = "(as with fma)"
                 else:
                     host = host_costs(fn)
                     host_text = " / ".join(f"{host[column]:6.1f}" for column in HOST_COLUMNS)

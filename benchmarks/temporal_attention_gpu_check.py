@@ -20,8 +20,9 @@ For each temporal attention layer shape of AnimateDiff at 512x512 (batch 2 for C
    `default_config`, `default_energy_config` and `ENERGY_PROGRAMS` from one GPU run;
 4. checks the band product's fp32 accuracy on this GPU (a small layer against float64), then at
    up_blocks.2's size with F = 24 and 32 (tau 7: a circulant band), checks and times fixed and
-   adaptive beta with the band product as three tf32 products on tensor cores (the default,
-   `bytheway_kernels.ops.triton_rules.band_product`) and as one exact fp32 dot on the FMA units.
+   adaptive beta with the band product as three tf32 products on tensor cores
+   (`bytheway_kernels.ops.triton_rules.band_product`) and as one exact fp32 dot on the FMA units
+   (the default).
 Exits non-zero if a check fails. A tuning tool: the benchmark suite proper is benchmarks/test_*.py.
 """
 
@@ -284,7 +285,7 @@ def main() -> int:
         fastest = min(row["energy programs"], key=row["energy programs"].get)
         print(f"{row['shape']:12} {timings}  -> fastest {fastest} (* = default)")
     print(f"\nband product at {SHAPES[1][0]}'s size, tau {preset.tau}: kernel time, us "
-          "(tensor cores: the default three tf32 products; fma: one exact fp32 dot)")
+          "(tensor cores: three tf32 products; fma: one exact fp32 dot, the default)")
     band_columns = [f"{label} {product}" for label in ("fixed", "adaptive")
                     for product in ("tensor cores", "fma")]
     print(f"{'F':>4}" + "".join(f"{column:>23}" for column in band_columns) + f"{'fixed tc/fma':>14}")

@@ -10,7 +10,6 @@ import torch
 import bytheway_kernels as btw
 import harness
 from bytheway_kernels.ops.dispatch import BACKEND_ENV
-from bytheway_kernels.ops.launch import DIRECT_LAUNCH_ENV
 from official_fft import official_fft_probs
 
 
@@ -38,9 +37,9 @@ def expected(map_inputs):
     return lookup
 
 
-#: Backends timed, with "triton-direct": the Triton backend with the opt-in direct launcher
-#: (BYTHEWAY_DIRECT_LAUNCH=1, bytheway_kernels/ops/launch.py), which changes only the host cost.
-BACKENDS = ["triton", "triton-direct", "cpp", "reference"]
+#: Backends timed. The Triton backend launches through the direct launcher (its default,
+#: bytheway_kernels/ops/launch.py); benchmarks/host_cost.py compares it with Triton's own path.
+BACKENDS = ["triton", "cpp", "reference"]
 
 
 def backend_skip_reason(backend: str):
@@ -71,9 +70,7 @@ def test_bytheway_op(bench, monkeypatch, shape, dtype, map_inputs, expected, bac
     reason = backend_skip_reason(backend)
     if reason:
         pytest.skip(reason)
-    monkeypatch.setenv(BACKEND_ENV, backend.removesuffix("-direct"))
-    if backend == "triton-direct":
-        monkeypatch.setenv(DIRECT_LAUNCH_ENV, "1")
+    monkeypatch.setenv(BACKEND_ENV, backend)
     adaptive, with_guide = harness.VARIANTS[variant]
     scores, guide = map_inputs
     guide = guide if with_guide else None
@@ -101,11 +98,8 @@ TINY_SCORES = (2, 1, 1, 1, 16, 16)
 
 
 @pytest.mark.parametrize("case", ["softmax", "fixed-noguide", "adaptive-noguide",
-                                  "direct fixed-noguide", "direct adaptive-noguide",
                                   "fft fixed-noguide", "fft adaptive-noguide"])
-def test_tiny_call(bench, monkeypatch, dtype, case):
-    if case.startswith("direct ") and harness.DEVICE.type != "cuda":
-        pytest.skip("the direct launcher launches compiled Triton kernels: CUDA only")
+def test_tiny_call(bench, dtype, case):
     gen = torch.Generator().manual_seed(3)
     scores = (torch.randn(TINY_SCORES, generator=gen) * 3.0).to(harness.DEVICE, dtype)
     group = f"tiny-call map {'x'.join(map(str, TINY_SCORES))} {str(dtype).removeprefix('torch.')}"
@@ -113,7 +107,7 @@ def test_tiny_call(bench, monkeypatch, dtype, case):
         probs = bench(lambda: torch.softmax(scores, dim=-1), group=group, impl="torch.softmax", floor=True)
         harness.assert_close_to(probs, torch.softmax(scores.double(), dim=-1), dtype)
         return
-    variant = case.removeprefix("fft ").removeprefix("direct ")
+    variant = case.removeprefix("fft ")
     adaptive, _ = harness.VARIANTS[variant]
     kwargs = harness.op_kwargs(adaptive)
     if case.startswith("fft "):
@@ -121,9 +115,6 @@ def test_tiny_call(bench, monkeypatch, dtype, case):
                       variant=variant)
     else:
         backend = btw.select_backend(harness.DEVICE)  # on CPU this builds the C++ kernel, before timing
-        if case.startswith("direct "):
-            monkeypatch.setenv(DIRECT_LAUNCH_ENV, "1")
-            backend += " direct"
         probs = bench(lambda: btw.bytheway_attention_probs(scores, None, **kwargs), group=group, impl=backend,
                       variant=variant)
     harness.assert_close_to(probs, harness.reference_probs(scores, None, adaptive), dtype)

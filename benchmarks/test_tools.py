@@ -69,23 +69,6 @@ def test_gpu_map_targets_use_kernel_host_profiler_and_wall_times():
                                                                                     ">= 10.0×", "**no**"]
 
 
-def test_direct_launch_rows_get_their_own_host_and_fft_targets():
-    rows = map_rows() + [
-        case(MAP, "triton direct", 110e-6, "fixed-guide", kernel_s=25e-6, host_s=8e-6),
-        case(MAP, "triton direct", 150e-6, "adaptive-guide", kernel_s=60e-6, host_s=30e-6),
-    ]
-    table = make_results.target_rows(make_results.groups_of(rows), True, 4e12)
-    direct = {(row[0], row[2]): row[3:6] for row in table if row[2].startswith("triton direct")}
-    assert direct == {
-        ("map op, fixed beta: host per call", "triton direct, host"): ["8.0 µs", "<= 25.0 µs", "yes"],
-        ("map op, adaptive beta: host per call", "triton direct, host"): ["30.0 µs", "<= 40.0 µs", "yes"],
-        # wall time, worst variant: 1.0 ms / 150 µs
-        ("official fft baseline ÷ map op, wall (speed-up)", "triton direct, wall"): ["6.67×", ">= 10.0×", "**no**"],
-    }
-    kernel_rows = [row for row in table if row[0] == "map op, fixed beta, × softmax"]
-    assert [row[2] for row in kernel_rows] == ["triton, kernel"]  # kernel time: one row, the default's
-
-
 def test_cpu_map_targets_use_wall_time_and_issue_5_limits():
     rows = [case(MAP.replace("float16", "float32"), impl, wall, variant, floor=impl == "torch.softmax")
             for impl, wall, variant in (("torch.softmax", 1e-3, ""), ("cpp", 1.1e-3, "fixed-guide"),

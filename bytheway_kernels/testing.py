@@ -62,7 +62,7 @@ def poisoned_like(tensor: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def band_product_split(split: bool) -> Iterator[None]:
     """Inside the block, both ops' Triton kernels run a circulant band step split on tensor cores
-    (True, the default: `ops.triton_rules.band_product`) or as one exact fp32 dot (False), for
+    (True: `ops.triton_rules.band_product`) or as one exact fp32 dot (False, the default), for
     testing both and timing them side by side. Needs Triton.
 
     Examples:

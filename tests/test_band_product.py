@@ -113,18 +113,18 @@ def test_plans_split_only_a_circulant_band(frames, tau):
     scores = torch.zeros((2, 1, 1, 1, frames, frames))
     probs = torch.empty_like(scores)
     params = Case(frames=frames, tau=tau).params()
-    launch = map_kernels.kernel_launches(scores, None, params, probs)[0]
     circulant = not (frames % 2 == 0 and tau == (frames - 2) // 2)
-    assert launch.args["SPLIT_BAND"] is circulant
-    padded = launch.args["F_PAD"]
-    if circulant:
-        assert launch.args["band_ptr"].shape == (2, padded, padded)
-    with band_product_split(False):
+    with band_product_split(True):
         launch = map_kernels.kernel_launches(scores, None, params, probs)[0]
-        assert launch.args["SPLIT_BAND"] is False
+        assert launch.args["SPLIT_BAND"] is circulant
+        padded = launch.args["F_PAD"]
         if circulant:
-            assert launch.args["band_ptr"].shape == (padded, padded)
-    assert triton_rules.SPLIT_BAND  # restored
+            assert launch.args["band_ptr"].shape == (2, padded, padded)
+    launch = map_kernels.kernel_launches(scores, None, params, probs)[0]  # the default: fma
+    assert launch.args["SPLIT_BAND"] is False
+    if circulant:
+        assert launch.args["band_ptr"].shape == (padded, padded)
+    assert triton_rules.SPLIT_BAND is False  # restored
 
 
 MAP_OP_CASES = [
@@ -180,7 +180,7 @@ def test_info_names_the_band_product(capsys):
     from bytheway_kernels.check import print_info
 
     print_info()  # the interpreter makes the Triton backend available
-    assert "Triton band product: three tf32 products on tensor cores" in capsys.readouterr().out
-    with band_product_split(False):
-        print_info()
     assert "Triton band product: one fp32 dot (FMA units)" in capsys.readouterr().out
+    with band_product_split(True):
+        print_info()
+    assert "Triton band product: three tf32 products on tensor cores" in capsys.readouterr().out

@@ -141,7 +141,9 @@ def test_direct_launch_needs_the_switch_compiled_kernels_and_a_known_triton(dire
     assert not direct_launch_enabled()
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.delenv(DIRECT_LAUNCH_ENV)
-    assert not direct_launch_enabled()  # off by default
+    assert direct_launch_enabled()  # on by default
+    monkeypatch.setenv(DIRECT_LAUNCH_ENV, "0")
+    assert not direct_launch_enabled()
 
 
 def _op_launches():

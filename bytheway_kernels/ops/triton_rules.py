@@ -11,19 +11,21 @@ import triton
 import triton.language as tl
 
 BAND_PRODUCT_ENV = "BYTHEWAY_BAND_PRODUCT"
-BAND_PRODUCTS = ("tensor-cores", "fma")
+BAND_PRODUCTS = ("fma", "tensor-cores")  # the default first
 
 
 def _split_band_setting() -> bool:
     value = os.environ.get(BAND_PRODUCT_ENV, BAND_PRODUCTS[0])
     if value not in BAND_PRODUCTS:
         raise ValueError(f"{BAND_PRODUCT_ENV}={value!r}: expected one of {', '.join(BAND_PRODUCTS)}")
-    return value == BAND_PRODUCTS[0]
+    return value == "tensor-cores"
 
 
 #: Whether a circulant band step runs as `band_product`'s three tf32 products on tensor cores
-#: (the default) rather than one exact fp32 dot on the FMA units (BYTHEWAY_BAND_PRODUCT=fma, read
-#: at import: for timing the two side by side). The full band never multiplies by P. Both ops
+#: (BYTHEWAY_BAND_PRODUCT=tensor-cores, read at import) rather than one exact fp32 dot on the FMA
+#: units (the default). On an H200 (Triton 3.6, fp16, F = 24 and 32 at up_blocks.2's size;
+#: benchmarks/RESULTS.md) the split was 1.15-1.24x slower in both ops: its in-kernel rounding and
+#: three dots cost more than the FMA dot they replace. The full band never multiplies by P. Both ops
 #: read it here when they look up a call's launch plan (it is part of the plan's key), so
 #: `bytheway_kernels.testing.band_product_split` switches it for both by setting it here.
 SPLIT_BAND = _split_band_setting()

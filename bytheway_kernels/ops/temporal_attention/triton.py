@@ -82,31 +82,40 @@ def padded_frames(frames: int) -> int:
 
 
 def default_config(frames: int, head_dim: int, element_size: int = 2) -> TileConfig:
-    """The attention pass's tiles: G * F_PAD = 64 sequence rows (G = 4 at F = 16; [G, 16, F_PAD]
-    fp32 tiles of 1024 elements) on 4 warps, or 8 from F_PAD = 32 where the F_PAD x F_PAD band
-    matrix and the bilinear guide need them to stay out of local memory; d in chunks of
+    """The attention pass's tiles. F_PAD = 16: G = 4 sequences ([G, 16, 16] fp32 tiles of 1024
+    elements) on 4 warps. F_PAD = 32: one sequence on 2 warps. F_PAD = 64: one sequence on 8
+    warps, where the 64 x 64 band matrix needs them to stay out of local memory. d in chunks of
     BLOCK_D = 64 if 64 divides d, else 32 (d = 40, 80 and 160 run in chunks of 32; the last chunk
     of d = 40 and 80 is masked). Measured on an H200 (benchmarks/RESULTS.md; fp16, fixed beta,
-    the AnimateDiff shapes):
-    BLOCK_D = 32 beat 16 by 9-11% at d = 40, 80 and 160; twice the sequences on twice the warps
-    was no faster; half the sequences on 2 warps was within 5% (timed with BLOCK_D = 16 only, so
-    the GPU check times it again). float32 inputs (`element_size` 4) take chunks of 16: their
-    exact dots run on the FMA units, and chunks of 32 spill on sm_90 under triton 3.9. Chunking d
-    keeps d = 160 free of spills where padding it to 256 would not be (register use:
-    tests/test_temporal_attention_sm90.py)."""
+    per-kernel device time): at F = 16, BLOCK_D = 32 beat 16 by 9-11% at d = 40, 80 and 160,
+    and twice the sequences on twice the warps or half on 2 warps were within 5%; at F = 24 and
+    32 (d = 80) one sequence on 2 warps took 185 and 194 us where the former default (2
+    sequences, 8 warps) took 340 and 351 (2 on 4 warps: 194 and 203; F = 64 is untimed).
+    float32 inputs (`element_size` 4) take chunks of 16: their exact dots run on the FMA units,
+    and chunks of 32 spill on sm_90 under triton 3.9. Chunking d keeps d = 160 free of spills
+    where padding it to 256 would not be (register use: tests/test_temporal_attention_sm90.py)."""
     padded = padded_frames(frames)
     block_d = 16 if element_size > 2 else 64 if head_dim % 64 == 0 else 32
-    return TileConfig(max(1, 64 // padded), block_d, 4 if padded == 16 else 8)
+    if padded == 16:
+        return TileConfig(4, block_d, 4)
+    return TileConfig(1, block_d, 2 if padded == 32 else 8)
 
 
 def default_energy_config(frames: int, head_dim: int, element_size: int = 2) -> TileConfig:
-    """The energy pass's tiles: the attention pass's (float32 inputs take d chunks of 16 here too:
-    chunks of 32 left a stack frame on sm_90 under Triton 3.9). It holds no v or out
-    tile, but with the bilinear guide twice the sequences on the same warps spill on sm_90 (255
-    registers), so its savings are elsewhere: each program sums many tiles (`ENERGY_PROGRAMS`)
-    and only the sums beta needs unless stats are asked for. The alternatives of
-    `energy_candidate_configs` are timed by benchmarks/temporal_attention_gpu_check.py."""
-    return default_config(frames, head_dim, element_size)
+    """The energy pass's tiles: the attention pass's, with twice the sequences on twice the warps
+    at F_PAD = 16 for 2-byte inputs (float32 inputs take d chunks of 16 here too: chunks of 32 left
+    a stack frame on sm_90 under Triton 3.9). With the bilinear guide twice the sequences on the
+    same warps spill on sm_90 (255 registers). Measured on an H200 (benchmarks/RESULTS.md; fp16,
+    adaptive beta, per-kernel device time of the energy pass, ENERGY_PROGRAMS 1024): 8 sequences
+    on 8 warps took 13.0 / 26.8 / 42.5 us at up_blocks.1 / 2 / 3 against 12.8 / 31.3 / 52.7 us
+    for the attention pass's 4 on 4; a register cap of 96, 2 sequences on 2 warps and software
+    pipelining were slower. At F_PAD = 32 the pass takes the attention pass's new tiles, untimed
+    there. `energy_candidate_configs` lists the alternatives benchmarks/fused_kernel_times.py and
+    benchmarks/temporal_attention_gpu_check.py time."""
+    tile = default_config(frames, head_dim, element_size)
+    if padded_frames(frames) == 16 and element_size <= 2:
+        return tile._replace(sequences=2 * tile.sequences, num_warps=2 * tile.num_warps)
+    return tile
 
 
 def candidate_configs(frames: int, head_dim: int) -> list:
@@ -123,24 +132,23 @@ def candidate_configs(frames: int, head_dim: int) -> list:
     return candidates
 
 
-#: The energy pass's register cap to time against ptxas's own choice: left alone, ptxas keeps the
-#: looping pass at 64 registers (8 programs of 4 warps per SM) and reloads a value or two from
-#: local memory in every iteration at up_blocks.3's size (d = 40 with the nearest guide: one LDL;
-#: sm_90 SASS, Triton 3.9); with `maxnreg` 96 it takes 80 registers and reloads nothing, at 6
-#: programs per SM. Which is faster needs a GPU (benchmarks/temporal_attention_gpu_check.py).
+#: The energy pass's register cap to time against ptxas's own choice: with 4 sequences on 4 warps
+#: ptxas kept the looping pass at 64 registers and reloaded a value from local memory in every
+#: iteration at up_blocks.3's size (sm_90 SASS, Triton 3.9); `maxnreg` 96 gave 80 registers and
+#: no reload, and on an H200 an energy pass 3-8% faster than without the cap, but slower than
+#: the present default (8 sequences on 8 warps) without one; the cap on that default is untimed.
 ENERGY_REGISTER_CANDIDATE = 96
 
 
 def energy_candidate_configs(frames: int, head_dim: int) -> list:
-    """The energy pass's default and alternatives (timed with adaptive beta by the GPU check):
-    twice the sequences on twice the warps, up to `ENERGY_REGISTER_CANDIDATE` registers, and
-    half the sequences on 2 warps where G > 1."""
+    """The energy pass's default and alternatives (timed with adaptive beta by the GPU scripts):
+    the attention pass's tiles (where they differ; else twice the sequences on twice the warps)
+    and the default with at most `ENERGY_REGISTER_CANDIDATE` registers."""
     default = default_energy_config(frames, head_dim)
-    doubled = default._replace(sequences=2 * default.sequences, num_warps=2 * default.num_warps)
-    candidates = [default, doubled, default._replace(max_registers=ENERGY_REGISTER_CANDIDATE)]
-    if default.sequences > 1:
-        candidates.append(default._replace(sequences=default.sequences // 2, num_warps=2))
-    return candidates
+    attention = default_config(frames, head_dim)
+    other = attention if attention != default else default._replace(
+        sequences=2 * default.sequences, num_warps=2 * default.num_warps)
+    return [default, other, default._replace(max_registers=ENERGY_REGISTER_CANDIDATE)]
 
 
 @triton.jit

@@ -1,0 +1,185 @@
+"""Device time per kernel of the fused temporal attention and of SDPA, free of launch gaps (CUDA).
+
+    PYTHONPATH=$PWD python3 benchmarks/fused_kernel_times.py
+
+`do_bench` and the benchmark suite time a call between two CUDA events, so a call whose host
+work outlasts the GPU work before it (the adaptive path's three launches: ~100-150 us of host time
+per call on an H200 machine, against 60-200 us of kernels) also counts the gaps in which the GPU
+waits for the host. Here torch.profiler sums each kernel's own device time instead, mean of
+`CALLS` calls, with L2 flushed before each call (an int8 fill of 256 MB, left out of the sums).
+For the AnimateDiff shapes (fp16, CFG batch 2, 8 heads, 16x16 guide, preset animatediff) and
+F = 24 and 32 at up_blocks.2's size it prints the fused kernel plain, with fixed beta, with
+adaptive beta (energy pass + beta kernel + attention pass, each shown) and as the anchor with its
+map; SDPA's flash, mem-efficient and cuDNN backends; at F = 16 the energy pass's tile
+configurations, software pipelining and program caps (`ENERGY_PROGRAMS`); at F = 24/32 both band
+products and the attention pass's tile configurations. Ratios use these times. The tile defaults
+of bytheway_kernels/ops/temporal_attention/triton.py come from its output (benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F_nn
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
+
+from bytheway_kernels import PRESETS
+from bytheway_kernels.ops.params import ByTheWayParams
+from bytheway_kernels.ops.temporal_attention import triton as attention_kernels
+from bytheway_kernels.ops.temporal_attention.triton import (TileConfig, default_config,
+                                                            energy_candidate_configs,
+                                                            temporal_attention_triton_out)
+from bytheway_kernels.testing import band_product_split
+
+CALLS = 20
+DEVICE = "cuda"
+BATCH, HEADS, GUIDE_SIZE = 2, 8, (16, 16)
+# (name, height, width, head dim, frames)
+SHAPES = [("up_blocks.1", 16, 16, 160, 16), ("up_blocks.2", 32, 32, 80, 16),
+          ("up_blocks.3", 64, 64, 40, 16), ("up_blocks.2 F24", 32, 32, 80, 24),
+          ("up_blocks.2 F32", 32, 32, 80, 32)]
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "cudnn": SDPBackend.CUDNN_ATTENTION}
+ENERGY_PROGRAM_CAPS = (512, 1024, 2048, 4096)
+# Attention-pass tiles tried at F = 24 and 32 (F_PAD 32), beside the default (G 2, 8 warps)
+WIDE_FRAME_CONFIGS = [TileConfig(4, 32, 8), TileConfig(2, 32, 4), TileConfig(1, 32, 4),
+                      TileConfig(1, 32, 2), TileConfig(2, 64, 8), TileConfig(1, 64, 4)]
+FLUSH_BYTES = 256 << 20
+
+
+def device_times(fn, flush: torch.Tensor) -> dict:
+    """{kernel name: mean device microseconds per call of `fn`}, L2 flushed before each call."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(CALLS):
+            flush.fill_(1)
+            fn()
+        torch.cuda.synchronize()
+    times = defaultdict(float)
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA and "signed char" not in event.key:
+            times[event.key.split("(")[0][:40]] += event.self_device_time_total / CALLS
+    return dict(times)
+
+
+def total(times: dict) -> float:
+    return sum(times.values())
+
+
+def describe(times: dict) -> str:
+    return f"{total(times):8.1f}  [" + ", ".join(f"{key} {value:.1f}" for key, value in times.items()) + "]"
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU")
+        return 2
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    preset = PRESETS["animatediff"]
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=DEVICE)
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
+    print(f"device us per call (profiler, mean of {CALLS}, L2 flushed); preset animatediff "
+          f"(alpha {preset.alpha}, beta {preset.beta}, tau {preset.tau}), guide {GUIDE_SIZE} nearest, "
+          f"B={BATCH} (CFG), heads={HEADS}, fp16")
+    summary = []
+    for name, height, width, head_dim, frames in SHAPES:
+        sequences, channels = BATCH * height * width, HEADS * head_dim
+        qkv = torch.randn((sequences, frames, 3 * channels), device=DEVICE, dtype=torch.float16)
+        q, k, v = qkv.split(channels, dim=-1)
+        guide = torch.softmax(2.0 * torch.randn((BATCH, *GUIDE_SIZE, HEADS, frames, frames),
+                                                device=DEVICE), dim=-1).half()
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        plain_map = torch.empty((BATCH, height, width, HEADS, frames, frames), device=DEVICE,
+                                dtype=torch.float16)
+        scale = head_dim ** -0.5
+        fixed = ByTheWayParams(preset.alpha, preset.beta, preset.tau, False, 2, 1, "batch",
+                               "nearest", None)
+        adaptive = fixed._replace(adaptive_beta=True)
+        plain = ByTheWayParams(0.0, 1.0, 0, False, 2, 1, "batch", "nearest", None)
+
+        def fused(layer_guide, params, with_map=False, energy_config=None):
+            return lambda: temporal_attention_triton_out(
+                q, k, v, layer_guide, HEADS, height, width, scale, params, out,
+                plain_map if with_map else None, None, energy_config=energy_config)
+
+        def heads_view(values):  # (N, F, heads*d) -> (N, heads, F, d), a view
+            return values.unflatten(-1, (HEADS, -1)).transpose(1, 2)
+
+        floor = 4 * q.numel() * q.element_size() / 4.25e12 * 1e6
+        print(f"\n{name}: {height}x{width}, d {head_dim}, F {frames}; memory floor {floor:.1f} us "
+              "(q, k, v read + out written at 4.25 TB/s)")
+        rows = {"fused plain": fused(None, plain), "fused fixed": fused(guide, fixed),
+                "fused adaptive": fused(guide, adaptive),
+                "fused anchor+map": fused(None, fixed, with_map=True)}
+        times = {}
+        for label, fn in rows.items():
+            times[label] = device_times(fn, flush)
+            print(f"  {label:34} {describe(times[label])}")
+        if frames != 16:  # tau 7 is the full band at F = 16: no product with P there
+            with band_product_split(True):
+                for label in ("fused fixed", "fused adaptive"):
+                    tc = device_times(rows[label], flush)
+                    print(f"  {label + ' (tensor-core band)':34} {describe(tc)}")
+            for config in WIDE_FRAME_CONFIGS:
+                for label, params in (("plain", plain), ("fixed", fixed)):
+                    sweep = device_times(lambda: temporal_attention_triton_out(
+                        q, k, v, guide if label == "fixed" else None, HEADS, height, width, scale,
+                        params, out, config=config), flush)
+                    print(f"  {label + ', tiles ' + str(tuple(config)):34} {describe(sweep)}")
+        for backend, kind in SDPA_BACKENDS.items():
+            try:
+                with sdpa_kernel(kind):
+                    sdpa = lambda: F_nn.scaled_dot_product_attention(heads_view(q), heads_view(k),
+                                                                       heads_view(v))
+                    times[f"sdpa {backend}"] = device_times(sdpa, flush)
+                print(f"  {'sdpa ' + backend:34} {describe(times['sdpa ' + backend])}")
+            except RuntimeError as error:
+                print(f"  sdpa {backend}: unavailable: {str(error).splitlines()[0][:100]}")
+        if frames == 16:
+            for config in energy_candidate_configs(frames, head_dim)[1:]:
+                sweep = device_times(fused(guide, adaptive, energy_config=config), flush)
+                print(f"  {'adaptive, energy tiles ' + str(tuple(config)):34} {describe(sweep)}")
+            default_stages = attention_kernels.ENERGY_NUM_STAGES
+            try:  # software pipelining of the energy pass's loads (fp16: registers permitting)
+                attention_kernels.ENERGY_NUM_STAGES = 2
+                attention_kernels._launch_plan.cache_clear()
+                sweep = device_times(rows["fused adaptive"], flush)
+                print(f"  {'adaptive, energy num_stages 2':34} {describe(sweep)}")
+            finally:
+                attention_kernels.ENERGY_NUM_STAGES = default_stages
+                attention_kernels._launch_plan.cache_clear()
+            default_cap = attention_kernels.ENERGY_PROGRAMS
+            try:
+                for cap in ENERGY_PROGRAM_CAPS:
+                    attention_kernels.ENERGY_PROGRAMS = cap
+                    attention_kernels._launch_plan.cache_clear()  # the plan holds the grid
+                    for config in (None, default_config(frames, head_dim)):  # its own, the attention pass's
+                        sweep = device_times(fused(guide, adaptive, energy_config=config), flush)
+                        label = f"adaptive, ENERGY_PROGRAMS {cap}" + (f" {tuple(config)}" if config else "")
+                        print(f"  {label:34} {describe(sweep)}")
+            finally:
+                attention_kernels.ENERGY_PROGRAMS = default_cap
+                attention_kernels._launch_plan.cache_clear()
+        best_sdpa = min((total(times[key]) for key in times if key.startswith("sdpa")),
+                        default=float("nan"))
+        fixed_us = total(times["fused fixed"])
+        summary.append((name, floor, fixed_us, total(times["fused adaptive"]), best_sdpa))
+    print(f"\n{'shape':16}{'floor':>8}{'fixed':>9}{'adaptive':>10}{'best SDPA':>11}"
+          f"{'fixed/SDPA':>12}{'adapt/fixed':>13}{'floor/fixed':>13}")
+    for name, floor, fixed_us, adaptive_us, best_sdpa in summary:
+        print(f"{name:16}{floor:8.1f}{fixed_us:9.1f}{adaptive_us:10.1f}{best_sdpa:11.1f}"
+              f"{fixed_us / best_sdpa:12.3f}{adaptive_us / fixed_us:13.2f}{floor / fixed_us:13.2f}")
+    print(f"({time.perf_counter() - started:.0f} s)")
+    return 0 if all(math.isfinite(row[2]) for row in summary) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

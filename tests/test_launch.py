@@ -1,4 +1,4 @@
-"""The launch description (`KernelLaunch`) and the direct launcher (on by default) (bytheway_kernels/ops/launch.py).
+"""The launch description (`KernelLaunch`) and the direct launcher, on by default (bytheway_kernels/ops/launch.py).
 
 The direct launcher's call into a compiled kernel needs a GPU, so here it meets a stand-in kernel
 that records what it is called with: the tests check that it calls the kernel Triton compiled

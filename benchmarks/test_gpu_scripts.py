@@ -1,0 +1,76 @@
+"""The GPU-only scripts of a device session run end to end on CPU, so that a lent GPU's few minutes
+are not lost to a script error: benchmarks/fused_kernel_times.py and
+benchmarks/temporal_attention_gpu_check.py, on tiny layers, with their kernels under the Triton
+interpreter and their timers replaced by one call of what they time (no numbers are checked;
+the correctness checks inside temporal_attention_gpu_check.py run for real)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parent
+
+# Run as `python -c` with TRITON_INTERPRET=1 (set before Triton is imported): pretend CUDA exists,
+# put the scripts' tensors on the CPU, shrink their layers, time nothing.
+DRIVER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {benchmarks!r})
+    import torch
+    torch.cuda.is_available = lambda: True
+    torch.cuda.get_device_name = lambda *args: "CPU dry run"
+    import {module} as script
+    {setup}
+    sys.exit(script.main())
+""")
+
+
+def run_dry(module: str, setup: str) -> str:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    code = DRIVER.format(benchmarks=str(BENCHMARKS), module=module,
+                         setup=textwrap.dedent(setup).strip())
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            timeout=600, cwd=BENCHMARKS.parent)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_fused_kernel_times_runs():
+    pytest.importorskip("triton")
+    out = run_dry("fused_kernel_times", """
+        script.DEVICE = "cpu"
+        script.FLUSH_BYTES = 16
+        script.GUIDE_SIZE = (2, 2)
+        script.SHAPES = [("up_blocks.1", 2, 2, 16, 16), ("up_blocks.2 F24", 2, 2, 16, 24)]
+        script.ENERGY_PROGRAM_CAPS = (1,)
+        script.WIDE_FRAME_CONFIGS = script.WIDE_FRAME_CONFIGS[:1]
+        def one_call(fn, flush):
+            fn()
+            return {"kernel": 1.0}
+        script.device_times = one_call
+    """)
+    assert "fused adaptive" in out and "ENERGY_PROGRAMS 1" in out and "tiles (4, 32, 8" in out
+    assert out.splitlines()[-2].startswith("up_blocks.2 F24")  # the summary's last row
+
+
+def test_temporal_attention_gpu_check_runs():
+    pytest.importorskip("triton")
+    out = run_dry("temporal_attention_gpu_check", """
+        script.DEVICE = "cpu"
+        script.HEADS = 2
+        script.GUIDE_SIZE = (2, 2)
+        script.SHAPES = [("up_blocks.1", 2, 2, 16)] * 2  # the band product times at SHAPES[1]'s size
+        script.BAND_FRAMES = (24,)
+        script.ENERGY_PROGRAM_CAPS = (1,)
+        def one_call(fn):
+            fn()
+            return 1.0
+        script.bench_us = one_call
+        script.host_costs = lambda fn, calls: {column: 1.0 for column in script.HOST_COLUMNS}
+    """)
+    assert "all checks passed" in out

@@ -8,10 +8,11 @@ per call on an H200 machine, against 60-200 us of kernels) also counts the gaps 
 waits for the host. Here torch.profiler sums each kernel's own device time instead, mean of
 `CALLS` calls, with L2 flushed before each call (an int8 fill of 256 MB, left out of the sums).
 For the AnimateDiff shapes (fp16, CFG batch 2, 8 heads, 16x16 guide, preset animatediff) and
-F = 24 and 32 at up_blocks.2's size it prints the fused kernel plain, with fixed beta, with
+F = 24, 32 and 64 at up_blocks.2's size it prints the fused kernel plain, with fixed beta, with
 adaptive beta (energy pass + beta kernel + attention pass, each shown) and as the anchor with its
-map; SDPA's flash, mem-efficient and cuDNN backends; at F = 16 the energy pass's tile
-configurations, software pipelining and program caps (`ENERGY_PROGRAMS`); at F = 24/32 both band
+map; SDPA's flash, mem-efficient and cuDNN backends; at F = 16 the attention pass's
+alternative tiles (`candidate_configs`) and the energy pass's tile
+configurations, software pipelining and program caps (`ENERGY_PROGRAMS`); at F > 16 both band
 products and the attention pass's tile configurations. Ratios use these times. The tile defaults
 of bytheway_kernels/ops/temporal_attention/triton.py come from its output (benchmarks/RESULTS.md).
 """
@@ -32,7 +33,8 @@ from torch.profiler import ProfilerActivity, profile
 from bytheway_kernels import PRESETS
 from bytheway_kernels.ops.params import ByTheWayParams
 from bytheway_kernels.ops.temporal_attention import triton as attention_kernels
-from bytheway_kernels.ops.temporal_attention.triton import (TileConfig, default_config,
+from bytheway_kernels.ops.temporal_attention.triton import (TileConfig, candidate_configs,
+                                                            default_config,
                                                             energy_candidate_configs,
                                                             temporal_attention_triton_out)
 from bytheway_kernels.testing import band_product_split
@@ -43,11 +45,12 @@ BATCH, HEADS, GUIDE_SIZE = 2, 8, (16, 16)
 # (name, height, width, head dim, frames)
 SHAPES = [("up_blocks.1", 16, 16, 160, 16), ("up_blocks.2", 32, 32, 80, 16),
           ("up_blocks.3", 64, 64, 40, 16), ("up_blocks.2 F24", 32, 32, 80, 24),
-          ("up_blocks.2 F32", 32, 32, 80, 32)]
+          ("up_blocks.2 F32", 32, 32, 80, 32), ("up_blocks.2 F64", 32, 32, 80, 64)]
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                  "cudnn": SDPBackend.CUDNN_ATTENTION}
 ENERGY_PROGRAM_CAPS = (512, 1024, 2048, 4096)
-# Attention-pass tiles tried at F = 24 and 32 (F_PAD 32), beside the default (G 2, 8 warps)
+# Attention-pass tiles tried beside the default where F > 16 (F_PAD 32: one sequence on 2 warps,
+# chosen from this sweep; F_PAD 64: one on 8 warps, untimed before this sweep)
 WIDE_FRAME_CONFIGS = [TileConfig(4, 32, 8), TileConfig(2, 32, 4), TileConfig(1, 32, 4),
                       TileConfig(1, 32, 2), TileConfig(2, 64, 8), TileConfig(1, 64, 4)]
 FLUSH_BYTES = 256 << 20
@@ -144,6 +147,10 @@ def main() -> int:
             except RuntimeError as error:
                 print(f"  sdpa {backend}: unavailable: {str(error).splitlines()[0][:100]}")
         if frames == 16:
+            for config in candidate_configs(frames, head_dim)[1:]:
+                sweep = device_times(lambda: temporal_attention_triton_out(
+                    q, k, v, guide, HEADS, height, width, scale, fixed, out, config=config), flush)
+                print(f"  {'fixed, tiles ' + str(tuple(config)):34} {describe(sweep)}")
             for config in energy_candidate_configs(frames, head_dim)[1:]:
                 sweep = device_times(fused(guide, adaptive, energy_config=config), flush)
                 print(f"  {'adaptive, energy tiles ' + str(tuple(config)):34} {describe(sweep)}")

@@ -12,18 +12,14 @@ For each temporal attention layer shape of AnimateDiff at 512x512 (batch 2 for C
    with the memory floor (q, k, v read + out written at 4.25 TB/s), and the host cost per call of
    the public function three ways (through Triton's launch path, the direct launcher, our Python
    alone: benchmarks/host_cost.py);
-3. times the fused fixed-beta kernel with each tile configuration of `candidate_configs`, and
-   adaptive beta with each energy-pass configuration of `energy_candidate_configs` (a register
-   cap among them) and with each cap on the energy programs per video of `ENERGY_PROGRAM_CAPS`
-   (fewer programs sum more tiles each; more leave more slots to the one-program beta kernel),
-   and prints the fastest, to choose
-   `default_config`, `default_energy_config` and `ENERGY_PROGRAMS` from one GPU run;
-4. checks the band product's fp32 accuracy on this GPU (a small layer against float64), then at
+3. checks the band product's fp32 accuracy on this GPU (a small layer against float64), then at
    up_blocks.2's size with F = 24 and 32 (tau 7: a circulant band), checks and times fixed and
    adaptive beta with the band product as three tf32 products on tensor cores
    (`bytheway_kernels.ops.triton_rules.band_product`) and as one exact fp32 dot on the FMA units
    (the default).
-Exits non-zero if a check fails. A tuning tool: the benchmark suite proper is benchmarks/test_*.py.
+Exits non-zero if a check fails. The tile and energy-pass sweeps that choose the kernels'
+defaults are benchmarks/fused_kernel_times.py's (device times without launch gaps); the benchmark
+suite proper is benchmarks/test_*.py.
 """
 
 from __future__ import annotations
@@ -41,12 +37,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from bytheway_kernels import PRESETS, temporal_attention
 from bytheway_kernels.ops.params import ByTheWayParams
 from bytheway_kernels.ops.temporal_attention.reference import temporal_attention_composed
-from bytheway_kernels.ops.temporal_attention import triton as attention_kernels
 from bytheway_kernels.testing import band_product_split
-from bytheway_kernels.ops.temporal_attention.triton import (candidate_configs, default_config,
-                                                            default_energy_config,
-                                                            energy_candidate_configs,
-                                                            temporal_attention_triton_out)
+from bytheway_kernels.ops.temporal_attention.triton import temporal_attention_triton_out
 from host_cost import HOST_COLUMNS, host_costs  # benchmarks/host_cost.py
 
 BANDWIDTH = 4.25e12  # bytes/s, measured copy bandwidth of an H200 (docs/DESIGN.md section 7)
@@ -56,7 +48,6 @@ BAND_FRAMES = (24, 32)  # at up_blocks.2's size: the band product with P, both w
 DEVICE = "cuda"
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                  "cudnn": SDPBackend.CUDNN_ATTENTION}
-ENERGY_PROGRAM_CAPS = (256, 1024, 4096, 16384)
 HOST_CALLS = 200  # calls of the public function timed on the host
 MAX_RELATIVE_ERROR = 4e-3  # fp16 output: 2 ulps of the largest |out| (both paths accumulate in fp32)
 FP32_MAX_RELATIVE_ERROR = 2e-5  # fp32 output against float64 (PROB_TOLERANCES' fp32 atol)
@@ -134,10 +125,10 @@ def time_shape(name, height, width, head_dim, preset) -> dict:
     plain_map = torch.empty((BATCH, height, width, HEADS, FRAMES, FRAMES), device=DEVICE,
                             dtype=torch.float16)
 
-    def fused(layer_guide, params, with_map=False, config=None, energy_config=None):
+    def fused(layer_guide, params, with_map=False):
         return lambda: temporal_attention_triton_out(
             q, k, v, layer_guide, HEADS, height, width, scale, params, out,
-            plain_map if with_map else None, None, config=config, energy_config=energy_config)
+            plain_map if with_map else None, None)
 
     row["fused plain"] = bench_us(fused(None, ByTheWayParams(0.0, 1.0, 0, False, 2, 1, "batch",
                                                               "nearest", None)))
@@ -157,23 +148,6 @@ def time_shape(name, height, width, head_dim, preset) -> dict:
     row["host"] = host_costs(lambda: temporal_attention(
         q, k, v, heads=HEADS, height=height, width=width, guide=guide, alpha=preset.alpha,
         beta=preset.beta, tau=preset.tau), HOST_CALLS)
-    tiles = {}
-    for config in candidate_configs(FRAMES, head_dim):
-        tiles[tuple(config)] = bench_us(fused(guide, fixed, config=config))
-    row["tiles"] = tiles
-    adaptive = fixed._replace(adaptive_beta=True)
-    row["energy tiles"] = {tuple(config): bench_us(fused(guide, adaptive, energy_config=config))
-                           for config in energy_candidate_configs(FRAMES, head_dim)}
-    row["energy programs"] = {}
-    default_cap = attention_kernels.ENERGY_PROGRAMS
-    try:
-        for cap in ENERGY_PROGRAM_CAPS:
-            attention_kernels.ENERGY_PROGRAMS = cap
-            attention_kernels._launch_plan.cache_clear()  # the plan holds the grid
-            row["energy programs"][cap] = bench_us(fused(guide, adaptive))
-    finally:
-        attention_kernels.ENERGY_PROGRAMS = default_cap
-        attention_kernels._launch_plan.cache_clear()
     return row
 
 
@@ -268,22 +242,6 @@ def main() -> int:
               + f"{row['fused fixed'] / best_sdpa:17.3f}{row['floor'] / row['fused fixed']:13.2f}"
               + f"{row['fused adaptive'] / row['fused fixed']:16.2f}"
               + "".join(f"{row['host'][column]:20.1f}" for column in HOST_COLUMNS))
-    for pass_name, title, key, default_of in (
-            ("tile", "fused fixed beta", "tiles", default_config),
-            ("energy-pass", "fused adaptive beta", "energy tiles", default_energy_config)):
-        print(f"\n{pass_name} configurations (G sequences, BLOCK_D, warps, register cap), {title}, us")
-        for row, (_, _, _, head_dim) in zip(rows, SHAPES):
-            default = tuple(default_of(FRAMES, head_dim))
-            timings = ", ".join(f"{config}{'*' if config == default else ''}: {value:.1f}"
-                                for config, value in row[key].items())
-            fastest = min(row[key], key=row[key].get)
-            print(f"{row['shape']:12} {timings}  -> fastest {fastest} (* = default)")
-    print("\nenergy programs per video at most (ENERGY_PROGRAMS), fused adaptive beta, us")
-    for row in rows:
-        timings = ", ".join(f"{cap}{'*' if cap == attention_kernels.ENERGY_PROGRAMS else ''}: {value:.1f}"
-                            for cap, value in row["energy programs"].items())
-        fastest = min(row["energy programs"], key=row["energy programs"].get)
-        print(f"{row['shape']:12} {timings}  -> fastest {fastest} (* = default)")
     print(f"\nband product at {SHAPES[1][0]}'s size, tau {preset.tau}: kernel time, us "
           "(tensor cores: three tf32 products; fma: one exact fp32 dot, the default)")
     band_columns = [f"{label} {product}" for label in ("fixed", "adaptive")

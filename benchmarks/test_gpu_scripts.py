@@ -54,7 +54,9 @@ def test_fused_kernel_times_runs():
             return {"kernel": 1.0}
         script.device_times = one_call
     """)
-    assert "fused adaptive" in out and "ENERGY_PROGRAMS 1" in out and "tiles (4, 32, 8" in out
+    assert "fused adaptive" in out and "ENERGY_PROGRAMS 1" in out
+    assert "fixed, tiles (8, 32, 8" in out  # F = 16: candidate_configs
+    assert "fixed, tiles (4, 32, 8" in out  # F = 24: WIDE_FRAME_CONFIGS
     assert out.splitlines()[-2].startswith("up_blocks.2 F24")  # the summary's last row
 
 
@@ -66,7 +68,6 @@ def test_temporal_attention_gpu_check_runs():
         script.GUIDE_SIZE = (2, 2)
         script.SHAPES = [("up_blocks.1", 2, 2, 16)] * 2  # the band product times at SHAPES[1]'s size
         script.BAND_FRAMES = (24,)
-        script.ENERGY_PROGRAM_CAPS = (1,)
         def one_call(fn):
             fn()
             return 1.0

@@ -110,8 +110,8 @@ def default_energy_config(frames: int, head_dim: int, element_size: int = 2) -> 
     on 8 warps took 13.0 / 26.8 / 42.5 us at up_blocks.1 / 2 / 3 against 12.8 / 31.3 / 52.7 us
     for the attention pass's 4 on 4; a register cap of 96, 2 sequences on 2 warps and software
     pipelining were slower. At F_PAD = 32 the pass takes the attention pass's new tiles, untimed
-    there. `energy_candidate_configs` lists the alternatives benchmarks/fused_kernel_times.py and
-    benchmarks/temporal_attention_gpu_check.py time."""
+    there. `energy_candidate_configs` lists the alternatives benchmarks/fused_kernel_times.py
+    times."""
     tile = default_config(frames, head_dim, element_size)
     if padded_frames(frames) == 16 and element_size <= 2:
         return tile._replace(sequences=2 * tile.sequences, num_warps=2 * tile.num_warps)
@@ -119,7 +119,7 @@ def default_energy_config(frames: int, head_dim: int, element_size: int = 2) -> 
 
 
 def candidate_configs(frames: int, head_dim: int) -> list:
-    """The default and the alternatives benchmarks/temporal_attention_gpu_check.py times: twice
+    """The default and the alternatives benchmarks/fused_kernel_times.py times at F = 16: twice
     the sequences on twice the warps, another d chunk, half the sequences on 2 warps. All compile
     without spills on sm_90 (tests/test_temporal_attention_sm90.py)."""
     default = default_config(frames, head_dim)
@@ -141,7 +141,8 @@ ENERGY_REGISTER_CANDIDATE = 96
 
 
 def energy_candidate_configs(frames: int, head_dim: int) -> list:
-    """The energy pass's default and alternatives (timed with adaptive beta by the GPU scripts):
+    """The energy pass's default and alternatives (timed with adaptive beta by
+    benchmarks/fused_kernel_times.py):
     the attention pass's tiles (where they differ; else twice the sequences on twice the warps)
     and the default with at most `ENERGY_REGISTER_CANDIDATE` registers."""
     default = default_energy_config(frames, head_dim)

@@ -1,17 +1,17 @@
 """A Triton kernel launch as data, shared by the ops' Triton backends and their compile tests, and
-the optional direct launcher that skips most of Triton's per-launch host work.
+the direct launcher that skips most of Triton's per-launch host work.
 
 `kernel[grid](**args)` costs tens of microseconds of host time per launch under Triton 3.6: the
 binder specialises every argument, the cache key is rebuilt and hashed, and the launch builds
 metadata for hooks that are empty. The ops' launches split their arguments into `constants`, one
 dict object per call signature cached by the op's launch plan, and this call's `values`. The
-direct launcher (the default; `BYTHEWAY_DIRECT_LAUNCH=0` turns it off) keeps the kernel Triton compiled for each
-(constants object, value signature) and calls its launcher itself with the arguments Triton would
-pass, in the same order. The value signature is what Triton specialises on or finer: each
-tensor's dtype and 16-byte alignment, each scalar's exact type and value. On an H200 (Triton 3.6,
-benchmarks/RESULTS.md) every CUDA test passed with it, and it cut the host time per call by
-16-36% (map op fixed beta 53 -> 42 us, adaptive 149 -> 97 us; fused attention adaptive
-156 -> 113 us).
+direct launcher (the default; `BYTHEWAY_DIRECT_LAUNCH=0` turns it off) keeps the kernel Triton
+compiled for each (constants object, value signature) and calls its launcher itself with the
+arguments Triton would pass, in the same order. The value signature is what Triton specialises
+on or finer: each tensor's dtype and 16-byte alignment, each scalar's exact type and value. On an
+H200 (Triton 3.6, benchmarks/RESULTS.md) every CUDA test passed with it, and it cut the host time
+per call by 16-36% (map op fixed beta 53 -> 42 us, adaptive 149 -> 97 us; fused attention
+adaptive 156 -> 113 us).
 """
 
 from __future__ import annotations

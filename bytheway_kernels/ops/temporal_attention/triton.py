@@ -3,11 +3,11 @@
 A sequence is one (n, head) pair: F query frames attending to the same F frames; sequence
 s = n * heads + head, so the G sequences of a program are consecutive heads of consecutive rows n
 and their q, k, v channels are neighbours in memory. Each program takes G sequences and runs them
-through batched 3-D `tl.dot`s ([G, 16, d] x [G, d, F_PAD] for 16 of its query frames), so a
-program's tiles hold 64 rows even though F is 16 (F_PAD: F rounded up to a power of two >= 16):
+through batched 3-D `tl.dot`s ([G, 16, d] x [G, d, F_PAD] for 16 of its query frames), so at
+F = 16 a program's tiles hold 64 rows (G = 4; F_PAD: F rounded up to a power of two >= 16):
 scores = q k^T (d in BLOCK_D chunks, fp32 accumulation) -> softmax -> blend with the anchor
 map, upsampled by index arithmetic (never materialised) -> band step (`guided - mean` for the
-full band, else the product with the circulant P, one 2-D dot for the G sequences on tensor cores:
+full band, else the product with the circulant P, one 2-D dot for the G sequences:
 `triton_rules.band_product`) -> divide by rowsum(guided) (the band term sums to 0,
 so this is the map op's renormalisation without its cancellation at large beta) -> out = A3 @ v,
 d in chunks again, stored in q's dtype. The F x F map never reaches memory, except the plain
@@ -58,7 +58,7 @@ ENERGY_PROGRAMS = 1024
 # on sm_90 (fp32 inputs, d = 80: 255 registers and a stack; 144 registers without).
 ENERGY_NUM_STAGES = 1
 # Query frames per program: every F_PAD >= 16 splits into 16-row blocks, so a program's tiles are
-# [G, 16, F_PAD] (G * F_PAD = 64 keeps them at 1024 fp32 elements for every F up to 64).
+# [G, 16, F_PAD] (`default_config` chooses G).
 QUERY_BLOCK = 16
 # Slots the beta kernel sums per step: each lane adds its slots in order, then one tree sum.
 REDUCE_BLOCK = 256
@@ -108,10 +108,10 @@ def default_energy_config(frames: int, head_dim: int, element_size: int = 2) -> 
     same warps spill on sm_90 (255 registers). Measured on an H200 (benchmarks/RESULTS.md; fp16,
     adaptive beta, per-kernel device time of the energy pass, ENERGY_PROGRAMS 1024): 8 sequences
     on 8 warps took 13.0 / 26.8 / 42.5 us at up_blocks.1 / 2 / 3 against 12.8 / 31.3 / 52.7 us
-    for the attention pass's 4 on 4; a register cap of 96, 2 sequences on 2 warps and software
-    pipelining were slower. At F_PAD = 32 the pass takes the attention pass's new tiles, untimed
-    there. `energy_candidate_configs` lists the alternatives benchmarks/fused_kernel_times.py
-    times."""
+    for the attention pass's 4 on 4; a register cap of 96 on those, 2 sequences on 2 warps and
+    software pipelining were slower at up_blocks.2 and 3 (within 0.8 us at up_blocks.1). At
+    F_PAD = 32 the pass takes the attention pass's new tiles, untimed there.
+    `energy_candidate_configs` lists the alternatives benchmarks/fused_kernel_times.py times."""
     tile = default_config(frames, head_dim, element_size)
     if padded_frames(frames) == 16 and element_size <= 2:
         return tile._replace(sequences=2 * tile.sequences, num_warps=2 * tile.num_warps)

@@ -69,7 +69,7 @@ cat "$logs/versions.log"
 # 130 s on an H200). The sm_90 compile tests need no GPU and run in CI instead. fp16 only: the
 # dtype AnimateDiff runs in and the issues' targets use.
 if [[ -f benchmarks/temporal_attention_gpu_check.py ]]; then
-  step ta_gpu_check 140 python3 benchmarks/temporal_attention_gpu_check.py
+  step ta_gpu_check 100 python3 benchmarks/temporal_attention_gpu_check.py
 fi
 if [[ -f benchmarks/fused_kernel_times.py ]]; then  # profiler: fused kernel device times, no launch gaps
   step fused_kernel_times 120 python3 benchmarks/fused_kernel_times.py

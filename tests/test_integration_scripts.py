@@ -60,6 +60,31 @@ def test_generate_script_tiny(tmp_path):
     assert not np.array_equal(stock, _png(tmp_path / "bytheway.png"))
 
 
+def test_generate_script_fast_temporal_attention(tmp_path, monkeypatch):
+    """--fast-temporal-attention puts every temporal self-attention layer of the tiny pipeline on
+    the fused path in both runs; this CPU has no fused kernel, so those layers run their original
+    processors and the files equal a run without the option, bit for bit."""
+    from bytheway_kernels.integration import runs
+
+    layers_enabled = []
+    enable = runs.enable_fast_temporal_attention
+
+    def recording_enable(pipe):
+        handle = enable(pipe)
+        layers_enabled.append(len(handle.layer_names))
+        return handle
+
+    monkeypatch.setattr(runs, "enable_fast_temporal_attention", recording_enable)
+    generate = _script("generate")
+    common = ["--tiny", "--steps", "2", "--no-gif"]
+    assert generate.main(common + ["--fast-temporal-attention", "--out", str(tmp_path / "fast")]) == 0
+    assert layers_enabled == [20, 20]  # both runs, every motion-module attention
+    assert generate.main(common + ["--out", str(tmp_path / "plain")]) == 0
+    assert layers_enabled == [20, 20]
+    for name in ("stock", "bytheway"):
+        assert np.array_equal(_png(tmp_path / "fast" / f"{name}.png"), _png(tmp_path / "plain" / f"{name}.png"))
+
+
 def test_analyze_script_tiny_with_eight_frames(tmp_path):
     """--frames below 16 works with a valid --tau; edit values of inactive steps are masked."""
     argv = ["--tiny", "--frames", "8", "--tau", "3", "--beta", "2", "--steps", "3", "--out", str(tmp_path)]

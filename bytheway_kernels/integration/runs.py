@@ -17,6 +17,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import os
@@ -27,6 +28,7 @@ import torch
 from ..band import max_tau
 from ..config import PRESETS, ByTheWayConfig
 from .controller import apply_bytheway
+from .fast import enable_fast_temporal_attention
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -109,25 +111,30 @@ def cfg_for(pipe, settings: GenerationSettings):
 
 
 def generate(pipe, settings: GenerationSettings, *, config: Optional[ByTheWayConfig] = None,
-             diagnostics: bool = False, observe_only: bool = False):
+             diagnostics: bool = False, observe_only: bool = False, fast_attention: bool = False):
     """Run the pipeline once; returns (frames, diagnostics rows or None).
 
     `config=None` runs stock (unless `observe_only`, which measures with the animatediff preset
-    but keeps the stock outputs); otherwise ByTheWay with that config.
+    but keeps the stock outputs); otherwise ByTheWay with that config. `fast_attention` runs the
+    temporal self-attention layers ByTheWay leaves alone through the fused kernel for this run
+    (`enable_fast_temporal_attention`: CUDA; stock processors elsewhere).
 
     Examples:
         >>> stock, _ = generate(pipe, settings)  # doctest: +SKIP
         >>> edited, rows = generate(pipe, settings, config=PRESETS["animatediff"], diagnostics=True)  # doctest: +SKIP
     """
     kwargs = settings.call_kwargs(pipe)
-    if config is None and not observe_only:
-        with torch.inference_mode():
-            return pipe(**kwargs).frames, None
-    with apply_bytheway(pipe, config or PRESETS["animatediff"], cfg=cfg_for(pipe, settings),
-                        diagnostics=diagnostics, observe_only=observe_only) as controller:
-        with torch.inference_mode():
-            frames = pipe(**kwargs).frames
-        rows: Optional[List[dict]] = controller.diagnostics() if (diagnostics or observe_only) else None
+    fast = enable_fast_temporal_attention(pipe) if fast_attention else contextlib.nullcontext()
+    with fast:
+        if config is None and not observe_only:
+            with torch.inference_mode():
+                return pipe(**kwargs).frames, None
+        with apply_bytheway(pipe, config or PRESETS["animatediff"], cfg=cfg_for(pipe, settings),
+                            diagnostics=diagnostics, observe_only=observe_only) as controller:
+            with torch.inference_mode():
+                frames = pipe(**kwargs).frames
+            rows: Optional[List[dict]] = (controller.diagnostics() if (diagnostics or observe_only)
+                                          else None)
     return frames, rows
 
 

@@ -7,7 +7,9 @@ For each temporal attention layer shape of AnimateDiff at 512x512 (batch 2 for C
 1. checks the fused kernels against the composed path (q k^T -> the map op -> @ v) for plain
    attention, the animatediff preset with a 16x16 guide (fixed and adaptive beta, stats too) and
    the anchor's returned map, and plain attention against SDPA;
-2. times with `triton.testing.do_bench` (median, L2 flushed before every call) the fused kernel
+2. times, as the benchmark suite does (benchmarks/harness.py `kernel_time`: median device time
+   between CUDA events, L2 flushed before every call, a GPU sleep queued first so that the host's
+   launches never leave gaps inside the events), the fused kernel
    (plain, fixed beta, adaptive beta, fixed beta + map), the composed path and each SDPA backend,
    with the memory floor (q, k, v read + out written at 4.25 TB/s), and the host cost per call of
    the public function three ways (through Triton's launch path, the direct launcher, our Python
@@ -31,7 +33,6 @@ import time
 import torch
 import torch.nn.functional as F_nn
 import triton
-import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bytheway_kernels import PRESETS, temporal_attention
@@ -39,6 +40,7 @@ from bytheway_kernels.ops.params import ByTheWayParams
 from bytheway_kernels.ops.temporal_attention.reference import temporal_attention_composed
 from bytheway_kernels.testing import band_product_split
 from bytheway_kernels.ops.temporal_attention.triton import temporal_attention_triton_out
+import harness  # benchmarks/harness.py: the suite's timers
 from host_cost import HOST_COLUMNS, host_costs  # benchmarks/host_cost.py
 
 BANDWIDTH = 4.25e12  # bytes/s, measured copy bandwidth of an H200 (docs/DESIGN.md section 7)
@@ -54,7 +56,14 @@ FP32_MAX_RELATIVE_ERROR = 2e-5  # fp32 output against float64 (PROB_TOLERANCES' 
 
 
 def bench_us(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
+    """Median device time of one call of `fn` in microseconds (`harness.kernel_time`)."""
+    fn()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    return harness.kernel_time(fn, wall, harness.host_time(fn, wall)) * 1e6
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -231,7 +240,7 @@ def main() -> int:
     failures += band_failures
     columns = ["floor", "fused plain", "fused fixed", "fused adaptive", "fused anchor+map",
                "composed fixed", "sdpa flash", "sdpa efficient", "sdpa cudnn"]
-    print("\nkernel time, us (median, L2 flushed)")
+    print("\nkernel time, us (median, L2 flushed, no host gaps)")
     print(f"{'shape':12}" + "".join(f"{column:>17}" for column in columns)
           + f"{'fixed/best SDPA':>17}{'floor/fixed':>13}{'adaptive/fixed':>16}"
           + "".join(f"{'host ' + column:>20}" for column in HOST_COLUMNS))

@@ -181,6 +181,7 @@ def test_public_function_uses_cpp_by_default_on_cpu(monkeypatch):
 
 def test_forced_cpp_errors_clearly_when_unavailable(monkeypatch):
     monkeypatch.setattr(cpp_backend, "cpp_status", lambda: CppStatus(False, "simulated: no C++ compiler"))
+    monkeypatch.setattr(cpp_backend, "_extension", None)  # never built
     scores, guide = make_inputs(Case())
     monkeypatch.setenv("BYTHEWAY_BACKEND", "cpp")
     with pytest.raises(RuntimeError, match="BYTHEWAY_BACKEND=cpp.*simulated: no C\\+\\+ compiler"):

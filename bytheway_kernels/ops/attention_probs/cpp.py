@@ -234,10 +234,12 @@ def attention_probs_cpp_out(scores, guide, params: ByTheWayParams, probs, stats)
         >>> probs = torch.empty_like(scores)
         >>> attention_probs_cpp_out(scores, None, params, probs, None)  # doctest: +SKIP
     """
-    _require_extension()
+    if _extension is None:  # not built yet, or unavailable (then this raises)
+        _require_extension()
+    alpha, beta, tau, adaptive_beta, parts, energy_part, energy_scope, guide_upsample, beta_max = params
     frames = scores.shape[-1]
     _extension.attention_probs_out(
-        scores, guide, high_band_matrix_float64(frames, params.tau), is_full_band(frames, params.tau),
-        params.alpha, params.beta, params.adaptive_beta, params.parts, params.energy_part,
-        params.energy_scope, params.guide_upsample, params.beta_max, HIGH_ENERGY_FLOOR, probs, stats,
+        scores, guide, high_band_matrix_float64(frames, tau), is_full_band(frames, tau), alpha, beta,
+        adaptive_beta, parts, energy_part, energy_scope, guide_upsample, beta_max, HIGH_ENERGY_FLOOR,
+        probs, stats,
     )

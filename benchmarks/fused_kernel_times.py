@@ -19,6 +19,7 @@ of bytheway_kernels/ops/temporal_attention/triton.py come from its output (bench
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
@@ -72,6 +73,20 @@ def device_times(fn, flush: torch.Tensor) -> dict:
     return dict(times)
 
 
+@contextlib.contextmanager
+def kernel_setting(name: str, value):
+    """`ops.temporal_attention.triton.<name>` set to `value` inside the block; the launch plans,
+    which read it when they are built, are rebuilt on both sides."""
+    saved = getattr(attention_kernels, name)
+    setattr(attention_kernels, name, value)
+    attention_kernels._launch_plan.cache_clear()
+    try:
+        yield
+    finally:
+        setattr(attention_kernels, name, saved)
+        attention_kernels._launch_plan.cache_clear()
+
+
 def total(times: dict) -> float:
     return sum(times.values())
 
@@ -108,10 +123,10 @@ def main() -> int:
         adaptive = fixed._replace(adaptive_beta=True)
         plain = ByTheWayParams(0.0, 1.0, 0, False, 2, 1, "batch", "nearest", None)
 
-        def fused(layer_guide, params, with_map=False, energy_config=None):
+        def fused(layer_guide, params, with_map=False, config=None, energy_config=None):
             return lambda: temporal_attention_triton_out(
                 q, k, v, layer_guide, HEADS, height, width, scale, params, out,
-                plain_map if with_map else None, None, energy_config=energy_config)
+                plain_map if with_map else None, None, config=config, energy_config=energy_config)
 
         def heads_view(values):  # (N, F, heads*d) -> (N, heads, F, d), a view
             return values.unflatten(-1, (HEADS, -1)).transpose(1, 2)
@@ -132,10 +147,8 @@ def main() -> int:
                     tc = device_times(rows[label], flush)
                     print(f"  {label + ' (tensor-core band)':34} {describe(tc)}")
             for config in WIDE_FRAME_CONFIGS:
-                for label, params in (("plain", plain), ("fixed", fixed)):
-                    sweep = device_times(lambda: temporal_attention_triton_out(
-                        q, k, v, guide if label == "fixed" else None, HEADS, height, width, scale,
-                        params, out, config=config), flush)
+                for label, layer_guide, params in (("plain", None, plain), ("fixed", guide, fixed)):
+                    sweep = device_times(fused(layer_guide, params, config=config), flush)
                     print(f"  {label + ', tiles ' + str(tuple(config)):34} {describe(sweep)}")
         for backend, kind in SDPA_BACKENDS.items():
             try:
@@ -148,33 +161,20 @@ def main() -> int:
                 print(f"  sdpa {backend}: unavailable: {str(error).splitlines()[0][:100]}")
         if frames == 16:
             for config in candidate_configs(frames, head_dim)[1:]:
-                sweep = device_times(lambda: temporal_attention_triton_out(
-                    q, k, v, guide, HEADS, height, width, scale, fixed, out, config=config), flush)
+                sweep = device_times(fused(guide, fixed, config=config), flush)
                 print(f"  {'fixed, tiles ' + str(tuple(config)):34} {describe(sweep)}")
             for config in energy_candidate_configs(frames, head_dim)[1:]:
                 sweep = device_times(fused(guide, adaptive, energy_config=config), flush)
                 print(f"  {'adaptive, energy tiles ' + str(tuple(config)):34} {describe(sweep)}")
-            default_stages = attention_kernels.ENERGY_NUM_STAGES
-            try:  # software pipelining of the energy pass's loads (fp16: registers permitting)
-                attention_kernels.ENERGY_NUM_STAGES = 2
-                attention_kernels._launch_plan.cache_clear()
+            with kernel_setting("ENERGY_NUM_STAGES", 2):  # software pipelining of the energy pass
                 sweep = device_times(rows["fused adaptive"], flush)
                 print(f"  {'adaptive, energy num_stages 2':34} {describe(sweep)}")
-            finally:
-                attention_kernels.ENERGY_NUM_STAGES = default_stages
-                attention_kernels._launch_plan.cache_clear()
-            default_cap = attention_kernels.ENERGY_PROGRAMS
-            try:
-                for cap in ENERGY_PROGRAM_CAPS:
-                    attention_kernels.ENERGY_PROGRAMS = cap
-                    attention_kernels._launch_plan.cache_clear()  # the plan holds the grid
+            for cap in ENERGY_PROGRAM_CAPS:
+                with kernel_setting("ENERGY_PROGRAMS", cap):
                     for config in (None, default_config(frames, head_dim)):  # its own, the attention pass's
                         sweep = device_times(fused(guide, adaptive, energy_config=config), flush)
                         label = f"adaptive, ENERGY_PROGRAMS {cap}" + (f" {tuple(config)}" if config else "")
                         print(f"  {label:34} {describe(sweep)}")
-            finally:
-                attention_kernels.ENERGY_PROGRAMS = default_cap
-                attention_kernels._launch_plan.cache_clear()
         best_sdpa = min((total(times[key]) for key in times if key.startswith("sdpa")),
                         default=float("nan"))
         fixed_us = total(times["fused fixed"])

@@ -81,6 +81,11 @@ def padded_frames(frames: int) -> int:
     return max(16, triton.next_power_of_2(frames))
 
 
+def _doubled(tile: TileConfig) -> TileConfig:
+    """Twice the sequences on twice the warps: the same work per warp."""
+    return tile._replace(sequences=2 * tile.sequences, num_warps=2 * tile.num_warps)
+
+
 def default_config(frames: int, head_dim: int, element_size: int = 2) -> TileConfig:
     """The attention pass's tiles. F_PAD = 16: G = 4 sequences ([G, 16, 16] fp32 tiles of 1024
     elements) on 4 warps. F_PAD = 32: one sequence on 2 warps. F_PAD = 64: one sequence on 8
@@ -113,9 +118,7 @@ def default_energy_config(frames: int, head_dim: int, element_size: int = 2) -> 
     F_PAD = 32 the pass takes the attention pass's new tiles, untimed there.
     `energy_candidate_configs` lists the alternatives benchmarks/fused_kernel_times.py times."""
     tile = default_config(frames, head_dim, element_size)
-    if padded_frames(frames) == 16 and element_size <= 2:
-        return tile._replace(sequences=2 * tile.sequences, num_warps=2 * tile.num_warps)
-    return tile
+    return _doubled(tile) if padded_frames(frames) == 16 and element_size <= 2 else tile
 
 
 def candidate_configs(frames: int, head_dim: int) -> list:
@@ -125,7 +128,7 @@ def candidate_configs(frames: int, head_dim: int) -> list:
     default = default_config(frames, head_dim)
     other_chunk = 16 if default.block_d == 32 else 32
     candidates = [default,
-                  default._replace(sequences=2 * default.sequences, num_warps=2 * default.num_warps),
+                  _doubled(default),
                   default._replace(block_d=other_chunk)]
     if default.sequences > 1:
         candidates.append(default._replace(sequences=default.sequences // 2, num_warps=2))
@@ -147,8 +150,7 @@ def energy_candidate_configs(frames: int, head_dim: int) -> list:
     and the default with at most `ENERGY_REGISTER_CANDIDATE` registers."""
     default = default_energy_config(frames, head_dim)
     attention = default_config(frames, head_dim)
-    other = attention if attention != default else default._replace(
-        sequences=2 * default.sequences, num_warps=2 * default.num_warps)
+    other = attention if attention != default else _doubled(default)
     return [default, other, default._replace(max_registers=ENERGY_REGISTER_CANDIDATE)]
 
 

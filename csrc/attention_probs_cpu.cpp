@@ -2,10 +2,10 @@
 //
 // Schema split: the public op `torch.ops.bytheway.attention_probs` is declared once, in Python
 // (bytheway_kernels/ops/attention_probs/op.py, torch.library.custom_op), and that declaration is the only source of
-// truth for its schema. This extension is a Python module with one function, `attention_probs_out`
+// truth for its schema. This extension is a Python module with one function, `attention_probs`
 // (pybind11: a call costs ~0.4 us of binding, against ~4 us through a torch.ops dispatcher entry),
-// which writes into caller-allocated outputs; the Python op's CPU branch
-// (bytheway_kernels/ops/attention_probs/cpp.py) allocates the outputs and calls it.
+// which writes into the outputs it is given or allocates the probs itself; the Python op's CPU
+// branch (bytheway_kernels/ops/attention_probs/cpp.py) calls it.
 // Argument validation (ValueErrors naming the argument) happens in Python before this runs; the
 // checks here only guard memory safety.
 //
@@ -1256,7 +1256,8 @@ std::optional<at::Tensor> checked_guide(const std::optional<at::Tensor>& guide_i
 
 // Memory-safety checks only: the ValueErrors naming arguments are raised in Python before this.
 void check_arguments(const at::Tensor& scores_in, const at::Tensor& band_matrix, int64_t parts, int64_t energy_part,
-                     c10::string_view energy_scope, c10::string_view guide_upsample, const at::Tensor& probs) {
+                     c10::string_view energy_scope, c10::string_view guide_upsample,
+                     const std::optional<at::Tensor>& probs) {
   TORCH_CHECK(scores_in.device().is_cpu(), "bytheway_cpu: scores must be a CPU tensor");
   TORCH_CHECK(scores_in.dim() == 6 && scores_in.size(4) == scores_in.size(5) && scores_in.size(5) >= 2,
               "bytheway_cpu: scores must be (B, H, W, heads, F, F) with F >= 2, got ", scores_in.sizes());
@@ -1268,14 +1269,16 @@ void check_arguments(const at::Tensor& scores_in, const at::Tensor& band_matrix,
               "bytheway_cpu: bad batch split parts=", parts, ", energy_part=", energy_part);
   TORCH_CHECK(energy_scope == "batch" || energy_scope == "sample", "bytheway_cpu: bad energy_scope");
   TORCH_CHECK(guide_upsample == "nearest" || guide_upsample == "bilinear", "bytheway_cpu: bad guide_upsample");
-  TORCH_CHECK(probs.device().is_cpu() && probs.sizes() == scores_in.sizes() &&
-                  probs.scalar_type() == scores_in.scalar_type(),
+  TORCH_CHECK(!probs || (probs->device().is_cpu() && probs->sizes() == scores_in.sizes() &&
+                         probs->scalar_type() == scores_in.scalar_type()),
               "bytheway_cpu: probs must be a CPU tensor with the shape and dtype of scores");
 }
 
 // `band_matrix` is P (F x F, any floating dtype; read in double) from bytheway_kernels/band.py;
 // with `full_band` (band.is_full_band) it is not read and A2 P = A2 - rowsum(A2) / F is used.
-void attention_probs_out(
+// Writes into `probs` and `stats` when given; a missing `probs` is allocated here (contiguous),
+// which costs a tenth of what torch.empty_like costs from Python. Returns the probs written.
+at::Tensor attention_probs(
     const at::Tensor& scores_in,
     const std::optional<at::Tensor>& guide_in,
     const at::Tensor& band_matrix,
@@ -1289,7 +1292,7 @@ void attention_probs_out(
     c10::string_view guide_upsample,
     std::optional<double> beta_max,
     double high_energy_floor,
-    const at::Tensor& probs,
+    const std::optional<at::Tensor>& probs,
     const std::optional<at::Tensor>& stats) {
   check_arguments(scores_in, band_matrix, parts, energy_part, energy_scope, guide_upsample, probs);
   const at::Tensor scores = scores_in.contiguous();
@@ -1309,7 +1312,7 @@ void attention_probs_out(
     stats_buffer = stats->is_contiguous() ? *stats : at::empty({scope.groups(), kStatsFields}, stats->options());
     stats_data = stats_buffer.data_ptr<float>();
   }
-  const at::Tensor probs_buffer = probs.is_contiguous() ? probs : at::empty_like(scores);
+  const at::Tensor probs_buffer = probs && probs->is_contiguous() ? *probs : at::empty(scores.sizes(), scores.options());
   advise_huge_pages(probs_buffer.data_ptr(), probs_buffer.nbytes());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "bytheway_cpu", [&] {
@@ -1323,12 +1326,14 @@ void attention_probs_out(
     }
   });
 
-  if (!probs.is_same(probs_buffer)) {
-    probs.copy_(probs_buffer);
-  }
   if (stats.has_value() && !stats->is_same(stats_buffer)) {
     stats->copy_(stats_buffer);
   }
+  if (probs && !probs->is_same(probs_buffer)) {
+    probs->copy_(probs_buffer);
+    return *probs;
+  }
+  return probs_buffer;
 }
 
 }  // namespace
@@ -1337,7 +1342,8 @@ void attention_probs_out(
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   // Releases the GIL while the kernel runs: other Python threads go on meanwhile.
-  module.def("attention_probs_out", &bytheway_cpu::attention_probs_out,
+  module.def("attention_probs", &bytheway_cpu::attention_probs,
              pybind11::call_guard<pybind11::gil_scoped_release>(),
-             "Write ByTheWay(scores) into probs (and stats); see bytheway_kernels/ops/attention_probs/cpp.py.");
+             "ByTheWay(scores) into probs (allocated when None) and stats; returns probs. "
+             "See bytheway_kernels/ops/attention_probs/cpp.py.");
 }

@@ -240,7 +240,7 @@ def _fake_build(monkeypatch, tmp_path):
     calls = []
 
     def fake_module(library):
-        return types.SimpleNamespace(__file__=str(library), attention_probs_out=None)
+        return types.SimpleNamespace(__file__=str(library), attention_probs=None)
 
     def fake_load(name, build_directory, is_python_module, **_):
         assert is_python_module

@@ -79,7 +79,9 @@ def test_stats_are_deterministic_with_many_partials(scope, many_stats_programs):
     plan = triton_kernels._launch_plan(tuple(scores.shape), (3, 2), case.params(), True,
                                        triton_rules.SPLIT_BAND)
     programs, videos = plan.stats_grid
-    assert plan.stats_args["TILES"] == 2 and programs * videos // plan.groups > 2 * 2
+    groups = videos if scope == "sample" else 1
+    assert plan.stats_args["TILES"] == 2 and programs * videos // groups > 2 * 2
+    assert plan.workspace_size == programs * videos * triton_kernels.PARTIAL_FIELDS + groups + 1
     first = run_poisoned(attention_probs_triton_out, scores, guide, case)
     second = run_poisoned(attention_probs_triton_out, scores, guide, case)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])

@@ -16,10 +16,12 @@ adaptive 156 -> 113 us).
 
 from __future__ import annotations
 
-import os
+import functools
 from typing import NamedTuple
 
 import torch
+
+from .._environ import getenv
 
 DIRECT_LAUNCH_ENV = "BYTHEWAY_DIRECT_LAUNCH"
 # Triton releases whose JITFunction.run was read to match the call in `_launch_direct`.
@@ -58,10 +60,11 @@ class KernelLaunch(NamedTuple):
 def direct_launch_enabled() -> bool:
     """Not turned off (`BYTHEWAY_DIRECT_LAUNCH=0`), compiled kernels (not the interpreter) and a
     Triton release whose launch path `_launch_direct` follows."""
-    return (os.environ.get(DIRECT_LAUNCH_ENV) != "0" and os.environ.get("TRITON_INTERPRET") != "1"
+    return (getenv(DIRECT_LAUNCH_ENV) != "0" and getenv("TRITON_INTERPRET") != "1"
             and _triton_version().startswith(DIRECT_LAUNCH_TRITON_VERSIONS))
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_version() -> str:
     import triton
 
@@ -69,54 +72,72 @@ def _triton_version() -> str:
 
 
 class _DirectEntry(NamedTuple):
-    constants: dict  # kept so that a recycled id() of another dict never matches
+    kernel: object  # kept, with constants, so that a recycled id() never matches
+    constants: dict
     compiled: object  # triton.compiler.CompiledKernel
     arguments: list  # every kernel parameter in signature order, the constants filled in
     value_slots: tuple  # (position in `arguments`, name in `values`)
 
 
 _DIRECT_CACHE: dict = {}
+_Tensor = torch.Tensor
 
 
 def _value_signature(values: dict) -> tuple:
     """Everything about `values` that Triton's specialisation can depend on, or finer: the names,
-    each tensor's dtype and 16-byte alignment, each scalar's type and value."""
+    each tensor's dtype and 16-byte alignment, each scalar's type and value. (The exact-type test
+    sends tensor subclasses, which eager calls never pass, to the scalar branch: keyed by
+    identity, they take Triton's path; `isinstance` would cost ~40 ns per value.)"""
     return tuple(values), tuple([
-        (value.dtype, value.data_ptr() % 16 == 0) if isinstance(value, torch.Tensor) else (type(value), value)
+        (value.dtype, not value.data_ptr() & 15) if type(value) is _Tensor else (type(value), value)
         for value in values.values()])
 
 
-def _hooks_are_empty(triton_knobs) -> bool:
+def _hooks_are_empty(runtime_knobs) -> bool:
     """No launch hooks (profilers such as proton add them): Triton's launch would call nothing."""
-    for hook in (triton_knobs.runtime.launch_enter_hook, triton_knobs.runtime.launch_exit_hook):
+    for hook in (runtime_knobs.launch_enter_hook, runtime_knobs.launch_exit_hook):
         if hook is not None and getattr(hook, "calls", None) != []:
             return False
     return True
 
 
-def _device_and_stream():
+# Looked up once: an import statement and the driver's lazy proxy cost ~1 us per launch.
+@functools.lru_cache(maxsize=None)
+def _runtime_knobs():
+    from triton import knobs
+
+    return knobs.runtime
+
+
+@functools.lru_cache(maxsize=None)
+def _device_getters() -> tuple:
     from triton.runtime import driver
 
-    device = driver.active.get_current_device()
-    return device, driver.active.get_current_stream(device)
+    return driver.active.get_current_device, driver.active.get_current_stream
+
+
+def _device_and_stream():
+    current_device, current_stream = _device_getters()
+    device = current_device()
+    return device, current_stream(device)
 
 
 def _launch_direct(launch: KernelLaunch) -> None:
-    from triton import knobs
-
     kernel = launch.kernel
-    if getattr(kernel, "pre_run_hooks", None) or not _hooks_are_empty(knobs):
+    if getattr(kernel, "pre_run_hooks", None) or not _hooks_are_empty(_runtime_knobs()):
         launch.run_through_triton()
         return
     device, stream = _device_and_stream()
-    key = (kernel, id(launch.constants), device, _value_signature(launch.values))
+    values = launch.values
+    # id(): a JITFunction's own hash is a Python-level property (~0.7 us per launch)
+    key = (id(kernel), id(launch.constants), device, _value_signature(values))
     entry = _DIRECT_CACHE.get(key)
-    if entry is None or entry.constants is not launch.constants:
+    if entry is None or entry.constants is not launch.constants or entry.kernel is not kernel:
         _remember(key, launch, launch.run_through_triton())  # the kernel Triton launched
         return
     arguments = entry.arguments.copy()
     for position, name in entry.value_slots:
-        arguments[position] = launch.values[name]
+        arguments[position] = values[name]
     grid = launch.grid
     compiled = entry.compiled
     # The call JITFunction.run makes, with no launch metadata and no hooks (both are empty).
@@ -134,4 +155,4 @@ def _remember(key, launch: KernelLaunch, compiled) -> None:
     value_slots = tuple((position, name) for position, name in enumerate(names) if name in launch.values)
     if len(_DIRECT_CACHE) >= _DIRECT_CACHE_LIMIT:
         _DIRECT_CACHE.clear()
-    _DIRECT_CACHE[key] = _DirectEntry(launch.constants, compiled, arguments, value_slots)
+    _DIRECT_CACHE[key] = _DirectEntry(launch.kernel, launch.constants, compiled, arguments, value_slots)

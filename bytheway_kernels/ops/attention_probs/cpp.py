@@ -2,9 +2,11 @@
 
 Schema split: the public op `torch.ops.bytheway.attention_probs` is declared once, in `op.py`
 (`torch.library.custom_op`). The extension is a private Python module (pybind11) with one
-function, `attention_probs_out`, which writes into given outputs; `op.py`'s CPU branch reaches it
-through `attention_probs_cpp_out` below. A pybind11 call costs well under a microsecond of
-binding, where a torch.ops dispatcher entry with these 15 arguments cost ~4 us per call.
+function, `attention_probs`, which writes into the outputs it is given or allocates the probs
+itself; `op.py`'s CPU branch reaches it through `attention_probs_cpp` below (and tests, with
+poisoned outputs, through `attention_probs_cpp_out`). A pybind11 call costs well under a
+microsecond of binding, where a torch.ops dispatcher entry with these 15 arguments cost ~4 us per
+call, and allocating the probs in C++ saves most of `torch.empty_like`'s ~1 us.
 
 Build: `torch.utils.cpp_extension.load` compiles `csrc/attention_probs_cpu.cpp` with the host C++
 compiler and ninja (no download, no CUDA) into the torch extensions cache
@@ -40,7 +42,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ...band import high_band_matrix_float64, is_full_band
-from ...energy import HIGH_ENERGY_FLOOR
+from ...energy import HIGH_ENERGY_FLOOR, STATS_FIELDS
 from ..params import ByTheWayParams
 
 _SOURCE_FILES = ("attention_probs_cpu.cpp",)
@@ -185,8 +187,8 @@ def _build_and_load() -> tuple:
         partial.write_text(Path(module.__file__).name)
         partial.replace(build_directory / _BUILT_MARKER)
         _log.info("bytheway_kernels: C++ CPU kernel built in %.1f s", time.perf_counter() - started)
-    if not hasattr(module, "attention_probs_out"):
-        raise RuntimeError("the built module has no attention_probs_out")
+    if not hasattr(module, "attention_probs"):
+        raise RuntimeError("the built module has no attention_probs")
     return build_directory, module
 
 
@@ -221,10 +223,26 @@ def _require_extension() -> None:
         raise RuntimeError(f"BYTHEWAY_BACKEND=cpp: the C++ CPU kernel is unavailable: {status.reason}")
 
 
+def attention_probs_cpp(scores, guide, params: ByTheWayParams, with_stats: bool):
+    """(probs, stats or None) for `scores`: the kernel allocates the probs (contiguous), stats are
+    float32 (rows, 6) when `with_stats`.
+
+    Examples:
+        >>> import torch
+        >>> from bytheway_kernels.ops.params import ByTheWayParams
+        >>> scores = torch.randn(2, 2, 2, 1, 16, 16)
+        >>> params = ByTheWayParams(0.0, 1.5, 7, False, 1, 0, "batch", "nearest", None)
+        >>> probs, stats = attention_probs_cpp(scores, None, params, False)  # doctest: +SKIP
+    """
+    stats = None
+    if with_stats:
+        stats = scores.new_empty((params.stats_rows(scores.shape[0]), len(STATS_FIELDS)),
+                                 dtype=torch.float32)
+    return _run(scores, guide, params, None, stats), stats
+
+
 def attention_probs_cpp_out(scores, guide, params: ByTheWayParams, probs, stats) -> None:
     """Write the op's result into `probs` (and `stats`, float32 (rows, 6), unless it is None).
-
-    The band rules come from Python (`band.py`, `energy.py`), so the kernel never restates them.
 
     Examples:
         >>> import torch
@@ -234,12 +252,24 @@ def attention_probs_cpp_out(scores, guide, params: ByTheWayParams, probs, stats)
         >>> probs = torch.empty_like(scores)
         >>> attention_probs_cpp_out(scores, None, params, probs, None)  # doctest: +SKIP
     """
+    _run(scores, guide, params, probs, stats)
+
+
+def _run(scores, guide, params: ByTheWayParams, probs, stats) -> torch.Tensor:
+    """The kernel's call; returns the probs written (allocated by the kernel when `probs` is
+    None)."""
     if _extension is None:  # not built yet, or unavailable (then this raises)
         _require_extension()
     alpha, beta, tau, adaptive_beta, parts, energy_part, energy_scope, guide_upsample, beta_max = params
-    frames = scores.shape[-1]
-    _extension.attention_probs_out(
-        scores, guide, high_band_matrix_float64(frames, tau), is_full_band(frames, tau), alpha, beta,
-        adaptive_beta, parts, energy_part, energy_scope, guide_upsample, beta_max, HIGH_ENERGY_FLOOR,
-        probs, stats,
+    band_matrix, full_band = _band_arguments(scores.shape[-1], tau)
+    return _extension.attention_probs(
+        scores, guide, band_matrix, full_band, alpha, beta, adaptive_beta, parts, energy_part,
+        energy_scope, guide_upsample, beta_max, HIGH_ENERGY_FLOOR, probs, stats,
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _band_arguments(frames: int, tau: int) -> tuple:
+    """(P in float64, whether the band is the full band): the band rules come from Python
+    (`band.py`), so the kernel never restates them."""
+    return high_band_matrix_float64(frames, tau), is_full_band(frames, tau)

@@ -18,13 +18,13 @@ Row r of batch entry b is ((y * W + x) * heads + head) * F + i, as diffusers lay
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from ..._environ import getenv
 from ...band import band_operand, is_full_band
 from ...energy import HIGH_ENERGY_FLOOR
 from ..launch import KernelLaunch
@@ -119,15 +119,17 @@ def _guided_block(scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_e
 
 
 @triton.jit
-def _stats_kernel(scores_ptr, guide_ptr, band_ptr, partials_ptr, counter_ptr, betas_ptr, stats_ptr,
+def _stats_kernel(scores_ptr, guide_ptr, band_ptr, workspace_ptr, stats_ptr, betas_at, counter_at,
                   rows_per_entry, first_entry, H, W, h, w, heads, scale_y, scale_x, alpha, beta0,
                   beta_max, F: tl.constexpr, F_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
                   TILES: tl.constexpr, GUIDE_MODE: tl.constexpr, FULL_BAND: tl.constexpr,
                   SPLIT_BAND: tl.constexpr, ADAPTIVE: tl.constexpr, HAS_BETA_MAX: tl.constexpr,
                   WRITE_STATS: tl.constexpr, PER_VIDEO: tl.constexpr, CHUNK: tl.constexpr):
     """Energy sums of TILES consecutive tiles of one entry in scope, written to this program's
-    slot of `partials` (field-major: partials[field, slot]); the last program to finish adds
-    every slot in a fixed order and writes beta (and stats), see `_finish_energies`.
+    slot of the partials (field-major: partials[field, slot], at the start of the workspace); the
+    last program to finish adds every slot in a fixed order and writes beta (and stats), see
+    `_finish_energies`. The betas start at `betas_at` of the workspace, the int32 ticket counter
+    is at `counter_at` (one buffer, passed whole: slicing it costs ~1 us of host time per view).
 
     The tiles are unrolled (no loop-carried loads), so each program has all its loads in flight
     at once. The three 1/s^2-weighted sums behind E3 are computed only with WRITE_STATS.
@@ -135,6 +137,7 @@ def _stats_kernel(scores_ptr, guide_ptr, band_ptr, partials_ptr, counter_ptr, be
     program = tl.program_id(0)
     video = tl.program_id(1)
     b = (first_entry + video).to(tl.int64)
+    partials_ptr = workspace_ptr
     attn_energy = tl.zeros((BLOCK_R,), dtype=tl.float32)
     guided_energy = tl.zeros((BLOCK_R,), dtype=tl.float32)
     high_energy = tl.zeros((BLOCK_R,), dtype=tl.float32)
@@ -169,9 +172,10 @@ def _stats_kernel(scores_ptr, guide_ptr, band_ptr, partials_ptr, counter_ptr, be
     # Ticket: the barrier orders every thread's slot store before the release of the atomic
     # (as in CUDA's threadfence reduction); the last program's loads come after its acquire.
     tl.debug_barrier()
+    counter_ptr = (workspace_ptr + counter_at).to(tl.pointer_type(tl.int32), bitcast=True)
     ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     if ticket == slots - 1:
-        _finish_energies(partials_ptr, betas_ptr, stats_ptr, slots, tl.num_programs(1),
+        _finish_energies(partials_ptr, workspace_ptr + betas_at, stats_ptr, slots, tl.num_programs(1),
                          rows_per_entry, beta0, beta_max, CHUNK, ADAPTIVE, HAS_BETA_MAX,
                          WRITE_STATS, PER_VIDEO)
 
@@ -221,12 +225,13 @@ def _finish_energies(partials_ptr, betas_ptr, stats_ptr, slots, videos, rows_per
 
 
 @triton.jit
-def _apply_kernel(scores_ptr, guide_ptr, band_ptr, betas_ptr, probs_ptr, rows_per_entry, videos,
+def _apply_kernel(scores_ptr, guide_ptr, band_ptr, betas_ptr, probs_ptr, betas_at, rows_per_entry, videos,
                   H, W, h, w, heads, scale_y, scale_x, alpha, beta0,
                   F: tl.constexpr, F_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
                   GUIDE_MODE: tl.constexpr, FULL_BAND: tl.constexpr, SPLIT_BAND: tl.constexpr,
                   PER_VIDEO: tl.constexpr, ADAPTIVE: tl.constexpr):
-    """Write A3 = (guided + (beta - 1) * guided @ P) / rowsum(guided); beta from `betas` if adaptive.
+    """Write A3 = (guided + (beta - 1) * guided @ P) / rowsum(guided); beta from
+    `betas_ptr + betas_at` (the stats pass's workspace) if adaptive.
 
     Dividing by rowsum(A2) rather than rowsum(A3) keeps the error independent of beta: both are
     equal in exact arithmetic, but A3's sum carries beta times the rounding of the band term.
@@ -236,7 +241,7 @@ def _apply_kernel(scores_ptr, guide_ptr, band_ptr, betas_ptr, probs_ptr, rows_pe
     row_mask = rows < rows_per_entry
     beta = beta0
     if ADAPTIVE:
-        beta = tl.load(betas_ptr + (b % videos if PER_VIDEO else 0))
+        beta = tl.load(betas_ptr + betas_at + (b % videos if PER_VIDEO else 0))
     attn, guided, high, row_sum = _guided_block(
         scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_entry, H, W, h, w, heads,
         scale_y, scale_x, alpha, F, F_PAD, GUIDE_MODE, FULL_BAND, SPLIT_BAND)
@@ -261,8 +266,7 @@ class _LaunchPlan(NamedTuple):
 
     stats_grid: tuple
     apply_grid: tuple
-    partial_count: int
-    groups: int
+    workspace_size: int  # float32 elements: partials, betas, the ticket counter
     stats_args: dict
     apply_args: dict
     full_band: bool
@@ -295,14 +299,18 @@ def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams
     tiles_per_program = min(MAX_STATS_TILES, triton.next_power_of_2(
         triton.cdiv(stats_tiles * videos, TARGET_STATS_PROGRAMS)))
     programs = triton.cdiv(stats_tiles, tiles_per_program)
+    # the workspace: partials, then one beta per energy group, then the int32 ticket counter
+    partial_count = videos * programs * PARTIAL_FIELDS
+    groups = videos if per_video else 1
     stats_args = dict(common, first_entry=params.energy_part * videos, TILES=tiles_per_program,
-                      BLOCK_R=stats_block_rows,
+                      BLOCK_R=stats_block_rows, betas_at=partial_count,
+                      counter_at=partial_count + groups,
                       beta_max=params.beta if params.beta_max is None else params.beta_max,
                       HAS_BETA_MAX=params.beta_max is not None, WRITE_STATS=with_stats,
                       CHUNK=REDUCE_CHUNK)
-    apply_args = dict(common, videos=max(videos, 1))
-    return _LaunchPlan((programs, videos), (tiles, batch), videos * programs * PARTIAL_FIELDS,
-                       videos if per_video else 1, stats_args, apply_args, common["FULL_BAND"])
+    apply_args = dict(common, videos=max(videos, 1), betas_at=partial_count)
+    return _LaunchPlan((programs, videos), (tiles, batch), partial_count + groups + 1, stats_args,
+                       apply_args, common["FULL_BAND"])
 
 
 def kernel_launches(scores, guide, params: ByTheWayParams, probs, stats=None) -> list:
@@ -326,24 +334,19 @@ def kernel_launches(scores, guide, params: ByTheWayParams, probs, stats=None) ->
     # One zeroed buffer per call: the stats programs' partial slots, one beta per energy group and
     # the int32 ticket counter (zero bits). A per-call counter is correct on any stream, in CUDA
     # graphs and in torch.compile's CUDA-graph trees, which forbid cached live allocations.
-    workspace = torch.zeros(plan.partial_count + plan.groups + 1, dtype=torch.float32,
-                            device=scores.device)
-    partials = workspace[:plan.partial_count]
-    betas = workspace[plan.partial_count:-1]
-    counter = workspace[-1:].view(torch.int32)
+    workspace = torch.zeros(plan.workspace_size, dtype=torch.float32, device=scores.device)
     return [
         KernelLaunch(_stats_kernel, plan.stats_grid, plan.stats_args,
-                     dict(scores_ptr=scores, guide_ptr=guide, band_ptr=band, partials_ptr=partials,
-                          counter_ptr=counter, betas_ptr=betas,
-                          stats_ptr=betas if stats is None else stats)),
+                     dict(scores_ptr=scores, guide_ptr=guide, band_ptr=band, workspace_ptr=workspace,
+                          stats_ptr=workspace if stats is None else stats)),
         KernelLaunch(_apply_kernel, plan.apply_grid, plan.apply_args,
-                     dict(scores_ptr=scores, guide_ptr=guide, band_ptr=band, betas_ptr=betas,
+                     dict(scores_ptr=scores, guide_ptr=guide, band_ptr=band, betas_ptr=workspace,
                           probs_ptr=probs)),
     ]
 
 
 def _check_device(scores: torch.Tensor) -> None:
-    if scores.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if not scores.is_cuda and getenv("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             f"the Triton backend needs CUDA tensors (got {scores.device}); on CPU it runs only "
             "under the Triton interpreter (TRITON_INTERPRET=1 set before importing bytheway_kernels)"

@@ -10,6 +10,7 @@ autograd go through the op.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -39,12 +40,18 @@ def _temporal_attention(q, k, v, guide, heads: int, height: int, width: int, sca
     """(out, map, stats) from the fused kernel or the composed path, whichever runs `q`; the map
     and the stats are None unless asked for."""
     if _runs_fused(q):
-        from .triton import temporal_attention_triton  # imports triton only when used
-
-        return temporal_attention_triton(q, k, v, guide, heads, height, width, scale, params,
-                                         with_map, with_stats)
+        return _fused_function()(q, k, v, guide, heads, height, width, scale, params, with_map,
+                                 with_stats)
     return temporal_attention_composed(q, k, v, guide, heads, height, width, scale, params,
                                        with_map, with_stats)
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_function():
+    # imports triton only when used; an import statement per call would cost ~1 us
+    from .triton import temporal_attention_triton
+
+    return temporal_attention_triton
 
 
 @torch.library.custom_op("bytheway::temporal_attention", mutates_args=())
@@ -131,9 +138,10 @@ def _validation_key(q, k, v, heads, height, width, scale, guide, alpha, beta, ta
             and (batch_split is None or (type(batch_split) is tuple
                                          and all(type(part) is int for part in batch_split)))):
         return None
-    tensors = tuple((t.shape, t.stride(), t.dtype, t.device) for t in (q, k, v))
-    guide_key = None if guide is None else (guide.shape, guide.dtype, guide.device)
-    return (tensors, guide_key, heads, height, width, scale, alpha, beta, tau, adaptive_beta, cfg,
+    # flat: a generator over (q, k, v) and nested tuples cost ~1 us more per call
+    return (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
+            v.shape, v.stride(), v.dtype, v.device,
+            None if guide is None else (guide.shape, guide.dtype, guide.device), heads, height, width, scale, alpha, beta, tau, adaptive_beta, cfg,
             energy_scope, guide_upsample, beta_max, batch_split, return_map, return_stats)
 
 

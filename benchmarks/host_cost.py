@@ -10,8 +10,10 @@ pipeline pays on the CPU), measured three ways in one run:
 
 Run as a script (`python benchmarks/host_cost.py`) it prints the three for the map op and fused
 temporal attention at up_blocks.1's shape (AnimateDiff preset, fixed and adaptive beta). Without
-CUDA it prints "python only" alone, through the Triton backend under the interpreter with the
-launches skipped: our own host work per call on this CPU.
+CUDA it prints, through the Triton backend on CPU tensors (kernels never run, never interpreted),
+"python only" and "direct launcher, stubbed": the direct launcher's own host work as well, with
+a stand-in for the compiled kernel whose launch does nothing. That is everything a GPU call's
+host time holds except Triton's C launcher and the CUDA driver, measurable on a CPU machine.
 """
 
 from __future__ import annotations
@@ -52,6 +54,34 @@ def _launches_skipped():
         yield
     finally:
         launch_module.KernelLaunch.run = original
+
+
+class _CompiledStandIn:
+    """Stands in for a compiled Triton kernel: its launcher does nothing."""
+
+    function = None
+    packed_metadata = None
+
+    def run(self, *args) -> None:
+        pass
+
+
+@contextmanager
+def _direct_launches_stubbed():
+    """The direct launcher on, the compiled kernel a stand-in (CPU tensors, no driver)."""
+    saved = (launch_module.direct_launch_enabled, launch_module._device_and_stream,
+             launch_module.KernelLaunch.run_through_triton)
+    stand_in = _CompiledStandIn()
+    launch_module.direct_launch_enabled = lambda: True
+    launch_module._device_and_stream = lambda: (0, 0)
+    launch_module.KernelLaunch.run_through_triton = lambda self: stand_in
+    launch_module._DIRECT_CACHE.clear()
+    try:
+        yield
+    finally:
+        (launch_module.direct_launch_enabled, launch_module._device_and_stream,
+         launch_module.KernelLaunch.run_through_triton) = saved
+        launch_module._DIRECT_CACHE.clear()
 
 
 def _synchronize() -> None:
@@ -104,19 +134,22 @@ def _calls(device: str) -> dict:
 
 def main() -> int:
     on_gpu = torch.cuda.is_available()
-    if not on_gpu:  # the Triton backend's host path, its launches skipped (never interpreted)
+    if not on_gpu:  # the Triton backend's host path on CPU tensors (TRITON_INTERPRET lets them in)
         os.environ["TRITON_INTERPRET"] = "1"
         os.environ["BYTHEWAY_BACKEND"] = "triton"
     device = "cuda" if on_gpu else "cpu"
+    columns = HOST_COLUMNS if on_gpu else ("python only", "direct launcher, stubbed")
     print(f"host us/call on {torch.cuda.get_device_name() if on_gpu else 'CPU'}, torch {torch.__version__}, "
-          f"{os.cpu_count()} logical CPUs: " + (" / ".join(HOST_COLUMNS) if on_gpu else "python only"))
+          f"{os.cpu_count()} logical CPUs: " + " / ".join(columns))
     for name, fn in _calls(device).items():
         if on_gpu:
             costs = host_costs(fn, 500)
-            print(f"  {name:20s} " + " / ".join(f"{costs[column]:6.1f}" for column in HOST_COLUMNS))
         else:
             with _launches_skipped():
-                print(f"  {name:20s} {host_us_per_call(fn, 2000):6.1f}")
+                costs = {"python only": min(host_us_per_call(fn, 2000) for _ in range(3))}
+            with _direct_launches_stubbed():
+                costs["direct launcher, stubbed"] = min(host_us_per_call(fn, 2000) for _ in range(3))
+        print(f"  {name:20s} " + " / ".join(f"{costs[column]:6.1f}" for column in columns))
     return 0
 
 

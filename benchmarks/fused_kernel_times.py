@@ -9,11 +9,13 @@ waits for the host. Here torch.profiler sums each kernel's own device time inste
 `CALLS` calls, with L2 flushed before each call (an int8 fill of 256 MB, left out of the sums).
 For the AnimateDiff shapes (fp16, CFG batch 2, 8 heads, 16x16 guide, preset animatediff) and
 F = 24, 32 and 64 at up_blocks.2's size it prints the fused kernel plain, with fixed beta, with
-adaptive beta (energy pass + beta kernel + attention pass, each shown) and as the anchor with its
+adaptive beta (energy pass + beta kernel + attention pass, each shown; again with the energy
+pass in each other form of `ENERGY_FORMS`, side by side) and as the anchor with its
 map; SDPA's flash, mem-efficient and cuDNN backends; at F = 16 the attention pass's
 alternative tiles (`candidate_configs`) and the energy pass's tile
-configurations, software pipelining and program caps (`ENERGY_PROGRAMS`); at F > 16 both band
-products and the attention pass's tile configurations. Ratios use these times. The tile defaults
+configurations (each form included), software pipelining and program caps (`ENERGY_PROGRAMS`,
+each form); at F > 16 both band products and the attention pass's tile configurations. Ratios
+use these times; the summary gives adaptive / fixed for each energy form. The tile defaults
 of bytheway_kernels/ops/temporal_attention/triton.py come from its output (benchmarks/RESULTS.md).
 """
 
@@ -34,8 +36,9 @@ from torch.profiler import ProfilerActivity, profile
 from bytheway_kernels import PRESETS
 from bytheway_kernels.ops.params import ByTheWayParams
 from bytheway_kernels.ops.temporal_attention import triton as attention_kernels
-from bytheway_kernels.ops.temporal_attention.triton import (TileConfig, candidate_configs,
-                                                            default_config,
+from bytheway_kernels.ops.temporal_attention.triton import (ENERGY_FORMS, TileConfig,
+                                                            candidate_configs, default_config,
+                                                            default_energy_config,
                                                             energy_candidate_configs,
                                                             temporal_attention_triton_out)
 from bytheway_kernels.testing import band_product_split
@@ -87,6 +90,14 @@ def kernel_setting(name: str, value):
         attention_kernels._launch_plan.cache_clear()
 
 
+def tiles_label(config: TileConfig) -> str:
+    """(sequences, BLOCK_D, warps), then the register cap and the energy form if not the default."""
+    extra = [] if config.max_registers is None else [f"maxnreg {config.max_registers}"]
+    if config.energy_form != TileConfig._field_defaults["energy_form"]:
+        extra.append(f"form {config.energy_form}")
+    return " ".join([str(tuple(config[:3]))] + extra)
+
+
 def total(times: dict) -> float:
     return sum(times.values())
 
@@ -134,8 +145,14 @@ def main() -> int:
         floor = 4 * q.numel() * q.element_size() / 4.25e12 * 1e6
         print(f"\n{name}: {height}x{width}, d {head_dim}, F {frames}; memory floor {floor:.1f} us "
               "(q, k, v read + out written at 4.25 TB/s)")
+        energy_tiles = default_energy_config(frames, head_dim)
+        # the energy pass's other forms on its default tiles, timed beside the default form
+        other_forms = {form: energy_tiles._replace(energy_form=form) for form in ENERGY_FORMS
+                       if form != energy_tiles.energy_form}
         rows = {"fused plain": fused(None, plain), "fused fixed": fused(guide, fixed),
                 "fused adaptive": fused(guide, adaptive),
+                **{f"fused adaptive, energy {form}": fused(guide, adaptive, energy_config=tiles)
+                   for form, tiles in other_forms.items()},
                 "fused anchor+map": fused(None, fixed, with_map=True)}
         times = {}
         for label, fn in rows.items():
@@ -149,7 +166,7 @@ def main() -> int:
             for config in WIDE_FRAME_CONFIGS:
                 for label, layer_guide, params in (("plain", None, plain), ("fixed", guide, fixed)):
                     sweep = device_times(fused(layer_guide, params, config=config), flush)
-                    print(f"  {label + ', tiles ' + str(tuple(config)):34} {describe(sweep)}")
+                    print(f"  {label + ', tiles ' + tiles_label(config):34} {describe(sweep)}")
         for backend, kind in SDPA_BACKENDS.items():
             try:
                 with sdpa_kernel(kind):
@@ -162,28 +179,33 @@ def main() -> int:
         if frames == 16:
             for config in candidate_configs(frames, head_dim)[1:]:
                 sweep = device_times(fused(guide, fixed, config=config), flush)
-                print(f"  {'fixed, tiles ' + str(tuple(config)):34} {describe(sweep)}")
+                print(f"  {'fixed, tiles ' + tiles_label(config):34} {describe(sweep)}")
             for config in energy_candidate_configs(frames, head_dim)[1:]:
                 sweep = device_times(fused(guide, adaptive, energy_config=config), flush)
-                print(f"  {'adaptive, energy tiles ' + str(tuple(config)):34} {describe(sweep)}")
+                print(f"  {'adaptive, energy tiles ' + tiles_label(config):34} {describe(sweep)}")
             with kernel_setting("ENERGY_NUM_STAGES", 2):  # software pipelining of the energy pass
                 sweep = device_times(rows["fused adaptive"], flush)
                 print(f"  {'adaptive, energy num_stages 2':34} {describe(sweep)}")
             for cap in ENERGY_PROGRAM_CAPS:
                 with kernel_setting("ENERGY_PROGRAMS", cap):
-                    for config in (None, default_config(frames, head_dim)):  # its own, the attention pass's
+                    # its own tiles, the attention pass's, its own in the other energy forms
+                    for config in (None, default_config(frames, head_dim), *other_forms.values()):
                         sweep = device_times(fused(guide, adaptive, energy_config=config), flush)
-                        label = f"adaptive, ENERGY_PROGRAMS {cap}" + (f" {tuple(config)}" if config else "")
+                        label = f"adaptive, ENERGY_PROGRAMS {cap}" + (
+                            f" {tiles_label(config)}" if config else "")
                         print(f"  {label:34} {describe(sweep)}")
         best_sdpa = min((total(times[key]) for key in times if key.startswith("sdpa")),
                         default=float("nan"))
         fixed_us = total(times["fused fixed"])
-        summary.append((name, floor, fixed_us, total(times["fused adaptive"]), best_sdpa))
+        forms_us = {form: total(times[f"fused adaptive, energy {form}"]) for form in other_forms}
+        summary.append((name, floor, fixed_us, total(times["fused adaptive"]), best_sdpa, forms_us))
     print(f"\n{'shape':16}{'floor':>8}{'fixed':>9}{'adaptive':>10}{'best SDPA':>11}"
-          f"{'fixed/SDPA':>12}{'adapt/fixed':>13}{'floor/fixed':>13}")
-    for name, floor, fixed_us, adaptive_us, best_sdpa in summary:
+          f"{'fixed/SDPA':>12}{'adapt/fixed':>13}{'floor/fixed':>13}"
+          + "".join(f"{form + '/fixed':>13}" for form in summary[0][5]))
+    for name, floor, fixed_us, adaptive_us, best_sdpa, forms_us in summary:
         print(f"{name:16}{floor:8.1f}{fixed_us:9.1f}{adaptive_us:10.1f}{best_sdpa:11.1f}"
-              f"{fixed_us / best_sdpa:12.3f}{adaptive_us / fixed_us:13.2f}{floor / fixed_us:13.2f}")
+              f"{fixed_us / best_sdpa:12.3f}{adaptive_us / fixed_us:13.2f}{floor / fixed_us:13.2f}"
+              + "".join(f"{form_us / fixed_us:13.2f}" for form_us in forms_us.values()))
     print(f"({time.perf_counter() - started:.0f} s)")
     return 0 if all(math.isfinite(row[2]) for row in summary) else 1
 

@@ -55,6 +55,7 @@ def test_fused_kernel_times_runs():
         script.device_times = one_call
     """)
     assert "fused adaptive" in out and "ENERGY_PROGRAMS 1" in out
+    assert "fused adaptive, energy tile" in out and "tile/fixed" in out  # the energy forms
     assert "fixed, tiles (8, 32, 8" in out  # F = 16: candidate_configs
     assert "fixed, tiles (4, 32, 8" in out  # F = 24: WIDE_FRAME_CONFIGS
     assert out.splitlines()[-2].startswith("up_blocks.2 F24")  # the summary's last row

@@ -16,18 +16,20 @@ from test_triton_sm90 import (COMPILE_RUNS, compiled_variants, report_usage, run
 
 def _temporal_attention_variants():
     """Every kernel variant the op launches at the AnimateDiff head dims, the tuning tiles, other
-    dtypes and other F (circulant band, other paddings)."""
+    dtypes and other F (circulant band, other paddings), and every energy form (`ENERGY_FORMS`)
+    in the looping energy pass of a larger layer."""
     import torch
 
     from bytheway_kernels.band import max_tau
     from bytheway_kernels.ops.params import ByTheWayParams
     from bytheway_kernels.ops.temporal_attention import triton as kernels
 
-    batch, height, width, heads = 2, 2, 2, 2
+    batch = 2
     launches = []
 
     def add(frames, head_dim, guide_mode, adaptive, with_stats, with_map, dtype=torch.float16,
-            alpha=0.6, beta=1.5, scope="batch", beta_max=None, config=None, energy_config=None):
+            alpha=0.6, beta=1.5, scope="batch", beta_max=None, config=None, energy_config=None,
+            height=2, width=2, heads=2, energy_only=False):
         channels = heads * head_dim
         q, k, v = torch.zeros((batch * height * width, frames, 3 * channels), dtype=dtype).split(channels, -1)
         guide = None if guide_mode is None else torch.zeros((batch, 1, 1, heads, frames, frames), dtype=dtype)
@@ -36,8 +38,9 @@ def _temporal_attention_variants():
         out = torch.empty((batch * height * width, frames, channels), dtype=dtype)
         plain_map = torch.empty((batch, height, width, heads, frames, frames), dtype=dtype) if with_map else None
         stats = torch.empty((params.stats_rows(batch), 6)) if with_stats else None
-        launches.extend(kernels.kernel_launches(q, k, v, guide, heads, height, width, head_dim ** -0.5,
-                                                params, out, plain_map, stats, config, energy_config))
+        launches.extend(launch for launch in kernels.kernel_launches(
+            q, k, v, guide, heads, height, width, head_dim ** -0.5, params, out, plain_map, stats,
+            config, energy_config) if not energy_only or launch.kernel is kernels._energy_kernel)
 
     for head_dim, guide_mode in itertools.product((40, 80, 160), (None, "nearest", "bilinear")):
         add(16, head_dim, guide_mode, adaptive=False, with_stats=False, with_map=False)
@@ -57,6 +60,25 @@ def _temporal_attention_variants():
         add(16, 80, "nearest", adaptive=True, with_stats=True, with_map=True, dtype=dtype)
     for frames in (8, 24, 33, 64):
         add(frames, 80, "bilinear", adaptive=True, with_stats=True, with_map=True, scope="sample")
+    # The layers above give each energy program one tile (`steps` becomes the constant 1 and the
+    # loop over tiles disappears). Here 16 x 16 positions with 8 heads and 64 energy programs per
+    # video give it several, as the AnimateDiff layers whose energy pass loops at the default
+    # ENERGY_PROGRAMS do (up_blocks.3, d = 40; F > 16 at up_blocks.2's size), so that the lean
+    # forms' accumulators live across iterations. (Where else ptxas spills: docs/DESIGN.md
+    # section 8.)
+    kernels.ENERGY_PROGRAMS = 64
+    looping = dict(adaptive=True, with_map=False, height=16, width=16, heads=8, energy_only=True)
+    for form in ("lean", "tile"):
+        for guide_mode, with_stats in itertools.product((None, "nearest", "bilinear"), (False, True)):
+            tile = kernels.default_energy_config(16, 40)._replace(energy_form=form)
+            add(16, 40, guide_mode, with_stats=with_stats, energy_config=tile, **looping)
+        for dtype in (torch.bfloat16, torch.float32):
+            tile = kernels.default_energy_config(16, 40, dtype.itemsize)._replace(energy_form=form)
+            add(16, 40, "nearest", with_stats=True, dtype=dtype, energy_config=tile, **looping)
+        for frames, (guide_mode, with_stats) in itertools.product(
+                (24, 64), (("nearest", False), ("bilinear", False), ("bilinear", True))):
+            tile = kernels.default_energy_config(frames, 80)._replace(energy_form=form)
+            add(frames, 80, guide_mode, with_stats=with_stats, energy_config=tile, **looping)
     return compiled_variants(launches)
 
 

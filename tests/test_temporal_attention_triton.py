@@ -234,30 +234,77 @@ def test_identity_settings_skip_the_guide_and_the_band(dtype):
     assert_matches(beta_one, inputs[:3] + (guide,), out)
 
 
-@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
-def test_zero_guide_with_alpha_one_is_the_unguided_result(adaptive):
+def energy_tiles(case: AttentionCase, form: str) -> TileConfig:
+    """The energy pass's default tiles for `case`, in energy form `form` (`ENERGY_FORMS`)."""
+    tiles = kernels.default_energy_config(case.frames, case.head_dim, case.dtype.itemsize)
+    return tiles._replace(energy_form=form)
+
+
+@pytest.mark.parametrize("adaptive,form",
+                         [(False, "rows"), (True, "rows"), (True, "lean"), (True, "tile")],
+                         ids=["fixed", "adaptive", "lean", "tile"])
+def test_zero_guide_with_alpha_one_is_the_unguided_result(adaptive, form):
     """alpha = 1 with an all-zero guide makes every guided row sum 0: each row keeps the unguided
-    map, in the energies too, so out, map and stats equal those without a guide bit for bit."""
+    map, in the energies too, so out, map and stats equal those without a guide bit for bit, in
+    every energy form."""
     unguided = AttentionCase(adaptive_beta=adaptive, guide_size=None, alpha=0.0, head_dim=40,
                              dtype=torch.float16)
     q, k, v, _ = inputs = make_inputs(unguided)
     zero_guided = dataclasses.replace(unguided, guide_size=(1, 2), alpha=1.0)
     zero_guide = torch.zeros_like(make_inputs(zero_guided)[3])
-    expected = run_poisoned(unguided, inputs)
-    got = run_poisoned(zero_guided, (q, k, v, zero_guide))
+    tiles = energy_tiles(unguided, form)
+    expected = run_poisoned(unguided, inputs, energy_config=tiles)
+    got = run_poisoned(zero_guided, (q, k, v, zero_guide), energy_config=tiles)
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
     assert_matches(zero_guided, (q, k, v, zero_guide), *got)
 
 
-def test_rows_with_a_zero_guide_row_keep_the_unguided_map():
+@pytest.mark.parametrize("form", list(kernels.ENERGY_FORMS))
+def test_rows_with_a_zero_guide_row_keep_the_unguided_map(form):
     """Some guide rows zero (guided sum 0 with alpha = 1), the others a softmax: per-row choice."""
     case = AttentionCase(alpha=1.0, adaptive_beta=True, guide_size=(2, 2), height=3, width=3)
     q, k, v, guide = make_inputs(case)
     guide = guide.clone()
     guide[:, 0, :, :, ::3] = 0.0
-    out, plain_map, stats = run_poisoned(case, (q, k, v, guide))
+    out, plain_map, stats = run_poisoned(case, (q, k, v, guide),
+                                         energy_config=energy_tiles(case, form))
     assert_matches(case, (q, k, v, guide), out, plain_map, stats)
+
+
+# (case, stats asked for): the full band (F = 16) and the circulant band (F = 24, 32), each with
+# and without a guide, in every dtype; 3 x 3 positions x 2 heads give 18 sequences per video,
+# so the default 8-sequence tiles of 2-byte inputs leave a partly filled tile
+LEAN_ENERGY_CASES = [
+    (AttentionCase(head_dim=40, dtype=torch.float16, heads=2, height=3, width=3,
+                   guide_size=(2, 2), adaptive_beta=True), False),
+    (AttentionCase(head_dim=40, dtype=torch.bfloat16, heads=2, height=3, width=3, guide_size=None,
+                   alpha=0.0, adaptive_beta=True, energy_scope="sample", batch=4), True),
+    (AttentionCase(frames=24, tau=7, dtype=torch.float32, guide_upsample="bilinear",
+                   guide_size=(2, 2), height=3, adaptive_beta=True, beta_max=4.0), True),
+    (AttentionCase(frames=32, tau=5, dtype=torch.float16, guide_size=None, alpha=0.0,
+                   adaptive_beta=True), False),
+]
+
+
+@pytest.mark.parametrize("form", [form for form in kernels.ENERGY_FORMS if form != "rows"])
+@pytest.mark.parametrize("case,with_stats", LEAN_ENERGY_CASES,
+                         ids=[f"{case}-{'stats' if stats else 'nostats'}"
+                              for case, stats in LEAN_ENERGY_CASES])
+def test_lean_energy_forms_match_float64_formula(case, with_stats, form, monkeypatch):
+    """The energy pass's lean forms against the float64 formula, into poisoned outputs, with two
+    energy programs per video so that each sums several tiles (the last ones partly or wholly
+    past the end); a second run gives the same bits."""
+    monkeypatch.setattr(kernels, "ENERGY_PROGRAMS", 2)
+    kernels._launch_plan.cache_clear()
+    inputs = make_inputs(case, seed=5)
+    tiles = energy_tiles(case, form)
+    first = run_poisoned(case, inputs, with_map=False, with_stats=with_stats, energy_config=tiles)
+    second = run_poisoned(case, inputs, with_map=False, with_stats=with_stats, energy_config=tiles)
+    kernels._launch_plan.cache_clear()
+    assert_matches(case, inputs, first[0], stats=first[2])
+    for a, b in zip(first, second):
+        assert (a is None and b is None) or torch.equal(a, b)
 
 
 @pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])

@@ -19,6 +19,9 @@ programs sums a run of tiles (at most `ENERGY_PROGRAMS` programs per video) and 
 partial sums (three for beta, six with the stats; no zeroing, no atomics), then the one-program
 `_beta_kernel` sums the slots in a fixed order (bit-identical run to run) and turns them into beta
 and the stats on the device; the attention pass reads beta from there. No host synchronisation.
+The energy pass has three forms (`ENERGY_FORMS`, `TileConfig.energy_form`; "rows", the default,
+sums each tile per row; "lean" and "tile" do fewer row reductions per tile, see `_energy_kernel`),
+selectable so that a GPU can time them side by side (benchmarks/fused_kernel_times.py).
 
 Every backend's rules hold here too: rows whose guided sum is <= 0 or not finite keep the unguided
 map (energies included), and float16 A3 and out saturate at +-65504 (`_round_like`). The launch
@@ -29,13 +32,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from ..._environ import getenv
 from ...band import band_operand, is_full_band
 from ...energy import HIGH_ENERGY_FLOOR, STATS_FIELDS
 from ..launch import KernelLaunch
@@ -51,6 +54,9 @@ BAND_MODES = {"none": 0, "full": 1, "circulant": 2}
 # over s^2, s = rowsum(A2), from which E3 = |A2 + (beta - 1) A2 P|^2 / s^2 follows for any beta.
 SUM_FIELDS = 3
 SUM_FIELDS_WITH_STATS = 6
+# The energy pass's forms (`_energy_kernel`'s FORM): per-row sums as in the attention pass's tile;
+# the same without the row reductions only the attention pass needs; that with per-entry sums.
+ENERGY_FORMS = {"rows": 0, "lean": 1, "tile": 2}
 # Energy programs per video at most: each program sums `steps` consecutive tiles, so the one-program
 # beta kernel reads at most this many slots however large the layer (~8 programs per H200 SM).
 ENERGY_PROGRAMS = 1024
@@ -68,12 +74,15 @@ BETA_NUM_WARPS = 8
 
 class TileConfig(NamedTuple):
     """Launch shape: G sequences per program, head-dim chunk BLOCK_D, warps, and a cap on the
-    registers per thread that ptxas may use (Triton's `maxnreg`; None: ptxas decides)."""
+    registers per thread that ptxas may use (Triton's `maxnreg`; None: ptxas decides).
+    `energy_form` (one of `ENERGY_FORMS`; the attention pass ignores it) is the energy pass's
+    form: "rows", "lean" or "tile" (`_energy_kernel`)."""
 
     sequences: int
     block_d: int
     num_warps: int
     max_registers: Optional[int] = None
+    energy_form: str = "rows"
 
 
 def padded_frames(frames: int) -> int:
@@ -115,7 +124,9 @@ def default_energy_config(frames: int, head_dim: int, element_size: int = 2) -> 
     on 8 warps took 13.0 / 26.8 / 42.5 us at up_blocks.1 / 2 / 3 against 12.8 / 31.3 / 52.7 us
     for the attention pass's 4 on 4; a register cap of 96 on those, 2 sequences on 2 warps and
     software pipelining were slower at up_blocks.2 and 3 (within 0.8 us at up_blocks.1). At
-    F_PAD = 32 the pass takes the attention pass's new tiles, untimed there.
+    F_PAD = 32 the pass takes the attention pass's new tiles, untimed there. The form is "rows":
+    "lean" and "tile" do less work per tile but are untimed on a GPU, and they take more registers
+    in some variants (sm_90: docs/DESIGN.md section 8).
     `energy_candidate_configs` lists the alternatives benchmarks/fused_kernel_times.py times."""
     tile = default_config(frames, head_dim, element_size)
     return _doubled(tile) if padded_frames(frames) == 16 and element_size <= 2 else tile
@@ -146,12 +157,15 @@ ENERGY_REGISTER_CANDIDATE = 96
 def energy_candidate_configs(frames: int, head_dim: int) -> list:
     """The energy pass's default and alternatives (timed with adaptive beta by
     benchmarks/fused_kernel_times.py):
-    the attention pass's tiles (where they differ; else twice the sequences on twice the warps)
-    and the default with at most `ENERGY_REGISTER_CANDIDATE` registers."""
+    the attention pass's tiles (where they differ; else twice the sequences on twice the warps),
+    the default with at most `ENERGY_REGISTER_CANDIDATE` registers, then the default and the
+    other tiles in each other energy form (`ENERGY_FORMS`)."""
     default = default_energy_config(frames, head_dim)
     attention = default_config(frames, head_dim)
     other = attention if attention != default else _doubled(default)
-    return [default, other, default._replace(max_registers=ENERGY_REGISTER_CANDIDATE)]
+    forms = [form for form in ENERGY_FORMS if form != default.energy_form]
+    return [default, other, default._replace(max_registers=ENERGY_REGISTER_CANDIDATE)] + [
+        tile._replace(energy_form=form) for form in forms for tile in (default, other)]
 
 
 @triton.jit
@@ -194,7 +208,7 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, h
                     q_sn, q_sf, k_sn, k_sf, H, W, h, w, scale_y, scale_x, scale_log2, alpha,
                     F: tl.constexpr, F_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                     G: tl.constexpr, BLOCK_I: tl.constexpr, GUIDE_MODE: tl.constexpr,
-                    BAND: tl.constexpr, SPLIT_BAND: tl.constexpr):
+                    BAND: tl.constexpr, SPLIT_BAND: tl.constexpr, LEAN: tl.constexpr):
     """(attn, guided, guided @ P, rowsum(guided), row_valid) of query frames `frames`
     ([1, BLOCK_I, 1]) of G sequences against all F key frames: [G, BLOCK_I, F_PAD] fp32, row sums
     [G, BLOCK_I, 1].
@@ -202,6 +216,14 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, h
     Padded columns of the first three are zero; rows of padded frames or sequences hold finite
     values (row sums may be 0) that callers must not store or sum (row_valid, [G, BLOCK_I, 1],
     says which rows are real).
+
+    LEAN (the energy pass's lean forms, `_energy_kernel`) skips the row reductions that only the
+    attention pass needs: rows that keep A (no guide, or an unusable guided sum) take 1 as their
+    row sum, not a second sum of A (A's rows sum to 1 up to rounding; the usable-row test itself
+    is unchanged), and the full band's mean is that row sum / F, not a second row sum. A is
+    exps times the reciprocal of their row sum (within rounding of exps / sum), the reciprocal
+    set to 0 in the rows of padding (a per-row select), so attn and guided are zero there and
+    sums of their products need no mask; `high` is not zero there.
     """
     n32 = (seq // heads)[:, None, None]
     n = n32.to(tl.int64)  # addresses in int64
@@ -222,10 +244,16 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, h
     # softmax of scale * q k^T, in base 2 (the scale carries log2(e))
     logits = tl.where(col_valid, logits * scale_log2, float("-inf"))
     exps = tl.exp2(logits - tl.max(logits, axis=2)[:, :, None])
-    attn = exps / tl.sum(exps, axis=2)[:, :, None]
+    if LEAN:  # rows of padding become 0, so that sums of products need no mask
+        attn = exps * tl.where(row_valid, 1.0 / tl.sum(exps, axis=2)[:, :, None], 0.0)
+    else:
+        attn = exps / tl.sum(exps, axis=2)[:, :, None]
     if GUIDE_MODE == 0:
         guided = attn
-        row_sum = tl.sum(attn, axis=2)[:, :, None]
+        if LEAN:  # A's rows sum to 1 up to rounding
+            row_sum = tl.full([G, BLOCK_I, 1], 1.0, tl.float32)
+        else:
+            row_sum = tl.sum(attn, axis=2)[:, :, None]
     else:
         upsampled = _guide_tile(guide_ptr, n32, head, frames, cols, row_valid & col_valid, H, W, h,
                                 w, heads, scale_y, scale_x, F, GUIDE_MODE)
@@ -234,11 +262,17 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, h
         row_sum = tl.sum(guided, axis=2)[:, :, None]
         usable = (row_sum > 0.0) & (row_sum < float("inf"))  # false for NaN too
         guided = tl.where(usable, guided, attn)
-        row_sum = tl.where(usable, row_sum, tl.sum(attn, axis=2)[:, :, None])
+        if LEAN:  # those rows are A's, whose sums are 1 up to rounding
+            row_sum = tl.where(usable, row_sum, 1.0)
+        else:
+            row_sum = tl.where(usable, row_sum, tl.sum(attn, axis=2)[:, :, None])
     if BAND == 0:  # beta = 1: the band step is the identity and `high` goes unused
         high = guided
     elif BAND == 1:  # the full band, P = I - 1/F: remove the row mean
-        high = tl.where(col_valid, guided - (tl.sum(guided, axis=2) / F)[:, :, None], 0.0)
+        if LEAN:  # the same mean from the row sum at hand
+            high = tl.where(col_valid, guided - row_sum / F, 0.0)
+        else:
+            high = tl.where(col_valid, guided - (tl.sum(guided, axis=2) / F)[:, :, None], 0.0)
     else:
         # one 2-D product for the G sequences: they share P
         band, band_low = load_band(band_ptr, F_PAD, SPLIT_BAND)
@@ -249,14 +283,15 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, h
 
 @triton.jit
 def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, out_ptr, map_ptr,
-                      sequences, heads, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf,
+                      betas_at, sequences, heads, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf,
                       H, W, h, w, scale_y, scale_x, videos, scale_log2, alpha, beta0,
                       F: tl.constexpr, F_PAD: tl.constexpr, D: tl.constexpr,
                       BLOCK_D: tl.constexpr, G: tl.constexpr, BLOCK_I: tl.constexpr,
                       GUIDE_MODE: tl.constexpr, BAND: tl.constexpr, SPLIT_BAND: tl.constexpr,
                       PER_VIDEO: tl.constexpr, HAS_BETA: tl.constexpr, WITH_MAP: tl.constexpr):
     """out = A3 @ v for BLOCK_I query frames of G sequences (grid axis 0: 2**31 - 1 programs,
-    F_PAD // BLOCK_I per G sequences); beta from beta_ptr if HAS_BETA (one per energy group),
+    F_PAD // BLOCK_I per G sequences); beta from beta_ptr + betas_at if HAS_BETA (one per
+    energy group, in the energy pass's workspace),
     else beta0; the plain map too if WITH_MAP."""
     # sequence indices fit in int32 (`sequences` is an i32 argument); addresses are int64
     pid = tl.program_id(0)
@@ -266,11 +301,11 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, out_pt
     attn, guided, high, row_sum, row_valid = _attention_tile(
         q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, heads, q_sn, q_sf, k_sn, k_sf,
         H, W, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G, BLOCK_I,
-        GUIDE_MODE, BAND, SPLIT_BAND)
+        GUIDE_MODE, BAND, SPLIT_BAND, False)
     if HAS_BETA:
         entry = seq // heads // (H * W)  # int32: 64-bit division would take a stack frame
         group = entry % videos if PER_VIDEO else entry * 0
-        beta = tl.load(beta_ptr + group, mask=seq_valid, other=1.0)[:, None, None]
+        beta = tl.load(beta_ptr + betas_at + group, mask=seq_valid, other=1.0)[:, None, None]
     else:
         beta = beta0
     n = (seq // heads).to(tl.int64)[:, None, None]
@@ -313,18 +348,33 @@ def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, sequences_pe
                    scale_x, scale_log2, alpha,
                    F: tl.constexpr, F_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                    G: tl.constexpr, BLOCK_I: tl.constexpr, GUIDE_MODE: tl.constexpr,
-                   BAND: tl.constexpr, SPLIT_BAND: tl.constexpr, FIELDS: tl.constexpr):
+                   BAND: tl.constexpr, SPLIT_BAND: tl.constexpr, FIELDS: tl.constexpr,
+                   FORM: tl.constexpr):
     """Energy sums of `steps` consecutive tiles (BLOCK_I query frames of G sequences each) of
     video program_id(1) of the energy part, into this program's own slot
     (program_id(1) * num_programs(0) + program_id(0)) of `partials`: sum|A|^2, sum|A2|^2,
     sum<A2, A2 P>, and if FIELDS == 6 (stats asked for) the three over s^2 that E3 needs.
 
-    Sums accumulate per row in a fixed order, so the result is bit-identical run to run."""
+    FORM (`ENERGY_FORMS`, `TileConfig.energy_form`): 0 "rows" runs the attention pass's tile and
+    sums each tile's products per row into [G, BLOCK_I, 1] accumulators (three row reductions
+    per tile with a guide, two without, one more with stats). 1 "lean" drops the row
+    reductions that only the attention pass needs (`_attention_tile` with LEAN: no second sum
+    of A for the rows that keep it, no second row sum for the full band's mean). 2 "tile" is
+    "lean" with [G, BLOCK_I, F_PAD] fp32 accumulators: a tile's products are added entry by
+    entry (rows of padding are zero in the lean tile, so no mask either) and reduced once per
+    program, so the only row reductions left per tile are the softmax's two and, with a guide,
+    rowsum(A2); its accumulators hold 3 x 8 more values per thread on 8 sequences on 8 warps at
+    F_PAD = 16 (14-36 more registers on sm_90, docs/DESIGN.md section 8). With stats, whose E3
+    terms need 1/s^2 per row anyway, "tile" sums per row as "lean" does. Every form sums in a
+    fixed order, so the result is bit-identical run to run; the forms agree within fp32
+    rounding, not bit for bit. All are untimed on a GPU except "rows" (the default)."""
     video = tl.program_id(1)
     first_tile = tl.program_id(0) * steps
-    plain = tl.zeros([G, BLOCK_I, 1], dtype=tl.float32)
-    guided_sum = tl.zeros([G, BLOCK_I, 1], dtype=tl.float32)
-    high_sum = tl.zeros([G, BLOCK_I, 1], dtype=tl.float32)
+    # "tile" sums per entry; with stats, whose E3 terms are per-row sums anyway, as "lean"
+    PER_ENTRY: tl.constexpr = FORM == 2 and FIELDS == 3
+    plain = _accumulator(G, BLOCK_I, F_PAD, PER_ENTRY)
+    guided_sum = _accumulator(G, BLOCK_I, F_PAD, PER_ENTRY)
+    high_sum = _accumulator(G, BLOCK_I, F_PAD, PER_ENTRY)
     guided_e3 = tl.zeros([G, BLOCK_I, 1], dtype=tl.float32)
     cross_e3 = tl.zeros([G, BLOCK_I, 1], dtype=tl.float32)
     high_e3 = tl.zeros([G, BLOCK_I, 1], dtype=tl.float32)
@@ -337,15 +387,21 @@ def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, sequences_pe
         attn, guided, high, row_sum, row_valid = _attention_tile(
             q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, heads, q_sn, q_sf, k_sn,
             k_sf, H, W, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G,
-            BLOCK_I, GUIDE_MODE, BAND, SPLIT_BAND)
-        guided_rows = tl.sum(guided * guided, axis=2)[:, :, None]
-        cross_rows = tl.sum(guided * high, axis=2)[:, :, None]
-        if GUIDE_MODE == 0:  # A2 = A: E1 = E2
-            plain += tl.where(row_valid, guided_rows, 0.0)
+            BLOCK_I, GUIDE_MODE, BAND, SPLIT_BAND, FORM != 0)
+        if PER_ENTRY:  # rows of padding are zero in attn and guided
+            guided_sum += guided * guided
+            high_sum += guided * high
+            if GUIDE_MODE != 0:  # else A2 = A: E1 = E2
+                plain += attn * attn
         else:
-            plain += tl.where(row_valid, tl.sum(attn * attn, axis=2)[:, :, None], 0.0)
-        guided_sum += tl.where(row_valid, guided_rows, 0.0)
-        high_sum += tl.where(row_valid, cross_rows, 0.0)
+            guided_rows = tl.sum(guided * guided, axis=2)[:, :, None]
+            cross_rows = tl.sum(guided * high, axis=2)[:, :, None]
+            if GUIDE_MODE == 0:  # A2 = A: E1 = E2
+                plain += tl.where(row_valid, guided_rows, 0.0)
+            else:
+                plain += tl.where(row_valid, tl.sum(attn * attn, axis=2)[:, :, None], 0.0)
+            guided_sum += tl.where(row_valid, guided_rows, 0.0)
+            high_sum += tl.where(row_valid, cross_rows, 0.0)
         if FIELDS == 6:  # E3 is the energy of A3 / s, s = rowsum(A2) (A2 @ P sums to 0)
             inv_square = 1.0 / tl.where(row_valid, row_sum, 1.0)
             inv_square = inv_square * inv_square
@@ -353,6 +409,9 @@ def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, sequences_pe
             cross_e3 += tl.where(row_valid, cross_rows * inv_square, 0.0)
             high_rows = tl.sum(high * high, axis=2)[:, :, None]
             high_e3 += tl.where(row_valid, high_rows * inv_square, 0.0)
+    if PER_ENTRY:
+        if GUIDE_MODE == 0:  # E1 = E2: one accumulator
+            plain = guided_sum
     slot = partials_ptr + (video * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) * FIELDS
     tl.store(slot + 0, _tile_sum(plain))
     tl.store(slot + 1, _tile_sum(guided_sum))
@@ -364,16 +423,28 @@ def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, sequences_pe
 
 
 @triton.jit
+def _accumulator(G: tl.constexpr, BLOCK_I: tl.constexpr, F_PAD: tl.constexpr,
+                 PER_ENTRY: tl.constexpr):
+    """fp32 zeros to sum into: one per entry of a [G, BLOCK_I, F_PAD] tile, else one per row."""
+    if PER_ENTRY:
+        block = tl.zeros([G, BLOCK_I, F_PAD], dtype=tl.float32)
+    else:
+        block = tl.zeros([G, BLOCK_I, 1], dtype=tl.float32)
+    return block
+
+
+@triton.jit
 def _tile_sum(block):
     return tl.sum(tl.sum(tl.sum(block, axis=2), axis=1), axis=0)
 
 
 @triton.jit
-def _beta_kernel(partials_ptr, beta_ptr, stats_ptr, groups, slots_per_group, rows_per_group,
+def _beta_kernel(partials_ptr, stats_ptr, betas_at, groups, slots_per_group, rows_per_group,
                  beta0, beta_max, high_energy_floor, BLOCK: tl.constexpr, ADAPTIVE: tl.constexpr,
                  HAS_BETA_MAX: tl.constexpr, WRITE_STATS: tl.constexpr, FIELDS: tl.constexpr):
     """One program: per energy group, sum its slots in a fixed order (fp64), then beta (the map
-    op's rule) into beta_ptr and, if WRITE_STATS, the stats row (beta, E1, E2, E2_low, E2_high, E3)."""
+    op's rule) into the betas at partials_ptr + betas_at (the same workspace) and, if WRITE_STATS,
+    the stats row (beta, E1, E2, E2_low, E2_high, E3)."""
     lanes = tl.arange(0, BLOCK)[:, None]
     fields = tl.arange(0, 8)[None, :]
     count = tl.maximum(rows_per_group, 1.0)
@@ -390,7 +461,7 @@ def _beta_kernel(partials_ptr, beta_ptr, stats_ptr, groups, slots_per_group, row
         e2 = tl.sum(tl.where(field == 1, sums, 0.0)) / count
         e2_high = tl.sum(tl.where(field == 2, sums, 0.0)) / count
         beta = group_beta(e1, e2, e2_high, beta0, beta_max, high_energy_floor, ADAPTIVE, HAS_BETA_MAX)
-        tl.store(beta_ptr + group, beta)
+        tl.store(partials_ptr + betas_at + group, beta)
         if WRITE_STATS:
             store_stats_row(stats_ptr, group, beta, e1, e2, e2_high,
                             tl.sum(tl.where(field == 3, sums, 0.0)),
@@ -399,7 +470,7 @@ def _beta_kernel(partials_ptr, beta_ptr, stats_ptr, groups, slots_per_group, row
 
 
 def _check_device(q: torch.Tensor) -> None:
-    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if not q.is_cuda and getenv("TRITON_INTERPRET") != "1":
         raise RuntimeError(
             f"the fused temporal attention kernel needs CUDA tensors (got {q.device}); on CPU it "
             "runs only under the Triton interpreter (TRITON_INTERPRET=1 set before importing "
@@ -423,7 +494,7 @@ class _LaunchPlan(NamedTuple):
     attention_constants: dict  # geometry and constexprs of `_attention_kernel`
     energy_grid: Optional[tuple]  # None: no energy pass; (programs, videos), videos 0 if B = 0
     energy_constants: dict
-    partials_shape: tuple
+    workspace_size: int  # float32 elements: the energy partials, then one beta per energy group
     beta_constants: dict
 
 
@@ -455,7 +526,7 @@ def _launch_plan(frames: int, head_dim: int, heads: int, height: int, width: int
         SPLIT_BAND=split and not identity_band,
         PER_VIDEO=per_video,
         HAS_BETA=adaptive_beta, **_launch_options(tile))
-    energy_grid, energy_constants, beta_constants, partials_shape = None, {}, {}, (0,)
+    energy_grid, energy_constants, beta_constants, workspace_size, betas_at = None, {}, {}, 0, 0
     if with_sums:
         energy_tile = energy_config or default_energy_config(frames, head_dim, element_size)
         fields = SUM_FIELDS_WITH_STATS if with_stats else SUM_FIELDS
@@ -468,20 +539,24 @@ def _launch_plan(frames: int, head_dim: int, heads: int, height: int, width: int
             geometry, sequences_per_entry=sequences_per_entry, first_entry=energy_part * videos,
             steps=steps, F=frames, F_PAD=padded, D=head_dim, BLOCK_D=energy_tile.block_d,
             G=energy_tile.sequences, BLOCK_I=QUERY_BLOCK, GUIDE_MODE=guide_mode, BAND=band_mode,
-            SPLIT_BAND=split,
-            FIELDS=fields, num_stages=ENERGY_NUM_STAGES, **_launch_options(energy_tile))
-        partials_shape = (programs * videos, fields)
+            SPLIT_BAND=split, FIELDS=fields, FORM=ENERGY_FORMS[energy_tile.energy_form],
+            num_stages=ENERGY_NUM_STAGES, **_launch_options(energy_tile))
+        # one buffer per call (one allocation): the partials, then the betas (never a null pointer)
+        betas_at = programs * videos * fields
+        groups = videos if per_video else 1
+        workspace_size = betas_at + max(groups, 1)
         beta_constants = dict(
-            groups=videos if per_video else 1,
+            groups=groups, betas_at=betas_at,
             slots_per_group=programs * (1 if per_video else videos),
             rows_per_group=float(sequences_per_entry * frames * (1 if per_video else videos)),
             high_energy_floor=HIGH_ENERGY_FLOOR, BLOCK=REDUCE_BLOCK, ADAPTIVE=adaptive_beta,
             HAS_BETA_MAX=has_beta_max, WRITE_STATS=with_stats, FIELDS=fields,
             num_warps=BETA_NUM_WARPS)
+    attention_constants["betas_at"] = betas_at
     return _LaunchPlan(
         band, torch.empty((1,), dtype=torch.float32, device=device),
         (triton.cdiv(sequences, tile.sequences) * frame_blocks,), attention_constants,
-        energy_grid, energy_constants, partials_shape, beta_constants)
+        energy_grid, energy_constants, workspace_size, beta_constants)
 
 
 def kernel_launches(q, k, v, guide, heads: int, height: int, width: int, scale: float,
@@ -513,15 +588,14 @@ def kernel_launches(q, k, v, guide, heads: int, height: int, width: int, scale: 
     betas = plan.placeholder
     launches = []
     if with_sums:
-        groups = max(plan.beta_constants["groups"], 1)  # never a null pointer
-        betas = torch.empty((groups,), dtype=torch.float32, device=q.device)
-        partials = torch.empty(plan.partials_shape, dtype=torch.float32, device=q.device)
+        # one allocation, passed whole (a view of it would cost ~1 us of host time per call)
+        betas = workspace = torch.empty((plan.workspace_size,), dtype=torch.float32, device=q.device)
         if plan.energy_grid[1] > 0:
             launches.append(KernelLaunch(_energy_kernel, plan.energy_grid, plan.energy_constants, dict(
-                strides, q_ptr=q, k_ptr=k, guide_ptr=guide, band_ptr=band, partials_ptr=partials,
+                strides, q_ptr=q, k_ptr=k, guide_ptr=guide, band_ptr=band, partials_ptr=workspace,
                 alpha=alpha)))
         launches.append(KernelLaunch(_beta_kernel, (1,), plan.beta_constants, dict(
-            partials_ptr=partials, beta_ptr=betas, stats_ptr=betas if stats is None else stats,
+            partials_ptr=workspace, stats_ptr=workspace if stats is None else stats,
             beta0=beta, beta_max=beta if beta_max is None else beta_max)))
     if plan.attention_grid[0] > 0:
         launches.append(KernelLaunch(_attention_kernel, plan.attention_grid, plan.attention_constants, dict(
@@ -555,7 +629,7 @@ def temporal_attention_triton(q, k, v, guide, heads: int, height: int, width: in
     map and the stats are None unless asked for."""
     sequences, frames, channels = q.shape
     batch = sequences // (height * width)
-    out = q.new_empty((sequences, frames, channels))
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)  # ~1 us less than new_empty
     plain_map = q.new_empty((batch, height, width, heads, frames, frames)) if with_map else None
     stats = None
     if with_stats:

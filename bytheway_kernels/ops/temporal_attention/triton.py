@@ -208,7 +208,8 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, h
                     q_sn, q_sf, k_sn, k_sf, H, W, h, w, scale_y, scale_x, scale_log2, alpha,
                     F: tl.constexpr, F_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                     G: tl.constexpr, BLOCK_I: tl.constexpr, GUIDE_MODE: tl.constexpr,
-                    BAND: tl.constexpr, SPLIT_BAND: tl.constexpr, LEAN: tl.constexpr):
+                    BAND: tl.constexpr, SPLIT_BAND: tl.constexpr, LEAN: tl.constexpr,
+                    MEAN_FROM_ROW_SUM: tl.constexpr):
     """(attn, guided, guided @ P, rowsum(guided), row_valid) of query frames `frames`
     ([1, BLOCK_I, 1]) of G sequences against all F key frames: [G, BLOCK_I, F_PAD] fp32, row sums
     [G, BLOCK_I, 1].
@@ -220,10 +221,11 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, h
     LEAN (the energy pass's lean forms, `_energy_kernel`) skips the row reductions that only the
     attention pass needs: rows that keep A (no guide, or an unusable guided sum) take 1 as their
     row sum, not a second sum of A (A's rows sum to 1 up to rounding; the usable-row test itself
-    is unchanged), and the full band's mean is that row sum / F, not a second row sum. A is
-    exps times the reciprocal of their row sum (within rounding of exps / sum), the reciprocal
-    set to 0 in the rows of padding (a per-row select), so attn and guided are zero there and
-    sums of their products need no mask; `high` is not zero there.
+    is unchanged). A is exps times the reciprocal of their row sum (within rounding of
+    exps / sum), the reciprocal set to 0 in the rows of padding (a per-row select), so attn and
+    guided are zero there and sums of their products need no mask; `high` is not zero there.
+    MEAN_FROM_ROW_SUM (the attention pass and the lean forms) takes the full band's mean from
+    row_sum instead of a second row sum of guided.
     """
     n32 = (seq // heads)[:, None, None]
     n = n32.to(tl.int64)  # addresses in int64
@@ -269,7 +271,11 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, h
     if BAND == 0:  # beta = 1: the band step is the identity and `high` goes unused
         high = guided
     elif BAND == 1:  # the full band, P = I - 1/F: remove the row mean
-        if LEAN:  # the same mean from the row sum at hand
+        if MEAN_FROM_ROW_SUM:
+            # row_sum is rowsum(guided) bit for bit (the same reduction of the same values;
+            # LEAN's rows that keep A take 1): no second reduction (4 fewer SHFL per tile with a
+            # guide, sm_90). The energy pass's "rows" form keeps the second one: without it,
+            # its stats variant spills under Triton 3.6 (d = 40, nearest guide).
             high = tl.where(col_valid, guided - row_sum / F, 0.0)
         else:
             high = tl.where(col_valid, guided - (tl.sum(guided, axis=2) / F)[:, :, None], 0.0)
@@ -301,7 +307,7 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, out_pt
     attn, guided, high, row_sum, row_valid = _attention_tile(
         q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, heads, q_sn, q_sf, k_sn, k_sf,
         H, W, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G, BLOCK_I,
-        GUIDE_MODE, BAND, SPLIT_BAND, False)
+        GUIDE_MODE, BAND, SPLIT_BAND, False, True)
     if HAS_BETA:
         entry = seq // heads // (H * W)  # int32: 64-bit division would take a stack frame
         group = entry % videos if PER_VIDEO else entry * 0
@@ -387,7 +393,7 @@ def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, sequences_pe
         attn, guided, high, row_sum, row_valid = _attention_tile(
             q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, heads, q_sn, q_sf, k_sn,
             k_sf, H, W, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G,
-            BLOCK_I, GUIDE_MODE, BAND, SPLIT_BAND, FORM != 0)
+            BLOCK_I, GUIDE_MODE, BAND, SPLIT_BAND, FORM != 0, FORM != 0)
         if PER_ENTRY:  # rows of padding are zero in attn and guided
             guided_sum += guided * guided
             high_sum += guided * high

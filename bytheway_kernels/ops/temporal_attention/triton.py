@@ -170,16 +170,23 @@ def energy_candidate_configs(frames: int, head_dim: int) -> list:
 
 @triton.jit
 def _guide_tile(guide_ptr, n, head, frames, cols, mask, H, W, h, w, heads, scale_y, scale_x,
-                F: tl.constexpr, GUIDE_MODE: tl.constexpr):
+                F: tl.constexpr, GUIDE_MODE: tl.constexpr, QUOTIENT_ONCE: tl.constexpr):
     """Upsampled anchor map for [G, BLOCK_I, F_PAD], torch.interpolate's index rules in fp32.
 
     n (int32), head: [G, 1, 1]; frames: [1, BLOCK_I, 1]; cols: [1, 1, F_PAD]. Mirrors the map
     op's `_guide_rows` (ops/attention_probs/triton.py) in three dimensions; both take the index
     rules from `ops/triton_rules.py`.
     """
-    x = n % W  # int32 index arithmetic: 64-bit division would take a stack frame
-    y = (n // W) % H
-    b = n // (H * W)
+    # int32 index arithmetic: 64-bit division would take a stack frame
+    if QUOTIENT_ONCE:  # two divisions, n // W and its quotient // H, where these took three
+        row = n // W
+        x = n - row * W
+        b = row // H
+        y = row - b * H
+    else:  # the energy pass: the other form left its lean variant 8 bytes of spill (Triton 3.6)
+        x = n % W
+        y = (n // W) % H
+        b = n // (H * W)
     within = frames * F + cols  # int32 offsets inside one (F, F) map; whole maps in int64
     if GUIDE_MODE == 1:
         ys = nearest_source(y, scale_y, h)
@@ -209,7 +216,7 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, h
                     F: tl.constexpr, F_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                     G: tl.constexpr, BLOCK_I: tl.constexpr, GUIDE_MODE: tl.constexpr,
                     BAND: tl.constexpr, SPLIT_BAND: tl.constexpr, LEAN: tl.constexpr,
-                    MEAN_FROM_ROW_SUM: tl.constexpr):
+                    MEAN_FROM_ROW_SUM: tl.constexpr, QUOTIENT_ONCE: tl.constexpr):
     """(attn, guided, guided @ P, rowsum(guided), row_valid) of query frames `frames`
     ([1, BLOCK_I, 1]) of G sequences against all F key frames: [G, BLOCK_I, F_PAD] fp32, row sums
     [G, BLOCK_I, 1].
@@ -225,7 +232,8 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, h
     exps / sum), the reciprocal set to 0 in the rows of padding (a per-row select), so attn and
     guided are zero there and sums of their products need no mask; `high` is not zero there.
     MEAN_FROM_ROW_SUM (the attention pass and the lean forms) takes the full band's mean from
-    row_sum instead of a second row sum of guided.
+    row_sum instead of a second row sum of guided; QUOTIENT_ONCE (the attention pass) splits n
+    into (b, y, x) with two integer divisions instead of three (`_guide_tile`).
     """
     n32 = (seq // heads)[:, None, None]
     n = n32.to(tl.int64)  # addresses in int64
@@ -258,7 +266,7 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, h
             row_sum = tl.sum(attn, axis=2)[:, :, None]
     else:
         upsampled = _guide_tile(guide_ptr, n32, head, frames, cols, row_valid & col_valid, H, W, h,
-                                w, heads, scale_y, scale_x, F, GUIDE_MODE)
+                                w, heads, scale_y, scale_x, F, GUIDE_MODE, QUOTIENT_ONCE)
         guided = attn + alpha * (upsampled - attn)
         # rows whose guided sum is <= 0 or not finite keep A (the map op's rule, energies too)
         row_sum = tl.sum(guided, axis=2)[:, :, None]
@@ -307,7 +315,7 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, out_pt
     attn, guided, high, row_sum, row_valid = _attention_tile(
         q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, heads, q_sn, q_sf, k_sn, k_sf,
         H, W, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G, BLOCK_I,
-        GUIDE_MODE, BAND, SPLIT_BAND, False, True)
+        GUIDE_MODE, BAND, SPLIT_BAND, False, True, True)
     if HAS_BETA:
         entry = seq // heads // (H * W)  # int32: 64-bit division would take a stack frame
         group = entry % videos if PER_VIDEO else entry * 0
@@ -393,7 +401,7 @@ def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, sequences_pe
         attn, guided, high, row_sum, row_valid = _attention_tile(
             q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, heads, q_sn, q_sf, k_sn,
             k_sf, H, W, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G,
-            BLOCK_I, GUIDE_MODE, BAND, SPLIT_BAND, FORM != 0, FORM != 0)
+            BLOCK_I, GUIDE_MODE, BAND, SPLIT_BAND, FORM != 0, FORM != 0, False)
         if PER_ENTRY:  # rows of padding are zero in attn and guided
             guided_sum += guided * guided
             high_sum += guided * high

@@ -287,7 +287,7 @@ def target_rows(groups: Dict[str, List[dict]], on_gpu: bool, copy_bandwidth: Opt
             found = map_targets(group, rows, on_gpu)
         elif group.startswith("tiny-call "):
             found = tiny_targets(rows, on_gpu)
-        elif group.startswith("attention "):
+        elif group.startswith("attention ") and on_gpu:  # issue 9's targets are an H100/H200's
             found = list(attention_targets(group, rows))
             fixed = find(rows, "fused", "fixed")
             if fixed and copy_bandwidth and "up_blocks.3" in group and " F16 " in group:
@@ -299,7 +299,8 @@ def target_rows(groups: Dict[str, List[dict]], on_gpu: bool, copy_bandwidth: Opt
             found = [("layer", f"{enabled['extra_info'].get('backend') or 'default backend'}, {timing_of(rows)}",
                       primary(enabled) / primary(floor))] if floor and enabled else []
         elif group.startswith("denoiser "):
-            found = denoiser_targets(rows)
+            # off the GPU "fused" and "fast stock" run the composed path: no issue 9 target there
+            found = [row for row in denoiser_targets(rows) if on_gpu or row[0] == "denoiser"]
         else:
             found = []
         for key, timing, value in found:

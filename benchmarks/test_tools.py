@@ -120,6 +120,23 @@ def test_denoiser_targets_use_wall_time():
     assert found[("denoiser step, fast stock processor × stock", group)][1:4] == ["0.93×", "<= 0.92×", "**no**"]
 
 
+def test_issue_9_targets_only_on_a_gpu():
+    """Issue 9's targets are measured on an H100/H200: on a CPU the "fused" rows run the composed
+    path, so a CPU run shows issue 5's denoiser target and none of issue 9's."""
+    attention = "attention up_blocks.3 64x64 F16 d40 float32"
+    denoiser = "denoiser tiny-animatediff 8x8 F16 float32"
+    rows = [case(attention, "sdpa default", 1e-3, floor=True),
+            case(attention, "fused", 2e-3, "fixed", bytes_moved=320e6),
+            case(attention, "fused", 2e-3, "adaptive"),
+            case(denoiser, "bytheway off", 100e-3, floor=True), case(denoiser, "bytheway materialised", 101e-3),
+            case(denoiser, "fast stock", 96e-3)]
+    cpu = targets_of(rows, device_type="cpu")
+    assert {row[0] for row in cpu} == {"denoiser step overhead, ByTheWay (materialised) on vs off"}
+    assert {source for *_, source in cpu.values()} == {"issue 5"}
+    gpu = {label for label, _ in targets_of(rows)}
+    assert {"fused adaptive × fused fixed", "denoiser step, fast stock processor × stock"} <= gpu
+
+
 def test_group_table_columns_and_kernel_breakdown():
     section = make_results.device_section(run(map_rows()), label="a label", notes="Some notes.")
     assert "## GPU X (a label)\n\nSome notes.\n" in section

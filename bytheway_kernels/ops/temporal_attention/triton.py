@@ -500,7 +500,9 @@ def _launch_options(tile: TileConfig) -> dict:
 
 
 class _LaunchPlan(NamedTuple):
-    """Everything about the launches that depends only on shapes and settings, not on values."""
+    """Everything about the launches but this call's tensors: shapes, strides and settings. (The
+    launches' `values` hold tensors only: each scalar there would cost the direct launcher's
+    signature ~0.1 us per call.)"""
 
     band: Optional[torch.Tensor]  # the circulant P on the device, None for the full band
     placeholder: torch.Tensor  # a float32 pointer for the beta argument when beta is fixed
@@ -517,7 +519,8 @@ def _launch_plan(frames: int, head_dim: int, heads: int, height: int, width: int
                  tau: int, guide_mode: int, guide_size: tuple, scale: float, identity_band: bool,
                  with_sums: bool, params_key: tuple, with_stats: bool, element_size: int,
                  device: torch.device, config: Optional[TileConfig],
-                 energy_config: Optional[TileConfig], split_band: bool) -> _LaunchPlan:
+                 energy_config: Optional[TileConfig], split_band: bool, strides: tuple,
+                 alpha: float, beta: float, beta_max: float, with_map: bool) -> _LaunchPlan:
     """The launch plan of one call signature, built once (its device tensors before any CUDA graph
     capture, on the first eager call) and reused: the per-call host work is binding pointers."""
     adaptive_beta, parts, energy_part, per_video, has_beta_max = params_key
@@ -533,8 +536,11 @@ def _launch_plan(frames: int, head_dim: int, heads: int, height: int, width: int
     frame_blocks = padded // QUERY_BLOCK
     sequences = batch * height * width * heads
     videos = batch // parts
+    q_sn, q_sf, k_sn, k_sf, v_sn, v_sf = strides
+    qk_strides = dict(q_sn=q_sn, q_sf=q_sf, k_sn=k_sn, k_sf=k_sf)
     attention_constants = dict(
-        geometry, sequences=sequences, videos=max(videos, 1), F=frames, F_PAD=padded, D=head_dim,
+        geometry, **qk_strides, v_sn=v_sn, v_sf=v_sf, alpha=alpha, beta0=beta, WITH_MAP=with_map,
+        sequences=sequences, videos=max(videos, 1), F=frames, F_PAD=padded, D=head_dim,
         BLOCK_D=tile.block_d, G=tile.sequences, BLOCK_I=QUERY_BLOCK, GUIDE_MODE=guide_mode,
         BAND=BAND_MODES["none"] if identity_band else band_mode,
         SPLIT_BAND=split and not identity_band,
@@ -550,7 +556,7 @@ def _launch_plan(frames: int, head_dim: int, heads: int, height: int, width: int
         programs = triton.cdiv(tiles, steps)
         energy_grid = (programs, videos)
         energy_constants = dict(
-            geometry, sequences_per_entry=sequences_per_entry, first_entry=energy_part * videos,
+            geometry, **qk_strides, alpha=alpha, sequences_per_entry=sequences_per_entry, first_entry=energy_part * videos,
             steps=steps, F=frames, F_PAD=padded, D=head_dim, BLOCK_D=energy_tile.block_d,
             G=energy_tile.sequences, BLOCK_I=QUERY_BLOCK, GUIDE_MODE=guide_mode, BAND=band_mode,
             SPLIT_BAND=split, FIELDS=fields, FORM=ENERGY_FORMS[energy_tile.energy_form],
@@ -560,7 +566,7 @@ def _launch_plan(frames: int, head_dim: int, heads: int, height: int, width: int
         groups = videos if per_video else 1
         workspace_size = betas_at + max(groups, 1)
         beta_constants = dict(
-            groups=groups, betas_at=betas_at,
+            groups=groups, betas_at=betas_at, beta0=beta, beta_max=beta_max,
             slots_per_group=programs * (1 if per_video else videos),
             rows_per_group=float(sequences_per_entry * frames * (1 if per_video else videos)),
             high_energy_floor=HIGH_ENERGY_FLOOR, BLOCK=REDUCE_BLOCK, ADAPTIVE=adaptive_beta,
@@ -596,9 +602,10 @@ def kernel_launches(q, k, v, guide, heads: int, height: int, width: int, scale: 
         frames, channels // heads, heads, height, width, sequences_total // (height * width), tau,
         guide_mode, guide_size, scale, beta == 1.0 and not adaptive_beta, with_sums,
         (adaptive_beta, parts, energy_part, energy_scope == "sample", beta_max is not None),
-        stats is not None, q.element_size(), q.device, config, energy_config, triton_rules.SPLIT_BAND)
+        stats is not None, q.element_size(), q.device, config, energy_config, triton_rules.SPLIT_BAND,
+        q.stride()[:2] + k.stride()[:2] + v.stride()[:2], alpha, beta,
+        beta if beta_max is None else beta_max, plain_map is not None)
     band = q if plan.band is None else plan.band
-    strides = dict(q_sn=q.stride(0), q_sf=q.stride(1), k_sn=k.stride(0), k_sf=k.stride(1))
     betas = plan.placeholder
     launches = []
     if with_sums:
@@ -606,16 +613,13 @@ def kernel_launches(q, k, v, guide, heads: int, height: int, width: int, scale: 
         betas = workspace = torch.empty((plan.workspace_size,), dtype=torch.float32, device=q.device)
         if plan.energy_grid[1] > 0:
             launches.append(KernelLaunch(_energy_kernel, plan.energy_grid, plan.energy_constants, dict(
-                strides, q_ptr=q, k_ptr=k, guide_ptr=guide, band_ptr=band, partials_ptr=workspace,
-                alpha=alpha)))
+                q_ptr=q, k_ptr=k, guide_ptr=guide, band_ptr=band, partials_ptr=workspace)))
         launches.append(KernelLaunch(_beta_kernel, (1,), plan.beta_constants, dict(
-            partials_ptr=workspace, stats_ptr=workspace if stats is None else stats,
-            beta0=beta, beta_max=beta if beta_max is None else beta_max)))
+            partials_ptr=workspace, stats_ptr=workspace if stats is None else stats)))
     if plan.attention_grid[0] > 0:
         launches.append(KernelLaunch(_attention_kernel, plan.attention_grid, plan.attention_constants, dict(
-            strides, q_ptr=q, k_ptr=k, v_ptr=v, guide_ptr=guide, band_ptr=band, beta_ptr=betas,
-            out_ptr=out, map_ptr=out if plain_map is None else plain_map, v_sn=v.stride(0),
-            v_sf=v.stride(1), alpha=alpha, beta0=beta, WITH_MAP=plain_map is not None)))
+            q_ptr=q, k_ptr=k, v_ptr=v, guide_ptr=guide, band_ptr=band, beta_ptr=betas, out_ptr=out,
+            map_ptr=out if plain_map is None else plain_map)))
     return launches
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
-from ..energy import stats_rows
+import torch
+
+from ..energy import STATS_FIELDS, stats_rows
 
 
 class ByTheWayParams(NamedTuple):
@@ -34,3 +36,7 @@ class ByTheWayParams(NamedTuple):
     def stats_rows(self, batch: int) -> int:
         """Rows of the stats output for a batch of `batch` entries."""
         return stats_rows(batch, self.parts, self.energy_scope)
+
+    def empty_stats(self, like: torch.Tensor, batch: int) -> torch.Tensor:
+        """An uninitialised float32 stats output (rows, 6) for `batch` entries, on `like`'s device."""
+        return like.new_empty((self.stats_rows(batch), len(STATS_FIELDS)), dtype=torch.float32)

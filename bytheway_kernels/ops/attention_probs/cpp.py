@@ -42,7 +42,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ...band import high_band_matrix_float64, is_full_band
-from ...energy import HIGH_ENERGY_FLOOR, STATS_FIELDS
+from ...energy import HIGH_ENERGY_FLOOR
 from ..params import ByTheWayParams
 
 _SOURCE_FILES = ("attention_probs_cpu.cpp",)
@@ -236,8 +236,7 @@ def attention_probs_cpp(scores, guide, params: ByTheWayParams, with_stats: bool)
     """
     stats = None
     if with_stats:
-        stats = scores.new_empty((params.stats_rows(scores.shape[0]), len(STATS_FIELDS)),
-                                 dtype=torch.float32)
+        stats = params.empty_stats(scores, scores.shape[0])
     return _run(scores, guide, params, None, stats), stats
 
 

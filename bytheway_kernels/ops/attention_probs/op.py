@@ -34,39 +34,20 @@ def _reference_backend(scores, guide, params: ByTheWayParams, with_stats: bool):
     return result if with_stats else (result, None)
 
 
-def _triton_backend(scores, guide, params: ByTheWayParams, with_stats: bool):
-    """Allocate the outputs, launch the fused kernels into them."""
-    probs = torch.empty_like(scores, memory_format=torch.contiguous_format)
-    stats = None
-    if with_stats:
-        stats = scores.new_empty((params.stats_rows(scores.shape[0]), len(STATS_FIELDS)),
-                                 dtype=torch.float32)
-    _triton_out_launcher()(scores, guide, params, probs, stats)
-    return probs, stats
-
-
 @functools.lru_cache(maxsize=None)
-def _triton_out_launcher():
-    from .triton import attention_probs_triton_out  # imports triton only when used
+def _backend_function(backend: str):
+    """The function that runs `backend`: (scores, guide, params, with_stats) -> (probs, stats or
+    None). The compiled backends are imported on first use (Triton only when it runs); cached, as
+    an import statement per call would cost 0.4-1 us."""
+    if backend == "triton":
+        from .triton import attention_probs_triton
 
-    return attention_probs_triton_out
+        return attention_probs_triton
+    if backend == "cpp":
+        from .cpp import attention_probs_cpp  # allocates the probs in C++ (cheaper than empty_like)
 
-
-def _cpp_backend(scores, guide, params: ByTheWayParams, with_stats: bool):
-    """The C++ kernel (it allocates the probs itself, cheaper than torch.empty_like). Imported on
-    first use, which also puts it in `_BACKEND_FUNCTIONS` in place of this function: an import
-    statement or one more call frame per call would cost 0.1-0.4 us."""
-    from .cpp import attention_probs_cpp
-
-    _BACKEND_FUNCTIONS["cpp"] = attention_probs_cpp
-    return attention_probs_cpp(scores, guide, params, with_stats)
-
-
-_BACKEND_FUNCTIONS = {
-    "reference": _reference_backend,
-    "triton": _triton_backend,
-    "cpp": _cpp_backend,
-}
+        return attention_probs_cpp
+    return _reference_backend
 
 
 def backend_for(scores: torch.Tensor) -> str:
@@ -82,7 +63,7 @@ def backend_for(scores: torch.Tensor) -> str:
 
 def _run_backend(scores, guide, params: ByTheWayParams, with_stats: bool):
     """(probs, stats or None) from the backend chosen for `scores`."""
-    return _BACKEND_FUNCTIONS[backend_for(scores)](scores, guide, params, with_stats)
+    return _backend_function(backend_for(scores))(scores, guide, params, with_stats)
 
 
 # Arguments already validated, by everything validation looks at: tensor shapes, dtypes and

@@ -175,9 +175,9 @@ def _stats_kernel(scores_ptr, guide_ptr, band_ptr, workspace_ptr, stats_ptr, bet
     counter_ptr = (workspace_ptr + counter_at).to(tl.pointer_type(tl.int32), bitcast=True)
     ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
     if ticket == slots - 1:
-        _finish_energies(partials_ptr, workspace_ptr + betas_at, stats_ptr, slots, tl.num_programs(1),
-                         rows_per_entry, beta0, beta_max, CHUNK, ADAPTIVE, HAS_BETA_MAX,
-                         WRITE_STATS, PER_VIDEO)
+        _finish_energies(partials_ptr, workspace_ptr + betas_at, stats_ptr, slots,
+                         tl.num_programs(1), rows_per_entry, beta0, beta_max, CHUNK, ADAPTIVE,
+                         HAS_BETA_MAX, WRITE_STATS, PER_VIDEO)
 
 
 @triton.jit
@@ -225,8 +225,8 @@ def _finish_energies(partials_ptr, betas_ptr, stats_ptr, slots, videos, rows_per
 
 
 @triton.jit
-def _apply_kernel(scores_ptr, guide_ptr, band_ptr, betas_ptr, probs_ptr, betas_at, rows_per_entry, videos,
-                  H, W, h, w, heads, scale_y, scale_x, alpha, beta0,
+def _apply_kernel(scores_ptr, guide_ptr, band_ptr, betas_ptr, probs_ptr, betas_at, rows_per_entry,
+                  videos, H, W, h, w, heads, scale_y, scale_x, alpha, beta0,
                   F: tl.constexpr, F_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
                   GUIDE_MODE: tl.constexpr, FULL_BAND: tl.constexpr, SPLIT_BAND: tl.constexpr,
                   PER_VIDEO: tl.constexpr, ADAPTIVE: tl.constexpr):
@@ -374,3 +374,14 @@ def attention_probs_triton_out(scores, guide, params: ByTheWayParams, probs, sta
         guide = guide.contiguous()
     for launch in kernel_launches(scores, guide, params, probs, stats):
         launch.run()
+
+
+def attention_probs_triton(scores, guide, params: ByTheWayParams, with_stats: bool):
+    """(probs, stats or None): allocate the outputs (probs contiguous; stats float32 (rows, 6)
+    when `with_stats`) and launch the fused kernels into them."""
+    probs = torch.empty_like(scores, memory_format=torch.contiguous_format)
+    stats = None
+    if with_stats:
+        stats = params.empty_stats(scores, scores.shape[0])
+    attention_probs_triton_out(scores, guide, params, probs, stats)
+    return probs, stats

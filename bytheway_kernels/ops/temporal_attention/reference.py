@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..attention_probs.op import _BACKEND_FUNCTIONS, attention_probs
+from ..attention_probs.op import _reference_backend, attention_probs
 from ..attention_probs.reference import _to_output_dtype
 from ..params import ByTheWayParams
 
@@ -45,7 +45,7 @@ def temporal_attention_composed(
     if guide is not None:
         guide = guide.to(compute_dtype)
     if compute_dtype == torch.float64:  # the map op's GPU kernel would compute it in fp32
-        probs, stats = _BACKEND_FUNCTIONS["reference"](scores, guide, params, with_stats)
+        probs, stats = _reference_backend(scores, guide, params, with_stats)
     else:
         probs, stats = attention_probs(scores, guide, *params, with_stats)
     out = torch.matmul(probs.view(sequences, heads, frames, frames), split_heads(v, heads, compute_dtype))

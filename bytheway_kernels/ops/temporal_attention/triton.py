@@ -40,7 +40,7 @@ import triton.language as tl
 
 from ..._environ import getenv
 from ...band import band_operand, is_full_band
-from ...energy import HIGH_ENERGY_FLOOR, STATS_FIELDS
+from ...energy import HIGH_ENERGY_FLOOR
 from ..launch import KernelLaunch
 from ..params import ByTheWayParams
 from .. import triton_rules
@@ -57,6 +57,8 @@ SUM_FIELDS_WITH_STATS = 6
 # The energy pass's forms (`_energy_kernel`'s FORM): per-row sums as in the attention pass's tile;
 # the same without the row reductions only the attention pass needs; that with per-entry sums.
 ENERGY_FORMS = {"rows": 0, "lean": 1, "tile": 2}
+# `_attention_tile`'s ENERGY_FORM when the attention pass calls it
+ATTENTION_PASS = tl.constexpr(-1)
 # Energy programs per video at most: each program sums `steps` consecutive tiles, so the one-program
 # beta kernel reads at most this many slots however large the layer (~8 programs per H200 SM).
 ENERGY_PROGRAMS = 1024
@@ -215,8 +217,7 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, h
                     q_sn, q_sf, k_sn, k_sf, H, W, h, w, scale_y, scale_x, scale_log2, alpha,
                     F: tl.constexpr, F_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                     G: tl.constexpr, BLOCK_I: tl.constexpr, GUIDE_MODE: tl.constexpr,
-                    BAND: tl.constexpr, SPLIT_BAND: tl.constexpr, LEAN: tl.constexpr,
-                    MEAN_FROM_ROW_SUM: tl.constexpr, QUOTIENT_ONCE: tl.constexpr):
+                    BAND: tl.constexpr, SPLIT_BAND: tl.constexpr, ENERGY_FORM: tl.constexpr):
     """(attn, guided, guided @ P, rowsum(guided), row_valid) of query frames `frames`
     ([1, BLOCK_I, 1]) of G sequences against all F key frames: [G, BLOCK_I, F_PAD] fp32, row sums
     [G, BLOCK_I, 1].
@@ -225,16 +226,19 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, h
     values (row sums may be 0) that callers must not store or sum (row_valid, [G, BLOCK_I, 1],
     says which rows are real).
 
-    LEAN (the energy pass's lean forms, `_energy_kernel`) skips the row reductions that only the
-    attention pass needs: rows that keep A (no guide, or an unusable guided sum) take 1 as their
+    ENERGY_FORM is the energy pass's form (`ENERGY_FORMS`), or ATTENTION_PASS (-1) for the
+    attention pass. The lean forms (LEAN: "lean" and "tile", `_energy_kernel`) skip the row
+    reductions that only the attention pass needs: rows that keep A (no guide, or an unusable guided sum) take 1 as their
     row sum, not a second sum of A (A's rows sum to 1 up to rounding; the usable-row test itself
     is unchanged). A is exps times the reciprocal of their row sum (within rounding of
     exps / sum), the reciprocal set to 0 in the rows of padding (a per-row select), so attn and
     guided are zero there and sums of their products need no mask; `high` is not zero there.
-    MEAN_FROM_ROW_SUM (the attention pass and the lean forms) takes the full band's mean from
-    row_sum instead of a second row sum of guided; QUOTIENT_ONCE (the attention pass) splits n
-    into (b, y, x) with two integer divisions instead of three (`_guide_tile`).
+    All but the "rows" form take the full band's mean from row_sum instead of a second row sum
+    of guided (MEAN_FROM_ROW_SUM); the attention pass splits n into (b, y, x) with two integer
+    divisions instead of three (`_guide_tile`'s QUOTIENT_ONCE).
     """
+    LEAN: tl.constexpr = ENERGY_FORM > 0
+    MEAN_FROM_ROW_SUM: tl.constexpr = ENERGY_FORM != 0
     n32 = (seq // heads)[:, None, None]
     n = n32.to(tl.int64)  # addresses in int64
     head = (seq % heads)[:, None, None]
@@ -266,7 +270,7 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, h
             row_sum = tl.sum(attn, axis=2)[:, :, None]
     else:
         upsampled = _guide_tile(guide_ptr, n32, head, frames, cols, row_valid & col_valid, H, W, h,
-                                w, heads, scale_y, scale_x, F, GUIDE_MODE, QUOTIENT_ONCE)
+                                w, heads, scale_y, scale_x, F, GUIDE_MODE, ENERGY_FORM < 0)
         guided = attn + alpha * (upsampled - attn)
         # rows whose guided sum is <= 0 or not finite keep A (the map op's rule, energies too)
         row_sum = tl.sum(guided, axis=2)[:, :, None]
@@ -315,7 +319,7 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, out_pt
     attn, guided, high, row_sum, row_valid = _attention_tile(
         q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, heads, q_sn, q_sf, k_sn, k_sf,
         H, W, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G, BLOCK_I,
-        GUIDE_MODE, BAND, SPLIT_BAND, False, True, True)
+        GUIDE_MODE, BAND, SPLIT_BAND, ATTENTION_PASS)
     if HAS_BETA:
         entry = seq // heads // (H * W)  # int32: 64-bit division would take a stack frame
         group = entry % videos if PER_VIDEO else entry * 0
@@ -401,7 +405,7 @@ def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, sequences_pe
         attn, guided, high, row_sum, row_valid = _attention_tile(
             q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, heads, q_sn, q_sf, k_sn,
             k_sf, H, W, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G,
-            BLOCK_I, GUIDE_MODE, BAND, SPLIT_BAND, FORM != 0, FORM != 0, False)
+            BLOCK_I, GUIDE_MODE, BAND, SPLIT_BAND, FORM)
         if PER_ENTRY:  # rows of padding are zero in attn and guided
             guided_sum += guided * guided
             high_sum += guided * high
@@ -651,7 +655,7 @@ def temporal_attention_triton(q, k, v, guide, heads: int, height: int, width: in
     plain_map = q.new_empty((batch, height, width, heads, frames, frames)) if with_map else None
     stats = None
     if with_stats:
-        stats = q.new_empty((params.stats_rows(batch), len(STATS_FIELDS)), dtype=torch.float32)
+        stats = params.empty_stats(q, batch)
     temporal_attention_triton_out(q, k, v, guide, heads, height, width, scale, params, out,
                                   plain_map, stats)
     return out, plain_map, stats

@@ -10,12 +10,13 @@ waits for the host. Here torch.profiler sums each kernel's own device time inste
 For the AnimateDiff shapes (fp16, CFG batch 2, 8 heads, 16x16 guide, preset animatediff) and
 F = 24, 32 and 64 at up_blocks.2's size it prints the fused kernel plain, with fixed beta, with
 adaptive beta (energy pass + beta kernel + attention pass, each shown; again with the energy
-pass in each other form of `ENERGY_FORMS`, side by side) and as the anchor with its
-map; SDPA's flash, mem-efficient and cuDNN backends; at F = 16 the attention pass's
+pass in each other form of `ENERGY_FORMS` and in every form stashing the guided maps for the
+attention pass, `TileConfig.stash_guided`, side by side) and as the anchor with its map; SDPA's flash, mem-efficient and cuDNN backends; at F = 16 the attention pass's
 alternative tiles (`candidate_configs`) and the energy pass's tile
-configurations (each form included), software pipelining and program caps (`ENERGY_PROGRAMS`,
-each form); at F > 16 both band products and the attention pass's tile configurations. Ratios
-use these times; the summary gives adaptive / fixed for each energy form. The tile defaults
+configurations (each form and the stash included), software pipelining and program caps
+(`ENERGY_PROGRAMS`, each variant); at F > 16 both band products and the attention pass's tile
+configurations. Ratios use these times; the summary gives adaptive / fixed for each energy
+variant. The tile defaults
 of bytheway_kernels/ops/temporal_attention/triton.py come from its output (benchmarks/RESULTS.md).
 """
 
@@ -91,11 +92,26 @@ def kernel_setting(name: str, value):
 
 
 def tiles_label(config: TileConfig) -> str:
-    """(sequences, BLOCK_D, warps), then the register cap and the energy form if not the default."""
+    """(sequences, BLOCK_D, warps), then the register cap, the energy form and the stash where
+    they are not the default."""
     extra = [] if config.max_registers is None else [f"maxnreg {config.max_registers}"]
     if config.energy_form != TileConfig._field_defaults["energy_form"]:
         extra.append(f"form {config.energy_form}")
+    if config.stash_guided != TileConfig._field_defaults["stash_guided"]:
+        extra.append("stash" if config.stash_guided else "no stash")
     return " ".join([str(tuple(config[:3]))] + extra)
+
+
+def energy_variants(tiles: TileConfig) -> dict:
+    """{label: tiles}: the energy pass's default `tiles` in every other form, with and without
+    the stash of guided maps (labels: the form, then "+stash" where it stashes)."""
+    variants = {}
+    for form in ENERGY_FORMS:
+        for stash in (False, True):
+            variant = tiles._replace(energy_form=form, stash_guided=stash)
+            if variant != tiles:
+                variants[form + ("+stash" if stash else "")] = variant
+    return variants
 
 
 def total(times: dict) -> float:
@@ -145,14 +161,12 @@ def main() -> int:
         floor = 4 * q.numel() * q.element_size() / 4.25e12 * 1e6
         print(f"\n{name}: {height}x{width}, d {head_dim}, F {frames}; memory floor {floor:.1f} us "
               "(q, k, v read + out written at 4.25 TB/s)")
-        energy_tiles = default_energy_config(frames, head_dim)
-        # the energy pass's other forms on its default tiles, timed beside the default form
-        other_forms = {form: energy_tiles._replace(energy_form=form) for form in ENERGY_FORMS
-                       if form != energy_tiles.energy_form}
+        # the energy pass's other forms on its default tiles, and the stash, beside the default
+        variants = energy_variants(default_energy_config(frames, head_dim))
         rows = {"fused plain": fused(None, plain), "fused fixed": fused(guide, fixed),
                 "fused adaptive": fused(guide, adaptive),
-                **{f"fused adaptive, energy {form}": fused(guide, adaptive, energy_config=tiles)
-                   for form, tiles in other_forms.items()},
+                **{f"fused adaptive, energy {label}": fused(guide, adaptive, energy_config=tiles)
+                   for label, tiles in variants.items()},
                 "fused anchor+map": fused(None, fixed, with_map=True)}
         times = {}
         for label, fn in rows.items():
@@ -188,9 +202,9 @@ def main() -> int:
                 print(f"  {'adaptive, energy num_stages 2':34} {describe(sweep)}")
             for cap in ENERGY_PROGRAM_CAPS:
                 with kernel_setting("ENERGY_PROGRAMS", cap):
-                    # its own tiles in each energy form (the attention pass's tiles at these
+                    # its own tiles in each energy variant (the attention pass's tiles at these
                     # caps were timed on the H200: benchmarks/RESULTS.md)
-                    for config in (None, *other_forms.values()):
+                    for config in (None, *variants.values()):
                         sweep = device_times(fused(guide, adaptive, energy_config=config), flush)
                         label = f"adaptive, ENERGY_PROGRAMS {cap}" + (
                             f" {tiles_label(config)}" if config else "")
@@ -198,15 +212,15 @@ def main() -> int:
         best_sdpa = min((total(times[key]) for key in times if key.startswith("sdpa")),
                         default=float("nan"))
         fixed_us = total(times["fused fixed"])
-        forms_us = {form: total(times[f"fused adaptive, energy {form}"]) for form in other_forms}
+        forms_us = {label: total(times[f"fused adaptive, energy {label}"]) for label in variants}
         summary.append((name, floor, fixed_us, total(times["fused adaptive"]), best_sdpa, forms_us))
     print(f"\n{'shape':16}{'floor':>8}{'fixed':>9}{'adaptive':>10}{'best SDPA':>11}"
           f"{'fixed/SDPA':>12}{'adapt/fixed':>13}{'floor/fixed':>13}"
-          + "".join(f"{form + '/fixed':>13}" for form in summary[0][5]))
+          + "".join(f"{form + '/fixed':>18}" for form in summary[0][5]))
     for name, floor, fixed_us, adaptive_us, best_sdpa, forms_us in summary:
         print(f"{name:16}{floor:8.1f}{fixed_us:9.1f}{adaptive_us:10.1f}{best_sdpa:11.1f}"
               f"{fixed_us / best_sdpa:12.3f}{adaptive_us / fixed_us:13.2f}{floor / fixed_us:13.2f}"
-              + "".join(f"{form_us / fixed_us:13.2f}" for form_us in forms_us.values()))
+              + "".join(f"{form_us / fixed_us:18.2f}" for form_us in forms_us.values()))
     print(f"({time.perf_counter() - started:.0f} s)")
     return 0 if all(math.isfinite(row[2]) for row in summary) else 1
 

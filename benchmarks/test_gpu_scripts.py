@@ -56,6 +56,8 @@ def test_fused_kernel_times_runs():
     """)
     assert "fused adaptive" in out and "ENERGY_PROGRAMS 1" in out
     assert "fused adaptive, energy tile" in out and "tile/fixed" in out  # the energy forms
+    assert "fused adaptive, energy rows+stash" in out and "rows+stash/fixed" in out  # the stash
+    assert "adaptive, energy tiles (8, 32, 8) form lean stash" in out  # energy_candidate_configs
     assert "fixed, tiles (8, 32, 8" in out  # F = 16: candidate_configs
     assert "fixed, tiles (4, 32, 8" in out  # F = 24: WIDE_FRAME_CONFIGS
     assert out.splitlines()[-2].startswith("up_blocks.2 F24")  # the summary's last row

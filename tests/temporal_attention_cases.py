@@ -175,3 +175,33 @@ def case_matrix():
         cases.append(AttentionCase(head_dim=head_dim, dtype=dtype, adaptive_beta=adaptive,
                                    guide_upsample=upsample, guide_size=(1, 2), heads=3))
     return cases
+
+
+# (case, stats asked for, energy form): the stash with the full band and the circulant band, every
+# dtype, guide mode and scope, fixed beta with stats (an energy pass without adaptive beta), a
+# 3-part split whose energy part is in the middle, beta 10 on near-uniform rows (where the band
+# term amplifies the stash's rounding most), and each energy form. 3 x 3 positions x 2 heads are
+# 18 sequences per video: the programs of 4 sequences across a part's edge recompute theirs.
+STASH_CASES = [
+    (AttentionCase(head_dim=40, dtype=torch.float16, heads=2, height=3, width=3,
+                   guide_size=(2, 2), adaptive_beta=True), False, "rows"),
+    (AttentionCase(head_dim=40, dtype=torch.float16, heads=2, height=3, width=3, beta=10.0,
+                   logit_scale=0.3, guide_size=(1, 1), adaptive_beta=True), True, "lean"),
+    (AttentionCase(head_dim=40, dtype=torch.bfloat16, heads=2, height=3, width=3, guide_size=None,
+                   alpha=0.0, adaptive_beta=True, energy_scope="sample", batch=4), True, "tile"),
+    (AttentionCase(frames=24, tau=7, dtype=torch.float32, guide_upsample="bilinear",
+                   guide_size=(2, 2), height=3, adaptive_beta=True, beta_max=4.0), True, "rows"),
+    (AttentionCase(frames=32, tau=5, dtype=torch.float16, guide_size=None, alpha=0.0,
+                   adaptive_beta=True), False, "lean"),
+    (AttentionCase(head_dim=80, dtype=torch.float16, beta=10.0, parts=3, batch=3,
+                   guide_size=(1, 2), fused_qkv=False), True, "rows"),
+]
+
+
+def energy_tiles(case: AttentionCase, form: str = "rows", stash_guided: bool = False):
+    """The fused kernel's default energy-pass tiles for `case`, in energy form `form`
+    (`ENERGY_FORMS`), stashing the guided maps for the attention pass if `stash_guided`."""
+    from bytheway_kernels.ops.temporal_attention.triton import default_energy_config
+
+    tiles = default_energy_config(case.frames, case.head_dim, case.dtype.itemsize)
+    return tiles._replace(energy_form=form, stash_guided=stash_guided)

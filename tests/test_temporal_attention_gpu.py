@@ -1,13 +1,14 @@
 """The compiled fused temporal attention kernels on a CUDA GPU (skipped without one): the case
 matrix against the float64 formula, a grid of more than 65,535 programs, CUDA graphs,
-torch.compile and run-to-run determinism."""
+torch.compile and run-to-run determinism, the stash of guided maps (`TileConfig.stash_guided`)."""
 
 import pytest
 import torch
 
 import bytheway_kernels as btw
 from bytheway_kernels.ops.temporal_attention.triton import temporal_attention_triton_out
-from temporal_attention_cases import AttentionCase, assert_matches, case_matrix, make_inputs
+from temporal_attention_cases import (STASH_CASES, AttentionCase, assert_matches, case_matrix,
+                                     energy_tiles, make_inputs)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -80,3 +81,48 @@ def test_animatediff_shapes_fp16(size, head_dim, adaptive):
     inputs = make_inputs(case, seed=1, device="cuda")
     out, plain_map, stats = _call(case, inputs, return_map=True, return_stats=True)
     assert_matches(case, inputs, out, plain_map, stats)
+
+
+def _poisoned_launch(case, inputs, with_stats, energy_config):
+    """The fused kernels into NaN-filled out (and stats); returns them."""
+    q, k, v, guide = inputs
+    out = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)
+    stats = None
+    if with_stats:
+        stats = torch.full((case.params().stats_rows(case.batch), 6), float("nan"), device="cuda")
+    temporal_attention_triton_out(q, k, v, guide, case.heads, case.height, case.width,
+                                  case.head_dim ** -0.5, case.params(), out, None, stats,
+                                  energy_config=energy_config)
+    return out, stats
+
+
+@pytest.mark.parametrize("case,with_stats,form", STASH_CASES,
+                         ids=[f"{case}-{'stats' if stats else 'nostats'}-{form}"
+                              for case, stats, form in STASH_CASES])
+def test_stashed_guided_maps_match_float64_formula(case, with_stats, form):
+    inputs = make_inputs(case, seed=5, device="cuda")
+    tiles = energy_tiles(case, form, stash_guided=True)
+    out, stats = _poisoned_launch(case, inputs, with_stats, tiles)
+    again = _poisoned_launch(case, inputs, with_stats, tiles)
+    assert torch.equal(out, again[0])
+    assert_matches(case, inputs, out, stats=stats)
+
+
+@pytest.mark.parametrize("size,head_dim", [(16, 160), (32, 80), (64, 40)])
+def test_stash_at_animatediff_shapes_fp16_and_in_a_cuda_graph(size, head_dim):
+    """Adaptive beta with the stash at the AnimateDiff decoder shapes, eager and replayed from a
+    CUDA graph (the stash allocated during capture), bit-identical."""
+    case = AttentionCase(height=size, width=size, heads=8, head_dim=head_dim, dtype=torch.float16,
+                         guide_size=(16, 16), adaptive_beta=True)
+    inputs = make_inputs(case, seed=1, device="cuda")
+    tiles = energy_tiles(case, stash_guided=True)
+    out, stats = _poisoned_launch(case, inputs, True, tiles)
+    assert_matches(case, inputs, out, stats=stats)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _poisoned_launch(case, inputs, True, tiles)
+    graph.replay()
+    torch.cuda.synchronize()
+    for first, second in zip((out, stats), captured):
+        assert torch.equal(first, second)

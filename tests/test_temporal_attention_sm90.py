@@ -16,8 +16,9 @@ from test_triton_sm90 import (COMPILE_RUNS, compiled_variants, report_usage, run
 
 def _temporal_attention_variants():
     """Every kernel variant the op launches at the AnimateDiff head dims, the tuning tiles, other
-    dtypes and other F (circulant band, other paddings), and every energy form (`ENERGY_FORMS`)
-    in the looping energy pass of a larger layer."""
+    dtypes and other F (circulant band, other paddings), the stash of guided maps
+    (`TileConfig.stash_guided`), and every energy form (`ENERGY_FORMS`) in the looping energy
+    pass of a larger layer."""
     import torch
 
     from bytheway_kernels.band import max_tau
@@ -56,10 +57,20 @@ def _temporal_attention_variants():
                 add(16, head_dim, "bilinear", adaptive=True, with_stats=with_stats, with_map=False,
                     energy_config=config)
     add(16, 80, "nearest", adaptive=False, with_stats=True, with_map=False)  # fixed beta with stats
+
+    def stashed(frames, head_dim, dtype=torch.float16):
+        """The energy pass's default tiles, stashing the guided maps for the attention pass."""
+        tile = kernels.default_energy_config(frames, head_dim, dtype.itemsize)
+        return tile._replace(stash_guided=True)
+
     for dtype in (torch.bfloat16, torch.float32):
         add(16, 80, "nearest", adaptive=True, with_stats=True, with_map=True, dtype=dtype)
+        add(16, 80, "nearest", adaptive=True, with_stats=True, with_map=False, dtype=dtype,
+            energy_config=stashed(16, 80, dtype))
     for frames in (8, 24, 33, 64):
         add(frames, 80, "bilinear", adaptive=True, with_stats=True, with_map=True, scope="sample")
+        add(frames, 80, "bilinear", adaptive=True, with_stats=False, with_map=False, scope="sample",
+            energy_config=stashed(frames, 80))
     # The layers above give each energy program one tile (`steps` becomes the constant 1 and the
     # loop over tiles disappears). Here 16 x 16 positions with 8 heads and 64 energy programs per
     # video give it several, as the AnimateDiff layers whose energy pass loops at the default
@@ -79,6 +90,11 @@ def _temporal_attention_variants():
                 (24, 64), (("nearest", False), ("bilinear", False), ("bilinear", True))):
             tile = kernels.default_energy_config(frames, 80)._replace(energy_form=form)
             add(frames, 80, guide_mode, with_stats=with_stats, energy_config=tile, **looping)
+    # the stash's store in the looping energy pass, every form ("rows" included: with the stash it
+    # kept everything in registers under Triton 3.6 too)
+    for form, guide_mode in itertools.product(kernels.ENERGY_FORMS, (None, "nearest", "bilinear")):
+        tile = stashed(16, 40)._replace(energy_form=form)
+        add(16, 40, guide_mode, with_stats=False, energy_config=tile, **looping)
     return compiled_variants(launches)
 
 

@@ -16,7 +16,9 @@ from bytheway_kernels.ops import triton_rules
 from bytheway_kernels.ops.temporal_attention import triton as kernels
 from bytheway_kernels.ops.temporal_attention.triton import (TileConfig,
                                                             temporal_attention_triton_out)
-from temporal_attention_cases import AttentionCase, assert_matches, case_matrix, make_inputs
+from temporal_attention_cases import (STASH_CASES, AttentionCase, assert_matches, case_matrix,
+                                     energy_tiles, make_inputs)
+from bytheway_kernels.testing import PROB_TOLERANCES
 
 pytestmark = needs_triton_interpreter
 
@@ -234,12 +236,6 @@ def test_identity_settings_skip_the_guide_and_the_band(dtype):
     assert_matches(beta_one, inputs[:3] + (guide,), out)
 
 
-def energy_tiles(case: AttentionCase, form: str) -> TileConfig:
-    """The energy pass's default tiles for `case`, in energy form `form` (`ENERGY_FORMS`)."""
-    tiles = kernels.default_energy_config(case.frames, case.head_dim, case.dtype.itemsize)
-    return tiles._replace(energy_form=form)
-
-
 @pytest.mark.parametrize("adaptive,form",
                          [(False, "rows"), (True, "rows"), (True, "lean"), (True, "tile")],
                          ids=["fixed", "adaptive", "lean", "tile"])
@@ -272,6 +268,22 @@ def test_rows_with_a_zero_guide_row_keep_the_unguided_map(form):
     assert_matches(case, (q, k, v, guide), out, plain_map, stats)
 
 
+def check_with_two_energy_programs(case: AttentionCase, with_stats: bool, tiles: TileConfig,
+                                   monkeypatch) -> None:
+    """`case` with energy tiles `tiles` against the float64 formula, into poisoned outputs, with
+    two energy programs per video so that each sums several tiles (the last ones partly or wholly
+    past the end); a second run must give the same bits."""
+    monkeypatch.setattr(kernels, "ENERGY_PROGRAMS", 2)
+    kernels._launch_plan.cache_clear()
+    inputs = make_inputs(case, seed=5)
+    first = run_poisoned(case, inputs, with_map=False, with_stats=with_stats, energy_config=tiles)
+    second = run_poisoned(case, inputs, with_map=False, with_stats=with_stats, energy_config=tiles)
+    kernels._launch_plan.cache_clear()
+    assert_matches(case, inputs, first[0], stats=first[2])
+    for a, b in zip(first, second):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
 # (case, stats asked for): the full band (F = 16) and the circulant band (F = 24, 32), each with
 # and without a guide, in every dtype; 3 x 3 positions x 2 heads give 18 sequences per video,
 # so the default 8-sequence tiles of 2-byte inputs leave a partly filled tile
@@ -292,19 +304,8 @@ LEAN_ENERGY_CASES = [
                          ids=[f"{case}-{'stats' if stats else 'nostats'}"
                               for case, stats in LEAN_ENERGY_CASES])
 def test_lean_energy_forms_match_float64_formula(case, with_stats, form, monkeypatch):
-    """The energy pass's lean forms against the float64 formula, into poisoned outputs, with two
-    energy programs per video so that each sums several tiles (the last ones partly or wholly
-    past the end); a second run gives the same bits."""
-    monkeypatch.setattr(kernels, "ENERGY_PROGRAMS", 2)
-    kernels._launch_plan.cache_clear()
-    inputs = make_inputs(case, seed=5)
-    tiles = energy_tiles(case, form)
-    first = run_poisoned(case, inputs, with_map=False, with_stats=with_stats, energy_config=tiles)
-    second = run_poisoned(case, inputs, with_map=False, with_stats=with_stats, energy_config=tiles)
-    kernels._launch_plan.cache_clear()
-    assert_matches(case, inputs, first[0], stats=first[2])
-    for a, b in zip(first, second):
-        assert (a is None and b is None) or torch.equal(a, b)
+    """The energy pass's lean forms (`check_with_two_energy_programs`)."""
+    check_with_two_energy_programs(case, with_stats, energy_tiles(case, form), monkeypatch)
 
 
 @pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
@@ -340,4 +341,60 @@ def test_energy_programs_sum_several_tiles(scope, monkeypatch):
     assert plan.energy_grid == (2, 2) and plan.energy_constants["steps"] == 3
     out, plain_map, stats = run_poisoned(case, inputs)
     kernels._launch_plan.cache_clear()
+    assert_matches(case, inputs, out, plain_map, stats)
+
+
+@pytest.mark.parametrize("case,with_stats,form", STASH_CASES,
+                         ids=[f"{case}-{'stats' if stats else 'nostats'}-{form}"
+                              for case, stats, form in STASH_CASES])
+def test_stashed_guided_maps_match_float64_formula(case, with_stats, form, monkeypatch):
+    """The attention pass reading the energy pass's stash of guided maps, with the same bound as
+    the recomputing path; each energy program stashes several tiles
+    (`check_with_two_energy_programs`)."""
+    check_with_two_energy_programs(case, with_stats, energy_tiles(case, form, stash_guided=True),
+                                   monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_attention_pass_reads_the_stash(dtype):
+    """Zeroing the stash between the passes makes every energy-part row attend uniformly (A3 =
+    1/F exactly: out is the mean of v over the frames), while the other part's rows are those of
+    the recomputing path bit for bit. 2 x 2 positions x 2 heads = 8 sequences per video: every
+    program of 4 sequences lies in one part."""
+    case = AttentionCase(head_dim=40, dtype=dtype, adaptive_beta=True, guide_size=(1, 2))
+    q, k, v, guide = inputs = make_inputs(case)
+    recomputed, _, _ = run_poisoned(case, inputs, with_map=False, with_stats=False)
+    out = torch.full(q.shape, float("nan"), dtype=dtype)
+    launches = kernels.kernel_launches(q, k, v, guide, case.heads, case.height, case.width,
+                                       case.head_dim ** -0.5, case.params(), out,
+                                       energy_config=energy_tiles(case, stash_guided=True))
+    stash = launches[0].values["stash_ptr"]
+    assert stash.dtype == (torch.float32 if dtype == torch.float32 else torch.float16)
+    assert stash.numel() == case.height * case.width * case.heads * case.frames ** 2
+    for launch in launches:
+        launch.run()
+        if launch.kernel is kernels._energy_kernel:
+            assert stash.abs().sum() > 0  # the energy pass wrote the deviations
+            stash.zero_()
+    energy_rows = slice(case.height * case.width, None)  # the second half of the CFG batch
+    assert torch.equal(out[:energy_rows.start], recomputed[:energy_rows.start])
+    uniform = v[energy_rows].double().mean(dim=1, keepdim=True).expand_as(out[energy_rows])
+    torch.testing.assert_close(out[energy_rows].double(), uniform,
+                               **dict(zip(("atol", "rtol"), PROB_TOLERANCES[dtype])))
+
+
+def test_no_stash_with_the_anchor_map():
+    """The anchor's plain map needs A, which the stash does not hold: with `return_map` the
+    energy pass stashes nothing and the attention pass recomputes every row."""
+    case = AttentionCase(adaptive_beta=True, dtype=torch.float16, head_dim=40)
+    q, k, v, guide = inputs = make_inputs(case)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    plain_map = torch.empty((case.batch, case.height, case.width, case.heads, case.frames,
+                             case.frames), dtype=q.dtype)
+    launches = kernels.kernel_launches(q, k, v, guide, case.heads, case.height, case.width,
+                                       case.head_dim ** -0.5, case.params(), out, plain_map,
+                                       energy_config=energy_tiles(case, stash_guided=True))
+    assert not any(launch.constants.get("STASH") for launch in launches)
+    out, plain_map, stats = run_poisoned(case, inputs,
+                                         energy_config=energy_tiles(case, stash_guided=True))
     assert_matches(case, inputs, out, plain_map, stats)

@@ -77,14 +77,17 @@ BETA_NUM_WARPS = 8
 class TileConfig(NamedTuple):
     """Launch shape: G sequences per program, head-dim chunk BLOCK_D, warps, and a cap on the
     registers per thread that ptxas may use (Triton's `maxnreg`; None: ptxas decides).
-    `energy_form` (one of `ENERGY_FORMS`; the attention pass ignores it) is the energy pass's
-    form: "rows", "lean" or "tile" (`_energy_kernel`)."""
+    Two fields concern the energy pass only (the attention pass's own config ignores them):
+    `energy_form`, one of `ENERGY_FORMS` ("rows", "lean" or "tile", `_energy_kernel`), and
+    `stash_guided`: the energy pass also stores the energy part's guided maps (`_energy_kernel`'s
+    STASH), which the attention pass then reads instead of recomputing them from q and k."""
 
     sequences: int
     block_d: int
     num_warps: int
     max_registers: Optional[int] = None
     energy_form: str = "rows"
+    stash_guided: bool = False
 
 
 def padded_frames(frames: int) -> int:
@@ -160,14 +163,17 @@ def energy_candidate_configs(frames: int, head_dim: int) -> list:
     """The energy pass's default and alternatives (timed with adaptive beta by
     benchmarks/fused_kernel_times.py):
     the attention pass's tiles (where they differ; else twice the sequences on twice the warps),
-    the default with at most `ENERGY_REGISTER_CANDIDATE` registers, then the default and the
-    other tiles in each other energy form (`ENERGY_FORMS`)."""
+    the default with at most `ENERGY_REGISTER_CANDIDATE` registers, the default and the
+    other tiles in each other energy form (`ENERGY_FORMS`), then the default tiles in every form
+    with the guided maps stashed for the attention pass (`TileConfig.stash_guided`)."""
     default = default_energy_config(frames, head_dim)
     attention = default_config(frames, head_dim)
     other = attention if attention != default else _doubled(default)
     forms = [form for form in ENERGY_FORMS if form != default.energy_form]
     return [default, other, default._replace(max_registers=ENERGY_REGISTER_CANDIDATE)] + [
-        tile._replace(energy_form=form) for form in forms for tile in (default, other)]
+        tile._replace(energy_form=form) for form in forms for tile in (default, other)] + [
+        default._replace(energy_form=form, stash_guided=not default.stash_guided)
+        for form in ENERGY_FORMS]
 
 
 @triton.jit
@@ -300,45 +306,60 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, h
 
 
 @triton.jit
-def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, out_ptr, map_ptr,
-                      betas_at, sequences, heads, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf,
+def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, stash_ptr, out_ptr,
+                      map_ptr, betas_at, sequences, heads, q_sn, q_sf, k_sn, k_sf, v_sn, v_sf,
                       H, W, h, w, scale_y, scale_x, videos, scale_log2, alpha, beta0,
+                      stash_first, stash_sequences,
                       F: tl.constexpr, F_PAD: tl.constexpr, D: tl.constexpr,
                       BLOCK_D: tl.constexpr, G: tl.constexpr, BLOCK_I: tl.constexpr,
                       GUIDE_MODE: tl.constexpr, BAND: tl.constexpr, SPLIT_BAND: tl.constexpr,
-                      PER_VIDEO: tl.constexpr, HAS_BETA: tl.constexpr, WITH_MAP: tl.constexpr):
+                      PER_VIDEO: tl.constexpr, HAS_BETA: tl.constexpr, WITH_MAP: tl.constexpr,
+                      STASH: tl.constexpr):
     """out = A3 @ v for BLOCK_I query frames of G sequences (grid axis 0: 2**31 - 1 programs,
     F_PAD // BLOCK_I per G sequences); beta from beta_ptr + betas_at if HAS_BETA (one per
     energy group, in the energy pass's workspace),
-    else beta0; the plain map too if WITH_MAP."""
+    else beta0; the plain map too if WITH_MAP. With STASH (never with WITH_MAP), a program whose
+    G sequences all lie in the energy pass's stash (sequences stash_first to stash_first +
+    stash_sequences - 1) reads their guided maps from it instead of recomputing them from q and
+    k (`_stashed_probs`); the other programs run as without."""
     # sequence indices fit in int32 (`sequences` is an i32 argument); addresses are int64
     pid = tl.program_id(0)
-    seq = (pid // (F_PAD // BLOCK_I)) * G + tl.arange(0, G)
+    first = (pid // (F_PAD // BLOCK_I)) * G
+    seq = first + tl.arange(0, G)
     seq_valid = seq < sequences
     frames = ((pid % (F_PAD // BLOCK_I)) * BLOCK_I + tl.arange(0, BLOCK_I))[None, :, None]
-    attn, guided, high, row_sum, row_valid = _attention_tile(
-        q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, heads, q_sn, q_sf, k_sn, k_sf,
-        H, W, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G, BLOCK_I,
-        GUIDE_MODE, BAND, SPLIT_BAND, ATTENTION_PASS)
     if HAS_BETA:
         entry = seq // heads // (H * W)  # int32: 64-bit division would take a stack frame
         group = entry % videos if PER_VIDEO else entry * 0
         beta = tl.load(beta_ptr + betas_at + group, mask=seq_valid, other=1.0)[:, None, None]
     else:
         beta = beta0
+    stashed = False
+    if STASH:
+        stashed = (first >= stash_first) & (first + G <= stash_first + stash_sequences)
+    if stashed:
+        probs, row_valid = _stashed_probs(stash_ptr, band_ptr, seq - stash_first, seq_valid,
+                                          frames, beta, F, F_PAD, G, BLOCK_I, BAND, SPLIT_BAND)
+        probs = _round_like(probs, v_ptr)
+    else:
+        attn, guided, high, row_sum, row_valid = _attention_tile(
+            q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, heads, q_sn, q_sf, k_sn,
+            k_sf, H, W, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G,
+            BLOCK_I, GUIDE_MODE, BAND, SPLIT_BAND, ATTENTION_PASS)
+        if WITH_MAP:
+            cols = tl.arange(0, F_PAD)[None, None, :]
+            map_offsets = (seq.to(tl.int64)[:, None, None] * F + frames) * F + cols
+            tl.store(map_ptr + map_offsets, attn.to(map_ptr.dtype.element_ty),
+                     mask=row_valid & (cols < F))
+        # divide by rowsum(A2), which equals rowsum(A3): the band term sums to 0
+        row_sum = tl.where(row_valid, row_sum, 1.0)
+        if BAND == 0:
+            probs = _round_like(guided / row_sum, v_ptr)
+        else:
+            probs = _round_like((guided + (beta - 1.0) * high) / row_sum, v_ptr)
     n = (seq // heads).to(tl.int64)[:, None, None]
     head = (seq % heads)[:, None, None]
     keys = tl.arange(0, F_PAD)[None, :, None]
-    cols = tl.arange(0, F_PAD)[None, None, :]
-    if WITH_MAP:
-        map_offsets = (seq.to(tl.int64)[:, None, None] * F + frames) * F + cols
-        tl.store(map_ptr + map_offsets, attn.to(map_ptr.dtype.element_ty), mask=row_valid & (cols < F))
-    # divide by rowsum(A2), which equals rowsum(A3): the band term sums to 0
-    row_sum = tl.where(row_valid, row_sum, 1.0)
-    if BAND == 0:
-        probs = _round_like(guided / row_sum, v_ptr)
-    else:
-        probs = _round_like((guided + (beta - 1.0) * high) / row_sum, v_ptr)
     dims = tl.arange(0, BLOCK_D)[None, None, :]
     key_valid = seq_valid[:, None, None] & (keys < F)
     v_rows = v_ptr + n * v_sn + keys * v_sf + head * D
@@ -348,6 +369,37 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, out_pt
         out_chunk = tl.dot(probs, v_chunk, input_precision="ieee")
         tl.store(out_rows + start + dims, _round_like(out_chunk, out_ptr),
                  mask=row_valid & (start + dims < D))
+
+
+@triton.jit
+def _stashed_probs(stash_ptr, band_ptr, local, seq_valid, frames, beta, F: tl.constexpr,
+                   F_PAD: tl.constexpr, G: tl.constexpr, BLOCK_I: tl.constexpr,
+                   BAND: tl.constexpr, SPLIT_BAND: tl.constexpr):
+    """(A3, row_valid) of query frames `frames` of G sequences (`local`: their indices in the
+    stash) from the energy pass's stash, which holds each row's guided map divided by its row sum
+    minus 1/F (the deviation from uniform, `_energy_kernel`'s STASH): A3 = (D + 1/F) +
+    (beta - 1) (D @ P), as the uniform row's band term is 0 (for the full band D @ P = D - mean D,
+    which sums to 0 as the row sum does not need dividing: it is 1 up to the stash's rounding).
+    [G, BLOCK_I, F_PAD] fp32, zero in padded columns; row_valid as `_attention_tile`'s."""
+    cols = tl.arange(0, F_PAD)[None, None, :]
+    col_valid = cols < F
+    row_valid = seq_valid[:, None, None] & (frames < F)
+    maps = stash_ptr + local.to(tl.int64)[:, None, None] * (F * F)
+    deviation = tl.load(maps + frames * F + cols, mask=row_valid & col_valid,
+                        other=0.0).to(tl.float32)
+    guided = tl.where(col_valid, deviation + 1.0 / F, 0.0)
+    if BAND == 0:
+        probs = guided
+    else:
+        if BAND == 1:  # the full band: remove the row mean
+            high = tl.where(col_valid, deviation - (tl.sum(deviation, axis=2) / F)[:, :, None], 0.0)
+        else:  # padded columns of the deviation are 0, as the product needs
+            band, band_low = load_band(band_ptr, F_PAD, SPLIT_BAND)
+            high = band_product(tl.reshape(deviation, (G * BLOCK_I, F_PAD)), band, band_low,
+                                SPLIT_BAND)
+            high = tl.reshape(high, (G, BLOCK_I, F_PAD))
+        probs = guided + (beta - 1.0) * high
+    return probs, row_valid
 
 
 @triton.jit
@@ -361,13 +413,13 @@ def _round_like(values, ptr):
 
 
 @triton.jit
-def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, sequences_per_entry,
-                   first_entry, steps, heads, q_sn, q_sf, k_sn, k_sf, H, W, h, w, scale_y,
-                   scale_x, scale_log2, alpha,
+def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, stash_ptr,
+                   sequences_per_entry, first_entry, steps, heads, q_sn, q_sf, k_sn, k_sf, H, W, h,
+                   w, scale_y, scale_x, scale_log2, alpha,
                    F: tl.constexpr, F_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                    G: tl.constexpr, BLOCK_I: tl.constexpr, GUIDE_MODE: tl.constexpr,
                    BAND: tl.constexpr, SPLIT_BAND: tl.constexpr, FIELDS: tl.constexpr,
-                   FORM: tl.constexpr):
+                   FORM: tl.constexpr, STASH: tl.constexpr):
     """Energy sums of `steps` consecutive tiles (BLOCK_I query frames of G sequences each) of
     video program_id(1) of the energy part, into this program's own slot
     (program_id(1) * num_programs(0) + program_id(0)) of `partials`: sum|A|^2, sum|A2|^2,
@@ -385,7 +437,13 @@ def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, sequences_pe
     F_PAD = 16 (14-36 more registers on sm_90, docs/DESIGN.md section 8). With stats, whose E3
     terms need 1/s^2 per row anyway, "tile" sums per row as "lean" does. Every form sums in a
     fixed order, so the result is bit-identical run to run; the forms agree within fp32
-    rounding, not bit for bit. All are untimed on a GPU except "rows" (the default)."""
+    rounding, not bit for bit. All are untimed on a GPU except "rows" (the default).
+
+    STASH (`TileConfig.stash_guided`): each tile's A2 / rowsum(A2) - 1/F (the guided map's
+    deviation from uniform, whose rounding error shrinks with it where beta amplifies it) also
+    goes to `stash` (float16 for 2-byte inputs, float32 for float32; float16 saturates), one
+    (F, F) map per sequence of the energy part in sequence order, for the attention pass to read
+    (`_stashed_probs`) instead of recomputing it from q and k."""
     video = tl.program_id(1)
     first_tile = tl.program_id(0) * steps
     # "tile" sums per entry; with stats, whose E3 terms are per-row sums anyway, as "lean"
@@ -406,6 +464,12 @@ def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, sequences_pe
             q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, heads, q_sn, q_sf, k_sn,
             k_sf, H, W, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G,
             BLOCK_I, GUIDE_MODE, BAND, SPLIT_BAND, FORM)
+        if STASH:  # one reciprocal per row, not a division per entry
+            cols = tl.arange(0, F_PAD)[None, None, :]
+            maps = stash_ptr + (video * sequences_per_entry + local).to(tl.int64)[:, None, None] * (F * F)
+            deviation = guided * (1.0 / tl.where(row_valid, row_sum, 1.0)) - 1.0 / F
+            tl.store(maps + frames * F + cols, _round_like(deviation, stash_ptr),
+                     mask=row_valid & (cols < F))
         if PER_ENTRY:  # rows of padding are zero in attn and guided
             guided_sum += guided * guided
             high_sum += guided * high
@@ -516,6 +580,8 @@ class _LaunchPlan(NamedTuple):
     energy_constants: dict
     workspace_size: int  # float32 elements: the energy partials, then one beta per energy group
     beta_constants: dict
+    stash_size: int  # elements of the energy pass's stash of guided maps, 0 without one
+    stash_dtype: torch.dtype
 
 
 @functools.lru_cache(maxsize=256)
@@ -551,8 +617,11 @@ def _launch_plan(frames: int, head_dim: int, heads: int, height: int, width: int
         PER_VIDEO=per_video,
         HAS_BETA=adaptive_beta, **_launch_options(tile))
     energy_grid, energy_constants, beta_constants, workspace_size, betas_at = None, {}, {}, 0, 0
+    stash, stash_first, stash_sequences = False, 0, 0
     if with_sums:
         energy_tile = energy_config or default_energy_config(frames, head_dim, element_size)
+        # the anchor's plain map needs A, which the stash does not hold
+        stash = energy_tile.stash_guided and not with_map
         fields = SUM_FIELDS_WITH_STATS if with_stats else SUM_FIELDS
         sequences_per_entry = height * width * heads
         tiles = triton.cdiv(sequences_per_entry, energy_tile.sequences) * frame_blocks
@@ -564,7 +633,10 @@ def _launch_plan(frames: int, head_dim: int, heads: int, height: int, width: int
             steps=steps, F=frames, F_PAD=padded, D=head_dim, BLOCK_D=energy_tile.block_d,
             G=energy_tile.sequences, BLOCK_I=QUERY_BLOCK, GUIDE_MODE=guide_mode, BAND=band_mode,
             SPLIT_BAND=split, FIELDS=fields, FORM=ENERGY_FORMS[energy_tile.energy_form],
-            num_stages=ENERGY_NUM_STAGES, **_launch_options(energy_tile))
+            STASH=stash, num_stages=ENERGY_NUM_STAGES, **_launch_options(energy_tile))
+        if stash:  # the energy part's sequences, in order
+            stash_sequences = videos * sequences_per_entry
+            stash_first = energy_part * stash_sequences
         # one buffer per call (one allocation): the partials, then the betas (never a null pointer)
         betas_at = programs * videos * fields
         groups = videos if per_video else 1
@@ -576,11 +648,13 @@ def _launch_plan(frames: int, head_dim: int, heads: int, height: int, width: int
             high_energy_floor=HIGH_ENERGY_FLOOR, BLOCK=REDUCE_BLOCK, ADAPTIVE=adaptive_beta,
             HAS_BETA_MAX=has_beta_max, WRITE_STATS=with_stats, FIELDS=fields,
             num_warps=BETA_NUM_WARPS)
-    attention_constants["betas_at"] = betas_at
+    attention_constants.update(betas_at=betas_at, STASH=stash, stash_first=stash_first,
+                               stash_sequences=stash_sequences)
     return _LaunchPlan(
         band, torch.empty((1,), dtype=torch.float32, device=device),
         (triton.cdiv(sequences, tile.sequences) * frame_blocks,), attention_constants,
-        energy_grid, energy_constants, workspace_size, beta_constants)
+        energy_grid, energy_constants, workspace_size, beta_constants,
+        stash_sequences * frames * frames, torch.float32 if element_size > 2 else torch.float16)
 
 
 def kernel_launches(q, k, v, guide, heads: int, height: int, width: int, scale: float,
@@ -610,20 +684,23 @@ def kernel_launches(q, k, v, guide, heads: int, height: int, width: int, scale: 
         q.stride()[:2] + k.stride()[:2] + v.stride()[:2], alpha, beta,
         beta if beta_max is None else beta_max, plain_map is not None)
     band = q if plan.band is None else plan.band
-    betas = plan.placeholder
+    betas = stash = plan.placeholder
     launches = []
     if with_sums:
         # one allocation, passed whole (a view of it would cost ~1 us of host time per call)
         betas = workspace = torch.empty((plan.workspace_size,), dtype=torch.float32, device=q.device)
+        if plan.stash_size:
+            stash = torch.empty((plan.stash_size,), dtype=plan.stash_dtype, device=q.device)
         if plan.energy_grid[1] > 0:
             launches.append(KernelLaunch(_energy_kernel, plan.energy_grid, plan.energy_constants, dict(
-                q_ptr=q, k_ptr=k, guide_ptr=guide, band_ptr=band, partials_ptr=workspace)))
+                q_ptr=q, k_ptr=k, guide_ptr=guide, band_ptr=band, partials_ptr=workspace,
+                stash_ptr=stash)))
         launches.append(KernelLaunch(_beta_kernel, (1,), plan.beta_constants, dict(
             partials_ptr=workspace, stats_ptr=workspace if stats is None else stats)))
     if plan.attention_grid[0] > 0:
         launches.append(KernelLaunch(_attention_kernel, plan.attention_grid, plan.attention_constants, dict(
-            q_ptr=q, k_ptr=k, v_ptr=v, guide_ptr=guide, band_ptr=band, beta_ptr=betas, out_ptr=out,
-            map_ptr=out if plain_map is None else plain_map)))
+            q_ptr=q, k_ptr=k, v_ptr=v, guide_ptr=guide, band_ptr=band, beta_ptr=betas,
+            stash_ptr=stash, out_ptr=out, map_ptr=out if plain_map is None else plain_map)))
     return launches
 
 

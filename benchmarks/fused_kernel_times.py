@@ -11,13 +11,13 @@ For the AnimateDiff shapes (fp16, CFG batch 2, 8 heads, 16x16 guide, preset anim
 F = 24, 32 and 64 at up_blocks.2's size it prints the fused kernel plain, with fixed beta, with
 adaptive beta (energy pass + beta kernel + attention pass, each shown; again with the energy
 pass in each other form of `ENERGY_FORMS` and in every form stashing the guided maps for the
-attention pass, `TileConfig.stash_guided`, side by side) and as the anchor with its map; SDPA's flash, mem-efficient and cuDNN backends; at F = 16 the attention pass's
-alternative tiles (`candidate_configs`) and the energy pass's tile
-configurations (each form and the stash included), software pipelining and program caps
-(`ENERGY_PROGRAMS`, each variant); at F > 16 both band products and the attention pass's tile
-configurations. Ratios use these times; the summary gives adaptive / fixed for each energy
-variant. The tile defaults
-of bytheway_kernels/ops/temporal_attention/triton.py come from its output (benchmarks/RESULTS.md).
+attention pass, `TileConfig.stash_guided`, side by side) and as the anchor with its map; SDPA's
+flash, mem-efficient and cuDNN backends; at F = 16 the attention pass's alternative tiles
+(`candidate_configs`) and the energy pass's tile configurations (each form and the stash
+included), software pipelining and program caps (`ENERGY_PROGRAMS`, each variant); at F > 16
+both band products and the attention pass's tile configurations. Ratios use these times; the
+summary gives adaptive / fixed for each energy variant. The tile defaults of
+bytheway_kernels/ops/temporal_attention/triton.py come from its output (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -466,7 +466,8 @@ def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, stash_ptr,
             BLOCK_I, GUIDE_MODE, BAND, SPLIT_BAND, FORM)
         if STASH:  # one reciprocal per row, not a division per entry
             cols = tl.arange(0, F_PAD)[None, None, :]
-            maps = stash_ptr + (video * sequences_per_entry + local).to(tl.int64)[:, None, None] * (F * F)
+            stashed_seq = (video * sequences_per_entry + local).to(tl.int64)[:, None, None]
+            maps = stash_ptr + stashed_seq * (F * F)
             deviation = guided * (1.0 / tl.where(row_valid, row_sum, 1.0)) - 1.0 / F
             tl.store(maps + frames * F + cols, _round_like(deviation, stash_ptr),
                      mask=row_valid & (cols < F))

@@ -9,6 +9,7 @@ The cases follow docs/DESIGN.md section 5 (AnimateDiff, SD1.5, 512x512, 16 frame
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -219,6 +220,23 @@ def fused_kernel_available() -> bool:
     except ImportError:
         return False
     return fused_available(DEVICE)
+
+
+@contextlib.contextmanager
+def stashed_guided_maps():
+    """Inside the block the fused op's adaptive beta stashes the energy part's guided maps for
+    the attention pass by default (`STASH_GUIDED`, `TileConfig.stash_guided`); the launch plans
+    are rebuilt on both sides."""
+    from bytheway_kernels.ops.temporal_attention import triton as attention_kernels
+
+    saved = attention_kernels.STASH_GUIDED
+    attention_kernels.STASH_GUIDED = True
+    attention_kernels._launch_plan.cache_clear()
+    try:
+        yield
+    finally:
+        attention_kernels.STASH_GUIDED = saved
+        attention_kernels._launch_plan.cache_clear()
 
 
 def make_map_inputs(shape: Shape, dtype: torch.dtype, seed: int = 0):

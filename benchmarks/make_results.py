@@ -87,11 +87,16 @@ TARGETS = {
     "fused-sdpa": Target("fused fixed beta × best SDPA backend", 0.25, "<=", source="issue 9"),
     "fused-bandwidth": Target("fused fixed beta, share of copy bandwidth", 0.5, ">=", "%", "issue 9"),
     "fused-adaptive": Target("fused adaptive × fused fixed", 1.3, "<=", source="issue 9"),
+    "fused-adaptive-stash": Target("fused adaptive, guided maps stashed, × fused fixed", 1.3, "<=",
+                                   source="issue 9"),
     "denoiser": Target("denoiser step overhead, ByTheWay (materialised) on vs off", 0.03, "<", "%", "issue 5"),
     "denoiser-fused": Target("denoiser step, ByTheWay fused × off (stock)", 0.92, "<=", source="issue 9"),
     "denoiser-fast": Target("denoiser step, fast stock processor × stock", 0.92, "<=", source="issue 9"),
     "denoiser-fused-fast": Target("denoiser step, ByTheWay fused + fast stock processor × off (stock)",
                                   0.92, "<=", source="issue 9"),
+    "denoiser-fused-fast-stash": Target(
+        "denoiser step, ByTheWay fused (guided maps stashed) + fast stock processor × off (stock)",
+        0.92, "<=", source="issue 9"),
 }
 
 
@@ -263,6 +268,9 @@ def attention_targets(group: str, rows: List[dict]):
         yield "fused-sdpa", f"{timing}, vs {best['extra_info']['impl']}", primary(fixed) / primary(best)
     if fixed and adaptive:
         yield "fused-adaptive", timing, primary(adaptive) / primary(fixed)
+    stashed = find(rows, "fused", "adaptive-stash")
+    if fixed and stashed:
+        yield "fused-adaptive-stash", timing, primary(stashed) / primary(fixed)
 
 
 def denoiser_targets(rows: List[dict]):
@@ -271,7 +279,8 @@ def denoiser_targets(rows: List[dict]):
         return
     for key, impls in (("denoiser", ("bytheway materialised", "bytheway on")),
                        ("denoiser-fused", ("bytheway fused",)), ("denoiser-fast", ("fast stock",)),
-                       ("denoiser-fused-fast", ("bytheway fused + fast stock",))):
+                       ("denoiser-fused-fast", ("bytheway fused + fast stock",)),
+                       ("denoiser-fused-fast-stash", ("bytheway fused + fast stock, stash",))):
         bench = next((b for b in rows if b["extra_info"].get("impl") in impls), None)
         if bench:
             ratio = wall(bench) / wall(floor)

@@ -97,11 +97,14 @@ def test_attention_targets():
         case(group, "sdpa efficient", 0.8e-3, "plain", kernel_s=0.7e-3, bytes_moved=int(320e6)),
         case(group, "fused", 0.2e-3, "fixed", kernel_s=0.14e-3, bytes_moved=int(320e6)),
         case(group, "fused", 0.25e-3, "adaptive", kernel_s=0.21e-3, bytes_moved=int(320e6)),
+        case(group, "fused", 0.22e-3, "adaptive-stash", kernel_s=0.154e-3, bytes_moved=int(320e6)),
     ]
     found = targets_of(rows)
     assert found[("fused fixed beta × best SDPA backend", group)][:4] == ["kernel, vs sdpa efficient", "0.20×",
                                                                           "<= 0.25×", "yes"]
     assert found[("fused adaptive × fused fixed", group)][1:4] == ["1.50×", "<= 1.30×", "**no**"]
+    assert found[("fused adaptive, guided maps stashed, × fused fixed", group)][1:4] == [
+        "1.10×", "<= 1.30×", "yes"]
     # 320 MB in 140 µs = 2.29 TB/s = 57% of 4 TB/s
     assert found[("fused fixed beta, share of copy bandwidth", group)][1:4] == ["57%", ">= 50%", "yes"]
     other_frames = {key[0] for key in targets_of([dict(r, group=group.replace("F16", "F24")) for r in rows])}
@@ -113,11 +116,14 @@ def test_denoiser_targets_use_wall_time():
     rows = [case(group, "bytheway off", 100e-3, floor=True, kernel_s=1.0),
             case(group, "bytheway materialised", 102e-3, kernel_s=1.0),
             case(group, "bytheway fused", 90e-3, kernel_s=1.0),
-            case(group, "fast stock", 93e-3, kernel_s=1.0)]
+            case(group, "fast stock", 93e-3, kernel_s=1.0),
+            case(group, "bytheway fused + fast stock, stash", 91e-3, kernel_s=1.0)]
     found = targets_of(rows)
     assert found[("denoiser step overhead, ByTheWay (materialised) on vs off", group)][1:4] == ["+2.0%", "< 3.0%", "yes"]
     assert found[("denoiser step, ByTheWay fused × off (stock)", group)][1:4] == ["0.90×", "<= 0.92×", "yes"]
     assert found[("denoiser step, fast stock processor × stock", group)][1:4] == ["0.93×", "<= 0.92×", "**no**"]
+    stashed = "denoiser step, ByTheWay fused (guided maps stashed) + fast stock processor × off (stock)"
+    assert found[(stashed, group)][1:4] == ["0.91×", "<= 0.92×", "yes"]
 
 
 def test_issue_9_targets_only_on_a_gpu():

@@ -398,3 +398,22 @@ def test_no_stash_with_the_anchor_map():
     out, plain_map, stats = run_poisoned(case, inputs,
                                          energy_config=energy_tiles(case, stash_guided=True))
     assert_matches(case, inputs, out, plain_map, stats)
+
+
+def test_stash_guided_switch_sets_the_default(monkeypatch):
+    """`STASH_GUIDED` turns the stash on for every caller that leaves the energy tiles to the
+    default (the public op included), once the launch plans are rebuilt."""
+    monkeypatch.setattr(kernels, "STASH_GUIDED", True)
+    kernels._launch_plan.cache_clear()
+    try:
+        case = AttentionCase(adaptive_beta=True, dtype=torch.float16, head_dim=40)
+        q, k, v, guide = inputs = make_inputs(case)
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        launches = kernels.kernel_launches(q, k, v, guide, case.heads, case.height, case.width,
+                                           case.head_dim ** -0.5, case.params(), out)
+        assert all(launch.constants["STASH"] for launch in launches
+                   if launch.kernel is not kernels._beta_kernel)
+        out, _, stats = run_poisoned(case, inputs, with_map=False)
+        assert_matches(case, inputs, out, stats=stats)
+    finally:
+        kernels._launch_plan.cache_clear()

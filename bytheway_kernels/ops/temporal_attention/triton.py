@@ -59,6 +59,10 @@ SUM_FIELDS_WITH_STATS = 6
 ENERGY_FORMS = {"rows": 0, "lean": 1, "tile": 2}
 # `_attention_tile`'s ENERGY_FORM when the attention pass calls it
 ATTENTION_PASS = tl.constexpr(-1)
+# Whether the energy pass's default tiles stash the guided maps for the attention pass
+# (`TileConfig.stash_guided`): off until timed on a GPU (docs/DESIGN.md section 8). The launch
+# plans read it when they are built: clear `_launch_plan`'s cache after changing it.
+STASH_GUIDED = False
 # Energy programs per video at most: each program sums `steps` consecutive tiles, so the one-program
 # beta kernel reads at most this many slots however large the layer (~8 programs per H200 SM).
 ENERGY_PROGRAMS = 1024
@@ -131,9 +135,10 @@ def default_energy_config(frames: int, head_dim: int, element_size: int = 2) -> 
     software pipelining were slower at up_blocks.2 and 3 (within 0.8 us at up_blocks.1). At
     F_PAD = 32 the pass takes the attention pass's new tiles, untimed there. The form is "rows":
     "lean" and "tile" do less work per tile but are untimed on a GPU, and they take more registers
-    in some variants (sm_90: docs/DESIGN.md section 8).
+    in some variants (sm_90: docs/DESIGN.md section 8). The stash of guided maps is
+    `STASH_GUIDED`'s (off).
     `energy_candidate_configs` lists the alternatives benchmarks/fused_kernel_times.py times."""
-    tile = default_config(frames, head_dim, element_size)
+    tile = default_config(frames, head_dim, element_size)._replace(stash_guided=STASH_GUIDED)
     return _doubled(tile) if padded_frames(frames) == 16 and element_size <= 2 else tile
 
 

@@ -14,9 +14,9 @@ pass in each other form of `ENERGY_FORMS` and in every form stashing the guided 
 attention pass, `TileConfig.stash_guided`, side by side) and as the anchor with its map; SDPA's
 flash, mem-efficient and cuDNN backends; at F = 16 the attention pass's alternative tiles
 (`candidate_configs`) and the energy pass's tile configurations (each form and the stash
-included), software pipelining and program caps (`ENERGY_PROGRAMS`, each variant); at F > 16
-both band products and the attention pass's tile configurations. Ratios use these times; the
-summary gives adaptive / fixed for each energy variant. The tile defaults of
+included), software pipelining and program caps (`ENERGY_PROGRAMS`, with and without the
+stash); at F > 16 both band products and the attention pass's tile configurations. Ratios use
+these times; the summary gives adaptive / fixed for each energy variant. The tile defaults of
 bytheway_kernels/ops/temporal_attention/triton.py come from its output (benchmarks/RESULTS.md).
 """
 
@@ -162,7 +162,8 @@ def main() -> int:
         print(f"\n{name}: {height}x{width}, d {head_dim}, F {frames}; memory floor {floor:.1f} us "
               "(q, k, v read + out written at 4.25 TB/s)")
         # the energy pass's other forms on its default tiles, and the stash, beside the default
-        variants = energy_variants(default_energy_config(frames, head_dim))
+        energy_tiles = default_energy_config(frames, head_dim)
+        variants = energy_variants(energy_tiles)
         rows = {"fused plain": fused(None, plain), "fused fixed": fused(guide, fixed),
                 "fused adaptive": fused(guide, adaptive),
                 **{f"fused adaptive, energy {label}": fused(guide, adaptive, energy_config=tiles)
@@ -202,9 +203,10 @@ def main() -> int:
                 print(f"  {'adaptive, energy num_stages 2':34} {describe(sweep)}")
             for cap in ENERGY_PROGRAM_CAPS:
                 with kernel_setting("ENERGY_PROGRAMS", cap):
-                    # its own tiles in each energy variant (the attention pass's tiles at these
-                    # caps were timed on the H200: benchmarks/RESULTS.md)
-                    for config in (None, *variants.values()):
+                    # its own tiles, with and without the stash (caps of 512-4096 were within 5%
+                    # of each other in every form on the H200: benchmarks/RESULTS.md)
+                    for config in (None, energy_tiles._replace(
+                            stash_guided=not energy_tiles.stash_guided)):
                         sweep = device_times(fused(guide, adaptive, energy_config=config), flush)
                         label = f"adaptive, ENERGY_PROGRAMS {cap}" + (
                             f" {tiles_label(config)}" if config else "")

@@ -55,6 +55,7 @@ def test_fused_kernel_times_runs():
         script.device_times = one_call
     """)
     assert "fused adaptive" in out and "ENERGY_PROGRAMS 1" in out
+    assert "adaptive, ENERGY_PROGRAMS 1 (8, 32, 8) stash" in out  # the caps with the stash
     assert "fused adaptive, energy tile" in out and "tile/fixed" in out  # the energy forms
     assert "fused adaptive, energy rows+stash" in out and "rows+stash/fixed" in out  # the stash
     assert "adaptive, energy tiles (8, 32, 8) form lean stash" in out  # energy_candidate_configs

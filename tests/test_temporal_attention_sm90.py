@@ -69,6 +69,7 @@ def _temporal_attention_variants():
             energy_config=stashed(16, 80, dtype))
     for frames in (8, 24, 33, 64):
         add(frames, 80, "bilinear", adaptive=True, with_stats=True, with_map=True, scope="sample")
+    for frames in (24, 64):  # the circulant band, F_PAD 32 and 64
         add(frames, 80, "bilinear", adaptive=True, with_stats=False, with_map=False, scope="sample",
             energy_config=stashed(frames, 80))
     # The layers above give each energy program one tile (`steps` becomes the constant 1 and the
@@ -90,9 +91,10 @@ def _temporal_attention_variants():
                 (24, 64), (("nearest", False), ("bilinear", False), ("bilinear", True))):
             tile = kernels.default_energy_config(frames, 80)._replace(energy_form=form)
             add(frames, 80, guide_mode, with_stats=with_stats, energy_config=tile, **looping)
-    # the stash's store in the looping energy pass, every form ("rows" included: with the stash it
-    # kept everything in registers under Triton 3.6 too)
-    for form, guide_mode in itertools.product(kernels.ENERGY_FORMS, (None, "nearest", "bilinear")):
+    # the stash's store in the looping energy pass: "rows" (with the stash it kept everything in
+    # registers under Triton 3.6 too) with every guide, the lean forms with the nearest one
+    for form, guide_mode in [("rows", None), ("rows", "nearest"), ("rows", "bilinear"),
+                             ("lean", "nearest"), ("tile", "nearest")]:
         tile = stashed(16, 40)._replace(energy_form=form)
         add(16, 40, guide_mode, with_stats=False, energy_config=tile, **looping)
     return compiled_variants(launches)

@@ -21,7 +21,9 @@ partial sums (three for beta, six with the stats; no zeroing, no atomics), then 
 and the stats on the device; the attention pass reads beta from there. No host synchronisation.
 The energy pass has three forms (`ENERGY_FORMS`, `TileConfig.energy_form`; "rows", the default,
 sums each tile per row; "lean" and "tile" do fewer row reductions per tile, see `_energy_kernel`),
-selectable so that a GPU can time them side by side (benchmarks/fused_kernel_times.py).
+selectable so that a GPU can time them side by side (benchmarks/fused_kernel_times.py). With
+`TileConfig.stash_guided` (default `STASH_GUIDED`, off) it also stores the energy part's guided
+maps, and the attention pass reads them for those sequences instead of recomputing them.
 
 Every backend's rules hold here too: rows whose guided sum is <= 0 or not finite keep the unguided
 map (energies included), and float16 A3 and out saturate at +-65504 (`_round_like`). The launch
@@ -387,10 +389,10 @@ def _stashed_probs(stash_ptr, band_ptr, local, seq_valid, frames, beta, F: tl.co
                    F_PAD: tl.constexpr, G: tl.constexpr, BLOCK_I: tl.constexpr,
                    BAND: tl.constexpr, SPLIT_BAND: tl.constexpr):
     """(A3, row_valid) of query frames `frames` of G sequences (`local`: their indices in the
-    stash) from the energy pass's stash, which holds each row's guided map divided by its row sum
-    minus 1/F (the deviation from uniform, `_energy_kernel`'s STASH): A3 = (D + 1/F) +
-    (beta - 1) (D @ P), as the uniform row's band term is 0 (for the full band D @ P = D - mean D,
-    which sums to 0 as the row sum does not need dividing: it is 1 up to the stash's rounding).
+    stash) from the energy pass's stash, which holds D = A2 / rowsum(A2) - 1/F per row (the
+    deviation from uniform, `_energy_kernel`'s STASH): A3 = (D + 1/F) + (beta - 1) (D @ P), as
+    the uniform row's band term is 0; for the full band D @ P = D - mean(D). No division: the
+    stashed rows are already divided by their sums (they sum to 1 up to the stash's rounding).
     [G, BLOCK_I, F_PAD] fp32, zero in padded columns; row_valid as `_attention_tile`'s."""
     cols = tl.arange(0, F_PAD)[None, None, :]
     col_valid = cols < F

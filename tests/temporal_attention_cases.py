@@ -179,8 +179,8 @@ def case_matrix():
 
 # (case, stats asked for, energy form): the stash with the full band and the circulant band, every
 # dtype, guide mode and scope, fixed beta with stats (an energy pass without adaptive beta), a
-# 3-part split whose energy part is in the middle, beta 10 on near-uniform rows (where the band
-# term amplifies the stash's rounding most), and each energy form. 3 x 3 positions x 2 heads are
+# 3-part split whose energy part is in the middle, beta 10 on near-uniform rows and on a band of
+# one frequency (where the band term amplifies the stash's rounding most), and each energy form. 3 x 3 positions x 2 heads are
 # 18 sequences per video: the programs of 4 sequences across a part's edge recompute theirs.
 STASH_CASES = [
     (AttentionCase(head_dim=40, dtype=torch.float16, heads=2, height=3, width=3,
@@ -195,6 +195,9 @@ STASH_CASES = [
                    adaptive_beta=True), False, "lean"),
     (AttentionCase(head_dim=80, dtype=torch.float16, beta=10.0, parts=3, batch=3,
                    guide_size=(1, 2), fused_qkv=False), True, "rows"),
+    # one frequency in the band and beta 10: a float16 stash exceeded the bound here (1.01x)
+    (AttentionCase(frames=8, tau=0, head_dim=40, dtype=torch.float16, beta=10.0, alpha=0.1,
+                   height=3, guide_size=(1, 1), batch=4), True, "rows"),
 ]
 
 

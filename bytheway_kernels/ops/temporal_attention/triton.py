@@ -454,9 +454,10 @@ def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, stash_ptr,
 
     STASH (`TileConfig.stash_guided`): each tile's A2 / rowsum(A2) - 1/F (the guided map's
     deviation from uniform, whose rounding error shrinks with it where beta amplifies it) also
-    goes to `stash` (float16 for 2-byte inputs, float32 for float32; float16 saturates), one
-    (F, F) map per sequence of the energy part in sequence order, for the attention pass to read
-    (`_stashed_probs`) instead of recomputing it from q and k."""
+    goes to `stash`, one (F, F) map per sequence of the energy part in sequence order, for the
+    attention pass to read (`_stashed_probs`) instead of recomputing it from q and k. The stash
+    is float16 (saturating) for 2-byte inputs with the full band, where A3 grows with beta as
+    its rounding does; float32 otherwise (`_launch_plan`)."""
     video = tl.program_id(1)
     first_tile = tl.program_id(0) * steps
     # "tile" sums per entry; with stats, whose E3 terms are per-row sums anyway, as "lean"
@@ -668,7 +669,8 @@ def _launch_plan(frames: int, head_dim: int, heads: int, height: int, width: int
         band, torch.empty((1,), dtype=torch.float32, device=device),
         (triton.cdiv(sequences, tile.sequences) * frame_blocks,), attention_constants,
         energy_grid, energy_constants, workspace_size, beta_constants,
-        stash_sequences * frames * frames, torch.float32 if element_size > 2 else torch.float16)
+        stash_sequences * frames * frames,
+        torch.float16 if element_size <= 2 and full_band else torch.float32)
 
 
 def kernel_launches(q, k, v, guide, heads: int, height: int, width: int, scale: float,

@@ -5,12 +5,14 @@
 For each temporal attention layer shape of AnimateDiff at 512x512 (batch 2 for CFG, 8 heads,
 16 frames, fp16, q, k, v as strided slices of one (N, F, 3C) projection) it
 1. checks the fused kernels against the composed path (q k^T -> the map op -> @ v) for plain
-   attention, the animatediff preset with a 16x16 guide (fixed and adaptive beta, stats too) and
-   the anchor's returned map, and plain attention against SDPA;
+   attention, the animatediff preset with a 16x16 guide (fixed and adaptive beta, stats too;
+   adaptive beta again with the guided maps stashed, `TileConfig.stash_guided`) and the anchor's
+   returned map, and plain attention against SDPA;
 2. times, as the benchmark suite does (benchmarks/harness.py `kernel_time`: median device time
    between CUDA events, L2 flushed before every call, a GPU sleep queued first so that the host's
    launches never leave gaps inside the events), the fused kernel
-   (plain, fixed beta, adaptive beta, fixed beta + map), the composed path and each SDPA backend,
+   (plain, fixed beta, adaptive beta with and without the stash, fixed beta + map), the composed
+   path and each SDPA backend,
    with the memory floor (q, k, v read + out written at 4.25 TB/s), and the host cost per call of
    the public function three ways (through Triton's launch path, the direct launcher, our Python
    alone: benchmarks/host_cost.py);
@@ -39,7 +41,8 @@ from bytheway_kernels import PRESETS, temporal_attention
 from bytheway_kernels.ops.params import ByTheWayParams
 from bytheway_kernels.ops.temporal_attention.reference import temporal_attention_composed
 from bytheway_kernels.testing import band_product_split
-from bytheway_kernels.ops.temporal_attention.triton import temporal_attention_triton_out
+from bytheway_kernels.ops.temporal_attention.triton import (default_energy_config,
+                                                            temporal_attention_triton_out)
 import harness  # benchmarks/harness.py: the suite's timers
 from host_cost import HOST_COLUMNS, host_costs  # benchmarks/host_cost.py
 
@@ -86,6 +89,11 @@ def sdpa(q, k, v):
     return F_nn.scaled_dot_product_attention(heads_view(q), heads_view(k), heads_view(v))
 
 
+def stash_tiles(head_dim: int):
+    """The energy pass's default tiles at F = FRAMES, stashing the guided maps."""
+    return default_energy_config(FRAMES, head_dim)._replace(stash_guided=True)
+
+
 def check_shape(name, height, width, head_dim, preset) -> list:
     """Correctness of the fused kernels at one shape; returns failure messages."""
     q, k, v, guide = make_layer(height, width, head_dim)
@@ -113,6 +121,20 @@ def check_shape(name, height, width, head_dim, preset) -> list:
               + f"  (beta {float(stats[0, 0]):.4f})")
         failures += [f"{name} {label} {key} {value:.2e}" for key, value in errors.items()
                      if not value <= MAX_RELATIVE_ERROR]
+    # adaptive beta with the stash: without the anchor's map, which turns the stash off
+    layer_guide, params = settings["adaptive"]
+    out, _, stats = temporal_attention_composed(q, k, v, layer_guide, HEADS, height, width, scale,
+                                                params, False, True)
+    stashed_out = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)
+    stashed_stats = torch.full_like(stats, float("nan"))
+    temporal_attention_triton_out(q, k, v, layer_guide, HEADS, height, width, scale, params,
+                                  stashed_out, None, stashed_stats,
+                                  energy_config=stash_tiles(head_dim))
+    errors = dict(out=relative_error(stashed_out, out), stats=relative_error(stashed_stats, stats))
+    print(f"  {name} {'stashed':9} rel. error vs composed: "
+          + ", ".join(f"{key} {value:.2e}" for key, value in errors.items()))
+    failures += [f"{name} stashed {key} {value:.2e}" for key, value in errors.items()
+                 if not value <= MAX_RELATIVE_ERROR]
     with sdpa_kernel(SDPBackend.MATH):
         reference = sdpa(q.float(), k.float(), v.float())
     plain = temporal_attention(q, k, v, heads=HEADS, height=height, width=width)
@@ -134,15 +156,17 @@ def time_shape(name, height, width, head_dim, preset) -> dict:
     plain_map = torch.empty((BATCH, height, width, HEADS, FRAMES, FRAMES), device=DEVICE,
                             dtype=torch.float16)
 
-    def fused(layer_guide, params, with_map=False):
+    def fused(layer_guide, params, with_map=False, energy_config=None):
         return lambda: temporal_attention_triton_out(
             q, k, v, layer_guide, HEADS, height, width, scale, params, out,
-            plain_map if with_map else None, None)
+            plain_map if with_map else None, None, energy_config=energy_config)
 
     row["fused plain"] = bench_us(fused(None, ByTheWayParams(0.0, 1.0, 0, False, 2, 1, "batch",
                                                               "nearest", None)))
     row["fused fixed"] = bench_us(fused(guide, fixed))
     row["fused adaptive"] = bench_us(fused(guide, fixed._replace(adaptive_beta=True)))
+    row["adaptive stash"] = bench_us(fused(guide, fixed._replace(adaptive_beta=True),
+                                           energy_config=stash_tiles(head_dim)))
     row["fused anchor+map"] = bench_us(fused(None, fixed, with_map=True))
     row["composed fixed"] = bench_us(lambda: temporal_attention_composed(
         q, k, v, guide, HEADS, height, width, scale, fixed, False, False))
@@ -238,11 +262,12 @@ def main() -> int:
     failures += check_band_products_fp32(preset)
     band_failures, band_rows = time_band_products(preset)
     failures += band_failures
-    columns = ["floor", "fused plain", "fused fixed", "fused adaptive", "fused anchor+map",
+    columns = ["floor", "fused plain", "fused fixed", "fused adaptive", "adaptive stash",
+               "fused anchor+map",
                "composed fixed", "sdpa flash", "sdpa efficient", "sdpa cudnn"]
     print("\nkernel time, us (median, L2 flushed, no host gaps)")
     print(f"{'shape':12}" + "".join(f"{column:>17}" for column in columns)
-          + f"{'fixed/best SDPA':>17}{'floor/fixed':>13}{'adaptive/fixed':>16}"
+          + f"{'fixed/best SDPA':>17}{'floor/fixed':>13}{'adaptive/fixed':>16}{'stash/fixed':>13}"
           + "".join(f"{'host ' + column:>20}" for column in HOST_COLUMNS))
     for row in rows:
         best_sdpa = min((row[f"sdpa {b}"] for b in SDPA_BACKENDS if not math.isnan(row[f"sdpa {b}"])),
@@ -250,6 +275,7 @@ def main() -> int:
         print(f"{row['shape']:12}" + "".join(f"{row[column]:17.1f}" for column in columns)
               + f"{row['fused fixed'] / best_sdpa:17.3f}{row['floor'] / row['fused fixed']:13.2f}"
               + f"{row['fused adaptive'] / row['fused fixed']:16.2f}"
+              + f"{row['adaptive stash'] / row['fused fixed']:13.2f}"
               + "".join(f"{row['host'][column]:20.1f}" for column in HOST_COLUMNS))
     print(f"\nband product at {SHAPES[1][0]}'s size, tau {preset.tau}: kernel time, us "
           "(tensor cores: three tf32 products; fma: one exact fp32 dot, the default)")

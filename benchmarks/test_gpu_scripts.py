@@ -79,3 +79,4 @@ def test_temporal_attention_gpu_check_runs():
         script.host_costs = lambda fn, calls: {column: 1.0 for column in script.HOST_COLUMNS}
     """)
     assert "all checks passed" in out
+    assert "up_blocks.1 stashed   rel. error vs composed" in out and "stash/fixed" in out

@@ -22,7 +22,6 @@ bytheway_kernels/ops/temporal_attention/triton.py come from its output (benchmar
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
@@ -36,13 +35,13 @@ from torch.profiler import ProfilerActivity, profile
 
 from bytheway_kernels import PRESETS
 from bytheway_kernels.ops.params import ByTheWayParams
-from bytheway_kernels.ops.temporal_attention import triton as attention_kernels
 from bytheway_kernels.ops.temporal_attention.triton import (ENERGY_FORMS, TileConfig,
                                                             candidate_configs,
                                                             default_energy_config,
                                                             energy_candidate_configs,
                                                             temporal_attention_triton_out)
 from bytheway_kernels.testing import band_product_split
+from harness import kernel_setting  # benchmarks/harness.py
 
 CALLS = 20
 DEVICE = "cuda"
@@ -75,20 +74,6 @@ def device_times(fn, flush: torch.Tensor) -> dict:
         if event.device_type == torch.autograd.DeviceType.CUDA and "signed char" not in event.key:
             times[event.key.split("(")[0][:40]] += event.self_device_time_total / CALLS
     return dict(times)
-
-
-@contextlib.contextmanager
-def kernel_setting(name: str, value):
-    """`ops.temporal_attention.triton.<name>` set to `value` inside the block; the launch plans,
-    which read it when they are built, are rebuilt on both sides."""
-    saved = getattr(attention_kernels, name)
-    setattr(attention_kernels, name, value)
-    attention_kernels._launch_plan.cache_clear()
-    try:
-        yield
-    finally:
-        setattr(attention_kernels, name, saved)
-        attention_kernels._launch_plan.cache_clear()
 
 
 def tiles_label(config: TileConfig) -> str:

@@ -223,19 +223,19 @@ def fused_kernel_available() -> bool:
 
 
 @contextlib.contextmanager
-def stashed_guided_maps():
-    """Inside the block the fused op's adaptive beta stashes the energy part's guided maps for
-    the attention pass by default (`STASH_GUIDED`, `TileConfig.stash_guided`); the launch plans
-    are rebuilt on both sides."""
+def kernel_setting(name: str, value):
+    """`bytheway_kernels.ops.temporal_attention.triton.<name>` (a module setting such as
+    `STASH_GUIDED` or `ENERGY_PROGRAMS`) set to `value` inside the block; the launch plans, which
+    read it when they are built, are rebuilt on both sides."""
     from bytheway_kernels.ops.temporal_attention import triton as attention_kernels
 
-    saved = attention_kernels.STASH_GUIDED
-    attention_kernels.STASH_GUIDED = True
+    saved = getattr(attention_kernels, name)
+    setattr(attention_kernels, name, value)
     attention_kernels._launch_plan.cache_clear()
     try:
         yield
     finally:
-        attention_kernels.STASH_GUIDED = saved
+        setattr(attention_kernels, name, saved)
         attention_kernels._launch_plan.cache_clear()
 
 

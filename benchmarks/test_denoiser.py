@@ -188,7 +188,9 @@ def test_denoiser_step(bench, monkeypatch, dtype, denoiser_case, mode):
         handle = enable(mode, case.unet, case.scheduler)
     except (RuntimeError, ValueError) as error:  # e.g. no fused kernel on this device
         pytest.skip(f"{mode} does not run here: {error}")
-    stash = harness.stashed_guided_maps() if mode.endswith("-stash") else contextlib.nullcontext()
+    stash = contextlib.nullcontext()
+    if mode.endswith("-stash"):
+        stash = harness.kernel_setting("STASH_GUIDED", True)
     try:
         with torch.no_grad(), stash:
             out = bench(case.call, group=group_name(case, dtype), impl=MODES[mode], backend=backend,

@@ -174,7 +174,7 @@ def test_fused(bench, shape, attn_inputs, expected, variant):
     kwargs = dict(heads=shape.heads, height=shape.height, width=shape.width)
     if adaptive is not None:
         kwargs.update(guide=guide, cfg=True, **harness.op_kwargs(adaptive))
-    with harness.stashed_guided_maps() if stash else contextlib.nullcontext():
+    with harness.kernel_setting("STASH_GUIDED", True) if stash else contextlib.nullcontext():
         out = bench(lambda: temporal_attention(q, k, v, **kwargs), group=group_name(shape),
                     impl="fused", variant=variant, bytes_moved=attention_bytes(q), breakdown=True)
     harness.assert_close_to(out, expected(computed), DTYPE, scale=harness.COMPOSITE_TOLERANCE_SCALE)

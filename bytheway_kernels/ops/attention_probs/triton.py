@@ -124,7 +124,8 @@ def _guided_block(scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_e
 @triton.jit
 def _stats_kernel(scores_ptr, guide_ptr, band_ptr, workspace_ptr, stats_ptr, betas_at, counter_at,
                   rows_per_entry, first_entry, h, w, scale_y, scale_x, alpha, beta0, beta_max,
-                  H: tl.constexpr, W: tl.constexpr, heads: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+                  H: tl.constexpr, W: tl.constexpr, heads: tl.constexpr, F: tl.constexpr,
+                  F_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
                   TILES: tl.constexpr, GUIDE_MODE: tl.constexpr, FULL_BAND: tl.constexpr,
                   SPLIT_BAND: tl.constexpr, ADAPTIVE: tl.constexpr, HAS_BETA_MAX: tl.constexpr,
                   WRITE_STATS: tl.constexpr, PER_VIDEO: tl.constexpr, CHUNK: tl.constexpr):

@@ -141,8 +141,9 @@ def _validation_key(q, k, v, heads, height, width, scale, guide, alpha, beta, ta
     # flat: a generator over (q, k, v) and nested tuples cost ~1 us more per call
     return (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
             v.shape, v.stride(), v.dtype, v.device,
-            None if guide is None else (guide.shape, guide.dtype, guide.device), heads, height, width, scale, alpha, beta, tau, adaptive_beta, cfg,
-            energy_scope, guide_upsample, beta_max, batch_split, return_map, return_stats)
+            None if guide is None else (guide.shape, guide.dtype, guide.device), heads, height,
+            width, scale, alpha, beta, tau, adaptive_beta, cfg, energy_scope, guide_upsample,
+            beta_max, batch_split, return_map, return_stats)
 
 
 def temporal_attention(

@@ -1,7 +1,8 @@
 """Triton pieces that both ops' kernels share, so that each rule is written once:
 torch.nn.functional.interpolate's source indices for the guide upsampling, the beta rule with
 the stats row (the map op's `bytheway_kernels.energy` contract, as the C++ kernel and the
-reference follow it), and the band step's product with the circulant P."""
+reference follow it), the band step's product with the circulant P, and the stores' float16
+saturation."""
 
 from __future__ import annotations
 
@@ -29,6 +30,25 @@ def _split_band_setting() -> bool:
 #: read it here when they look up a call's launch plan (it is part of the plan's key), so
 #: `bytheway_kernels.testing.band_product_split` switches it for both by setting it here.
 SPLIT_BAND = _split_band_setting()
+
+
+#: log2(e): the kernels take exp(x) as exp2(x * LOG2E), since tl.exp2 lowers to the flush-to-zero
+#: ex2.approx.ftz.f32 (one MUFU.EX2) where tl.exp's ex2.approx.f32 adds a denormal fix-up of three
+#: instructions per element on sm_90 (Triton 3.6 and 3.9). Softmax numerators below 2^-126 of the
+#: row's largest (which is 1) flush to zero, a change far below fp32 rounding of the row sum.
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def to_element_type(values, ptr):
+    """`values` in the element dtype of `ptr`; float16 saturates at +-65504 instead of overflowing
+    to inf, and NaN stays NaN (the map op's rule for float16 outputs, as its reference rounds).
+
+    tl.clamp with NaN propagation and symmetric bounds compiles to one min.NaN.xorsign.abs per
+    element on sm_90, where the two-sided tl.where took three instructions."""
+    if ptr.dtype.element_ty == tl.float16:
+        values = tl.clamp(values, -65504.0, 65504.0, propagate_nan=tl.PropagateNan.ALL)
+    return values.to(ptr.dtype.element_ty)
 
 
 @triton.jit

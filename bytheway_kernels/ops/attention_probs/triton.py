@@ -33,8 +33,8 @@ from ...energy import HIGH_ENERGY_FLOOR
 from ..launch import KernelLaunch
 from ..params import ByTheWayParams
 from .. import triton_rules
-from ..triton_rules import (band_product, bilinear_sources, group_beta, load_band, nearest_source,
-                            store_stats_row)
+from ..triton_rules import (LOG2E, band_product, bilinear_sources, group_beta, load_band,
+                            nearest_source, store_stats_row, to_element_type)
 
 GUIDE_MODES = {None: 0, "nearest": 1, "bilinear": 2}
 # Per stats program: sum|A|^2, sum|A2|^2, sum<A2, A2 P>, then (with stats) the last three over s^2,
@@ -89,8 +89,14 @@ def _guide_rows(guide_ptr, b, rows, row_mask, cols, col_mask, H, W, h, w, heads,
 def _guided_block(scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_entry,
                   H, W, h, w, heads, scale_y, scale_x, alpha,
                   F: tl.constexpr, F_PAD: tl.constexpr, GUIDE_MODE: tl.constexpr,
-                  FULL_BAND: tl.constexpr, SPLIT_BAND: tl.constexpr):
+                  FULL_BAND: tl.constexpr, SPLIT_BAND: tl.constexpr, LEAN_SOFTMAX: tl.constexpr):
     """(attn, guided, guided @ P, rowsum(guided)) for BLOCK_R rows, fp32, padded columns zero.
+
+    LEAN_SOFTMAX: exps by tl.exp2 (flush-to-zero ex2: no denormal fix-up of three instructions
+    per entry on sm_90) and A as exps times one reciprocal per row (no division's two fix-up
+    FMULs per entry), within fp32 rounding of tl.exp and exps / sum, which the stats pass keeps
+    with the exact fp32 band dot: either change left its 4-tile stats variants 8 bytes of spill
+    under Triton 3.6.
 
     A row whose guided sum is <= 0 or not finite (e.g. a zero guide with alpha = 1) uses the
     unguided map instead: the renormalisation would otherwise divide by zero.
@@ -100,8 +106,12 @@ def _guided_block(scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_e
     offsets = (b * rows_per_entry + rows)[:, None] * F + cols[None, :]
     logits = tl.load(scores_ptr + offsets, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
     logits = tl.where(col_mask[None, :], logits.to(tl.float32), float("-inf"))
-    exps = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-    attn = exps / tl.sum(exps, axis=1)[:, None]
+    if LEAN_SOFTMAX:
+        exps = tl.exp2((logits - tl.max(logits, axis=1)[:, None]) * LOG2E)
+        attn = exps * (1.0 / tl.sum(exps, axis=1))[:, None]
+    else:
+        exps = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        attn = exps / tl.sum(exps, axis=1)[:, None]
     if GUIDE_MODE == 0:
         guided = attn
         row_sum = tl.sum(attn, axis=1)
@@ -153,7 +163,8 @@ def _stats_kernel(scores_ptr, guide_ptr, band_ptr, workspace_ptr, stats_ptr, bet
         row_mask = rows < rows_per_entry
         attn, guided, high, row_sum = _guided_block(
             scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_entry, H, W, h, w, heads,
-            scale_y, scale_x, alpha, F, F_PAD, GUIDE_MODE, FULL_BAND, SPLIT_BAND)
+            scale_y, scale_x, alpha, F, F_PAD, GUIDE_MODE, FULL_BAND, SPLIT_BAND,
+            FULL_BAND or SPLIT_BAND)
         guided_square = tl.sum(guided * guided, axis=1)
         guided_high = tl.sum(guided * high, axis=1)
         attn_energy += tl.where(row_mask, tl.sum(attn * attn, axis=1), 0.0)
@@ -248,13 +259,14 @@ def _apply_kernel(scores_ptr, guide_ptr, band_ptr, betas_ptr, probs_ptr, betas_a
         beta = tl.load(betas_ptr + betas_at + (b % videos if PER_VIDEO else 0))
     attn, guided, high, row_sum = _guided_block(
         scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_entry, H, W, h, w, heads,
-        scale_y, scale_x, alpha, F, F_PAD, GUIDE_MODE, FULL_BAND, SPLIT_BAND)
-    enhanced = (guided + (beta - 1.0) * high) * (1.0 / row_sum)[:, None]
-    if probs_ptr.dtype.element_ty == tl.float16:  # saturate, as the reference; NaN compares false
-        enhanced = tl.where(enhanced > 65504.0, 65504.0, tl.where(enhanced < -65504.0, -65504.0, enhanced))
+        scale_y, scale_x, alpha, F, F_PAD, GUIDE_MODE, FULL_BAND, SPLIT_BAND, True)
+    if FULL_BAND:  # (A2 + (beta - 1) (A2 - s / F)) / s in one FMA per entry (padded ones unstored)
+        enhanced = guided * (beta / row_sum)[:, None] - (beta - 1.0) / F
+    else:
+        enhanced = (guided + (beta - 1.0) * high) * (1.0 / row_sum)[:, None]
     cols = tl.arange(0, F_PAD)
     offsets = (b * rows_per_entry + rows)[:, None] * F + cols[None, :]
-    tl.store(probs_ptr + offsets, enhanced.to(probs_ptr.dtype.element_ty),
+    tl.store(probs_ptr + offsets, to_element_type(enhanced, probs_ptr),
              mask=row_mask[:, None] & (cols < F)[None, :])
 
 

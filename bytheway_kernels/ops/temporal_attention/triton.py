@@ -26,7 +26,8 @@ selectable so that a GPU can time them side by side (benchmarks/fused_kernel_tim
 maps, and the attention pass reads them for those sequences instead of recomputing them.
 
 Every backend's rules hold here too: rows whose guided sum is <= 0 or not finite keep the unguided
-map (energies included), and float16 A3 and out saturate at +-65504 (`_round_like`). The launch
+map (energies included), and float16 A3 and out saturate at +-65504
+(`triton_rules.to_element_type`; A3 and out reach it only with beta above ~7e4). The launch
 settings of a call signature are computed once (`_launch_plan`).
 """
 
@@ -47,7 +48,7 @@ from ..launch import KernelLaunch
 from ..params import ByTheWayParams
 from .. import triton_rules
 from ..triton_rules import (band_product, bilinear_sources, group_beta, load_band, nearest_source,
-                            store_stats_row)
+                            store_stats_row, to_element_type)
 
 GUIDE_MODES = {None: 0, "nearest": 1, "bilinear": 2}
 # The band step: none (fixed beta = 1: the identity), P = I - 1/F (the full band), circulant P.
@@ -272,10 +273,11 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, h
     # softmax of scale * q k^T, in base 2 (the scale carries log2(e))
     logits = tl.where(col_valid, logits * scale_log2, float("-inf"))
     exps = tl.exp2(logits - tl.max(logits, axis=2)[:, :, None])
+    # one reciprocal per row, not a division per entry (each costs two fix-up FMULs on sm_90)
     if LEAN:  # rows of padding become 0, so that sums of products need no mask
         attn = exps * tl.where(row_valid, 1.0 / tl.sum(exps, axis=2)[:, :, None], 0.0)
     else:
-        attn = exps / tl.sum(exps, axis=2)[:, :, None]
+        attn = exps * (1.0 / tl.sum(exps, axis=2)[:, :, None])
     if GUIDE_MODE == 0:
         guided = attn
         if LEAN:  # A's rows sum to 1 up to rounding
@@ -353,7 +355,7 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, stash_
     if stashed:
         probs, row_valid = _stashed_probs(stash_ptr, band_ptr, seq - stash_first, seq_valid,
                                           frames, beta, F, F_PAD, G, BLOCK_I, BAND, SPLIT_BAND)
-        probs = _round_like(probs, v_ptr)
+        probs = to_element_type(probs, v_ptr)
     else:
         attn, guided, high, row_sum, row_valid = _attention_tile(
             q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, heads, q_sn, q_sf, k_sn,
@@ -367,9 +369,13 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, stash_
         # divide by rowsum(A2), which equals rowsum(A3): the band term sums to 0
         row_sum = tl.where(row_valid, row_sum, 1.0)
         if BAND == 0:
-            probs = _round_like(guided / row_sum, v_ptr)
+            probs = guided * (1.0 / row_sum)
+        elif BAND == 1:  # (A2 + (beta - 1) (A2 - s / F)) / s in one FMA per entry; padded
+            # columns meet zero rows of v
+            probs = guided * (beta / row_sum) - (beta - 1.0) / F
         else:
-            probs = _round_like((guided + (beta - 1.0) * high) / row_sum, v_ptr)
+            probs = (guided + (beta - 1.0) * high) * (1.0 / row_sum)
+        probs = to_element_type(probs, v_ptr)
     n = (seq // heads).to(tl.int64)[:, None, None]
     head = (seq % heads)[:, None, None]
     keys = tl.arange(0, F_PAD)[None, :, None]
@@ -380,7 +386,7 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, stash_
     for start in range(0, D, BLOCK_D):
         v_chunk = tl.load(v_rows + start + dims, mask=key_valid & (start + dims < D), other=0.0)
         out_chunk = tl.dot(probs, v_chunk, input_precision="ieee")
-        tl.store(out_rows + start + dims, _round_like(out_chunk, out_ptr),
+        tl.store(out_rows + start + dims, to_element_type(out_chunk, out_ptr),
                  mask=row_valid & (start + dims < D))
 
 
@@ -413,16 +419,6 @@ def _stashed_probs(stash_ptr, band_ptr, local, seq_valid, frames, beta, F: tl.co
             high = tl.reshape(high, (G, BLOCK_I, F_PAD))
         probs = guided + (beta - 1.0) * high
     return probs, row_valid
-
-
-@triton.jit
-def _round_like(values, ptr):
-    """`values` in the element dtype of `ptr`; float16 saturates at +-65504 instead of overflowing
-    to inf (NaN stays NaN), as the map op's float16 outputs do: A3 and out reach it only with
-    beta above ~7e4."""
-    if ptr.dtype.element_ty == tl.float16:
-        values = tl.where(values > 65504.0, 65504.0, tl.where(values < -65504.0, -65504.0, values))
-    return values.to(ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -483,7 +479,7 @@ def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, stash_ptr,
             stashed_seq = (video * sequences_per_entry + local).to(tl.int64)[:, None, None]
             maps = stash_ptr + stashed_seq * (F * F)
             deviation = guided * (1.0 / tl.where(row_valid, row_sum, 1.0)) - 1.0 / F
-            tl.store(maps + frames * F + cols, _round_like(deviation, stash_ptr),
+            tl.store(maps + frames * F + cols, to_element_type(deviation, stash_ptr),
                      mask=row_valid & (cols < F))
         if PER_ENTRY:  # rows of padding are zero in attn and guided
             guided_sum += guided * guided

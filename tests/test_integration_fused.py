@@ -285,6 +285,69 @@ def test_torch_compile_fullgraph_with_both_fused_processors(pipe, force_fused):
     torch.testing.assert_close(traced, eager, **TOLERANCE)
 
 
+# -- The stacked q, k, v projection of the fused paths -------------------------------------------
+def _temporal_attention_module(bias: bool = False):
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(0)
+    return Attention(query_dim=32, heads=4, dim_head=8, bias=bias).eval()
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_stacked_projection_is_one_gemm_of_slices_equal_to_the_three(bias):
+    attn = _temporal_attention_module(bias)
+    hidden = torch.randn(64, 16, 32)  # 1024 rows > 3 * 32 output features
+    with torch.no_grad():
+        separate = processor_module.project_qkv(attn, hidden)
+        stacked = processor_module.project_qkv(attn, hidden, stacked=True)
+    for one, other in zip(stacked, separate):
+        torch.testing.assert_close(one, other, rtol=1e-5, atol=1e-5)
+        assert one.stride() == (16 * 96, 96, 1)  # slices of one (rows, 3C) output, no copy
+    assert stacked[1].data_ptr() == stacked[0].data_ptr() + 32 * stacked[0].element_size()
+
+
+def test_stacked_projection_falls_back_where_it_must_not_stack():
+    attn = _temporal_attention_module()
+    hidden = torch.randn(64, 16, 32)
+    assert processor_module._stacks_qkv(attn, hidden)
+    assert not processor_module._stacks_qkv(attn, hidden[:1, :16])  # 16 rows: stacking costs more
+    assert not processor_module._stacks_qkv(attn, hidden.double())  # another dtype than the weights
+    handle = attn.to_k.register_forward_hook(lambda *args: None)  # a hook must still run
+    assert not processor_module._stacks_qkv(attn, hidden)
+    handle.remove()
+    attn.to_v.forward = attn.to_v.forward  # an instance-level forward, as accelerate's offload sets
+    assert not processor_module._stacks_qkv(attn, hidden)
+    del attn.to_v.forward
+
+    class Wrapped(torch.nn.Linear):  # a LoRA or quantised layer computes more than its weight
+        pass
+
+    attn.to_q.__class__ = Wrapped
+    assert not processor_module._stacks_qkv(attn, hidden)
+    attn.to_q.__class__ = torch.nn.Linear
+    attn.to_v.bias = torch.nn.Parameter(torch.zeros(32))  # biases on some only
+    assert not processor_module._stacks_qkv(attn, hidden)
+    attn.to_v.bias = None
+    assert processor_module._stacks_qkv(attn, hidden)
+    spy_calls = []
+    attn.to_q.register_forward_pre_hook(lambda *args: spy_calls.append(1))
+    with torch.no_grad():
+        processor_module.project_qkv(attn, hidden, stacked=True)
+    assert spy_calls == [1]  # fell back: the module ran
+
+
+def test_output_rescale_is_skipped_only_when_it_is_one():
+    attn = _temporal_attention_module()
+    attended, residual = torch.randn(4, 16, 32), torch.randn(4, 16, 32)
+    with torch.no_grad():
+        projected = attn.to_out[0](attended)
+        assert torch.equal(processor_module.finish_output(attn, attended, residual), projected)
+        attn.rescale_output_factor = 2.0
+        attn.residual_connection = True
+        torch.testing.assert_close(processor_module.finish_output(attn, attended, residual),
+                                   (projected + residual) / 2.0, rtol=0, atol=0)
+
+
 # -- Copies and pickles -------------------------------------------------------------------------
 def test_deepcopy_and_pickle_are_refused_while_applied_and_work_after_remove():
     pipe = tiny.tiny_animatediff_pipeline()

@@ -104,7 +104,7 @@ class FastTemporalAttnProcessor(BoundProcessor):
             or hidden_states.dim() != 3
         ):
             return delegate(binding.original, attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        query, key, value = project_qkv(attn, normed_input(attn, hidden_states, temb))
+        query, key, value = project_qkv(attn, normed_input(attn, hidden_states, temb), stacked=True)
         # Plain attention needs no video geometry: every row is its own 1 x 1 "video", no CFG split.
         attended = temporal_attention(
             query, key, value, heads=attn.heads, height=1, width=1, scale=binding.scale, cfg=False

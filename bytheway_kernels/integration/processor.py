@@ -138,14 +138,52 @@ def normed_input(attn, hidden_states: torch.Tensor, temb) -> torch.Tensor:
     return hidden_states
 
 
-def project_qkv(attn, hidden_states: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def project_qkv(attn, hidden_states: torch.Tensor,
+                stacked: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Self-attention q, k, v as (N, F, heads*d), with diffusers' per-head norm_q / norm_k applied.
 
     Without those norms the projections are returned as they are (no copy); with one, its output
-    is brought back to the (N, F, heads*d) layout.
+    is brought back to the (N, F, heads*d) layout. `stacked` (for the fused op, which takes
+    strided slices): one GEMM with the three weights stacked where `_stacks_qkv` allows it, q, k
+    and v then being slices of its output; equal to the three projections up to the GEMM's
+    rounding order.
     """
-    query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    if stacked and _stacks_qkv(attn, hidden_states):
+        projections = (attn.to_q, attn.to_k, attn.to_v)
+        weight = torch.cat([projection.weight for projection in projections])
+        bias = None
+        if attn.to_q.bias is not None:
+            bias = torch.cat([projection.bias for projection in projections])
+        sizes = [projection.out_features for projection in projections]
+        query, key, value = torch.nn.functional.linear(hidden_states, weight, bias).split(sizes, dim=-1)
+    else:
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
     return _head_normed(attn.norm_q, query, attn.heads), _head_normed(attn.norm_k, key, attn.heads), value
+
+
+def _stacks_qkv(attn, hidden_states: torch.Tensor) -> bool:
+    """Whether one stacked GEMM may replace to_q, to_k and to_v: all three plain `nn.Linear`
+    modules (not LoRA or quantised wrappers) with no hooks and no instance-level forward (as
+    accelerate's offload installs), their parameters of one dtype on the input's device, biases
+    on all or none; and enough rows that reading the input once instead of three times saves more
+    than stacking the weights costs (rows > 3 * out_features: per call the stack writes and reads
+    3 * out * in values, the two skipped reads of the input 2 * rows * in)."""
+    projections = (attn.to_q, attn.to_k, attn.to_v)
+    for projection in projections:
+        if (type(projection) is not torch.nn.Linear or projection._forward_hooks
+                or projection._forward_pre_hooks or "forward" in projection.__dict__):
+            return False
+    parameters = [projection.weight for projection in projections]
+    if attn.to_q.bias is not None:
+        if attn.to_k.bias is None or attn.to_v.bias is None:
+            return False
+        parameters += [projection.bias for projection in projections]
+    elif attn.to_k.bias is not None or attn.to_v.bias is not None:
+        return False
+    if any(p.device != hidden_states.device or p.dtype != hidden_states.dtype for p in parameters):
+        return False
+    rows = hidden_states.numel() // hidden_states.shape[-1]
+    return rows > 3 * attn.to_q.out_features
 
 
 def _head_normed(norm, values: torch.Tensor, heads: int) -> torch.Tensor:
@@ -157,10 +195,15 @@ def _head_normed(norm, values: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def finish_output(attn, attended: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """to_out (projection, dropout), the residual connection and the output rescale, as diffusers."""
+    """to_out (projection, dropout), the residual connection and the output rescale, as diffusers.
+
+    A rescale factor of 1 (every supported motion module's) is skipped: x / 1 is x bit for bit,
+    and diffusers' division reads and writes the layer's whole output once more."""
     hidden_states = attn.to_out[1](attn.to_out[0](attended))
     if attn.residual_connection:
         hidden_states = hidden_states + residual
+    if attn.rescale_output_factor == 1.0:
+        return hidden_states
     return hidden_states / attn.rescale_output_factor
 
 
@@ -231,8 +274,9 @@ class ByTheWayAttnProcessor(BoundProcessor):
         _check_geometry(binding.layer, hidden_states)
         residual = hidden_states
         hidden_states = normed_input(attn, hidden_states, temb)
-        query, key, value = project_qkv(attn, hidden_states)
-        if state.fused and attention_mask is None and not state.measure:
+        fused = state.fused and attention_mask is None and not state.measure
+        query, key, value = project_qkv(attn, hidden_states, stacked=fused)
+        if fused:
             attended = self._attend_fused(attn, binding, call, query, key, value)
         else:
             attended = self._attend_materialised(attn, binding, call, query, key, value, attention_mask)

@@ -1,6 +1,6 @@
 """The Triton rules both ops' kernels share (ops/triton_rules.py) other than the band product
 (tests/test_band_product.py), run by the Triton interpreter: the stores' float16 saturation
-against the reference's rounding, and exp as exp2(x * LOG2E).
+against the reference's rounding, exp as exp2(x * LOG2E), and quotients by magic numbers.
 """
 
 import math
@@ -20,7 +20,15 @@ pytestmark = needs_triton_interpreter
 @triton.jit
 def _convert_kernel(values_ptr, out_ptr, N: tl.constexpr):
     offsets = tl.arange(0, N)
-    tl.store(out_ptr + offsets, triton_rules.to_element_type(tl.load(values_ptr + offsets), out_ptr))
+    values = tl.load(values_ptr + offsets)
+    tl.store(out_ptr + offsets, triton_rules.to_element_type(values, out_ptr))
+
+
+@triton.jit
+def _quotient_kernel(numerators_ptr, out_ptr, magic, shift, N: tl.constexpr):
+    offsets = tl.arange(0, N)
+    numerators = tl.load(numerators_ptr + offsets)
+    tl.store(out_ptr + offsets, triton_rules.magic_quotient(numerators, magic, shift))
 
 
 @triton.jit
@@ -33,8 +41,9 @@ def _values() -> torch.Tensor:
     """NaN, infinities, values past float16's range and at its edge, then random magnitudes."""
     special = [float("nan"), float("inf"), float("-inf"), 1e6, -1e6, 65504.0, -65504.0, 65519.0,
                -65520.0, 0.0, -0.0, 1.0, 6e-8, -3.0e38]
-    random = torch.randn(64 - len(special), generator=torch.Generator().manual_seed(3)) * torch.logspace(
-        -8, 6, 64 - len(special))
+    count = 64 - len(special)
+    generator = torch.Generator().manual_seed(3)
+    random = torch.randn(count, generator=generator) * torch.logspace(-8, 6, count)
     return torch.cat([torch.tensor(special), random]).to(torch.float32)
 
 
@@ -72,3 +81,45 @@ def test_exp_through_exp2_matches_exp():
     assert ((out.double() - expected).abs() <= tolerance).all()
     assert out[-1].item() == 0.0
     assert triton_rules.LOG2E.value == pytest.approx(1 / math.log(2), rel=1e-15)
+
+
+def _divisors() -> list:
+    """Small divisors, powers of two and their neighbours, the AnimateDiff sizes, random ones."""
+    generator = torch.Generator().manual_seed(5)
+    random = torch.randint(1, 2 ** 31 - 1, (64,), generator=generator).tolist()
+    powers = [2 ** k + offset for k in range(31) for offset in (-1, 0, 1)
+              if 1 <= 2 ** k + offset < 2 ** 31]
+    return list(range(1, 70)) + powers + [320, 640, 1280, 2 ** 31 - 1] + random
+
+
+def _numerators(divisor: int) -> list:
+    """Around every multiple that matters: 0, near the divisor, near the largest int32."""
+    top = (2 ** 31 - 1) // divisor * divisor
+    candidates = [0, 1, divisor - 1, divisor, divisor + 1, 2 * divisor - 1, 2 * divisor, top - 1,
+                  top, 2 ** 31 - 2, 2 ** 31 - 1, 12345 * divisor - 1]
+    return [n for n in candidates if 0 <= n < 2 ** 31]
+
+
+def test_magic_numbers_divide_every_int32_exactly():
+    for divisor in _divisors():
+        magic, shift = triton_rules.magic_quotient_constants(divisor)
+        assert 0 < magic < 2 ** 32  # a uint32
+        for n in _numerators(divisor):
+            assert ((2 * n * magic) >> 32) >> shift == n // divisor, (divisor, n)
+
+
+@pytest.mark.parametrize("divisor", [1, 3, 8, 40, 4096, 2 ** 31 - 1])
+def test_magic_quotient_in_a_kernel(divisor):
+    numerators = _numerators(divisor) + torch.randint(
+        0, 2 ** 31 - 1, (64,), generator=torch.Generator().manual_seed(divisor)).tolist()
+    numerators = torch.tensor(numerators[:64], dtype=torch.int32)
+    out = torch.full_like(numerators, -1)
+    magic, shift = triton_rules.magic_quotient_constants(divisor)
+    _quotient_kernel[(1,)](numerators, out, magic, shift, N=64)
+    assert torch.equal(out, torch.div(numerators, divisor, rounding_mode="floor"))
+
+
+@pytest.mark.parametrize("divisor", [0, -3, 2 ** 31])
+def test_magic_numbers_refuse_divisors_out_of_range(divisor):
+    with pytest.raises(ValueError, match="divisor must be in"):
+        triton_rules.magic_quotient_constants(divisor)

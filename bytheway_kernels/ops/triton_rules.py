@@ -1,8 +1,8 @@
 """Triton pieces that both ops' kernels share, so that each rule is written once:
 torch.nn.functional.interpolate's source indices for the guide upsampling, the beta rule with
 the stats row (the map op's `bytheway_kernels.energy` contract, as the C++ kernel and the
-reference follow it), the band step's product with the circulant P, and the stores' float16
-saturation."""
+reference follow it), the band step's product with the circulant P, the stores' float16
+saturation, and quotients by run-time divisors through magic numbers."""
 
 from __future__ import annotations
 
@@ -49,6 +49,28 @@ def to_element_type(values, ptr):
     if ptr.dtype.element_ty == tl.float16:
         values = tl.clamp(values, -65504.0, 65504.0, propagate_nan=tl.PropagateNan.ALL)
     return values.to(ptr.dtype.element_ty)
+
+
+def magic_quotient_constants(divisor: int) -> tuple:
+    """(magic, shift) such that n // divisor == umulhi(2 n, magic) >> shift for every
+    0 <= n < 2**31, in uint32 (`magic_quotient`): with l = ceil(log2(divisor)),
+    magic = ceil(2**(31 + l) / divisor) < 2**32 and shift = l, so that the quotient is
+    (n * magic) >> (31 + l). Exact: magic * divisor = 2**(31 + l) + e with 0 <= e < divisor, so
+    n * magic / 2**(31 + l) exceeds n / divisor by n * e / (divisor * 2**(31 + l)) < 2**-l
+    <= 1 / divisor, too little to reach the next integer."""
+    if not 1 <= divisor < 2 ** 31:
+        raise ValueError(f"divisor must be in [1, 2**31), got {divisor}")
+    shift = (divisor - 1).bit_length()
+    return -(-(1 << (31 + shift)) // divisor), shift
+
+
+@triton.jit
+def magic_quotient(n, magic, shift):
+    """n // divisor for int32 0 <= n < 2**31, with (magic, shift) from `magic_quotient_constants`:
+    a 32-bit high multiply and a shift (IMAD.HI.U32, SHF on sm_90), where a division by a run-time
+    int32 takes ~18 instructions."""
+    doubled = n.to(tl.uint32, bitcast=True) * 2  # < 2**32: no wrap
+    return (tl.umulhi(doubled, magic.to(tl.uint32)) >> shift).to(tl.int32, bitcast=True)
 
 
 @triton.jit

@@ -47,10 +47,16 @@ from ...energy import HIGH_ENERGY_FLOOR
 from ..launch import KernelLaunch
 from ..params import ByTheWayParams
 from .. import triton_rules
-from ..triton_rules import (band_product, bilinear_sources, group_beta, load_band, nearest_source,
-                            store_stats_row, to_element_type)
+from ..triton_rules import (band_product, bilinear_sources, group_beta, load_band, magic_quotient,
+                            magic_quotient_constants, nearest_source, store_stats_row,
+                            to_element_type)
 
 GUIDE_MODES = {None: 0, "nearest": 1, "bilinear": 2}
+# How `_position` splits a sequence index: by compile-time constants, magic numbers, or run-time
+# divisions.
+BY_CONSTANTS = tl.constexpr(0)
+BY_MAGIC_NUMBERS = tl.constexpr(1)
+BY_RUNTIME_DIVISIONS = tl.constexpr(2)
 # The band step: none (fixed beta = 1: the identity), P = I - 1/F (the full band), circulant P.
 BAND_MODES = {"none": 0, "full": 1, "circulant": 2}
 # Per program: sum|A|^2, sum|A2|^2, sum<A2, A2 P> (what beta needs), and with stats the last three
@@ -185,25 +191,14 @@ def energy_candidate_configs(frames: int, head_dim: int) -> list:
 
 
 @triton.jit
-def _guide_tile(guide_ptr, n, head, frames, cols, mask, H, W, h, w, heads, scale_y, scale_x,
-                F: tl.constexpr, GUIDE_MODE: tl.constexpr, QUOTIENT_ONCE: tl.constexpr):
+def _guide_tile(guide_ptr, b, y, x, head, frames, cols, mask, h, w, heads, scale_y, scale_x,
+                F: tl.constexpr, GUIDE_MODE: tl.constexpr):
     """Upsampled anchor map for [G, BLOCK_I, F_PAD], torch.interpolate's index rules in fp32.
 
-    n (int32), head: [G, 1, 1]; frames: [1, BLOCK_I, 1]; cols: [1, 1, F_PAD]. Mirrors the map
-    op's `_guide_rows` (ops/attention_probs/triton.py) in three dimensions; both take the index
-    rules from `ops/triton_rules.py`.
+    b, y, x (the position, `_position`), head: [G, 1, 1] int32; frames: [1, BLOCK_I, 1]; cols:
+    [1, 1, F_PAD]. Mirrors the map op's `_guide_rows` (ops/attention_probs/triton.py) in three
+    dimensions; both take the index rules from `ops/triton_rules.py`.
     """
-    # int32 index arithmetic: 64-bit division would take a stack frame
-    if QUOTIENT_ONCE:  # two divisions, n // W and its quotient // H (by constants in the
-        # attention pass), where these took three
-        row = n // W
-        x = n - row * W
-        b = row // H
-        y = row - b * H
-    else:  # the energy pass: the other form left its lean variant 8 bytes of spill (Triton 3.6)
-        x = n % W
-        y = (n // W) % H
-        b = n // (H * W)
     within = frames * F + cols  # int32 offsets inside one (F, F) map; whole maps in int64
     if GUIDE_MODE == 1:
         ys = nearest_source(y, scale_y, h)
@@ -228,14 +223,50 @@ def _guide_tile(guide_ptr, n, head, frames, cols, mask, H, W, h, w, heads, scale
 
 
 @triton.jit
-def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, heads,
-                    q_sn, q_sf, k_sn, k_sf, H, W, h, w, scale_y, scale_x, scale_log2, alpha,
+def _position(seq, heads, H, W, W_magic, W_shift, H_magic, H_shift, DIVIDE: tl.constexpr):
+    """(n, head, b, y, x) of sequences `seq` ([G] int32, 0 <= seq < 2**31), each [G, 1, 1] int32:
+    seq = n * heads + head and n = (b * H + y) * W + x, as diffusers lays the rows out. int32
+    quotients: a 64-bit division would take a stack frame.
+
+    DIVIDE: BY_CONSTANTS in the attention pass, whose heads, H and W are compile-time constants:
+    n // heads, n // W and that // H become shifts or multiplications. The energy pass has them
+    at run time (as constants they left 8-16 bytes of spill in some of its variants under
+    Triton 3.6): BY_MAGIC_NUMBERS takes n // W and row // H from the host's magic numbers
+    (`triton_rules.magic_quotient`: two instructions for ~18 of a run-time integer division);
+    BY_RUNTIME_DIVISIONS, its other variants, keeps the three run-time divisions it always had
+    (with the magic numbers, or in the first form, ptxas left some of them spills under Triton
+    3.6 or 3.9).
+    """
+    n = seq // heads
+    if DIVIDE == BY_RUNTIME_DIVISIONS:
+        head = seq % heads
+        x = n % W
+        y = (n // W) % H
+        b = n // (H * W)
+    else:
+        head = seq - n * heads
+        if DIVIDE == BY_MAGIC_NUMBERS:
+            row = magic_quotient(n, W_magic, W_shift)
+            b = magic_quotient(row, H_magic, H_shift)
+        else:
+            row = n // W
+            b = row // H
+        x = n - row * W
+        y = row - b * H
+    return (n[:, None, None], head[:, None, None], b[:, None, None], y[:, None, None],
+            x[:, None, None])
+
+
+@triton.jit
+def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, n32, head, b, y, x, seq_valid, frames,
+                    heads, q_sn, q_sf, k_sn, k_sf, h, w, scale_y, scale_x, scale_log2, alpha,
                     F: tl.constexpr, F_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                     G: tl.constexpr, BLOCK_I: tl.constexpr, GUIDE_MODE: tl.constexpr,
                     BAND: tl.constexpr, SPLIT_BAND: tl.constexpr, ENERGY_FORM: tl.constexpr):
     """(attn, guided, guided @ P, rowsum(guided), row_valid) of query frames `frames`
     ([1, BLOCK_I, 1]) of G sequences against all F key frames: [G, BLOCK_I, F_PAD] fp32, row sums
-    [G, BLOCK_I, 1].
+    [G, BLOCK_I, 1]. The sequences come split (`_position`): position n32 = (b, y, x) and head,
+    [G, 1, 1] int32 each.
 
     Padded columns of the first three are zero; rows of padded frames or sequences hold finite
     values (row sums may be 0) that callers must not store or sum (row_valid, [G, BLOCK_I, 1],
@@ -249,14 +280,11 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, h
     exps / sum), the reciprocal set to 0 in the rows of padding (a per-row select), so attn and
     guided are zero there and sums of their products need no mask; `high` is not zero there.
     All but the "rows" form take the full band's mean from row_sum instead of a second row sum
-    of guided (MEAN_FROM_ROW_SUM); the attention pass splits n into (b, y, x) with two integer
-    divisions instead of three (`_guide_tile`'s QUOTIENT_ONCE).
+    of guided (MEAN_FROM_ROW_SUM).
     """
     LEAN: tl.constexpr = ENERGY_FORM > 0
     MEAN_FROM_ROW_SUM: tl.constexpr = ENERGY_FORM != 0
-    n32 = (seq // heads)[:, None, None]
     n = n32.to(tl.int64)  # addresses in int64
-    head = (seq % heads)[:, None, None]
     keys = tl.arange(0, F_PAD)[None, :, None]
     cols = tl.arange(0, F_PAD)[None, None, :]
     dims = tl.arange(0, BLOCK_D)[None, None, :]
@@ -285,8 +313,8 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, h
         else:
             row_sum = tl.sum(attn, axis=2)[:, :, None]
     else:
-        upsampled = _guide_tile(guide_ptr, n32, head, frames, cols, row_valid & col_valid, H, W, h,
-                                w, heads, scale_y, scale_x, F, GUIDE_MODE, ENERGY_FORM < 0)
+        upsampled = _guide_tile(guide_ptr, b, y, x, head, frames, cols, row_valid & col_valid, h,
+                                w, heads, scale_y, scale_x, F, GUIDE_MODE)
         guided = attn + alpha * (upsampled - attn)
         # rows whose guided sum is <= 0 or not finite keep A (the map op's rule, energies too)
         row_sum = tl.sum(guided, axis=2)[:, :, None]
@@ -343,6 +371,7 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, stash_
     seq = first + tl.arange(0, G)
     seq_valid = seq < sequences
     frames = ((pid % (F_PAD // BLOCK_I)) * BLOCK_I + tl.arange(0, BLOCK_I))[None, :, None]
+    n32, head, b, y, x = _position(seq, heads, H, W, 0, 0, 0, 0, BY_CONSTANTS)
     if HAS_BETA:
         entry = seq // heads // (H * W)  # int32: 64-bit division would take a stack frame
         group = entry % videos if PER_VIDEO else entry * 0
@@ -358,8 +387,8 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, stash_
         probs = to_element_type(probs, v_ptr)
     else:
         attn, guided, high, row_sum, row_valid = _attention_tile(
-            q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, heads, q_sn, q_sf, k_sn,
-            k_sf, H, W, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G,
+            q_ptr, k_ptr, guide_ptr, band_ptr, n32, head, b, y, x, seq_valid, frames, heads, q_sn,
+            q_sf, k_sn, k_sf, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G,
             BLOCK_I, GUIDE_MODE, BAND, SPLIT_BAND, ATTENTION_PASS)
         if WITH_MAP:
             cols = tl.arange(0, F_PAD)[None, None, :]
@@ -376,8 +405,7 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, stash_
         else:
             probs = (guided + (beta - 1.0) * high) * (1.0 / row_sum)
         probs = to_element_type(probs, v_ptr)
-    n = (seq // heads).to(tl.int64)[:, None, None]
-    head = (seq % heads)[:, None, None]
+    n = n32.to(tl.int64)
     keys = tl.arange(0, F_PAD)[None, :, None]
     dims = tl.arange(0, BLOCK_D)[None, None, :]
     key_valid = seq_valid[:, None, None] & (keys < F)
@@ -424,7 +452,7 @@ def _stashed_probs(stash_ptr, band_ptr, local, seq_valid, frames, beta, F: tl.co
 @triton.jit
 def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, stash_ptr,
                    sequences_per_entry, first_entry, steps, heads, q_sn, q_sf, k_sn, k_sf, H, W, h,
-                   w, scale_y, scale_x, scale_log2, alpha,
+                   w, scale_y, scale_x, scale_log2, alpha, W_magic, W_shift, H_magic, H_shift,
                    F: tl.constexpr, F_PAD: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                    G: tl.constexpr, BLOCK_I: tl.constexpr, GUIDE_MODE: tl.constexpr,
                    BAND: tl.constexpr, SPLIT_BAND: tl.constexpr, FIELDS: tl.constexpr,
@@ -454,6 +482,7 @@ def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, stash_ptr,
     attention pass to read (`_stashed_probs`) instead of recomputing it from q and k. The stash
     is float16 (saturating) for 2-byte inputs with the full band, where A3 grows with beta as
     its rounding does; float32 otherwise (`_launch_plan`)."""
+    DIVIDE: tl.constexpr = BY_MAGIC_NUMBERS if GUIDE_MODE == 1 else BY_RUNTIME_DIVISIONS
     video = tl.program_id(1)
     first_tile = tl.program_id(0) * steps
     # "tile" sums per entry; with stats, whose E3 terms are per-row sums anyway, as "lean"
@@ -470,9 +499,14 @@ def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, stash_ptr,
         seq_valid = local < sequences_per_entry
         seq = (first_entry + video) * sequences_per_entry + local
         frames = ((tile % (F_PAD // BLOCK_I)) * BLOCK_I + tl.arange(0, BLOCK_I))[None, :, None]
+        # magic numbers with the nearest guide only: with the bilinear one three looping
+        # variants spilled under Triton 3.6 (80 registers), and without a guide (b, y, x unused)
+        # the form change alone left three variants spills
+        n32, head, b, y, x = _position(seq, heads, H, W, W_magic, W_shift, H_magic, H_shift,
+                                       DIVIDE)
         attn, guided, high, row_sum, row_valid = _attention_tile(
-            q_ptr, k_ptr, guide_ptr, band_ptr, seq, seq_valid, frames, heads, q_sn, q_sf, k_sn,
-            k_sf, H, W, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G,
+            q_ptr, k_ptr, guide_ptr, band_ptr, n32, head, b, y, x, seq_valid, frames, heads, q_sn,
+            q_sf, k_sn, k_sf, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G,
             BLOCK_I, GUIDE_MODE, BAND, SPLIT_BAND, FORM)
         if STASH:  # one reciprocal per row, not a division per entry
             cols = tl.arange(0, F_PAD)[None, None, :]
@@ -571,6 +605,14 @@ def _check_device(q: torch.Tensor) -> None:
         )
 
 
+def _magic_numbers(**divisors: int) -> dict:
+    """The energy pass's `NAME_magic` and `NAME_shift` for each divisor (`_position`)."""
+    numbers = {}
+    for name, divisor in divisors.items():
+        numbers[f"{name}_magic"], numbers[f"{name}_shift"] = magic_quotient_constants(divisor)
+    return numbers
+
+
 def _launch_options(tile: TileConfig) -> dict:
     """Triton's launch options for a tile configuration: warps, and the register cap if set."""
     if tile.max_registers is None:
@@ -640,7 +682,8 @@ def _launch_plan(frames: int, head_dim: int, heads: int, height: int, width: int
         programs = triton.cdiv(tiles, steps)
         energy_grid = (programs, videos)
         energy_constants = dict(
-            geometry, **qk_strides, alpha=alpha, sequences_per_entry=sequences_per_entry, first_entry=energy_part * videos,
+            geometry, **qk_strides, **_magic_numbers(W=width, H=height), alpha=alpha,
+            sequences_per_entry=sequences_per_entry, first_entry=energy_part * videos,
             steps=steps, F=frames, F_PAD=padded, D=head_dim, BLOCK_D=energy_tile.block_d,
             G=energy_tile.sequences, BLOCK_I=QUERY_BLOCK, GUIDE_MODE=guide_mode, BAND=band_mode,
             SPLIT_BAND=split, FIELDS=fields, FORM=ENERGY_FORMS[energy_tile.energy_form],

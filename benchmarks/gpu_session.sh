@@ -81,8 +81,10 @@ step host_cost 30 python3 benchmarks/host_cost.py  # host per call: Triton's pat
 # The CUDA tests before the suite: kernels changed since the last GPU run were checked only under
 # the interpreter and by the sm_90 compiles (the map op's workspace offsets and int32 ticket by
 # pointer bitcast, the fused op's one workspace, the tile defaults, the stash of guided maps,
-# heads / H / W as compile-time constants in the attention pass and the map op), and the checks
-# above have put most variants in Triton's cache by now.
+# heads / H / W as compile-time constants in the attention pass and the map op; then float16
+# saturation by tl.clamp, the map op's exp2 and per-row reciprocal, the full band's one-FMA A3,
+# the energy pass's magic-number quotients, and the fused paths' stacked q, k, v GEMM), and the
+# checks above have put most variants in Triton's cache by now.
 step gpu_tests 240 bash -c 'python3 -m pytest -q -p no:cacheprovider -rfEs \
   tests/test_attention_probs_gpu.py tests/test_temporal_attention_gpu.py; python3 -m pytest -q -p no:cacheprovider -rfEs \
   tests/test_integration_fused.py -k cuda'

@@ -372,10 +372,9 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, stash_
     seq_valid = seq < sequences
     frames = ((pid % (F_PAD // BLOCK_I)) * BLOCK_I + tl.arange(0, BLOCK_I))[None, :, None]
     n32, head, b, y, x = _position(seq, heads, H, W, 0, 0, 0, 0, BY_CONSTANTS)
-    if HAS_BETA:
-        entry = seq // heads // (H * W)  # int32: 64-bit division would take a stack frame
-        group = entry % videos if PER_VIDEO else entry * 0
-        beta = tl.load(beta_ptr + betas_at + group, mask=seq_valid, other=1.0)[:, None, None]
+    if HAS_BETA:  # b, the batch entry, picks the energy group
+        group = b % videos if PER_VIDEO else b * 0
+        beta = tl.load(beta_ptr + betas_at + group, mask=seq_valid[:, None, None], other=1.0)
     else:
         beta = beta0
     stashed = False

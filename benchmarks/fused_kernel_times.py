@@ -1,6 +1,6 @@
 """Device time per kernel of the fused temporal attention and of SDPA, free of launch gaps (CUDA).
 
-    PYTHONPATH=$PWD python3 benchmarks/fused_kernel_times.py
+    PYTHONPATH=$PWD python3 benchmarks/fused_kernel_times.py [--quick]
 
 `do_bench` and the benchmark suite time a call between two CUDA events, so a call whose host
 work outlasts the GPU work before it (the adaptive path's three launches: ~100-150 us of host time
@@ -15,13 +15,16 @@ attention pass, `TileConfig.stash_guided`, side by side) and as the anchor with 
 flash, mem-efficient and cuDNN backends; at F = 16 the attention pass's alternative tiles
 (`candidate_configs`) and the energy pass's tile configurations (each form and the stash
 included), software pipelining and program caps (`ENERGY_PROGRAMS`, with and without the
-stash); at F > 16 both band products and the attention pass's tile configurations. Ratios use
-these times; the summary gives adaptive / fixed for each energy variant. The tile defaults of
+stash); at F > 16 both band products forced (the default is `triton_rules.split_band`'s choice)
+and the attention pass's tile configurations. `--quick` leaves out SDPA and the tile, pipelining
+and program-cap sweeps. Ratios use these times; the summary gives adaptive / fixed for each
+energy variant. The tile defaults of
 bytheway_kernels/ops/temporal_attention/triton.py come from its output (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 import time
@@ -76,13 +79,13 @@ def device_times(fn, flush: torch.Tensor) -> dict:
     return dict(times)
 
 
-def tiles_label(config: TileConfig) -> str:
-    """(sequences, BLOCK_D, warps), then the register cap, the energy form and the stash where
-    they are not the default."""
+def tiles_label(config: TileConfig, energy: bool = False) -> str:
+    """(sequences, BLOCK_D, warps), then the register cap and the energy form where they are not
+    the default, and for the energy pass's tiles (`energy`) whether it stashes the guided maps."""
     extra = [] if config.max_registers is None else [f"maxnreg {config.max_registers}"]
     if config.energy_form != TileConfig._field_defaults["energy_form"]:
         extra.append(f"form {config.energy_form}")
-    if config.stash_guided != TileConfig._field_defaults["stash_guided"]:
+    if energy:
         extra.append("stash" if config.stash_guided else "no stash")
     return " ".join([str(tuple(config[:3]))] + extra)
 
@@ -108,6 +111,10 @@ def describe(times: dict) -> str:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="the fused kernel's default and energy variants only: no SDPA, no sweeps")
+    quick = parser.parse_args().quick
     if not torch.cuda.is_available():
         print("needs a CUDA GPU")
         return 2
@@ -159,15 +166,16 @@ def main() -> int:
             times[label] = device_times(fn, flush)
             print(f"  {label:34} {describe(times[label])}")
         if frames != 16:  # tau 7 is the full band at F = 16: no product with P there
-            with band_product_split(True):
-                for label in ("fused fixed", "fused adaptive"):
-                    tc = device_times(rows[label], flush)
-                    print(f"  {label + ' (tensor-core band)':34} {describe(tc)}")
-            for config in WIDE_FRAME_CONFIGS:
+            for split, product in ((True, "tensor-core band"), (False, "fp32-dot band")):
+                with band_product_split(split):
+                    for label in ("fused fixed", "fused adaptive"):
+                        forced = device_times(rows[label], flush)
+                        print(f"  {label + f' ({product})':34} {describe(forced)}")
+            for config in [] if quick else WIDE_FRAME_CONFIGS:
                 for label, layer_guide, params in (("plain", None, plain), ("fixed", guide, fixed)):
                     sweep = device_times(fused(layer_guide, params, config=config), flush)
                     print(f"  {label + ', tiles ' + tiles_label(config):34} {describe(sweep)}")
-        for backend, kind in SDPA_BACKENDS.items():
+        for backend, kind in {} if quick else SDPA_BACKENDS.items():
             try:
                 with sdpa_kernel(kind):
                     sdpa = lambda: F_nn.scaled_dot_product_attention(heads_view(q), heads_view(k),
@@ -176,13 +184,13 @@ def main() -> int:
                 print(f"  {'sdpa ' + backend:34} {describe(times['sdpa ' + backend])}")
             except RuntimeError as error:
                 print(f"  sdpa {backend}: unavailable: {str(error).splitlines()[0][:100]}")
-        if frames == 16:
+        if frames == 16 and not quick:
             for config in candidate_configs(frames, head_dim)[1:]:
                 sweep = device_times(fused(guide, fixed, config=config), flush)
                 print(f"  {'fixed, tiles ' + tiles_label(config):34} {describe(sweep)}")
             for config in energy_candidate_configs(frames, head_dim)[1:]:
                 sweep = device_times(fused(guide, adaptive, energy_config=config), flush)
-                print(f"  {'adaptive, energy tiles ' + tiles_label(config):34} {describe(sweep)}")
+                print(f"  {'adaptive, energy tiles ' + tiles_label(config, energy=True):34} {describe(sweep)}")
             with kernel_setting("ENERGY_NUM_STAGES", 2):  # software pipelining of the energy pass
                 sweep = device_times(rows["fused adaptive"], flush)
                 print(f"  {'adaptive, energy num_stages 2':34} {describe(sweep)}")
@@ -194,7 +202,7 @@ def main() -> int:
                             stash_guided=not energy_tiles.stash_guided)):
                         sweep = device_times(fused(guide, adaptive, energy_config=config), flush)
                         label = f"adaptive, ENERGY_PROGRAMS {cap}" + (
-                            f" {tiles_label(config)}" if config else "")
+                            f" {tiles_label(config, energy=True)}" if config else "")
                         print(f"  {label:34} {describe(sweep)}")
         best_sdpa = min((total(times[key]) for key in times if key.startswith("sdpa")),
                         default=float("nan"))

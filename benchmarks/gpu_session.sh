@@ -78,14 +78,13 @@ if [[ -f benchmarks/map_op_kernel_times.py ]]; then  # profiler: the map op's ke
   step map_kernel_times 70 python3 benchmarks/map_op_kernel_times.py
 fi
 step host_cost 30 python3 benchmarks/host_cost.py  # host per call: Triton's path / direct / our Python
-# The CUDA tests before the suite: kernels changed since the last GPU run were checked only under
-# the interpreter and by the sm_90 compiles (the map op's workspace offsets and int32 ticket by
-# pointer bitcast, the fused op's one workspace, the tile defaults, the stash of guided maps,
-# heads / H / W as compile-time constants in the attention pass and the map op; then float16
-# saturation by tl.clamp, the map op's exp2 and per-row reciprocal, the full band's one-FMA A3,
-# the energy pass's magic-number quotients, and the fused paths' stacked q, k, v GEMM), and the
-# checks above have put most variants in Triton's cache by now.
-step gpu_tests 240 bash -c 'python3 -m pytest -q -p no:cacheprovider -rfEs \
+# The CUDA tests before the suite, on 8 pytest-xdist workers (the image has pytest-xdist; a cold
+# compile of every variant took over 130 s in one process). Changed since the last full GPU run:
+# the default tiles and settings only (the stash of guided maps on, the band product split on
+# tensor cores in the fused kernels at F_PAD = 32, the "lean" energy form there, 4 warps for the
+# attention pass at F_PAD = 64), each timed as a variant in that run and tested in a short call
+# after it (tests/test_temporal_attention_gpu.py only).
+step gpu_tests 240 bash -c 'python3 -m pytest -q -p no:cacheprovider -rfEs -n 8 \
   tests/test_attention_probs_gpu.py tests/test_temporal_attention_gpu.py; python3 -m pytest -q -p no:cacheprovider -rfEs \
   tests/test_integration_fused.py -k cuda'
 

@@ -87,6 +87,7 @@ TARGETS = {
     "fused-sdpa": Target("fused fixed beta × best SDPA backend", 0.25, "<=", source="issue 9"),
     "fused-bandwidth": Target("fused fixed beta, share of copy bandwidth", 0.5, ">=", "%", "issue 9"),
     "fused-adaptive": Target("fused adaptive × fused fixed", 1.3, "<=", source="issue 9"),
+    # the stash of guided maps before it became the default (runs before 2026-11-26's session 5)
     "fused-adaptive-stash": Target("fused adaptive, guided maps stashed, × fused fixed", 1.3, "<=",
                                    source="issue 9"),
     "denoiser": Target("denoiser step overhead, ByTheWay (materialised) on vs off", 0.03, "<", "%", "issue 5"),

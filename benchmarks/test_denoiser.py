@@ -14,7 +14,6 @@ recording in up_blocks.1 and the op in every guided decoder layer. Two models:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import inspect
@@ -43,8 +42,6 @@ MODES = {
     "bytheway-fused": "bytheway fused",
     "fast-stock": "fast stock",
     "bytheway-fused-fast": "bytheway fused + fast stock",
-    # the same with adaptive beta's guided maps stashed (where the fused kernel runs)
-    "bytheway-fused-fast-stash": "bytheway fused + fast stock, stash",
 }
 #: Real-size model: ‖out − ref‖ / ‖ref‖ against the float32 copy of the same (rounded) weights; a
 #: fp16 UNet of this depth lands near 1e-3 (2.3e-3 measured between compiled and eager on an H200).
@@ -154,10 +151,6 @@ def enable(mode: str, unet, scheduler):
     """Turn `mode` on for `unet`; returns the handle whose .remove() turns it off (or None)."""
     if mode == "off":
         return None
-    if mode.endswith("-stash"):  # the stash changes only the launch plans (test_denoiser_step)
-        if not harness.fused_kernel_available():
-            pytest.skip(f"the fused temporal attention kernel does not run on {harness.DEVICE.type}")
-        return enable(mode.removesuffix("-stash"), unet, scheduler)
     if mode == "bytheway-fused-fast":  # every temporal layer fused, ByTheWay on the decoder's
         fast = enable("fast-stock", unet, scheduler)
         try:
@@ -182,17 +175,14 @@ def enable(mode: str, unet, scheduler):
 def test_denoiser_step(bench, monkeypatch, dtype, denoiser_case, mode):
     case = denoiser_case
     backend = btw.select_backend(harness.DEVICE) if mode.startswith("bytheway") else ""  # builds C++ on CPU
-    if mode in ("bytheway-fused", "fast-stock", "bytheway-fused-fast", "bytheway-fused-fast-stash"):
+    if mode in ("bytheway-fused", "fast-stock", "bytheway-fused-fast"):
         backend = "fused"
     try:
         handle = enable(mode, case.unet, case.scheduler)
     except (RuntimeError, ValueError) as error:  # e.g. no fused kernel on this device
         pytest.skip(f"{mode} does not run here: {error}")
-    stash = contextlib.nullcontext()
-    if mode.endswith("-stash"):
-        stash = harness.kernel_setting("STASH_GUIDED", True)
     try:
-        with torch.no_grad(), stash:
+        with torch.no_grad():
             out = bench(case.call, group=group_name(case, dtype), impl=MODES[mode], backend=backend,
                         floor=mode == "off")
     finally:

@@ -40,28 +40,45 @@ def run_dry(module: str, setup: str) -> str:
     return result.stdout
 
 
-def test_fused_kernel_times_runs():
+def run_fused_kernel_times(shapes: list, *arguments: str) -> str:
+    """benchmarks/fused_kernel_times.py dry, at `shapes` (tiny layers), with `arguments`."""
     pytest.importorskip("triton")
-    out = run_dry("fused_kernel_times", """
+    return run_dry("fused_kernel_times", f"""
         script.DEVICE = "cpu"
         script.FLUSH_BYTES = 16
         script.GUIDE_SIZE = (2, 2)
-        script.SHAPES = [("up_blocks.1", 2, 2, 16, 16), ("up_blocks.2 F24", 2, 2, 16, 24)]
+        script.SHAPES = {shapes!r}
         script.ENERGY_PROGRAM_CAPS = (1,)
         script.WIDE_FRAME_CONFIGS = script.WIDE_FRAME_CONFIGS[:1]
         def one_call(fn, flush):
             fn()
-            return {"kernel": 1.0}
+            return {{"kernel": 1.0}}
         script.device_times = one_call
+        sys.argv[1:] = {list(arguments)!r}
     """)
+
+
+def test_fused_kernel_times_runs():
+    out = run_fused_kernel_times([("up_blocks.1", 2, 2, 16, 16), ("up_blocks.2 F24", 2, 2, 16, 24)])
     assert "fused adaptive" in out and "ENERGY_PROGRAMS 1" in out
-    assert "adaptive, ENERGY_PROGRAMS 1 (8, 32, 8) stash" in out  # the caps with the stash
-    assert "fused adaptive, energy tile" in out and "tile/fixed" in out  # the energy forms
-    assert "fused adaptive, energy rows+stash" in out and "rows+stash/fixed" in out  # the stash
+    assert "adaptive, ENERGY_PROGRAMS 1 (8, 32, 8) no stash" in out  # the caps without the stash
+    assert "fused adaptive, energy tile+stash" in out and "tile+stash/fixed" in out  # the forms
+    assert "fused adaptive, energy rows " in out and " rows/fixed" in out  # recomputing
+    assert "fused adaptive, energy rows+stash" in out  # F = 24, where "lean" is the default
     assert "adaptive, energy tiles (8, 32, 8) form lean stash" in out  # energy_candidate_configs
+    assert "adaptive, energy tiles (8, 32, 8) form lean no stash" in out
     assert "fixed, tiles (8, 32, 8" in out  # F = 16: candidate_configs
     assert "fixed, tiles (4, 32, 8" in out  # F = 24: WIDE_FRAME_CONFIGS
+    assert "fused adaptive (fp32-dot band)" in out and "fused fixed (tensor-core band)" in out
+    assert "sdpa efficient" in out
     assert out.splitlines()[-2].startswith("up_blocks.2 F24")  # the summary's last row
+
+
+def test_fused_kernel_times_quick_runs():
+    out = run_fused_kernel_times([("up_blocks.2 F24", 2, 2, 16, 24)], "--quick")
+    assert "fused adaptive, energy rows+stash" in out and "fused fixed (fp32-dot band)" in out
+    assert "sdpa" not in out and "tiles" not in out and "ENERGY_PROGRAMS" not in out
+    assert out.splitlines()[-2].startswith("up_blocks.2 F24")
 
 
 def test_temporal_attention_gpu_check_runs():

@@ -8,7 +8,6 @@ bandwidth. ByTheWay rows use the AnimateDiff preset with a 16x16 up_blocks.1 gui
 
 from __future__ import annotations
 
-import contextlib
 from typing import Callable, Optional
 
 import pytest
@@ -155,26 +154,15 @@ def test_materialised(bench, shape, attn_inputs, expected, variant):
     harness.assert_close_to(out, expected(variant), DTYPE, scale=harness.COMPOSITE_TOLERANCE_SCALE)
 
 
-#: The fused op's variants: those of VARIANTS, and adaptive beta with the energy part's guided
-#: maps stashed for the attention pass (`TileConfig.stash_guided`; where the fused kernel runs:
-#: elsewhere the op runs the composed path, which has no stash).
-FUSED_VARIANTS = [*VARIANTS, "adaptive-stash"]
-
-
-@pytest.mark.parametrize("variant", FUSED_VARIANTS)
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_fused(bench, shape, attn_inputs, expected, variant):
     if temporal_attention is None:
         pytest.skip("bytheway_kernels.temporal_attention is not in this revision")
-    stash = variant.endswith("-stash")
-    if stash and not harness.fused_kernel_available():
-        pytest.skip(f"the fused temporal attention kernel does not run on {harness.DEVICE.type}")
     q, k, v, guide = attn_inputs
-    computed = variant.removesuffix("-stash")
-    adaptive = VARIANTS[computed]
+    adaptive = VARIANTS[variant]
     kwargs = dict(heads=shape.heads, height=shape.height, width=shape.width)
     if adaptive is not None:
         kwargs.update(guide=guide, cfg=True, **harness.op_kwargs(adaptive))
-    with harness.kernel_setting("STASH_GUIDED", True) if stash else contextlib.nullcontext():
-        out = bench(lambda: temporal_attention(q, k, v, **kwargs), group=group_name(shape),
-                    impl="fused", variant=variant, bytes_moved=attention_bytes(q), breakdown=True)
-    harness.assert_close_to(out, expected(computed), DTYPE, scale=harness.COMPOSITE_TOLERANCE_SCALE)
+    out = bench(lambda: temporal_attention(q, k, v, **kwargs), group=group_name(shape),
+                impl="fused", variant=variant, bytes_moved=attention_bytes(q), breakdown=True)
+    harness.assert_close_to(out, expected(variant), DTYPE, scale=harness.COMPOSITE_TOLERANCE_SCALE)

@@ -82,9 +82,11 @@ def print_info() -> int:
     launches = "direct launcher" if availability["triton"][0] and direct_launch_enabled() else "through Triton"
     print(f"  Triton launches: {launches} ({DIRECT_LAUNCH_ENV}={os.environ.get(DIRECT_LAUNCH_ENV, 'unset')})")
     if availability["triton"][0]:
-        from .ops.triton_rules import BAND_PRODUCT_ENV, SPLIT_BAND
+        from .ops.triton_rules import BAND_PRODUCT_ENV, FUSED_SPLIT_PADDINGS, SPLIT_BAND
 
-        product = "three tf32 products on tensor cores" if SPLIT_BAND else "one fp32 dot (FMA units)"
+        product = {True: "three tf32 products on tensor cores", False: "one fp32 dot (FMA units)",
+                   None: "one fp32 dot (FMA units), three tf32 products on tensor cores in the "
+                         f"fused attention at F_PAD {', '.join(map(str, FUSED_SPLIT_PADDINGS))}"}[SPLIT_BAND]
         print(f"  Triton band product: {product} ({BAND_PRODUCT_ENV}="
               f"{os.environ.get(BAND_PRODUCT_ENV, 'unset')})")
     return 0

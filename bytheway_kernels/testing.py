@@ -9,7 +9,7 @@ to write cannot pass.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -60,10 +60,11 @@ def poisoned_like(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def band_product_split(split: bool) -> Iterator[None]:
+def band_product_split(split: Optional[bool]) -> Iterator[None]:
     """Inside the block, both ops' Triton kernels run a circulant band step split on tensor cores
-    (True: `ops.triton_rules.band_product`) or as one exact fp32 dot (False, the default), for
-    testing both and timing them side by side. Needs Triton.
+    (True: `ops.triton_rules.band_product`), as one exact fp32 dot (False), or as each kernel's
+    measured choice (None, the default: `ops.triton_rules.split_band`), for testing them and
+    timing them side by side. Needs Triton.
 
     Examples:
         >>> from bytheway_kernels.ops import triton_rules

@@ -17,7 +17,7 @@ import triton.language as tl
 from attention_probs_cases import Case, assert_matches_reference, make_inputs, needs_triton_interpreter
 from attention_probs_cases import run_poisoned as run_map_op_poisoned
 from bytheway_kernels.band import (high_band_matrix, high_band_matrix_float64, high_band_matrix_tf32_split,
-                                   tf32_round)
+                                   is_full_band, tf32_round)
 from bytheway_kernels.ops import triton_rules
 from bytheway_kernels.ops.attention_probs import triton as map_kernels
 from bytheway_kernels.ops.attention_probs.triton import attention_probs_triton_out
@@ -124,7 +124,44 @@ def test_plans_split_only_a_circulant_band(frames, tau):
     assert launch.args["SPLIT_BAND"] is False
     if circulant:
         assert launch.args["band_ptr"].shape == (padded, padded)
-    assert triton_rules.SPLIT_BAND is False  # restored
+    assert triton_rules.SPLIT_BAND is triton_rules._split_band_setting()  # restored
+
+
+@pytest.mark.parametrize("frames,tau,split", [(24, 7, True), (32, 3, True), (16, 7, False),
+                                              (16, 3, False), (40, 9, False), (8, 2, False)])
+def test_fused_kernels_split_the_band_by_default_at_f_pad_32(frames, tau, split):
+    """The automatic setting (None) splits a circulant band product in the fused kernels where
+    that was measured faster (F_PAD 32: `FUSED_SPLIT_PADDINGS`) and nowhere in the map op; the
+    forced settings apply to both ops at every F."""
+    from bytheway_kernels.ops.temporal_attention import triton as fused_kernels
+
+    case = AttentionCase(frames=frames, tau=tau, head_dim=16, adaptive_beta=True)
+    q, k, v, guide = make_attention_inputs(case, seed=0)
+    out = torch.empty_like(q)
+
+    def fused_split():
+        launches = fused_kernels.kernel_launches(q, k, v, guide, case.heads, case.height, case.width,
+                                                 0.25, case.params(), out, None, None)
+        splits = {launch.kernel.__name__: launch.constants["SPLIT_BAND"] for launch in launches
+                  if "SPLIT_BAND" in launch.constants}
+        assert set(splits) == {"_energy_kernel", "_attention_kernel"}
+        assert len(set(splits.values())) == 1, splits
+        return splits["_attention_kernel"]
+
+    scores = torch.zeros((2, 1, 1, 1, frames, frames))
+    params = Case(frames=frames, tau=tau).params()
+
+    def map_op_split():
+        return map_kernels.kernel_launches(scores, None, params, torch.empty_like(scores))[0].args["SPLIT_BAND"]
+
+    with band_product_split(None):
+        assert fused_split() is split
+        assert map_op_split() is False
+    circulant = not is_full_band(frames, tau)
+    for forced in (True, False):
+        with band_product_split(forced):
+            assert fused_split() is (forced and circulant)
+            assert map_op_split() is (forced and circulant)
 
 
 MAP_OP_CASES = [
@@ -167,6 +204,10 @@ def test_fused_attention_with_either_band_product(case, split):
 
 
 def test_setting_is_checked(monkeypatch):
+    monkeypatch.delenv(triton_rules.BAND_PRODUCT_ENV, raising=False)
+    assert triton_rules._split_band_setting() is None
+    monkeypatch.setenv(triton_rules.BAND_PRODUCT_ENV, "auto")
+    assert triton_rules._split_band_setting() is None
     monkeypatch.setenv(triton_rules.BAND_PRODUCT_ENV, "fma")
     assert triton_rules._split_band_setting() is False
     monkeypatch.setenv(triton_rules.BAND_PRODUCT_ENV, "tensor-cores")
@@ -179,8 +220,13 @@ def test_setting_is_checked(monkeypatch):
 def test_info_names_the_band_product(capsys):
     from bytheway_kernels.check import print_info
 
-    print_info()  # the interpreter makes the Triton backend available
-    assert "Triton band product: one fp32 dot (FMA units)" in capsys.readouterr().out
+    with band_product_split(None):
+        print_info()  # the interpreter makes the Triton backend available
+    assert ("Triton band product: one fp32 dot (FMA units), three tf32 products on tensor cores in "
+            "the fused attention at F_PAD 32") in capsys.readouterr().out
+    with band_product_split(False):
+        print_info()
+    assert "Triton band product: one fp32 dot (FMA units) (" in capsys.readouterr().out
     with band_product_split(True):
         print_info()
     assert "Triton band product: three tf32 products on tensor cores" in capsys.readouterr().out

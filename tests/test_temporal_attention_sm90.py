@@ -58,20 +58,27 @@ def _temporal_attention_variants():
                     energy_config=config)
     add(16, 80, "nearest", adaptive=False, with_stats=True, with_map=False)  # fixed beta with stats
 
+    def other_stash(frames, head_dim, dtype=torch.float16):
+        """The energy pass's default tiles with the other stash setting (`STASH_GUIDED`)."""
+        tile = kernels.default_energy_config(frames, head_dim, dtype.itemsize)
+        return tile._replace(stash_guided=not tile.stash_guided)
+
     def stashed(frames, head_dim, dtype=torch.float16):
         """The energy pass's default tiles, stashing the guided maps for the attention pass."""
-        tile = kernels.default_energy_config(frames, head_dim, dtype.itemsize)
-        return tile._replace(stash_guided=True)
+        return kernels.default_energy_config(frames, head_dim, dtype.itemsize)._replace(stash_guided=True)
 
     for dtype in (torch.bfloat16, torch.float32):
         add(16, 80, "nearest", adaptive=True, with_stats=True, with_map=True, dtype=dtype)
         add(16, 80, "nearest", adaptive=True, with_stats=True, with_map=False, dtype=dtype,
-            energy_config=stashed(16, 80, dtype))
+            energy_config=other_stash(16, 80, dtype))
     for frames in (8, 24, 33, 64):
         add(frames, 80, "bilinear", adaptive=True, with_stats=True, with_map=True, scope="sample")
-    for frames in (24, 64):  # the circulant band, F_PAD 32 and 64
-        add(frames, 80, "bilinear", adaptive=True, with_stats=False, with_map=False, scope="sample",
-            energy_config=stashed(frames, 80))
+    for frames, guide_mode in itertools.product((24, 64), ("nearest", "bilinear")):
+        # the circulant band, F_PAD 32 and 64: the default energy tiles (stashing) and the other
+        add(frames, 80, guide_mode, adaptive=True, with_stats=False, with_map=False, scope="sample")
+        add(frames, 80, guide_mode, adaptive=True, with_stats=True, with_map=False)
+        add(frames, 80, guide_mode, adaptive=True, with_stats=False, with_map=False, scope="sample",
+            energy_config=other_stash(frames, 80))
     # The layers above give each energy program one tile (`steps` becomes the constant 1 and the
     # loop over tiles disappears). Here 16 x 16 positions with 8 heads and 64 energy programs per
     # video give it several, as the AnimateDiff layers whose energy pass loops at the default
@@ -80,16 +87,22 @@ def _temporal_attention_variants():
     # section 8.)
     kernels.ENERGY_PROGRAMS = 64
     looping = dict(adaptive=True, with_map=False, height=16, width=16, heads=8, energy_only=True)
+
+    def recomputing(frames, head_dim, form, dtype=torch.float16):
+        """The energy pass's default tiles in `form`, without the stash."""
+        tile = kernels.default_energy_config(frames, head_dim, dtype.itemsize)
+        return tile._replace(energy_form=form, stash_guided=False)
+
     for form in ("lean", "tile"):
         for guide_mode, with_stats in itertools.product((None, "nearest", "bilinear"), (False, True)):
-            tile = kernels.default_energy_config(16, 40)._replace(energy_form=form)
+            tile = recomputing(16, 40, form)
             add(16, 40, guide_mode, with_stats=with_stats, energy_config=tile, **looping)
         for dtype in (torch.bfloat16, torch.float32):
-            tile = kernels.default_energy_config(16, 40, dtype.itemsize)._replace(energy_form=form)
+            tile = recomputing(16, 40, form, dtype)
             add(16, 40, "nearest", with_stats=True, dtype=dtype, energy_config=tile, **looping)
         for frames, (guide_mode, with_stats) in itertools.product(
                 (24, 64), (("nearest", False), ("bilinear", False), ("bilinear", True))):
-            tile = kernels.default_energy_config(frames, 80)._replace(energy_form=form)
+            tile = recomputing(frames, 80, form)
             add(frames, 80, guide_mode, with_stats=with_stats, energy_config=tile, **looping)
     # the stash's store in the looping energy pass: "rows" (with the stash it kept everything in
     # registers under Triton 3.6 too) with every guide, the lean forms with the nearest one

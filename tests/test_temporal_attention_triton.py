@@ -417,10 +417,12 @@ def test_no_stash_with_the_anchor_map():
     assert_matches(case, inputs, out, plain_map, stats)
 
 
-def test_stash_guided_switch_sets_the_default(monkeypatch):
-    """`STASH_GUIDED` turns the stash on for every caller that leaves the energy tiles to the
-    default (the public op included), once the launch plans are rebuilt."""
-    monkeypatch.setattr(kernels, "STASH_GUIDED", True)
+@pytest.mark.parametrize("stash", [True, False])
+def test_stash_guided_switch_sets_the_default(monkeypatch, stash):
+    """`STASH_GUIDED` (on by default) turns the stash on or off for every caller that leaves the
+    energy tiles to the default (the public op included), once the launch plans are rebuilt."""
+    assert kernels.STASH_GUIDED is True
+    monkeypatch.setattr(kernels, "STASH_GUIDED", stash)
     kernels._launch_plan.cache_clear()
     try:
         case = AttentionCase(adaptive_beta=True, dtype=torch.float16, head_dim=40)
@@ -428,9 +430,35 @@ def test_stash_guided_switch_sets_the_default(monkeypatch):
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
         launches = kernels.kernel_launches(q, k, v, guide, case.heads, case.height, case.width,
                                            case.head_dim ** -0.5, case.params(), out)
-        assert all(launch.constants["STASH"] for launch in launches
+        assert all(launch.constants["STASH"] is stash for launch in launches
                    if launch.kernel is not kernels._beta_kernel)
         out, _, stats = run_poisoned(case, inputs, with_map=False)
         assert_matches(case, inputs, out, stats=stats)
     finally:
         kernels._launch_plan.cache_clear()
+
+
+@pytest.mark.parametrize("frames,guide_mode,with_map,tiles,energy_tiles", [
+    (16, "nearest", False, (4, 32, 4), (8, 32, 8)),
+    (24, "nearest", False, (1, 32, 2), (1, 32, 2)),  # energy form "lean"
+    (64, "nearest", False, (1, 32, 4), (1, 32, 8)),
+    (64, None, True, (1, 32, 4), (1, 32, 8)),  # the anchor: no guide
+    (33, "bilinear", True, (1, 32, 8), (1, 32, 8)),  # a guide and the map: 8 warps (spills on 4)
+])
+def test_default_tiles(frames, guide_mode, with_map, tiles, energy_tiles):
+    """The measured defaults (`default_config`, `default_energy_config`) reach the launches: at
+    F_PAD = 64 the attention pass takes 4 warps unless it reads a guide and writes the map."""
+    case = AttentionCase(frames=frames, tau=1, adaptive_beta=True, head_dim=80, dtype=torch.float16,
+                         guide_upsample=guide_mode or "nearest")
+    q, k, v, guide = make_inputs(case)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    plain_map = torch.empty((case.batch, case.height, case.width, case.heads, frames, frames),
+                            dtype=q.dtype) if with_map else None
+    launches = {launch.kernel.__name__: launch.constants for launch in kernels.kernel_launches(
+        q, k, v, guide if guide_mode else None, case.heads, case.height, case.width, 0.1,
+        case.params(), out, plain_map)}
+    for name, expected in (("_attention_kernel", tiles), ("_energy_kernel", energy_tiles)):
+        constants = launches[name]
+        assert (constants["G"], constants["BLOCK_D"], constants["num_warps"]) == expected, name
+    lean = kernels.padded_frames(frames) == 32
+    assert launches["_energy_kernel"]["FORM"] == kernels.ENERGY_FORMS["lean" if lean else "rows"]

@@ -7,29 +7,45 @@ saturation, and quotients by run-time divisors through magic numbers."""
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import triton
 import triton.language as tl
 
 BAND_PRODUCT_ENV = "BYTHEWAY_BAND_PRODUCT"
-BAND_PRODUCTS = ("fma", "tensor-cores")  # the default first
+BAND_PRODUCTS = ("auto", "fma", "tensor-cores")  # the default first
 
 
-def _split_band_setting() -> bool:
+def _split_band_setting() -> Optional[bool]:
     value = os.environ.get(BAND_PRODUCT_ENV, BAND_PRODUCTS[0])
     if value not in BAND_PRODUCTS:
         raise ValueError(f"{BAND_PRODUCT_ENV}={value!r}: expected one of {', '.join(BAND_PRODUCTS)}")
-    return value == "tensor-cores"
+    return None if value == "auto" else value == "tensor-cores"
 
 
-#: Whether a circulant band step runs as `band_product`'s three tf32 products on tensor cores
-#: (BYTHEWAY_BAND_PRODUCT=tensor-cores, read at import) rather than one exact fp32 dot on the FMA
-#: units (the default). On an H200 (Triton 3.6, fp16, F = 24 and 32 at up_blocks.2's size;
-#: benchmarks/RESULTS.md) the split was 1.15-1.24x slower in both ops: its in-kernel rounding and
-#: three dots cost more than the FMA dot they replace. The full band never multiplies by P. Both ops
-#: read it here when they look up a call's launch plan (it is part of the plan's key), so
-#: `bytheway_kernels.testing.band_product_split` switches it for both by setting it here.
+#: How a circulant band step multiplies by P: `band_product`'s three tf32 products on tensor cores
+#: (True, BYTHEWAY_BAND_PRODUCT=tensor-cores, read at import), one exact fp32 dot on the FMA units
+#: (False, =fma) or each kernel's measured choice (None, =auto, the default; `split_band`). The
+#: full band never multiplies by P. Both ops read it here when they look up a call's launch plan
+#: (it is part of the plan's key), so `bytheway_kernels.testing.band_product_split` switches it for
+#: both by setting it here.
 SPLIT_BAND = _split_band_setting()
+
+#: F_PAD at which the fused temporal attention kernels split the band product by default. On an
+#: H200 (Triton 3.6, fp16, d = 80 at up_blocks.2's size, per-kernel device time;
+#: benchmarks/RESULTS.md) the split took 0.93x the fp32 dot's time with fixed beta and 0.89x with
+#: adaptive beta at F = 24 and 32, but 1.40x at F = 64 (8 warps); in the map op it was 1.13-1.22x at F = 24
+#: and 32, so the map op keeps the dot everywhere.
+FUSED_SPLIT_PADDINGS = (32,)
+
+
+def split_band(setting: Optional[bool], padded_frames: int, fused: bool) -> bool:
+    """Whether a kernel at `padded_frames` (F_PAD) splits a circulant band product, for a
+    `SPLIT_BAND` setting (None: the measured choice, `FUSED_SPLIT_PADDINGS` in the fused kernels,
+    never in the map op)."""
+    if setting is None:
+        return fused and padded_frames in FUSED_SPLIT_PADDINGS
+    return setting
 
 
 #: log2(e): the kernels take exp(x) as exp2(x * LOG2E), since tl.exp2 lowers to the flush-to-zero

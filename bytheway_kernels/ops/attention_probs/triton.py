@@ -290,7 +290,7 @@ class _LaunchPlan(NamedTuple):
 
 @functools.lru_cache(maxsize=256)
 def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams,
-                 with_stats: bool, split_band: bool) -> _LaunchPlan:
+                 with_stats: bool, split_band: Optional[bool]) -> _LaunchPlan:
     batch, height, width, heads, frames, _ = shape
     videos = batch // params.parts
     rows_per_entry = height * width * heads * frames
@@ -299,11 +299,12 @@ def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams
     per_video = params.energy_scope == "sample"
     h, w = (height, width) if guide_hw is None else guide_hw
     full_band = is_full_band(frames, params.tau)
+    split = triton_rules.split_band(split_band, padded, fused=False) and not full_band
     common = dict(rows_per_entry=rows_per_entry, H=height, W=width, h=h, w=w, heads=heads,
                   scale_y=h / height, scale_x=w / width, alpha=params.alpha, beta0=params.beta,
                   F=frames, F_PAD=padded, BLOCK_R=block_rows,
                   GUIDE_MODE=GUIDE_MODES[None if guide_hw is None else params.guide_upsample],
-                  FULL_BAND=full_band, SPLIT_BAND=split_band and not full_band,
+                  FULL_BAND=full_band, SPLIT_BAND=split,
                   ADAPTIVE=params.adaptive_beta, PER_VIDEO=per_video, num_warps=num_warps)
     tiles = triton.cdiv(rows_per_entry, block_rows)  # grid axis 0: it allows 2**31 - 1 programs
     # the exact fp32 dot's layouts need more registers: half tiles keep its stats pass free of

@@ -22,7 +22,7 @@ and the stats on the device; the attention pass reads beta from there. No host s
 The energy pass has three forms (`ENERGY_FORMS`, `TileConfig.energy_form`; "rows", the default,
 sums each tile per row; "lean" and "tile" do fewer row reductions per tile, see `_energy_kernel`),
 selectable so that a GPU can time them side by side (benchmarks/fused_kernel_times.py). With
-`TileConfig.stash_guided` (default `STASH_GUIDED`, off) it also stores the energy part's guided
+`TileConfig.stash_guided` (default `STASH_GUIDED`, on) it also stores the energy part's guided
 maps, and the attention pass reads them for those sequences instead of recomputing them.
 
 Every backend's rules hold here too: rows whose guided sum is <= 0 or not finite keep the unguided
@@ -69,9 +69,10 @@ ENERGY_FORMS = {"rows": 0, "lean": 1, "tile": 2}
 # `_attention_tile`'s ENERGY_FORM when the attention pass calls it
 ATTENTION_PASS = tl.constexpr(-1)
 # Whether the energy pass's default tiles stash the guided maps for the attention pass
-# (`TileConfig.stash_guided`): off until timed on a GPU (docs/DESIGN.md section 8). The launch
-# plans read it when they are built: clear `_launch_plan`'s cache after changing it.
-STASH_GUIDED = False
+# (`TileConfig.stash_guided`): on, since on an H200 adaptive beta took 1.19-1.26x fixed beta's
+# time with it at F = 16 and 1.32-1.47x without (docs/DESIGN.md section 8). The launch plans read
+# it when they are built: clear `_launch_plan`'s cache after changing it.
+STASH_GUIDED = True
 # Energy programs per video at most: each program sums `steps` consecutive tiles, so the one-program
 # beta kernel reads at most this many slots however large the layer (~8 programs per H200 SM).
 ENERGY_PROGRAMS = 1024
@@ -113,16 +114,19 @@ def _doubled(tile: TileConfig) -> TileConfig:
     return tile._replace(sequences=2 * tile.sequences, num_warps=2 * tile.num_warps)
 
 
-def default_config(frames: int, head_dim: int, element_size: int = 2) -> TileConfig:
+def default_config(frames: int, head_dim: int, element_size: int = 2,
+                   guided_map: bool = False) -> TileConfig:
     """The attention pass's tiles. F_PAD = 16: G = 4 sequences ([G, 16, 16] fp32 tiles of 1024
-    elements) on 4 warps. F_PAD = 32: one sequence on 2 warps. F_PAD = 64: one sequence on 8
-    warps, where the 64 x 64 band matrix needs them to stay out of local memory. d in chunks of
-    BLOCK_D = 64 if 64 divides d, else 32 (d = 40, 80 and 160 run in chunks of 32; the last chunk
-    of d = 40 and 80 is masked). Measured on an H200 (benchmarks/RESULTS.md; fp16, fixed beta,
-    per-kernel device time): at F = 16, BLOCK_D = 32 beat 16 by 9-11% at d = 40, 80 and 160,
-    and twice the sequences on twice the warps or half on 2 warps were within 5%; at F = 24 and
-    32 (d = 80) one sequence on 2 warps took 185 and 194 us where the former default (2
-    sequences, 8 warps) took 340 and 351 (2 on 4 warps: 194 and 203; F = 64 is untimed).
+    elements) on 4 warps. F_PAD = 32: one sequence on 2 warps. F_PAD = 64: one sequence on 4
+    warps, or on 8 for a call that reads a guide and writes the plain map (`guided_map`; with the
+    bilinear guide that variant kept 24 bytes of stack on 4 warps under Triton 3.6). d in chunks of BLOCK_D = 64 if 64 divides d, else 32 (d = 40, 80 and 160 run in chunks
+    of 32; the last chunk of d = 40 and 80 is masked). Measured on an H200 (benchmarks/RESULTS.md;
+    fp16, fixed beta, per-kernel device time): at F = 16, BLOCK_D = 32 beat 16 by 9-11% at d = 40,
+    80 and 160, and twice the sequences on twice the warps or half on 2 warps were within 5%; at
+    F = 24 and 32 (d = 80) one sequence on 2 warps took 185 and 194 us where 2 sequences on 8 warps
+    took 340 and 351 (2 on 4 warps: 194 and 203); at F = 64 (d = 80) one sequence on 4 warps took
+    1095 us where the former 8 warps took 2047 (2 warps: 1002 us, but 255 registers and 130-340
+    bytes of stack on sm_90, where 4 warps need no stack under Triton 3.6 or 3.9).
     float32 inputs (`element_size` 4) take chunks of 16: their exact dots run on the FMA units,
     and chunks of 32 spill on sm_90 under triton 3.9. Chunking d keeps d = 160 free of spills
     where padding it to 256 would not be (register use: tests/test_temporal_attention_sm90.py)."""
@@ -130,25 +134,33 @@ def default_config(frames: int, head_dim: int, element_size: int = 2) -> TileCon
     block_d = 16 if element_size > 2 else 64 if head_dim % 64 == 0 else 32
     if padded == 16:
         return TileConfig(4, block_d, 4)
-    return TileConfig(1, block_d, 2 if padded == 32 else 8)
+    return TileConfig(1, block_d, 2 if padded == 32 else 8 if guided_map else 4)
 
 
 def default_energy_config(frames: int, head_dim: int, element_size: int = 2) -> TileConfig:
     """The energy pass's tiles: the attention pass's, with twice the sequences on twice the warps
     at F_PAD = 16 for 2-byte inputs (float32 inputs take d chunks of 16 here too: chunks of 32 left
-    a stack frame on sm_90 under Triton 3.9). With the bilinear guide twice the sequences on the
-    same warps spill on sm_90 (255 registers). Measured on an H200 (benchmarks/RESULTS.md; fp16,
-    adaptive beta, per-kernel device time of the energy pass, ENERGY_PROGRAMS 1024): 8 sequences
-    on 8 warps took 13.0 / 26.8 / 42.5 us at up_blocks.1 / 2 / 3 against 12.8 / 31.3 / 52.7 us
-    for the attention pass's 4 on 4; a register cap of 96 on those, 2 sequences on 2 warps and
-    software pipelining were slower at up_blocks.2 and 3 (within 0.8 us at up_blocks.1). At
-    F_PAD = 32 the pass takes the attention pass's new tiles, untimed there. The form is "rows":
-    "lean" and "tile" do less work per tile but are untimed on a GPU, and they take more registers
-    in some variants (sm_90: docs/DESIGN.md section 8). The stash of guided maps is
-    `STASH_GUIDED`'s (off).
+    a stack frame on sm_90 under Triton 3.9), in the "rows" form (F_PAD = 32: "lean"), stashing the
+    guided maps for the attention pass (`STASH_GUIDED`). With the bilinear guide twice the sequences on the same warps
+    spill on sm_90 (255 registers). Measured on an H200 (benchmarks/RESULTS.md; fp16, adaptive
+    beta, per-kernel device time, ENERGY_PROGRAMS 1024): without the stash, 8 sequences on 8 warps
+    took 12.7 / 26.7 / 46.8 us at up_blocks.1 / 2 / 3 against 12.3 / 31.5 / 54.2 us for the
+    attention pass's 4 on 4; a register cap of 96 and software pipelining were within 4%. The
+    "lean" and "tile" forms were within 2% of "rows" ("lean", with the stash: 1% faster at
+    up_blocks.3, 1% slower at F = 64), "tile" 25-45% slower at F = 24 and 32. The stash changes the
+    energy pass by -2 to +12% and makes the attention pass 12-22% faster: adaptive beta went from 1.32 /
+    1.47 / 1.37x fixed beta to 1.23 / 1.26 / 1.19x. At F_PAD = 32 the form is "lean": with the
+    stash and the band product on tensor cores (`triton_rules.split_band`) "rows" took 140 us at
+    F = 32 where "lean" took 93 (F = 24: 84 and 83). At F_PAD = 64 the pass keeps 8 warps (the
+    attention pass moved to 4, untimed here; the "tile" form spilled on 4 under Triton 3.6).
     `energy_candidate_configs` lists the alternatives benchmarks/fused_kernel_times.py times."""
     tile = default_config(frames, head_dim, element_size)._replace(stash_guided=STASH_GUIDED)
-    return _doubled(tile) if padded_frames(frames) == 16 and element_size <= 2 else tile
+    padded = padded_frames(frames)
+    if padded == 64:
+        return tile._replace(num_warps=8)
+    if padded == 32:
+        return tile._replace(energy_form="lean")
+    return _doubled(tile) if element_size <= 2 else tile
 
 
 def candidate_configs(frames: int, head_dim: int) -> list:
@@ -641,15 +653,15 @@ def _launch_plan(frames: int, head_dim: int, heads: int, height: int, width: int
                  tau: int, guide_mode: int, guide_size: tuple, scale: float, identity_band: bool,
                  with_sums: bool, params_key: tuple, with_stats: bool, element_size: int,
                  device: torch.device, config: Optional[TileConfig],
-                 energy_config: Optional[TileConfig], split_band: bool, strides: tuple,
+                 energy_config: Optional[TileConfig], split_band: Optional[bool], strides: tuple,
                  alpha: float, beta: float, beta_max: float, with_map: bool) -> _LaunchPlan:
     """The launch plan of one call signature, built once (its device tensors before any CUDA graph
     capture, on the first eager call) and reused: the per-call host work is binding pointers."""
     adaptive_beta, parts, energy_part, per_video, has_beta_max = params_key
     padded = padded_frames(frames)
-    tile = config or default_config(frames, head_dim, element_size)
+    tile = config or default_config(frames, head_dim, element_size, with_map and guide_mode != 0)
     full_band = is_full_band(frames, tau)
-    split = split_band and not full_band
+    split = triton_rules.split_band(split_band, padded, fused=True) and not full_band
     band = None if full_band else band_operand(frames, tau, padded, device, split)
     h, w = guide_size
     geometry = dict(heads=heads, H=height, W=width, h=h, w=w, scale_y=h / height,

@@ -13,12 +13,12 @@ adaptive beta (energy pass + beta kernel + attention pass, each shown; again wit
 pass in each other form of `ENERGY_FORMS` and in every form stashing the guided maps for the
 attention pass, `TileConfig.stash_guided`, side by side) and as the anchor with its map; SDPA's
 flash, mem-efficient and cuDNN backends; at F = 16 the attention pass's alternative tiles
-(`candidate_configs`) and the energy pass's tile configurations (each form and the stash
-included), software pipelining and program caps (`ENERGY_PROGRAMS`, with and without the
-stash); at F > 16 both band products forced (the default is `triton_rules.split_band`'s choice)
-and the attention pass's tile configurations. `--quick` leaves out SDPA and the tile, pipelining
-and program-cap sweeps. Ratios use these times; the summary gives adaptive / fixed for each
-energy variant. The tile defaults of
+(`candidate_configs`), software pipelining and program caps (`ENERGY_PROGRAMS`, with and without
+the stash); at every F the energy pass's tile configurations (`energy_candidate_configs`, each
+form and the stash included); at F > 16 both band products forced (the default is
+`triton_rules.split_band`'s choice) and the attention pass's tile configurations. `--quick`
+leaves out SDPA and the tile, pipelining and program-cap sweeps. Ratios use these times; the
+summary gives adaptive / fixed for each energy variant. The tile defaults of
 bytheway_kernels/ops/temporal_attention/triton.py come from its output (benchmarks/RESULTS.md).
 """
 
@@ -188,9 +188,11 @@ def main() -> int:
             for config in candidate_configs(frames, head_dim)[1:]:
                 sweep = device_times(fused(guide, fixed, config=config), flush)
                 print(f"  {'fixed, tiles ' + tiles_label(config):34} {describe(sweep)}")
+        if not quick:  # every F: at F_PAD 32 and 64 the energy pass's own tiles are untimed
             for config in energy_candidate_configs(frames, head_dim)[1:]:
                 sweep = device_times(fused(guide, adaptive, energy_config=config), flush)
                 print(f"  {'adaptive, energy tiles ' + tiles_label(config, energy=True):34} {describe(sweep)}")
+        if frames == 16 and not quick:
             with kernel_setting("ENERGY_NUM_STAGES", 2):  # software pipelining of the energy pass
                 sweep = device_times(rows["fused adaptive"], flush)
                 print(f"  {'adaptive, energy num_stages 2':34} {describe(sweep)}")

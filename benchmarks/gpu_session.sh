@@ -72,7 +72,7 @@ if [[ -f benchmarks/temporal_attention_gpu_check.py ]]; then
   step ta_gpu_check 100 python3 benchmarks/temporal_attention_gpu_check.py
 fi
 if [[ -f benchmarks/fused_kernel_times.py ]]; then  # profiler: fused kernel device times, no launch gaps
-  step fused_kernel_times 150 python3 benchmarks/fused_kernel_times.py
+  step fused_kernel_times 180 python3 benchmarks/fused_kernel_times.py
 fi
 if [[ -f benchmarks/map_op_kernel_times.py ]]; then  # profiler: the map op's kernel and host times
   step map_kernel_times 70 python3 benchmarks/map_op_kernel_times.py

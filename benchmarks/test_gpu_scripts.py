@@ -69,6 +69,7 @@ def test_fused_kernel_times_runs():
     assert "adaptive, energy tiles (8, 32, 8) form lean no stash" in out
     assert "fixed, tiles (8, 32, 8" in out  # F = 16: candidate_configs
     assert "fixed, tiles (4, 32, 8" in out  # F = 24: WIDE_FRAME_CONFIGS
+    assert "adaptive, energy tiles (2, 32, 4) form lean stash" in out  # F = 24: energy tiles
     assert "fused adaptive (fp32-dot band)" in out and "fused fixed (tensor-core band)" in out
     assert "sdpa efficient" in out
     assert out.splitlines()[-2].startswith("up_blocks.2 F24")  # the summary's last row

@@ -188,13 +188,17 @@ ENERGY_REGISTER_CANDIDATE = 96
 def energy_candidate_configs(frames: int, head_dim: int) -> list:
     """The energy pass's default and alternatives (timed with adaptive beta by
     benchmarks/fused_kernel_times.py):
-    the attention pass's tiles (where they differ; else twice the sequences on twice the warps),
-    the default with at most `ENERGY_REGISTER_CANDIDATE` registers, the default and the
-    other tiles in each other energy form (`ENERGY_FORMS`), then the default tiles in every form
-    with the guided maps stashed for the attention pass (`TileConfig.stash_guided`)."""
+    the attention pass's tiles (where they differ; else twice the sequences on twice the warps)
+    in the default's form and stash setting, the default with at most `ENERGY_REGISTER_CANDIDATE`
+    registers, the default and the other tiles in each other energy form (`ENERGY_FORMS`), then
+    the default tiles in every form with the other stash setting (`TileConfig.stash_guided`)."""
     default = default_energy_config(frames, head_dim)
     attention = default_config(frames, head_dim)
-    other = attention if attention != default else _doubled(default)
+    # the other tiles in the default's form and stash setting
+    other = default._replace(sequences=attention.sequences, block_d=attention.block_d,
+                             num_warps=attention.num_warps)
+    if other == default:
+        other = _doubled(default)
     forms = [form for form in ENERGY_FORMS if form != default.energy_form]
     return [default, other, default._replace(max_registers=ENERGY_REGISTER_CANDIDATE)] + [
         tile._replace(energy_form=form) for form in forms for tile in (default, other)] + [

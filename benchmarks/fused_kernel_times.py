@@ -184,15 +184,14 @@ def main() -> int:
                 print(f"  {'sdpa ' + backend:34} {describe(times['sdpa ' + backend])}")
             except RuntimeError as error:
                 print(f"  sdpa {backend}: unavailable: {str(error).splitlines()[0][:100]}")
-        if frames == 16 and not quick:
-            for config in candidate_configs(frames, head_dim)[1:]:
-                sweep = device_times(fused(guide, fixed, config=config), flush)
-                print(f"  {'fixed, tiles ' + tiles_label(config):34} {describe(sweep)}")
         if not quick:  # every F: at F_PAD 32 and 64 the energy pass's own tiles are untimed
             for config in energy_candidate_configs(frames, head_dim)[1:]:
                 sweep = device_times(fused(guide, adaptive, energy_config=config), flush)
                 print(f"  {'adaptive, energy tiles ' + tiles_label(config, energy=True):34} {describe(sweep)}")
         if frames == 16 and not quick:
+            for config in candidate_configs(frames, head_dim)[1:]:
+                sweep = device_times(fused(guide, fixed, config=config), flush)
+                print(f"  {'fixed, tiles ' + tiles_label(config):34} {describe(sweep)}")
             with kernel_setting("ENERGY_NUM_STAGES", 2):  # software pipelining of the energy pass
                 sweep = device_times(rows["fused adaptive"], flush)
                 print(f"  {'adaptive, energy num_stages 2':34} {describe(sweep)}")

@@ -173,13 +173,10 @@ def _stacks_qkv(attn, hidden_states: torch.Tensor) -> bool:
         if (type(projection) is not torch.nn.Linear or projection._forward_hooks
                 or projection._forward_pre_hooks or "forward" in projection.__dict__):
             return False
-    parameters = [projection.weight for projection in projections]
-    if attn.to_q.bias is not None:
-        if attn.to_k.bias is None or attn.to_v.bias is None:
-            return False
-        parameters += [projection.bias for projection in projections]
-    elif attn.to_k.bias is not None or attn.to_v.bias is not None:
+    biases = [projection.bias for projection in projections if projection.bias is not None]
+    if len(biases) not in (0, len(projections)):
         return False
+    parameters = [projection.weight for projection in projections] + biases
     if any(p.device != hidden_states.device or p.dtype != hidden_states.dtype for p in parameters):
         return False
     rows = hidden_states.numel() // hidden_states.shape[-1]

@@ -138,6 +138,17 @@ def store_stats_row(stats_ptr, group, beta, e1, e2, e2_high, e3_guided, e3_cross
 
 
 @triton.jit
+def enhanced_rows(guided, high, beta, row_sum, F: tl.constexpr, FULL_BAND: tl.constexpr):
+    """A3 = (A2 + (beta - 1) A2 P) / s, s = rowsum(A2) (broadcastable against `guided`; the band
+    term sums to 0, so s is also A3's row sum): one reciprocal per row, not a division per entry.
+    The full band's A2 P is A2 - s / F, so there A3 is one FMA per entry, A2 (beta / s) -
+    (beta - 1) / F (`high` unused; padded columns get the constant, callers mask them)."""
+    if FULL_BAND:
+        return guided * (beta / row_sum) - (beta - 1.0) / F
+    return (guided + (beta - 1.0) * high) * (1.0 / row_sum)
+
+
+@triton.jit
 def tf32_round(values):
     """`values` rounded to the nearest tf32 number (10 stored mantissa bits; ties away from zero),
     as fp32: a tensor core multiplies such numbers exactly, and so does the interpreter's fp32

@@ -33,8 +33,8 @@ from ...energy import HIGH_ENERGY_FLOOR
 from ..launch import KernelLaunch
 from ..params import ByTheWayParams
 from .. import triton_rules
-from ..triton_rules import (LOG2E, band_product, bilinear_sources, group_beta, load_band,
-                            nearest_source, store_stats_row, to_element_type)
+from ..triton_rules import (LOG2E, band_product, bilinear_sources, enhanced_rows, group_beta,
+                            load_band, nearest_source, store_stats_row, to_element_type)
 
 GUIDE_MODES = {None: 0, "nearest": 1, "bilinear": 2}
 # Per stats program: sum|A|^2, sum|A2|^2, sum<A2, A2 P>, then (with stats) the last three over s^2,
@@ -260,10 +260,7 @@ def _apply_kernel(scores_ptr, guide_ptr, band_ptr, betas_ptr, probs_ptr, betas_a
     attn, guided, high, row_sum = _guided_block(
         scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_entry, H, W, h, w, heads,
         scale_y, scale_x, alpha, F, F_PAD, GUIDE_MODE, FULL_BAND, SPLIT_BAND, True)
-    if FULL_BAND:  # (A2 + (beta - 1) (A2 - s / F)) / s in one FMA per entry (padded ones unstored)
-        enhanced = guided * (beta / row_sum)[:, None] - (beta - 1.0) / F
-    else:
-        enhanced = (guided + (beta - 1.0) * high) * (1.0 / row_sum)[:, None]
+    enhanced = enhanced_rows(guided, high, beta, row_sum[:, None], F, FULL_BAND)  # padded: unstored
     cols = tl.arange(0, F_PAD)
     offsets = (b * rows_per_entry + rows)[:, None] * F + cols[None, :]
     tl.store(probs_ptr + offsets, to_element_type(enhanced, probs_ptr),

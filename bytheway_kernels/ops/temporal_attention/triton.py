@@ -47,9 +47,9 @@ from ...energy import HIGH_ENERGY_FLOOR
 from ..launch import KernelLaunch
 from ..params import ByTheWayParams
 from .. import triton_rules
-from ..triton_rules import (band_product, bilinear_sources, group_beta, load_band, magic_quotient,
-                            magic_quotient_constants, nearest_source, store_stats_row,
-                            to_element_type)
+from ..triton_rules import (band_product, bilinear_sources, enhanced_rows, group_beta, load_band,
+                            magic_quotient, magic_quotient_constants, nearest_source,
+                            store_stats_row, to_element_type)
 
 GUIDE_MODES = {None: 0, "nearest": 1, "bilinear": 2}
 # How `_position` splits a sequence index: by compile-time constants, magic numbers, or run-time
@@ -414,11 +414,8 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, stash_
         row_sum = tl.where(row_valid, row_sum, 1.0)
         if BAND == 0:
             probs = guided * (1.0 / row_sum)
-        elif BAND == 1:  # (A2 + (beta - 1) (A2 - s / F)) / s in one FMA per entry; padded
-            # columns meet zero rows of v
-            probs = guided * (beta / row_sum) - (beta - 1.0) / F
-        else:
-            probs = (guided + (beta - 1.0) * high) * (1.0 / row_sum)
+        else:  # padded columns meet zero rows of v
+            probs = enhanced_rows(guided, high, beta, row_sum, F, BAND == 1)
         probs = to_element_type(probs, v_ptr)
     n = n32.to(tl.int64)
     keys = tl.arange(0, F_PAD)[None, :, None]

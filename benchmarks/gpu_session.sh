@@ -74,8 +74,9 @@ fi
 if [[ -f benchmarks/fused_kernel_times.py ]]; then  # profiler: fused kernel device times, no launch gaps
   step fused_kernel_times 180 python3 benchmarks/fused_kernel_times.py
 fi
-if [[ -f benchmarks/map_op_kernel_times.py ]]; then  # profiler: the map op's kernel and host times
-  step map_kernel_times 70 python3 benchmarks/map_op_kernel_times.py
+if [[ -f benchmarks/map_op_kernel_times.py ]]; then  # profiler: the map op's kernel and host times,
+  # then its stats pass at 1, 2, 4 and 8 tiles per program (one wave or several, see the script)
+  step map_kernel_times 100 python3 benchmarks/map_op_kernel_times.py
 fi
 step host_cost 30 python3 benchmarks/host_cost.py  # host per call: Triton's path / direct / our Python
 # The CUDA tests before the suite, on 8 pytest-xdist workers (the image has pytest-xdist; a cold

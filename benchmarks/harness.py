@@ -129,20 +129,28 @@ def _sleep_cycles_per_second() -> float:
     return cycles / (start.elapsed_time(end) * 1e-3)
 
 
+#: Batches of back-to-back calls `host_time` times; it reports their median.
+HOST_BATCHES = 5
+
+
 def host_time(fn: Callable, wall_s: float, budget_s: float = 0.05) -> float:
-    """Host cost per call: wall time of N back-to-back calls without synchronising, over N.
+    """Host cost per call: wall time of N back-to-back calls without synchronising, over N; the
+    median of `HOST_BATCHES` such batches (each starting on an idle device), so that one batch
+    disturbed by another process does not set the figure.
 
     This is the dispatch and launch cost an eager pipeline pays on the CPU side. Where the device
     is the slower side, the launch queue fills and the figure tends to the device time.
     """
-    calls = min(200, max(3, int(budget_s / max(wall_s, 1e-6))))
+    calls = min(100, max(3, int(budget_s / HOST_BATCHES / max(wall_s, 1e-6))))
+    per_call = []
+    for _ in range(HOST_BATCHES):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        per_call.append((time.perf_counter() - start) / calls)
     torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / calls
+    return statistics.median(per_call)
 
 
 def kernel_time(fn: Callable, wall_s: float, host_s: float, budget_s: float = 0.1) -> float:

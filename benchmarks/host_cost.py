@@ -1,8 +1,9 @@
 """Host time per eager call, split into our Python and Triton's launch path (needs CUDA).
 
 Used by benchmarks/map_op_kernel_times.py and benchmarks/temporal_attention_gpu_check.py. Host
-time is the wall time per call of `calls` back-to-back calls without synchronising (what an eager
-pipeline pays on the CPU), measured three ways in one run:
+time is the wall time per call of back-to-back calls without synchronising (what an eager
+pipeline pays on the CPU; the median of 5 batches, as the suite's host column), measured three
+ways in one run:
 - "triton launch": every launch through `kernel[grid](...)` (`BYTHEWAY_DIRECT_LAUNCH=0`);
 - "direct launch": as shipped (bytheway_kernels/ops/launch.py);
 - "python only": every kernel launch replaced by nothing, so what is left is our own host work
@@ -19,6 +20,7 @@ host time holds except Triton's C launcher and the CUDA driver, measurable on a 
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -89,15 +91,21 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def host_us_per_call(fn, calls: int = 200) -> float:
+def host_us_per_call(fn, calls: int = 200, batches: int = 5) -> float:
+    """Microseconds per call of `calls` back-to-back calls without synchronising: the median over
+    `batches` batches of calls // batches (each starting on an idle device), as the suite's host
+    column (benchmarks/harness.py, `host_time`)."""
     fn()
+    per_batch = max(1, calls // batches)
+    per_call = []
+    for _ in range(batches):
+        _synchronize()
+        started = time.perf_counter()
+        for _ in range(per_batch):
+            fn()
+        per_call.append((time.perf_counter() - started) / per_batch * 1e6)
     _synchronize()
-    started = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = (time.perf_counter() - started) / calls * 1e6
-    _synchronize()
-    return elapsed
+    return statistics.median(per_call)
 
 
 def host_costs(fn, calls: int = 200) -> dict:

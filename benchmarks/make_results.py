@@ -32,7 +32,8 @@ timed with the host clock (host cost, launch latency and device time together). 
 also records, per case: **kernel**, the median device time of one call between CUDA events, with
 L2 flushed before each call as `triton.testing.do_bench` does and a GPU sleep queued first so that
 the events enclose the kernels back to back (no host gaps); **host/call**, the wall time of N
-back-to-back calls without synchronising, over N (the CPU-side cost an eager pipeline pays);
+back-to-back calls without synchronising, over N, median of 5 such batches (the CPU-side cost an
+eager pipeline pays; single batches of up to 200 calls in the runs recorded up to H200 session 5);
 **peak mem**, the device memory one call allocates at its peak above what was allocated before it
 (`torch.cuda.max_memory_allocated` after a reset; output included). On a CPU only wall time exists,
 and peak memory is n/a. Ratios ("× floor" to the group's yardstick, "× reference" to the pure-torch

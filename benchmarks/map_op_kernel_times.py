@@ -9,20 +9,36 @@ calls issued without synchronising, as the 2026-11-26 H200 notes measured them
 the direct launcher, and our Python alone (benchmarks/host_cost.py). At F = 24 and 32 it also
 times the band product as three tf32 products on tensor cores ("tc" rows) next to the default
 exact fp32 dot (`bytheway_kernels.ops.triton_rules.band_product`).
+
+Then, at the three F = 16 shapes, it sweeps the adaptive stats pass's tiles per program
+(`STATS_TILE_SWEEP`: 1, 2, 4 and 8 tiles of 64 rows, the default taking up to 4): per program
+count it prints the stats kernel's and the whole call's device time. The default's 2048 programs
+at up_blocks.3 (40 registers, 4 warps: 12 per SM by registers, 1584 on 132 SMs) fill one wave and
+a third, so its loads and its arithmetic (about 1000 SASS instructions per program, sm_90) barely
+overlap across programs; more, smaller programs overlap them but lengthen the last program's sum
+over the slots, fewer make one wave. Which wins is for the device to say.
 """
 
+import contextlib
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import bytheway_kernels as btw
+from bytheway_kernels.ops import triton_rules
+from bytheway_kernels.ops.attention_probs import triton as map_triton
+from bytheway_kernels.ops.params import ByTheWayParams
 from bytheway_kernels.testing import band_product_split
 from host_cost import HOST_COLUMNS, host_costs, host_us_per_call
 
 CALLS = 20
+DEVICE = "cuda"
 # (spatial size, frames): the three AnimateDiff layers, then longer videos at up_blocks.2's size
 SHAPES = [(16, 16), (32, 16), (64, 16), (32, 24), (32, 32)]
+GUIDE_SIZE = 16
+# Tiles per stats program the sweep forces (`_stats_kernel`'s TILES).
+STATS_TILE_SWEEP = (1, 2, 4, 8)
 
 
 def kernel_times(fn):
@@ -40,17 +56,67 @@ def kernel_times(fn):
     return dict(times)
 
 
+def layer_inputs(size: int, frames: int):
+    """(scores, guide): fp16 AnimateDiff-like logits and a row-stochastic 16x16 anchor map."""
+    scores = torch.randn((2, size, size, 8, frames, frames), device=DEVICE, dtype=torch.float16) * 3
+    guide = torch.softmax(torch.randn((2, GUIDE_SIZE, GUIDE_SIZE, 8, frames, frames), device=DEVICE),
+                          -1).half()
+    return scores, guide
+
+
+def adaptive_call(scores, guide):
+    return lambda: btw.bytheway_attention_probs(scores, guide, alpha=0.6, beta=1.5, tau=7)
+
+
+@contextlib.contextmanager
+def stats_tiles(tiles: int):
+    """Every stats program of the map op takes `tiles` tiles (the launch plans are rebuilt)."""
+    saved = map_triton.MAX_STATS_TILES, map_triton.TARGET_STATS_PROGRAMS
+    map_triton.MAX_STATS_TILES, map_triton.TARGET_STATS_PROGRAMS = tiles, 1
+    map_triton._launch_plan.cache_clear()
+    try:
+        yield
+    finally:
+        map_triton.MAX_STATS_TILES, map_triton.TARGET_STATS_PROGRAMS = saved
+        map_triton._launch_plan.cache_clear()
+
+
+def stats_programs(scores, guide) -> int:
+    """The stats kernel's programs for `adaptive_call`'s settings (one video in scope: CFG)."""
+    params = ByTheWayParams(0.6, 1.5, 7, True, 2, 1, "batch", "nearest", None)
+    plan = map_triton._launch_plan(tuple(scores.shape), tuple(guide.shape[1:3]), params, False,
+                                   triton_rules.SPLIT_BAND)
+    return plan.stats_grid[0] * plan.stats_grid[1]
+
+
+def stats_tile_sweep():
+    """The adaptive call's stats kernel and total device time per forced tiles per program."""
+    print("stats pass, tiles per program (programs): stats kernel / whole adaptive call, us")
+    for size, frames in SHAPES:
+        if frames != 16:
+            continue
+        scores, guide = layer_inputs(size, frames)
+        fn = adaptive_call(scores, guide)
+        cells = []
+        for tiles in STATS_TILE_SWEEP:
+            with stats_tiles(tiles):
+                kernels = kernel_times(fn)
+                programs = stats_programs(scores, guide)
+            stats = sum(value for key, value in kernels.items() if "_stats_kernel" in key)
+            cells.append(f"{tiles} ({programs}): {stats:5.1f} / {sum(kernels.values()):5.1f}")
+        print(f"{size}x{size} F{frames}  " + "   ".join(cells))
+
+
 def main():
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     print("host us/call: " + " / ".join(HOST_COLUMNS) + " (softmax: its one host time)")
     for size, frames in SHAPES:
-        scores = torch.randn((2, size, size, 8, frames, frames), device="cuda", dtype=torch.float16) * 3
-        guide = torch.softmax(torch.randn((2, 16, 16, 8, frames, frames), device="cuda"), -1).half()
+        scores, guide = layer_inputs(size, frames)
         calls = {
             "softmax": lambda: torch.softmax(scores, -1),
             "fixed": lambda: btw.bytheway_attention_probs(scores, guide, alpha=0.6, beta=1.5, tau=7,
                                                           adaptive_beta=False),
-            "adaptive": lambda: btw.bytheway_attention_probs(scores, guide, alpha=0.6, beta=1.5, tau=7),
+            "adaptive": adaptive_call(scores, guide),
         }
         runs = [(name, fn, False) for name, fn in calls.items()]
         if frames != 16:  # tau 7 is the full band at F = 16: no product with P there
@@ -71,7 +137,9 @@ def main():
                     host_text = " / ".join(f"{host[column]:6.1f}" for column in HOST_COLUMNS)
             print(f"{size}x{size} F{frames} {name:12s} kernel {total:6.1f} us ({total / softmax_kernel:.2f}x "
                   f"softmax)  host {host_text} us/call  [{parts}]")
+    stats_tile_sweep()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

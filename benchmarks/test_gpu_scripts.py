@@ -98,3 +98,24 @@ def test_temporal_attention_gpu_check_runs():
     """)
     assert "all checks passed" in out
     assert "up_blocks.1 stashed   rel. error vs composed" in out and "stash/fixed" in out
+
+
+def test_map_op_kernel_times_runs():
+    pytest.importorskip("triton")
+    out = run_dry("map_op_kernel_times", """
+        import os
+        os.environ["BYTHEWAY_BACKEND"] = "triton"  # CPU tensors through the interpreted kernels
+        script.DEVICE = "cpu"
+        script.GUIDE_SIZE = 2
+        script.SHAPES = [(4, 16), (2, 24)]
+        def one_call(fn):
+            fn()
+            return {"_stats_kernel": 1.0, "_apply_kernel": 2.0}
+        script.kernel_times = one_call
+        script.host_us_per_call = lambda fn: 1.0
+        script.host_costs = lambda fn: {column: 1.0 for column in script.HOST_COLUMNS}
+    """)
+    assert "4x4 F16 adaptive" in out and "2x2 F24 fixed tc" in out
+    # 4 x 4 x 8 heads x 16 frames = 2048 rows of the energy half: 32 tiles of 64 rows
+    assert "4x4 F16  1 (32):   1.0 /   3.0   2 (16):" in out and "8 (4):" in out
+    assert "2x2 F24  " not in out  # the sweep runs at F = 16 only

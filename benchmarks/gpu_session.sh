@@ -80,11 +80,13 @@ if [[ -f benchmarks/map_op_kernel_times.py ]]; then  # profiler: the map op's ke
 fi
 step host_cost 30 python3 benchmarks/host_cost.py  # host per call: Triton's path / direct / our Python
 # The CUDA tests before the suite, on 8 pytest-xdist workers (the image has pytest-xdist; a cold
-# compile of every variant took over 130 s in one process). Changed since the last full GPU run:
-# the default tiles and settings only (the stash of guided maps on, the band product split on
-# tensor cores in the fused kernels at F_PAD = 32, the "lean" energy form there, 4 warps for the
-# attention pass at F_PAD = 64), each timed as a variant in that run and tested in a short call
-# after it (tests/test_temporal_attention_gpu.py only).
+# compile of every variant took over 130 s in one process). Changed since the last full GPU run
+# (H200 session 5, at 7add066): the default tiles and settings (the stash of guided maps on, the
+# band product split on tensor cores in the fused kernels at F_PAD = 32, the "lean" energy form
+# there, 4 warps for the attention pass at F_PAD = 64), each timed as a variant in that run and
+# tested in a short call after it (tests/test_temporal_attention_gpu.py only); the band step's A3
+# as one shared rule (triton_rules.enhanced_rows, both ops); the map op's tiered sum over the
+# stats slots (past 2048 per video; test_tiered_slot_sum_at_one_tile_per_program forces it).
 step gpu_tests 240 bash -c 'python3 -m pytest -q -p no:cacheprovider -rfEs -n 8 \
   tests/test_attention_probs_gpu.py tests/test_temporal_attention_gpu.py; python3 -m pytest -q -p no:cacheprovider -rfEs \
   tests/test_integration_fused.py -k cuda'

@@ -15,8 +15,8 @@ Then, at the three F = 16 shapes, it sweeps the adaptive stats pass's tiles per 
 count it prints the stats kernel's and the whole call's device time. The default's 2048 programs
 at up_blocks.3 (40 registers, 4 warps: 12 per SM by registers, 1584 on 132 SMs) fill one wave and
 a third, so its loads and its arithmetic (about 1000 SASS instructions per program, sm_90) barely
-overlap across programs; more, smaller programs overlap them but lengthen the last program's sum
-over the slots, fewer make one wave. Which wins is for the device to say.
+overlap across programs; more, smaller programs overlap them (their 4096 and 8192 slots are summed
+in tiers, `FLAT_SUM_SLOTS`), fewer make one wave. Which wins is for the device to say.
 """
 
 import contextlib

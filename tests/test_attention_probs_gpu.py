@@ -109,3 +109,35 @@ def test_stats_passes_on_two_streams_at_once():
     torch.cuda.synchronize()
     for index, (_, (probs, stats)) in enumerate(results):
         assert torch.equal(probs, expected[index % 2][0]) and torch.equal(stats, expected[index % 2][1])
+
+
+@pytest.mark.parametrize("scope", ["batch", "sample"])
+def test_tiered_slot_sum_at_one_tile_per_program(scope, monkeypatch):
+    """One tile per stats program at up_blocks.3's size (as benchmarks/map_op_kernel_times.py
+    sweeps it): 8192 slots, summed in tiers. Matches the reference, the same bits run to run and
+    in a CUDA graph replay."""
+    from bytheway_kernels.ops.attention_probs import triton as kernels
+
+    monkeypatch.setattr(kernels, "MAX_STATS_TILES", 1)
+    monkeypatch.setattr(kernels, "TARGET_STATS_PROGRAMS", 1)
+    kernels._launch_plan.cache_clear()
+    try:
+        case = Case(batch=4, height=64, width=64, heads=8, dtype=torch.float16, guide_size=(16, 16),
+                    energy_scope=scope)
+        from bytheway_kernels.ops.attention_probs.triton import attention_probs_triton_out
+
+        check_backend_case(attention_probs_triton_out, case, device="cuda")
+        scores, guide = make_inputs(case, device="cuda")
+        kwargs = dict(alpha=0.6, beta=1.5, tau=7, return_stats=True, energy_scope=scope)
+        first = btw.bytheway_attention_probs(scores, guide, **kwargs)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            probs, stats = btw.bytheway_attention_probs(scores, guide, **kwargs)
+        for _ in range(2):
+            again = btw.bytheway_attention_probs(scores, guide, **kwargs)
+            assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(probs, first[0]) and torch.equal(stats, first[1])
+    finally:
+        kernels._launch_plan.cache_clear()

@@ -58,21 +58,24 @@ def test_launch_counts(frames, tau, launches):
         assert_matches_reference(scores, guide, adaptive_case, probs, stats)
 
 
-@pytest.fixture
-def many_stats_programs(monkeypatch):
-    """Force several tiles per stats program, many programs and several summing iterations."""
+@pytest.fixture(params=["flat", "tiered"])
+def many_stats_programs(request, monkeypatch):
+    """Force several tiles per stats program, many programs and several summing iterations; the
+    slots summed by the last program ("flat") or in tiers of 2 slots ("tiered")."""
     monkeypatch.setattr(triton_kernels, "TARGET_STATS_PROGRAMS", 4)
     monkeypatch.setattr(triton_kernels, "MAX_STATS_TILES", 2)
     monkeypatch.setattr(triton_kernels, "REDUCE_CHUNK", 2)
+    if request.param == "tiered":
+        monkeypatch.setattr(triton_kernels, "FLAT_SUM_SLOTS", 2)
     triton_kernels._launch_plan.cache_clear()
-    yield
+    yield request.param
     triton_kernels._launch_plan.cache_clear()
 
 
 @pytest.mark.parametrize("scope", ["batch", "sample"])
 def test_stats_are_deterministic_with_many_partials(scope, many_stats_programs):
-    """Partial slots summed in a fixed order by the last program: the same input gives the same
-    bits run to run."""
+    """Partial slots summed in a fixed order by the last program (or by the last of each tier,
+    then the last tier's): the same input gives the same bits run to run."""
     case = Case(batch=4, height=5, width=7, frames=8, tau=1, energy_scope=scope,
                 guide_upsample="bilinear", guide_size=(3, 2))
     scores, guide = make_inputs(case, seed=5)
@@ -81,7 +84,12 @@ def test_stats_are_deterministic_with_many_partials(scope, many_stats_programs):
     programs, videos = plan.stats_grid
     groups = videos if scope == "sample" else 1
     assert plan.stats_args["TILES"] == 2 and programs * videos // groups > 2 * 2
-    assert plan.workspace_size == programs * videos * triton_kernels.PARTIAL_FIELDS + groups + 1
+    assert plan.stats_args["TIERED"] is (many_stats_programs == "tiered")
+    # tiers of 2 slots per video, the last one short (odd program count): fp64 sums and a counter each
+    tiers = videos * -(-programs // 2) if plan.stats_args["TIERED"] else 0
+    assert programs % 2 == 1 or not tiers
+    partial_count = programs * videos * triton_kernels.PARTIAL_FIELDS
+    assert plan.workspace_size == partial_count + 2 * triton_kernels.PARTIAL_FIELDS * tiers + tiers + groups + 1
     first = run_poisoned(attention_probs_triton_out, scores, guide, case)
     second = run_poisoned(attention_probs_triton_out, scores, guide, case)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])

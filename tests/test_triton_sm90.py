@@ -147,6 +147,18 @@ def _map_op_variants():
             params = ByTheWayParams(0.6, 1.5, tau, adaptive, 2, 1, scope, guide_mode or "nearest", beta_max)
             stats = torch.empty((params.stats_rows(scores.shape[0]), 6)) if with_stats else None
             launches += kernels.kernel_launches(scores, guide, params, probs, stats)
+    # the stats kernel's tiered sum over the slots (TIERED: more than FLAT_SUM_SLOTS per video),
+    # all flags on, at F=16 with each guide and both taus
+    flat_sum_slots, kernels.FLAT_SUM_SLOTS = kernels.FLAT_SUM_SLOTS, 0
+    kernels._launch_plan.cache_clear()
+    for tau, guide_mode in itertools.product((0, max_tau(16)), (None, "nearest", "bilinear")):
+        guide = None if guide_mode is None else torch.zeros((2, 1, 1, 1, 16, 16), dtype=torch.float16)
+        scores = torch.zeros((2, 2, 2, 1, 16, 16), dtype=torch.float16)
+        params = ByTheWayParams(0.6, 1.5, tau, True, 2, 1, "sample", guide_mode or "nearest", 3.0)
+        launches += kernels.kernel_launches(scores, guide, params, torch.empty_like(scores),
+                                            torch.empty((params.stats_rows(2), 6)))
+    kernels.FLAT_SUM_SLOTS = flat_sum_slots
+    kernels._launch_plan.cache_clear()
     return compiled_variants(launches)
 
 
@@ -192,8 +204,9 @@ def test_map_op_kernels_compile_for_sm90_without_spills(version, band_product):
     # scope and fixed with stats (the apply kernel's beta pointer is fp32 there); the stats
     # kernel again at F=16 with several tiles per program (2 taus x (3 guides + 2 extra)), and
     # the apply kernel there too, where heads, H and W are not the constant 1 that the JIT makes
-    # of an int argument equal to 1 (2 taus x (2 x 3 guides + 2 extra))
-    assert counts == {"_stats_kernel": 21 + 2 * 2 + 2 * 5,
+    # of an int argument equal to 1 (2 taus x (2 x 3 guides + 2 extra)); the stats kernel's
+    # tiered sum (2 taus x 3 guides)
+    assert counts == {"_stats_kernel": 21 + 2 * 2 + 2 * 5 + 2 * 3,
                       "_apply_kernel": 21 * 2 + 2 * 2 + 2 * 8}, counts
     spilled = [r for r in results if r["spill_bytes"]]
     assert not spilled, f"register spills under Triton {report['triton']}: {spilled}"

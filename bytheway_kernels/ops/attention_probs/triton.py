@@ -9,9 +9,10 @@ by rowsum(guided) (the band term sums to 0) -> store.
 Fixed beta is one launch of `_apply_kernel`. Adaptive beta (or `stats`) needs global energies
 first: `_stats_kernel` programs each sum a few consecutive tiles and write their own slot of a
 partials buffer (no zeroing, no same-address atomics but one ticket each); the program that draws
-the last ticket sums the slots in a fixed order in fp64 and writes beta and the stats row, and
-`_apply_kernel` reads beta from the device. Two launches; same input, same bits; no host
-synchronisation (CUDA graphs, torch.compile).
+the last ticket sums the slots in a fixed order in fp64 and writes beta and the stats row (past
+`FLAT_SUM_SLOTS` slots per video, in two tiers of tickets), and `_apply_kernel` reads beta from
+the device. Two launches; same input, same bits; no host synchronisation (CUDA graphs,
+torch.compile).
 Row r of batch entry b is ((y * W + x) * heads + head) * F + i, as diffusers lays it out. H, W
 and heads are compile-time constants (one compile per layer geometry), so the divisions that
 split a row into (y, x, head) for the guide compile to shifts or multiplications (13% fewer SASS
@@ -48,6 +49,11 @@ TARGET_STATS_PROGRAMS = 2048
 # Partial slots the last stats program adds per loop iteration and field (4 warps: 2 per thread;
 # 512 spills under Triton 3.6 with stats in sample scope).
 REDUCE_CHUNK = 256
+# Slots per video up to which the last program sums them all (one L2 round trip per two chunks:
+# the default tiles give at most 2048 at AnimateDiff's sizes). Past it the sum is tiered: the last
+# program of each run of REDUCE_CHUNK slots sums them into one fp64 tier sum, and the last of
+# those sums the tiers (two round trips and a second ticket, whatever the slot count).
+FLAT_SUM_SLOTS = 2048
 ENERGY_FLOOR = tl.constexpr(HIGH_ENERGY_FLOOR)
 
 
@@ -133,17 +139,24 @@ def _guided_block(scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_e
 
 @triton.jit
 def _stats_kernel(scores_ptr, guide_ptr, band_ptr, workspace_ptr, stats_ptr, betas_at, counter_at,
-                  rows_per_entry, first_entry, h, w, scale_y, scale_x, alpha, beta0, beta_max,
-                  H: tl.constexpr, W: tl.constexpr, heads: tl.constexpr, F: tl.constexpr,
-                  F_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
+                  tier_sums_at, tier_counters_at, rows_per_entry, first_entry, h, w, scale_y,
+                  scale_x, alpha, beta0, beta_max, H: tl.constexpr, W: tl.constexpr,
+                  heads: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
                   TILES: tl.constexpr, GUIDE_MODE: tl.constexpr, FULL_BAND: tl.constexpr,
                   SPLIT_BAND: tl.constexpr, ADAPTIVE: tl.constexpr, HAS_BETA_MAX: tl.constexpr,
-                  WRITE_STATS: tl.constexpr, PER_VIDEO: tl.constexpr, CHUNK: tl.constexpr):
+                  WRITE_STATS: tl.constexpr, PER_VIDEO: tl.constexpr, CHUNK: tl.constexpr,
+                  TIERED: tl.constexpr):
     """Energy sums of TILES consecutive tiles of one entry in scope, written to this program's
     slot of the partials (field-major: partials[field, slot], at the start of the workspace); the
     last program to finish adds every slot in a fixed order and writes beta (and stats), see
     `_finish_energies`. The betas start at `betas_at` of the workspace, the int32 ticket counter
     is at `counter_at` (one buffer, passed whole: slicing it costs ~1 us of host time per view).
+
+    TIERED (more than `FLAT_SUM_SLOTS` slots per video): the slots of a video come in tiers of
+    CHUNK; the last program of a tier (its int32 counter at `tier_counters_at` + tier) adds the
+    tier's slots into fp64 tier sums (field-major at `tier_sums_at`, an even offset), then takes a
+    ticket on the counter at `counter_at`, and the last tier's program adds the tier sums in order.
+    Both orders are fixed: same input, same bits.
 
     The tiles are unrolled (no loop-carried loads), so each program has all its loads in flight
     at once. The three 1/s^2-weighted sums behind E3 are computed only with WRITE_STATS.
@@ -188,11 +201,46 @@ def _stats_kernel(scores_ptr, guide_ptr, band_ptr, workspace_ptr, stats_ptr, bet
     # (as in CUDA's threadfence reduction); the last program's loads come after its acquire.
     tl.debug_barrier()
     counter_ptr = (workspace_ptr + counter_at).to(tl.pointer_type(tl.int32), bitcast=True)
-    ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
-    if ticket == slots - 1:
-        _finish_energies(partials_ptr, workspace_ptr + betas_at, stats_ptr, slots,
-                         tl.num_programs(1), rows_per_entry, beta0, beta_max, CHUNK, ADAPTIVE,
-                         HAS_BETA_MAX, WRITE_STATS, PER_VIDEO)
+    if TIERED:
+        programs = tl.num_programs(0)
+        tiers_per_video = tl.cdiv(programs, CHUNK)
+        tiers = tiers_per_video * tl.num_programs(1)
+        tier = video * tiers_per_video + program // CHUNK
+        first_slot = video * programs + (program // CHUNK) * CHUNK
+        tier_size = tl.minimum(programs - (program // CHUNK) * CHUNK, CHUNK)
+        tier_sums_ptr = (workspace_ptr + tier_sums_at).to(tl.pointer_type(tl.float64), bitcast=True)
+        tier_counter_ptr = (workspace_ptr + tier_counters_at).to(tl.pointer_type(tl.int32),
+                                                                 bitcast=True)
+        tier_ticket = tl.atomic_add(tier_counter_ptr + tier, 1, sem="acq_rel")
+        if tier_ticket == tier_size - 1:
+            _sum_tier(partials_ptr, tier_sums_ptr, first_slot, tier_size, slots, tier, tiers,
+                      CHUNK, WRITE_STATS)
+            tl.debug_barrier()  # as above: the tier sums are stored before the release
+            ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+            if ticket == tiers - 1:
+                _finish_energies(tier_sums_ptr, workspace_ptr + betas_at, stats_ptr, tiers,
+                                 tl.num_programs(1), rows_per_entry, beta0, beta_max, CHUNK,
+                                 ADAPTIVE, HAS_BETA_MAX, WRITE_STATS, PER_VIDEO)
+    else:
+        ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
+        if ticket == slots - 1:
+            _finish_energies(partials_ptr, workspace_ptr + betas_at, stats_ptr, slots,
+                             tl.num_programs(1), rows_per_entry, beta0, beta_max, CHUNK, ADAPTIVE,
+                             HAS_BETA_MAX, WRITE_STATS, PER_VIDEO)
+
+
+@triton.jit
+def _sum_tier(partials_ptr, tier_sums_ptr, first_slot, tier_size, slots, tier, tiers,
+              CHUNK: tl.constexpr, WRITE_STATS: tl.constexpr):
+    """tier_sums[field, tier] = the fp64 sum of partials[field, first_slot : + tier_size] (one
+    tree order) for each field (three, six with WRITE_STATS)."""
+    offsets = tl.arange(0, CHUNK)
+    mask = offsets < tier_size
+    at = partials_ptr + first_slot + offsets
+    for field in tl.static_range(6 if WRITE_STATS else 3):
+        # .cg: straight from L2, where the other programs' stores are
+        values = tl.load(at + field * slots, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(tier_sums_ptr + field * tiers + tier, tl.sum(values.to(tl.float64), axis=0))
 
 
 @triton.jit
@@ -201,7 +249,8 @@ def _finish_energies(partials_ptr, betas_ptr, stats_ptr, slots, videos, rows_per
                      HAS_BETA_MAX: tl.constexpr, WRITE_STATS: tl.constexpr,
                      PER_VIDEO: tl.constexpr):
     """Per energy group (one per video, or one): add its slots in a fixed order (fp64), write beta
-    (betas[group]) and, with WRITE_STATS, the stats row (beta, E1, E2, E2_low, E2_high, E3)."""
+    (betas[group]) and, with WRITE_STATS, the stats row (beta, E1, E2, E2_low, E2_high, E3).
+    The slots are fp32 partials or fp64 tier sums (`_stats_kernel`'s TIERED), field-major."""
     groups = videos if PER_VIDEO else 1
     slots_per_group = slots // groups
     offsets = tl.arange(0, CHUNK)
@@ -313,17 +362,24 @@ def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams
     tiles_per_program = min(MAX_STATS_TILES, triton.next_power_of_2(
         triton.cdiv(stats_tiles * videos, TARGET_STATS_PROGRAMS)))
     programs = triton.cdiv(stats_tiles, tiles_per_program)
-    # the workspace: partials, then one beta per energy group, then the int32 ticket counter
+    # the workspace (float32 elements): partials; if tiered, the fp64 tier sums (2 elements each,
+    # from an even offset) and an int32 counter per tier; one beta per energy group; the ticket
+    # counter
+    tiered = programs > FLAT_SUM_SLOTS
+    tiers = videos * triton.cdiv(programs, REDUCE_CHUNK) if tiered else 0
     partial_count = videos * programs * PARTIAL_FIELDS
+    tier_sums_at = partial_count + partial_count % 2
+    tier_counters_at = tier_sums_at + 2 * PARTIAL_FIELDS * tiers
+    betas_at = tier_counters_at + tiers
     groups = videos if per_video else 1
     stats_args = dict(common, first_entry=params.energy_part * videos, TILES=tiles_per_program,
-                      BLOCK_R=stats_block_rows, betas_at=partial_count,
-                      counter_at=partial_count + groups,
+                      BLOCK_R=stats_block_rows, betas_at=betas_at, counter_at=betas_at + groups,
+                      tier_sums_at=tier_sums_at, tier_counters_at=tier_counters_at,
                       beta_max=params.beta if params.beta_max is None else params.beta_max,
                       HAS_BETA_MAX=params.beta_max is not None, WRITE_STATS=with_stats,
-                      CHUNK=REDUCE_CHUNK)
-    apply_args = dict(common, videos=max(videos, 1), betas_at=partial_count)
-    return _LaunchPlan((programs, videos), (tiles, batch), partial_count + groups + 1, stats_args,
+                      CHUNK=REDUCE_CHUNK, TIERED=tiered)
+    apply_args = dict(common, videos=max(videos, 1), betas_at=betas_at)
+    return _LaunchPlan((programs, videos), (tiles, batch), betas_at + groups + 1, stats_args,
                        apply_args, common["FULL_BAND"])
 
 

@@ -136,14 +136,16 @@ HOST_BATCHES = 5
 def host_time(fn: Callable, wall_s: float, budget_s: float = 0.05) -> float:
     """Host cost per call: wall time of N back-to-back calls without synchronising, over N; the
     median of `HOST_BATCHES` such batches (each starting on an idle device), so that one batch
-    disturbed by another process does not set the figure.
+    disturbed by another process does not set the figure. Calls too slow for that many batches
+    of 3 in `budget_s` (a denoiser step) get one batch of 3, as before.
 
     This is the dispatch and launch cost an eager pipeline pays on the CPU side. Where the device
     is the slower side, the launch queue fills and the figure tends to the device time.
     """
-    calls = min(100, max(3, int(budget_s / HOST_BATCHES / max(wall_s, 1e-6))))
+    batches = HOST_BATCHES if 3 * HOST_BATCHES * wall_s <= budget_s else 1
+    calls = min(100, max(3, int(budget_s / batches / max(wall_s, 1e-6))))
     per_call = []
-    for _ in range(HOST_BATCHES):
+    for _ in range(batches):
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(calls):

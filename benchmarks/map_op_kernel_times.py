@@ -81,12 +81,11 @@ def stats_tiles(tiles: int):
         map_triton._launch_plan.cache_clear()
 
 
-def stats_programs(scores, guide) -> int:
-    """The stats kernel's programs for `adaptive_call`'s settings (one video in scope: CFG)."""
+def stats_plan(scores, guide):
+    """The map op's launch plan for `adaptive_call`'s settings (one video in scope: CFG)."""
     params = ByTheWayParams(0.6, 1.5, 7, True, 2, 1, "batch", "nearest", None)
-    plan = map_triton._launch_plan(tuple(scores.shape), tuple(guide.shape[1:3]), params, False,
+    return map_triton._launch_plan(tuple(scores.shape), tuple(guide.shape[1:3]), params, False,
                                    triton_rules.SPLIT_BAND)
-    return plan.stats_grid[0] * plan.stats_grid[1]
 
 
 def stats_tile_sweep():
@@ -97,14 +96,18 @@ def stats_tile_sweep():
             continue
         scores, guide = layer_inputs(size, frames)
         fn = adaptive_call(scores, guide)
-        cells = []
+        default = stats_plan(scores, guide).stats_args["TILES"]
+        cells, totals = [], {}
         for tiles in STATS_TILE_SWEEP:
             with stats_tiles(tiles):
                 kernels = kernel_times(fn)
-                programs = stats_programs(scores, guide)
+                grid = stats_plan(scores, guide).stats_grid
             stats = sum(value for key, value in kernels.items() if "_stats_kernel" in key)
-            cells.append(f"{tiles} ({programs}): {stats:5.1f} / {sum(kernels.values()):5.1f}")
-        print(f"{size}x{size} F{frames}  " + "   ".join(cells))
+            totals[tiles] = sum(kernels.values())
+            cells.append(f"{tiles} ({grid[0] * grid[1]}): {stats:5.1f} / {totals[tiles]:5.1f}")
+        best = min(totals, key=totals.get)
+        print(f"{size}x{size} F{frames}  " + "   ".join(cells) + f"   default {default}, fastest {best} "
+              f"({totals[best] / totals[default]:.2f}x the default's time)")
 
 
 def main():

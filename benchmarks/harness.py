@@ -21,6 +21,7 @@ import torch
 
 import bytheway_kernels as btw
 from bytheway_kernels.testing import PROB_TOLERANCES  # two output ulps, shared with tests/
+from host_cost import median_seconds_per_call  # benchmarks/ is on sys.path
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 #: GPUs run the dtypes pipelines use there; the CPU runs fp32.
@@ -144,15 +145,7 @@ def host_time(fn: Callable, wall_s: float, budget_s: float = 0.05) -> float:
     """
     batches = HOST_BATCHES if 3 * HOST_BATCHES * wall_s <= budget_s else 1
     calls = min(100, max(3, int(budget_s / batches / max(wall_s, 1e-6))))
-    per_call = []
-    for _ in range(batches):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        per_call.append((time.perf_counter() - start) / calls)
-    torch.cuda.synchronize()
-    return statistics.median(per_call)
+    return median_seconds_per_call(fn, calls, batches)
 
 
 def kernel_time(fn: Callable, wall_s: float, host_s: float, budget_s: float = 0.1) -> float:

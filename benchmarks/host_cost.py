@@ -91,21 +91,26 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def host_us_per_call(fn, calls: int = 200, batches: int = 5) -> float:
-    """Microseconds per call of `calls` back-to-back calls without synchronising: the median over
-    `batches` batches of calls // batches (each starting on an idle device), as the suite's host
-    column (benchmarks/harness.py, `host_time`)."""
-    fn()
-    per_batch = max(1, calls // batches)
+def median_seconds_per_call(fn, calls_per_batch: int, batches: int) -> float:
+    """The median over `batches` batches of the wall time per call of `calls_per_batch`
+    back-to-back calls without synchronising, each batch starting on an idle device (also the
+    suite's host column: benchmarks/harness.py, `host_time`)."""
     per_call = []
     for _ in range(batches):
         _synchronize()
         started = time.perf_counter()
-        for _ in range(per_batch):
+        for _ in range(calls_per_batch):
             fn()
-        per_call.append((time.perf_counter() - started) / per_batch * 1e6)
+        per_call.append((time.perf_counter() - started) / calls_per_batch)
     _synchronize()
     return statistics.median(per_call)
+
+
+def host_us_per_call(fn, calls: int = 200, batches: int = 5) -> float:
+    """Microseconds per call, after one warm-up call: `median_seconds_per_call` over `batches`
+    batches of calls // batches."""
+    fn()
+    return median_seconds_per_call(fn, max(1, calls // batches), batches) * 1e6
 
 
 def host_costs(fn, calls: int = 200) -> dict:

@@ -97,6 +97,8 @@ def _guided_block(scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_e
                   F: tl.constexpr, F_PAD: tl.constexpr, GUIDE_MODE: tl.constexpr,
                   FULL_BAND: tl.constexpr, SPLIT_BAND: tl.constexpr, LEAN_SOFTMAX: tl.constexpr):
     """(attn, guided, guided @ P, rowsum(guided)) for BLOCK_R rows, fp32, padded columns zero.
+    With the full band, P = I - 1/F, the third is `guided` itself: both callers take A2 P =
+    A2 - s / F from the row sum instead (`enhanced_rows`, the stats pass's energies).
 
     LEAN_SOFTMAX: exps by tl.exp2 (flush-to-zero ex2: no denormal fix-up of three instructions
     per entry on sm_90) and A as exps times one reciprocal per row (no division's two fix-up
@@ -129,8 +131,8 @@ def _guided_block(scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_e
         usable = (row_sum > 0.0) & (row_sum < float("inf"))  # false for NaN too
         guided = tl.where(usable[:, None], guided, attn)
         row_sum = tl.where(usable, row_sum, tl.sum(attn, axis=1))
-    if FULL_BAND:  # P = I - 1/F: remove the row mean
-        high = tl.where(col_mask[None, :], guided - (row_sum / F)[:, None], 0.0)
+    if FULL_BAND:
+        high = guided  # unused, see above
     else:
         band, band_low = load_band(band_ptr, F_PAD, SPLIT_BAND)
         high = band_product(guided, band, band_low, SPLIT_BAND)
@@ -181,7 +183,7 @@ def _stats_kernel(scores_ptr, guide_ptr, band_ptr, workspace_ptr, stats_ptr, bet
         guided_square = tl.sum(guided * guided, axis=1)
         if FULL_BAND:
             # A2 P = A2 - s / F: <A2, A2 P> = |A2|^2 - s^2 / F, and |A2 P|^2 is the same (A2 P
-            # sums to 0), so `high` goes unused (6-8% fewer SASS instructions per program, sm_90)
+            # sums to 0), so A2 P is never formed (6-8% fewer SASS instructions per program, sm_90)
             guided_high = guided_square - row_sum * row_sum * (1.0 / F)
             high_square = guided_high
         else:
@@ -212,16 +214,16 @@ def _stats_kernel(scores_ptr, guide_ptr, band_ptr, workspace_ptr, stats_ptr, bet
         programs = tl.num_programs(0)
         tiers_per_video = tl.cdiv(programs, CHUNK)
         tiers = tiers_per_video * tl.num_programs(1)
+        tier_start = (program // CHUNK) * CHUNK  # this tier's first program of the video
         tier = video * tiers_per_video + program // CHUNK
-        first_slot = video * programs + (program // CHUNK) * CHUNK
-        tier_size = tl.minimum(programs - (program // CHUNK) * CHUNK, CHUNK)
+        tier_size = tl.minimum(programs - tier_start, CHUNK)
         tier_sums_ptr = (workspace_ptr + tier_sums_at).to(tl.pointer_type(tl.float64), bitcast=True)
         tier_counter_ptr = (workspace_ptr + tier_counters_at).to(tl.pointer_type(tl.int32),
                                                                  bitcast=True)
         tier_ticket = tl.atomic_add(tier_counter_ptr + tier, 1, sem="acq_rel")
         if tier_ticket == tier_size - 1:
-            _sum_tier(partials_ptr, tier_sums_ptr, first_slot, tier_size, slots, tier, tiers,
-                      CHUNK, WRITE_STATS)
+            _sum_tier(partials_ptr, tier_sums_ptr, video * programs + tier_start, tier_size,
+                      slots, tier, tiers, CHUNK, WRITE_STATS)
             tl.debug_barrier()  # as above: the tier sums are stored before the release
             ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
             if ticket == tiers - 1:

@@ -1,5 +1,9 @@
 """One denoiser (UNet) call of an AnimateDiff model: stock, ByTheWay with the materialised path,
 ByTheWay with the fused temporal-attention op, and the fast stock processor (fused op, ByTheWay off).
+"bytheway fused" is `apply_bytheway`'s default: in an active step every temporal layer runs fused,
+ByTheWay's with ByTheWay, the others plain (until 2026-11-27 the others ran stock, which is what
+the H200 results up to session 5 time); "bytheway fused + fast stock" differs from it only in
+inactive steps.
 
 The call is an active step (the first timestep of a 25-step schedule) with a CFG batch of 2, made
 the way the pipeline makes it, so the ByTheWay rows include the controller's hooks, the anchor-map

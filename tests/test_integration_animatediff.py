@@ -45,12 +45,15 @@ def test_processors_installed_on_exactly_the_decoder_layers_from_the_anchor(pipe
         expected = [n for n in _temporal_attention_names(pipe.unet) if n.startswith(("up_blocks.1.", "up_blocks.2."))]
         assert sorted(controller.layer_names) == expected
         assert controller.anchor == "up_blocks.1"
+        # the other temporal layers (down/mid blocks, up_blocks.0) are bound to run fused in active steps
+        plain = [n for n in _temporal_attention_names(pipe.unet) if n not in expected]
+        assert sorted(controller.plain_layer_names) == plain and plain
         for name, proc in pipe.unet.attn_processors.items():
             layer = name[: -len(".processor")]
-            if layer in expected:
+            if layer in expected or layer in plain:
                 assert isinstance(proc, ByTheWayAttnProcessor), name
             else:
-                assert proc is before[name], name  # untouched: down/mid blocks, up_blocks.0, spatial
+                assert proc is before[name], name  # untouched: spatial attention
     after = pipe.unet.attn_processors
     assert all(after[name] is before[name] for name in before)
     assert not any(hasattr(m, BINDING_ATTR) for m in pipe.unet.modules())

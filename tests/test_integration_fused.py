@@ -102,18 +102,72 @@ def test_fused_bytheway_matches_materialised_and_anchor_records_in_the_same_pass
     with apply_bytheway(pipe, cfg=True) as controller:
         fused = _denoise(pipe, 0)
         inactive = _denoise(pipe, 1)
-        layers = controller.layer_names
+        layers, plain_layers = controller.layer_names, controller.plain_layer_names
+    # The other temporal layers ran plain fused attention: within tolerance of their stock processors.
     torch.testing.assert_close(fused, materialised, **TOLERANCE)
     assert (materialised - stock).abs().max() > 1e-2  # ByTheWay changed the output
     assert torch.equal(inactive, _denoise(pipe, 1))  # inactive steps stay stock, bit for bit
-    assert len(spy.calls) == len(layers)  # one fused call per layer in the active step, none after
-    anchors = [c for c in spy.calls if c["guide"] is None]
-    guided = [c for c in spy.calls if c["guide"] is not None]
+    assert len(plain_layers) == 12 and not set(plain_layers) & set(layers)  # down 4, mid 2, up_blocks.0 6
+    bytheway_calls = [c for c in spy.calls if "guide" in c]
+    plain_calls = [c for c in spy.calls if "guide" not in c]
+    # one fused call per layer in the active step, none after
+    assert len(bytheway_calls) == len(layers) and len(plain_calls) == len(plain_layers)
+    assert all(set(c) == {"heads", "height", "width", "scale", "cfg"} for c in plain_calls)  # plain attention
+    anchors = [c for c in bytheway_calls if c["guide"] is None]
+    guided = [c for c in bytheway_calls if c["guide"] is not None]
     assert len(anchors) == len(guided) == 4
     assert all(c["return_map"] for c in anchors) and not any(c["return_map"] for c in guided)
     assert {c["guide"].shape for c in guided} == {(2, 4, 4, 2, 16, 16)}  # 4 anchor heads averaged in pairs
     assert {(c["height"], c["width"], c["batch_split"]) for c in guided} == {(8, 8, (2, 1))}
-    assert {(c["alpha"], c["beta"], c["tau"]) for c in spy.calls} == {(0.6, 1.5, 7)}
+    assert {(c["alpha"], c["beta"], c["tau"]) for c in bytheway_calls} == {(0.6, 1.5, 7)}
+
+
+@pytest.mark.parametrize("case", [i2vgenxl_case, svd_case, latte_case], ids=["i2vgenxl", "svd", "latte"])
+def test_plain_layers_run_fused_only_in_active_steps_on_other_denoisers(case, monkeypatch, force_fused):
+    model, sample, kwargs = case()
+    scheduler = tiny.tiny_ddim_scheduler()
+    scheduler.set_timesteps(STEPS)
+    active_t, inactive_t = scheduler.timesteps[0], scheduler.timesteps[1]
+    stock_inactive = call_denoiser(model, sample, inactive_t, kwargs)
+    with apply_bytheway(model, cfg=True, scheduler=scheduler, fused_attention=False) as controller:
+        assert controller.plain_layer_names == []
+        materialised = call_denoiser(model, sample, active_t, kwargs)
+    spy = FusedSpy(monkeypatch, processor_module)
+    with apply_bytheway(model, cfg=True, scheduler=scheduler) as controller:
+        plain_layers = controller.plain_layer_names
+        fused = call_denoiser(model, sample, active_t, kwargs)
+        active_calls = len(spy.calls)
+        inactive = call_denoiser(model, sample, inactive_t, kwargs)
+    assert plain_layers and not set(plain_layers) & set(controller.layer_names)
+    assert len([c for c in spy.calls if "guide" not in c]) == len(plain_layers) and len(spy.calls) == active_calls
+    torch.testing.assert_close(fused, materialised, **TOLERANCE)
+    assert torch.equal(inactive, stock_inactive)  # inactive steps: every layer's own processor
+
+
+def test_plain_layers_keep_non_standard_processors_and_fused_attention_false_binds_none(pipe):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    class CustomProcessor(AttnProcessor):  # not one of diffusers' standard classes: kept
+        pass
+
+    before = _processors(pipe.unet)
+    attn = pipe.unet.down_blocks[0].motion_modules[0].transformer_blocks[0].attn1
+    custom = CustomProcessor()
+    attn.set_processor(custom)
+    try:
+        with apply_bytheway(pipe, cfg=True) as controller:
+            assert attn.processor is custom and not hasattr(attn, BINDING_ATTR)
+            assert "down_blocks.0.motion_modules.0.transformer_blocks.0.attn1" not in controller.plain_layer_names
+            assert len(controller.plain_layer_names) == 11
+    finally:
+        attn.set_processor(before["down_blocks.0.motion_modules.0.transformer_blocks.0.attn1.processor"])
+    with apply_bytheway(pipe, cfg=True, fused_attention=False) as controller:
+        assert controller.plain_layer_names == []
+        bytheway_layers = set(controller.layer_names)
+        for name, processor in _processors(pipe.unet).items():
+            if name[: -len(".processor")] not in bytheway_layers:
+                assert processor is before[name], name
+    _assert_restored(pipe.unet, before)
 
 
 def test_fused_path_falls_back_for_diagnostics(pipe, monkeypatch, force_fused):
@@ -121,7 +175,9 @@ def test_fused_path_falls_back_for_diagnostics(pipe, monkeypatch, force_fused):
     with apply_bytheway(pipe, cfg=True, diagnostics=True) as controller:
         _denoise(pipe, 0)
         rows = controller.diagnostics()
-    assert not spy.calls and len(rows) == len(controller.layer_names)  # diagnostics need the maps
+    # ByTheWay's layers materialise (diagnostics need the maps); the plain layers still run fused
+    assert not [c for c in spy.calls if "guide" in c] and len(rows) == len(controller.layer_names)
+    assert len(spy.calls) == len(controller.plain_layer_names)
 
 
 def test_fused_attention_false_and_unavailable_device_use_the_materialised_path(pipe, monkeypatch, no_kernel):
@@ -174,7 +230,7 @@ def test_fast_attention_covers_every_temporal_self_attention_layer():
 def test_fast_attention_matches_stock_and_remove_is_bit_identical(pipe, monkeypatch, force_fused):
     before = _processors(pipe.unet)
     stock = _denoise(pipe, 0)
-    spy = FusedSpy(monkeypatch, fast_module)
+    spy = FusedSpy(monkeypatch, processor_module)
     with enable_fast_temporal_attention(pipe) as fast:
         fused = _denoise(pipe, 0)
     torch.testing.assert_close(fused, stock, **TOLERANCE)
@@ -198,7 +254,7 @@ def test_fast_attention_matches_stock_on_other_denoisers(case, force_fused):
 
 def test_fast_attention_keeps_stock_where_the_kernel_is_unavailable(pipe, monkeypatch, no_kernel):
     stock = _denoise(pipe, 0)
-    spy = FusedSpy(monkeypatch, fast_module)
+    spy = FusedSpy(monkeypatch, processor_module)
     with enable_fast_temporal_attention(pipe):
         assert torch.equal(_denoise(pipe, 0), stock)
     assert not spy.calls
@@ -246,9 +302,13 @@ def test_composes_with_bytheway_in_either_order(pipe, force_fused, fast_first, r
         fast = enable_fast_temporal_attention(pipe)
     assert len(fast.layer_names) == 20  # ByTheWay's layers included
     bytheway_layers = set(controller.layer_names)
+    if fast_first:  # the fast attention already runs the other layers in every step: ByTheWay keeps them
+        assert controller.plain_layer_names == []
+    else:  # ByTheWay fuses them in its active steps, the fast attention in the others
+        assert sorted(controller.plain_layer_names) == sorted(set(fast.layer_names) - bytheway_layers)
     for name, processor in _processors(pipe.unet).items():
         layer = name[: -len(".processor")]
-        if layer in bytheway_layers:
+        if layer in bytheway_layers or layer in controller.plain_layer_names:
             assert isinstance(processor, ByTheWayAttnProcessor), name
         elif layer in fast.layer_names:
             assert isinstance(processor, FastTemporalAttnProcessor), name
@@ -260,7 +320,7 @@ def test_composes_with_bytheway_in_either_order(pipe, force_fused, fast_first, r
     first, second = (fast, controller) if remove_fast_first else (controller, fast)
     first.remove()
     remaining = _denoise(pipe, 0)
-    if remove_fast_first:  # ByTheWay alone again, materialised where the fast path was
+    if remove_fast_first:  # ByTheWay alone again
         torch.testing.assert_close(remaining, bytheway_active, **TOLERANCE)
     else:  # the fast attention alone, every layer fused
         torch.testing.assert_close(remaining, stock[0], **TOLERANCE)
@@ -269,19 +329,25 @@ def test_composes_with_bytheway_in_either_order(pipe, force_fused, fast_first, r
     assert torch.equal(_denoise(pipe, 0), stock[0]) and torch.equal(_denoise(pipe, 1), stock[1])
 
 
-def test_torch_compile_fullgraph_with_both_fused_processors(pipe, force_fused):
+@pytest.mark.parametrize("with_fast", [True, False], ids=["fast-attention", "bytheway-alone"])
+def test_torch_compile_fullgraph_with_both_fused_processors(pipe, force_fused, with_fast):
     # fullgraph=True fails on any graph break: the fused op, the ByTheWay processor (active step)
-    # and the fast processor (every other temporal layer) trace as one graph; hooks stay outside.
+    # and the fast processor or ByTheWay's plain bindings (every other temporal layer) trace as one
+    # graph; hooks stay outside.
     sample, text = unet_inputs(pipe)
     timestep = pipe.scheduler.timesteps[0]
     torch._dynamo.reset()
+    fast = enable_fast_temporal_attention(pipe) if with_fast else None
     try:
-        with enable_fast_temporal_attention(pipe), apply_bytheway(pipe, cfg=True), torch.no_grad():
+        with apply_bytheway(pipe, cfg=True) as controller, torch.no_grad():
+            assert bool(controller.plain_layer_names) != with_fast
             eager = pipe.unet(sample, timestep, encoder_hidden_states=text).sample
             compiled = torch.compile(pipe.unet, backend="eager", fullgraph=True)
             traced = compiled(sample, timestep, encoder_hidden_states=text).sample
     finally:
         torch._dynamo.reset()
+        if fast is not None:
+            fast.remove()
     torch.testing.assert_close(traced, eager, **TOLERANCE)
 
 
@@ -413,8 +479,11 @@ def test_interpreter_kernel_bytheway_and_fast_attention(pipe, monkeypatch):
     with apply_bytheway(pipe, cfg=True, tau=3, fused_attention=False):
         materialised = _denoise(pipe, 0, **small)
     monkeypatch.setenv("BYTHEWAY_BACKEND", "triton")
-    with apply_bytheway(pipe, cfg=True, tau=3, fused_attention=True):
+    spy = FusedSpy(monkeypatch, processor_module)
+    with apply_bytheway(pipe, cfg=True, tau=3, fused_attention=True) as controller:
         fused = _denoise(pipe, 0, **small)
+    # every temporal layer ran the kernel: ByTheWay's with a guide or the anchor map, the others plain
+    assert len(spy.calls) == len(controller.layer_names) + len(controller.plain_layer_names) == 20
     with enable_fast_temporal_attention(pipe):
         fast = _denoise(pipe, 0, **small)
     torch.testing.assert_close(fused, materialised, **TOLERANCE)

@@ -55,7 +55,10 @@ def test_denoiser_layers_shapes_activity_and_remove(name, monkeypatch):
     with apply_bytheway(model, cfg=True, scheduler=scheduler) as controller:
         assert sorted(controller.layer_names) == sorted(expected_layers)
         installed = [n for n, p in _processors(model).items() if isinstance(p, ByTheWayAttnProcessor)]
-        assert sorted(installed) == sorted(expected_layers)  # SVD's cross-attention attn2 is untouched
+        # processed layers, and the other temporal self-attention layers (fused in active steps);
+        # SVD's cross-attention attn2 is untouched
+        assert sorted(installed) == sorted(expected_layers + controller.plain_layer_names)
+        assert controller.plain_layer_names and not set(controller.plain_layer_names) & set(expected_layers)
         active = call_denoiser(model, sample, active_t, kwargs)
         inactive = call_denoiser(model, sample, inactive_t, kwargs)
     assert torch.isfinite(active).all() and not torch.equal(active, stock_active)

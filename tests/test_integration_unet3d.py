@@ -19,7 +19,7 @@ def pipe():
 
 def test_layers_are_the_decoder_temp_attentions_from_up_blocks_1(pipe):
     with apply_bytheway(pipe, "videocrafter2", cfg=True) as controller:
-        names = controller.layer_names
+        names, plain = controller.layer_names, controller.plain_layer_names
         installed = sorted(
             name[: -len(".processor")] for name, proc in pipe.unet.attn_processors.items()
             if isinstance(proc, ByTheWayAttnProcessor)
@@ -28,7 +28,10 @@ def test_layers_are_the_decoder_temp_attentions_from_up_blocks_1(pipe):
         f"up_blocks.{block}.temp_attentions.{module}.transformer_blocks.0.{attn}"
         for block in (1, 2) for module in (0, 1) for attn in ("attn1", "attn2")
     )
-    assert sorted(names) == installed == expected  # up_blocks.0 is UpBlock3D: no temporal attention
+    assert sorted(names) == sorted(set(installed) - set(plain)) == expected  # up_blocks.0: no temporal attention
+    # fused in the active steps: transformer_in, the encoder's and the middle block's temporal attention
+    assert "transformer_in.transformer_blocks.0.attn1" in plain and len(plain) == len(installed) - len(names)
+    assert not any(name.startswith("up_blocks.") for name in plain)
     assert not any(isinstance(p, ByTheWayAttnProcessor) for p in pipe.unet.attn_processors.values())
 
 

@@ -12,8 +12,10 @@ from .._validation import batch_parts, check_flag, check_tau
 from ..config import PRESETS, ByTheWayConfig
 from ..ops.temporal_attention import fused_available
 from . import diagnostics as diagnostics_module
-from .layers import ModelFamily, TemporalLayer, decoder_temporal_layers, family_of, frames_of, resolve_anchor
-from .processor import BINDING_ATTR, BYTHEWAY_COPY_ADVICE, ByTheWayAttnProcessor, LayerBinding, RefusesCopy, RunState
+from .layers import (ModelFamily, TemporalLayer, all_temporal_layers, decoder_temporal_layers, family_of, frames_of,
+                     resolve_anchor)
+from .processor import (BINDING_ATTR, BYTHEWAY_COPY_ADVICE, ByTheWayAttnProcessor, LayerBinding, PlainLayerBinding,
+                        RefusesCopy, RunState, standard_scale)
 
 def active_step_count(step_fraction: float, num_steps: int) -> int:
     """ceil(step_fraction * num_steps), at least one (rounded first so 0.2 * 15 gives 3, not 4)."""
@@ -97,6 +99,18 @@ def _select_layers(denoiser, family: ModelFamily, anchor) -> Tuple[str, List[Tem
     return anchor, selected
 
 
+def _plain_layers(denoiser, family: ModelFamily, selected: List[TemporalLayer]) -> List[TemporalLayer]:
+    """The temporal self-attention layers ByTheWay fuses but does not process: every one outside
+    `selected` that runs a standard diffusers processor (others, the fast attention's included,
+    keep theirs)."""
+    processed = {id(layer.attn) for layer in selected}
+    return [
+        layer for layer in all_temporal_layers(denoiser, family)
+        if id(layer.attn) not in processed and getattr(layer.attn, BINDING_ATTR, None) is None
+        and standard_scale(layer.attn.processor, layer.attn)[0]
+    ]
+
+
 def _guide_heads(anchor: str, layers: List[TemporalLayer]) -> Dict[Tuple, Tuple[int, ...]]:
     """Per anchor position, the head counts of the later layers its map guides."""
     heads: Dict[Tuple, set] = {}
@@ -118,6 +132,9 @@ class ByTheWayController(RefusesCopy):
       denoiser) every call is active;
     - reads whether classifier-free guidance (and PAG) is on from the pipeline, unless `cfg` or
       `batch_split` was given;
+    - unless `fused_attention` is False, runs the temporal layers it does not process (`plain`
+      layers: encoder, middle block, decoder blocks before the anchor) through the fused op's plain
+      attention in the active steps of fused calls, and through their own processors otherwise;
     - checks tau against the frame count, and the fused kernel's availability on the sample's
       device, before the denoiser runs;
     - frees the recorded anchor maps when the call ends.
@@ -144,12 +161,13 @@ class ByTheWayController(RefusesCopy):
         self._calls_without_scheduler = 0
         self._run_schedule, self._run_begin, self._run_last_position = None, 0, -1
         self._anchor, self._layers = _select_layers(denoiser, self._family, anchor)
+        self._plain_layers = [] if fused_attention is False else _plain_layers(denoiser, self._family, self._layers)
         self._install_processors()
         self._hooks = self._register_hooks(called_denoiser)
         self._removed = False
 
     def _install_processors(self) -> None:
-        """Bind every selected layer and give it the (shared, stateless) ByTheWay processor."""
+        """Bind every selected and plain layer and give it the (shared, stateless) ByTheWay processor."""
         guide_heads = _guide_heads(self._anchor, self._layers)
         processor = ByTheWayAttnProcessor()
         for layer in self._layers:
@@ -158,6 +176,11 @@ class ByTheWayController(RefusesCopy):
                 state=self._state, layer=layer, original=layer.attn.processor, is_anchor=is_anchor,
                 guide_heads=guide_heads.get(layer.position, ()) if is_anchor else (),
             )
+            setattr(layer.attn, BINDING_ATTR, binding)
+            layer.attn.set_processor(processor)
+        for layer in self._plain_layers:
+            original = layer.attn.processor
+            binding = PlainLayerBinding(self._state, original, standard_scale(original, layer.attn)[1])
             setattr(layer.attn, BINDING_ATTR, binding)
             layer.attn.set_processor(processor)
 
@@ -184,8 +207,15 @@ class ByTheWayController(RefusesCopy):
 
     @property
     def layer_names(self) -> List[str]:
-        """Full names of the attention modules running the ByTheWay processor, anchor first."""
+        """Full names of the attention modules ByTheWay processes, anchor first."""
         return [layer.name for layer in self._layers]
+
+    @property
+    def plain_layer_names(self) -> List[str]:
+        """Full names of the other temporal self-attention modules, which run plain attention
+        through the fused op in the active steps where the call is fused (empty with
+        `fused_attention=False`; layers without a standard diffusers processor are not among them)."""
+        return [layer.name for layer in self._plain_layers]
 
     def remove(self) -> None:
         """Restore the original processors and remove every hook (idempotent)."""
@@ -193,7 +223,7 @@ class ByTheWayController(RefusesCopy):
             return
         for hook in self._hooks:
             hook.remove()
-        for layer in self._layers:
+        for layer in self._layers + self._plain_layers:
             binding = getattr(layer.attn, BINDING_ATTR, None)
             if binding is not None and binding.state is self._state:
                 layer.attn.set_processor(binding.original)
@@ -279,7 +309,7 @@ class ByTheWayController(RefusesCopy):
         return available
 
     def _check_layers_in_place(self) -> None:
-        for layer in self._layers:
+        for layer in self._layers + self._plain_layers:
             if getattr(layer.parent, layer.attribute, None) is not layer.attn or not isinstance(
                 layer.attn.processor, ByTheWayAttnProcessor
             ) or self._denoiser.get_submodule(layer.name) is not layer.attn:
@@ -397,7 +427,11 @@ def apply_bytheway(
             where its kernel is available (CUDA), the materialised map (scores, map op, bmm)
             elsewhere; True requires the fused kernel (a RuntimeError at the first denoiser call on
             a device without it, before the denoiser runs); False always materialises. Calls with
-            an attention mask and calls recording diagnostics are always materialised.
+            an attention mask and calls recording diagnostics are always materialised. Unless it
+            is False, the active steps of fused calls also run every other temporal self-attention
+            layer with a standard diffusers processor (encoder, middle block, decoder blocks before
+            the anchor; `controller.plain_layer_names`) through the fused op's plain attention,
+            equal to stock within floating-point tolerance; outside those steps they run stock.
         **overrides: ByTheWayConfig fields replacing the preset's (alpha, beta, tau, step_fraction,
             adaptive_beta, energy_scope, guide_upsample, beta_max).
 

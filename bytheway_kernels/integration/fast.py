@@ -21,7 +21,11 @@ Composition with `apply_bytheway`, in either order: ByTheWay keeps the processor
 its layer binding's `original` and runs it outside its active steps. Enabling the fast attention
 on a layer where ByTheWay is applied replaces that `original` (so inactive steps run fused), and
 removing it puts the saved processor back there; ByTheWay applied after the fast attention saves
-the fast processor as its `original`. Either object can be removed first.
+the fast processor as its `original`. The same holds for the temporal layers ByTheWay does not
+process but fuses in its active steps (`PlainLayerBinding`): enabled after ByTheWay, the fast
+attention replaces their `original`; enabled before, it keeps them (ByTheWay binds only layers
+with a standard processor, and those run fused in every step already). Either object can be
+removed first.
 """
 
 from __future__ import annotations
@@ -31,10 +35,11 @@ from typing import Any, List, Optional
 
 import torch
 
-from ..ops.temporal_attention import fused_available, temporal_attention
+from ..ops.temporal_attention import fused_available
 from .controller import split_target
 from .layers import TemporalLayer, all_temporal_layers, family_of
-from .processor import BINDING_ATTR, BoundProcessor, RefusesCopy, delegate, finish_output, normed_input, project_qkv
+from .processor import (BINDING_ATTR, BoundProcessor, RefusesCopy, delegate, fused_plain_attention, plain_call_fuses,
+                        standard_scale)
 
 #: Attribute of a diffusers `Attention` module holding its FastBinding while the fast attention is on.
 FAST_ATTR = "_bytheway_fast_binding"
@@ -63,17 +68,6 @@ class FastBinding(RefusesCopy):
     scale: Optional[float]  # None: the op's default d**-0.5, as SDPA
 
 
-def _standard_scale(processor, attn) -> tuple:
-    """(True, score scale) for diffusers' standard processors, (False, None) for any other."""
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-
-    if type(processor) is AttnProcessor2_0:
-        return True, None
-    if type(processor) is AttnProcessor:
-        return True, attn.scale
-    return False, None
-
-
 def _base_processor(attn):
     """The processor that runs this layer outside ByTheWay: ByTheWay's saved original when it is
     applied to the layer, else the installed processor."""
@@ -99,17 +93,9 @@ class FastTemporalAttnProcessor(BoundProcessor):
     binding_attr = FAST_ATTR
 
     def bound_call(self, binding: FastBinding, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
-        if (
-            not binding.state.fused or encoder_hidden_states is not None or attention_mask is not None
-            or hidden_states.dim() != 3
-        ):
-            return delegate(binding.original, attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        query, key, value = project_qkv(attn, normed_input(attn, hidden_states, temb), stacked=True)
-        # Plain attention needs no video geometry: every row is its own 1 x 1 "video", no CFG split.
-        attended = temporal_attention(
-            query, key, value, heads=attn.heads, height=1, width=1, scale=binding.scale, cfg=False
-        )
-        return finish_output(attn, attended, hidden_states)
+        if binding.state.fused and plain_call_fuses(hidden_states, encoder_hidden_states, attention_mask):
+            return fused_plain_attention(attn, hidden_states, temb, binding.scale)
+        return delegate(binding.original, attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
 class FastTemporalAttention(RefusesCopy):
@@ -138,7 +124,7 @@ class FastTemporalAttention(RefusesCopy):
         installed = []
         for layer in candidates:
             original = _base_processor(layer.attn)
-            standard, scale = _standard_scale(original, layer.attn)
+            standard, scale = standard_scale(original, layer.attn)
             if not standard:
                 continue
             setattr(layer.attn, FAST_ATTR, FastBinding(self._state, original, scale))

@@ -6,7 +6,8 @@ IP-Adapter loading). Everything a call needs is reachable from the `Attention` m
 `LayerBinding` stored on it by the controller; a module without a binding gets the stock
 computation (`AttnProcessor2_0`).
 
-Per call the processor either
+A layer the controller selected (the anchor block and every decoder block after it) gets a
+`LayerBinding`. Per call the processor either
 - delegates to the layer's original processor (outside the active steps, or when the call is not
   temporal self-attention): bit-identical to never installing ByTheWay (or, when the fast
   temporal attention was enabled first, the fast processor's output); or
@@ -22,6 +23,12 @@ Per call the processor either
     `attn.scale`, masks, upcasting), viewed as (B, H, W, heads, F, F), `bytheway_attention_probs`,
     then bmm with v. The anchor first records its plain softmax map.
   Either way the recorded anchor map is reduced to each consumer's head count (`reduce_heads`).
+
+Every other temporal self-attention layer running one of diffusers' standard processors gets a
+`PlainLayerBinding` when `fused_attention` is not False: in the active steps of a fused call it
+runs plain attention through the fused op (`fused_plain_attention`, equal to its standard
+processor within floating-point tolerance), so that every temporal layer of those steps is fused;
+in any other call it delegates to its original processor, bit-identical to stock.
 
 Nothing here synchronises with the host: diagnostics are appended as device tensors.
 """
@@ -96,6 +103,45 @@ class LayerBinding(RefusesCopy):
     original: Any  # the processor installed before ByTheWay
     is_anchor: bool
     guide_heads: Tuple[int, ...]  # anchor only: head counts of the layers consuming its map
+
+
+@dataclasses.dataclass(eq=False)
+class PlainLayerBinding(RefusesCopy):
+    """A temporal self-attention layer ByTheWay does not process (encoder and middle blocks, decoder
+    blocks before the anchor): fused plain attention in the active steps of fused calls."""
+
+    copy_advice = BYTHEWAY_COPY_ADVICE
+
+    state: RunState
+    original: Any  # the standard diffusers processor installed before ByTheWay
+    scale: Optional[float]  # None: the op's default d**-0.5, as SDPA
+
+
+def standard_scale(processor, attn) -> Tuple[bool, Optional[float]]:
+    """(True, score scale) for diffusers' standard processors, (False, None) for any other:
+    `AttnProcessor2_0` runs SDPA, whose scale is d**-0.5 whatever `attn.scale` says (None, the
+    fused op's default); `AttnProcessor` uses `attn.scale`."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    if type(processor) is AttnProcessor2_0:
+        return True, None
+    if type(processor) is AttnProcessor:
+        return True, attn.scale
+    return False, None
+
+
+def plain_call_fuses(hidden_states, encoder_hidden_states, attention_mask) -> bool:
+    """Whether a plain attention call can run fused: temporal self-attention without a mask."""
+    return encoder_hidden_states is None and attention_mask is None and hidden_states.dim() == 3
+
+
+def fused_plain_attention(attn, hidden_states: torch.Tensor, temb, scale: Optional[float]) -> torch.Tensor:
+    """The layer's output with plain attention through the fused op (alpha = 0, beta = 1, no guide).
+
+    Plain attention needs no video geometry: every row is its own 1 x 1 "video", no CFG split."""
+    query, key, value = project_qkv(attn, normed_input(attn, hidden_states, temb), stacked=True)
+    attended = temporal_attention(query, key, value, heads=attn.heads, height=1, width=1, scale=scale, cfg=False)
+    return finish_output(attn, attended, hidden_states)
 
 
 def reduce_heads(attention_map: torch.Tensor, heads: int) -> torch.Tensor:
@@ -247,14 +293,19 @@ class BoundProcessor:
 class ByTheWayAttnProcessor(BoundProcessor):
     """diffusers attention processor running ByTheWay on temporal self-attention layers.
 
-    Install it with `bytheway_kernels.apply_bytheway`, which binds the layers it selects; on any
-    other module it behaves exactly like `AttnProcessor2_0`.
+    Install it with `bytheway_kernels.apply_bytheway`, which binds the layers it selects
+    (`LayerBinding`) and the other temporal layers it fuses in the active steps
+    (`PlainLayerBinding`); on any other module it behaves exactly like `AttnProcessor2_0`.
     """
 
     binding_attr = BINDING_ATTR
 
-    def bound_call(self, binding: LayerBinding, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
+    def bound_call(self, binding, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
         state = binding.state
+        if isinstance(binding, PlainLayerBinding):
+            if state.modify and state.fused and plain_call_fuses(hidden_states, encoder_hidden_states, attention_mask):
+                return fused_plain_attention(attn, hidden_states, temb, binding.scale)
+            return delegate(binding.original, attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         if (not state.modify and not state.measure) or encoder_hidden_states is not None:
             return delegate(binding.original, attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         output = self._bytheway(attn, binding, hidden_states, attention_mask, temb)

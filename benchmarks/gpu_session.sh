@@ -87,7 +87,10 @@ step host_cost 30 python3 benchmarks/host_cost.py  # host per call: Triton's pat
 # tested in a short call after it (tests/test_temporal_attention_gpu.py only); the band step's A3
 # as one shared rule (triton_rules.enhanced_rows, both ops); the map op's tiered sum over the
 # stats slots (past 2048 per video; test_tiered_slot_sum_at_one_tile_per_program forces it) and
-# its stats pass's full-band energies from |A2|^2 (6-11% fewer instructions, sm_90).
+# its stats pass's full-band energies from |A2|^2 (6-11% fewer instructions, sm_90); and
+# apply_bytheway's plain layers (its active steps run every other temporal layer through the
+# fused kernel: the denoiser's "bytheway fused" row times that, "bytheway fused, other temporal
+# layers stock" the former default; test_integration_fused.py -k cuda runs them).
 step gpu_tests 240 bash -c 'python3 -m pytest -q -p no:cacheprovider -rfEs -n 8 \
   tests/test_attention_probs_gpu.py tests/test_temporal_attention_gpu.py; python3 -m pytest -q -p no:cacheprovider -rfEs \
   tests/test_integration_fused.py -k cuda'

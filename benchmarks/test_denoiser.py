@@ -1,9 +1,10 @@
 """One denoiser (UNet) call of an AnimateDiff model: stock, ByTheWay with the materialised path,
 ByTheWay with the fused temporal-attention op, and the fast stock processor (fused op, ByTheWay off).
 "bytheway fused" is `apply_bytheway`'s default: in an active step every temporal layer runs fused,
-ByTheWay's with ByTheWay, the others plain (until 2026-11-27 the others ran stock, which is what
-the H200 results up to session 5 time); "bytheway fused + fast stock" differs from it only in
-inactive steps.
+ByTheWay's with ByTheWay, the others plain. "bytheway fused, other temporal layers stock" is the
+default until 2026-11-27 (the H200 results up to session 5 time it as "bytheway fused"), the
+controller made without its plain layers. "bytheway fused + fast stock" differs from the default
+only in inactive steps.
 
 The call is an active step (the first timestep of a 25-step schedule) with a CFG batch of 2, made
 the way the pipeline makes it, so the ByTheWay rows include the controller's hooks, the anchor-map
@@ -32,6 +33,7 @@ import harness
 pytest.importorskip("diffusers", reason="the denoiser benchmarks need diffusers (pip install -e .[diffusers])")
 
 from bytheway_kernels import integration  # noqa: E402
+from bytheway_kernels.integration import controller as controller_module  # noqa: E402
 from bytheway_kernels.integration.tiny import TINY_FRAMES, TINY_TOKENS, tiny_animatediff_pipeline  # noqa: E402
 from bytheway_kernels.ops.dispatch import BACKEND_ENV  # noqa: E402
 
@@ -44,6 +46,7 @@ MODES = {
     "off": "bytheway off",
     "bytheway-materialised": "bytheway materialised",
     "bytheway-fused": "bytheway fused",
+    "bytheway-fused-processed-only": "bytheway fused, other temporal layers stock",
     "fast-stock": "fast stock",
     "bytheway-fused-fast": "bytheway fused + fast stock",
 }
@@ -167,7 +170,7 @@ def enable(mode: str, unet, scheduler):
         if enable_fast is None:
             pytest.skip("bytheway_kernels.enable_fast_temporal_attention is not in this revision")
         return enable_fast(unet)
-    fused = mode == "bytheway-fused"
+    fused = mode in ("bytheway-fused", "bytheway-fused-processed-only")
     if fused and not HAS_FUSED_CHOICE:
         pytest.skip("apply_bytheway(..., fused_attention=...) is not in this revision")
     if fused and not harness.fused_kernel_available():
@@ -179,8 +182,10 @@ def enable(mode: str, unet, scheduler):
 def test_denoiser_step(bench, monkeypatch, dtype, denoiser_case, mode):
     case = denoiser_case
     backend = btw.select_backend(harness.DEVICE) if mode.startswith("bytheway") else ""  # builds C++ on CPU
-    if mode in ("bytheway-fused", "fast-stock", "bytheway-fused-fast"):
+    if mode in ("bytheway-fused", "bytheway-fused-processed-only", "fast-stock", "bytheway-fused-fast"):
         backend = "fused"
+    if mode == "bytheway-fused-processed-only":  # no plain layers (a revision without them has none)
+        monkeypatch.setattr(controller_module, "_plain_layers", lambda *args: [], raising=False)
     try:
         handle = enable(mode, case.unet, case.scheduler)
     except (RuntimeError, ValueError) as error:  # e.g. no fused kernel on this device

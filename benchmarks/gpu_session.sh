@@ -90,7 +90,12 @@ step host_cost 30 python3 benchmarks/host_cost.py  # host per call: Triton's pat
 # its stats pass's full-band energies from |A2|^2 (6-11% fewer instructions, sm_90); and
 # apply_bytheway's plain layers (its active steps run every other temporal layer through the
 # fused kernel: the denoiser's "bytheway fused" row times that, "bytheway fused, other temporal
-# layers stock" the former default; test_integration_fused.py -k cuda runs them).
+# layers stock" the former default; test_integration_fused.py -k cuda runs them); and the fused
+# kernels' circulant stash (F = 24, 32: float16 base and band part, no band product in the
+# attention pass, which runs with at most 104 registers there; fused_kernel_times' F = 24 / 32
+# "fused adaptive" rows against session 5's "energy lean+stash" 228.4 / 246.9 us (fixed beta
+# 169.5 / 181.8 us; issue 9 asks for 1.3x);
+# test_temporal_attention_gpu.py's STASH_CASES check its accuracy).
 step gpu_tests 240 bash -c 'python3 -m pytest -q -p no:cacheprovider -rfEs -n 8 \
   tests/test_attention_probs_gpu.py tests/test_temporal_attention_gpu.py; python3 -m pytest -q -p no:cacheprovider -rfEs \
   tests/test_integration_fused.py -k cuda'

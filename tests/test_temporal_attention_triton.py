@@ -351,18 +351,22 @@ def test_stashed_guided_maps_match_float64_formula(case, with_stats, form, monke
     """The attention pass reading the energy pass's stash of guided maps, with the same bound as
     the recomputing path; each energy program stashes several tiles
     (`check_with_two_energy_programs`)."""
-    # seed 7: a float16 stash of the one-frequency case's maps failed the bound (1.01x) there
+    # seed 7: a float16 stash of the one-frequency case's deviations D failed the bound there
+    # (1.01x, beta times D's rounding); its base and band part stay within 0.4x
     check_with_two_energy_programs(case, with_stats, energy_tiles(case, form, stash_guided=True),
                                    monkeypatch, seed=7)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_attention_pass_reads_the_stash(dtype):
-    """Zeroing the stash between the passes makes every energy-part row attend uniformly (A3 =
-    1/F exactly: out is the mean of v over the frames), while the other part's rows are those of
-    the recomputing path bit for bit. 2 x 2 positions x 2 heads = 8 sequences per video: every
-    program of 4 sequences lies in one part."""
-    case = AttentionCase(head_dim=40, dtype=dtype, adaptive_beta=True, guide_size=(1, 2))
+@pytest.mark.parametrize("frames,tau", [(16, 7), (24, 7)], ids=["full-band", "circulant"])
+def test_attention_pass_reads_the_stash(dtype, frames, tau):
+    """Overwriting the stash between the passes with uniform rows (full band: deviation 0;
+    circulant band: base 1/F, band part 0) makes every energy-part row attend uniformly (A3 =
+    1/F: out is the mean of v over the frames), while the other part's rows are those of the
+    recomputing path bit for bit. 2 x 2 positions x 2 heads = 8 sequences per video: every
+    program lies in one part."""
+    case = AttentionCase(frames=frames, tau=tau, head_dim=40, dtype=dtype, adaptive_beta=True,
+                         guide_size=(1, 2))
     q, k, v, guide = inputs = make_inputs(case)
     recomputed, _, _ = run_poisoned(case, inputs, with_map=False, with_stats=False)
     out = torch.full(q.shape, float("nan"), dtype=dtype)
@@ -370,13 +374,17 @@ def test_attention_pass_reads_the_stash(dtype):
                                        case.head_dim ** -0.5, case.params(), out,
                                        energy_config=energy_tiles(case, stash_guided=True))
     stash = launches[0].values["stash_ptr"]
+    maps_per_sequence = 1 if frames == 16 else 2  # (deviation) or (base, band part)
     assert stash.dtype == (torch.float32 if dtype == torch.float32 else torch.float16)
-    assert stash.numel() == case.height * case.width * case.heads * case.frames ** 2
+    assert stash.numel() == case.height * case.width * case.heads * frames ** 2 * maps_per_sequence
     for launch in launches:
         launch.run()
         if launch.kernel is kernels._energy_kernel:
-            assert stash.abs().sum() > 0  # the energy pass wrote the deviations
-            stash.zero_()
+            maps = stash.view(-1, maps_per_sequence, frames, frames)
+            assert maps.abs().sum() > 0  # the energy pass wrote the maps
+            maps.zero_()
+            if maps_per_sequence == 2:
+                maps[:, 0] = 1.0 / frames
     energy_rows = slice(case.height * case.width, None)  # the second half of the CFG batch
     assert torch.equal(out[:energy_rows.start], recomputed[:energy_rows.start])
     uniform = v[energy_rows].double().mean(dim=1, keepdim=True).expand_as(out[energy_rows])
@@ -386,11 +394,12 @@ def test_attention_pass_reads_the_stash(dtype):
 
 @pytest.mark.parametrize("frames,tau,dtype,stash_dtype", [
     (16, 7, torch.float16, torch.float16), (16, 7, torch.bfloat16, torch.float16),
-    (16, 7, torch.float32, torch.float32), (16, 3, torch.float16, torch.float32),
-    (24, 7, torch.bfloat16, torch.float32)])
+    (16, 7, torch.float32, torch.float32), (16, 3, torch.float16, torch.float16),
+    (24, 7, torch.bfloat16, torch.float16), (24, 7, torch.float32, torch.float32)])
 def test_stash_dtype(frames, tau, dtype, stash_dtype):
-    """float16 for 2-byte inputs with the full band; float32 otherwise (with a narrower band beta
-    multiplies the rounding of the stash's band component, not A3's size)."""
+    """float16 for 2-byte inputs (either band: a circulant band's stash keeps its band part
+    apart, so beta scales only that part's rounding, which A3 holds beta times); float32 for
+    float32 inputs."""
     case = AttentionCase(frames=frames, tau=tau, dtype=dtype, adaptive_beta=True)
     q, k, v, guide = make_inputs(case)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -415,6 +424,40 @@ def test_no_stash_with_the_anchor_map():
     out, plain_map, stats = run_poisoned(case, inputs,
                                          energy_config=energy_tiles(case, stash_guided=True))
     assert_matches(case, inputs, out, plain_map, stats)
+
+
+@pytest.mark.parametrize("frames,tau,stash,capped", [
+    (24, 7, True, True), (32, 5, True, True), (24, 7, False, False), (16, 7, True, False),
+    (64, 7, True, False)])
+def test_register_cap_only_where_the_attention_pass_reads_a_circulant_stash(frames, tau, stash,
+                                                                          capped):
+    """F_PAD = 32 with a circulant stash: `STASHED_CIRCULANT_MAX_REGISTERS` (Triton 3.6 spilled
+    there without it); every other attention pass leaves registers to ptxas."""
+    case = AttentionCase(frames=frames, tau=tau, dtype=torch.float16, head_dim=40,
+                         adaptive_beta=True)
+    q, k, v, guide = make_inputs(case)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    launches = kernels.kernel_launches(q, k, v, guide, case.heads, case.height, case.width,
+                                       case.head_dim ** -0.5, case.params(), out,
+                                       energy_config=energy_tiles(case, stash_guided=stash))
+    attention = [launch for launch in launches if launch.kernel is kernels._attention_kernel]
+    expected = kernels.STASHED_CIRCULANT_MAX_REGISTERS if capped else None
+    assert [launch.constants.get("maxnreg") for launch in attention] == [expected]
+
+
+def test_no_stash_without_a_band_step():
+    """Stats with fixed beta = 1 (no band step in the attention pass): nothing is stashed."""
+    case = AttentionCase(beta=1.0, dtype=torch.float16, head_dim=40)
+    q, k, v, guide = inputs = make_inputs(case)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    stats = torch.empty((case.params().stats_rows(case.batch), 6))
+    launches = kernels.kernel_launches(q, k, v, guide, case.heads, case.height, case.width,
+                                       case.head_dim ** -0.5, case.params(), out, stats=stats,
+                                       energy_config=energy_tiles(case, stash_guided=True))
+    assert len(launches) == 3 and not any(launch.constants.get("STASH") for launch in launches)
+    out, _, stats = run_poisoned(case, inputs, with_map=False,
+                                 energy_config=energy_tiles(case, stash_guided=True))
+    assert_matches(case, inputs, out, stats=stats)
 
 
 @pytest.mark.parametrize("stash", [True, False])

@@ -73,6 +73,12 @@ ATTENTION_PASS = tl.constexpr(-1)
 # time with it at F = 16 and 1.32-1.47x without (docs/DESIGN.md section 8). The launch plans read
 # it when they are built: clear `_launch_plan`'s cache after changing it.
 STASH_GUIDED = True
+# The attention pass's register cap at F_PAD = 32 when it reads a circulant stash
+# (`_stashed_probs`; its default tiles there are one sequence on 2 warps): left to itself, ptxas
+# of Triton 3.6 kept some of those variants at 96 registers with 8 bytes in local memory (sm_90,
+# F = 24, bilinear guide); with this cap it uses 104 and none (Triton 3.9: 80-86 registers
+# either way). At F_PAD = 64 (4 warps) the same cap would spill: no cap there.
+STASHED_CIRCULANT_MAX_REGISTERS = 104
 # Energy programs per video at most: each program sums `steps` consecutive tiles, so the one-program
 # beta kernel reads at most this many slots however large the layer (~8 programs per H200 SM).
 ENERGY_PROGRAMS = 1024
@@ -393,15 +399,17 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, stash_
         beta = tl.load(beta_ptr + betas_at + group, mask=seq_valid[:, None, None], other=1.0)
     else:
         beta = beta0
+    # row_valid computed once for both branches below, A3 converted once after them: fewer
+    # values meet at their join, where Triton 3.6 spilled (sm_90, with the circulant stash)
+    row_valid = seq_valid[:, None, None] & (frames < F)
     stashed = False
     if STASH:
         stashed = (first >= stash_first) & (first + G <= stash_first + stash_sequences)
     if stashed:
-        probs, row_valid = _stashed_probs(stash_ptr, band_ptr, seq - stash_first, seq_valid,
-                                          frames, beta, F, F_PAD, G, BLOCK_I, BAND, SPLIT_BAND)
-        probs = to_element_type(probs, v_ptr)
+        probs = _stashed_probs(stash_ptr, seq - stash_first, row_valid, frames, beta, F, F_PAD,
+                               BAND)
     else:
-        attn, guided, high, row_sum, row_valid = _attention_tile(
+        attn, guided, high, row_sum, _ = _attention_tile(
             q_ptr, k_ptr, guide_ptr, band_ptr, n32, head, b, y, x, seq_valid, frames, heads, q_sn,
             q_sf, k_sn, k_sf, h, w, scale_y, scale_x, scale_log2, alpha, F, F_PAD, D, BLOCK_D, G,
             BLOCK_I, GUIDE_MODE, BAND, SPLIT_BAND, ATTENTION_PASS)
@@ -416,7 +424,7 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, stash_
             probs = guided * (1.0 / row_sum)
         else:  # padded columns meet zero rows of v
             probs = enhanced_rows(guided, high, beta, row_sum, F, BAND == 1)
-        probs = to_element_type(probs, v_ptr)
+    probs = to_element_type(probs, v_ptr)
     n = n32.to(tl.int64)
     keys = tl.arange(0, F_PAD)[None, :, None]
     dims = tl.arange(0, BLOCK_D)[None, None, :]
@@ -431,34 +439,31 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, stash_
 
 
 @triton.jit
-def _stashed_probs(stash_ptr, band_ptr, local, seq_valid, frames, beta, F: tl.constexpr,
-                   F_PAD: tl.constexpr, G: tl.constexpr, BLOCK_I: tl.constexpr,
-                   BAND: tl.constexpr, SPLIT_BAND: tl.constexpr):
-    """(A3, row_valid) of query frames `frames` of G sequences (`local`: their indices in the
-    stash) from the energy pass's stash, which holds D = A2 / rowsum(A2) - 1/F per row (the
-    deviation from uniform, `_energy_kernel`'s STASH): A3 = (D + 1/F) + (beta - 1) (D @ P), as
-    the uniform row's band term is 0; for the full band D @ P = D - mean(D). No division: the
+def _stashed_probs(stash_ptr, local, row_valid, frames, beta, F: tl.constexpr,
+                   F_PAD: tl.constexpr, BAND: tl.constexpr):
+    """A3 of query frames `frames` of G sequences (`local`: their indices in the stash; row_valid
+    as `_attention_tile`'s) from the energy pass's stash (`_energy_kernel`'s STASH). For the
+    full band it holds D = A2 / rowsum(A2) - 1/F per row (the deviation from uniform):
+    A3 = (D + 1/F) + (beta - 1) (D - mean(D)), as the uniform row's band term is 0. For a
+    circulant band it holds base and band_part per row: A3 = base + beta * band_part, no band
+    product. No division: the
     stashed rows are already divided by their sums (they sum to 1 up to the stash's rounding).
-    [G, BLOCK_I, F_PAD] fp32, zero in padded columns; row_valid as `_attention_tile`'s."""
+    Only calls with a band step stash (BAND 1 or 2; `_launch_plan`).
+    [G, BLOCK_I, F_PAD] fp32, zero in padded columns."""
     cols = tl.arange(0, F_PAD)[None, None, :]
     col_valid = cols < F
-    row_valid = seq_valid[:, None, None] & (frames < F)
-    maps = stash_ptr + local.to(tl.int64)[:, None, None] * (F * F)
-    deviation = tl.load(maps + frames * F + cols, mask=row_valid & col_valid,
-                        other=0.0).to(tl.float32)
-    guided = tl.where(col_valid, deviation + 1.0 / F, 0.0)
-    if BAND == 0:
-        probs = guided
+    entry_mask = row_valid & col_valid
+    if BAND == 2:
+        maps = stash_ptr + local.to(tl.int64)[:, None, None] * (2 * F * F) + frames * F + cols
+        base = tl.load(maps, mask=entry_mask, other=0.0).to(tl.float32)
+        band_part = tl.load(maps + F * F, mask=entry_mask, other=0.0).to(tl.float32)
+        probs = base + beta * band_part
     else:
-        if BAND == 1:  # the full band: remove the row mean
-            high = tl.where(col_valid, deviation - (tl.sum(deviation, axis=2) / F)[:, :, None], 0.0)
-        else:  # padded columns of the deviation are 0, as the product needs
-            band, band_low = load_band(band_ptr, F_PAD, SPLIT_BAND)
-            high = band_product(tl.reshape(deviation, (G * BLOCK_I, F_PAD)), band, band_low,
-                                SPLIT_BAND)
-            high = tl.reshape(high, (G, BLOCK_I, F_PAD))
-        probs = guided + (beta - 1.0) * high
-    return probs, row_valid
+        maps = stash_ptr + local.to(tl.int64)[:, None, None] * (F * F) + frames * F + cols
+        deviation = tl.load(maps, mask=entry_mask, other=0.0).to(tl.float32)
+        high = tl.where(col_valid, deviation - (tl.sum(deviation, axis=2) / F)[:, :, None], 0.0)
+        probs = tl.where(col_valid, deviation + 1.0 / F, 0.0) + (beta - 1.0) * high
+    return probs
 
 
 @triton.jit
@@ -488,12 +493,14 @@ def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, stash_ptr,
     fixed order, so the result is bit-identical run to run; the forms agree within fp32
     rounding, not bit for bit. All are untimed on a GPU except "rows" (the default).
 
-    STASH (`TileConfig.stash_guided`): each tile's A2 / rowsum(A2) - 1/F (the guided map's
-    deviation from uniform, whose rounding error shrinks with it where beta amplifies it) also
-    goes to `stash`, one (F, F) map per sequence of the energy part in sequence order, for the
-    attention pass to read (`_stashed_probs`) instead of recomputing it from q and k. The stash
-    is float16 (saturating) for 2-byte inputs with the full band, where A3 grows with beta as
-    its rounding does; float32 otherwise (`_launch_plan`)."""
+    STASH (`TileConfig.stash_guided`): each tile's guided map also goes to `stash`, per sequence
+    of the energy part in sequence order, for the attention pass to read (`_stashed_probs`)
+    instead of recomputing it from q and k. With the full band one (F, F) map per sequence,
+    A2 / s - 1/F (s = rowsum(A2); the deviation from uniform, whose rounding error shrinks with
+    it where beta amplifies it); with a circulant band two, base = (A2 - A2 P) / s and
+    band_part = A2 P / s, so that A3 = base + beta * band_part (beta scales only the rounding of
+    the band part, which A3 holds beta times). float16 (saturating) for 2-byte inputs, float32
+    for float32 inputs (`_launch_plan`)."""
     DIVIDE: tl.constexpr = BY_MAGIC_NUMBERS if GUIDE_MODE == 1 else BY_RUNTIME_DIVISIONS
     video = tl.program_id(1)
     first_tile = tl.program_id(0) * steps
@@ -522,11 +529,19 @@ def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, stash_ptr,
             BLOCK_I, GUIDE_MODE, BAND, SPLIT_BAND, FORM)
         if STASH:  # one reciprocal per row, not a division per entry
             cols = tl.arange(0, F_PAD)[None, None, :]
+            stash_mask = row_valid & (cols < F)
             stashed_seq = (video * sequences_per_entry + local).to(tl.int64)[:, None, None]
-            maps = stash_ptr + stashed_seq * (F * F)
-            deviation = guided * (1.0 / tl.where(row_valid, row_sum, 1.0)) - 1.0 / F
-            tl.store(maps + frames * F + cols, to_element_type(deviation, stash_ptr),
-                     mask=row_valid & (cols < F))
+            inverse_sum = 1.0 / tl.where(row_valid, row_sum, 1.0)
+            if BAND == 2:  # A3 = base + beta * band_part: the attention pass needs no band product
+                maps = stash_ptr + stashed_seq * (2 * F * F) + frames * F + cols
+                tl.store(maps, to_element_type((guided - high) * inverse_sum, stash_ptr),
+                         mask=stash_mask)
+                tl.store(maps + F * F, to_element_type(high * inverse_sum, stash_ptr),
+                         mask=stash_mask)
+            else:
+                maps = stash_ptr + stashed_seq * (F * F) + frames * F + cols
+                tl.store(maps, to_element_type(guided * inverse_sum - 1.0 / F, stash_ptr),
+                         mask=stash_mask)
         if PER_ENTRY:  # rows of padding are zero in attn and guided
             guided_sum += guided * guided
             high_sum += guided * high
@@ -685,8 +700,9 @@ def _launch_plan(frames: int, head_dim: int, heads: int, height: int, width: int
     stash, stash_first, stash_sequences = False, 0, 0
     if with_sums:
         energy_tile = energy_config or default_energy_config(frames, head_dim, element_size)
-        # the anchor's plain map needs A, which the stash does not hold
-        stash = energy_tile.stash_guided and not with_map
+        # the anchor's plain map needs A, which the stash does not hold; fixed beta = 1 (stats
+        # only) has no band step, for which the stash keeps no form
+        stash = energy_tile.stash_guided and not with_map and not identity_band
         fields = SUM_FIELDS_WITH_STATS if with_stats else SUM_FIELDS
         sequences_per_entry = height * width * heads
         tiles = triton.cdiv(sequences_per_entry, energy_tile.sequences) * frame_blocks
@@ -716,12 +732,14 @@ def _launch_plan(frames: int, head_dim: int, heads: int, height: int, width: int
             num_warps=BETA_NUM_WARPS)
     attention_constants.update(betas_at=betas_at, STASH=stash, stash_first=stash_first,
                                stash_sequences=stash_sequences)
+    if stash and padded == 32 and not full_band and tile.max_registers is None:
+        attention_constants["maxnreg"] = STASHED_CIRCULANT_MAX_REGISTERS
     return _LaunchPlan(
         band, torch.empty((1,), dtype=torch.float32, device=device),
         (triton.cdiv(sequences, tile.sequences) * frame_blocks,), attention_constants,
         energy_grid, energy_constants, workspace_size, beta_constants,
-        stash_sequences * frames * frames,
-        torch.float16 if element_size <= 2 and full_band else torch.float32)
+        stash_sequences * frames * frames * (1 if full_band else 2),
+        torch.float16 if element_size <= 2 else torch.float32)
 
 
 def kernel_launches(q, k, v, guide, heads: int, height: int, width: int, scale: float,

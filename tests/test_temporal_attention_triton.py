@@ -360,7 +360,7 @@ def test_stashed_guided_maps_match_float64_formula(case, with_stats, form, monke
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("frames,tau", [(16, 7), (24, 7)], ids=["full-band", "circulant"])
 def test_attention_pass_reads_the_stash(dtype, frames, tau):
-    """Overwriting the stash between the passes with uniform rows (full band: deviation 0;
+    """Overwriting the stash between the passes with uniform rows (full band: band part 0;
     circulant band: base 1/F, band part 0) makes every energy-part row attend uniformly (A3 =
     1/F: out is the mean of v over the frames), while the other part's rows are those of the
     recomputing path bit for bit. 2 x 2 positions x 2 heads = 8 sequences per video: every
@@ -374,7 +374,7 @@ def test_attention_pass_reads_the_stash(dtype, frames, tau):
                                        case.head_dim ** -0.5, case.params(), out,
                                        energy_config=energy_tiles(case, stash_guided=True))
     stash = launches[0].values["stash_ptr"]
-    maps_per_sequence = 1 if frames == 16 else 2  # (deviation) or (base, band part)
+    maps_per_sequence = 1 if frames == 16 else 2  # (band part) or (base, band part)
     assert stash.dtype == (torch.float32 if dtype == torch.float32 else torch.float16)
     assert stash.numel() == case.height * case.width * case.heads * frames ** 2 * maps_per_sequence
     for launch in launches:

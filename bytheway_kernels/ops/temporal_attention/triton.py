@@ -442,12 +442,10 @@ def _attention_kernel(q_ptr, k_ptr, v_ptr, guide_ptr, band_ptr, beta_ptr, stash_
 def _stashed_probs(stash_ptr, local, row_valid, frames, beta, F: tl.constexpr,
                    F_PAD: tl.constexpr, BAND: tl.constexpr):
     """A3 of query frames `frames` of G sequences (`local`: their indices in the stash; row_valid
-    as `_attention_tile`'s) from the energy pass's stash (`_energy_kernel`'s STASH). For the
-    full band it holds D = A2 / rowsum(A2) - 1/F per row (the deviation from uniform):
-    A3 = (D + 1/F) + (beta - 1) (D - mean(D)), as the uniform row's band term is 0. For a
-    circulant band it holds base and band_part per row: A3 = base + beta * band_part, no band
-    product. No division: the
-    stashed rows are already divided by their sums (they sum to 1 up to the stash's rounding).
+    as `_attention_tile`'s) from the energy pass's stash (`_energy_kernel`'s STASH):
+    A3 = base + beta * band_part, no band product and no row reduction. A circulant band's stash
+    holds base and band_part per row; the full band's holds band_part alone (its base is 1/F).
+    No division: the stashed rows are already divided by their sums.
     Only calls with a band step stash (BAND 1 or 2; `_launch_plan`).
     [G, BLOCK_I, F_PAD] fp32, zero in padded columns."""
     cols = tl.arange(0, F_PAD)[None, None, :]
@@ -458,11 +456,10 @@ def _stashed_probs(stash_ptr, local, row_valid, frames, beta, F: tl.constexpr,
         base = tl.load(maps, mask=entry_mask, other=0.0).to(tl.float32)
         band_part = tl.load(maps + F * F, mask=entry_mask, other=0.0).to(tl.float32)
         probs = base + beta * band_part
-    else:
+    else:  # the full band: base = 1/F
         maps = stash_ptr + local.to(tl.int64)[:, None, None] * (F * F) + frames * F + cols
-        deviation = tl.load(maps, mask=entry_mask, other=0.0).to(tl.float32)
-        high = tl.where(col_valid, deviation - (tl.sum(deviation, axis=2) / F)[:, :, None], 0.0)
-        probs = tl.where(col_valid, deviation + 1.0 / F, 0.0) + (beta - 1.0) * high
+        band_part = tl.load(maps, mask=entry_mask, other=0.0).to(tl.float32)
+        probs = tl.where(col_valid, 1.0 / F + beta * band_part, 0.0)
     return probs
 
 
@@ -495,11 +492,12 @@ def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, stash_ptr,
 
     STASH (`TileConfig.stash_guided`): each tile's guided map also goes to `stash`, per sequence
     of the energy part in sequence order, for the attention pass to read (`_stashed_probs`)
-    instead of recomputing it from q and k. With the full band one (F, F) map per sequence,
-    A2 / s - 1/F (s = rowsum(A2); the deviation from uniform, whose rounding error shrinks with
-    it where beta amplifies it); with a circulant band two, base = (A2 - A2 P) / s and
-    band_part = A2 P / s, so that A3 = base + beta * band_part (beta scales only the rounding of
-    the band part, which A3 holds beta times). float16 (saturating) for 2-byte inputs, float32
+    instead of recomputing it from q and k: A3 = base + beta * band_part with base =
+    (A2 - A2 P) / s and band_part = A2 P / s (s = rowsum(A2)), so beta scales only the rounding
+    of the band part, which A3 holds beta times. With a circulant band both are stored, two
+    (F, F) maps per sequence; with the full band base is 1/F (A2 P = A2 - rowsum(A2) / F) and
+    band_part alone is stored, which is also the guided map's deviation from uniform (small,
+    with its rounding, on near-uniform rows). float16 (saturating) for 2-byte inputs, float32
     for float32 inputs (`_launch_plan`)."""
     DIVIDE: tl.constexpr = BY_MAGIC_NUMBERS if GUIDE_MODE == 1 else BY_RUNTIME_DIVISIONS
     video = tl.program_id(1)
@@ -538,10 +536,9 @@ def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, stash_ptr,
                          mask=stash_mask)
                 tl.store(maps + F * F, to_element_type(high * inverse_sum, stash_ptr),
                          mask=stash_mask)
-            else:
+            else:  # the full band: base = 1/F exactly, the band part alone is stored
                 maps = stash_ptr + stashed_seq * (F * F) + frames * F + cols
-                tl.store(maps, to_element_type(guided * inverse_sum - 1.0 / F, stash_ptr),
-                         mask=stash_mask)
+                tl.store(maps, to_element_type(high * inverse_sum, stash_ptr), mask=stash_mask)
         if PER_ENTRY:  # rows of padding are zero in attn and guided
             guided_sum += guided * guided
             high_sum += guided * high

@@ -101,13 +101,12 @@ def _select_layers(denoiser, family: ModelFamily, anchor) -> Tuple[str, List[Tem
 
 def _plain_layers(denoiser, family: ModelFamily, selected: List[TemporalLayer]) -> List[TemporalLayer]:
     """The temporal self-attention layers ByTheWay fuses but does not process: every one outside
-    `selected` that runs a standard diffusers processor (others, the fast attention's included,
-    keep theirs)."""
+    `selected` that runs a standard diffusers processor (others, the fast attention's and
+    ByTheWay's own included, keep theirs)."""
     processed = {id(layer.attn) for layer in selected}
     return [
         layer for layer in all_temporal_layers(denoiser, family)
-        if id(layer.attn) not in processed and getattr(layer.attn, BINDING_ATTR, None) is None
-        and standard_scale(layer.attn.processor, layer.attn)[0]
+        if id(layer.attn) not in processed and standard_scale(layer.attn.processor, layer.attn)[0]
     ]
 
 

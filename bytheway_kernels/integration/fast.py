@@ -38,8 +38,7 @@ import torch
 from ..ops.temporal_attention import fused_available
 from .controller import split_target
 from .layers import TemporalLayer, all_temporal_layers, family_of
-from .processor import (BINDING_ATTR, BoundProcessor, RefusesCopy, delegate, fused_plain_attention, plain_call_fuses,
-                        standard_scale)
+from .processor import BINDING_ATTR, BoundProcessor, RefusesCopy, plain_attention, standard_scale
 
 #: Attribute of a diffusers `Attention` module holding its FastBinding while the fast attention is on.
 FAST_ATTR = "_bytheway_fast_binding"
@@ -93,9 +92,8 @@ class FastTemporalAttnProcessor(BoundProcessor):
     binding_attr = FAST_ATTR
 
     def bound_call(self, binding: FastBinding, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
-        if binding.state.fused and plain_call_fuses(hidden_states, encoder_hidden_states, attention_mask):
-            return fused_plain_attention(attn, hidden_states, temb, binding.scale)
-        return delegate(binding.original, attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        return plain_attention(binding.state.fused, binding.original, binding.scale, attn, hidden_states,
+                               encoder_hidden_states, attention_mask, temb)
 
 
 class FastTemporalAttention(RefusesCopy):

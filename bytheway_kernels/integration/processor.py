@@ -26,7 +26,7 @@ A layer the controller selected (the anchor block and every decoder block after 
 
 Every other temporal self-attention layer running one of diffusers' standard processors gets a
 `PlainLayerBinding` when `fused_attention` is not False: in the active steps of a fused call it
-runs plain attention through the fused op (`fused_plain_attention`, equal to its standard
+runs plain attention through the fused op (`plain_attention`, equal to its standard
 processor within floating-point tolerance), so that every temporal layer of those steps is fused;
 in any other call it delegates to its original processor, bit-identical to stock.
 
@@ -130,15 +130,15 @@ def standard_scale(processor, attn) -> Tuple[bool, Optional[float]]:
     return False, None
 
 
-def plain_call_fuses(hidden_states, encoder_hidden_states, attention_mask) -> bool:
-    """Whether a plain attention call can run fused: temporal self-attention without a mask."""
-    return encoder_hidden_states is None and attention_mask is None and hidden_states.dim() == 3
-
-
-def fused_plain_attention(attn, hidden_states: torch.Tensor, temb, scale: Optional[float]) -> torch.Tensor:
-    """The layer's output with plain attention through the fused op (alpha = 0, beta = 1, no guide).
+def plain_attention(fuse: bool, original, scale: Optional[float], attn, hidden_states: torch.Tensor,
+                    encoder_hidden_states, attention_mask, temb) -> torch.Tensor:
+    """A plain (ByTheWay-free) attention layer's output: through the fused op (alpha = 0, beta = 1,
+    no guide) when `fuse` and the call is temporal self-attention without a mask, else through
+    `original`, the layer's standard processor.
 
     Plain attention needs no video geometry: every row is its own 1 x 1 "video", no CFG split."""
+    if not fuse or encoder_hidden_states is not None or attention_mask is not None or hidden_states.dim() != 3:
+        return delegate(original, attn, hidden_states, encoder_hidden_states, attention_mask, temb)
     query, key, value = project_qkv(attn, normed_input(attn, hidden_states, temb), stacked=True)
     attended = temporal_attention(query, key, value, heads=attn.heads, height=1, width=1, scale=scale, cfg=False)
     return finish_output(attn, attended, hidden_states)
@@ -303,9 +303,8 @@ class ByTheWayAttnProcessor(BoundProcessor):
     def bound_call(self, binding, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
         state = binding.state
         if isinstance(binding, PlainLayerBinding):
-            if state.modify and state.fused and plain_call_fuses(hidden_states, encoder_hidden_states, attention_mask):
-                return fused_plain_attention(attn, hidden_states, temb, binding.scale)
-            return delegate(binding.original, attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+            return plain_attention(state.modify and state.fused, binding.original, binding.scale, attn,
+                                   hidden_states, encoder_hidden_states, attention_mask, temb)
         if (not state.modify and not state.measure) or encoder_hidden_states is not None:
             return delegate(binding.original, attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         output = self._bytheway(attn, binding, hidden_states, attention_mask, temb)

@@ -451,16 +451,15 @@ def _stashed_probs(stash_ptr, local, row_valid, frames, beta, F: tl.constexpr,
     cols = tl.arange(0, F_PAD)[None, None, :]
     col_valid = cols < F
     entry_mask = row_valid & col_valid
+    STASH_MAPS: tl.constexpr = 2 if BAND == 2 else 1  # (base, band part) or the band part alone
+    maps = stash_ptr + local.to(tl.int64)[:, None, None] * (STASH_MAPS * F * F) + frames * F + cols
     if BAND == 2:
-        maps = stash_ptr + local.to(tl.int64)[:, None, None] * (2 * F * F) + frames * F + cols
         base = tl.load(maps, mask=entry_mask, other=0.0).to(tl.float32)
-        band_part = tl.load(maps + F * F, mask=entry_mask, other=0.0).to(tl.float32)
-        probs = base + beta * band_part
-    else:  # the full band: base = 1/F
-        maps = stash_ptr + local.to(tl.int64)[:, None, None] * (F * F) + frames * F + cols
-        band_part = tl.load(maps, mask=entry_mask, other=0.0).to(tl.float32)
-        probs = tl.where(col_valid, 1.0 / F + beta * band_part, 0.0)
-    return probs
+    else:  # the full band
+        base = tl.where(col_valid, 1.0 / F, 0.0)
+    band_part = tl.load(maps + (STASH_MAPS - 1) * F * F, mask=entry_mask,
+                        other=0.0).to(tl.float32)
+    return base + beta * band_part
 
 
 @triton.jit
@@ -500,6 +499,7 @@ def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, stash_ptr,
     with its rounding, on near-uniform rows). float16 (saturating) for 2-byte inputs, float32
     for float32 inputs (`_launch_plan`)."""
     DIVIDE: tl.constexpr = BY_MAGIC_NUMBERS if GUIDE_MODE == 1 else BY_RUNTIME_DIVISIONS
+    STASH_MAPS: tl.constexpr = 2 if BAND == 2 else 1  # (base, band part) or the band part alone
     video = tl.program_id(1)
     first_tile = tl.program_id(0) * steps
     # "tile" sums per entry; with stats, whose E3 terms are per-row sums anyway, as "lean"
@@ -530,15 +530,12 @@ def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, stash_ptr,
             stash_mask = row_valid & (cols < F)
             stashed_seq = (video * sequences_per_entry + local).to(tl.int64)[:, None, None]
             inverse_sum = 1.0 / tl.where(row_valid, row_sum, 1.0)
-            if BAND == 2:  # A3 = base + beta * band_part: the attention pass needs no band product
-                maps = stash_ptr + stashed_seq * (2 * F * F) + frames * F + cols
+            maps = stash_ptr + stashed_seq * (STASH_MAPS * F * F) + frames * F + cols
+            if BAND == 2:  # the full band's base is 1/F exactly: not stored
                 tl.store(maps, to_element_type((guided - high) * inverse_sum, stash_ptr),
                          mask=stash_mask)
-                tl.store(maps + F * F, to_element_type(high * inverse_sum, stash_ptr),
-                         mask=stash_mask)
-            else:  # the full band: base = 1/F exactly, the band part alone is stored
-                maps = stash_ptr + stashed_seq * (F * F) + frames * F + cols
-                tl.store(maps, to_element_type(high * inverse_sum, stash_ptr), mask=stash_mask)
+            tl.store(maps + (STASH_MAPS - 1) * F * F,
+                     to_element_type(high * inverse_sum, stash_ptr), mask=stash_mask)
         if PER_ENTRY:  # rows of padding are zero in attn and guided
             guided_sum += guided * guided
             high_sum += guided * high

@@ -7,7 +7,7 @@ of Triton 3.6.0 in `.triton36/` first on the path (installed by the README's tes
 fails here, not on a GPU. Triton 3.6's interpreter turns loop bounds given at run time into
 Python ints with `int()` of a one-element array, which numpy 2.4 refuses, so that folder holds
 numpy < 2.4 as well. The F = 64 cases and the opcheck/compile tests (torch.library, not Triton)
-are left to the main session: the rest takes about two minutes on two cores.
+are left to the main session. The two files run at once, in two processes.
 """
 
 from __future__ import annotations
@@ -43,9 +43,13 @@ def test_kernel_tests_pass_under_triton36():
     assert numpy_version < (2, 4), (
         f"numpy {versions[1]} comes first on the path: Triton 3.6's interpreter needs numpy < 2.4 "
         f"(pip install --target .triton36 'numpy<2.4')")
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *KERNEL_TEST_FILES,
-         "-k", SELECTION],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=1500)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout.splitlines()[-1] and "failed" not in run.stdout.splitlines()[-1]
+    # one pytest process per file, at once: the interpreter runs on one thread (two cores in CI)
+    runs = [subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", test_file, "-k", SELECTION],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for test_file in KERNEL_TEST_FILES]
+    for test_file, run in zip(KERNEL_TEST_FILES, runs):
+        stdout, stderr = run.communicate(timeout=1500)
+        summary = stdout.splitlines()[-1] if stdout.strip() else ""
+        assert run.returncode == 0, f"{test_file}:\n" + stdout[-4000:] + stderr[-2000:]
+        assert " passed" in summary and "failed" not in summary, (test_file, summary)

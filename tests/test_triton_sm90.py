@@ -11,7 +11,7 @@ Reusable by other ops' compile tests (import this module from a subprocess scrip
 `compile_for_sm90(kernel, signature, constexprs, attrs, options) -> (registers, spill_bytes)`,
 `launch_signature(kernel, args) -> (signature, constexprs, attrs, options)`, `compiled_variants(launches)`
 (the distinct compilations of `bytheway_kernels.ops.launch.KernelLaunch`es) and
-`run_script(path, triton_dir=None) -> the JSON its last stdout line holds`.
+`run_script(path, triton_dir=None) -> the merged report of a compile script run in one process per CPU`.
 """
 
 from __future__ import annotations
@@ -105,18 +105,46 @@ def compile_for_sm90(kernel, signature: dict, constexprs: dict, attrs: dict, opt
     return registers, stack + local
 
 
+#: "index/count": the share of the variants a compile script's process compiles (`report_usage`).
+SHARD_ENV = "BYTHEWAY_COMPILE_SHARD"
+#: Compile processes at most (each holds Triton and torch, several hundred MB).
+MAX_COMPILE_PROCESSES = 4
+
+
+def compile_processes() -> int:
+    """One compile process per CPU this process may use, at most MAX_COMPILE_PROCESSES: Triton's
+    passes and ptxas run on one thread, so on CI's two cores two processes halve the wall time."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cpus or 1, MAX_COMPILE_PROCESSES))
+
+
 def run_script(path, triton_dir: Optional[Path] = None, band_product: str = "fma"):
-    """Run a Python script with the interpreter off (and `triton_dir` first on the path), the
-    kernels' band product set to `band_product` (BYTHEWAY_BAND_PRODUCT); return the JSON value
-    its last stdout line holds."""
+    """Run a compile script (one that ends in `report_usage`) with the interpreter off,
+    `triton_dir` first on the path and the kernels' band product set to `band_product`
+    (BYTHEWAY_BAND_PRODUCT), in `compile_processes()` processes at once, each compiling its share
+    of the variants; return their merged report {triton, results}, the results in the variants'
+    order."""
     path_entries = ([str(triton_dir)] if triton_dir else []) + [str(REPO), str(REPO / "tests")]
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
                BYTHEWAY_BAND_PRODUCT=band_product,
                PYTHONPATH=os.pathsep.join(path_entries + [os.environ.get("PYTHONPATH", "")]))
-    run = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, env=env,
-                         timeout=900)
-    assert run.returncode == 0, run.stderr[-4000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    count = compile_processes()
+    processes = [subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True,
+                                  env=dict(env, **{SHARD_ENV: f"{index}/{count}"}))
+                 for index in range(count)]
+    reports = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=900)
+        assert process.returncode == 0, stderr[-4000:]
+        reports.append(json.loads(stdout.strip().splitlines()[-1]))
+    assert len({report["triton"] for report in reports}) == 1, [r["triton"] for r in reports]
+    total = reports[0]["variants"]
+    results = [None] * total
+    for index, report in enumerate(reports):
+        assert report["variants"] == total, "every process enumerates the same variants"
+        results[index::count] = report["results"]
+    return dict(triton=reports[0]["triton"], results=results)
 
 
 def _map_op_variants():
@@ -163,15 +191,18 @@ def _map_op_variants():
 
 
 def report_usage(variants) -> None:
-    """Compile every variant; print {triton, results} as JSON on the last line (for run_script)."""
+    """Compile this process's share of the variants (every `count`-th from `index`, as
+    BYTHEWAY_COMPILE_SHARD="index/count" says; all of them without it); print {triton, variants
+    (how many in all), results} as JSON on the last line (for run_script)."""
     import triton
 
+    index, count = map(int, os.environ.get(SHARD_ENV, "0/1").split("/"))
     results = []
-    for kernel, signature, constexprs, attrs, options in variants:
+    for kernel, signature, constexprs, attrs, options in variants[index::count]:
         registers, spill_bytes = compile_for_sm90(kernel, signature, constexprs, attrs, options)
         results.append(dict(kernel=kernel.__name__, constexprs=constexprs, options=options,
                             registers=registers, spill_bytes=spill_bytes))
-    print(json.dumps(dict(triton=triton.__version__, results=results)))
+    print(json.dumps(dict(triton=triton.__version__, variants=len(variants), results=results)))
 
 
 _NEEDS_TRITON36 = pytest.mark.skipif(

@@ -48,8 +48,12 @@ def test_kernel_tests_pass_under_triton36():
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", test_file, "-k", SELECTION],
         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for test_file in KERNEL_TEST_FILES]
-    for test_file, run in zip(KERNEL_TEST_FILES, runs):
-        stdout, stderr = run.communicate(timeout=1500)
+    try:
+        outputs = [run.communicate(timeout=1500) for run in runs]
+    finally:  # a timeout or an interrupt leaves no pytest process behind
+        for run in runs:
+            run.kill()
+    for test_file, run, (stdout, stderr) in zip(KERNEL_TEST_FILES, runs, outputs):
         summary = stdout.splitlines()[-1] if stdout.strip() else ""
         assert run.returncode == 0, f"{test_file}:\n" + stdout[-4000:] + stderr[-2000:]
         assert " passed" in summary and "failed" not in summary, (test_file, summary)

@@ -133,9 +133,13 @@ def run_script(path, triton_dir: Optional[Path] = None, band_product: str = "fma
                                   stderr=subprocess.PIPE, text=True,
                                   env=dict(env, **{SHARD_ENV: f"{index}/{count}"}))
                  for index in range(count)]
+    try:
+        outputs = [process.communicate(timeout=900) for process in processes]
+    finally:  # a timeout or an interrupt leaves no compile process behind
+        for process in processes:
+            process.kill()
     reports = []
-    for process in processes:
-        stdout, stderr = process.communicate(timeout=900)
+    for process, (stdout, stderr) in zip(processes, outputs):
         assert process.returncode == 0, stderr[-4000:]
         reports.append(json.loads(stdout.strip().splitlines()[-1]))
     assert len({report["triton"] for report in reports}) == 1, [r["triton"] for r in reports]

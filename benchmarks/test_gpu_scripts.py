@@ -2,7 +2,8 @@
 are not lost to a script error: benchmarks/fused_kernel_times.py and
 benchmarks/temporal_attention_gpu_check.py, on tiny layers, with their kernels under the Triton
 interpreter and their timers replaced by one call of what they time (no numbers are checked;
-the correctness checks inside temporal_attention_gpu_check.py run for real)."""
+the correctness checks inside temporal_attention_gpu_check.py run for real). The selected tests'
+runs start at the first of them, one per CPU at a time."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -30,20 +33,9 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def run_dry(module: str, setup: str) -> str:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    code = DRIVER.format(benchmarks=str(BENCHMARKS), module=module,
-                         setup=textwrap.dedent(setup).strip())
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                            timeout=600, cwd=BENCHMARKS.parent)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
-
-
-def run_fused_kernel_times(shapes: list, *arguments: str) -> str:
+def _fused_kernel_times(shapes: list, *arguments: str) -> tuple:
     """benchmarks/fused_kernel_times.py dry, at `shapes` (tiny layers), with `arguments`."""
-    pytest.importorskip("triton")
-    return run_dry("fused_kernel_times", f"""
+    return "fused_kernel_times", f"""
         script.DEVICE = "cpu"
         script.FLUSH_BYTES = 16
         script.GUIDE_SIZE = (2, 2)
@@ -55,11 +47,88 @@ def run_fused_kernel_times(shapes: list, *arguments: str) -> str:
             return {{"kernel": 1.0}}
         script.device_times = one_call
         sys.argv[1:] = {list(arguments)!r}
-    """)
+    """
 
 
-def test_fused_kernel_times_runs():
-    out = run_fused_kernel_times([("up_blocks.1", 2, 2, 16, 16), ("up_blocks.2 F24", 2, 2, 16, 24)])
+#: Test name -> (script module, driver setup) of the dry run it checks.
+DRY_RUNS = {
+    "test_fused_kernel_times_runs": _fused_kernel_times(
+        [("up_blocks.1", 2, 2, 16, 16), ("up_blocks.2 F24", 2, 2, 16, 24)]),
+    "test_fused_kernel_times_quick_runs": _fused_kernel_times([("up_blocks.2 F24", 2, 2, 16, 24)], "--quick"),
+    "test_temporal_attention_gpu_check_runs": ("temporal_attention_gpu_check", """
+        script.DEVICE = "cpu"
+        script.HEADS = 2
+        script.GUIDE_SIZE = (2, 2)
+        script.SHAPES = [("up_blocks.1", 2, 2, 16)] * 2  # the band product times at SHAPES[1]'s size
+        script.BAND_FRAMES = (24,)
+        def one_call(fn):
+            fn()
+            return 1.0
+        script.bench_us = one_call
+        script.host_costs = lambda fn, calls: {column: 1.0 for column in script.HOST_COLUMNS}
+    """),
+    "test_map_op_kernel_times_runs": ("map_op_kernel_times", """
+        import os
+        os.environ["BYTHEWAY_BACKEND"] = "triton"  # CPU tensors through the interpreted kernels
+        script.DEVICE = "cpu"
+        script.GUIDE_SIZE = 2
+        script.SHAPES = [(4, 16), (2, 24)]
+        def one_call(fn):
+            fn()
+            return {"_stats_kernel": 1.0, "_apply_kernel": 2.0}
+        script.kernel_times = one_call
+        script.host_us_per_call = lambda fn: 1.0
+        script.host_costs = lambda fn: {column: 1.0 for column in script.HOST_COLUMNS}
+    """),
+}
+
+
+def _start_dry_run(module: str, setup: str) -> subprocess.Popen:
+    code = DRIVER.format(benchmarks=str(BENCHMARKS), module=module,
+                         setup=textwrap.dedent(setup).strip())
+    return subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, TRITON_INTERPRET="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=BENCHMARKS.parent)
+
+
+@pytest.fixture(scope="module")
+def dry_runs(request):
+    """{test name: future (returncode, stdout, stderr) of its dry run}: the selected tests' runs,
+    in DRY_RUNS's order (longest first), one per CPU at a time. Each runs on one core (the
+    interpreter), so on CI's two cores they take about half the time of one after another."""
+    pytest.importorskip("triton")
+    selected = {item.name for item in request.session.items
+                if getattr(item, "module", None) is request.module}
+    started, stopping = [], threading.Event()
+
+    def complete(name: str):
+        if stopping.is_set():
+            return None
+        run = _start_dry_run(*DRY_RUNS[name])
+        started.append(run)
+        stdout, stderr = run.communicate(timeout=600)
+        return run.returncode, stdout, stderr
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    with ThreadPoolExecutor(max_workers=max(1, cpus or 1)) as pool:
+        futures = {name: pool.submit(complete, name) for name in DRY_RUNS if name in selected}
+        try:
+            yield futures
+        finally:  # a failed or interrupted test leaves no script running
+            stopping.set()
+            for run in started:
+                run.kill()
+
+
+@pytest.fixture
+def out(dry_runs, request) -> str:
+    """The standard output of this test's dry run, which must exit with 0."""
+    returncode, stdout, stderr = dry_runs[request.node.name].result(timeout=900)
+    assert returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return stdout
+
+
+def test_fused_kernel_times_runs(out):
     assert "fused adaptive" in out and "ENERGY_PROGRAMS 1" in out
     assert "adaptive, ENERGY_PROGRAMS 1 (8, 32, 8) no stash" in out  # the caps without the stash
     assert "fused adaptive, energy tile+stash" in out and "tile+stash/fixed" in out  # the forms
@@ -75,46 +144,18 @@ def test_fused_kernel_times_runs():
     assert out.splitlines()[-2].startswith("up_blocks.2 F24")  # the summary's last row
 
 
-def test_fused_kernel_times_quick_runs():
-    out = run_fused_kernel_times([("up_blocks.2 F24", 2, 2, 16, 24)], "--quick")
+def test_fused_kernel_times_quick_runs(out):
     assert "fused adaptive, energy rows+stash" in out and "fused fixed (fp32-dot band)" in out
     assert "sdpa" not in out and "tiles" not in out and "ENERGY_PROGRAMS" not in out
     assert out.splitlines()[-2].startswith("up_blocks.2 F24")
 
 
-def test_temporal_attention_gpu_check_runs():
-    pytest.importorskip("triton")
-    out = run_dry("temporal_attention_gpu_check", """
-        script.DEVICE = "cpu"
-        script.HEADS = 2
-        script.GUIDE_SIZE = (2, 2)
-        script.SHAPES = [("up_blocks.1", 2, 2, 16)] * 2  # the band product times at SHAPES[1]'s size
-        script.BAND_FRAMES = (24,)
-        def one_call(fn):
-            fn()
-            return 1.0
-        script.bench_us = one_call
-        script.host_costs = lambda fn, calls: {column: 1.0 for column in script.HOST_COLUMNS}
-    """)
+def test_temporal_attention_gpu_check_runs(out):
     assert "all checks passed" in out
     assert "up_blocks.1 stashed   rel. error vs composed" in out and "stash/fixed" in out
 
 
-def test_map_op_kernel_times_runs():
-    pytest.importorskip("triton")
-    out = run_dry("map_op_kernel_times", """
-        import os
-        os.environ["BYTHEWAY_BACKEND"] = "triton"  # CPU tensors through the interpreted kernels
-        script.DEVICE = "cpu"
-        script.GUIDE_SIZE = 2
-        script.SHAPES = [(4, 16), (2, 24)]
-        def one_call(fn):
-            fn()
-            return {"_stats_kernel": 1.0, "_apply_kernel": 2.0}
-        script.kernel_times = one_call
-        script.host_us_per_call = lambda fn: 1.0
-        script.host_costs = lambda fn: {column: 1.0 for column in script.HOST_COLUMNS}
-    """)
+def test_map_op_kernel_times_runs(out):
     assert "4x4 F16 adaptive" in out and "2x2 F24 fixed tc" in out
     # 4 x 4 x 8 heads x 16 frames = 2048 rows of the energy half: 32 tiles of 64 rows
     assert "4x4 F16  1 (32):   1.0 /   3.0   2 (16):" in out and "8 (4):" in out

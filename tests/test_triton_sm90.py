@@ -143,11 +143,12 @@ def run_script(path, triton_dir: Optional[Path] = None, band_product: str = "fma
         assert process.returncode == 0, stderr[-4000:]
         reports.append(json.loads(stdout.strip().splitlines()[-1]))
     assert len({report["triton"] for report in reports}) == 1, [r["triton"] for r in reports]
-    total = reports[0]["variants"]
-    results = [None] * total
+    enumerated = reports[0]["variants"]
+    results = [None] * len(enumerated)
     for index, report in enumerate(reports):
-        assert report["variants"] == total, "every process enumerates the same variants"
+        assert report["variants"] == enumerated, "every process enumerates the same variants"
         results[index::count] = report["results"]
+    assert [result["kernel"] for result in results] == enumerated, "the shares fit together"
     return dict(triton=reports[0]["triton"], results=results)
 
 
@@ -197,7 +198,7 @@ def _map_op_variants():
 def report_usage(variants) -> None:
     """Compile this process's share of the variants (every `count`-th from `index`, as
     BYTHEWAY_COMPILE_SHARD="index/count" says; all of them without it); print {triton, variants
-    (how many in all), results} as JSON on the last line (for run_script)."""
+    (every variant's kernel name, in order), results} as JSON on the last line (for run_script)."""
     import triton
 
     index, count = map(int, os.environ.get(SHARD_ENV, "0/1").split("/"))
@@ -206,7 +207,8 @@ def report_usage(variants) -> None:
         registers, spill_bytes = compile_for_sm90(kernel, signature, constexprs, attrs, options)
         results.append(dict(kernel=kernel.__name__, constexprs=constexprs, options=options,
                             registers=registers, spill_bytes=spill_bytes))
-    print(json.dumps(dict(triton=triton.__version__, variants=len(variants), results=results)))
+    names = [kernel.__name__ for kernel, *_ in variants]
+    print(json.dumps(dict(triton=triton.__version__, variants=names, results=results)))
 
 
 _NEEDS_TRITON36 = pytest.mark.skipif(

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from bytheway_kernels.testing import usable_cpus
+
 BENCHMARKS = Path(__file__).parent
 
 # Run as `python -c` with TRITON_INTERPRET=1 (set before Triton is imported): pretend CUDA exists,
@@ -109,8 +111,7 @@ def dry_runs(request):
         stdout, stderr = run.communicate(timeout=600)
         return run.returncode, stdout, stderr
 
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    with ThreadPoolExecutor(max_workers=max(1, cpus or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=usable_cpus()) as pool:
         futures = {name: pool.submit(complete, name) for name in DRY_RUNS if name in selected}
         try:
             yield futures

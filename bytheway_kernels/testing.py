@@ -1,5 +1,6 @@
 """What the tests and the benchmarks share to check a backend: tolerances, poisoned outputs, and
-a switch between the Triton kernels' two band products.
+a switch between the Triton kernels' two band products, and how many helper processes to start at
+once.
 
 Every fused backend is compared with the pure-torch reference evaluated in float64 on the same
 (already rounded) inputs, into outputs filled with NaN first so that an element a kernel fails
@@ -9,6 +10,7 @@ to write cannot pass.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator, Optional, Tuple
 
 import torch
@@ -57,6 +59,19 @@ def poisoned_like(tensor: torch.Tensor) -> torch.Tensor:
         torch.bfloat16
     """
     return poisoned(tensor.shape, tensor.dtype, tensor.device)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (at least 1): how many single-threaded helper processes
+    (kernel compiles, interpreter runs) the tests and benchmarks start at once.
+
+    Examples:
+        >>> usable_cpus() >= 1
+        True
+    """
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 @contextlib.contextmanager

@@ -114,8 +114,9 @@ MAX_COMPILE_PROCESSES = 4
 def compile_processes() -> int:
     """One compile process per CPU this process may use, at most MAX_COMPILE_PROCESSES: Triton's
     passes and ptxas run on one thread, so on CI's two cores two processes halve the wall time."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(cpus or 1, MAX_COMPILE_PROCESSES))
+    from bytheway_kernels.testing import usable_cpus
+
+    return min(usable_cpus(), MAX_COMPILE_PROCESSES)
 
 
 def run_script(path, triton_dir: Optional[Path] = None, band_product: str = "fma"):

@@ -451,15 +451,25 @@ def _stashed_probs(stash_ptr, local, row_valid, frames, beta, F: tl.constexpr,
     cols = tl.arange(0, F_PAD)[None, None, :]
     col_valid = cols < F
     entry_mask = row_valid & col_valid
-    STASH_MAPS: tl.constexpr = 2 if BAND == 2 else 1  # (base, band part) or the band part alone
-    maps = stash_ptr + local.to(tl.int64)[:, None, None] * (STASH_MAPS * F * F) + frames * F + cols
+    base_at, band_part_at = _stash_entries(stash_ptr, local.to(tl.int64)[:, None, None], frames,
+                                           cols, F, BAND)
     if BAND == 2:
-        base = tl.load(maps, mask=entry_mask, other=0.0).to(tl.float32)
+        base = tl.load(base_at, mask=entry_mask, other=0.0).to(tl.float32)
     else:  # the full band
         base = tl.where(col_valid, 1.0 / F, 0.0)
-    band_part = tl.load(maps + (STASH_MAPS - 1) * F * F, mask=entry_mask,
-                        other=0.0).to(tl.float32)
+    band_part = tl.load(band_part_at, mask=entry_mask, other=0.0).to(tl.float32)
     return base + beta * band_part
+
+
+@triton.jit
+def _stash_entries(stash_ptr, sequence, frames, cols, F: tl.constexpr, BAND: tl.constexpr):
+    """(base, band part): where the stash holds query frames `frames` of the stashed sequences
+    `sequence` ([G, 1, 1] int64, in stash order). A circulant band (BAND 2) stores both, two
+    (F, F) maps per sequence; the full band the band part alone (its base is 1/F), and the first
+    pointer is unused. `_launch_plan` sizes the stash to match."""
+    MAPS: tl.constexpr = 2 if BAND == 2 else 1
+    base_at = stash_ptr + sequence * (MAPS * F * F) + frames * F + cols
+    return base_at, base_at + (MAPS - 1) * F * F
 
 
 @triton.jit
@@ -499,7 +509,6 @@ def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, stash_ptr,
     with its rounding, on near-uniform rows). float16 (saturating) for 2-byte inputs, float32
     for float32 inputs (`_launch_plan`)."""
     DIVIDE: tl.constexpr = BY_MAGIC_NUMBERS if GUIDE_MODE == 1 else BY_RUNTIME_DIVISIONS
-    STASH_MAPS: tl.constexpr = 2 if BAND == 2 else 1  # (base, band part) or the band part alone
     video = tl.program_id(1)
     first_tile = tl.program_id(0) * steps
     # "tile" sums per entry; with stats, whose E3 terms are per-row sums anyway, as "lean"
@@ -530,12 +539,11 @@ def _energy_kernel(q_ptr, k_ptr, guide_ptr, band_ptr, partials_ptr, stash_ptr,
             stash_mask = row_valid & (cols < F)
             stashed_seq = (video * sequences_per_entry + local).to(tl.int64)[:, None, None]
             inverse_sum = 1.0 / tl.where(row_valid, row_sum, 1.0)
-            maps = stash_ptr + stashed_seq * (STASH_MAPS * F * F) + frames * F + cols
+            base_at, band_part_at = _stash_entries(stash_ptr, stashed_seq, frames, cols, F, BAND)
             if BAND == 2:  # the full band's base is 1/F exactly: not stored
-                tl.store(maps, to_element_type((guided - high) * inverse_sum, stash_ptr),
+                tl.store(base_at, to_element_type((guided - high) * inverse_sum, stash_ptr),
                          mask=stash_mask)
-            tl.store(maps + (STASH_MAPS - 1) * F * F,
-                     to_element_type(high * inverse_sum, stash_ptr), mask=stash_mask)
+            tl.store(band_part_at, to_element_type(high * inverse_sum, stash_ptr), mask=stash_mask)
         if PER_ENTRY:  # rows of padding are zero in attn and guided
             guided_sum += guided * guided
             high_sum += guided * high
@@ -732,7 +740,7 @@ def _launch_plan(frames: int, head_dim: int, heads: int, height: int, width: int
         band, torch.empty((1,), dtype=torch.float32, device=device),
         (triton.cdiv(sequences, tile.sequences) * frame_blocks,), attention_constants,
         energy_grid, energy_constants, workspace_size, beta_constants,
-        stash_sequences * frames * frames * (1 if full_band else 2),
+        stash_sequences * frames * frames * (1 if full_band else 2),  # maps: `_stash_entries`
         torch.float16 if element_size <= 2 else torch.float32)
 
 

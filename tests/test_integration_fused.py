@@ -414,6 +414,122 @@ def test_output_rescale_is_skipped_only_when_it_is_one():
                                    (projected + residual) / 2.0, rtol=0, atol=0)
 
 
+# -- Fused q, k, v projections (diffusers' fuse_qkv_projections) --------------------------------
+def test_fused_projection_processor_is_standard_where_the_module_has_to_qkv():
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
+    attn, processor = _temporal_attention_module(bias=True), FusedAttnProcessor2_0()
+    assert processor_module.standard_scale(processor, attn) == (False, None)  # no to_qkv: kept as it is
+    attn.fuse_projections()
+    assert processor_module.standard_scale(processor, attn) == (True, None)  # SDPA's scale, as AttnProcessor2_0
+    hidden = torch.randn(64, 16, 32)
+    with torch.no_grad():
+        fused = processor_module.project_qkv(attn, hidden, stacked=True, fused_projection=True)
+        separate = processor_module.project_qkv(attn, hidden)
+        projected = attn.to_qkv(hidden)
+    for index, (one, other) in enumerate(zip(fused, separate)):
+        assert torch.equal(one, projected[..., 32 * index: 32 * (index + 1)])  # to_qkv's slices ...
+        assert one.stride() == (16 * 96, 96, 1)  # ... of one (rows, 3C) output, no copy
+        assert one.data_ptr() == fused[0].data_ptr() + 32 * index * one.element_size()
+        torch.testing.assert_close(one, other, rtol=1e-5, atol=1e-5)
+
+
+def _fused_projection_case(name: str):
+    if name == "i2vgenxl":
+        return i2vgenxl_case()
+    pipe = tiny.tiny_animatediff_pipeline() if name == "animatediff" else tiny.tiny_text_to_video_pipeline()
+    sample, text = unet_inputs(pipe)
+    return pipe.unet, sample, dict(encoder_hidden_states=text)
+
+
+class ProjectionCalls:
+    """Counts the calls of the fused (to_qkv) and separate (to_q) projections of `layers`."""
+
+    def __init__(self, model, layers):
+        self.fused = self.separate = 0
+        modules = [model.get_submodule(name) for name in layers]
+        self._handles = [attn.to_qkv.register_forward_hook(lambda *args: self._count("fused")) for attn in modules]
+        self._handles += [attn.to_q.register_forward_hook(lambda *args: self._count("separate")) for attn in modules]
+
+    def _count(self, kind: str) -> None:
+        setattr(self, kind, getattr(self, kind) + 1)
+
+    def take(self) -> tuple:
+        counts, self.fused, self.separate = (self.fused, self.separate), 0, 0
+        return counts
+
+
+@pytest.mark.parametrize("name", ["animatediff", "text-to-video", "i2vgenxl"])
+def test_fused_qkv_projections_keep_every_fused_path(name, force_fused):
+    """After `fuse_qkv_projections()` every temporal layer runs `FusedAttnProcessor2_0`: the fast
+    attention and ByTheWay's plain layers still take them all over, and every path (ByTheWay fused
+    and materialised, plain, fast, either order) projects through to_qkv, as that processor does."""
+    model, sample, kwargs = _fused_projection_case(name)
+    scheduler = tiny.tiny_ddim_scheduler()
+    scheduler.set_timesteps(STEPS)
+    active_t, inactive_t = scheduler.timesteps[0], scheduler.timesteps[1]
+    with enable_fast_temporal_attention(model) as fast:
+        temporal_layers = fast.layer_names
+    with apply_bytheway(model, cfg=True, scheduler=scheduler) as controller:
+        plain_layers = controller.plain_layer_names
+        bytheway_separate = call_denoiser(model, sample, active_t, kwargs)
+    assert plain_layers
+
+    model.fuse_qkv_projections()
+    stock = [call_denoiser(model, sample, t, kwargs) for t in (active_t, inactive_t)]
+    calls = ProjectionCalls(model, temporal_layers)
+    call_denoiser(model, sample, active_t, kwargs)
+    layer_calls = calls.take()[0]  # FreeNoise-free: one call per temporal layer
+    assert layer_calls >= len(temporal_layers)
+
+    with enable_fast_temporal_attention(model) as fast:
+        assert fast.layer_names == temporal_layers
+        fast_output = call_denoiser(model, sample, active_t, kwargs)
+    assert calls.take() == (layer_calls, 0)
+    torch.testing.assert_close(fast_output, stock[0], **TOLERANCE)
+    assert not torch.equal(fast_output, stock[0])  # the fused op really ran
+    assert torch.equal(call_denoiser(model, sample, active_t, kwargs), stock[0])  # removed: stock, bit for bit
+
+    for fused_attention in (None, False):  # ByTheWay's layers fused, then materialised
+        calls.take()
+        with apply_bytheway(model, cfg=True, scheduler=scheduler, fused_attention=fused_attention) as controller:
+            assert controller.plain_layer_names == ([] if fused_attention is False else plain_layers)
+            active = call_denoiser(model, sample, active_t, kwargs)
+            assert calls.take() == (layer_calls, 0)
+            assert torch.equal(call_denoiser(model, sample, inactive_t, kwargs), stock[1])
+        torch.testing.assert_close(active, bytheway_separate, **TOLERANCE)
+    calls.take()
+
+    controller = apply_bytheway(model, cfg=True, scheduler=scheduler)  # then the fast attention behind it
+    with enable_fast_temporal_attention(model), controller:
+        active = call_denoiser(model, sample, active_t, kwargs)
+        inactive = call_denoiser(model, sample, inactive_t, kwargs)
+    assert calls.take() == (2 * layer_calls, 0)
+    torch.testing.assert_close(active, bytheway_separate, **TOLERANCE)
+    torch.testing.assert_close(inactive, stock[1], **TOLERANCE)
+    assert torch.equal(call_denoiser(model, sample, inactive_t, kwargs), stock[1])
+
+
+def test_fusing_projections_after_applying_is_refused_and_remove_keeps_the_fused_processors():
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
+    pipe = tiny.tiny_animatediff_pipeline()
+    controller, fast = apply_bytheway(pipe, cfg=True), enable_fast_temporal_attention(pipe)
+    layers, plain_layers = controller.layer_names, controller.plain_layer_names
+    pipe.unet.fuse_qkv_projections()  # replaces every processor, ByTheWay's and the fast one's
+    with pytest.raises(RuntimeError, match="replaced or given another processor"):
+        _denoise(pipe, 0)
+    with pytest.raises(ValueError, match="already enabled"):
+        enable_fast_temporal_attention(pipe)
+    controller.remove()
+    fast.remove()
+    assert {type(p) for p in _processors(pipe.unet).values()} == {FusedAttnProcessor2_0}  # kept, not reverted
+    with apply_bytheway(pipe, cfg=True) as controller:
+        assert (controller.layer_names, controller.plain_layer_names) == (layers, plain_layers)
+    with enable_fast_temporal_attention(pipe) as fast:
+        assert len(fast.layer_names) == 20
+
+
 # -- Copies and pickles -------------------------------------------------------------------------
 def test_deepcopy_and_pickle_are_refused_while_applied_and_work_after_remove():
     pipe = tiny.tiny_animatediff_pipeline()
@@ -524,6 +640,12 @@ def test_cuda_fused_paths_are_as_accurate_as_materialised(dtype):
         fast = run(pipe)
     assert error(fast, stock_truth) <= 1.5 * error(stock, stock_truth) + 1e-3
     assert torch.equal(run(pipe), stock)
+    pipe.unet.fuse_qkv_projections()  # every fused path now takes q, k, v as slices of to_qkv's output
+    with apply_bytheway(pipe, cfg=True, fused_attention=True):
+        assert error(run(pipe), truth) <= 1.5 * error(materialised, truth) + 1e-3
+    with enable_fast_temporal_attention(pipe) as fast:
+        assert len(fast.layer_names) == 20
+        assert error(run(pipe), stock_truth) <= 1.5 * error(stock, stock_truth) + 1e-3
 
 
 def test_public_names():

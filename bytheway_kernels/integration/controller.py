@@ -217,7 +217,9 @@ class ByTheWayController(RefusesCopy):
         return [layer.name for layer in self._plain_layers]
 
     def remove(self) -> None:
-        """Restore the original processors and remove every hook (idempotent)."""
+        """Restore the original processors and remove every hook (idempotent). A layer whose
+        processor was replaced since (`set_attn_processor`, `fuse_qkv_projections()`) keeps the
+        new one, as the fast temporal attention's `remove()` does."""
         if self._removed:
             return
         for hook in self._hooks:
@@ -225,7 +227,8 @@ class ByTheWayController(RefusesCopy):
         for layer in self._layers + self._plain_layers:
             binding = getattr(layer.attn, BINDING_ATTR, None)
             if binding is not None and binding.state is self._state:
-                layer.attn.set_processor(binding.original)
+                if isinstance(layer.attn.processor, ByTheWayAttnProcessor):
+                    layer.attn.set_processor(binding.original)
                 delattr(layer.attn, BINDING_ATTR)
         self._state.guides.clear()
         self._state.calls.clear()

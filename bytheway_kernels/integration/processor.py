@@ -11,7 +11,8 @@ A layer the controller selected (the anchor block and every decoder block after 
 - delegates to the layer's original processor (outside the active steps, or when the call is not
   temporal self-attention): bit-identical to never installing ByTheWay (or, when the fast
   temporal attention was enabled first, the fast processor's output); or
-- computes q, k, v as diffusers does (spatial_norm, group_norm, to_q/to_k/to_v, norm_q/norm_k),
+- computes q, k, v as diffusers does (spatial_norm, group_norm, to_q/to_k/to_v, or to_qkv where
+  the layer's stock processor is `FusedAttnProcessor2_0`, norm_q/norm_k),
   then the attention with ByTheWay in one of two ways, and runs `to_out`, the residual and the
   rescale:
   - fused (`temporal_attention`, the F x F map never in memory) when the controller resolved
@@ -120,14 +121,33 @@ class PlainLayerBinding(RefusesCopy):
 def standard_scale(processor, attn) -> Tuple[bool, Optional[float]]:
     """(True, score scale) for diffusers' standard processors, (False, None) for any other:
     `AttnProcessor2_0` runs SDPA, whose scale is d**-0.5 whatever `attn.scale` says (None, the
-    fused op's default); `AttnProcessor` uses `attn.scale`."""
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+    fused op's default); `FusedAttnProcessor2_0` (what `fuse_qkv_projections()` installs) is the
+    same attention with q, k, v from the module's one `to_qkv` projection, standard where the
+    module has one; `AttnProcessor` uses `attn.scale`."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 
     if type(processor) is AttnProcessor2_0:
         return True, None
+    if type(processor) is FusedAttnProcessor2_0:
+        return getattr(attn, "to_qkv", None) is not None, None
     if type(processor) is AttnProcessor:
         return True, attn.scale
     return False, None
+
+
+def projects_fused_qkv(attn, processor) -> bool:
+    """Whether the processor that runs `attn` outside this package, `processor` or the one this
+    package's processors keep behind it (ByTheWay's and the fast attention's bindings), is
+    diffusers' `FusedAttnProcessor2_0`: q, k and v then come from `attn.to_qkv`, as there.
+    (An import statement rather than a cached lookup: torch.compile traces it without a warning.)"""
+    from diffusers.models.attention_processor import FusedAttnProcessor2_0
+
+    for _ in range(2):  # ByTheWay's binding, then the fast attention's behind it
+        binding = getattr(attn, processor.binding_attr, None) if isinstance(processor, BoundProcessor) else None
+        if binding is None:
+            break
+        processor = binding.original
+    return type(processor) is FusedAttnProcessor2_0
 
 
 def plain_attention(fuse: bool, original, scale: Optional[float], attn, hidden_states: torch.Tensor,
@@ -139,7 +159,8 @@ def plain_attention(fuse: bool, original, scale: Optional[float], attn, hidden_s
     Plain attention needs no video geometry: every row is its own 1 x 1 "video", no CFG split."""
     if not fuse or encoder_hidden_states is not None or attention_mask is not None or hidden_states.dim() != 3:
         return delegate(original, attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-    query, key, value = project_qkv(attn, normed_input(attn, hidden_states, temb), stacked=True)
+    query, key, value = project_qkv(attn, normed_input(attn, hidden_states, temb), stacked=True,
+                                    fused_projection=projects_fused_qkv(attn, original))
     attended = temporal_attention(query, key, value, heads=attn.heads, height=1, width=1, scale=scale, cfg=False)
     return finish_output(attn, attended, hidden_states)
 
@@ -184,17 +205,22 @@ def normed_input(attn, hidden_states: torch.Tensor, temb) -> torch.Tensor:
     return hidden_states
 
 
-def project_qkv(attn, hidden_states: torch.Tensor,
-                stacked: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def project_qkv(attn, hidden_states: torch.Tensor, stacked: bool = False,
+                fused_projection: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Self-attention q, k, v as (N, F, heads*d), with diffusers' per-head norm_q / norm_k applied.
 
     Without those norms the projections are returned as they are (no copy); with one, its output
-    is brought back to the (N, F, heads*d) layout. `stacked` (for the fused op, which takes
-    strided slices): one GEMM with the three weights stacked where `_stacks_qkv` allows it, q, k
-    and v then being slices of its output; equal to the three projections up to the GEMM's
-    rounding order.
+    is brought back to the (N, F, heads*d) layout. `fused_projection` (the layer's stock processor
+    is `FusedAttnProcessor2_0`, see `projects_fused_qkv`): q, k and v are the three slices of
+    `attn.to_qkv`'s output, exactly as that processor computes them. Otherwise `stacked` (for the
+    fused op, which takes strided slices): one GEMM with the three weights stacked where
+    `_stacks_qkv` allows it, q, k and v then being slices of its output; equal to the three
+    projections up to the GEMM's rounding order.
     """
-    if stacked and _stacks_qkv(attn, hidden_states):
+    if fused_projection:
+        projected = attn.to_qkv(hidden_states)
+        query, key, value = projected.split(projected.shape[-1] // 3, dim=-1)
+    elif stacked and _stacks_qkv(attn, hidden_states):
         projections = (attn.to_q, attn.to_k, attn.to_v)
         weight = torch.cat([projection.weight for projection in projections])
         bias = None
@@ -322,7 +348,8 @@ class ByTheWayAttnProcessor(BoundProcessor):
         residual = hidden_states
         hidden_states = normed_input(attn, hidden_states, temb)
         fused = state.fused and attention_mask is None and not state.measure
-        query, key, value = project_qkv(attn, hidden_states, stacked=fused)
+        query, key, value = project_qkv(attn, hidden_states, stacked=fused,
+                                        fused_projection=projects_fused_qkv(attn, binding.original))
         if fused:
             attended = self._attend_fused(attn, binding, call, query, key, value)
         else:

@@ -530,6 +530,63 @@ def test_fusing_projections_after_applying_is_refused_and_remove_keeps_the_fused
         assert len(fast.layer_names) == 20
 
 
+# -- xformers and sliced attention (plain attention with attn.scale) -----------------------------
+@pytest.fixture
+def fake_xformers(monkeypatch):
+    """xformers' `memory_efficient_attention` as documented, softmax(q kᵀ · scale + bias) v, for
+    machines without xformers (`XFormersAttnProcessor` looks the module up at call time)."""
+    import types
+
+    import diffusers.models.attention_processor as attention_processor
+
+    def memory_efficient_attention(query, key, value, attn_bias=None, op=None, scale=None):
+        scores = query @ key.transpose(-1, -2) * (query.shape[-1] ** -0.5 if scale is None else scale)
+        if attn_bias is not None:
+            scores = scores + attn_bias
+        return scores.softmax(-1) @ value
+
+    ops = types.SimpleNamespace(memory_efficient_attention=memory_efficient_attention)
+    monkeypatch.setattr(attention_processor, "xformers", types.SimpleNamespace(ops=ops), raising=False)
+
+
+def test_xformers_and_sliced_processors_are_standard_only_without_per_head_norms():
+    from diffusers.models.attention_processor import Attention, SlicedAttnProcessor, XFormersAttnProcessor
+
+    plain = _temporal_attention_module()
+    normed = Attention(query_dim=32, heads=4, dim_head=8, qk_norm="layer_norm")  # these processors skip the norms
+    for processor in (XFormersAttnProcessor(), SlicedAttnProcessor(slice_size=2)):
+        assert processor_module.standard_scale(processor, plain) == (True, plain.scale)
+        assert processor_module.standard_scale(processor, normed) == (False, None)
+
+
+@pytest.mark.parametrize("kind", ["xformers", "sliced"])
+def test_xformers_and_sliced_attention_layers_are_taken_over_with_their_scale(kind, force_fused, fake_xformers):
+    from diffusers.models.attention_processor import SlicedAttnProcessor, XFormersAttnProcessor
+
+    pipe = tiny.tiny_animatediff_pipeline()
+    pipe.scheduler.set_timesteps(STEPS)
+    with enable_fast_temporal_attention(pipe) as fast:
+        temporal_layers = fast.layer_names
+    for name in temporal_layers:
+        attn = pipe.unet.get_submodule(name)
+        attn.set_processor(XFormersAttnProcessor() if kind == "xformers" else SlicedAttnProcessor(slice_size=3))
+        attn.scale *= 0.5  # these processors use attn.scale: SDPA's d**-0.5 would fail below
+    stock = [_denoise(pipe, 0), _denoise(pipe, 1)]
+    with enable_fast_temporal_attention(pipe) as fast:
+        assert fast.layer_names == temporal_layers
+        fused = _denoise(pipe, 0)
+    torch.testing.assert_close(fused, stock[0], **TOLERANCE)
+    assert not torch.equal(fused, stock[0])  # the fused op really ran
+    assert torch.equal(_denoise(pipe, 0), stock[0])  # removed: stock, bit for bit
+    with apply_bytheway(pipe, cfg=True, fused_attention=False):
+        materialised = _denoise(pipe, 0)
+    with apply_bytheway(pipe, cfg=True) as controller:
+        assert len(controller.plain_layer_names) == 12
+        active = _denoise(pipe, 0)
+        assert torch.equal(_denoise(pipe, 1), stock[1])
+    torch.testing.assert_close(active, materialised, **TOLERANCE)
+
+
 # -- Copies and pickles -------------------------------------------------------------------------
 def test_deepcopy_and_pickle_are_refused_while_applied_and_work_after_remove():
     pipe = tiny.tiny_animatediff_pipeline()

@@ -6,11 +6,13 @@ tiles. `enable_fast_temporal_attention` puts it on every temporal self-attention
 supported denoiser (`layers.all_temporal_layers`: encoder, middle and decoder blocks and the
 temporal modules outside them; never SVD's temporal cross-attention `attn2`).
 
-- Only layers running one of diffusers' standard processors are taken over: `AttnProcessor2_0`
-  (SDPA, whose scale is d**-0.5 whatever `attn.scale` says), `FusedAttnProcessor2_0` (the same
-  with q, k, v from the module's `to_qkv`, as `fuse_qkv_projections()` installs; the fused path
-  projects through `to_qkv` too) and `AttnProcessor` (which uses `attn.scale`). Layers with any
-  other processor (IP-Adapter, xformers, custom) keep it.
+- Only layers running one of diffusers' standard (plain-attention) processors are taken over,
+  with that processor's score scale (`processor.standard_scale`): `AttnProcessor2_0` (SDPA,
+  d**-0.5 whatever `attn.scale` says), `FusedAttnProcessor2_0` (the same with q, k, v from the
+  module's `to_qkv`, as `fuse_qkv_projections()` installs; the fused path projects through
+  `to_qkv` too), `AttnProcessor`, and `XFormersAttnProcessor` / `SlicedAttnProcessor` where the
+  module has no per-head norms, which those two skip (all three `attn.scale`). Layers with any
+  other processor (IP-Adapter, custom) keep it.
 - Per call, `FastTemporalAttnProcessor` runs the fused op when the denoiser's input is on a
   device with the fused kernel (CUDA; on CPU only BYTHEWAY_BACKEND=triton under
   TRITON_INTERPRET=1), decided once per denoiser call by a pre-hook. Anything else runs the
@@ -174,13 +176,14 @@ def enable_fast_temporal_attention(pipe_or_denoiser) -> FastTemporalAttention:
     """Run every temporal self-attention layer through the fused `temporal_attention` op, ByTheWay off.
 
     Outputs equal stock within floating-point tolerance (the op accumulates in fp32). Only layers
-    with diffusers' standard processors (`AttnProcessor2_0`, `FusedAttnProcessor2_0`,
-    `AttnProcessor`) are taken over; calls with an attention mask, and calls on a device without
-    the fused kernel (a CPU-only torch, unless BYTHEWAY_BACKEND=triton under TRITON_INTERPRET=1),
-    run the original processor, so enabling on CPU and moving the pipeline to CUDA later works.
-    Composes with `apply_bytheway` in either order (ByTheWay's inactive steps then run fused too);
-    either can be removed first. diffusers' `fuse_qkv_projections()` replaces every processor:
-    call it before this.
+    with diffusers' plain-attention processors (`AttnProcessor2_0`, `FusedAttnProcessor2_0`,
+    `AttnProcessor`, `XFormersAttnProcessor`, `SlicedAttnProcessor`; see the module docstring)
+    are taken over; calls with an attention mask, and calls on a device without the fused kernel
+    (a CPU-only torch, unless BYTHEWAY_BACKEND=triton under TRITON_INTERPRET=1), run the original
+    processor, so enabling on CPU and moving the pipeline to CUDA later works. Composes with
+    `apply_bytheway` in either order (ByTheWay's inactive steps then run fused too); either can be
+    removed first. diffusers' `fuse_qkv_projections()` and
+    `enable_xformers_memory_efficient_attention()` replace every processor: call them before this.
 
     Args:
         pipe_or_denoiser: a supported pipeline (AnimateDiff*, PIA, TextToVideoSD, I2VGenXL,

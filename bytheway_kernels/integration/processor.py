@@ -119,19 +119,31 @@ class PlainLayerBinding(RefusesCopy):
 
 
 def standard_scale(processor, attn) -> Tuple[bool, Optional[float]]:
-    """(True, score scale) for diffusers' standard processors, (False, None) for any other:
-    `AttnProcessor2_0` runs SDPA, whose scale is d**-0.5 whatever `attn.scale` says (None, the
-    fused op's default); `FusedAttnProcessor2_0` (what `fuse_qkv_projections()` installs) is the
-    same attention with q, k, v from the module's one `to_qkv` projection, standard where the
-    module has one; `AttnProcessor` uses `attn.scale`."""
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
+    """(True, score scale) for diffusers' standard processors, (False, None) for any other.
 
-    if type(processor) is AttnProcessor2_0:
+    - `AttnProcessor2_0` runs SDPA, whose scale is d**-0.5 whatever `attn.scale` says (None, the
+      fused op's default).
+    - `FusedAttnProcessor2_0` (what `fuse_qkv_projections()` installs) is the same attention with
+      q, k, v from the module's one `to_qkv` projection: standard where the module has one.
+    - `AttnProcessor` uses `attn.scale`.
+    - `XFormersAttnProcessor` (`enable_xformers_memory_efficient_attention()`) and
+      `SlicedAttnProcessor` (`enable_attention_slicing()`) compute the same plain attention with
+      `attn.scale`, but skip per-head norm_q / norm_k (the sliced one spatial_norm too): standard
+      where the module has none of those.
+    """
+    from diffusers.models.attention_processor import (AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0,
+                                                      SlicedAttnProcessor, XFormersAttnProcessor)
+
+    kind = type(processor)
+    if kind is AttnProcessor2_0:
         return True, None
-    if type(processor) is FusedAttnProcessor2_0:
+    if kind is FusedAttnProcessor2_0:
         return getattr(attn, "to_qkv", None) is not None, None
-    if type(processor) is AttnProcessor:
+    if kind is AttnProcessor:
         return True, attn.scale
+    if kind is XFormersAttnProcessor or kind is SlicedAttnProcessor:
+        if attn.norm_q is None and attn.norm_k is None and attn.spatial_norm is None:
+            return True, attn.scale
     return False, None
 
 

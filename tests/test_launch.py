@@ -199,3 +199,40 @@ def test_info_says_how_triton_kernels_are_launched(monkeypatch, capsys):
     monkeypatch.setenv(DIRECT_LAUNCH_ENV, "1")  # the interpreter (or no CUDA) keeps Triton's path
     print_info()
     assert f"Triton launches: through Triton ({DIRECT_LAUNCH_ENV}=1)" in capsys.readouterr().out
+
+
+class _TensorOnDevice:
+    """Stands in for a CUDA tensor on device `index` (this machine has none)."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def get_device(self) -> int:
+        return self.index
+
+
+def test_launches_run_with_their_inputs_device_current(monkeypatch):
+    current, guarded, seen = [0], [], []
+
+    class DeviceGuard:  # torch.cuda.device: makes `index` current inside the block
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            guarded.append(self.index)
+            self.previous, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.previous
+
+    class Launch:
+        def run(self):
+            seen.append(current[0])
+
+    monkeypatch.setattr(launch_module, "_current_cuda_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", DeviceGuard)
+    launch_module.run_on_device_of(_TensorOnDevice(1), [Launch(), Launch()])
+    assert seen == [1, 1] and guarded == [1] and current == [0]  # both on cuda:1, then cuda:0 again
+    launch_module.run_on_device_of(_TensorOnDevice(0), [Launch()])  # already current: no guard
+    launch_module.run_on_device_of(torch.zeros(1), [Launch()])  # a CPU tensor (the interpreter)
+    assert seen == [1, 1, 0, 0] and guarded == [1]

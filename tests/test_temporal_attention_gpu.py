@@ -126,3 +126,21 @@ def test_stash_at_animatediff_shapes_fp16_and_in_a_cuda_graph(size, head_dim):
     torch.cuda.synchronize()
     for first, second in zip((out, stats), captured):
         assert torch.equal(first, second)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_inputs_on_a_device_that_is_not_current():
+    """Both ops on cuda:1 while cuda:0 is current (a pipeline moved with .to("cuda:1")): the
+    launches run on the inputs' device and stream (`launch.run_on_device_of`)."""
+    case = AttentionCase(batch=2, height=4, width=4, heads=2, head_dim=40, dtype=torch.float16,
+                         adaptive_beta=True, guide_size=(2, 2))
+    q, k, v, guide = make_inputs(case, device="cuda:1")
+    with torch.cuda.device(0):
+        out, stats = _call(case, (q, k, v, guide), return_stats=True)
+        scores = torch.randn(2, 4, 4, 2, 16, 16, device="cuda:1")
+        probs = btw.bytheway_attention_probs(scores, alpha=0.6, beta=1.5, tau=7, adaptive_beta=True)
+    torch.cuda.synchronize(1)
+    assert out.device == probs.device == torch.device("cuda:1")
+    assert_matches(case, (q, k, v, guide), out, stats=stats)
+    reference = btw.bytheway_attention_probs(scores.cpu(), alpha=0.6, beta=1.5, tau=7, adaptive_beta=True)
+    torch.testing.assert_close(probs.cpu(), reference, rtol=1e-4, atol=1e-5)

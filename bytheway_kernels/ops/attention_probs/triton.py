@@ -31,7 +31,7 @@ import triton.language as tl
 from ..._environ import getenv
 from ...band import band_operand, is_full_band
 from ...energy import HIGH_ENERGY_FLOOR
-from ..launch import KernelLaunch
+from ..launch import KernelLaunch, run_on_device_of
 from ..params import ByTheWayParams
 from .. import triton_rules
 from ..triton_rules import (LOG2E, band_product, bilinear_sources, enhanced_rows, group_beta,
@@ -451,8 +451,7 @@ def attention_probs_triton_out(scores, guide, params: ByTheWayParams, probs, sta
         scores = scores.contiguous()
     if guide is not None and not guide.is_contiguous():
         guide = guide.contiguous()
-    for launch in kernel_launches(scores, guide, params, probs, stats):
-        launch.run()
+    run_on_device_of(scores, kernel_launches(scores, guide, params, probs, stats))
 
 
 def attention_probs_triton(scores, guide, params: ByTheWayParams, with_stats: bool):

@@ -44,7 +44,7 @@ import triton.language as tl
 from ..._environ import getenv
 from ...band import band_operand, is_full_band
 from ...energy import HIGH_ENERGY_FLOOR
-from ..launch import KernelLaunch
+from ..launch import KernelLaunch, run_on_device_of
 from ..params import ByTheWayParams
 from .. import triton_rules
 from ..triton_rules import (band_product, bilinear_sources, enhanced_rows, group_beta, load_band,
@@ -804,9 +804,8 @@ def temporal_attention_triton_out(q, k, v, guide, heads: int, height: int, width
     the attention and energy passes (`default_config`, `default_energy_config`), for tuning.
     """
     _check_device(q)
-    for launch in kernel_launches(q, k, v, guide, heads, height, width, scale, params, out,
-                                  plain_map, stats, config, energy_config):
-        launch.run()
+    run_on_device_of(q, kernel_launches(q, k, v, guide, heads, height, width, scale, params, out,
+                                        plain_map, stats, config, energy_config))
 
 
 def temporal_attention_triton(q, k, v, guide, heads: int, height: int, width: int, scale: float,

@@ -75,7 +75,8 @@ if [[ -f benchmarks/fused_kernel_times.py ]]; then  # profiler: fused kernel dev
   step fused_kernel_times 180 python3 benchmarks/fused_kernel_times.py
 fi
 if [[ -f benchmarks/map_op_kernel_times.py ]]; then  # profiler: the map op's kernel and host times,
-  # then its stats pass at 1, 2, 4 and 8 tiles per program (one wave or several, see the script)
+  # then its apply kernel's tiles at F = 24 / 32 (the band dot's registers, see the script) and its
+  # stats pass at 1, 2, 4 and 8 tiles per program (one wave or several)
   step map_kernel_times 100 python3 benchmarks/map_op_kernel_times.py
 fi
 step host_cost 30 python3 benchmarks/host_cost.py  # host per call: Triton's path / direct / our Python

@@ -10,6 +10,12 @@ the direct launcher, and our Python alone (benchmarks/host_cost.py). At F = 24 a
 times the band product as three tf32 products on tensor cores ("tc" rows) next to the default
 exact fp32 dot (`bytheway_kernels.ops.triton_rules.band_product`).
 
+At F = 24 and 32 it then times the fixed-beta apply kernel on other tiles (`apply_tile_sweep`):
+the default (32 rows on 4 warps, 8 entries per thread) holds the exact fp32 band dot's operands
+in 161-167 registers (3 programs per SM), where 4 entries per thread (32 rows on 8 warps, or 16
+on 4) compile to 32-38 registers and ~35% more instructions per entry (sm_90 SASS, Triton 3.6
+and 3.9, no spills).
+
 Then, at the three F = 16 shapes, it sweeps the adaptive stats pass's tiles per program
 (`STATS_TILE_SWEEP`: 1, 2, 4 and 8 tiles of 64 rows, the default taking up to 4): per program
 count it prints the stats kernel's and the whole call's device time. The default's 2048 programs
@@ -39,6 +45,8 @@ SHAPES = [(16, 16), (32, 16), (64, 16), (32, 24), (32, 32)]
 GUIDE_SIZE = 16
 # Tiles per stats program the sweep forces (`_stats_kernel`'s TILES).
 STATS_TILE_SWEEP = (1, 2, 4, 8)
+# (rows per tile, warps) of the apply kernel the sweep forces at F_PAD = 32 (the default first).
+APPLY_TILE_SWEEP = ((32, 4), (32, 8), (16, 4))
 
 
 def kernel_times(fn):
@@ -79,6 +87,39 @@ def stats_tiles(tiles: int):
     finally:
         map_triton.MAX_STATS_TILES, map_triton.TARGET_STATS_PROGRAMS = saved
         map_triton._launch_plan.cache_clear()
+
+
+@contextlib.contextmanager
+def apply_tiles(rows: int, warps: int):
+    """The map op's apply kernel takes `rows` rows per tile on `warps` warps (plans rebuilt)."""
+    saved = map_triton._launch_shape
+    map_triton._launch_shape = lambda padded_frames: (rows, warps)
+    map_triton._launch_plan.cache_clear()
+    try:
+        yield
+    finally:
+        map_triton._launch_shape = saved
+        map_triton._launch_plan.cache_clear()
+
+
+def apply_tile_sweep():
+    """The fixed-beta call's apply kernel time per forced tile at F = 24 and 32 (the band dot)."""
+    print("apply kernel, fixed beta, (rows per tile, warps): us")
+    for size, frames in SHAPES:
+        if frames == 16:
+            continue
+        scores, guide = layer_inputs(size, frames)
+        cells = []
+        params = ByTheWayParams(0.6, 1.5, 7, False, 2, 1, "batch", "nearest", None)
+        for rows, warps in APPLY_TILE_SWEEP:
+            with apply_tiles(rows, warps):
+                kernels = kernel_times(lambda: btw.bytheway_attention_probs(
+                    scores, guide, alpha=0.6, beta=1.5, tau=7, adaptive_beta=False))
+                plan = map_triton._launch_plan(tuple(scores.shape), tuple(guide.shape[1:3]), params,
+                                               False, triton_rules.SPLIT_BAND)
+                assert (plan.apply_args["BLOCK_R"], plan.apply_args["num_warps"]) == (rows, warps)
+            cells.append(f"({rows}, {warps}): {sum(kernels.values()):6.1f}")
+        print(f"{size}x{size} F{frames}  " + "   ".join(cells))
 
 
 def stats_plan(scores, guide):
@@ -140,6 +181,7 @@ def main():
                     host_text = " / ".join(f"{host[column]:6.1f}" for column in HOST_COLUMNS)
             print(f"{size}x{size} F{frames} {name:12s} kernel {total:6.1f} us ({total / softmax_kernel:.2f}x "
                   f"softmax)  host {host_text} us/call  [{parts}]")
+    apply_tile_sweep()
     stats_tile_sweep()
     return 0
 

@@ -96,7 +96,11 @@ step host_cost 30 python3 benchmarks/host_cost.py  # host per call: Triton's pat
 # attention pass, which runs with at most 104 registers there; fused_kernel_times' F = 24 / 32
 # "fused adaptive" rows against session 5's "energy lean+stash" 228.4 / 246.9 us (fixed beta
 # 169.5 / 181.8 us; issue 9 asks for 1.3x);
-# test_temporal_attention_gpu.py's STASH_CASES check its accuracy).
+# test_temporal_attention_gpu.py's STASH_CASES check its accuracy); both ops' launches through
+# launch.run_on_device_of (the inputs' device made current when it is not; a ~0.3 us check when it
+# is, as on these one-GPU machines: host_cost.py's rows include it); test_integration_fused.py's
+# CUDA test also runs both fused paths after diffusers' fuse_qkv_projections() (q, k, v as slices
+# of to_qkv's output).
 step gpu_tests 240 bash -c 'python3 -m pytest -q -p no:cacheprovider -rfEs -n 8 \
   tests/test_attention_probs_gpu.py tests/test_temporal_attention_gpu.py; python3 -m pytest -q -p no:cacheprovider -rfEs \
   tests/test_integration_fused.py -k cuda'

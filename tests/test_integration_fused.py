@@ -279,6 +279,14 @@ def test_fast_attention_refuses_twice_and_keeps_non_standard_processors(pipe):
         assert attn.processor is custom
     finally:
         attn.set_processor(original)
+    processors = _processors(pipe.unet)
+    pipe.unet.set_attn_processor(CustomProcessor())  # every layer: nothing to take over, and a warning says so
+    try:
+        with pytest.warns(UserWarning, match=r"took over none of the 20 temporal .*\(CustomProcessor;"):
+            with enable_fast_temporal_attention(pipe) as fast:
+                assert fast.layer_names == []
+    finally:
+        pipe.unet.set_attn_processor(processors)
     # diffusers re-creates processors with processor.__class__(): unbound, it is the stock processor.
     hidden = torch.randn(4, 16, attn.to_q.in_features)
     with torch.no_grad():

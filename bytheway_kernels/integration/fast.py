@@ -35,6 +35,7 @@ removed first.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, List, Optional
 
 import torch
@@ -123,15 +124,22 @@ class FastTemporalAttention(RefusesCopy):
                     f"the fast temporal attention is already enabled on {layer.name}; call remove() on the "
                     f"existing handle first"
                 )
-        installed = []
+        installed, kept = [], set()
         for layer in candidates:
             original = _base_processor(layer.attn)
             standard, scale = standard_scale(original, layer.attn)
             if not standard:
+                kept.add(type(original).__name__)
                 continue
             setattr(layer.attn, FAST_ATTR, FastBinding(self._state, original, scale))
             _set_base_processor(layer.attn, self._processor)
             installed.append(layer)
+        if candidates and not installed:  # nothing to gain: surely not what the caller expects
+            warnings.warn(
+                f"enable_fast_temporal_attention took over none of the {len(candidates)} temporal "
+                f"self-attention layers: they all run processors it does not replace "
+                f"({', '.join(sorted(kept))}; see the function's docstring for the ones it does)",
+                stacklevel=4)  # the caller of enable_fast_temporal_attention
         return installed
 
     @property
@@ -195,6 +203,9 @@ def enable_fast_temporal_attention(pipe_or_denoiser) -> FastTemporalAttention:
 
     Raises:
         ValueError: an unsupported pipeline or denoiser, or the fast attention already enabled.
+
+    Warns:
+        UserWarning: no temporal layer runs one of those processors, so nothing changes.
 
     Examples:
         >>> import torch, bytheway_kernels as btw

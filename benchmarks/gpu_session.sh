@@ -100,14 +100,15 @@ step host_cost 30 python3 benchmarks/host_cost.py  # host per call: Triton's pat
 # launch.run_on_device_of (the inputs' device made current when it is not; a ~0.3 us check when it
 # is, as on these one-GPU machines: host_cost.py's rows include it); test_integration_fused.py's
 # CUDA test also runs both fused paths after diffusers' fuse_qkv_projections() (q, k, v as slices
-# of to_qkv's output).
+# of to_qkv's output), and test_denoiser.py times that at real size: "bytheway off, fused qkv"
+# (diffusers' fuse_qkv_projections alone) and "fast stock, fused qkv" (the fast attention on top).
 step gpu_tests 240 bash -c 'python3 -m pytest -q -p no:cacheprovider -rfEs -n 8 \
   tests/test_attention_probs_gpu.py tests/test_temporal_attention_gpu.py; python3 -m pytest -q -p no:cacheprovider -rfEs \
   tests/test_integration_fused.py -k cuda'
 
 bench=(python3 -m pytest -q -p no:cacheprovider -rfEs --benchmark-only --bench-dtype=float16
        --benchmark-max-time=0.02 --benchmark-min-rounds=10 --benchmark-warmup=on --benchmark-warmup-iterations=2)
-step bench_denoiser 110 "${bench[@]}" benchmarks/test_denoiser.py --benchmark-json="$logs/bench_denoiser.json"
+step bench_denoiser 130 "${bench[@]}" benchmarks/test_denoiser.py --benchmark-json="$logs/bench_denoiser.json"
 step bench_attention 100 "${bench[@]}" benchmarks/test_temporal_attention.py --benchmark-json="$logs/bench_attention.json"
 step bench_map 110 "${bench[@]}" benchmarks/test_attention_probs.py --benchmark-json="$logs/bench_map.json"
 step bench_layer 50 "${bench[@]}" benchmarks/test_layer.py --benchmark-json="$logs/bench_layer.json"

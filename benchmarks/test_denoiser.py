@@ -4,7 +4,9 @@ ByTheWay with the fused temporal-attention op, and the fast stock processor (fus
 ByTheWay's with ByTheWay, the others plain. "bytheway fused, other temporal layers stock" is the
 default until 2026-11-27 (the H200 results up to session 5 time it as "bytheway fused"), the
 controller made without its plain layers. "bytheway fused + fast stock" differs from the default
-only in inactive steps.
+only in inactive steps. The two "fused qkv" rows run diffusers' `fuse_qkv_projections()` first
+(one q, k, v projection in every self-attention layer, spatial ones included): stock that way,
+and with the fast stock processor on top (which then takes q, k and v as slices of `to_qkv`).
 
 The call is an active step (the first timestep of a 25-step schedule) with a CFG batch of 2, made
 the way the pipeline makes it, so the ByTheWay rows include the controller's hooks, the anchor-map
@@ -49,6 +51,8 @@ MODES = {
     "bytheway-fused-processed-only": "bytheway fused, other temporal layers stock",
     "fast-stock": "fast stock",
     "bytheway-fused-fast": "bytheway fused + fast stock",
+    "off-fused-qkv": "bytheway off, fused qkv",
+    "fast-stock-fused-qkv": "fast stock, fused qkv",
 }
 #: Real-size model: ‖out − ref‖ / ‖ref‖ against the float32 copy of the same (rounded) weights; a
 #: fp16 UNet of this depth lands near 1e-3 (2.3e-3 measured between compiled and eager on an H200).
@@ -154,10 +158,41 @@ class _Together:
             handle.remove()
 
 
+class _FusedProjections:
+    """diffusers' fuse_qkv_projections() on `unet` (and `inner`, a handle enabled after it);
+    .remove() undoes both and drops the fused weights diffusers' unfuse keeps."""
+
+    def __init__(self, unet, inner):
+        self.unet, self.inner = unet, inner
+
+    def remove(self):
+        if self.inner is not None:
+            self.inner.remove()
+        self.unet.unfuse_qkv_projections()
+        for module in self.unet.modules():
+            if getattr(module, "fused_projections", False):
+                module.fused_projections = False
+                for name in ("to_qkv", "to_kv", "to_added_qkv"):
+                    if hasattr(module, name):
+                        delattr(module, name)
+
+
 def enable(mode: str, unet, scheduler):
     """Turn `mode` on for `unet`; returns the handle whose .remove() turns it off (or None)."""
     if mode == "off":
         return None
+    if mode.endswith("-fused-qkv"):
+        if not hasattr(unet, "fuse_qkv_projections"):
+            pytest.skip(f"{type(unet).__name__} has no fuse_qkv_projections()")
+        unet.fuse_qkv_projections()
+        handle = _FusedProjections(unet, None)
+        if mode != "off-fused-qkv":
+            try:
+                handle.inner = enable(mode.removesuffix("-fused-qkv"), unet, scheduler)
+            except BaseException:  # a skip or an error: leave the model stock
+                handle.remove()
+                raise
+        return handle
     if mode == "bytheway-fused-fast":  # every temporal layer fused, ByTheWay on the decoder's
         fast = enable("fast-stock", unet, scheduler)
         try:
@@ -182,7 +217,8 @@ def enable(mode: str, unet, scheduler):
 def test_denoiser_step(bench, monkeypatch, dtype, denoiser_case, mode):
     case = denoiser_case
     backend = btw.select_backend(harness.DEVICE) if mode.startswith("bytheway") else ""  # builds C++ on CPU
-    if mode in ("bytheway-fused", "bytheway-fused-processed-only", "fast-stock", "bytheway-fused-fast"):
+    if mode in ("bytheway-fused", "bytheway-fused-processed-only", "fast-stock", "bytheway-fused-fast",
+                "fast-stock-fused-qkv"):
         backend = "fused"
     if mode == "bytheway-fused-processed-only":  # no plain layers (a revision without them has none)
         monkeypatch.setattr(controller_module, "_plain_layers", lambda *args: [], raising=False)

@@ -557,14 +557,20 @@ def fake_xformers(monkeypatch):
     monkeypatch.setattr(attention_processor, "xformers", types.SimpleNamespace(ops=ops), raising=False)
 
 
-def test_xformers_and_sliced_processors_are_standard_only_without_per_head_norms():
-    from diffusers.models.attention_processor import Attention, SlicedAttnProcessor, XFormersAttnProcessor
+def test_processors_skipping_norms_are_standard_only_without_those_norms():
+    from diffusers.models.attention_processor import (Attention, AttnProcessor, AttnProcessor2_0,
+                                                      SlicedAttnProcessor, XFormersAttnProcessor)
 
     plain = _temporal_attention_module()
-    normed = Attention(query_dim=32, heads=4, dim_head=8, qk_norm="layer_norm")  # these processors skip the norms
-    for processor in (XFormersAttnProcessor(), SlicedAttnProcessor(slice_size=2)):
+    head_normed = Attention(query_dim=32, heads=4, dim_head=8, qk_norm="layer_norm")
+    spatial_normed = Attention(query_dim=32, heads=4, dim_head=8, spatial_norm_dim=8)
+    for processor in (AttnProcessor(), XFormersAttnProcessor(), SlicedAttnProcessor(slice_size=2)):
         assert processor_module.standard_scale(processor, plain) == (True, plain.scale)
-        assert processor_module.standard_scale(processor, normed) == (False, None)
+        assert processor_module.standard_scale(processor, head_normed) == (False, None)  # all three skip norm_q / norm_k
+    assert processor_module.standard_scale(AttnProcessor2_0(), head_normed) == (True, None)  # applies them, as we do
+    assert processor_module.standard_scale(AttnProcessor(), spatial_normed) == (True, spatial_normed.scale)
+    assert processor_module.standard_scale(XFormersAttnProcessor(), spatial_normed) == (True, spatial_normed.scale)
+    assert processor_module.standard_scale(SlicedAttnProcessor(2), spatial_normed) == (False, None)  # skips it
 
 
 @pytest.mark.parametrize("kind", ["xformers", "sliced"])

@@ -10,9 +10,10 @@ temporal modules outside them; never SVD's temporal cross-attention `attn2`).
   with that processor's score scale (`processor.standard_scale`): `AttnProcessor2_0` (SDPA,
   d**-0.5 whatever `attn.scale` says), `FusedAttnProcessor2_0` (the same with q, k, v from the
   module's `to_qkv`, as `fuse_qkv_projections()` installs; the fused path projects through
-  `to_qkv` too), `AttnProcessor`, and `XFormersAttnProcessor` / `SlicedAttnProcessor` where the
-  module has no per-head norms, which those two skip (all three `attn.scale`). Layers with any
-  other processor (IP-Adapter, custom) keep it.
+  `to_qkv` too), and `AttnProcessor`, `XFormersAttnProcessor`, `SlicedAttnProcessor` (all three
+  `attn.scale`) where the module has none of the norms they skip and this package's paths apply
+  (per-head q/k norms; the sliced one also the spatial norm). Layers with any other processor
+  (IP-Adapter, custom) keep it.
 - Per call, `FastTemporalAttnProcessor` runs the fused op when the denoiser's input is on a
   device with the fused kernel (CUDA; on CPU only BYTHEWAY_BACKEND=triton under
   TRITON_INTERPRET=1), decided once per denoiser call by a pre-hook. Anything else runs the

@@ -125,11 +125,10 @@ def standard_scale(processor, attn) -> Tuple[bool, Optional[float]]:
       fused op's default).
     - `FusedAttnProcessor2_0` (what `fuse_qkv_projections()` installs) is the same attention with
       q, k, v from the module's one `to_qkv` projection: standard where the module has one.
-    - `AttnProcessor` uses `attn.scale`.
-    - `XFormersAttnProcessor` (`enable_xformers_memory_efficient_attention()`) and
-      `SlicedAttnProcessor` (`enable_attention_slicing()`) compute the same plain attention with
-      `attn.scale`, but skip per-head norm_q / norm_k (the sliced one spatial_norm too): standard
-      where the module has none of those.
+    - `AttnProcessor`, `XFormersAttnProcessor` (`enable_xformers_memory_efficient_attention()`) and
+      `SlicedAttnProcessor` (`enable_attention_slicing()`) compute plain attention with
+      `attn.scale` but skip per-head norm_q / norm_k, which this package's paths apply (the sliced
+      one skips spatial_norm too): standard where the module has none of the norms they skip.
     """
     from diffusers.models.attention_processor import (AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0,
                                                       SlicedAttnProcessor, XFormersAttnProcessor)
@@ -139,10 +138,9 @@ def standard_scale(processor, attn) -> Tuple[bool, Optional[float]]:
         return True, None
     if kind is FusedAttnProcessor2_0:
         return getattr(attn, "to_qkv", None) is not None, None
-    if kind is AttnProcessor:
-        return True, attn.scale
-    if kind is XFormersAttnProcessor or kind is SlicedAttnProcessor:
-        if attn.norm_q is None and attn.norm_k is None and attn.spatial_norm is None:
+    if kind is AttnProcessor or kind is XFormersAttnProcessor or kind is SlicedAttnProcessor:
+        skipped = (attn.norm_q, attn.norm_k) + ((attn.spatial_norm,) if kind is SlicedAttnProcessor else ())
+        if all(norm is None for norm in skipped):
             return True, attn.scale
     return False, None
 

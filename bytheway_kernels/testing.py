@@ -1,6 +1,5 @@
 """What the tests and the benchmarks share to check a backend: tolerances, poisoned outputs, and
-a switch between the Triton kernels' two band products, and how many helper processes to start at
-once.
+a switch between the Triton kernels' two band products, and how to run helper processes at once.
 
 Every fused backend is compared with the pure-torch reference evaluated in float64 on the same
 (already rounded) inputs, into outputs filled with NaN first so that an element a kernel fails
@@ -11,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, Optional, Tuple
+import subprocess
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -72,6 +72,22 @@ def usable_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return os.cpu_count() or 1
+
+
+def run_at_once(commands: Sequence[Tuple[List[str], dict]], timeout: float,
+                cwd: Optional[str] = None) -> List[Tuple[int, str, str]]:
+    """Run every (arguments, environment) of `commands` as a process, all at once; return each
+    one's (return code, stdout, stderr), in order. A timeout or an interrupt kills them all, so
+    none is left behind."""
+    processes = [subprocess.Popen(arguments, env=environment, cwd=cwd, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+                 for arguments, environment in commands]
+    try:
+        outputs = [process.communicate(timeout=timeout) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    return [(process.returncode, stdout, stderr) for process, (stdout, stderr) in zip(processes, outputs)]
 
 
 @contextlib.contextmanager

@@ -229,7 +229,7 @@ def test_launches_run_with_their_inputs_device_current(monkeypatch):
         def run(self):
             seen.append(current[0])
 
-    monkeypatch.setattr(launch_module, "_current_cuda_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
     monkeypatch.setattr(torch.cuda, "device", DeviceGuard)
     launch_module.run_on_device_of(_TensorOnDevice(1), [Launch(), Launch()])
     assert seen == [1, 1] and guarded == [1] and current == [0]  # both on cuda:1, then cuda:0 again

@@ -18,6 +18,7 @@ import sys
 
 import pytest
 
+from bytheway_kernels.testing import run_at_once
 from test_triton_sm90 import REPO, TRITON36_ENV, triton36_dir
 
 KERNEL_TEST_FILES = ("tests/test_attention_probs_triton.py", "tests/test_temporal_attention_triton.py")
@@ -44,16 +45,9 @@ def test_kernel_tests_pass_under_triton36():
         f"numpy {versions[1]} comes first on the path: Triton 3.6's interpreter needs numpy < 2.4 "
         f"(pip install --target .triton36 'numpy<2.4')")
     # one pytest process per file, at once: the interpreter runs on one thread (two cores in CI)
-    runs = [subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", test_file, "-k", SELECTION],
-        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for test_file in KERNEL_TEST_FILES]
-    try:
-        outputs = [run.communicate(timeout=1500) for run in runs]
-    finally:  # a timeout or an interrupt leaves no pytest process behind
-        for run in runs:
-            run.kill()
-    for test_file, run, (stdout, stderr) in zip(KERNEL_TEST_FILES, runs, outputs):
+    runs = run_at_once([([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", test_file,
+                          "-k", SELECTION], env) for test_file in KERNEL_TEST_FILES], timeout=1500, cwd=REPO)
+    for test_file, (returncode, stdout, stderr) in zip(KERNEL_TEST_FILES, runs):
         summary = stdout.splitlines()[-1] if stdout.strip() else ""
-        assert run.returncode == 0, f"{test_file}:\n" + stdout[-4000:] + stderr[-2000:]
+        assert returncode == 0, f"{test_file}:\n" + stdout[-4000:] + stderr[-2000:]
         assert " passed" in summary and "failed" not in summary, (test_file, summary)

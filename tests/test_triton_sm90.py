@@ -129,19 +129,14 @@ def run_script(path, triton_dir: Optional[Path] = None, band_product: str = "fma
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
                BYTHEWAY_BAND_PRODUCT=band_product,
                PYTHONPATH=os.pathsep.join(path_entries + [os.environ.get("PYTHONPATH", "")]))
+    from bytheway_kernels.testing import run_at_once
+
     count = compile_processes()
-    processes = [subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True,
-                                  env=dict(env, **{SHARD_ENV: f"{index}/{count}"}))
-                 for index in range(count)]
-    try:
-        outputs = [process.communicate(timeout=900) for process in processes]
-    finally:  # a timeout or an interrupt leaves no compile process behind
-        for process in processes:
-            process.kill()
+    runs = run_at_once([([sys.executable, str(path)], dict(env, **{SHARD_ENV: f"{index}/{count}"}))
+                        for index in range(count)], timeout=900)
     reports = []
-    for process, (stdout, stderr) in zip(processes, outputs):
-        assert process.returncode == 0, stderr[-4000:]
+    for returncode, stdout, stderr in runs:
+        assert returncode == 0, stderr[-4000:]
         reports.append(json.loads(stdout.strip().splitlines()[-1]))
     assert len({report["triton"] for report in reports}) == 1, [r["triton"] for r in reports]
     enumerated = reports[0]["variants"]

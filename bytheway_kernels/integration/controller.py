@@ -15,7 +15,7 @@ from . import diagnostics as diagnostics_module
 from .layers import (ModelFamily, TemporalLayer, all_temporal_layers, decoder_temporal_layers, family_of, frames_of,
                      resolve_anchor)
 from .processor import (BINDING_ATTR, BYTHEWAY_COPY_ADVICE, ByTheWayAttnProcessor, LayerBinding, PlainLayerBinding,
-                        RefusesCopy, RunState, standard_scale)
+                        RefusesCopy, RunState, projects_fused_qkv, standard_scale)
 
 def active_step_count(step_fraction: float, num_steps: int) -> int:
     """ceil(step_fraction * num_steps), at least one (rounded first so 0.2 * 15 gives 3, not 4)."""
@@ -174,12 +174,14 @@ class ByTheWayController(RefusesCopy):
             binding = LayerBinding(
                 state=self._state, layer=layer, original=layer.attn.processor, is_anchor=is_anchor,
                 guide_heads=guide_heads.get(layer.position, ()) if is_anchor else (),
+                fused_projection=projects_fused_qkv(layer.attn, layer.attn.processor),
             )
             setattr(layer.attn, BINDING_ATTR, binding)
             layer.attn.set_processor(processor)
         for layer in self._plain_layers:
             original = layer.attn.processor
-            binding = PlainLayerBinding(self._state, original, standard_scale(original, layer.attn)[1])
+            binding = PlainLayerBinding(self._state, original, standard_scale(original, layer.attn)[1],
+                                        projects_fused_qkv(layer.attn, original))
             setattr(layer.attn, BINDING_ATTR, binding)
             layer.attn.set_processor(processor)
 

@@ -44,7 +44,8 @@ import torch
 from ..ops.temporal_attention import fused_available
 from .controller import split_target
 from .layers import TemporalLayer, all_temporal_layers, family_of
-from .processor import BINDING_ATTR, BoundProcessor, RefusesCopy, plain_attention, standard_scale
+from .processor import (BINDING_ATTR, BoundProcessor, RefusesCopy, plain_attention, projects_fused_qkv,
+                        standard_scale)
 
 #: Attribute of a diffusers `Attention` module holding its FastBinding while the fast attention is on.
 FAST_ATTR = "_bytheway_fast_binding"
@@ -71,6 +72,7 @@ class FastBinding(RefusesCopy):
     state: FastState
     original: Any  # the replaced standard diffusers processor (run whenever the call is not fused)
     scale: Optional[float]  # None: the op's default d**-0.5, as SDPA
+    fused_projection: bool  # q, k, v from attn.to_qkv (`processor.projects_fused_qkv`)
 
 
 def _base_processor(attn):
@@ -98,8 +100,8 @@ class FastTemporalAttnProcessor(BoundProcessor):
     binding_attr = FAST_ATTR
 
     def bound_call(self, binding: FastBinding, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
-        return plain_attention(binding.state.fused, binding.original, binding.scale, attn, hidden_states,
-                               encoder_hidden_states, attention_mask, temb)
+        return plain_attention(binding.state.fused, binding, attn, hidden_states, encoder_hidden_states,
+                               attention_mask, temb)
 
 
 class FastTemporalAttention(RefusesCopy):
@@ -132,7 +134,8 @@ class FastTemporalAttention(RefusesCopy):
             if not standard:
                 kept.add(type(original).__name__)
                 continue
-            setattr(layer.attn, FAST_ATTR, FastBinding(self._state, original, scale))
+            binding = FastBinding(self._state, original, scale, projects_fused_qkv(layer.attn, original))
+            setattr(layer.attn, FAST_ATTR, binding)
             _set_base_processor(layer.attn, self._processor)
             installed.append(layer)
         if candidates and not installed:  # nothing to gain: surely not what the caller expects

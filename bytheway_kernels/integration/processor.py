@@ -104,6 +104,7 @@ class LayerBinding(RefusesCopy):
     original: Any  # the processor installed before ByTheWay
     is_anchor: bool
     guide_heads: Tuple[int, ...]  # anchor only: head counts of the layers consuming its map
+    fused_projection: bool = False  # q, k, v from attn.to_qkv (`projects_fused_qkv`, at binding)
 
 
 @dataclasses.dataclass(eq=False)
@@ -116,6 +117,7 @@ class PlainLayerBinding(RefusesCopy):
     state: RunState
     original: Any  # the standard diffusers processor installed before ByTheWay
     scale: Optional[float]  # None: the op's default d**-0.5, as SDPA
+    fused_projection: bool  # q, k, v from attn.to_qkv (`projects_fused_qkv`, at binding)
 
 
 def standard_scale(processor, attn) -> Tuple[bool, Optional[float]]:
@@ -149,7 +151,8 @@ def projects_fused_qkv(attn, processor) -> bool:
     """Whether the processor that runs `attn` outside this package, `processor` or the one this
     package's processors keep behind it (ByTheWay's and the fast attention's bindings), is
     diffusers' `FusedAttnProcessor2_0`: q, k and v then come from `attn.to_qkv`, as there.
-    (An import statement rather than a cached lookup: torch.compile traces it without a warning.)"""
+    Asked once, when a layer is bound (the bindings keep the answer): the processor behind this
+    package's own stays the same while they are installed."""
     from diffusers.models.attention_processor import FusedAttnProcessor2_0
 
     for _ in range(2):  # ByTheWay's binding, then the fast attention's behind it
@@ -160,18 +163,20 @@ def projects_fused_qkv(attn, processor) -> bool:
     return type(processor) is FusedAttnProcessor2_0
 
 
-def plain_attention(fuse: bool, original, scale: Optional[float], attn, hidden_states: torch.Tensor,
-                    encoder_hidden_states, attention_mask, temb) -> torch.Tensor:
+def plain_attention(fuse: bool, binding, attn, hidden_states: torch.Tensor, encoder_hidden_states,
+                    attention_mask, temb) -> torch.Tensor:
     """A plain (ByTheWay-free) attention layer's output: through the fused op (alpha = 0, beta = 1,
     no guide) when `fuse` and the call is temporal self-attention without a mask, else through
-    `original`, the layer's standard processor.
+    `binding.original`, the layer's standard processor. `binding` (a `PlainLayerBinding` or the
+    fast attention's binding) also gives the score scale and the projection.
 
     Plain attention needs no video geometry: every row is its own 1 x 1 "video", no CFG split."""
     if not fuse or encoder_hidden_states is not None or attention_mask is not None or hidden_states.dim() != 3:
-        return delegate(original, attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        return delegate(binding.original, attn, hidden_states, encoder_hidden_states, attention_mask, temb)
     query, key, value = project_qkv(attn, normed_input(attn, hidden_states, temb), stacked=True,
-                                    fused_projection=projects_fused_qkv(attn, original))
-    attended = temporal_attention(query, key, value, heads=attn.heads, height=1, width=1, scale=scale, cfg=False)
+                                    fused_projection=binding.fused_projection)
+    attended = temporal_attention(query, key, value, heads=attn.heads, height=1, width=1, scale=binding.scale,
+                                  cfg=False)
     return finish_output(attn, attended, hidden_states)
 
 
@@ -339,8 +344,8 @@ class ByTheWayAttnProcessor(BoundProcessor):
     def bound_call(self, binding, attn, hidden_states, encoder_hidden_states, attention_mask, temb):
         state = binding.state
         if isinstance(binding, PlainLayerBinding):
-            return plain_attention(state.modify and state.fused, binding.original, binding.scale, attn,
-                                   hidden_states, encoder_hidden_states, attention_mask, temb)
+            return plain_attention(state.modify and state.fused, binding, attn, hidden_states,
+                                   encoder_hidden_states, attention_mask, temb)
         if (not state.modify and not state.measure) or encoder_hidden_states is not None:
             return delegate(binding.original, attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         output = self._bytheway(attn, binding, hidden_states, attention_mask, temb)
@@ -358,8 +363,7 @@ class ByTheWayAttnProcessor(BoundProcessor):
         residual = hidden_states
         hidden_states = normed_input(attn, hidden_states, temb)
         fused = state.fused and attention_mask is None and not state.measure
-        query, key, value = project_qkv(attn, hidden_states, stacked=fused,
-                                        fused_projection=projects_fused_qkv(attn, binding.original))
+        query, key, value = project_qkv(attn, hidden_states, stacked=fused, fused_projection=binding.fused_projection)
         if fused:
             attended = self._attend_fused(attn, binding, call, query, key, value)
         else:

@@ -67,17 +67,13 @@ def run_on_device_of(tensor: torch.Tensor, launches) -> None:
     (the common case: no guard); CPU tensors (the interpreter) need none.
     """
     index = tensor.get_device()
-    if index < 0 or index == _current_cuda_device():
+    if index < 0 or index == torch.cuda.current_device():
         for launch in launches:
             launch.run()
         return
     with torch.cuda.device(index):
         for launch in launches:
             launch.run()
-
-
-def _current_cuda_device() -> int:
-    return torch.cuda.current_device()
 
 
 def direct_launch_enabled() -> bool:

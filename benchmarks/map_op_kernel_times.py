@@ -77,29 +77,29 @@ def adaptive_call(scores, guide):
 
 
 @contextlib.contextmanager
+def planned_with(**names):
+    """The map op's Triton module with `names` set to the given values, its launch plans rebuilt
+    inside the block and after it."""
+    saved = {name: getattr(map_triton, name) for name in names}
+    for name, value in names.items():
+        setattr(map_triton, name, value)
+    map_triton._launch_plan.cache_clear()
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(map_triton, name, value)
+        map_triton._launch_plan.cache_clear()
+
+
 def stats_tiles(tiles: int):
-    """Every stats program of the map op takes `tiles` tiles (the launch plans are rebuilt)."""
-    saved = map_triton.MAX_STATS_TILES, map_triton.TARGET_STATS_PROGRAMS
-    map_triton.MAX_STATS_TILES, map_triton.TARGET_STATS_PROGRAMS = tiles, 1
-    map_triton._launch_plan.cache_clear()
-    try:
-        yield
-    finally:
-        map_triton.MAX_STATS_TILES, map_triton.TARGET_STATS_PROGRAMS = saved
-        map_triton._launch_plan.cache_clear()
+    """Every stats program of the map op takes `tiles` tiles."""
+    return planned_with(MAX_STATS_TILES=tiles, TARGET_STATS_PROGRAMS=1)
 
 
-@contextlib.contextmanager
 def apply_tiles(rows: int, warps: int):
-    """The map op's apply kernel takes `rows` rows per tile on `warps` warps (plans rebuilt)."""
-    saved = map_triton._launch_shape
-    map_triton._launch_shape = lambda padded_frames: (rows, warps)
-    map_triton._launch_plan.cache_clear()
-    try:
-        yield
-    finally:
-        map_triton._launch_shape = saved
-        map_triton._launch_plan.cache_clear()
+    """The map op's apply kernel takes `rows` rows per tile on `warps` warps."""
+    return planned_with(_launch_shape=lambda padded_frames: (rows, warps))
 
 
 def apply_tile_sweep():

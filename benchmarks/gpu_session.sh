@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared device run for a session that is lent a GPU: the GPU quick check of the fused
 # temporal attention, its kernel times (with the tile, energy-form and energy-program sweeps),
-# the map op's kernel times, the host cost per call split three ways (benchmarks/host_cost.py),
+# the map op's kernel times, the host cost per call split four ways (benchmarks/host_cost.py),
 # the CUDA tests (direct launcher, the default), the benchmark suite (kernel time, host per call,
 # wall, peak memory), and this device's section of benchmarks/RESULTS.md. Every step is independent (one failing or
 # timing out does not stop the others) and the whole run ends within BYTHEWAY_GPU_BUDGET_S seconds
@@ -79,7 +79,10 @@ if [[ -f benchmarks/map_op_kernel_times.py ]]; then  # profiler: the map op's ke
   # stats pass at 1, 2, 4 and 8 tiles per program (one wave or several)
   step map_kernel_times 100 python3 benchmarks/map_op_kernel_times.py
 fi
-step host_cost 30 python3 benchmarks/host_cost.py  # host per call: Triton's path / direct / our Python
+# host per call: Triton's path / direct (pointers as ints, the default since 2026-11-27) /
+# direct handing over the tensors (as before: the C launcher's data_ptr() and cuPointerGetAttribute
+# per tensor) / our Python; map_op_kernel_times.py and temporal_attention_gpu_check.py print the same
+step host_cost 30 python3 benchmarks/host_cost.py
 # The CUDA tests before the suite, on 8 pytest-xdist workers (the image has pytest-xdist; a cold
 # compile of every variant took over 130 s in one process). Changed since the last full GPU run
 # (H200 session 5, at 7add066): the default tiles and settings (the stash of guided maps on, the

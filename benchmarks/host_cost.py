@@ -2,14 +2,17 @@
 
 Used by benchmarks/map_op_kernel_times.py and benchmarks/temporal_attention_gpu_check.py. Host
 time is the wall time per call of back-to-back calls without synchronising (what an eager
-pipeline pays on the CPU; the median of 5 batches, as the suite's host column), measured three
+pipeline pays on the CPU; the median of 5 batches, as the suite's host column), measured four
 ways in one run:
 - "triton launch": every launch through `kernel[grid](...)` (`BYTHEWAY_DIRECT_LAUNCH=0`);
 - "direct launch": as shipped (bytheway_kernels/ops/launch.py);
+- "direct, tensors": the same, but handing Triton's C launcher the tensors themselves, as it did
+  before 2026-11-27: the launcher then calls `data_ptr()` and the driver's `cuPointerGetAttribute`
+  once per tensor argument, which passing the pointers as ints skips;
 - "python only": every kernel launch replaced by nothing, so what is left is our own host work
   (validation, allocation, launch plan); the difference to the others is the launch path's cost.
 
-Run as a script (`python benchmarks/host_cost.py`) it prints the three for the map op and fused
+Run as a script (`python benchmarks/host_cost.py`) it prints the four for the map op and fused
 temporal attention at up_blocks.1's shape (AnimateDiff preset, fixed and adaptive beta). Without
 CUDA it prints, through the Triton backend on CPU tensors (kernels never run, never interpreted),
 "python only" and "direct launcher, stubbed": the direct launcher's own host work as well, with
@@ -29,7 +32,7 @@ import torch
 
 from bytheway_kernels.ops import launch as launch_module
 
-HOST_COLUMNS = ("triton launch", "direct launch", "python only")
+HOST_COLUMNS = ("triton launch", "direct launch", "direct, tensors", "python only")
 
 
 @contextmanager
@@ -56,6 +59,25 @@ def _launches_skipped():
         yield
     finally:
         launch_module.KernelLaunch.run = original
+
+
+def _tensors_passed_whole(values: dict) -> tuple:
+    """`launch._call_arguments` as it was before 2026-11-27: the same signature, computed the same
+    way, and this call's values as they are (tensors, not their pointers)."""
+    tensor = torch.Tensor
+    return (tuple(values), tuple([
+        (value.dtype, not value.data_ptr() & 15) if type(value) is tensor else (type(value), value)
+        for value in values.values()])), list(values.values())
+
+
+@contextmanager
+def _tensor_arguments():
+    original = launch_module._call_arguments
+    launch_module._call_arguments = _tensors_passed_whole
+    try:
+        yield
+    finally:
+        launch_module._call_arguments = original
 
 
 class _CompiledStandIn:
@@ -120,6 +142,8 @@ def host_costs(fn, calls: int = 200) -> dict:
         costs["triton launch"] = host_us_per_call(fn, calls)
     with _environment(launch_module.DIRECT_LAUNCH_ENV, "1"):
         costs["direct launch"] = host_us_per_call(fn, calls)
+        with _tensor_arguments():
+            costs["direct, tensors"] = host_us_per_call(fn, calls)
     with _launches_skipped():
         costs["python only"] = host_us_per_call(fn, calls)
     return costs

@@ -33,3 +33,27 @@ def test_host_cost_script_measures_both_cpu_columns():
     assert set(rows) == {"map op fixed", "map op adaptive", "attention plain", "attention fixed",
                          "attention adaptive"}
     assert all(python_only > 0 and with_launcher > 0 for python_only, with_launcher in rows.values())
+
+
+def test_the_tensor_argument_column_changes_only_what_the_launcher_is_handed():
+    """The "direct, tensors" column must differ from "direct launch" in one thing only: the C
+    launcher gets the tensors instead of their pointers (same cache key, same argument order)."""
+    import torch
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import host_cost
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    from bytheway_kernels.ops import launch
+
+    storage = torch.zeros(64, dtype=torch.float16)
+    values = dict(scores_ptr=storage[1:], probs_ptr=torch.zeros(8), count=5, alpha=0.5, FLAG=True)
+    signature, pointers = launch._call_arguments(values)
+    old_signature, arguments = host_cost._tensors_passed_whole(values)
+    assert old_signature == signature
+    assert arguments == list(values.values()) and arguments[0] is values["scores_ptr"]
+    assert pointers == [values["scores_ptr"].data_ptr(), values["probs_ptr"].data_ptr(), 5, 0.5, True]
+    with host_cost._tensor_arguments():
+        assert launch._call_arguments is host_cost._tensors_passed_whole
+    assert launch._call_arguments is not host_cost._tensors_passed_whole

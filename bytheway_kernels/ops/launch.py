@@ -7,8 +7,9 @@ metadata for hooks that are empty. The ops' launches split their arguments into 
 dict object per call signature cached by the op's launch plan, and this call's `values`. The
 direct launcher (the default; `BYTHEWAY_DIRECT_LAUNCH=0` turns it off) keeps the kernel Triton
 compiled for each (constants object, value signature) and calls its launcher itself with the
-arguments Triton would pass, in the same order. The value signature is what Triton specialises
-on or finer: each tensor's dtype and 16-byte alignment, each scalar's exact type and value. On an
+arguments Triton would pass, in the same order, tensors as their data pointers (`_call_arguments`).
+The value signature is what Triton specialises on or finer: each tensor's dtype and 16-byte
+alignment, each scalar's exact type and value. On an
 H200 (Triton 3.6, benchmarks/RESULTS.md) every CUDA test passed with it, and it cut the host time
 per call by 16-36% (map op fixed beta 53 -> 42 us, adaptive 149 -> 97 us; fused attention
 adaptive 156 -> 113 us).
@@ -95,21 +96,34 @@ class _DirectEntry(NamedTuple):
     constants: dict
     compiled: object  # triton.compiler.CompiledKernel
     arguments: list  # every kernel parameter in signature order, the constants filled in
-    value_slots: tuple  # (position in `arguments`, name in `values`)
+    value_positions: tuple  # where each of `values`, in its order, goes in `arguments`
 
 
 _DIRECT_CACHE: dict = {}
 _Tensor = torch.Tensor
 
 
-def _value_signature(values: dict) -> tuple:
-    """Everything about `values` that Triton's specialisation can depend on, or finer: the names,
-    each tensor's dtype and 16-byte alignment, each scalar's type and value. (The exact-type test
-    sends tensor subclasses, which eager calls never pass, to the scalar branch: keyed by
-    identity, they take Triton's path; `isinstance` would cost ~40 ns per value.)"""
-    return tuple(values), tuple([
-        (value.dtype, not value.data_ptr() & 15) if type(value) is _Tensor else (type(value), value)
-        for value in values.values()])
+def _call_arguments(values: dict) -> tuple:
+    """(value signature, this call's arguments in `values`' order, each tensor as its data pointer).
+
+    The signature is everything about `values` that Triton's specialisation can depend on, or
+    finer: the names, each tensor's dtype and 16-byte alignment, each scalar's type and value.
+    (The exact-type test sends tensor subclasses, which eager calls never pass, to the scalar
+    branch: keyed by identity, they take Triton's path; `isinstance` would cost ~40 ns per value.)
+    A pointer passed as an int takes the C launcher's fast path: given a tensor, it calls
+    `data_ptr()` again and asks the driver whether the pointer is device memory
+    (`cuPointerGetAttribute`), once per tensor per launch. Our ops have checked the device
+    already (and `run_on_device_of` made it current)."""
+    signature, arguments = [], []
+    for value in values.values():  # one loop: as fast as a signature comprehension alone
+        if type(value) is _Tensor:
+            pointer = value.data_ptr()
+            signature.append((value.dtype, not pointer & 15))
+            arguments.append(pointer)
+        else:
+            signature.append((type(value), value))
+            arguments.append(value)
+    return (tuple(values), tuple(signature)), arguments
 
 
 def _hooks_are_empty(runtime_knobs) -> bool:
@@ -147,16 +161,16 @@ def _launch_direct(launch: KernelLaunch) -> None:
         launch.run_through_triton()
         return
     device, stream = _device_and_stream()
-    values = launch.values
+    signature, call_arguments = _call_arguments(launch.values)
     # id(): a JITFunction's own hash is a Python-level property (~0.7 us per launch)
-    key = (id(kernel), id(launch.constants), device, _value_signature(values))
+    key = (id(kernel), id(launch.constants), device, signature)
     entry = _DIRECT_CACHE.get(key)
     if entry is None or entry.constants is not launch.constants or entry.kernel is not kernel:
         _remember(key, launch, launch.run_through_triton())  # the kernel Triton launched
         return
     arguments = entry.arguments.copy()
-    for position, name in entry.value_slots:
-        arguments[position] = values[name]
+    for position, argument in zip(entry.value_positions, call_arguments):
+        arguments[position] = argument
     grid = launch.grid
     compiled = entry.compiled
     # The call JITFunction.run makes, with no launch metadata and no hooks (both are empty).
@@ -171,7 +185,7 @@ def _remember(key, launch: KernelLaunch, compiled) -> None:
     if any(name not in launch.constants and name not in launch.values for name in names):
         return  # a parameter left to its default: Triton's binder fills it in, so keep its path
     arguments = [launch.constants.get(name) for name in names]
-    value_slots = tuple((position, name) for position, name in enumerate(names) if name in launch.values)
+    value_positions = tuple(names.index(name) for name in launch.values)
     if len(_DIRECT_CACHE) >= _DIRECT_CACHE_LIMIT:
         _DIRECT_CACHE.clear()
-    _DIRECT_CACHE[key] = _DirectEntry(launch.kernel, launch.constants, compiled, arguments, value_slots)
+    _DIRECT_CACHE[key] = _DirectEntry(launch.kernel, launch.constants, compiled, arguments, value_positions)

@@ -313,10 +313,21 @@ class ByTheWayController(RefusesCopy):
         return available
 
     def _check_layers_in_place(self) -> None:
-        for layer in self._layers + self._plain_layers:
+        """Every processed layer still runs ByTheWay. The plain layers (a speed-up only) are not
+        checked: one given another processor runs that one, as a pipeline may do for the length of
+        a call (AnimateDiffPAGPipeline perturbs the middle block's temporal self-attention by
+        default, then puts the processors back)."""
+        for layer in self._layers:
             if getattr(layer.parent, layer.attribute, None) is not layer.attn or not isinstance(
                 layer.attn.processor, ByTheWayAttnProcessor
             ) or self._denoiser.get_submodule(layer.name) is not layer.attn:
+                if type(layer.attn.processor).__name__.startswith("PAG"):
+                    raise RuntimeError(
+                        f"perturbed-attention guidance (PAG) runs its own processor in the temporal layer "
+                        f"{layer.name}, which ByTheWay processes: choose pag_applied_layers outside the "
+                        f"processed blocks ({self._anchor} and the decoder blocks after it), as PAG's "
+                        f"default 'mid_block.*attn1' is"
+                    )
                 raise RuntimeError(
                     f"the temporal layer {layer.name} was replaced or given another processor after "
                     f"apply_bytheway (e.g. by enable_free_noise or set_attn_processor): call remove() and "

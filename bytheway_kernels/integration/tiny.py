@@ -273,6 +273,15 @@ def tiny_animatediff_sdxl_pipeline(device="cpu", dtype=torch.float32, seed: int 
     )
 
 
+def tiny_animatediff_pag_pipeline(device="cpu", dtype=torch.float32, seed: int = 0):
+    """A tiny `AnimateDiffPAGPipeline` (perturbed-attention guidance on diffusers' default layers,
+    `mid_block.*attn1`: the middle block's spatial and temporal self-attention). Call it with
+    `pag_scale > 0`; the batch is then (unconditional, conditional, perturbed) with CFG."""
+    from diffusers import AnimateDiffPAGPipeline
+
+    return _motion_pipeline(AnimateDiffPAGPipeline, device, dtype, seed)
+
+
 def tiny_pia_pipeline(device="cpu", dtype=torch.float32, seed: int = 0):
     """A tiny `PIAPipeline` (image-to-video): the UNet's conv_in takes 9 channels (latents, mask,
     masked image latents). Call it with an `image` of the video's size."""

@@ -1,5 +1,6 @@
 """apply_bytheway on full tiny offline pipelines of the models not covered elsewhere:
-AnimateDiffSDXL, PIA and AnimateDiffSparseControlNet (UNetMotionModel), I2VGenXL,
+AnimateDiffSDXL, PIA, AnimateDiffSparseControlNet, AnimateDiffControlNet and
+AnimateDiffVideoToVideoControlNet (UNetMotionModel), VideoToVideoSD (UNet3D), I2VGenXL,
 StableVideoDiffusion and Latte. Each runs stock, with ByTheWay, and stock again after remove()."""
 
 from __future__ import annotations
@@ -17,10 +18,14 @@ pytest.importorskip("diffusers")
 STEPS = 3  # ceil(0.2 * 3) = 1 active step
 
 
-def _image():
+def _picture(color):
     from PIL import Image
 
-    return Image.new("RGB", (16, 16), (40, 120, 200))
+    return Image.new("RGB", (16, 16), color)
+
+
+def _image():
+    return _picture((40, 120, 200))
 
 
 def _svd_kwargs():
@@ -40,6 +45,19 @@ def _latte_kwargs():
     )
 
 
+def _video():
+    return [_picture((16 * i, 100, 200 - 8 * i)) for i in range(FRAMES)]
+
+
+def _from_video(**extra):
+    """Video-to-video call arguments: the frame count and size come from `video` (strength 1 runs
+    every step; test_integration_models.py's AnimateDiff video-to-video test takes 0.8)."""
+    kwargs = video_call_kwargs(steps=STEPS, video=_video(), **extra)
+    for name in ("num_frames", "height", "width"):
+        del kwargs[name]
+    return kwargs
+
+
 # pipeline builder, call arguments (fresh per call)
 CASES = {
     "animatediff_sdxl": (tiny.tiny_animatediff_sdxl_pipeline, lambda: video_call_kwargs(steps=STEPS)),
@@ -54,9 +72,22 @@ CASES = {
         tiny.tiny_i2vgenxl_pipeline,
         lambda: video_call_kwargs(steps=STEPS, image=_image(), clip_skip=None, decode_chunk_size=FRAMES),
     ),
+    "animatediff_controlnet": (
+        tiny.tiny_animatediff_controlnet_pipeline,
+        lambda: video_call_kwargs(steps=STEPS, conditioning_frames=_video()),
+    ),
+    "animatediff_video_to_video_controlnet": (
+        lambda: tiny.tiny_animatediff_controlnet_pipeline(video_to_video=True),
+        lambda: _from_video(conditioning_frames=_video(), strength=1.0),
+    ),
+    "video_to_video_sd": (tiny.tiny_video_to_video_pipeline, lambda: _from_video(strength=1.0)),
     "svd": (tiny.tiny_svd_pipeline, _svd_kwargs),
     "latte": (tiny.tiny_latte_pipeline, _latte_kwargs),
 }
+
+
+# apply_bytheway's arguments where the pipeline does not report whether CFG is on
+APPLY_OPTIONS = {"video_to_video_sd": dict(cfg=True)}
 
 
 def _run(pipe, call_kwargs):
@@ -71,7 +102,7 @@ def test_pipeline_active_on_first_steps_and_remove_restores(name, monkeypatch):
     stock = _run(pipe, call_kwargs)
 
     spy = OpSpy(monkeypatch)
-    with apply_bytheway(pipe, diagnostics=True) as controller:  # every pipeline here reports its CFG
+    with apply_bytheway(pipe, diagnostics=True, **APPLY_OPTIONS.get(name, {})) as controller:
         changed = _run(pipe, call_kwargs)
         rows = controller.diagnostics()
         layers = set(controller.layer_names)

@@ -181,6 +181,19 @@ def tiny_sparse_controlnet():
     ).eval()
 
 
+def tiny_controlnet():
+    """A ControlNetModel (image ControlNet, run frame by frame) matching the tiny motion UNet; its
+    condition embedding halves the control images' size, as the tiny VAE does."""
+    from diffusers import ControlNetModel
+
+    return ControlNetModel(
+        **_MOTION_UNET_LEVELS,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        cross_attention_dim=TINY_TEXT_DIM,
+        conditioning_embedding_out_channels=(8, 8),
+    ).eval()
+
+
 class _DropFloat32CastWarning(logging.Filter):
     """Drops diffusers' "modules ... that should be kept in float32: []" warning. It is logged by
     `ModelMixin.to` whenever a dtype is passed (AnimateDiff pipelines call it while merging the
@@ -301,6 +314,18 @@ def tiny_animatediff_sparsectrl_pipeline(device="cpu", dtype=torch.float32, seed
     )
 
 
+def tiny_animatediff_controlnet_pipeline(device="cpu", dtype=torch.float32, seed: int = 0,
+                                         video_to_video: bool = False):
+    """A tiny `AnimateDiffControlNetPipeline`, or with `video_to_video`
+    `AnimateDiffVideoToVideoControlNetPipeline`; call it with `conditioning_frames` (one image of
+    the video's size per frame) and, for video-to-video, `video`."""
+    from diffusers import AnimateDiffControlNetPipeline, AnimateDiffVideoToVideoControlNetPipeline
+
+    pipeline_class = AnimateDiffVideoToVideoControlNetPipeline if video_to_video else AnimateDiffControlNetPipeline
+    return _motion_pipeline(pipeline_class, device, dtype, seed,
+                            extra_components=lambda tokenizer: dict(controlnet=tiny_controlnet()))
+
+
 #: The UNet3D-style decoder shared by the tiny TextToVideoSD and I2VGenXL denoisers.
 _TINY_UNET3D_CONFIG = dict(
     block_out_channels=(8, 16, 16),
@@ -325,6 +350,17 @@ def tiny_text_to_video_pipeline(device="cpu", dtype=torch.float32, seed: int = 0
     unet = UNet3DConditionModel(**_TINY_UNET3D_CONFIG, sample_size=8).eval()
     pipe = TextToVideoSDPipeline(**_vae_and_clip_text(tokenizer), unet=unet, scheduler=tiny_ddim_scheduler())
     return _to(pipe, device, dtype)
+
+
+def tiny_video_to_video_pipeline(device="cpu", dtype=torch.float32, seed: int = 0):
+    """A tiny `VideoToVideoSDPipeline`: `tiny_text_to_video_pipeline`'s parts, called with `video`
+    (and no `do_classifier_free_guidance` either: pass `cfg=` to apply_bytheway)."""
+    from diffusers import VideoToVideoSDPipeline
+
+    text_to_video = tiny_text_to_video_pipeline(device, dtype, seed)
+    pipe = VideoToVideoSDPipeline(**text_to_video.components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def tiny_i2vgenxl_unet():

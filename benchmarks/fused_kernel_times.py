@@ -43,7 +43,7 @@ from bytheway_kernels.ops.temporal_attention.triton import (ENERGY_FORMS, TileCo
                                                             default_energy_config,
                                                             energy_candidate_configs,
                                                             temporal_attention_triton_out)
-from bytheway_kernels.testing import band_product_split
+from bytheway_kernels.testing import band_product
 from harness import kernel_setting  # benchmarks/harness.py
 
 CALLS = 20
@@ -166,8 +166,8 @@ def main() -> int:
             times[label] = device_times(fn, flush)
             print(f"  {label:34} {describe(times[label])}")
         if frames != 16:  # tau 7 is the full band at F = 16: no product with P there
-            for split, product in ((True, "tensor-core band"), (False, "fp32-dot band")):
-                with band_product_split(split):
+            for setting, product in (("tensor-cores", "tensor-core band"), ("fma", "fp32-dot band")):
+                with band_product(setting):
                     for label in ("fused fixed", "fused adaptive"):
                         forced = device_times(rows[label], flush)
                         print(f"  {label + f' ({product})':34} {describe(forced)}")

@@ -105,6 +105,11 @@ step host_cost 30 python3 benchmarks/host_cost.py
 # CUDA test also runs both fused paths after diffusers' fuse_qkv_projections() (q, k, v as slices
 # of to_qkv's output), and test_denoiser.py times that at real size: "bytheway off, fused qkv"
 # (diffusers' fuse_qkv_projections alone) and "fast stock, fused qkv" (the fast attention on top).
+# Since 2026-11-27 the map op's band step where F % 4 == 0 is P's rank-one terms (43-54 registers
+# in the apply kernel at F = 24 / 32 where the fp32 dot held 161-167; untimed): map_kernel_times'
+# F = 24 / 32 default rows time them, its "fma" rows the dot (issue 10: fixed beta 1.63-1.75x
+# softmax there, target 0.6x), bench_map's F24 / F32 groups too; the CUDA tests run both ops with
+# them; and the direct launcher hands Triton's C launcher data pointers as ints (host_cost.py).
 step gpu_tests 240 bash -c 'python3 -m pytest -q -p no:cacheprovider -rfEs -n 8 \
   tests/test_attention_probs_gpu.py tests/test_temporal_attention_gpu.py; python3 -m pytest -q -p no:cacheprovider -rfEs \
   tests/test_integration_fused.py -k cuda'

@@ -6,15 +6,18 @@ up_blocks.2's size (tau 7: a circulant band, so the band step multiplies by P) i
 profiler's self device time per kernel averaged over 20 calls, and the host time per call of 200
 calls issued without synchronising, as the 2026-11-26 H200 notes measured them
 (benchmarks/results/h200-2026-11-26.notes.md), three ways: through Triton's launch path, through
-the direct launcher, and our Python alone (benchmarks/host_cost.py). At F = 24 and 32 it also
-times the band product as three tf32 products on tensor cores ("tc" rows) next to the default
-exact fp32 dot (`bytheway_kernels.ops.triton_rules.band_product`).
+the direct launcher, handing the launcher tensors (as before 2026-11-27) and our Python alone
+(benchmarks/host_cost.py). At F = 24 and 32 the default band step is P's rank-one terms
+(`bytheway_kernels.ops.triton_rules.rank_one_band_product`, since 2026-11-27, untimed before);
+it also times the exact fp32 dot, the default before ("fma" rows), and three tf32 products on
+tensor cores ("tc" rows; `bytheway_kernels.ops.triton_rules.band_product`).
 
-At F = 24 and 32 it then times the fixed-beta apply kernel on other tiles (`apply_tile_sweep`):
-the default (32 rows on 4 warps, 8 entries per thread) holds the exact fp32 band dot's operands
-in 161-167 registers (3 programs per SM), where 4 entries per thread (32 rows on 8 warps, or 16
-on 4) compile to 32-38 registers and ~35% more instructions per entry (sm_90 SASS, Triton 3.6
-and 3.9, no spills).
+At F = 24 and 32 it then times the fixed-beta apply kernel on other tiles (`apply_tile_sweep`),
+with the default band step. With the fp32 dot the default tile (32 rows on 4 warps, 8 entries
+per thread) held the dot's operands in 161-167 registers (3 programs per SM), where 4 entries
+per thread (32 rows on 8 warps, or 16 on 4) compiled to 32-38 registers and ~35% more
+instructions per entry; with the rank-one terms the default tile takes 44-54 (sm_90 SASS,
+Triton 3.6 and 3.9, no spills).
 
 Then, at the three F = 16 shapes, it sweeps the adaptive stats pass's tiles per program
 (`STATS_TILE_SWEEP`: 1, 2, 4 and 8 tiles of 64 rows, the default taking up to 4): per program
@@ -35,7 +38,7 @@ import bytheway_kernels as btw
 from bytheway_kernels.ops import triton_rules
 from bytheway_kernels.ops.attention_probs import triton as map_triton
 from bytheway_kernels.ops.params import ByTheWayParams
-from bytheway_kernels.testing import band_product_split
+from bytheway_kernels.testing import band_product
 from host_cost import HOST_COLUMNS, host_costs, host_us_per_call
 
 CALLS = 20
@@ -103,7 +106,8 @@ def apply_tiles(rows: int, warps: int):
 
 
 def apply_tile_sweep():
-    """The fixed-beta call's apply kernel time per forced tile at F = 24 and 32 (the band dot)."""
+    """The fixed-beta call's apply kernel time per forced tile at F = 24 and 32 (the default band
+    step: P's rank-one terms)."""
     print("apply kernel, fixed beta, (rows per tile, warps): us")
     for size, frames in SHAPES:
         if frames == 16:
@@ -116,7 +120,7 @@ def apply_tile_sweep():
                 kernels = kernel_times(lambda: btw.bytheway_attention_probs(
                     scores, guide, alpha=0.6, beta=1.5, tau=7, adaptive_beta=False))
                 plan = map_triton._launch_plan(tuple(scores.shape), tuple(guide.shape[1:3]), params,
-                                               False, triton_rules.SPLIT_BAND)
+                                               False, triton_rules.BAND_PRODUCT)
                 assert (plan.apply_args["BLOCK_R"], plan.apply_args["num_warps"]) == (rows, warps)
             cells.append(f"({rows}, {warps}): {sum(kernels.values()):6.1f}")
         print(f"{size}x{size} F{frames}  " + "   ".join(cells))
@@ -126,7 +130,7 @@ def stats_plan(scores, guide):
     """The map op's launch plan for `adaptive_call`'s settings (one video in scope: CFG)."""
     params = ByTheWayParams(0.6, 1.5, 7, True, 2, 1, "batch", "nearest", None)
     return map_triton._launch_plan(tuple(scores.shape), tuple(guide.shape[1:3]), params, False,
-                                   triton_rules.SPLIT_BAND)
+                                   triton_rules.BAND_PRODUCT)
 
 
 def stats_tile_sweep():
@@ -162,20 +166,24 @@ def main():
                                                           adaptive_beta=False),
             "adaptive": adaptive_call(scores, guide),
         }
-        runs = [(name, fn, False) for name, fn in calls.items()]
+        runs = [(name, fn, "auto") for name, fn in calls.items()]
         if frames != 16:  # tau 7 is the full band at F = 16: no product with P there
-            runs += [(f"{name} tc", calls[name], True) for name in ("fixed", "adaptive")]
+            # the default here is the rank-one terms (F a multiple of 4): beside it the fp32 dot
+            # (the default before 2026-11-27) and the tf32 split on tensor cores
+            runs += [(f"{name} {label}", calls[name], setting)
+                     for setting, label in (("fma", "fma"), ("tensor-cores", "tc"))
+                     for name in ("fixed", "adaptive")]
         softmax_kernel = None
-        for name, fn, split in runs:
-            with band_product_split(split):
+        for name, fn, setting in runs:
+            with band_product(setting):
                 kernels = kernel_times(fn)
                 total = sum(kernels.values())
                 softmax_kernel = softmax_kernel or total
                 parts = ", ".join(f"{key.split('(')[0][:24]} {value:.1f}" for key, value in kernels.items())
                 if name == "softmax":
                     host_text = f"{host_us_per_call(fn):6.1f}"
-                elif split:
-                    host_text = "(as with fma)"
+                elif setting != "auto":
+                    host_text = "(as the default)"
                 else:
                     host = host_costs(fn)
                     host_text = " / ".join(f"{host[column]:6.1f}" for column in HOST_COLUMNS)

@@ -40,7 +40,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from bytheway_kernels import PRESETS, temporal_attention
 from bytheway_kernels.ops.params import ByTheWayParams
 from bytheway_kernels.ops.temporal_attention.reference import temporal_attention_composed
-from bytheway_kernels.testing import band_product_split
+from bytheway_kernels.testing import band_product
 from bytheway_kernels.ops.temporal_attention.triton import (default_energy_config,
                                                             temporal_attention_triton_out)
 import harness  # benchmarks/harness.py: the suite's timers
@@ -201,9 +201,9 @@ def check_band_products_fp32(preset) -> list:
                                     "nearest", None)
             truth = temporal_attention_composed(q.double(), k.double(), v.double(), guide.double(),
                                                 HEADS, height, width, scale, params, False, False)[0]
-            for split, product in ((True, "tensor cores"), (False, "fma")):
+            for setting, product in (("tensor-cores", "tensor cores"), ("fma", "fma")):
                 out = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)
-                with band_product_split(split):
+                with band_product(setting):
                     temporal_attention_triton_out(q, k, v, guide, HEADS, height, width, scale,
                                                   params, out)
                 error = relative_error(out, truth)
@@ -227,12 +227,12 @@ def time_band_products(preset) -> tuple:
                                "nearest", None)
         row = {"frames": frames}
         for label, params in (("fixed", fixed), ("adaptive", fixed._replace(adaptive_beta=True))):
-            with band_product_split(False):
+            with band_product("fma"):
                 composed = temporal_attention_composed(q, k, v, guide, HEADS, height, width, scale,
                                                        params, False, False)[0]
-            for split, product in ((True, "tensor cores"), (False, "fma")):
+            for setting, product in (("tensor-cores", "tensor cores"), ("fma", "fma")):
                 out = torch.full_like(q, float("nan"), memory_format=torch.contiguous_format)
-                with band_product_split(split):
+                with band_product(setting):
                     def call():
                         temporal_attention_triton_out(q, k, v, guide, HEADS, height, width, scale,
                                                       params, out)

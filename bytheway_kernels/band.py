@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Tuple
 
 import torch
 
@@ -107,6 +108,55 @@ def high_band_matrix_tf32_split(frames: int, tau: int, padded: int, device: torc
     matrix = high_band_matrix(frames, tau, padded, torch.device("cpu"))
     high = tf32_round(matrix)
     return torch.stack([high, tf32_round(matrix - high)]).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def band_rank_one_terms_float64(frames: int, tau: int) -> Tuple[torch.Tensor, bool]:
+    """(V, complement): (R, F) float64 rows v_k with P = sum_k v_k^T v_k, or with `complement`
+    P = I - sum_k v_k^T v_k, whichever sum has fewer terms. Built once per (F, tau); do not modify.
+
+    P is circulant, so the DFT diagonalises it: frequency k has eigenvalue
+    lambda_k = ([k in K] + [F - k in K]) / 2 (1 for the even F's symmetric band, 1/2 where only
+    one of k, F - k is in it, as for odd F), shared by the cosine and sine of k (orthonormal real
+    vectors). P is the sum of those vectors scaled by sqrt(lambda_k), I - P that with
+    sqrt(1 - lambda_k). So a @ P takes R dot products and R scaled additions per row instead of
+    an F x F product: at F = 24, tau = 7, R = 9 (the complement); at F = 32, tau = 7, R = 15.
+
+    Examples:
+        >>> terms, complement = band_rank_one_terms_float64(24, 7)
+        >>> terms.shape, complement
+        (torch.Size([9, 24]), True)
+        >>> p = torch.eye(24, dtype=torch.float64) - terms.T @ terms
+        >>> bool(torch.allclose(p, high_band_matrix_float64(24, 7)))
+        True
+    """
+    if not 0 <= tau <= max_tau(frames):
+        raise ValueError(f"tau={tau} is out of range for F={frames} (0 <= tau <= {max_tau(frames)})")
+    band = set(high_band(frames, tau))
+    n = torch.arange(frames, dtype=torch.float64)
+    band_terms, complement_terms = [], []
+    for k in range(frames // 2 + 1):
+        eigenvalue = ((k in band) + ((frames - k) % frames in band)) / 2
+        paired = k != 0 and 2 * k != frames  # k and F - k: a cosine and a sine
+        angle = 2.0 * math.pi * k * n / frames
+        norm = math.sqrt((2.0 if paired else 1.0) / frames)
+        for vector in ([torch.cos(angle), torch.sin(angle)] if paired else [torch.cos(angle)]):
+            if eigenvalue > 0:
+                band_terms.append(vector * (norm * math.sqrt(eigenvalue)))
+            if eigenvalue < 1:
+                complement_terms.append(vector * (norm * math.sqrt(1.0 - eigenvalue)))
+    complement = len(complement_terms) < len(band_terms)
+    return torch.stack(complement_terms if complement else band_terms), complement
+
+
+@functools.lru_cache(maxsize=64)
+def band_rank_one_terms(frames: int, tau: int, padded: int, device: torch.device) -> torch.Tensor:
+    """`band_rank_one_terms_float64`'s rows in float32 on `device`, zero-padded to `padded`
+    columns: (R, padded), cached like `high_band_matrix`."""
+    terms, _ = band_rank_one_terms_float64(frames, tau)
+    rows = torch.zeros((terms.shape[0], padded), dtype=torch.float32)
+    rows[:, :frames] = terms.to(torch.float32)
+    return rows.to(device)
 
 
 def band_operand(frames: int, tau: int, padded: int, device: torch.device, split: bool) -> torch.Tensor:

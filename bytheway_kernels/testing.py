@@ -91,23 +91,25 @@ def run_at_once(commands: Sequence[Tuple[List[str], dict]], timeout: float,
 
 
 @contextlib.contextmanager
-def band_product_split(split: Optional[bool]) -> Iterator[None]:
-    """Inside the block, both ops' Triton kernels run a circulant band step split on tensor cores
-    (True: `ops.triton_rules.band_product`), as one exact fp32 dot (False), or as each kernel's
-    measured choice (None, the default: `ops.triton_rules.split_band`), for testing them and
-    timing them side by side. Needs Triton.
+def band_product(setting: str) -> Iterator[None]:
+    """Inside the block, both ops' Triton kernels take a circulant band step as `setting` says
+    (one of `ops.triton_rules.BAND_PRODUCTS`: "fma", one exact fp32 dot; "tensor-cores", three tf32
+    products; "rank-one", P's rank-one terms in the map op; "auto", each kernel's choice, the
+    default), for testing them and timing them side by side. Needs Triton.
 
     Examples:
         >>> from bytheway_kernels.ops import triton_rules
-        >>> with band_product_split(False):
-        ...     triton_rules.SPLIT_BAND
-        False
+        >>> with band_product("fma"):
+        ...     triton_rules.BAND_PRODUCT
+        'fma'
     """
     from .ops import triton_rules
 
-    saved = triton_rules.SPLIT_BAND
-    triton_rules.SPLIT_BAND = split  # part of both ops' launch-plan keys: no cache to clear
+    if setting not in triton_rules.BAND_PRODUCTS:
+        raise ValueError(f"setting={setting!r}: expected one of {', '.join(triton_rules.BAND_PRODUCTS)}")
+    saved = triton_rules.BAND_PRODUCT
+    triton_rules.BAND_PRODUCT = setting  # part of both ops' launch-plan keys: no cache to clear
     try:
         yield
     finally:
-        triton_rules.SPLIT_BAND = saved
+        triton_rules.BAND_PRODUCT = saved

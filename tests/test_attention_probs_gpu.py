@@ -19,6 +19,21 @@ def test_compiled_triton_matches_reference(case):
     check_backend_case(attention_probs_triton_out, case, device="cuda")
 
 
+@pytest.mark.parametrize("setting", ["auto", "fma", "tensor-cores", "rank-one"])
+@pytest.mark.parametrize("frames,tau,dtype", [(24, 7, torch.float16), (32, 7, torch.bfloat16),
+                                              (20, 3, torch.float32), (15, 3, torch.float16)], ids=str)
+def test_each_band_product_inside_the_band(frames, tau, dtype, setting):
+    """Circulant bands with many terms (the case matrix has tau at its bounds only), with each
+    band product: at F = 15 "auto" is the fp32 dot, elsewhere P's rank-one terms."""
+    from bytheway_kernels.ops.attention_probs.triton import attention_probs_triton_out
+    from bytheway_kernels.testing import band_product
+
+    case = Case(frames=frames, tau=tau, dtype=dtype, height=8, width=8, heads=4, guide_size=(4, 4),
+                guide_upsample="bilinear")
+    with band_product(setting):
+        check_backend_case(attention_probs_triton_out, case, device="cuda")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("size", [16, 32, 64])
 def test_animatediff_shapes(size, dtype):

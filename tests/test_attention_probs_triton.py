@@ -80,7 +80,7 @@ def test_stats_are_deterministic_with_many_partials(scope, many_stats_programs):
                 guide_upsample="bilinear", guide_size=(3, 2))
     scores, guide = make_inputs(case, seed=5)
     plan = triton_kernels._launch_plan(tuple(scores.shape), (3, 2), case.params(), True,
-                                       triton_rules.SPLIT_BAND)
+                                       triton_rules.BAND_PRODUCT)
     programs, videos = plan.stats_grid
     groups = videos if scope == "sample" else 1
     assert plan.stats_args["TILES"] == 2 and programs * videos // groups > 2 * 2

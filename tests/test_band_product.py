@@ -1,6 +1,7 @@
 """The band step's product with the circulant P in the Triton kernels (ops/triton_rules.py), run
-by the Triton interpreter: tf32 rounding, the three-product split on tensor cores against the
-exact product, both ops with the split on (their default) and off, and the setting.
+by the Triton interpreter: tf32 rounding, the three-product split on tensor cores and P's
+rank-one terms against the exact product, both ops with each band product, the automatic choice,
+and the setting.
 
 The interpreter's `tl.dot` multiplies in fp32; every operand of the split is a tf32 number, whose
 products fp32 holds exactly, as a tensor core's do, so these tests check the arithmetic the GPU
@@ -16,13 +17,14 @@ import triton.language as tl
 
 from attention_probs_cases import Case, assert_matches_reference, make_inputs, needs_triton_interpreter
 from attention_probs_cases import run_poisoned as run_map_op_poisoned
-from bytheway_kernels.band import (high_band_matrix, high_band_matrix_float64, high_band_matrix_tf32_split,
-                                   is_full_band, tf32_round)
+from bytheway_kernels.band import (band_rank_one_terms, band_rank_one_terms_float64, high_band_matrix,
+                                   high_band_matrix_float64, high_band_matrix_tf32_split, is_full_band,
+                                   max_tau, tf32_round)
 from bytheway_kernels.ops import triton_rules
 from bytheway_kernels.ops.attention_probs import triton as map_kernels
 from bytheway_kernels.ops.attention_probs.triton import attention_probs_triton_out
 from bytheway_kernels.ops.temporal_attention.triton import temporal_attention_triton_out
-from bytheway_kernels.testing import band_product_split
+from bytheway_kernels.testing import band_product
 from temporal_attention_cases import AttentionCase, assert_matches
 from temporal_attention_cases import make_inputs as make_attention_inputs
 
@@ -43,6 +45,16 @@ def _product_kernel(values_ptr, band_ptr, out_ptr, ROWS: tl.constexpr, F_PAD: tl
     values = tl.load(values_ptr + rows * F_PAD + cols)
     band, band_low = triton_rules.load_band(band_ptr, F_PAD, SPLIT)
     tl.store(out_ptr + rows * F_PAD + cols, triton_rules.band_product(values, band, band_low, SPLIT))
+
+
+@triton.jit
+def _rank_one_kernel(values_ptr, terms_ptr, out_ptr, ROWS: tl.constexpr, F_PAD: tl.constexpr,
+                     RANK: tl.constexpr, COMPLEMENT: tl.constexpr):
+    rows = tl.arange(0, ROWS)[:, None]
+    cols = tl.arange(0, F_PAD)[None, :]
+    values = tl.load(values_ptr + rows * F_PAD + cols)
+    product = triton_rules.rank_one_band_product(values, terms_ptr, F_PAD, RANK, COMPLEMENT)
+    tl.store(out_ptr + rows * F_PAD + cols, product)
 
 
 def _special_values() -> torch.Tensor:
@@ -108,31 +120,102 @@ def test_split_product_is_as_accurate_as_fp32(frames, tau, padded):
     assert ((one_pass - expected).abs() > bound).any()
 
 
+def test_rank_one_terms_sum_to_p_with_the_fewer_terms():
+    """P = sum v^T v, or I - sum v^T v with the complement, at every F up to 64 and every tau, odd
+    F (where P's eigenvalues include 1/2) included, with min(band, complement) terms."""
+    for frames in range(2, 65):
+        for tau in range(max_tau(frames) + 1):
+            terms, complement = band_rank_one_terms_float64(frames, tau)
+            p = high_band_matrix_float64(frames, tau)
+            summed = terms.T @ terms
+            if complement:
+                summed = torch.eye(frames, dtype=torch.float64) - summed
+            assert (summed - p).abs().max() < 1e-12, (frames, tau)
+            eigenvalues = torch.linalg.eigvalsh(p)
+            band_rank = int((eigenvalues > 1e-9).sum())
+            complement_rank = int((eigenvalues < 1 - 1e-9).sum())
+            assert terms.shape[0] == min(band_rank, complement_rank), (frames, tau)
+            assert complement is (complement_rank < band_rank)
+
+
+@pytest.mark.parametrize("frames,tau,padded",
+                         [(24, 7, 32), (32, 7, 32), (16, 3, 16), (7, 2, 16), (48, 5, 64), (24, 0, 32)])
+def test_rank_one_product_is_as_accurate_as_fp32(frames, tau, padded):
+    """The rank-one terms' error stays at fp32 rounding of what they add: each coefficient
+    a . v_k is a sum of F products (error <= F eps sum |a| |v_k|), times |v_k| in each entry, and
+    the complement's subtraction from a adds eps |a|. A term dropped or a wrong eigenvalue would
+    be off by ~1e-2: the bound (~1e-6 here) tells them apart."""
+    generator = torch.Generator().manual_seed(frames + tau)
+    rows = 32
+    logits = torch.randn((rows, padded), generator=generator) * 3
+    logits[:, frames:] = float("-inf")
+    values = torch.softmax(logits, -1)
+    exact_band = torch.zeros((padded, padded), dtype=torch.float64)
+    exact_band[:frames, :frames] = high_band_matrix_float64(frames, tau)
+    expected = values.double() @ exact_band
+    terms, complement = band_rank_one_terms_float64(frames, tau)
+    padded_terms = torch.zeros((terms.shape[0], padded), dtype=torch.float64)
+    padded_terms[:, :frames] = terms
+    eps = 2.0 ** -24
+    bound = (2 * frames * eps * (values.double().abs() @ padded_terms.abs().T) @ padded_terms.abs()
+             + 2 * eps * values.double().abs() * complement + 1e-30)
+    product = torch.full_like(values, float("nan"))
+    _rank_one_kernel[(1,)](values, band_rank_one_terms(frames, tau, padded, torch.device("cpu")), product,
+                           ROWS=rows, F_PAD=padded, RANK=terms.shape[0], COMPLEMENT=complement)
+    error = (product.double() - expected).abs()
+    assert (error <= bound).all(), error.max()
+    assert bound.max() < 1e-5
+
+
+@pytest.mark.parametrize("frames,tau,rank_one", [(24, 7, True), (32, 7, True), (20, 3, True), (8, 1, True),
+                                                 (16, 7, False), (15, 3, False), (30, 7, False),
+                                                 (33, 4, False)])
+def test_the_map_op_takes_rank_one_terms_where_f_is_a_multiple_of_4(frames, tau, rank_one):
+    scores = torch.zeros((2, 1, 1, 1, frames, frames))
+    params = Case(frames=frames, tau=tau).params()
+    with band_product("auto"):
+        launch = map_kernels.kernel_launches(scores, None, params, torch.empty_like(scores))[0]
+    padded = launch.args["F_PAD"]
+    assert launch.args["SPLIT_BAND"] is False
+    if rank_one:
+        terms, complement = band_rank_one_terms_float64(frames, tau)
+        assert launch.args["BAND_RANK"] == terms.shape[0] and launch.args["BAND_COMPLEMENT"] is complement
+        assert launch.args["band_ptr"].shape == (terms.shape[0], padded)
+    else:
+        assert launch.args["BAND_RANK"] == 0
+        if not is_full_band(frames, tau):
+            assert launch.args["band_ptr"].shape == (padded, padded)
+    with band_product("rank-one"):  # forced: every circulant band, F = 15 and 30 too
+        forced = map_kernels.kernel_launches(scores, None, params, torch.empty_like(scores))[0]
+    assert (forced.args["BAND_RANK"] > 0) is (not is_full_band(frames, tau))
+
+
 @pytest.mark.parametrize("frames,tau", [(24, 7), (32, 7), (16, 7), (33, 4)])
 def test_plans_split_only_a_circulant_band(frames, tau):
     scores = torch.zeros((2, 1, 1, 1, frames, frames))
     probs = torch.empty_like(scores)
     params = Case(frames=frames, tau=tau).params()
     circulant = not (frames % 2 == 0 and tau == (frames - 2) // 2)
-    with band_product_split(True):
+    with band_product("tensor-cores"):
         launch = map_kernels.kernel_launches(scores, None, params, probs)[0]
-        assert launch.args["SPLIT_BAND"] is circulant
+        assert launch.args["SPLIT_BAND"] is circulant and launch.args["BAND_RANK"] == 0
         padded = launch.args["F_PAD"]
         if circulant:
             assert launch.args["band_ptr"].shape == (2, padded, padded)
-    launch = map_kernels.kernel_launches(scores, None, params, probs)[0]  # the default: fma
-    assert launch.args["SPLIT_BAND"] is False
+    with band_product("fma"):
+        launch = map_kernels.kernel_launches(scores, None, params, probs)[0]
+    assert launch.args["SPLIT_BAND"] is False and launch.args["BAND_RANK"] == 0
     if circulant:
         assert launch.args["band_ptr"].shape == (padded, padded)
-    assert triton_rules.SPLIT_BAND is triton_rules._split_band_setting()  # restored
+    assert triton_rules.BAND_PRODUCT == triton_rules._band_product_setting()  # restored
 
 
 @pytest.mark.parametrize("frames,tau,split", [(24, 7, True), (32, 3, True), (16, 7, False),
                                               (16, 3, False), (40, 9, False), (8, 2, False)])
 def test_fused_kernels_split_the_band_by_default_at_f_pad_32(frames, tau, split):
-    """The automatic setting (None) splits a circulant band product in the fused kernels where
-    that was measured faster (F_PAD 32: `FUSED_SPLIT_PADDINGS`) and nowhere in the map op; the
-    forced settings apply to both ops at every F."""
+    """The automatic setting splits a circulant band product in the fused kernels where that was
+    measured faster (F_PAD 32: `FUSED_SPLIT_PADDINGS`) and nowhere in the map op; the forced
+    products apply to both ops at every F."""
     from bytheway_kernels.ops.temporal_attention import triton as fused_kernels
 
     case = AttentionCase(frames=frames, tau=tau, head_dim=16, adaptive_beta=True)
@@ -154,14 +237,15 @@ def test_fused_kernels_split_the_band_by_default_at_f_pad_32(frames, tau, split)
     def map_op_split():
         return map_kernels.kernel_launches(scores, None, params, torch.empty_like(scores))[0].args["SPLIT_BAND"]
 
-    with band_product_split(None):
-        assert fused_split() is split
-        assert map_op_split() is False
+    for setting in ("auto", "rank-one"):  # the fused kernels have no rank-one form: their own choice
+        with band_product(setting):
+            assert fused_split() is split
+            assert map_op_split() is False
     circulant = not is_full_band(frames, tau)
-    for forced in (True, False):
-        with band_product_split(forced):
-            assert fused_split() is (forced and circulant)
-            assert map_op_split() is (forced and circulant)
+    for setting in ("tensor-cores", "fma"):
+        with band_product(setting):
+            assert fused_split() is (setting == "tensor-cores" and circulant)
+            assert map_op_split() is (setting == "tensor-cores" and circulant)
 
 
 MAP_OP_CASES = [
@@ -172,11 +256,11 @@ MAP_OP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("split", [True, False], ids=["tensor-cores", "fma"])
+@pytest.mark.parametrize("setting", ["tensor-cores", "fma", "rank-one"])
 @pytest.mark.parametrize("case", MAP_OP_CASES, ids=str)
-def test_map_op_with_either_band_product(case, split):
+def test_map_op_with_each_band_product(case, setting):
     scores, guide = make_inputs(case, seed=11)
-    with band_product_split(split):
+    with band_product(setting):
         probs, stats = run_map_op_poisoned(attention_probs_triton_out, scores, guide, case)
     assert_matches_reference(scores, guide, case, probs, stats)
 
@@ -189,15 +273,15 @@ ATTENTION_CASES = [
 ]
 
 
-@pytest.mark.parametrize("split", [True, False], ids=["tensor-cores", "fma"])
+@pytest.mark.parametrize("setting", ["tensor-cores", "fma"])
 @pytest.mark.parametrize("case", ATTENTION_CASES, ids=str)
-def test_fused_attention_with_either_band_product(case, split):
+def test_fused_attention_with_either_band_product(case, setting):
     q, k, v, guide = inputs = make_attention_inputs(case, seed=5)
     out = torch.full(q.shape, float("nan"), dtype=q.dtype)
     plain_map = torch.full((case.batch, case.height, case.width, case.heads, case.frames, case.frames),
                            float("nan"), dtype=q.dtype)
     stats = torch.full((case.params().stats_rows(case.batch), 6), float("nan"))
-    with band_product_split(split):
+    with band_product(setting):
         temporal_attention_triton_out(q, k, v, guide, case.heads, case.height, case.width,
                                       case.head_dim ** -0.5, case.params(), out, plain_map, stats)
     assert_matches(case, inputs, out, plain_map, stats)
@@ -205,28 +289,32 @@ def test_fused_attention_with_either_band_product(case, split):
 
 def test_setting_is_checked(monkeypatch):
     monkeypatch.delenv(triton_rules.BAND_PRODUCT_ENV, raising=False)
-    assert triton_rules._split_band_setting() is None
-    monkeypatch.setenv(triton_rules.BAND_PRODUCT_ENV, "auto")
-    assert triton_rules._split_band_setting() is None
-    monkeypatch.setenv(triton_rules.BAND_PRODUCT_ENV, "fma")
-    assert triton_rules._split_band_setting() is False
-    monkeypatch.setenv(triton_rules.BAND_PRODUCT_ENV, "tensor-cores")
-    assert triton_rules._split_band_setting() is True
+    assert triton_rules._band_product_setting() == "auto"
+    for setting in triton_rules.BAND_PRODUCTS:
+        monkeypatch.setenv(triton_rules.BAND_PRODUCT_ENV, setting)
+        assert triton_rules._band_product_setting() == setting
     monkeypatch.setenv(triton_rules.BAND_PRODUCT_ENV, "tf32")
     with pytest.raises(ValueError, match="BYTHEWAY_BAND_PRODUCT='tf32'"):
-        triton_rules._split_band_setting()
+        triton_rules._band_product_setting()
+    with pytest.raises(ValueError, match="setting='tf32'"):
+        with band_product("tf32"):
+            pass
 
 
 def test_info_names_the_band_product(capsys):
     from bytheway_kernels.check import print_info
 
-    with band_product_split(None):
+    with band_product("auto"):
         print_info()  # the interpreter makes the Triton backend available
-    assert ("Triton band product: one fp32 dot (FMA units), three tf32 products on tensor cores in "
-            "the fused attention at F_PAD 32") in capsys.readouterr().out
-    with band_product_split(False):
+    assert ("Triton band product: rank-one terms of P in the map op where F is a multiple of 4, else "
+            "one fp32 dot (FMA units); three tf32 products on tensor cores in the fused attention at "
+            "F_PAD 32") in capsys.readouterr().out
+    with band_product("fma"):
         print_info()
     assert "Triton band product: one fp32 dot (FMA units) (" in capsys.readouterr().out
-    with band_product_split(True):
+    with band_product("tensor-cores"):
         print_info()
     assert "Triton band product: three tf32 products on tensor cores" in capsys.readouterr().out
+    with band_product("rank-one"):
+        print_info()
+    assert "Triton band product: rank-one terms of P in the map op" in capsys.readouterr().out

@@ -336,7 +336,7 @@ def test_energy_programs_sum_several_tiles(scope, monkeypatch):
     inputs = make_inputs(case)
     plan = kernels._launch_plan(16, 8, 2, 3, 3, 4, 7, 2, (2, 2), 8 ** -0.5, False, True,
                                 (True, 2, 1, scope == "sample", False), True, 4,
-                                torch.device("cpu"), None, None, triton_rules.SPLIT_BAND,
+                                torch.device("cpu"), None, None, triton_rules.BAND_PRODUCT,
                                 (48, 16, 48, 16, 48, 16), 0.6, 1.5, 1.5, False)
     assert plan.energy_grid == (2, 2) and plan.energy_constants["steps"] == 3
     out, plain_map, stats = run_poisoned(case, inputs)

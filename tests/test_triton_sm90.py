@@ -223,7 +223,17 @@ COMPILE_RUNS = [
 ]
 
 
-@pytest.mark.parametrize("version,band_product", COMPILE_RUNS)
+#: The map op's compile runs: those above, but the current Triton with the default band product
+#: (P's rank-one terms where F is a multiple of 4, `triton_rules.rank_one_band`), and Triton 3.6.0
+#: with it too (the shipped setting on the GPU images).
+MAP_OP_COMPILE_RUNS = [
+    pytest.param(None, "auto", id="current-triton"),
+    *COMPILE_RUNS[1:],
+    pytest.param("3.6", "auto", id="triton-3.6.0-auto", marks=_NEEDS_TRITON36),
+]
+
+
+@pytest.mark.parametrize("version,band_product", MAP_OP_COMPILE_RUNS)
 def test_map_op_kernels_compile_for_sm90_without_spills(version, band_product):
     report = run_script(__file__, triton36_dir() if version else None, band_product)
     if version:
@@ -231,6 +241,8 @@ def test_map_op_kernels_compile_for_sm90_without_spills(version, band_product):
     results = report["results"]
     split = [r for r in results if r["constexprs"].get("SPLIT_BAND")]
     assert bool(split) is (band_product == "tensor-cores"), "the circulant variants use this product"
+    ranked = [r for r in results if r["constexprs"].get("BAND_RANK")]
+    assert bool(ranked) is (band_product == "auto"), "F = 16, 24, 64 with tau 0 take the rank-one terms"
     counts = {name: sum(r["kernel"] == name for r in results) for name in ("_stats_kernel", "_apply_kernel")}
     # 7 distinct (F, tau) x 3 guides; the apply kernel with all flags on and all off, the stats
     # kernel with all on, and at F=16 with a nearest guide (2 taus) both also adaptive in batch

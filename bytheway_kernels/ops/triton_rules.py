@@ -1,51 +1,72 @@
 """Triton pieces that both ops' kernels share, so that each rule is written once:
 torch.nn.functional.interpolate's source indices for the guide upsampling, the beta rule with
 the stats row (the map op's `bytheway_kernels.energy` contract, as the C++ kernel and the
-reference follow it), the band step's product with the circulant P, the stores' float16
-saturation, and quotients by run-time divisors through magic numbers."""
+reference follow it), the band step's product with the circulant P (or with its rank-one
+terms), the stores' float16 saturation, and quotients by run-time divisors through magic
+numbers."""
 
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import triton
 import triton.language as tl
 
 BAND_PRODUCT_ENV = "BYTHEWAY_BAND_PRODUCT"
-BAND_PRODUCTS = ("auto", "fma", "tensor-cores")  # the default first
+BAND_PRODUCTS = ("auto", "fma", "tensor-cores", "rank-one")  # the default first
 
 
-def _split_band_setting() -> Optional[bool]:
+def _band_product_setting() -> str:
     value = os.environ.get(BAND_PRODUCT_ENV, BAND_PRODUCTS[0])
     if value not in BAND_PRODUCTS:
         raise ValueError(f"{BAND_PRODUCT_ENV}={value!r}: expected one of {', '.join(BAND_PRODUCTS)}")
-    return None if value == "auto" else value == "tensor-cores"
+    return value
 
 
-#: How a circulant band step multiplies by P: `band_product`'s three tf32 products on tensor cores
-#: (True, BYTHEWAY_BAND_PRODUCT=tensor-cores, read at import), one exact fp32 dot on the FMA units
-#: (False, =fma) or each kernel's measured choice (None, =auto, the default; `split_band`). The
-#: full band never multiplies by P. Both ops read it here when they look up a call's launch plan
-#: (it is part of the plan's key), so `bytheway_kernels.testing.band_product_split` switches it for
-#: both by setting it here.
-SPLIT_BAND = _split_band_setting()
+#: How a circulant band step multiplies by P (BYTHEWAY_BAND_PRODUCT, read at import): "fma", one
+#: exact fp32 dot on the FMA units (`band_product`); "tensor-cores", three tf32 products on tensor
+#: cores (`band_product`); "rank-one", P's rank-one terms (`rank_one_band_product`, the map op
+#: only: the fused kernels then make their automatic choice); "auto" (the default), each kernel's
+#: choice (`split_band`, `rank_one_band`). The full band never multiplies by P. Both ops read it
+#: here when they look up a call's launch plan (it is part of the plan's key), so
+#: `bytheway_kernels.testing.band_product` switches it for both by setting it here.
+BAND_PRODUCT = _band_product_setting()
 
 #: F_PAD at which the fused temporal attention kernels split the band product by default. On an
 #: H200 (Triton 3.6, fp16, d = 80 at up_blocks.2's size, per-kernel device time;
 #: benchmarks/RESULTS.md) the split took 0.93x the fp32 dot's time with fixed beta and 0.89x with
-#: adaptive beta at F = 24 and 32, but 1.40x at F = 64 (8 warps); in the map op it was 1.13-1.22x at F = 24
-#: and 32, so the map op keeps the dot everywhere.
+#: adaptive beta at F = 24 and 32, but 1.40x at F = 64 (8 warps); in the map op it was 1.13-1.22x
+#: the dot's at F = 24 and 32, so the map op never splits by default.
 FUSED_SPLIT_PADDINGS = (32,)
 
+#: The map op takes the rank-one terms by default where F is a multiple of this. Compiled for
+#: sm_90 (fp16 scores, fixed beta, Triton 3.9; tests/test_triton_sm90.py's compile), its apply
+#: kernel then holds 43-54 registers where the fp32 dot's operand layouts held 95-165 at F = 8-32
+#: (3 programs per SM at F = 24 and 32, where its fixed beta measured 1.63-1.75x softmax's time on
+#: an H200), with 2-46% fewer SASS instructions at F = 8, 12, 16, 20, 24, 32, 40, 48, 64.
+#: Where F is not a multiple of 4 the rows load unvectorised and the terms' row sums cost more
+#: than the dot (F = 7, 14, 15, 30, 31, 63: 0-80% more instructions), so the dot stays there.
+#: Not yet timed on a GPU (benchmarks/map_op_kernel_times.py times both).
+RANK_ONE_FRAME_MULTIPLE = 4
 
-def split_band(setting: Optional[bool], padded_frames: int, fused: bool) -> bool:
-    """Whether a kernel at `padded_frames` (F_PAD) splits a circulant band product, for a
-    `SPLIT_BAND` setting (None: the measured choice, `FUSED_SPLIT_PADDINGS` in the fused kernels,
-    never in the map op)."""
-    if setting is None:
+
+def split_band(setting: str, padded_frames: int, fused: bool) -> bool:
+    """Whether a kernel at `padded_frames` (F_PAD) splits a circulant band product on tensor
+    cores, for a `BAND_PRODUCT` setting ("auto": `FUSED_SPLIT_PADDINGS` in the fused kernels, never
+    in the map op; "rank-one" in the fused kernels: as "auto")."""
+    if setting == "auto" or (setting == "rank-one" and fused):
         return fused and padded_frames in FUSED_SPLIT_PADDINGS
-    return setting
+    return setting == "tensor-cores"
+
+
+def rank_one_band(setting: str, frames: int, fused: bool) -> bool:
+    """Whether a kernel takes a circulant band product as P's rank-one terms, for a `BAND_PRODUCT`
+    setting: the map op's only ("auto": where F is a multiple of `RANK_ONE_FRAME_MULTIPLE`)."""
+    if fused:
+        return False
+    if setting == "auto":
+        return frames % RANK_ONE_FRAME_MULTIPLE == 0
+    return setting == "rank-one"
 
 
 #: log2(e): the kernels take exp(x) as exp2(x * LOG2E), since tl.exp2 lowers to the flush-to-zero
@@ -188,3 +209,20 @@ def band_product(values, band, band_low, SPLIT: tl.constexpr):
         return tl.dot(high, band, product, input_precision="tf32")
     else:
         return tl.dot(values, band, input_precision="ieee")
+
+
+@triton.jit
+def rank_one_band_product(values, terms_ptr, F_PAD: tl.constexpr, RANK: tl.constexpr,
+                          COMPLEMENT: tl.constexpr):
+    """values @ P in fp32 as RANK rank-one terms (`band.band_rank_one_terms`): for each row
+    vector v_k of P's terms (or of I - P's, COMPLEMENT), one dot product per row and one scaled
+    addition, all on the rows' own layout: no operand layouts for a dot product, and RANK (at
+    most F / 2 + 1) terms in place of F_PAD multiply-adds per entry."""
+    cols = tl.arange(0, F_PAD)
+    product = tl.zeros_like(values)
+    for k in tl.static_range(RANK):
+        vector = tl.load(terms_ptr + k * F_PAD + cols)[None, :]
+        product += tl.sum(values * vector, axis=1)[:, None] * vector
+    if COMPLEMENT:
+        product = values - product
+    return product

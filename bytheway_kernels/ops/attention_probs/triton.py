@@ -2,9 +2,10 @@
 
 A tile is BLOCK_R rows (query frames) of one batch entry; a row is F logits. For each row:
 softmax -> blend with the anchor map, upsampled by index arithmetic (never materialised) -> band
-step as `guided @ P` (three tf32 dots on tensor cores with the cached split of the circulant
-matrix, `triton_rules.band_product`, or `guided - mean` when the band is every k != 0) -> divide
-by rowsum(guided) (the band term sums to 0) -> store.
+step as `guided @ P` (P's rank-one terms where F is a multiple of 4,
+`triton_rules.rank_one_band_product`; else one exact fp32 dot, or three tf32 dots on tensor cores
+when forced, `triton_rules.band_product`; `guided - mean` when the band is every k != 0) ->
+divide by rowsum(guided) (the band term sums to 0) -> store.
 
 Fixed beta is one launch of `_apply_kernel`. Adaptive beta (or `stats`) needs global energies
 first: `_stats_kernel` programs each sum a few consecutive tiles and write their own slot of a
@@ -29,13 +30,14 @@ import triton
 import triton.language as tl
 
 from ..._environ import getenv
-from ...band import band_operand, is_full_band
+from ...band import band_operand, band_rank_one_terms, band_rank_one_terms_float64, is_full_band
 from ...energy import HIGH_ENERGY_FLOOR
 from ..launch import KernelLaunch, run_on_device_of
 from ..params import ByTheWayParams
 from .. import triton_rules
 from ..triton_rules import (LOG2E, band_product, bilinear_sources, enhanced_rows, group_beta,
-                            load_band, nearest_source, store_stats_row, to_element_type)
+                            load_band, nearest_source, rank_one_band_product, store_stats_row,
+                            to_element_type)
 
 GUIDE_MODES = {None: 0, "nearest": 1, "bilinear": 2}
 # Per stats program: sum|A|^2, sum|A2|^2, sum<A2, A2 P>, then (with stats) the last three over s^2,
@@ -95,7 +97,8 @@ def _guide_rows(guide_ptr, b, rows, row_mask, cols, col_mask, H, W, h, w, heads,
 def _guided_block(scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_entry,
                   H, W, h, w, heads, scale_y, scale_x, alpha,
                   F: tl.constexpr, F_PAD: tl.constexpr, GUIDE_MODE: tl.constexpr,
-                  FULL_BAND: tl.constexpr, SPLIT_BAND: tl.constexpr, LEAN_SOFTMAX: tl.constexpr):
+                  FULL_BAND: tl.constexpr, SPLIT_BAND: tl.constexpr, BAND_RANK: tl.constexpr,
+                  BAND_COMPLEMENT: tl.constexpr, LEAN_SOFTMAX: tl.constexpr):
     """(attn, guided, guided @ P, rowsum(guided)) for BLOCK_R rows, fp32, padded columns zero.
     With the full band, P = I - 1/F, the third is `guided` itself: both callers take A2 P =
     A2 - s / F from the row sum instead (`enhanced_rows`, the stats pass's energies).
@@ -133,6 +136,8 @@ def _guided_block(scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_e
         row_sum = tl.where(usable, row_sum, tl.sum(attn, axis=1))
     if FULL_BAND:
         high = guided  # unused, see above
+    elif BAND_RANK > 0:
+        high = rank_one_band_product(guided, band_ptr, F_PAD, BAND_RANK, BAND_COMPLEMENT)
     else:
         band, band_low = load_band(band_ptr, F_PAD, SPLIT_BAND)
         high = band_product(guided, band, band_low, SPLIT_BAND)
@@ -145,9 +150,9 @@ def _stats_kernel(scores_ptr, guide_ptr, band_ptr, workspace_ptr, stats_ptr, bet
                   scale_x, alpha, beta0, beta_max, H: tl.constexpr, W: tl.constexpr,
                   heads: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
                   TILES: tl.constexpr, GUIDE_MODE: tl.constexpr, FULL_BAND: tl.constexpr,
-                  SPLIT_BAND: tl.constexpr, ADAPTIVE: tl.constexpr, HAS_BETA_MAX: tl.constexpr,
-                  WRITE_STATS: tl.constexpr, PER_VIDEO: tl.constexpr, CHUNK: tl.constexpr,
-                  TIERED: tl.constexpr):
+                  SPLIT_BAND: tl.constexpr, BAND_RANK: tl.constexpr, BAND_COMPLEMENT: tl.constexpr,
+                  ADAPTIVE: tl.constexpr, HAS_BETA_MAX: tl.constexpr, WRITE_STATS: tl.constexpr,
+                  PER_VIDEO: tl.constexpr, CHUNK: tl.constexpr, TIERED: tl.constexpr):
     """Energy sums of TILES consecutive tiles of one entry in scope, written to this program's
     slot of the partials (field-major: partials[field, slot], at the start of the workspace); the
     last program to finish adds every slot in a fixed order and writes beta (and stats), see
@@ -178,8 +183,8 @@ def _stats_kernel(scores_ptr, guide_ptr, band_ptr, workspace_ptr, stats_ptr, bet
         row_mask = rows < rows_per_entry
         attn, guided, high, row_sum = _guided_block(
             scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_entry, H, W, h, w, heads,
-            scale_y, scale_x, alpha, F, F_PAD, GUIDE_MODE, FULL_BAND, SPLIT_BAND,
-            FULL_BAND or SPLIT_BAND)
+            scale_y, scale_x, alpha, F, F_PAD, GUIDE_MODE, FULL_BAND, SPLIT_BAND, BAND_RANK,
+            BAND_COMPLEMENT, FULL_BAND or SPLIT_BAND or BAND_RANK > 0)
         guided_square = tl.sum(guided * guided, axis=1)
         if FULL_BAND:
             # A2 P = A2 - s / F: <A2, A2 P> = |A2|^2 - s^2 / F, and |A2 P|^2 is the same (A2 P
@@ -302,7 +307,8 @@ def _apply_kernel(scores_ptr, guide_ptr, band_ptr, betas_ptr, probs_ptr, betas_a
                   videos, h, w, scale_y, scale_x, alpha, beta0, H: tl.constexpr, W: tl.constexpr,
                   heads: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
                   GUIDE_MODE: tl.constexpr, FULL_BAND: tl.constexpr, SPLIT_BAND: tl.constexpr,
-                  PER_VIDEO: tl.constexpr, ADAPTIVE: tl.constexpr):
+                  BAND_RANK: tl.constexpr, BAND_COMPLEMENT: tl.constexpr, PER_VIDEO: tl.constexpr,
+                  ADAPTIVE: tl.constexpr):
     """Write A3 = (guided + (beta - 1) * guided @ P) / rowsum(guided); beta from
     `betas_ptr + betas_at` (the stats pass's workspace) if adaptive.
 
@@ -317,7 +323,8 @@ def _apply_kernel(scores_ptr, guide_ptr, band_ptr, betas_ptr, probs_ptr, betas_a
         beta = tl.load(betas_ptr + betas_at + (b % videos if PER_VIDEO else 0))
     attn, guided, high, row_sum = _guided_block(
         scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_entry, H, W, h, w, heads,
-        scale_y, scale_x, alpha, F, F_PAD, GUIDE_MODE, FULL_BAND, SPLIT_BAND, True)
+        scale_y, scale_x, alpha, F, F_PAD, GUIDE_MODE, FULL_BAND, SPLIT_BAND, BAND_RANK,
+        BAND_COMPLEMENT, True)
     enhanced = enhanced_rows(guided, high, beta, row_sum[:, None], F, FULL_BAND)  # padded: unstored
     cols = tl.arange(0, F_PAD)
     offsets = (b * rows_per_entry + rows)[:, None] * F + cols[None, :]
@@ -345,7 +352,7 @@ class _LaunchPlan(NamedTuple):
 
 @functools.lru_cache(maxsize=256)
 def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams,
-                 with_stats: bool, split_band: Optional[bool]) -> _LaunchPlan:
+                 with_stats: bool, band_product: str) -> _LaunchPlan:
     batch, height, width, heads, frames, _ = shape
     videos = batch // params.parts
     rows_per_entry = height * width * heads * frames
@@ -354,18 +361,25 @@ def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams
     per_video = params.energy_scope == "sample"
     h, w = (height, width) if guide_hw is None else guide_hw
     full_band = is_full_band(frames, params.tau)
-    split = triton_rules.split_band(split_band, padded, fused=False) and not full_band
+    split = triton_rules.split_band(band_product, padded, fused=False) and not full_band
+    band_rank, band_complement = 0, False  # rank 0: a product with P (or the full band)
+    if triton_rules.rank_one_band(band_product, frames, fused=False) and not full_band:
+        terms, band_complement = band_rank_one_terms_float64(frames, params.tau)
+        band_rank, split = terms.shape[0], False
     common = dict(rows_per_entry=rows_per_entry, H=height, W=width, h=h, w=w, heads=heads,
                   scale_y=h / height, scale_x=w / width, alpha=params.alpha, beta0=params.beta,
                   F=frames, F_PAD=padded, BLOCK_R=block_rows,
                   GUIDE_MODE=GUIDE_MODES[None if guide_hw is None else params.guide_upsample],
-                  FULL_BAND=full_band, SPLIT_BAND=split,
+                  FULL_BAND=full_band, SPLIT_BAND=split, BAND_RANK=band_rank,
+                  BAND_COMPLEMENT=band_complement,
                   ADAPTIVE=params.adaptive_beta, PER_VIDEO=per_video, num_warps=num_warps)
     tiles = triton.cdiv(rows_per_entry, block_rows)  # grid axis 0: it allows 2**31 - 1 programs
     # the exact fp32 dot's layouts need more registers: half tiles keep its stats pass free of
-    # spills (the split product on tensor cores fits in full tiles, sm_90, Triton 3.6 and 3.9)
+    # spills (the split product on tensor cores fits in full tiles, sm_90, Triton 3.6 and 3.9);
+    # so do the rank-one terms' (full tiles spilled 16 bytes under Triton 3.6 at F = 16, 4 tiles
+    # per program, bilinear guide, with stats)
     stats_block_rows = block_rows
-    if not (full_band or common["SPLIT_BAND"]):
+    if not (full_band or split):
         stats_block_rows = max(16, block_rows // 2)
     stats_tiles = triton.cdiv(rows_per_entry, stats_block_rows)
     tiles_per_program = min(MAX_STATS_TILES, triton.next_power_of_2(
@@ -400,9 +414,11 @@ def kernel_launches(scores, guide, params: ByTheWayParams, probs, stats=None) ->
     be contiguous and `probs` non-empty.
     """
     plan = _launch_plan(tuple(scores.shape), None if guide is None else tuple(guide.shape[1:3]),
-                        params, stats is not None, triton_rules.SPLIT_BAND)
+                        params, stats is not None, triton_rules.BAND_PRODUCT)
     band = scores
-    if not plan.full_band:
+    if plan.apply_args["BAND_RANK"]:
+        band = band_rank_one_terms(scores.shape[-1], params.tau, plan.apply_args["F_PAD"], scores.device)
+    elif not plan.full_band:
         band = band_operand(scores.shape[-1], params.tau, plan.apply_args["F_PAD"], scores.device,
                             plan.apply_args["SPLIT_BAND"])
     guide = scores if guide is None else guide

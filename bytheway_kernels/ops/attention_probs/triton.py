@@ -352,7 +352,7 @@ class _LaunchPlan(NamedTuple):
 
 @functools.lru_cache(maxsize=256)
 def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams,
-                 with_stats: bool, band_product: str) -> _LaunchPlan:
+                 with_stats: bool, band_setting: str) -> _LaunchPlan:
     batch, height, width, heads, frames, _ = shape
     videos = batch // params.parts
     rows_per_entry = height * width * heads * frames
@@ -361,9 +361,9 @@ def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams
     per_video = params.energy_scope == "sample"
     h, w = (height, width) if guide_hw is None else guide_hw
     full_band = is_full_band(frames, params.tau)
-    split = triton_rules.split_band(band_product, padded, fused=False) and not full_band
+    split = triton_rules.split_band(band_setting, padded, fused=False) and not full_band
     band_rank, band_complement = 0, False  # rank 0: a product with P (or the full band)
-    if triton_rules.rank_one_band(band_product, frames, fused=False) and not full_band:
+    if triton_rules.rank_one_band(band_setting, frames, fused=False) and not full_band:
         terms, band_complement = band_rank_one_terms_float64(frames, params.tau)
         band_rank, split = terms.shape[0], False
     common = dict(rows_per_entry=rows_per_entry, H=height, W=width, h=h, w=w, heads=heads,

@@ -671,7 +671,7 @@ def _launch_plan(frames: int, head_dim: int, heads: int, height: int, width: int
                  tau: int, guide_mode: int, guide_size: tuple, scale: float, identity_band: bool,
                  with_sums: bool, params_key: tuple, with_stats: bool, element_size: int,
                  device: torch.device, config: Optional[TileConfig],
-                 energy_config: Optional[TileConfig], band_product: str, strides: tuple,
+                 energy_config: Optional[TileConfig], band_setting: str, strides: tuple,
                  alpha: float, beta: float, beta_max: float, with_map: bool) -> _LaunchPlan:
     """The launch plan of one call signature, built once (its device tensors before any CUDA graph
     capture, on the first eager call) and reused: the per-call host work is binding pointers."""
@@ -679,7 +679,7 @@ def _launch_plan(frames: int, head_dim: int, heads: int, height: int, width: int
     padded = padded_frames(frames)
     tile = config or default_config(frames, head_dim, element_size, with_map and guide_mode != 0)
     full_band = is_full_band(frames, tau)
-    split = triton_rules.split_band(band_product, padded, fused=True) and not full_band
+    split = triton_rules.split_band(band_setting, padded, fused=True) and not full_band
     band = None if full_band else band_operand(frames, tau, padded, device, split)
     h, w = guide_size
     geometry = dict(heads=heads, H=height, W=width, h=h, w=w, scale_y=h / height,

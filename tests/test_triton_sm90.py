@@ -176,6 +176,15 @@ def _map_op_variants():
             params = ByTheWayParams(0.6, 1.5, tau, adaptive, 2, 1, scope, guide_mode or "nearest", beta_max)
             stats = torch.empty((params.stats_rows(scores.shape[0]), 6)) if with_stats else None
             launches += kernels.kernel_launches(scores, guide, params, probs, stats)
+    # inside the band at F = 24 and 32 (tau 7: R = 9 and 15 rank-one terms by default, else the
+    # dot or the split with every entry of P), nearest guide, all flags on and all off
+    for frames in (24, 32):
+        guide = torch.zeros((2, 1, 1, 1, frames, frames), dtype=torch.float16)
+        for adaptive, with_stats, beta_max, scope in configs:
+            scores = torch.zeros((2, 2, 1, 1, frames, frames), dtype=torch.float16)
+            params = ByTheWayParams(0.6, 1.5, 7, adaptive, 2, 1, scope, "nearest", beta_max)
+            stats = torch.empty((params.stats_rows(scores.shape[0]), 6)) if with_stats else None
+            launches += kernels.kernel_launches(scores, guide, params, torch.empty_like(scores), stats)
     # the stats kernel's tiered sum over the slots (TIERED: more than FLAT_SUM_SLOTS per video),
     # all flags on, at F=16 with each guide and both taus
     flat_sum_slots, kernels.FLAT_SUM_SLOTS = kernels.FLAT_SUM_SLOTS, 0
@@ -242,7 +251,9 @@ def test_map_op_kernels_compile_for_sm90_without_spills(version, band_product):
     split = [r for r in results if r["constexprs"].get("SPLIT_BAND")]
     assert bool(split) is (band_product == "tensor-cores"), "the circulant variants use this product"
     ranked = [r for r in results if r["constexprs"].get("BAND_RANK")]
-    assert bool(ranked) is (band_product == "auto"), "F = 16, 24, 64 with tau 0 take the rank-one terms"
+    assert bool(ranked) is (band_product == "auto"), "F % 4 == 0 inside the band takes the rank-one terms"
+    if band_product == "auto":
+        assert {r["constexprs"]["BAND_RANK"] for r in ranked} == {1, 9, 15}
     counts = {name: sum(r["kernel"] == name for r in results) for name in ("_stats_kernel", "_apply_kernel")}
     # 7 distinct (F, tau) x 3 guides; the apply kernel with all flags on and all off, the stats
     # kernel with all on, and at F=16 with a nearest guide (2 taus) both also adaptive in batch
@@ -250,9 +261,10 @@ def test_map_op_kernels_compile_for_sm90_without_spills(version, band_product):
     # kernel again at F=16 with several tiles per program (2 taus x (3 guides + 2 extra)), and
     # the apply kernel there too, where heads, H and W are not the constant 1 that the JIT makes
     # of an int argument equal to 1 (2 taus x (2 x 3 guides + 2 extra)); the stats kernel's
-    # tiered sum (2 taus x 3 guides)
-    assert counts == {"_stats_kernel": 21 + 2 * 2 + 2 * 5 + 2 * 3,
-                      "_apply_kernel": 21 * 2 + 2 * 2 + 2 * 8}, counts
+    # tiered sum (2 taus x 3 guides); inside the band at F = 24 and 32, the stats kernel with all
+    # flags on and the apply kernel with all on and all off
+    assert counts == {"_stats_kernel": 21 + 2 * 2 + 2 * 5 + 2 * 3 + 2,
+                      "_apply_kernel": 21 * 2 + 2 * 2 + 2 * 8 + 2 * 2}, counts
     spilled = [r for r in results if r["spill_bytes"]]
     assert not spilled, f"register spills under Triton {report['triton']}: {spilled}"
 

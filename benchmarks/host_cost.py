@@ -61,13 +61,14 @@ def _launches_skipped():
         launch_module.KernelLaunch.run = original
 
 
+_SHIPPED_CALL_ARGUMENTS = launch_module._call_arguments
+
+
 def _tensors_passed_whole(values: dict) -> tuple:
-    """`launch._call_arguments` as it was before 2026-11-27: the same signature, computed the same
-    way, and this call's values as they are (tensors, not their pointers)."""
-    tensor = torch.Tensor
-    return (tuple(values), tuple([
-        (value.dtype, not value.data_ptr() & 15) if type(value) is tensor else (type(value), value)
-        for value in values.values()])), list(values.values())
+    """`launch._call_arguments` as it was before 2026-11-27: the shipped signature (the same
+    Python work) with this call's values as they are (tensors, not their pointers)."""
+    signature, _ = _SHIPPED_CALL_ARGUMENTS(values)
+    return signature, list(values.values())
 
 
 @contextmanager

@@ -5,9 +5,9 @@ shape (fp16, CFG batch 2, 8 heads, 16x16 guide, preset animatediff) and for F = 
 up_blocks.2's size (tau 7: a circulant band, so the band step multiplies by P) it prints the
 profiler's self device time per kernel averaged over 20 calls, and the host time per call of 200
 calls issued without synchronising, as the 2026-11-26 H200 notes measured them
-(benchmarks/results/h200-2026-11-26.notes.md), three ways: through Triton's launch path, through
-the direct launcher, handing the launcher tensors (as before 2026-11-27) and our Python alone
-(benchmarks/host_cost.py). At F = 24 and 32 the default band step is P's rank-one terms
+(benchmarks/results/h200-2026-11-26.notes.md), four ways: through Triton's launch path, through
+the direct launcher, through it handing the launcher tensors (as before 2026-11-27), and our
+Python alone (benchmarks/host_cost.py). At F = 24 and 32 the default band step is P's rank-one terms
 (`bytheway_kernels.ops.triton_rules.rank_one_band_product`, since 2026-11-27, untimed before);
 it also times the exact fp32 dot, the default before ("fma" rows), and three tf32 products on
 tensor cores ("tc" rows; `bytheway_kernels.ops.triton_rules.band_product`).

@@ -36,6 +36,13 @@ def high_band(frames: int, tau: int) -> range:
     return range(centre - tau, centre + tau + 1)
 
 
+def _checked_band(frames: int, tau: int) -> range:
+    """`high_band(frames, tau)`, or a ValueError where tau is out of range for F."""
+    if not 0 <= tau <= max_tau(frames):
+        raise ValueError(f"tau={tau} is out of range for F={frames} (0 <= tau <= {max_tau(frames)})")
+    return high_band(frames, tau)
+
+
 def is_full_band(frames: int, tau: int) -> bool:
     """True when the band is every k != 0 (even F, tau = (F-2)/2): then a @ P = a - mean(a).
 
@@ -57,9 +64,7 @@ def high_band_matrix_float64(frames: int, tau: int) -> torch.Tensor:
         >>> bool(torch.allclose(p, torch.eye(8, dtype=torch.float64) - 1 / 8))
         True
     """
-    if not 0 <= tau <= max_tau(frames):
-        raise ValueError(f"tau={tau} is out of range for F={frames} (0 <= tau <= {max_tau(frames)})")
-    band = list(high_band(frames, tau))
+    band = _checked_band(frames, tau)
     kernel = [sum(math.cos(2.0 * math.pi * k * n / frames) for k in band) / frames for n in range(frames)]
     kernel = torch.tensor(kernel, dtype=torch.float64)
     shift = (torch.arange(frames)[None, :] - torch.arange(frames)[:, None]) % frames
@@ -130,9 +135,7 @@ def band_rank_one_terms_float64(frames: int, tau: int) -> Tuple[torch.Tensor, bo
         >>> bool(torch.allclose(p, high_band_matrix_float64(24, 7)))
         True
     """
-    if not 0 <= tau <= max_tau(frames):
-        raise ValueError(f"tau={tau} is out of range for F={frames} (0 <= tau <= {max_tau(frames)})")
-    band = set(high_band(frames, tau))
+    band = set(_checked_band(frames, tau))
     n = torch.arange(frames, dtype=torch.float64)
     band_terms, complement_terms = [], []
     for k in range(frames // 2 + 1):

@@ -1,5 +1,5 @@
 """What the tests and the benchmarks share to check a backend: tolerances, poisoned outputs, and
-a switch between the Triton kernels' two band products, and how to run helper processes at once.
+a switch between the Triton kernels' band products, and how to run helper processes at once.
 
 Every fused backend is compared with the pure-torch reference evaluated in float64 on the same
 (already rounded) inputs, into outputs filled with NaN first so that an element a kernel fails

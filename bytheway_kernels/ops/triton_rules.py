@@ -40,7 +40,7 @@ BAND_PRODUCT = _band_product_setting()
 FUSED_SPLIT_PADDINGS = (32,)
 
 #: The map op takes the rank-one terms by default where F is a multiple of this. Compiled for
-#: sm_90 (fp16 scores, fixed beta, Triton 3.9; tests/test_triton_sm90.py's compile), its apply
+#: sm_90 as tests/test_triton_sm90.py compiles (fp16 scores, fixed beta, Triton 3.9), its apply
 #: kernel then holds 43-54 registers where the fp32 dot's operand layouts held 95-165 at F = 8-32
 #: (3 programs per SM at F = 24 and 32, where its fixed beta measured 1.63-1.75x softmax's time on
 #: an H200), with 2-46% fewer SASS instructions at F = 8, 12, 16, 20, 24, 32, 40, 48, 64.
@@ -59,11 +59,10 @@ def split_band(setting: str, padded_frames: int, fused: bool) -> bool:
     return setting == "tensor-cores"
 
 
-def rank_one_band(setting: str, frames: int, fused: bool) -> bool:
-    """Whether a kernel takes a circulant band product as P's rank-one terms, for a `BAND_PRODUCT`
-    setting: the map op's only ("auto": where F is a multiple of `RANK_ONE_FRAME_MULTIPLE`)."""
-    if fused:
-        return False
+def rank_one_band(setting: str, frames: int) -> bool:
+    """Whether the map op (the fused kernels have no such form) takes a circulant band product as
+    P's rank-one terms, for a `BAND_PRODUCT` setting ("auto": where F is a multiple of
+    `RANK_ONE_FRAME_MULTIPLE`)."""
     if setting == "auto":
         return frames % RANK_ONE_FRAME_MULTIPLE == 0
     return setting == "rank-one"

@@ -363,7 +363,7 @@ def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams
     full_band = is_full_band(frames, params.tau)
     split = triton_rules.split_band(band_setting, padded, fused=False) and not full_band
     band_rank, band_complement = 0, False  # rank 0: a product with P (or the full band)
-    if triton_rules.rank_one_band(band_setting, frames, fused=False) and not full_band:
+    if triton_rules.rank_one_band(band_setting, frames) and not full_band:
         terms, band_complement = band_rank_one_terms_float64(frames, params.tau)
         band_rank, split = terms.shape[0], False
     common = dict(rows_per_entry=rows_per_entry, H=height, W=width, h=h, w=w, heads=heads,

@@ -26,6 +26,8 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: Largest accepted beta and beta_max. Far above any useful gain (the presets use 1.5-2); it keeps
 #: every intermediate of a fp32 evaluation (energies ~ beta**2) well inside the float32 range.
 BETA_LIMIT = 1e6
+#: Largest finite float32.
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def is_flag(value) -> bool:
@@ -58,7 +60,9 @@ def check_number(name: str, value, low: Optional[float] = None, high: Optional[f
         number = float(value)
     except OverflowError:  # an int beyond the float range, e.g. 10**400
         raise ValueError(f"{name} must be a finite real number, got an integer beyond the float range") from None
-    if not math.isfinite(number):
+    # comparisons, not math.isfinite: under torch.compile a changing float argument is a SymFloat,
+    # which comparisons guard on and math.isfinite cannot trace
+    if not -math.inf < number < math.inf:
         raise ValueError(f"{name} must be a finite real number, got {value!r}")
     if low is not None and number < low:
         raise ValueError(f"{name} must be >= {low:g}, got {value!r}")
@@ -211,16 +215,31 @@ def check_op_args(
     return resolve_batch_split(scores.shape[0], cfg, batch_split)
 
 
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+def _check_positive_int(name: str, value) -> int:
+    """A positive integer (Python or numpy; not a bool), as an int."""
+    if is_flag(value) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+class TemporalAttentionArgs(NamedTuple):
+    """`temporal_attention`'s arguments after validation, as plain Python values."""
+
+    split: BatchSplit
+    scale: float
+    heads: int
+    height: int
+    width: int
+    return_map: bool
+    return_stats: bool
 
 
 def check_temporal_attention_args(
     q, k, v, heads, height, width, scale, guide, alpha, beta, tau, adaptive_beta, cfg,
     energy_scope, guide_upsample, beta_max, batch_split, return_map, return_stats,
-) -> Tuple[BatchSplit, float]:
-    """Validate everything `temporal_attention` takes; return (batch split, resolved scale).
+) -> TemporalAttentionArgs:
+    """Validate everything `temporal_attention` takes; return them resolved and as plain Python
+    values (numpy scalars become ints and bools, scale defaults to d**-0.5).
 
     q, k, v are (B*H*W, F, heads*d) with a contiguous last dim; the ByTheWay arguments are checked
     by `check_op_args` against the (B, H, W, heads, F, F) layout of the scores q k^T.
@@ -228,8 +247,7 @@ def check_temporal_attention_args(
     for name, tensor in (("q", q), ("k", k), ("v", v)):
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if not tensor.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got dtype {tensor.dtype}")
+        _check_dtype(name, tensor)
         if tensor.dim() != 3:
             raise ValueError(f"{name} must be 3-D (B*H*W, F, heads*d), got shape {tuple(tensor.shape)}")
         if tensor.stride(-1) != 1 and tensor.shape[-1] > 1:
@@ -241,9 +259,9 @@ def check_temporal_attention_args(
             raise ValueError(f"{name} dtype {tensor.dtype} must equal q's {q.dtype}")
         if tensor.device != q.device:
             raise ValueError(f"{name} is on {tensor.device} but q is on {q.device}")
-    _check_positive_int("heads", heads)
-    _check_positive_int("height", height)
-    _check_positive_int("width", width)
+    heads = _check_positive_int("heads", heads)
+    height = _check_positive_int("height", height)
+    width = _check_positive_int("width", width)
     sequences, frames, channels = q.shape
     if channels % heads != 0:
         raise ValueError(f"the channel dim C={channels} of q is not divisible by heads={heads}")
@@ -251,18 +269,21 @@ def check_temporal_attention_args(
         raise ValueError(
             f"q's first dim B*H*W={sequences} is not a multiple of height*width={height}*{width}"
         )
+    if frames < 2:
+        raise ValueError(f"temporal_attention needs at least F=2 frames (q's dim 1), got F={frames}: "
+                         f"a single frame attends only to itself (out = v)")
     head_dim = channels // heads
     if scale is None:
         scale = head_dim ** -0.5 if head_dim > 0 else 1.0
     else:
-        check_number("scale", scale)
+        # the scores are computed in float32 (float64 inputs aside): a larger scale is inf there
+        check_number("scale", scale, high=FLOAT32_MAX)
         if scale <= 0:
             raise ValueError(f"scale must be > 0, got {scale!r}")
-    for name, flag in (("return_map", return_map), ("return_stats", return_stats)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name} must be a bool, got {flag!r}")
+    return_map = check_flag("return_map", return_map)
+    return_stats = check_flag("return_stats", return_stats)
     # a free stand-in with the scores' shape, dtype and device: the map op's checks apply as is
     scores_layout = q.new_empty(()).expand(sequences // (height * width), height, width, heads, frames, frames)
     split = check_op_args(scores_layout, guide, alpha, beta, tau, adaptive_beta, cfg, energy_scope,
                           guide_upsample, beta_max, batch_split)
-    return split, float(scale)
+    return TemporalAttentionArgs(split, float(scale), heads, height, width, return_map, return_stats)

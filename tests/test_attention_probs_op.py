@@ -116,6 +116,34 @@ def test_torch_compile_fullgraph(backend, monkeypatch):
                                rtol=1e-5, atol=1e-5)
 
 
+def test_torch_compile_fullgraph_with_changing_float_arguments(monkeypatch):
+    """alpha and beta as inputs of the compiled function become symbolic floats once they change
+    (at once with dynamic=True); their validation traces (comparisons, no math.isfinite)."""
+    monkeypatch.setenv("BYTHEWAY_BACKEND", "cpp")
+    scores, guide = _inputs(frames=8)
+
+    def guided(scores, alpha, beta):
+        return btw.bytheway_attention_probs(scores, guide, alpha=alpha, beta=beta, tau=2)
+
+    for dynamic in (None, True):
+        torch._dynamo.reset()
+        compiled = torch.compile(guided, fullgraph=True, backend="eager", dynamic=dynamic)
+        for alpha, beta in ((0.1, 1.31), (0.2, 1.47), (0.3, 2.0)):
+            torch.testing.assert_close(compiled(scores, alpha, beta), guided(scores, alpha, beta),
+                                       rtol=0, atol=0)
+
+
+def test_meta_scores_give_shapes_only():
+    """Eager calls on meta tensors allocate the outputs as the fake implementation does (no
+    backend runs: the reference's masked indexing has no meta kernel)."""
+    scores = torch.empty(4, 2, 2, 1, 8, 8, device="meta")
+    guide = torch.empty(4, 1, 1, 1, 8, 8, device="meta")
+    probs, stats = btw.bytheway_attention_probs(scores, guide, alpha=0.5, beta=1.5, tau=2,
+                                                energy_scope="sample", return_stats=True)
+    assert probs.device.type == "meta" and probs.shape == scores.shape
+    assert stats.shape == (2, 6) and stats.dtype == torch.float32
+
+
 @pytest.fixture
 def op_calls(monkeypatch):
     """How often the public function went through the custom op (instead of the direct call)."""

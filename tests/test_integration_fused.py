@@ -252,6 +252,17 @@ def test_fast_attention_matches_stock_on_other_denoisers(case, force_fused):
     assert torch.equal(call_denoiser(model, sample, timestep, kwargs), stock)
 
 
+def test_fast_attention_runs_a_single_frame_through_the_stock_processor(pipe, monkeypatch, force_fused):
+    """F = 1 (which the op refuses) keeps the original processor: stock, bit for bit."""
+    stock = _denoise(pipe, 0, frames=1)
+    spy = FusedSpy(monkeypatch, processor_module)
+    with enable_fast_temporal_attention(pipe):
+        assert torch.equal(_denoise(pipe, 0, frames=1), stock)
+        assert not spy.calls
+        _denoise(pipe, 0, frames=2)
+        assert spy.calls  # two frames run fused
+
+
 def test_fast_attention_keeps_stock_where_the_kernel_is_unavailable(pipe, monkeypatch, no_kernel):
     stock = _denoise(pipe, 0)
     spy = FusedSpy(monkeypatch, processor_module)

@@ -3,6 +3,7 @@ against the float64 formula and SDPA, opcheck, torch.compile."""
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F_nn
@@ -124,6 +125,8 @@ def _good():
 @pytest.mark.parametrize("change,match", [
     (dict(q="q"), r"q must be a torch.Tensor"),
     (lambda a: a.update(q=a["q"].to(torch.int32)), r"q must be a floating-point"),
+    (lambda a: a.update(**{name: a[name].to(torch.float8_e5m2) for name in "qkv"}),
+     r"q must be a floating-point .* got dtype torch.float8_e5m2"),
     (lambda a: a.update(k=a["k"][0]), r"k must be 3-D"),
     (lambda a: a.update(v=a["v"][:, :8]), r"v shape .* must equal q's"),
     (lambda a: a.update(k=a["k"].double()), r"k dtype torch.float64 must equal q's"),
@@ -138,6 +141,9 @@ def _good():
     (dict(scale=0.0), r"scale must be > 0"),
     (dict(scale=float("inf")), r"scale must be a finite"),
     (dict(scale="1"), r"scale must be a finite"),
+    (dict(scale=1e39), r"scale must be <= 3.40282e\+38"),  # inf in the float32 scores
+    (dict(heads=True), r"heads must be a positive int"),
+    (dict(return_map=np.int64(1)), r"return_map must be a bool"),
     (lambda a: a.update(guide=a["guide"][:, :, :, :1]), r"guide shape .* must match"),
     (lambda a: a.update(guide=a["guide"].expand(2, 3, 1, 2, 16, 16)), r"guide spatial size \(3, 1\)"),
     (lambda a: a.update(guide=a["guide"][0]), r"guide must be 6-D"),
@@ -178,6 +184,26 @@ def test_tau_default_is_validated_against_frames(frames):
         assert btw.temporal_attention(q, k, v, heads=2, height=2, width=2).shape == q.shape
 
 
+def test_numpy_scalars_are_accepted_as_python_ones():
+    """heads, height, width as numpy ints and the flags as numpy bools, as the numbers may be."""
+    case = AttentionCase(frames=8, guide_size=None)
+    q, k, v, _ = make_inputs(case)
+    want = btw.temporal_attention(q, k, v, heads=2, height=2, width=2, return_map=True)
+    got = btw.temporal_attention(q, k, v, heads=np.int64(2), height=np.int32(2), width=np.uint8(2),
+                                 return_map=np.bool_(True), return_stats=np.bool_(False))
+    assert len(got) == 2
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_meta_tensors_give_shapes_only():
+    q = torch.empty(8, 8, 16, device="meta")
+    out, plain_map, stats = btw.temporal_attention(q, q, q, heads=2, height=2, width=2, alpha=0.6,
+                                                   beta=1.5, tau=3, return_map=True, return_stats=True)
+    assert out.device.type == "meta" and out.shape == q.shape
+    assert plain_map.shape == (2, 2, 2, 2, 8, 8) and stats.shape == (1, 6)
+
+
 def test_fused_available_follows_the_backend(monkeypatch):
     monkeypatch.delenv("BYTHEWAY_BACKEND", raising=False)
     assert not fused_available("cpu")
@@ -212,6 +238,25 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(layer, fullgraph=True, backend="inductor")
     for got, want in zip(compiled(qkv, guide), layer(qkv, guide)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_compile_fullgraph_with_changing_float_arguments():
+    """alpha, beta and scale as inputs of the compiled function: a new value makes them symbolic
+    floats (dynamic=None, the default, after the first change; dynamic=True at once), which the
+    validation checks by comparisons that torch.compile traces."""
+    case = AttentionCase(frames=8)
+    q, k, v, guide = make_inputs(case)
+
+    def layer(q, alpha, beta, scale):
+        return btw.temporal_attention(q, k, v, heads=2, height=2, width=2, guide=guide, alpha=alpha,
+                                      beta=beta, scale=scale, tau=2, adaptive_beta=True)
+
+    for dynamic in (None, True):
+        torch._dynamo.reset()
+        compiled = torch.compile(layer, fullgraph=True, backend="eager", dynamic=dynamic)
+        for alpha, beta, scale in ((0.1, 1.31, 0.3), (0.2, 1.47, 0.4), (0.3, 2.0, 0.5)):
+            torch.testing.assert_close(compiled(q, alpha, beta, scale), layer(q, alpha, beta, scale),
+                                       rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])

@@ -170,8 +170,10 @@ def plain_attention(fuse: bool, binding, attn, hidden_states: torch.Tensor, enco
     `binding.original`, the layer's standard processor. `binding` (a `PlainLayerBinding` or the
     fast attention's binding) also gives the score scale and the projection.
 
-    Plain attention needs no video geometry: every row is its own 1 x 1 "video", no CFG split."""
-    if not fuse or encoder_hidden_states is not None or attention_mask is not None or hidden_states.dim() != 3:
+    Plain attention needs no video geometry: every row is its own 1 x 1 "video", no CFG split.
+    A single frame (F = 1, which the op refuses) runs the original processor too."""
+    if (not fuse or encoder_hidden_states is not None or attention_mask is not None
+            or hidden_states.dim() != 3 or hidden_states.shape[1] < 2):
         return delegate(binding.original, attn, hidden_states, encoder_hidden_states, attention_mask, temb)
     query, key, value = project_qkv(attn, normed_input(attn, hidden_states, temb), stacked=True,
                                     fused_projection=binding.fused_projection)

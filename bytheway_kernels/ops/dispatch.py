@@ -21,16 +21,20 @@ def select_backend(device: torch.device) -> str:
 
     Called on every eager op call, so the common case (no override) is one environment lookup
     and one dict lookup (`torch.device.type` costs ~0.2 us: it builds a new string).
+    Meta tensors (shapes only) get "meta" whatever the override: no kernel runs for them, the
+    ops only allocate their outputs, as their fake implementations do.
     """
+    device_type = _DEVICE_TYPES.get(device)
+    if device_type is None:
+        device_type = _DEVICE_TYPES[device] = device.type
+    if device_type == "meta":
+        return "meta"
     forced = getenv(BACKEND_ENV)
     if forced and forced.strip():
         forced = forced.strip().lower()
         if forced not in BACKENDS:
             raise ValueError(f"{BACKEND_ENV}={forced!r} is not one of {BACKENDS}")
         return forced
-    device_type = _DEVICE_TYPES.get(device)
-    if device_type is None:
-        device_type = _DEVICE_TYPES[device] = device.type
     if device_type == "cuda":
         return "triton"
     if device_type == "cpu" and _cpp_available():

@@ -47,7 +47,15 @@ def _backend_function(backend: str):
         from .cpp import attention_probs_cpp  # allocates the probs in C++ (cheaper than empty_like)
 
         return attention_probs_cpp
+    if backend == "meta":
+        return _meta_backend
     return _reference_backend
+
+
+def _meta_backend(scores, guide, params: ByTheWayParams, with_stats: bool):
+    """Meta tensors: the outputs' shapes only, as the fake implementation gives them."""
+    probs = torch.empty_like(scores, memory_format=torch.contiguous_format)
+    return probs, params.empty_stats(scores, scores.shape[0]) if with_stats else None
 
 
 def backend_for(scores: torch.Tensor) -> str:

@@ -105,15 +105,18 @@ def _(q, k, v, guide, heads, height, width, scale, alpha, beta, tau, adaptive_be
 
 def _validate(q, k, v, heads, height, width, scale, guide, alpha, beta, tau, adaptive_beta, cfg,
               energy_scope, guide_upsample, beta_max, batch_split, return_map, return_stats):
-    """(resolved scale, ByTheWayParams) of valid arguments; a ValueError naming a bad one."""
-    split, scale = check_temporal_attention_args(
+    """(heads, height, width, scale, ByTheWayParams, return_map, return_stats) of valid arguments,
+    as plain Python values (numpy scalars converted, scale resolved); a ValueError naming a bad one."""
+    checked = check_temporal_attention_args(
         q, k, v, heads, height, width, scale, guide, alpha, beta, tau, adaptive_beta, cfg,
         energy_scope, guide_upsample, beta_max, batch_split, return_map, return_stats,
     )
-    params = ByTheWayParams(float(alpha), float(beta), int(tau), adaptive_beta, split.parts,
+    split = checked.split
+    params = ByTheWayParams(float(alpha), float(beta), int(tau), bool(adaptive_beta), split.parts,
                             split.energy_part, energy_scope, guide_upsample,
                             None if beta_max is None else float(beta_max))
-    return scale, params
+    return (checked.heads, checked.height, checked.width, checked.scale, params, checked.return_map,
+            checked.return_stats)
 
 
 # Validation results of eager calls by argument signature: validity depends only on the tensors'
@@ -204,11 +207,11 @@ def temporal_attention(
                 if len(_VALIDATED) >= _VALIDATED_MAX:
                     _VALIDATED.clear()
                 _VALIDATED[key] = checked
-        scale, params = checked
+        heads, height, width, scale, params, return_map, return_stats = checked
         out, plain_map, stats = _temporal_attention(q, k, v, guide, heads, height, width, scale,
                                                     params, return_map, return_stats)
     else:
-        scale, params = _validate(*args)
+        heads, height, width, scale, params, return_map, return_stats = _validate(*args)
         out, plain_map, stats = temporal_attention_op(q, k, v, guide, heads, height, width, scale,
                                                       *params, return_map, return_stats)
     extras = ((plain_map,) if return_map else ()) + ((stats,) if return_stats else ())

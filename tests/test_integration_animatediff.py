@@ -281,3 +281,73 @@ def test_torch_compile_fullgraph_with_bytheway_active(pipe):
     finally:
         torch._dynamo.reset()
     assert torch.equal(traced, eager) and not torch.equal(traced, stock)
+
+
+def test_a_swapped_scheduler_and_a_second_order_one_count_whole_steps():
+    """The step comes from the pipeline's scheduler at call time (swapped after apply_bytheway
+    here); Heun (order 2) calls the denoiser twice per step, 2 * 7 - 1 calls for 7 steps, and both
+    calls of a step are active or neither is."""
+    from diffusers import DPMSolverMultistepScheduler, HeunDiscreteScheduler
+
+    pipe = tiny_animatediff_pipeline()
+    ddim = pipe.scheduler
+    with apply_bytheway(pipe, diagnostics=True) as controller:
+        for scheduler, steps, calls, active in ((DPMSolverMultistepScheduler, 10, 10, 2),
+                                                (HeunDiscreteScheduler, 7, 13, 4)):
+            pipe.scheduler = scheduler.from_config(ddim.config)
+            controller.clear_diagnostics()
+            run_frames(pipe, **video_call_kwargs(steps=steps))
+            per_layer = [r for r in controller.diagnostics() if r["layer"] == controller.layer_names[0]]
+            assert len(per_layer) == calls
+            assert [r["active"] for r in per_layer] == [True] * active + [False] * (calls - active)
+            assert max(r["step"] for r in per_layer) == steps - 1
+    pipe.scheduler = ddim
+
+
+def test_processors_left_behind_without_their_binding_count_as_stock():
+    """A snapshot of attn_processors taken while applied, restored after remove(), leaves
+    ByTheWay's (and the fast attention's) processors without a binding; they compute stock
+    attention, and applying again replaces them instead of calling back into them."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    pipe = tiny_animatediff_pipeline()
+    stock = run_frames(pipe, **video_call_kwargs())
+    with apply_bytheway(pipe):
+        applied = run_frames(pipe, **video_call_kwargs())
+    controller, fast = apply_bytheway(pipe), bytheway_kernels.enable_fast_temporal_attention(pipe)
+    snapshot = pipe.unet.attn_processors
+    fast.remove()
+    controller.remove()
+    pipe.unet.set_attn_processor(snapshot)
+    assert torch.equal(run_frames(pipe, **video_call_kwargs()), stock)  # the orphans run stock
+    with apply_bytheway(pipe):
+        assert torch.equal(run_frames(pipe, **video_call_kwargs()), applied)
+    assert all(type(p) is AttnProcessor2_0 for p in pipe.unet.attn_processors.values())
+    with bytheway_kernels.enable_fast_temporal_attention(pipe) as fast:
+        assert len(fast.layer_names) == 20
+
+
+def test_fuse_apply_unfuse_then_apply_again():
+    """README's order for fuse_qkv_projections() after apply_bytheway: remove(), and diffusers'
+    unfuse_qkv_projections() then puts back the processors saved when fusing (ByTheWay's)."""
+    pipe = tiny_animatediff_pipeline()
+    with apply_bytheway(pipe):
+        applied = run_frames(pipe, **video_call_kwargs())
+    controller = apply_bytheway(pipe)
+    pipe.unet.fuse_qkv_projections()
+    controller.remove()
+    pipe.unet.unfuse_qkv_projections()
+    with apply_bytheway(pipe):
+        assert torch.equal(run_frames(pipe, **video_call_kwargs()), applied)
+
+
+def test_free_noise_split_inference_is_refused_clearly():
+    pipe = tiny_animatediff_pipeline()
+    pipe.enable_free_noise(context_length=8, context_stride=4)
+    controller = apply_bytheway(pipe, tau=3)
+    pipe.enable_free_noise_split_inference(spatial_split_size=32, temporal_split_size=8)
+    with pytest.raises(RuntimeError, match="split inference"):
+        run_frames(pipe, **video_call_kwargs(num_frames=24, steps=1))
+    controller.remove()
+    with pytest.raises(ValueError, match="split inference"):
+        apply_bytheway(pipe, tau=3)

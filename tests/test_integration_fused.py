@@ -263,6 +263,26 @@ def test_fast_attention_runs_a_single_frame_through_the_stock_processor(pipe, mo
         assert spy.calls  # two frames run fused
 
 
+def test_fast_attention_runs_under_free_noise_split_inference(monkeypatch, force_fused):
+    """Split inference runs the motion modules' transformer blocks on chunks of the B*H*W rows
+    (wrapped in diffusers' SplitInferenceModule): plain attention is per row, so the fast attention
+    takes the layers inside the wrappers over."""
+    from integration_helpers import run_frames, video_call_kwargs
+
+    pipe = tiny.tiny_animatediff_pipeline()
+    pipe.enable_free_noise(context_length=8, context_stride=4)
+    pipe.enable_free_noise_split_inference(spatial_split_size=32, temporal_split_size=8)
+    call = video_call_kwargs(num_frames=12, steps=1)
+    stock = run_frames(pipe, **call)
+    spy = FusedSpy(monkeypatch, processor_module)
+    with enable_fast_temporal_attention(pipe) as fast:
+        fused = run_frames(pipe, **video_call_kwargs(num_frames=12, steps=1))
+    assert len(fast.layer_names) == 20
+    assert {call["height"] for call in spy.calls} == {1} and len(spy.calls) > len(fast.layer_names)  # chunks
+    torch.testing.assert_close(fused, stock, **TOLERANCE)
+    assert torch.equal(run_frames(pipe, **video_call_kwargs(num_frames=12, steps=1)), stock)
+
+
 def test_fast_attention_keeps_stock_where_the_kernel_is_unavailable(pipe, monkeypatch, no_kernel):
     stock = _denoise(pipe, 0)
     spy = FusedSpy(monkeypatch, processor_module)

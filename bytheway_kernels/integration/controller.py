@@ -13,9 +13,10 @@ from ..config import PRESETS, ByTheWayConfig
 from ..ops.temporal_attention import fused_available
 from . import diagnostics as diagnostics_module
 from .layers import (ModelFamily, TemporalLayer, all_temporal_layers, decoder_temporal_layers, family_of, frames_of,
-                     resolve_anchor)
+                     resolve_anchor, split_inference_wrappers)
 from .processor import (BINDING_ATTR, BYTHEWAY_COPY_ADVICE, ByTheWayAttnProcessor, LayerBinding, PlainLayerBinding,
-                        RefusesCopy, RunState, projects_fused_qkv, standard_scale)
+                        RefusesCopy, RunState, projects_fused_qkv, replace_orphaned_processors,
+                        standard_scale)
 
 def active_step_count(step_fraction: float, num_steps: int) -> int:
     """ceil(step_fraction * num_steps), at least one (rounded first so 0.2 * 15 gives 3, not 4)."""
@@ -124,11 +125,12 @@ class ByTheWayController(RefusesCopy):
 
     Create it with `apply_bytheway`. `remove()` (or leaving a `with` block) restores the original
     processors and removes every hook. Per denoiser call the controller
-    - reads the step index from the position of the timestep in `scheduler.timesteps`, counted from
-      the first timestep of the current denoising loop (FreeInit restarts count from zero;
-      video-to-video with strength < 1 counts from its first step), and enables ByTheWay for the
-      first ceil(step_fraction * steps) of the loop's steps; without a scheduler (a bare
-      denoiser) every call is active;
+    - reads the step index from the position of the timestep in `scheduler.timesteps` (the
+      pipeline's scheduler at the time of the call, so a swapped one counts; a second-order
+      scheduler's two calls per step count as one step), counted from the first timestep of the
+      current denoising loop (FreeInit restarts count from zero; video-to-video with strength < 1
+      counts from its first step), and enables ByTheWay for the first ceil(step_fraction * steps)
+      of the loop's steps; without a scheduler (a bare denoiser) every call is active;
     - reads whether classifier-free guidance (and PAG) is on from the pipeline, unless `cfg` or
       `batch_split` was given;
     - unless `fused_attention` is False, runs the temporal layers it does not process (`plain`
@@ -151,7 +153,7 @@ class ByTheWayController(RefusesCopy):
         self._pipeline = pipeline
         self._denoiser = denoiser
         self._family: ModelFamily = family_of(denoiser)
-        self._scheduler = scheduler if scheduler is not None else getattr(pipeline, "scheduler", None)
+        self._scheduler = scheduler  # None: the pipeline's, read at each call (it may be swapped)
         self._batch_split_override = _batch_split_override(pipeline, cfg, batch_split)
         self._fused_attention = fused_attention
         self._observe_only = observe_only
@@ -159,7 +161,9 @@ class ByTheWayController(RefusesCopy):
         self._state = RunState(config=config)
         self._calls_without_scheduler = 0
         self._run_schedule, self._run_begin, self._run_last_position = None, 0, -1
+        replace_orphaned_processors(denoiser)
         self._anchor, self._layers = _select_layers(denoiser, self._family, anchor)
+        _refuse_split_inference(denoiser, self._layers, ValueError)
         self._plain_layers = [] if fused_attention is False else _plain_layers(denoiser, self._family, self._layers)
         self._install_processors()
         self._hooks = self._register_hooks(called_denoiser)
@@ -317,10 +321,11 @@ class ByTheWayController(RefusesCopy):
         checked: one given another processor runs that one, as a pipeline may do for the length of
         a call (AnimateDiffPAGPipeline perturbs the middle block's temporal self-attention by
         default, then puts the processors back)."""
+        _refuse_split_inference(self._denoiser, self._layers, RuntimeError)
         for layer in self._layers:
             if getattr(layer.parent, layer.attribute, None) is not layer.attn or not isinstance(
                 layer.attn.processor, ByTheWayAttnProcessor
-            ) or self._denoiser.get_submodule(layer.name) is not layer.attn:
+            ) or _submodule(self._denoiser, layer.name) is not layer.attn:
                 if type(layer.attn.processor).__name__.startswith("PAG"):
                     raise RuntimeError(
                         f"perturbed-attention guidance (PAG) runs its own processor in the temporal layer "
@@ -357,8 +362,14 @@ class ByTheWayController(RefusesCopy):
         return (1 + int(cfg) + int(pag), 1 if cfg else 0)
 
     def _locate_step(self, timestep) -> Tuple[int, bool]:
-        """(step index, active) for a denoiser call at `timestep`."""
+        """(step index, active) for a denoiser call at `timestep`.
+
+        A second-order scheduler (`scheduler.order` 2: Heun, KDPM2) calls the denoiser twice per
+        step, its timesteps holding each step's two; steps, not calls, are counted, so both calls
+        of a step are active or neither is."""
         scheduler = self._scheduler
+        if scheduler is None:
+            scheduler = getattr(self._pipeline, "scheduler", None)
         if scheduler is None:
             step = self._calls_without_scheduler
             self._calls_without_scheduler += 1
@@ -376,9 +387,32 @@ class ByTheWayController(RefusesCopy):
         if schedule is not self._run_schedule or position < self._run_last_position:
             self._run_schedule, self._run_begin = schedule, position
         self._run_last_position = position
-        step = position - self._run_begin
-        steps = schedule.numel() - self._run_begin
+        order = getattr(scheduler, "order", 1)
+        order = order if type(order) is int and order >= 1 else 1
+        step = (position - self._run_begin) // order
+        steps = -(-(schedule.numel() - self._run_begin) // order)  # the last step may have one call
         return step, step < active_step_count(self.config.step_fraction, steps)
+
+
+def _refuse_split_inference(denoiser, layers: List[TemporalLayer], error: type) -> None:
+    """FreeNoise's split inference runs the processed layers on chunks of a video's B*H*W rows,
+    where ByTheWay needs them all in one call (the energies of adaptive beta, the guide's
+    upsampling by position)."""
+    wrappers = split_inference_wrappers(denoiser, layers)
+    if wrappers:
+        raise error(
+            f"FreeNoise's split inference (enable_free_noise_split_inference) wraps the processed "
+            f"temporal blocks {wrappers[:2]}{'...' if len(wrappers) > 2 else ''} and runs them on chunks of "
+            f"the B*H*W rows, which ByTheWay cannot process: use FreeNoise without split inference "
+            f"(enable_fast_temporal_attention works with it)"
+        )
+
+
+def _submodule(denoiser, name: str):
+    try:
+        return denoiser.get_submodule(name)
+    except AttributeError:  # a module on the path was replaced or wrapped
+        return None
 
 
 def _schedule_position(timestep, schedule: torch.Tensor) -> int:

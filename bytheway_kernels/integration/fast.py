@@ -45,7 +45,7 @@ from ..ops.temporal_attention import fused_available
 from .controller import split_target
 from .layers import TemporalLayer, all_temporal_layers, family_of
 from .processor import (BINDING_ATTR, BoundProcessor, RefusesCopy, plain_attention, projects_fused_qkv,
-                        standard_scale)
+                        replace_orphaned_processors, standard_scale)
 
 #: Attribute of a diffusers `Attention` module holding its FastBinding while the fast attention is on.
 FAST_ATTR = "_bytheway_fast_binding"
@@ -116,6 +116,7 @@ class FastTemporalAttention(RefusesCopy):
         self._denoiser = denoiser
         self._state = FastState()
         self._processor = FastTemporalAttnProcessor()
+        replace_orphaned_processors(denoiser)
         self._layers = self._install(all_temporal_layers(denoiser, family_of(denoiser)))
         self._hook = called_denoiser.register_forward_pre_hook(self._begin_denoiser_call, with_kwargs=True)
         self._removed = False

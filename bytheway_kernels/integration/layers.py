@@ -140,9 +140,28 @@ def _latte_blocks(denoiser):
 
 def _transformer_blocks(module):
     """The transformer blocks of a temporal module; one without any is its own block (I2VGenXL's
-    image-latent encoder)."""
+    image-latent encoder). A block wrapped by FreeNoise's split inference counts as the block it
+    wraps (`split_inference_wrappers` tells which are)."""
     blocks = getattr(module, "transformer_blocks", None)
-    return [module] if blocks is None else list(blocks)
+    return [module] if blocks is None else [_unwrapped(block) for block in blocks]
+
+
+def is_split_inference_wrapper(module) -> bool:
+    """diffusers' `SplitInferenceModule`, which `enable_free_noise_split_inference` puts around
+    the motion modules' transformer blocks: it runs them on chunks of the B*H*W rows."""
+    return type(module).__name__ == "SplitInferenceModule" and isinstance(getattr(module, "module", None),
+                                                                         torch.nn.Module)
+
+
+def _unwrapped(block):
+    return block.module if is_split_inference_wrapper(block) else block
+
+
+def split_inference_wrappers(denoiser, layers: Sequence["TemporalLayer"]) -> List[str]:
+    """Names of the split-inference wrappers around any of `layers` (their transformer blocks)."""
+    parents = {id(layer.parent) for layer in layers}
+    return [name for name, module in denoiser.named_modules()
+            if is_split_inference_wrapper(module) and id(module.module) in parents]
 
 
 _UNET3D_LIKE = dict(

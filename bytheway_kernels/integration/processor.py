@@ -333,6 +333,20 @@ class BoundProcessor:
         raise NotImplementedError
 
 
+def replace_orphaned_processors(denoiser) -> None:
+    """Give every module that runs one of this package's processors without its binding the stock
+    processor such a processor runs there (`AttnProcessor2_0`): same outputs.
+
+    Orphans come back when a user restores a snapshot of `attn_processors` taken while ByTheWay or
+    the fast attention was applied, or when diffusers' `unfuse_qkv_projections()` puts back the
+    processors `fuse_qkv_projections()` saved. A new binding must not keep one as the layer's
+    original processor: it would find the new binding and call back into itself."""
+    for module in denoiser.modules():
+        processor = getattr(module, "processor", None)
+        if isinstance(processor, BoundProcessor) and getattr(module, processor.binding_attr, None) is None:
+            module.set_processor(type(processor._stock)())
+
+
 class ByTheWayAttnProcessor(BoundProcessor):
     """diffusers attention processor running ByTheWay on temporal self-attention layers.
 

@@ -14,7 +14,7 @@ import sys
 
 def main(argv=None) -> int:
     """Parse `argv` (default: sys.argv[1:]) and run the command; returns the exit status."""
-    from .integration.runs import device_problem, positive_int
+    from .integration.runs import positive_int
 
     parser = argparse.ArgumentParser(prog="python -m bytheway_kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,10 +39,11 @@ def main(argv=None) -> int:
         from .check import print_info
 
         return print_info()
-    problem = device_problem(args.device)
+    from .integration.demo import demo_problem, run_demo
+
+    problem = demo_problem(args.out, args.steps, args.device)
     if problem:
         demo.error(problem)
-    from .integration.demo import run_demo
 
     return run_demo(out_dir=args.out, steps=args.steps, device=args.device)
 

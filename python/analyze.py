@@ -126,13 +126,16 @@ def write_csv(runs, path):
 def main(argv=None) -> int:
     """Check the options, run stock (observed) then ByTheWay, write plots and CSV; returns 0."""
     from bytheway_kernels.integration import diagnostics
-    from bytheway_kernels.integration.runs import generate, pipeline_and_settings, run_config
+    from bytheway_kernels.integration.runs import generate, out_dir_problem, pipeline_and_settings, run_config
 
     parser, args = parser_and_args(argv)
     config = run_config(parser, args)
+    problem = out_dir_problem(args.out)
+    if problem:
+        parser.error(problem)
     from tqdm.auto import tqdm
 
-    pipe, settings = pipeline_and_settings(args)
+    pipe, settings = pipeline_and_settings(parser, args)
     runs = {}
     for name in tqdm(("stock", "ByTheWay"), desc="runs"):
         stock = name == "stock"

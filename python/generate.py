@@ -53,16 +53,19 @@ def parser_and_args(argv=None):
 def main(argv=None) -> int:
     """Check the options, run stock then ByTheWay from one seed, write the files; returns 0."""
     from bytheway_kernels.integration.media import comparison, mp4_available, video_frames, write_videos
-    from bytheway_kernels.integration.runs import generate, pipeline_and_settings, run_config
+    from bytheway_kernels.integration.runs import generate, out_dir_problem, pipeline_and_settings, run_config
 
     parser, args = parser_and_args(argv)
     config = run_config(parser, args)
     if args.mp4 and not mp4_available():
         parser.error("--mp4 needs the imageio-ffmpeg package (pip install imageio-ffmpeg); "
                      "leave --mp4 out to write PNG and GIF only")
+    problem = out_dir_problem(args.out)  # creates the folder: the last check before the model loads
+    if problem:
+        parser.error(problem)
     from tqdm.auto import tqdm
 
-    pipe, settings = pipeline_and_settings(args)
+    pipe, settings = pipeline_and_settings(parser, args)
     videos = {}
     for name in tqdm(("stock", "bytheway"), desc="runs"):
         frames, _ = generate(pipe, settings, config=config if name == "bytheway" else None,

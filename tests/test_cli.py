@@ -64,7 +64,29 @@ BAD_OPTIONS = [
     (["--step-fraction", "0"], "step_fraction"),
     (["--device", "nonsense"], "--device 'nonsense' is not a torch device"),
     (["--image", "/nonexistent/image.png"], "--image '/nonexistent/image.png' does not exist"),
+    (["--frames", "1", "--tau", "0"], "--frames 1: ByTheWay needs at least 2 frames"),
+    (["--height", "17"], "--height 17 is not a multiple of 8"),
+    (["--device", "meta"], "--device meta holds shapes but no data"),
 ]
+
+
+@pytest.mark.parametrize("script", ["generate", "analyze"])
+def test_scripts_refuse_an_output_path_they_cannot_write_before_loading(script, no_model, capsys, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for out, message in ((blocker, "exists and is not a folder"), (blocker / "below", "cannot be created")):
+        with pytest.raises(SystemExit) as exit_info:
+            _script(script).main(["--tiny", "--out", str(out)])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_scripts_refuse_more_steps_than_the_scheduler_has_before_running(monkeypatch, capsys, tmp_path):
+    """Checked against the loaded pipeline's scheduler, before any denoising."""
+    monkeypatch.setattr(runs, "generate", lambda *args, **kwargs: pytest.fail("the pipeline ran"))
+    with pytest.raises(SystemExit) as exit_info:
+        _script("generate").main(["--tiny", "--steps", "1001", "--out", str(tmp_path / "out")])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and "--steps 1001 is more than the scheduler's 1000" in error
 
 
 @pytest.mark.parametrize("script", ["generate", "analyze"])
@@ -112,6 +134,25 @@ def test_demo_refuses_bad_steps(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["demo", "--steps", "0", "--out", str(tmp_path / "demo")])
     assert exit_info.value.code == 2 and "must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--steps", "1001"], "--steps 1001 is more than the scheduler's 1000 training timesteps"),
+    (["--device", "meta"], "--device meta holds shapes but no data"),
+    (["--out", "{file}"], "exists and is not a folder"),
+])
+def test_demo_refuses_what_would_fail_later_up_front(options, message, capsys, tmp_path, monkeypatch):
+    import bytheway_kernels.integration.demo as demo
+
+    monkeypatch.setattr(demo, "tiny_animatediff_pipeline", lambda **kwargs: pytest.fail("pipeline built"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    options = [option.format(file=blocker) for option in options]
+    out = [] if "--out" in options else ["--out", str(tmp_path / "demo")]
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["demo"] + options + out)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "demo").exists()
 
 
 @pytest.mark.parametrize("command", [

@@ -11,13 +11,23 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Optional
 
 from ..config import PRESETS
 from . import diagnostics
 from .controller import active_step_count
 from .media import amplified_difference, comparison, mp4_available, video_frames, write_videos
-from .runs import GenerationSettings, device_problem, generate
-from .tiny import TINY_FRAMES, tiny_animatediff_pipeline
+from .runs import GenerationSettings, device_problem, generate, out_dir_problem, steps_problem
+from .tiny import TINY_FRAMES, tiny_animatediff_pipeline, tiny_ddim_scheduler
+
+
+def demo_problem(out_dir: str, steps: int, device: str) -> Optional[str]:
+    """Why the demo cannot run with these arguments (one line), or None: steps from 1 to the tiny
+    scheduler's training timesteps, a device this torch can use, an output folder it can write."""
+    if steps < 1:
+        return f"steps must be >= 1, got {steps}"
+    return (steps_problem(tiny_ddim_scheduler().config, steps) or device_problem(device)
+            or out_dir_problem(out_dir))
 
 
 def run_demo(out_dir: str, steps: int, device: str) -> int:
@@ -28,11 +38,9 @@ def run_demo(out_dir: str, steps: int, device: str) -> int:
     noise: the demo shows the machinery.
 
     Raises:
-        ValueError: `steps` < 1 or a `device` this torch cannot use (checked before any work).
+        ValueError: the `demo_problem` of the arguments (checked before any work).
     """
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    problem = device_problem(device)
+    problem = demo_problem(out_dir, steps, device)
     if problem:
         raise ValueError(problem)
     pipe = tiny_animatediff_pipeline(device=device)

@@ -2,7 +2,8 @@
 
 Shared by `python -m bytheway_kernels demo`, `python/generate.py` and `python/analyze.py`,
 including their common command-line options and the checks those options get before any model is
-loaded (`run_config`): a script refuses bad options in one line, before doing any work.
+loaded (`run_config`, `out_dir_problem`; `--steps` against the loaded scheduler, before it runs):
+a script refuses bad options in one line, before doing any work.
 
 Examples:
     >>> import argparse
@@ -32,6 +33,8 @@ from .fast import enable_fast_temporal_attention
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
+#: Pixels per latent cell of every supported pipeline's VAE: heights and widths are multiples.
+PIXELS_PER_LATENT = 8
 #: Command-line option -> ByTheWayConfig field it overrides.
 CONFIG_OPTIONS = {"alpha": "alpha", "beta": "beta", "tau": "tau", "step_fraction": "step_fraction"}
 
@@ -160,11 +163,42 @@ def device_problem(device: str) -> Optional[str]:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):
         return f"--device {device!r} is not a torch device (try cpu or cuda)"
+    if parsed.type == "meta":
+        return "--device meta holds shapes but no data: use cpu or cuda"
     if parsed.type == "cuda" and not torch.cuda.is_available():
         return (f"--device {device} asked for, but this torch ({torch.__version__}) has no usable CUDA "
                 "device; use --device cpu or install a CUDA build of torch")
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
         return f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here"
+    return None
+
+
+def out_dir_problem(path: str) -> Optional[str]:
+    """Create the output folder `path` (and its parents) now, so that one that cannot be written
+    fails before any work; returns why it cannot (one line), or None.
+
+    Examples:
+        >>> import tempfile
+        >>> out_dir_problem(tempfile.gettempdir()) is None
+        True
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"--out {path!r} exists and is not a folder"
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        return f"--out {path!r} cannot be created: {error.strerror or error}"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"--out {path!r} is not writable"
+    return None
+
+
+def steps_problem(scheduler_config, steps: int) -> Optional[str]:
+    """Why `steps` denoising steps do not fit the scheduler (more than its training timesteps,
+    which diffusers refuses), or None."""
+    limit = getattr(scheduler_config, "num_train_timesteps", None)
+    if isinstance(limit, int) and steps > limit:
+        return f"--steps {steps} is more than the scheduler's {limit} training timesteps"
     return None
 
 
@@ -205,6 +239,13 @@ def run_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ByT
         config = PRESETS[args.preset].replace(**overrides)
     except ValueError as error:
         parser.error(str(error))
+    if args.frames < 2:
+        parser.error(f"--frames {args.frames}: ByTheWay needs at least 2 frames")
+    for option in ("height", "width"):
+        size = getattr(args, option)
+        if size is not None and size % PIXELS_PER_LATENT:
+            parser.error(f"--{option} {size} is not a multiple of {PIXELS_PER_LATENT} (the pipelines' VAEs "
+                         f"downsample by {PIXELS_PER_LATENT})")
     if config.tau > max_tau(args.frames):
         parser.error(f"tau {config.tau} is too large for --frames {args.frames}: it must be "
                      f"<= (frames - 2) // 2 = {max_tau(args.frames)} (set --tau)")
@@ -218,11 +259,15 @@ def run_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ByT
     return config
 
 
-def pipeline_and_settings(args):
-    """(pipeline with progress bars on, GenerationSettings) from `add_run_arguments` options."""
+def pipeline_and_settings(parser: argparse.ArgumentParser, args):
+    """(pipeline with progress bars on, GenerationSettings) from `add_run_arguments` options;
+    `--steps` beyond the loaded scheduler's training timesteps ends the program (`parser.error`)."""
     dtype = DTYPES[args.dtype or ("float16" if args.device.startswith("cuda") else "float32")]
     pipe = load_pipeline(args.model, tiny=args.tiny, device=args.device, dtype=dtype,
                          motion_adapter=args.motion_adapter)
+    problem = steps_problem(pipe.scheduler.config, args.steps)
+    if problem:
+        parser.error(problem)
     pipe.set_progress_bar_config(disable=False, leave=False)
     tiny_size = 32 if args.tiny else None
     settings = GenerationSettings(

@@ -321,11 +321,12 @@ class ByTheWayController(RefusesCopy):
         checked: one given another processor runs that one, as a pipeline may do for the length of
         a call (AnimateDiffPAGPipeline perturbs the middle block's temporal self-attention by
         default, then puts the processors back)."""
-        _refuse_split_inference(self._denoiser, self._layers, RuntimeError)
         for layer in self._layers:
             if getattr(layer.parent, layer.attribute, None) is not layer.attn or not isinstance(
                 layer.attn.processor, ByTheWayAttnProcessor
             ) or _submodule(self._denoiser, layer.name) is not layer.attn:
+                # split inference wrapped the layer's block since: its path no longer resolves
+                _refuse_split_inference(self._denoiser, self._layers, RuntimeError)
                 if type(layer.attn.processor).__name__.startswith("PAG"):
                     raise RuntimeError(
                         f"perturbed-attention guidance (PAG) runs its own processor in the temporal layer "

@@ -224,3 +224,16 @@ def test_validation_cache_keeps_types_apart(change, match):
         btw.bytheway_attention_probs(scores, guide, **{**good, **change})
     with pytest.raises(ValueError, match="guide shape"):  # shapes are part of what is remembered
         btw.bytheway_attention_probs(scores, guide[:, :, :, :1], **good)
+
+
+def test_backward_says_the_ops_are_for_inference():
+    """No gradient: backpropagating names the op and says to run it under no_grad (torch's own
+    error would ask for an autograd formula)."""
+    scores, guide = _inputs()
+    probs = btw.bytheway_attention_probs(scores.clone().requires_grad_(), guide, **GOOD)
+    with pytest.raises(RuntimeError, match=r"bytheway.attention_probs has no gradient: .* for inference"):
+        probs.sum().backward()
+    q = torch.randn(8, 8, 16, requires_grad=True)
+    out = btw.temporal_attention(q, q, q, heads=2, height=2, width=2)
+    with pytest.raises(RuntimeError, match=r"bytheway.temporal_attention has no gradient"):
+        out.sum().backward()

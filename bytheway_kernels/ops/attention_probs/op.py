@@ -20,7 +20,7 @@ import torch
 from ..._validation import check_op_args
 from ...energy import STATS_FIELDS, stats_rows
 from ..dispatch import direct_call_is_equivalent, select_backend
-from ..params import ByTheWayParams
+from ..params import ByTheWayParams, refuse_gradients
 from . import reference
 
 
@@ -140,6 +140,9 @@ def attention_probs(
     if stats is None:
         stats = scores.new_empty((0, len(STATS_FIELDS)), dtype=torch.float32)
     return probs, stats
+
+
+refuse_gradients(attention_probs, "torch.ops.bytheway.attention_probs")
 
 
 @attention_probs.register_fake

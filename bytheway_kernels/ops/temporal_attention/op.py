@@ -18,7 +18,7 @@ import torch
 from ..._validation import check_temporal_attention_args
 from ...energy import STATS_FIELDS, stats_rows
 from ..dispatch import direct_call_is_equivalent, select_backend
-from ..params import ByTheWayParams
+from ..params import ByTheWayParams, refuse_gradients
 from .reference import temporal_attention_composed
 
 #: Largest F the fused kernel handles (it pads F to a power of two >= 16).
@@ -89,6 +89,9 @@ def temporal_attention_op(
     if stats is None:
         stats = q.new_empty((0, len(STATS_FIELDS)), dtype=torch.float32)
     return out, plain_map, stats
+
+
+refuse_gradients(temporal_attention_op, "torch.ops.bytheway.temporal_attention")
 
 
 @temporal_attention_op.register_fake

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Optional
 
 from ._validation import BETA_LIMIT, ENERGY_SCOPES, GUIDE_UPSAMPLE_MODES, check_flag, check_integer, check_number
 
 
 def _check_choice(name: str, value, choices) -> str:
+    """One of `choices`, as a plain str (a numpy.str_ passes, converted: torch.compile cannot
+    trace one into the ops)."""
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
+    return str(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +99,8 @@ class ByTheWayConfig:
 
 
 #: The paper's settings (Sec. 4.1): AnimateDiff and VideoCrafter2, both active for 20% of steps.
-PRESETS = {
+#: Read-only (the defaults of apply_bytheway and the scripts): derive others with `.replace()`.
+PRESETS = types.MappingProxyType({
     "animatediff": ByTheWayConfig(alpha=0.6, beta=1.5, tau=7, step_fraction=0.2),
     "videocrafter2": ByTheWayConfig(alpha=0.1, beta=10.0, tau=7, step_fraction=0.2),
-}
+})

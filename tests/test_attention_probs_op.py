@@ -1,5 +1,6 @@
 """The public function and the torch custom op: validation, dispatch, opcheck, torch.compile."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,6 +69,11 @@ def test_config_and_presets():
         btw.ByTheWayConfig(alpha=2.0, beta=1.5, tau=7)
     with pytest.raises(ValueError, match="unknown ByTheWayConfig field"):
         btw.PRESETS["animatediff"].replace(gamma=1)
+    with pytest.raises(TypeError):  # read-only: apply_bytheway's and the scripts' defaults
+        btw.PRESETS["animatediff"] = btw.PRESETS["videocrafter2"]
+    # numpy strings become str (torch.compile cannot trace a numpy.str_ into the op)
+    config = btw.PRESETS["animatediff"].replace(energy_scope=np.str_("sample"), guide_upsample=np.str_("bilinear"))
+    assert type(config.energy_scope) is str and type(config.guide_upsample) is str
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton_interpreter)])

@@ -283,6 +283,30 @@ def test_torch_compile_fullgraph_with_bytheway_active(pipe):
     assert torch.equal(traced, eager) and not torch.equal(traced, stock)
 
 
+def test_torch_compile_fullgraph_with_diagnostics_compiles_active_and_inactive_once():
+    """Diagnostics record each call's values inside the compiled denoiser and get their step
+    outside it: one graph for the active steps, one for the others, whatever the step count."""
+    from torch._dynamo.utils import counters
+
+    pipe = tiny_animatediff_pipeline()
+    with apply_bytheway(pipe, diagnostics=True) as controller:
+        eager = run_frames(pipe, **video_call_kwargs(steps=4))
+        eager_rows = controller.diagnostics()
+    torch._dynamo.reset()
+    counters.clear()
+    pipe.unet = torch.compile(pipe.unet, backend="eager", fullgraph=True)
+    try:
+        with apply_bytheway(pipe, diagnostics=True) as controller:
+            compiled = run_frames(pipe, **video_call_kwargs(steps=4))
+            rows = controller.diagnostics()
+        assert counters["stats"]["unique_graphs"] == 2
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(compiled, eager)
+    assert [(r["step"], r["active"]) for r in rows] == [(r["step"], r["active"]) for r in eager_rows]
+    assert sorted({r["step"] for r in rows}) == [0, 1, 2, 3]
+
+
 def test_a_swapped_scheduler_and_a_second_order_one_count_whole_steps():
     """The step comes from the pipeline's scheduler at call time (swapped after apply_bytheway
     here); Heun (order 2) calls the denoiser twice per step, 2 * 7 - 1 calls for 7 steps, and both

@@ -160,6 +160,7 @@ class ByTheWayController(RefusesCopy):
         self._diagnostics = diagnostics or observe_only
         self._state = RunState(config=config)
         self._calls_without_scheduler = 0
+        self._records: List[Tuple] = []  # diagnostics of the calls before the last (`_take_records`)
         self._run_schedule, self._run_begin, self._run_last_position = None, 0, -1
         replace_orphaned_processors(denoiser)
         self._anchor, self._layers = _select_layers(denoiser, self._family, anchor)
@@ -247,15 +248,26 @@ class ByTheWayController(RefusesCopy):
         self.remove()
 
     def diagnostics(self) -> List[dict]:
-        """Recorded per-layer, per-call stats as dicts (converted to Python numbers here, once)."""
-        return diagnostics_module.rows(self._state.records)
+        """Recorded per-layer, per-call stats as dicts (converted to Python numbers here, once).
+        They accumulate over denoiser and pipeline calls until `clear_diagnostics()`."""
+        self._take_records()
+        return diagnostics_module.rows(self._records)
 
     def diagnostics_table(self, by: str = "block") -> str:
         """The diagnostics as a text table; `by` is "block", "block_step" or "layer"."""
         return diagnostics_module.format_table(self.diagnostics(), by=by)
 
     def clear_diagnostics(self) -> None:
+        """Drop the recorded diagnostics."""
+        self._records.clear()
         self._state.records.clear()
+
+    def _take_records(self) -> None:
+        """Move the last denoiser call's records (`RunState.records`) here, with that call's step."""
+        state = self._state
+        self._records.extend((layer, block, state.step, call, active, values)
+                             for layer, block, call, active, values in state.records)
+        state.records.clear()
 
     def __repr__(self) -> str:
         state = "removed" if self._removed else f"{len(self._layers)} layers, anchor {self._anchor}"
@@ -287,6 +299,7 @@ class ByTheWayController(RefusesCopy):
                 f"the denoiser batch {sample.shape[0]} is not divisible into {split[0]} parts "
                 f"(cfg / batch split {split}); pass the right cfg= to apply_bytheway"
             )
+        self._take_records()  # the previous call's, before the step changes
         step, active = self._locate_step(timestep)
         state.step = step
         state.modify = active and not self._observe_only

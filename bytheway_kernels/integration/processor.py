@@ -90,6 +90,9 @@ class RunState:
     batch_split: Tuple[int, int] = (1, 0)  # (parts, part whose rows give the energies)
     guides: Dict[Tuple, Dict[int, torch.Tensor]] = dataclasses.field(default_factory=dict)
     calls: Dict[str, int] = dataclasses.field(default_factory=dict)
+    # this denoiser call's diagnostics (layer, block, call, modified, values), without the step:
+    # the controller takes them, with the step, at the next call's start and when they are read
+    # (an empty list at every call's start: torch.compile would guard on a growing one's length)
     records: List[Tuple] = dataclasses.field(default_factory=list)
 
 
@@ -430,8 +433,11 @@ class ByTheWayAttnProcessor(BoundProcessor):
 
     @staticmethod
     def _record(state: RunState, binding: LayerBinding, call, scores, plain, guide, probs, stats):
-        """Append (layer, block, step, call, modified, [beta, E1, E2, E2_low, E2_high, E3,
-        discrepancy before, discrepancy after]) with the values as one fp32 device tensor."""
+        """Append (layer, block, call, modified, [beta, E1, E2, E2_low, E2_high, E3,
+        discrepancy before, discrepancy after]) to this call's records, the values as one fp32
+        device tensor. The controller adds the step outside the denoiser call
+        (`ByTheWayController._take_records`): read here, torch.compile would guard on its value
+        and compile the denoiser again for every step."""
         if plain is None:
             plain = torch.softmax(scores, dim=-1, dtype=torch.float32)
         if guide is None:  # anchor: compare with its own plain map
@@ -444,7 +450,7 @@ class ByTheWayAttnProcessor(BoundProcessor):
             _rms_row_distance(probs, target).view(1),
         ])
         layer = binding.layer
-        state.records.append((layer.name, layer.block, state.step, call, state.modify, values))
+        state.records.append((layer.name, layer.block, call, state.modify, values))
 
 
 def _count_call(state: RunState, layer: TemporalLayer) -> int:

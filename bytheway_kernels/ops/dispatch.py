@@ -1,4 +1,5 @@
-"""Which backend an op runs on: one rule for every op in `bytheway_kernels.ops`.
+"""Which backend an op runs on, when its public function may skip the custom op, and that the ops
+have no gradient: one rule each for every op in `bytheway_kernels.ops`.
 
 `BYTHEWAY_BACKEND=reference|triton|cpp` forces one; otherwise CUDA tensors use Triton and CPU
 tensors use the compiled C++ kernel when it is built, else the pure-torch reference.
@@ -70,6 +71,20 @@ def direct_call_is_equivalent(*tensors) -> bool:
                                    or (grad_enabled and tensor.requires_grad)):
             return False
     return True
+
+
+def refuse_gradients(op, name: str) -> None:
+    """Register a backward for custom op `op` that says why there is none: the ops are for
+    inference (diffusers pipelines run under no_grad). Without one, torch's own error asks the
+    user to register an autograd formula."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{name} has no gradient: ByTheWay's ops are for inference; call them under "
+            f"torch.no_grad() or torch.inference_mode(), as diffusers pipelines do"
+        )
+
+    op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)
 
 
 # Bound once: each attribute chain (torch._C._functorch...) costs ~0.1 us per eager call.

@@ -40,18 +40,3 @@ class ByTheWayParams(NamedTuple):
     def empty_stats(self, like: torch.Tensor, batch: int) -> torch.Tensor:
         """An uninitialised float32 stats output (rows, 6) for `batch` entries, on `like`'s device."""
         return like.new_empty((self.stats_rows(batch), len(STATS_FIELDS)), dtype=torch.float32)
-
-
-def refuse_gradients(op, name: str) -> None:
-    """Register a backward for custom op `op` that says why there is none: the ops are for
-    inference (diffusers pipelines run under no_grad). Without one, torch's own error asks the
-    user to register an autograd formula."""
-
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"{name} has no gradient: ByTheWay's ops are for inference; call them under "
-            f"torch.no_grad() or torch.inference_mode(), as diffusers pipelines do"
-        )
-
-    op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)
-

@@ -19,8 +19,8 @@ import torch
 
 from ..._validation import check_op_args
 from ...energy import STATS_FIELDS, stats_rows
-from ..dispatch import direct_call_is_equivalent, select_backend
-from ..params import ByTheWayParams, refuse_gradients
+from ..dispatch import direct_call_is_equivalent, refuse_gradients, select_backend
+from ..params import ByTheWayParams
 from . import reference
 
 
@@ -48,14 +48,14 @@ def _backend_function(backend: str):
 
         return attention_probs_cpp
     if backend == "meta":
-        return _meta_backend
+        return _through_the_op
     return _reference_backend
 
 
-def _meta_backend(scores, guide, params: ByTheWayParams, with_stats: bool):
-    """Meta tensors: the outputs' shapes only, as the fake implementation gives them."""
-    probs = torch.empty_like(scores, memory_format=torch.contiguous_format)
-    return probs, params.empty_stats(scores, scores.shape[0]) if with_stats else None
+def _through_the_op(scores, guide, params: ByTheWayParams, with_stats: bool):
+    """Meta tensors: the custom op, whose fake implementation gives the outputs' shapes."""
+    probs, stats = attention_probs(scores, guide, *params, with_stats)
+    return probs, stats if with_stats else None
 
 
 def backend_for(scores: torch.Tensor) -> str:

@@ -17,8 +17,8 @@ import torch
 
 from ..._validation import check_temporal_attention_args
 from ...energy import STATS_FIELDS, stats_rows
-from ..dispatch import direct_call_is_equivalent, select_backend
-from ..params import ByTheWayParams, refuse_gradients
+from ..dispatch import direct_call_is_equivalent, refuse_gradients, select_backend
+from ..params import ByTheWayParams
 from .reference import temporal_attention_composed
 
 #: Largest F the fused kernel handles (it pads F to a power of two >= 16).

@@ -28,6 +28,8 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BETA_LIMIT = 1e6
 #: Largest finite float32.
 FLOAT32_MAX = torch.finfo(torch.float32).max
+#: The largest `temporal_attention` scale: its fused kernel multiplies the scale by log2(e) in fp32.
+MAX_SCALE = FLOAT32_MAX / math.log2(math.e)
 
 
 def is_flag(value) -> bool:
@@ -126,9 +128,15 @@ def batch_parts(cfg: bool, batch_split: Optional[Tuple[int, int]], name: str = "
     return parts, energy_part
 
 
-def resolve_batch_split(batch: int, cfg: bool, batch_split: Optional[Tuple[int, int]]) -> BatchSplit:
-    """The split of a batch of `batch` entries; B must divide into the parts."""
+def resolve_batch_split(batch: int, cfg: bool, batch_split: Optional[Tuple[int, int]],
+                        reads_energies: bool = True) -> BatchSplit:
+    """The split of a batch of `batch` entries; B must divide into the parts. The halves that
+    `cfg=True` implies matter only when the energies are read (adaptive beta or stats): otherwise
+    any batch passes, as one part (a fixed beta for every row), so that plain attention on one
+    video needs no `cfg=False`. An explicit `batch_split` is always checked."""
     parts, energy_part = batch_parts(cfg, batch_split)
+    if not reads_energies and batch_split is None:
+        return BatchSplit(1, 0, batch)
     if batch % parts != 0:
         what = "cfg=True needs an even batch" if batch_split is None else f"batch_split={tuple(batch_split)}"
         raise ValueError(f"{what}: scores batch B={batch} is not divisible by {parts}")
@@ -198,21 +206,21 @@ def check_op_args(
     batch_split=None,
     return_stats=False,
 ) -> BatchSplit:
-    """Validate everything `bytheway_attention_probs` takes; return the resolved batch split."""
+    """Validate everything `bytheway_attention_probs` takes; return the resolved batch split
+    (one part unless the energies are read: `resolve_batch_split`)."""
     check_scores(scores)
     check_tau(tau, scores.shape[-1])
     check_number("alpha", alpha, low=0.0, high=1.0)
     beta = check_number("beta", beta, low=0.0, high=BETA_LIMIT)
     if beta_max is not None:
         check_number("beta_max", beta_max, low=beta, high=BETA_LIMIT)
-    check_flag("adaptive_beta", adaptive_beta)
-    check_flag("return_stats", return_stats)
+    reads_energies = check_flag("adaptive_beta", adaptive_beta) | check_flag("return_stats", return_stats)
     if energy_scope not in ENERGY_SCOPES:
         raise ValueError(f"energy_scope must be one of {ENERGY_SCOPES}, got {energy_scope!r}")
     if guide_upsample not in GUIDE_UPSAMPLE_MODES:
         raise ValueError(f"guide_upsample must be one of {GUIDE_UPSAMPLE_MODES}, got {guide_upsample!r}")
     check_guide(guide, scores)
-    return resolve_batch_split(scores.shape[0], cfg, batch_split)
+    return resolve_batch_split(scores.shape[0], cfg, batch_split, reads_energies)
 
 
 def _check_positive_int(name: str, value) -> int:
@@ -276,8 +284,9 @@ def check_temporal_attention_args(
     if scale is None:
         scale = head_dim ** -0.5 if head_dim > 0 else 1.0
     else:
-        # the scores are computed in float32 (float64 inputs aside): a larger scale is inf there
-        check_number("scale", scale, high=FLOAT32_MAX)
+        # the scores are computed in float32 (float64 inputs aside), and the fused kernel folds
+        # log2(e) into the scale for exp2: a larger scale is inf there
+        check_number("scale", scale, high=MAX_SCALE)
         if scale <= 0:
             raise ValueError(f"scale must be > 0, got {scale!r}")
     return_map = check_flag("return_map", return_map)
@@ -285,5 +294,5 @@ def check_temporal_attention_args(
     # a free stand-in with the scores' shape, dtype and device: the map op's checks apply as is
     scores_layout = q.new_empty(()).expand(sequences // (height * width), height, width, heads, frames, frames)
     split = check_op_args(scores_layout, guide, alpha, beta, tau, adaptive_beta, cfg, energy_scope,
-                          guide_upsample, beta_max, batch_split)
+                          guide_upsample, beta_max, batch_split, return_stats)
     return TemporalAttentionArgs(split, float(scale), heads, height, width, return_map, return_stats)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import bytheway_kernels as btw
+from bytheway_kernels.ops.attention_probs import reference
 from attention_probs_cases import Case, make_inputs, needs_triton_interpreter
 
 GOOD = dict(alpha=0.6, beta=1.5, tau=7)
@@ -36,6 +37,22 @@ def test_bad_arguments_raise_value_error_naming_them(change, match):
     scores, guide = _inputs()
     with pytest.raises(ValueError, match=match):
         btw.bytheway_attention_probs(scores, guide, **{**GOOD, **change})
+
+
+def test_fixed_beta_takes_an_odd_batch_with_the_default_cfg():
+    """cfg=True's halves matter only to the energies: fixed beta without stats takes any batch
+    and equals the one-part result; adaptive beta and stats still refuse an odd batch."""
+    odd, guide = _inputs(batch=3)
+    fixed = dict(GOOD, adaptive_beta=False)
+    probs = btw.bytheway_attention_probs(odd, guide, **fixed)
+    torch.testing.assert_close(probs, btw.bytheway_attention_probs(odd, guide, cfg=False, **fixed),
+                               atol=0, rtol=0)
+    expected = reference.bytheway_attention_probs(odd.double(), guide.double(), cfg=False, **fixed)
+    torch.testing.assert_close(probs.double(), expected, atol=2e-6, rtol=2e-6)
+    with pytest.raises(ValueError, match="cfg=True needs an even batch"):
+        btw.bytheway_attention_probs(odd, guide, **fixed, return_stats=True)
+    with pytest.raises(ValueError, match=r"batch_split=\(3, 1\)"):
+        btw.bytheway_attention_probs(odd[:2], guide[:2], **fixed, batch_split=(3, 1))
 
 
 def test_bad_tensors_raise_value_error():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -311,14 +312,20 @@ def test_a_swapped_scheduler_and_a_second_order_one_count_whole_steps():
     """The step comes from the pipeline's scheduler at call time (swapped after apply_bytheway
     here); Heun (order 2) calls the denoiser twice per step, 2 * 7 - 1 calls for 7 steps, and both
     calls of a step are active or neither is."""
-    from diffusers import DPMSolverMultistepScheduler, HeunDiscreteScheduler
+    from diffusers import DPMSolverMultistepScheduler, HeunDiscreteScheduler, PNDMScheduler
 
     pipe = tiny_animatediff_pipeline()
     ddim = pipe.scheduler
+    # PNDM (Stable Diffusion's default) says order 1, but its first step takes two calls with
+    # skip_prk_steps, and its first three steps four calls each (Runge-Kutta) without
+    pndm = functools.partial(PNDMScheduler.from_config, skip_prk_steps=True)
+    pndm_prk = functools.partial(PNDMScheduler.from_config, skip_prk_steps=False)
     with apply_bytheway(pipe, diagnostics=True) as controller:
-        for scheduler, steps, calls, active in ((DPMSolverMultistepScheduler, 10, 10, 2),
-                                                (HeunDiscreteScheduler, 7, 13, 4)):
-            pipe.scheduler = scheduler.from_config(ddim.config)
+        for make_scheduler, steps, calls, active in (
+                (DPMSolverMultistepScheduler.from_config, 10, 10, 2),
+                (HeunDiscreteScheduler.from_config, 7, 13, 4),
+                (pndm, 10, 11, 3), (pndm, 4, 5, 2), (pndm_prk, 10, 19, 8)):
+            pipe.scheduler = make_scheduler(ddim.config)
             controller.clear_diagnostics()
             run_frames(pipe, **video_call_kwargs(steps=steps))
             per_layer = [r for r in controller.diagnostics() if r["layer"] == controller.layer_names[0]]
@@ -326,6 +333,29 @@ def test_a_swapped_scheduler_and_a_second_order_one_count_whole_steps():
             assert [r["active"] for r in per_layer] == [True] * active + [False] * (calls - active)
             assert max(r["step"] for r in per_layer) == steps - 1
     pipe.scheduler = ddim
+
+
+def test_a_pipeline_sharing_the_denoiser_runs_with_its_own_guidance_and_scheduler():
+    """`from_pipe` shares the denoiser, and so ByTheWay, with the pipeline it was applied to; each
+    call reads CFG, PAG and the scheduler from the pipeline running it, so the sharing one gets
+    what ByTheWay applied to it directly gives."""
+    from diffusers import AnimateDiffPAGPipeline, DPMSolverMultistepScheduler
+
+    base = tiny_animatediff_pipeline()
+    shared_pag = AnimateDiffPAGPipeline.from_pipe(base)
+    shared_dpm = type(base).from_pipe(base, scheduler=DPMSolverMultistepScheduler.from_config(base.scheduler.config))
+    for pipe in (shared_pag, shared_dpm):
+        pipe.set_progress_bar_config(disable=True)
+    calls = ((shared_pag, dict(prompt=["a cat", "a dog"], pag_scale=3.0)), (shared_pag, dict(pag_scale=3.0)),
+             (shared_dpm, dict(guidance_scale=1.0, num_videos_per_prompt=2)), (shared_dpm, {}))
+    expected = []
+    for pipe, extra in calls:
+        with apply_bytheway(pipe):
+            expected.append(run_frames(pipe, **video_call_kwargs(**extra)))
+    with apply_bytheway(base):
+        run_frames(base, **video_call_kwargs())  # leaves the base pipeline's CFG flag on
+        for (pipe, extra), frames in zip(calls, expected):
+            assert torch.equal(run_frames(pipe, **video_call_kwargs(**extra)), frames)
 
 
 def test_processors_left_behind_without_their_binding_count_as_stock():

@@ -44,6 +44,22 @@ def test_plain_attention_matches_sdpa(dtype, frames, head_dim):
     torch.testing.assert_close(out, _sdpa(q, k, v, case.heads), atol=2 * atol, rtol=2 * atol)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_plain_attention_takes_an_odd_batch_with_the_default_cfg(batch):
+    """Fixed beta without stats never reads the energies, so cfg=True's halves are not required;
+    ByTheWay with adaptive beta still needs them."""
+    case = AttentionCase(batch=batch, guide_size=None)
+    q, k, v, _ = make_inputs(case, seed=2)
+    out = btw.temporal_attention(q, k, v, heads=case.heads, height=2, width=2)
+    torch.testing.assert_close(out, _sdpa(q, k, v, case.heads), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="cfg=True needs an even batch"):
+        btw.temporal_attention(q, k, v, heads=case.heads, height=2, width=2, adaptive_beta=True)
+    with pytest.raises(ValueError, match="cfg=True needs an even batch"):
+        btw.temporal_attention(q, k, v, heads=case.heads, height=2, width=2, return_stats=True)
+    with pytest.raises(ValueError, match=r"batch_split=\(2, 1\)"):
+        btw.temporal_attention(q, k, v, heads=case.heads, height=2, width=2, batch_split=(2, 1))
+
+
 def test_custom_scale_matches_sdpa():
     case = AttentionCase(guide_size=None)
     q, k, v, _ = make_inputs(case)
@@ -141,7 +157,8 @@ def _good():
     (dict(scale=0.0), r"scale must be > 0"),
     (dict(scale=float("inf")), r"scale must be a finite"),
     (dict(scale="1"), r"scale must be a finite"),
-    (dict(scale=1e39), r"scale must be <= 3.40282e\+38"),  # inf in the float32 scores
+    (dict(scale=1e39), r"scale must be <= 2.3586[56]e\+38"),  # inf in the float32 scores
+    (dict(scale=3e38), r"scale must be <= 2.3586[56]e\+38"),  # inf once the kernel folds in log2(e)
     (dict(heads=True), r"heads must be a positive int"),
     (dict(return_map=np.int64(1)), r"return_map must be a bool"),
     (lambda a: a.update(guide=a["guide"][:, :, :, :1]), r"guide shape .* must match"),

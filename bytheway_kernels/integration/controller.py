@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
@@ -151,6 +152,8 @@ class ByTheWayController(RefusesCopy):
                  observe_only: bool = False, scheduler=None, fused_attention: Optional[bool] = None):
         pipeline, called_denoiser, denoiser = split_target(target)
         self._pipeline = pipeline
+        self._call_pipeline = pipeline  # the pipeline running the current call (`_calling_pipeline`)
+        self._denoisers = (called_denoiser, denoiser)
         self._denoiser = denoiser
         self._family: ModelFamily = family_of(denoiser)
         self._scheduler = scheduler  # None: the pipeline's, read at each call (it may be swapped)
@@ -287,6 +290,8 @@ class ByTheWayController(RefusesCopy):
     @torch.compiler.disable
     def _begin_denoiser_call(self, module, args, kwargs):
         self._check_layers_in_place()
+        caller = _calling_pipeline(self._denoisers)
+        self._call_pipeline = self._pipeline if caller is None else caller
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         state = self._state
@@ -355,7 +360,7 @@ class ByTheWayController(RefusesCopy):
 
     def _attention_frames(self, frames: int) -> int:
         """F seen by the temporal attention: FreeNoise runs context windows of its own length."""
-        pipeline = self._pipeline
+        pipeline = self._call_pipeline
         if pipeline is not None and getattr(pipeline, "free_noise_enabled", False):
             return min(frames, int(pipeline._free_noise_context_length))
         return frames
@@ -363,7 +368,7 @@ class ByTheWayController(RefusesCopy):
     def _current_batch_split(self) -> Tuple[int, int]:
         if self._batch_split_override is not None:
             return self._batch_split_override
-        pipeline = self._pipeline
+        pipeline = self._call_pipeline
         try:
             cfg = bool(pipeline.do_classifier_free_guidance)
         except AttributeError as error:  # the property reads values set by the pipeline's __call__
@@ -378,12 +383,11 @@ class ByTheWayController(RefusesCopy):
     def _locate_step(self, timestep) -> Tuple[int, bool]:
         """(step index, active) for a denoiser call at `timestep`.
 
-        A second-order scheduler (`scheduler.order` 2: Heun, KDPM2) calls the denoiser twice per
-        step, its timesteps holding each step's two; steps, not calls, are counted, so both calls
-        of a step are active or neither is."""
+        Steps, not calls, are counted (`_step_of_position`), so all calls of a step are active or
+        none is."""
         scheduler = self._scheduler
         if scheduler is None:
-            scheduler = getattr(self._pipeline, "scheduler", None)
+            scheduler = getattr(self._call_pipeline, "scheduler", None)
         if scheduler is None:
             step = self._calls_without_scheduler
             self._calls_without_scheduler += 1
@@ -401,11 +405,59 @@ class ByTheWayController(RefusesCopy):
         if schedule is not self._run_schedule or position < self._run_last_position:
             self._run_schedule, self._run_begin = schedule, position
         self._run_last_position = position
-        order = getattr(scheduler, "order", 1)
-        order = order if type(order) is int and order >= 1 else 1
-        step = (position - self._run_begin) // order
-        steps = -(-(schedule.numel() - self._run_begin) // order)  # the last step may have one call
+        first_step = _step_of_position(scheduler, self._run_begin)
+        step = _step_of_position(scheduler, position) - first_step
+        steps = _step_of_position(scheduler, schedule.numel() - 1) + 1 - first_step
         return step, step < active_step_count(self.config.step_fraction, steps)
+
+
+def _calling_pipeline(denoisers, max_frames: int = 64):
+    """The pipeline whose code called the denoiser: the nearest caller's `self` whose `unet` or
+    `transformer` is one of `denoisers` (the module as called and as hooked), or None for a
+    direct call.
+
+    Pipelines made with `from_pipe` share the denoiser, and so its hooks, with the pipeline
+    ByTheWay was applied to; whether CFG and PAG are on, the scheduler and FreeNoise are read
+    from the one running (the applied-to one keeps its last call's values). Walking up the stack
+    costs a few microseconds once per denoiser call, not per layer.
+    """
+    frame = sys._getframe(1)
+    for _ in range(max_frames):
+        frame = frame.f_back
+        if frame is None:
+            return None
+        if "self" not in frame.f_code.co_varnames:
+            continue
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, torch.nn.Module):  # the denoiser's own frames, its wrappers
+            continue
+        denoiser = getattr(owner, "unet", None)
+        if denoiser is None:
+            denoiser = getattr(owner, "transformer", None)
+        if any(denoiser is candidate for candidate in denoisers):
+            return owner
+    return None
+
+
+def _step_of_position(scheduler, position: int) -> int:
+    """The denoising step of the call at `position` of `scheduler.timesteps`.
+
+    Most schedulers call the denoiser `scheduler.order` times per step (Heun and KDPM2: twice,
+    their timesteps holding 2n - 1 entries for n steps). PNDM says order 1 but warms up
+    differently (`prk_timesteps`, then `plms_timesteps`): four calls per step for its first
+    three steps (Runge-Kutta), or, with `skip_prk_steps` (Stable Diffusion's configs), two
+    calls for the first step.
+    """
+    if hasattr(scheduler, "prk_timesteps") and hasattr(scheduler, "plms_timesteps"):
+        warmup_calls = len(scheduler.prk_timesteps)
+        if position < warmup_calls:
+            return position // 4
+        if getattr(scheduler.config, "skip_prk_steps", False):  # no warm-up calls then
+            return max(position - 1, 0)
+        return warmup_calls // 4 + position - warmup_calls
+    order = getattr(scheduler, "order", 1)
+    order = order if type(order) is int and order >= 1 else 1
+    return position // order
 
 
 def _refuse_split_inference(denoiser, layers: List[TemporalLayer], error: type) -> None:

@@ -192,7 +192,8 @@ struct AxisTaps {
       const int64_t index = std::min(static_cast<int64_t>(std::floor(src)), in_size - 1);
       const acc_t lambda = std::min(std::max(src - static_cast<acc_t>(index), acc_t(0)), acc_t(1));
       first[dst] = index;
-      second[dst] = index + (index < in_size - 1 ? 1 : 0);
+      // a second tap of weight 0 is the first again: 0 * a non-finite guide value would be NaN
+      second[dst] = index + (index < in_size - 1 && lambda > acc_t(0) ? 1 : 0);
       first_weight[dst] = acc_t(1) - lambda;
       second_weight[dst] = lambda;
     }
@@ -594,10 +595,11 @@ struct GuideTaps {
   }
 };
 
-// A2 = A + alpha (U - A) for the F rows of one map, A = numerators / row sum. With
-// `keep_softmax` (the energies need A) A is also stored, in place of the numerators; without,
-// the numerators stay and A2 = (1 - alpha) / rowsum * numerators + alpha U, one store and one
-// operation less per element.
+// A2 = (1 - alpha) A + alpha U for the F rows of one map, A = numerators / row sum (exact at
+// alpha = 1, as in every backend: bytheway_kernels/ops/attention_probs/reference.py, guided_map).
+// With `keep_softmax` (the energies need A) A is also stored, in place of the numerators;
+// without, the numerators stay and A2 = (1 - alpha) / rowsum * numerators + alpha U, one store
+// and one operation less per element.
 template <typename acc_t, typename guide_t>
 BYTHEWAY_INLINE void normalise_and_blend(int64_t F, const Plan<acc_t>& plan, const GuideTaps<acc_t, guide_t>& taps,
                                          bool keep_softmax, const acc_t* __restrict__ row_inv_denominator,
@@ -624,7 +626,7 @@ BYTHEWAY_INLINE void normalise_and_blend(int64_t F, const Plan<acc_t>& plan, con
         const int64_t k = i * F + j;
         const acc_t a = softmax[k] * inv_denominator;
         softmax[k] = a;
-        guided[k] = a + alpha * (upsampled(k) - a);
+        guided[k] = (acc_t(1) - alpha) * a + alpha * upsampled(k);
       }
     } else {
 #pragma omp simd

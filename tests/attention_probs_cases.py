@@ -237,6 +237,34 @@ class BackendContract:
         assert_matches_reference(scores, guide, case, probs, stats,
                                  truth_dtype=torch.float32 if overflow else torch.float64)
 
+    @pytest.mark.parametrize("with_stats", [False, True])
+    @pytest.mark.parametrize("adaptive", [False, True])
+    def test_alpha_one_takes_a_small_guide_exactly(self, adaptive, with_stats):
+        """alpha = 1 with guide rows summing to 1e-12 (usable: > 0): A2 = U on every path, with
+        or without the energies (A + alpha (U - A) cancelled to 0 there and fell back to A)."""
+        self.expect_rules()
+        case = Case(alpha=1.0, adaptive_beta=adaptive, guide_size=(2, 2), height=2, width=2)
+        scores, guide = make_inputs(case, seed=13)
+        guide = guide * 1e-12
+        probs, stats = self.run(scores, guide, case, with_stats=with_stats)
+        assert_matches_reference(scores, guide, case, probs, stats)
+        if not adaptive:  # fixed beta: the row normalisation makes the output U's scale-free map
+            as_guide = reference.bytheway_attention_probs(scores.double(), guide.double() * 1e12,
+                                                          **case.kwargs())
+            torch.testing.assert_close(probs.double(), as_guide, atol=1e-5, rtol=1e-5)
+
+    @pytest.mark.parametrize("guide_size", [(1, 2), (2, 2)])
+    def test_bilinear_taps_of_weight_zero_ignore_a_nan_guide(self, guide_size):
+        """A NaN in one guide pixel spoils only the rows whose upsampling weighs it (bilinear,
+        torch.nn.functional.interpolate's result); the others stay guided."""
+        self.expect_rules()
+        case = Case(guide_size=guide_size, guide_upsample="bilinear", height=2, width=2,
+                    adaptive_beta=False, parts=1, energy_part=0)
+        scores, guide = make_inputs(case, seed=14)
+        guide[:, -1, -1, :, 3, 5] = float("nan")
+        probs, _ = self.run(scores, guide, case, with_stats=False)
+        assert_matches_reference(scores, guide, case, probs)
+
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
     @pytest.mark.parametrize("adaptive,beta_max", [(False, None), (True, None), (True, 1e6)])
     @pytest.mark.parametrize("frames,tau", [(16, 7), (8, 1)])

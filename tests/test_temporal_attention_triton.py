@@ -74,6 +74,16 @@ def test_fixed_beta_out_only(frames, tau, head_dim, dtype):
     assert_matches(case, inputs, out)
 
 
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_alpha_one_takes_a_small_guide_exactly(adaptive):
+    """alpha = 1, guide rows summing to 1e-12 (usable): A2 = U, as in the map op's backends."""
+    case = AttentionCase(alpha=1.0, adaptive_beta=adaptive, guide_size=(2, 2))
+    q, k, v, guide = make_inputs(case, seed=8)
+    inputs = (q, k, v, guide * 1e-12)
+    out, plain_map, stats = run_poisoned(case, inputs)
+    assert_matches(case, inputs, out, plain_map, stats)
+
+
 def test_plain_attention_matches_sdpa():
     case = AttentionCase(head_dim=40, dtype=torch.float16, guide_size=None, alpha=0.0, beta=1.0)
     q, k, v, _ = inputs = make_inputs(case)

@@ -7,20 +7,17 @@ numbers."""
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
+
+from .._environ import choice_setting
 
 BAND_PRODUCT_ENV = "BYTHEWAY_BAND_PRODUCT"
 BAND_PRODUCTS = ("auto", "fma", "tensor-cores", "rank-one")  # the default first
 
 
 def _band_product_setting() -> str:
-    value = os.environ.get(BAND_PRODUCT_ENV, BAND_PRODUCTS[0])
-    if value not in BAND_PRODUCTS:
-        raise ValueError(f"{BAND_PRODUCT_ENV}={value!r}: expected one of {', '.join(BAND_PRODUCTS)}")
-    return value
+    return choice_setting(BAND_PRODUCT_ENV, BAND_PRODUCTS, BAND_PRODUCTS[0])
 
 
 #: How a circulant band step multiplies by P (BYTHEWAY_BAND_PRODUCT, read at import): "fma", one
@@ -119,10 +116,13 @@ def nearest_source(dst, scale, size):
 @triton.jit
 def bilinear_sources(dst, scale, size):
     """(first, second, weight of second) of output index `dst` along one axis, bilinear with
-    align_corners=False: src = max((dst + 0.5) * in / out - 0.5, 0)."""
+    align_corners=False: src = max((dst + 0.5) * in / out - 0.5, 0). A second tap of weight 0
+    is the first again (0 * a non-finite guide value would be NaN; torch's result has none): the
+    ceiling is the floor exactly where the weight is 0. (Taken in fp32: comparing the weight
+    with 0, or the ceiling's minimum in int32, left 8 bytes of stack in some variants, sm_90.)"""
     source = tl.maximum((dst.to(tl.float32) + 0.5) * scale - 0.5, 0.0)
     first = source.to(tl.int32)
-    second = first + (first < size - 1).to(tl.int32)
+    second = tl.minimum(tl.ceil(source), size - 1.0).to(tl.int32)
     return first, second, source - first.to(tl.float32)
 
 

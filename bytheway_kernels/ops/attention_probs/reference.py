@@ -39,7 +39,11 @@ def _group_mean(row_values: torch.Tensor, split, energy_scope: str) -> torch.Ten
 
 
 def guided_map(attn: torch.Tensor, guide: Optional[torch.Tensor], alpha: float, guide_upsample: str):
-    """A2 = A + alpha (U - A) and its row sums; rows whose sum is <= 0 or not finite keep A.
+    """A2 = (1 - alpha) A + alpha U and its row sums; rows whose sum is <= 0 or not finite keep A.
+
+    The paper's A + alpha (U - A), written so that alpha = 1 gives U exactly: the difference form
+    cancels to 0 where U is below A's rounding (a guide row much smaller than 1), so its rows
+    would fall back to A. Every backend computes this form.
 
     Examples:
         >>> attn = torch.full((1, 1, 1, 1, 2, 4), 0.25)
@@ -51,7 +55,7 @@ def guided_map(attn: torch.Tensor, guide: Optional[torch.Tensor], alpha: float, 
     if guide is None:
         return attn, attn.sum(-1, keepdim=True)
     upsampled = upsample_guide(guide.to(attn.dtype), attn.shape[1], attn.shape[2], guide_upsample)
-    guided = attn + alpha * (upsampled - attn)
+    guided = (1 - alpha) * attn + alpha * upsampled
     row_sums = guided.sum(-1, keepdim=True)
     usable = (row_sums > 0) & torch.isfinite(row_sums)
     guided = torch.where(usable, guided, attn)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._environ import getenv
+from ..._environ import triton_interpreter
 from ...band import band_operand, band_rank_one_terms, band_rank_one_terms_float64, is_full_band
 from ...energy import HIGH_ENERGY_FLOOR
 from ..launch import KernelLaunch, run_on_device_of
@@ -129,7 +129,10 @@ def _guided_block(scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_e
     else:
         upsampled = _guide_rows(guide_ptr, b, rows, row_mask, cols, col_mask, H, W, h, w, heads,
                                 scale_y, scale_x, F, GUIDE_MODE)
-        guided = attn + alpha * (upsampled - attn)
+        # (1 - alpha) A + alpha U (reference.guided_map), exact at alpha = 0 and 1 (alpha A - A is
+        # 0 at alpha = 1); written so, it takes the registers A + alpha (U - A) took (the product
+        # form spilled 8 bytes under Triton 3.6, sm_90)
+        guided = alpha * upsampled - (alpha * attn - attn)
         row_sum = tl.sum(guided, axis=1)
         usable = (row_sum > 0.0) & (row_sum < float("inf"))  # false for NaN too
         guided = tl.where(usable[:, None], guided, attn)
@@ -441,7 +444,7 @@ def kernel_launches(scores, guide, params: ByTheWayParams, probs, stats=None) ->
 
 
 def _check_device(scores: torch.Tensor) -> None:
-    if not scores.is_cuda and getenv("TRITON_INTERPRET") != "1":
+    if not scores.is_cuda and not triton_interpreter():
         raise RuntimeError(
             f"the Triton backend needs CUDA tensors (got {scores.device}); on CPU it runs only "
             "under the Triton interpreter (TRITON_INTERPRET=1 set before importing bytheway_kernels)"

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._environ import getenv
+from ..._environ import triton_interpreter
 from ...band import band_operand, is_full_band
 from ...energy import HIGH_ENERGY_FLOOR
 from ..launch import KernelLaunch, run_on_device_of
@@ -337,7 +337,10 @@ def _attention_tile(q_ptr, k_ptr, guide_ptr, band_ptr, n32, head, b, y, x, seq_v
     else:
         upsampled = _guide_tile(guide_ptr, b, y, x, head, frames, cols, row_valid & col_valid, h,
                                 w, heads, scale_y, scale_x, F, GUIDE_MODE)
-        guided = attn + alpha * (upsampled - attn)
+        # (1 - alpha) A + alpha U (reference.guided_map), exact at alpha = 0 and 1 (alpha A - A is
+        # 0 at alpha = 1); written so, it takes the registers A + alpha (U - A) took (the product
+        # form spilled 8 bytes under Triton 3.6, sm_90)
+        guided = alpha * upsampled - (alpha * attn - attn)
         # rows whose guided sum is <= 0 or not finite keep A (the map op's rule, energies too)
         row_sum = tl.sum(guided, axis=2)[:, :, None]
         usable = (row_sum > 0.0) & (row_sum < float("inf"))  # false for NaN too
@@ -626,7 +629,7 @@ def _beta_kernel(partials_ptr, stats_ptr, betas_at, groups, slots_per_group, row
 
 
 def _check_device(q: torch.Tensor) -> None:
-    if not q.is_cuda and getenv("TRITON_INTERPRET") != "1":
+    if not q.is_cuda and not triton_interpreter():
         raise RuntimeError(
             f"the fused temporal attention kernel needs CUDA tensors (got {q.device}); on CPU it "
             "runs only under the Triton interpreter (TRITON_INTERPRET=1 set before importing "

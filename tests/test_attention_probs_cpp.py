@@ -1,13 +1,11 @@
 """The compiled C++ CPU kernel (csrc/) vs the reference.
 
 The first test to need the extension builds it (JIT, ~20 s once per source/CPU/torch version,
-then cached). These tests fail rather than skip when it cannot be built: CI must build it.
+then cached). These tests fail rather than skip when it cannot be built: CI must build it. The
+build itself (cache, key, tools, locking, failures) is tested in test_cpp_build.py.
 """
 
 import dataclasses
-import os
-import sys
-import types
 
 import pytest
 import torch
@@ -190,22 +188,6 @@ def test_forced_cpp_errors_clearly_when_unavailable(monkeypatch):
     assert btw.select_backend(torch.device("cpu")) == "reference"
 
 
-def test_missing_build_tool_reports_unavailable_without_raising(monkeypatch):
-    monkeypatch.setattr(torch.utils.cpp_extension, "is_ninja_available", lambda: False)
-    with pytest.warns(RuntimeWarning, match="ninja"):
-        status = cpp_backend.cpp_status.__wrapped__()
-    assert status == CppStatus(False, "ninja is not installed (pip install ninja)")
-
-
-def test_failed_build_reports_unavailable_without_raising(monkeypatch, tmp_path):
-    (tmp_path / "attention_probs_cpu.cpp").write_text("#error simulated broken source\n")
-    monkeypatch.setattr(cpp_backend, "source_dir", lambda: tmp_path)
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
-    with pytest.warns(RuntimeWarning, match="build failed"):
-        status = cpp_backend.cpp_status.__wrapped__()
-    assert not status.available and "simulated broken source" in status.reason
-
-
 @pytest.mark.parametrize("adaptive,beta_max", [(False, None), (True, None), (True, 1e6)])
 @pytest.mark.parametrize("frames,tau", [(16, 7), (16, 3), (9, 2)])
 def test_float64_at_the_largest_beta(frames, tau, adaptive, beta_max):
@@ -233,82 +215,3 @@ def test_extreme_finite_logits_and_zero_guide_stay_finite(dtype, logits):
     assert torch.isfinite(probs).all() and torch.isfinite(stats).all()
     if dtype != torch.float64 or logits != "+-finfo.max":  # the float64 truth overflows there too
         assert_matches_reference(scores, guide, case, probs, stats)
-
-
-def _fake_build(monkeypatch, tmp_path):
-    """Stand-ins for the compiler and the loader; returns the list of calls made."""
-    calls = []
-
-    def fake_module(library):
-        return types.SimpleNamespace(__file__=str(library), attention_probs=None)
-
-    def fake_load(name, build_directory, is_python_module, **_):
-        assert is_python_module
-        calls.append(("build", name))
-        library = tmp_path / "cache" / "bytheway_kernels" / name / f"{name}.so"
-        library.write_bytes(b"not a real library")
-        return fake_module(library)
-
-    def fake_import(name, library):
-        calls.append(("load", str(library)))
-        return fake_module(library)
-
-    monkeypatch.setattr(torch.utils.cpp_extension, "load", fake_load)
-    monkeypatch.setattr(cpp_backend, "_load_module", fake_import)
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "cache"))
-    return calls
-
-
-def test_build_notice_only_on_a_real_build(monkeypatch, tmp_path, capsys):
-    calls = _fake_build(monkeypatch, tmp_path)
-    first, _ = cpp_backend._build_and_load()
-    assert capsys.readouterr().err.splitlines() == [cpp_backend.BUILD_NOTICE]
-    assert calls == [("build", first.name)]
-    second, _ = cpp_backend._build_and_load()  # a later process: the cache hit loads without ninja
-    assert second == first and capsys.readouterr().err == ""
-    assert calls[1:] == [("load", str(first / f"{first.name}.so"))]
-
-
-def test_unfinished_build_is_not_loaded(monkeypatch, tmp_path, capsys):
-    """A directory without the completion marker (an interrupted build) is built again."""
-    calls = _fake_build(monkeypatch, tmp_path)
-    directory, _ = cpp_backend._build_and_load()
-    (directory / "built_library.txt").unlink()
-    cpp_backend._build_and_load()
-    assert [kind for kind, _ in calls] == ["build", "build"]
-    assert capsys.readouterr().err.count(cpp_backend.BUILD_NOTICE) == 2
-
-
-def _key(sources=None, flags=None):
-    sources = sources or [cpp_backend.source_dir() / name for name in cpp_backend._SOURCE_FILES]
-    return cpp_backend.build_key(sources, flags or cpp_backend._compiler_flags())
-
-
-def test_build_key_ignores_the_venv_the_interpreter_path_and_ninja(monkeypatch, tmp_path):
-    key = _key()
-    monkeypatch.setattr(sys, "executable", str(tmp_path / "other-venv" / "bin" / "python"))
-    monkeypatch.setattr(sys, "prefix", str(tmp_path / "other-venv"))
-    monkeypatch.setenv("VIRTUAL_ENV", str(tmp_path / "other-venv"))
-    monkeypatch.setenv("PATH", str(tmp_path / "other-venv" / "bin") + os.pathsep + os.environ["PATH"])
-    monkeypatch.setattr(torch.utils.cpp_extension, "is_ninja_available", lambda: True)
-    monkeypatch.setattr(sys, "version", sys.version + " [another build of the same Python]")
-    assert _key() == key
-
-
-def test_build_key_follows_source_flags_compiler_and_torch(monkeypatch, tmp_path):
-    key = _key()
-    changed = tmp_path / cpp_backend._SOURCE_FILES[0]
-    changed.write_bytes((cpp_backend.source_dir() / cpp_backend._SOURCE_FILES[0]).read_bytes() + b"\n")
-    assert _key(sources=[changed]) != key
-    assert _key(flags=cpp_backend._compiler_flags() + ["-DSOMETHING"]) != key
-    monkeypatch.setattr(cpp_backend, "compiler_identity", lambda compiler: "c++ (another) 99.1")
-    assert _key() != key
-    monkeypatch.undo()
-    monkeypatch.setattr(torch, "__version__", "0.0.1")
-    assert _key() != key
-
-
-def test_compiler_identity_is_the_first_version_line():
-    identity = cpp_backend.compiler_identity(cpp_backend._compiler())
-    assert identity and "\n" not in identity
-    assert cpp_backend.compiler_identity("/nonexistent/compiler") == ""

@@ -38,3 +38,56 @@ def getenv(name: str) -> Optional[str]:
         encoded = _encoded_names[name] = _encodekey(name)
     value = _data.get(encoded)
     return None if value is None else _decodevalue(value)
+
+
+_FLAG_WORDS = {"1": True, "true": True, "on": True, "yes": True, "0": False, "false": False, "off": False,
+               "no": False}
+# Triton's own reading of TRITON_INTERPRET (3.6 and 3.9: these words in any case, no spaces).
+_TRITON_TRUE_WORDS = frozenset({"1", "true", "on", "yes", "y"})
+
+
+def choice_setting(name: str, choices, default: Optional[str] = None) -> Optional[str]:
+    """A variable naming one of `choices`: case and surrounding spaces ignored, unset or empty
+    for `default`; any other value is a ValueError naming the variable.
+
+    Examples:
+        >>> import os
+        >>> os.environ["BYTHEWAY_EXAMPLE"] = " FMA "
+        >>> choice_setting("BYTHEWAY_EXAMPLE", ("auto", "fma"), "auto")
+        'fma'
+        >>> del os.environ["BYTHEWAY_EXAMPLE"]
+    """
+    value = getenv(name)
+    word = "" if value is None else value.strip().lower()
+    if not word:
+        return default
+    if word not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {tuple(choices)} (or unset)")
+    return word
+
+
+def flag_setting(name: str, default: bool) -> bool:
+    """A boolean variable: 1/0, true/false, on/off or yes/no in any case (spaces ignored), unset
+    or empty for `default`; any other value is a ValueError naming the variable.
+
+    Examples:
+        >>> import os
+        >>> os.environ["BYTHEWAY_EXAMPLE"] = "Off"
+        >>> flag_setting("BYTHEWAY_EXAMPLE", True)
+        False
+        >>> del os.environ["BYTHEWAY_EXAMPLE"]
+    """
+    value = getenv(name)
+    word = "" if value is None else value.strip().lower()
+    if not word:
+        return default
+    flag = _FLAG_WORDS.get(word)
+    if flag is None:
+        raise ValueError(f"{name}={value!r}: expected 1/0, true/false, on/off or yes/no (or unset)")
+    return flag
+
+
+def triton_interpreter() -> bool:
+    """Whether TRITON_INTERPRET turns Triton's interpreter on, read as Triton reads it."""
+    value = getenv("TRITON_INTERPRET")
+    return value is not None and value.lower() in _TRITON_TRUE_WORDS

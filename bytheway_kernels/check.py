@@ -15,6 +15,7 @@ Examples:
 from __future__ import annotations
 
 import os
+import sys
 import statistics
 import time
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from typing import NamedTuple
 
 import torch
 
+from ._environ import triton_interpreter
 from .config import PRESETS
 from .ops.attention_probs import reference
 from .ops.attention_probs import bytheway_attention_probs
@@ -51,7 +53,7 @@ def backend_availability(device: torch.device) -> dict:
     except ImportError as error:
         triton_ok, triton_reason = False, f"triton not importable ({error})"
     if triton_ok and device.type != "cuda":
-        if os.environ.get("TRITON_INTERPRET") == "1":
+        if triton_interpreter():
             triton_reason += " (interpreter: correct but slow, not a speed measure)"
         else:
             triton_ok, triton_reason = False, "needs a CUDA device (or TRITON_INTERPRET=1 for testing)"
@@ -66,17 +68,24 @@ def backend_availability(device: torch.device) -> dict:
 
 
 def print_info() -> int:
-    """Print the versions, the device and each backend's availability (`info`); returns 0."""
+    """Print the versions, the device and each backend's availability (`info`); returns 0, or 2
+    after one error line when an environment setting is invalid."""
     from . import __version__
 
+    from .ops.dispatch import environment_problem, select_backend
+
+    problem = environment_problem()
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"bytheway_kernels {__version__}, torch {torch.__version__}, device {device}")
-    from .ops.dispatch import select_backend
 
     availability = backend_availability(device)
     for name, (ok, reason) in availability.items():
         print(f"  {name:10s} {'available' if ok else 'unavailable':12s} {reason}")
-    print(f"  default backend for {device}: {select_backend(device)}")
+    forced = f" (forced by {BACKEND_ENV})" if (os.environ.get(BACKEND_ENV) or "").strip() else ""
+    print(f"  default backend for {device}: {select_backend(device)}{forced}")
     from .ops.launch import DIRECT_LAUNCH_ENV, direct_launch_enabled
 
     launches = "direct launcher" if availability["triton"][0] and direct_launch_enabled() else "through Triton"

@@ -63,7 +63,7 @@ class ByTheWayConfig:
             alpha=check_number("alpha", self.alpha, low=0.0, high=1.0),
             beta=check_number("beta", self.beta, low=0.0, high=BETA_LIMIT),
             tau=check_integer("tau", self.tau),
-            step_fraction=check_number("step_fraction", self.step_fraction, low=0.0, high=1.0),
+            step_fraction=check_number("step_fraction", self.step_fraction),
             adaptive_beta=check_flag("adaptive_beta", self.adaptive_beta),
             energy_scope=_check_choice("energy_scope", self.energy_scope, ENERGY_SCOPES),
             guide_upsample=_check_choice("guide_upsample", self.guide_upsample, GUIDE_UPSAMPLE_MODES),
@@ -73,7 +73,7 @@ class ByTheWayConfig:
         )
         if fields["tau"] < 0:
             raise ValueError(f"tau must be a non-negative integer, got {self.tau!r}")
-        if fields["step_fraction"] <= 0.0:
+        if not 0.0 < fields["step_fraction"] <= 1.0:  # one message for every value outside
             raise ValueError(f"step_fraction must be in (0, 1], got {self.step_fraction!r}")
         for name, value in fields.items():  # frozen: the normalised values go in through object
             object.__setattr__(self, name, value)

@@ -13,7 +13,8 @@ Writes into --out:
   diagnostics.csv   every layer/call/step row of both runs.
 Values that describe ByTheWay's edit (beta, E2*, E3, discrepancy_after) exist only where it was
 active: at other steps the plots leave them out and the CSV holds "nan". The per-block tables are
-printed. Every option is checked before the model is loaded.
+printed. Every option is checked before the model is loaded, and the modules of the [diffusers]
+extra it needs before anything else.
 
 Examples:
     python python/analyze.py --tiny --steps 6 --out out/analysis
@@ -34,6 +35,9 @@ try:
 except ImportError:  # run from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+#: The modules of the [diffusers] extra this script imports (pipelines, progress bars, plots;
+#: PIL reads --image).
+REQUIRED_MODULES = ("diffusers", "transformers", "tqdm", "matplotlib", "PIL")
 #: (file name, runs shown, {field: legend text} -- solid line first, dashed second, y-axis label)
 FIGURES = (
     ("energy.png", ("stock", "ByTheWay"), {"E1": "E1: plain map", "E3": "E3: ByTheWay's output map"},
@@ -52,7 +56,7 @@ def parser_and_args(argv=None):
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
-    parser.add_argument("--out", default="bytheway_analysis")
+    parser.add_argument("--out", default="bytheway_analysis", help="output folder, created (default: %(default)s)")
     return parser, parser.parse_args(argv)
 
 
@@ -126,9 +130,13 @@ def write_csv(runs, path):
 def main(argv=None) -> int:
     """Check the options, run stock (observed) then ByTheWay, write plots and CSV; returns 0."""
     from bytheway_kernels.integration import diagnostics
-    from bytheway_kernels.integration.runs import generate, out_dir_problem, pipeline_and_settings, run_config
+    from bytheway_kernels.integration.runs import (generate, missing_modules_problem, out_dir_problem,
+                                                   pipeline_and_settings, run_config)
 
     parser, args = parser_and_args(argv)
+    problem = missing_modules_problem(REQUIRED_MODULES)
+    if problem:
+        parser.error(problem)
     config = run_config(parser, args)
     problem = out_dir_problem(args.out)
     if problem:

@@ -18,7 +18,8 @@ stock | ByTheWay | amplified difference, one frame per row):
   <name>.gif  a looping preview (lossy: 256 colours hide or invent small differences);
   <name>.mp4  when imageio-ffmpeg is installed (--mp4 makes it required: without imageio-ffmpeg
               the script then stops before loading anything).
-Every option is checked before the model is loaded. Nothing is downloaded.
+Every option is checked before the model is loaded, and the modules of the [diffusers] extra it
+needs before anything else. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ try:
 except ImportError:  # run from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+#: The modules of the [diffusers] extra this script imports (pipelines, progress bars, PNG/GIF files).
+REQUIRED_MODULES = ("diffusers", "transformers", "tqdm", "PIL")
+
 
 def parser_and_args(argv=None):
     """(parser, parsed options); the options are not checked yet (see `main`)."""
@@ -39,11 +43,12 @@ def parser_and_args(argv=None):
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
-    parser.add_argument("--fps", type=positive_int, default=8)
+    parser.add_argument("--fps", type=positive_int, default=8,
+                        help="frames per second of the GIF and MP4 files (default: %(default)s)")
     parser.add_argument("--mp4", action="store_true",
                         help="require MP4 files (written anyway when imageio-ffmpeg is installed)")
     parser.add_argument("--no-gif", action="store_true", help="skip the GIF previews")
-    parser.add_argument("--out", default="bytheway_out")
+    parser.add_argument("--out", default="bytheway_out", help="output folder, created (default: %(default)s)")
     parser.add_argument("--fast-temporal-attention", action="store_true",
                         help="both runs: temporal self-attention through the fused kernel (CUDA; "
                              "outputs equal stock within fp tolerance, faster; elsewhere stock)")
@@ -53,9 +58,13 @@ def parser_and_args(argv=None):
 def main(argv=None) -> int:
     """Check the options, run stock then ByTheWay from one seed, write the files; returns 0."""
     from bytheway_kernels.integration.media import comparison, mp4_available, video_frames, write_videos
-    from bytheway_kernels.integration.runs import generate, out_dir_problem, pipeline_and_settings, run_config
+    from bytheway_kernels.integration.runs import (generate, missing_modules_problem, out_dir_problem,
+                                                   pipeline_and_settings, run_config)
 
     parser, args = parser_and_args(argv)
+    problem = missing_modules_problem(REQUIRED_MODULES)
+    if problem:
+        parser.error(problem)
     config = run_config(parser, args)
     if args.mp4 and not mp4_available():
         parser.error("--mp4 needs the imageio-ffmpeg package (pip install imageio-ffmpeg); "

@@ -145,6 +145,11 @@ def test_direct_launch_needs_the_switch_compiled_kernels_and_a_known_triton(dire
     assert direct_launch_enabled()  # on by default
     monkeypatch.setenv(DIRECT_LAUNCH_ENV, "0")
     assert not direct_launch_enabled()
+    monkeypatch.setenv(DIRECT_LAUNCH_ENV, "off")  # was read as on: only "0" turned it off
+    assert not direct_launch_enabled()
+    monkeypatch.setenv(DIRECT_LAUNCH_ENV, "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "true")  # Triton's interpreter is on: no compiled kernels
+    assert not direct_launch_enabled()
 
 
 def _op_launches():

@@ -14,20 +14,28 @@ import time
 from typing import Optional
 
 from ..config import PRESETS
+from ..ops.dispatch import environment_problem
 from . import diagnostics
 from .controller import active_step_count
 from .media import amplified_difference, comparison, mp4_available, video_frames, write_videos
-from .runs import GenerationSettings, device_problem, generate, out_dir_problem, steps_problem
+from .runs import (GenerationSettings, device_problem, generate, missing_modules_problem, out_dir_problem,
+                   steps_problem)
 from .tiny import TINY_FRAMES, tiny_animatediff_pipeline, tiny_ddim_scheduler
+
+#: The modules of the [diffusers] extra the demo imports: the tiny pipeline's and the PNG/GIF writer's.
+DEMO_MODULES = ("diffusers", "transformers", "PIL")
 
 
 def demo_problem(out_dir: str, steps: int, device: str) -> Optional[str]:
-    """Why the demo cannot run with these arguments (one line), or None: steps from 1 to the tiny
-    scheduler's training timesteps, a device this torch can use, an output folder it can write."""
+    """Why the demo cannot run here with these arguments (one line), or None: the environment
+    settings (`ops.dispatch.environment_problem`), the [diffusers]
+    extra's modules it imports, steps from 1 to the tiny scheduler's training timesteps, a device
+    this torch can use, an output folder it can write."""
     if steps < 1:
         return f"steps must be >= 1, got {steps}"
-    return (steps_problem(tiny_ddim_scheduler().config, steps) or device_problem(device)
-            or out_dir_problem(out_dir))
+    return (environment_problem() or missing_modules_problem(DEMO_MODULES)
+            or steps_problem(tiny_ddim_scheduler().config, steps)
+            or device_problem(device) or out_dir_problem(out_dir))
 
 
 def run_demo(out_dir: str, steps: int, device: str) -> int:

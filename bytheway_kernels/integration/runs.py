@@ -2,8 +2,8 @@
 
 Shared by `python -m bytheway_kernels demo`, `python/generate.py` and `python/analyze.py`,
 including their common command-line options and the checks those options get before any model is
-loaded (`run_config`, `out_dir_problem`; `--steps` against the loaded scheduler, before it runs):
-a script refuses bad options in one line, before doing any work.
+loaded (`missing_modules_problem`, `run_config`, `out_dir_problem`; `--steps` and `--image` against
+the loaded pipeline, before it runs): a script refuses bad options in one line, before doing any work.
 
 Examples:
     >>> import argparse
@@ -20,14 +20,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import inspect
 import os
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 
 from ..band import max_tau
 from ..config import PRESETS, ByTheWayConfig
+from ..ops.dispatch import environment_problem
 from .controller import apply_bytheway
 from .fast import enable_fast_temporal_attention
 
@@ -37,6 +39,13 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 PIXELS_PER_LATENT = 8
 #: Command-line option -> ByTheWayConfig field it overrides.
 CONFIG_OPTIONS = {"alpha": "alpha", "beta": "beta", "tau": "tau", "step_fraction": "step_fraction"}
+#: How to install the [diffusers] extra, which provides every module the demo and the scripts import.
+EXTRA_INSTALL = 'pip install -e ".[diffusers]"'
+#: The seeds torch.Generator.manual_seed accepts (int64 and uint64 values).
+SEED_RANGE = (-2**63, 2**64 - 1)
+#: Folder option -> (what it holds, the file diffusers' from_pretrained reads first from it).
+MODEL_FOLDERS = {"model": ("diffusers pipeline", "model_index.json"),
+                 "motion_adapter": ("MotionAdapter", "config.json")}
 
 
 def load_pipeline(model: Optional[str], *, tiny: bool, device: str, dtype: torch.dtype,
@@ -99,7 +108,7 @@ class GenerationSettings:
             guidance_scale=self.guidance_scale, output_type="np",
             generator=torch.Generator(device="cpu").manual_seed(self.seed),
         )
-        if self.image:
+        if self.image and "image" in accepted:  # only image-to-video pipelines read the file
             from PIL import Image
 
             kwargs["image"] = Image.open(self.image).convert("RGB")
@@ -193,6 +202,47 @@ def out_dir_problem(path: str) -> Optional[str]:
     return None
 
 
+def missing_modules_problem(modules: Sequence[str]) -> Optional[str]:
+    """Which of `modules` (all from the [diffusers] extra) cannot be imported here, in one line that
+    says how to install them, or None.
+
+    Examples:
+        >>> missing_modules_problem(["os"]) is None
+        True
+    """
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    return (f"missing module{'s' if len(missing) > 1 else ''} {', '.join(missing)}: install the "
+            f"[diffusers] extra ({EXTRA_INSTALL})")
+
+
+def input_path_problem(option: str, path: str) -> Optional[str]:
+    """Why `path`, given to --model, --motion-adapter or --image (`option` with underscores), cannot
+    be used (one line), or None: a model option needs a local folder in diffusers' format, --image
+    an image file PIL can read."""
+    flag = "--" + option.replace("_", "-")
+    if not os.path.exists(path):
+        return f"{flag} {path!r} does not exist (only local files are used)"
+    if option == "image":
+        if os.path.isdir(path):
+            return f"--image {path!r} is a folder, not an image file"
+        from PIL import Image
+
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+            return f"--image {path!r} cannot be read as an image: {getattr(error, 'strerror', None) or error}"
+        return None
+    kind, marker = MODEL_FOLDERS[option]
+    if not os.path.isdir(path):
+        return f"{flag} {path!r} is not a folder: give a local {kind} folder (with {marker})"
+    if not os.path.isfile(os.path.join(path, marker)):
+        return f"{flag} {path!r} has no {marker}: it is not a {kind} folder"
+    return None
+
+
 def steps_problem(scheduler_config, steps: int) -> Optional[str]:
     """Why `steps` denoising steps do not fit the scheduler (more than its training timesteps,
     which diffusers refuses), or None."""
@@ -208,21 +258,28 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--model", help="local diffusers pipeline folder")
     source.add_argument("--tiny", action="store_true", help="tiny random-weight AnimateDiff pipeline (offline)")
     parser.add_argument("--motion-adapter", help="local MotionAdapter folder (with an SD1.5 --model)")
-    parser.add_argument("--prompt", default=GenerationSettings.prompt)
-    parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--image", help="conditioning image for image-to-video pipelines")
-    parser.add_argument("--frames", type=positive_int, default=16)
+    parser.add_argument("--prompt", default=GenerationSettings.prompt,
+                        help="what the video shows (default: %(default)r)")
+    parser.add_argument("--negative-prompt", default=None, help="what it should not show (default: none)")
+    parser.add_argument("--image", help="conditioning image file for image-to-video pipelines")
+    parser.add_argument("--frames", type=positive_int, default=16, help="video frames (default: %(default)s)")
     parser.add_argument("--height", type=positive_int, default=None,
                         help="pixels (default: the model's; 32 with --tiny)")
-    parser.add_argument("--width", type=positive_int, default=None)
-    parser.add_argument("--steps", type=positive_int, default=25, help="denoising steps (>= 1)")
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--width", type=positive_int, default=None,
+                        help="pixels (default: the model's; 32 with --tiny)")
+    parser.add_argument("--steps", type=positive_int, default=25,
+                        help="denoising steps (>= 1; default: %(default)s)")
+    parser.add_argument("--guidance-scale", type=float, default=7.5,
+                        help="classifier-free guidance scale (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the initial noise, from -2**63 to 2**64 - 1 (default: %(default)s)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="torch device (default here: %(default)s)")
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                         help="default: float16 on CUDA, float32 otherwise")
     bytheway = parser.add_argument_group("ByTheWay settings (default: the preset's)")
-    bytheway.add_argument("--preset", default="animatediff", choices=sorted(PRESETS))
+    bytheway.add_argument("--preset", default="animatediff", choices=sorted(PRESETS),
+                          help="settings tuned for this model family (default: %(default)s)")
     bytheway.add_argument("--alpha", type=float, help="Temporal Self-Guidance strength in [0, 1]")
     bytheway.add_argument("--beta", type=float, help="beta_0, the minimum high-band gain (>= 0)")
     bytheway.add_argument("--tau", type=int, help="high-band half-width; 0 <= tau <= (frames - 2) // 2")
@@ -239,6 +296,9 @@ def run_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ByT
         config = PRESETS[args.preset].replace(**overrides)
     except ValueError as error:
         parser.error(str(error))
+    problem = environment_problem()
+    if problem:
+        parser.error(problem)
     if args.frames < 2:
         parser.error(f"--frames {args.frames}: ByTheWay needs at least 2 frames")
     for option in ("height", "width"):
@@ -249,25 +309,35 @@ def run_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ByT
     if config.tau > max_tau(args.frames):
         parser.error(f"tau {config.tau} is too large for --frames {args.frames}: it must be "
                      f"<= (frames - 2) // 2 = {max_tau(args.frames)} (set --tau)")
+    if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
+        parser.error(f"--seed {args.seed} is out of range: torch seeds are from -2**63 to 2**64 - 1")
     problem = device_problem(args.device)
     if problem:
         parser.error(problem)
     for option in ("model", "motion_adapter", "image"):
         path = getattr(args, option)
-        if path and not os.path.exists(path):
-            parser.error(f"--{option.replace('_', '-')} {path!r} does not exist (only local files are used)")
+        problem = path and input_path_problem(option, path)
+        if problem:
+            parser.error(problem)
+    if args.tiny and args.motion_adapter:  # the tiny pipeline has its own motion modules
+        parser.error("--motion-adapter goes with an SD1.5 --model folder, not with --tiny")
+    if args.tiny and args.image:
+        parser.error("--image is for image-to-video pipelines: the --tiny pipeline (text-to-video) takes none")
     return config
 
 
 def pipeline_and_settings(parser: argparse.ArgumentParser, args):
     """(pipeline with progress bars on, GenerationSettings) from `add_run_arguments` options;
-    `--steps` beyond the loaded scheduler's training timesteps ends the program (`parser.error`)."""
+    `--steps` beyond the loaded scheduler's training timesteps, or `--image` for a pipeline that
+    takes no image, ends the program (`parser.error`)."""
     dtype = DTYPES[args.dtype or ("float16" if args.device.startswith("cuda") else "float32")]
     pipe = load_pipeline(args.model, tiny=args.tiny, device=args.device, dtype=dtype,
                          motion_adapter=args.motion_adapter)
     problem = steps_problem(pipe.scheduler.config, args.steps)
     if problem:
         parser.error(problem)
+    if args.image and "image" not in inspect.signature(pipe.__call__).parameters:
+        parser.error(f"--image: {type(pipe).__name__} takes no conditioning image (it is not image-to-video)")
     pipe.set_progress_bar_config(disable=False, leave=False)
     tiny_size = 32 if args.tiny else None
     settings = GenerationSettings(

@@ -8,10 +8,11 @@ tensors use the compiled C++ kernel when it is built, else the pure-torch refere
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import torch
 
-from .._environ import getenv
+from .._environ import choice_setting, flag_setting, getenv
 
 BACKENDS = ("reference", "triton", "cpp")
 BACKEND_ENV = "BYTHEWAY_BACKEND"
@@ -30,12 +31,10 @@ def select_backend(device: torch.device) -> str:
         device_type = _DEVICE_TYPES[device] = device.type
     if device_type == "meta":
         return "meta"
-    forced = getenv(BACKEND_ENV)
-    if forced and forced.strip():
-        forced = forced.strip().lower()
-        if forced not in BACKENDS:
-            raise ValueError(f"{BACKEND_ENV}={forced!r} is not one of {BACKENDS}")
-        return forced
+    if getenv(BACKEND_ENV) is not None:  # one lookup when unset, the common case
+        forced = choice_setting(BACKEND_ENV, BACKENDS)
+        if forced is not None:
+            return forced
     if device_type == "cuda":
         return "triton"
     if device_type == "cpu" and _cpp_available():
@@ -44,6 +43,20 @@ def select_backend(device: torch.device) -> str:
 
 
 _DEVICE_TYPES: dict = {}  # torch.device -> its type string
+
+
+def environment_problem() -> Optional[str]:
+    """Why this package's environment settings cannot be used (one line naming the variable), or
+    None. The ops would raise at their first call; the commands and scripts check first.
+    (BYTHEWAY_BAND_PRODUCT is read, and checked, when the package is imported.)"""
+    from .launch import DIRECT_LAUNCH_ENV
+
+    try:
+        choice_setting(BACKEND_ENV, BACKENDS)
+        flag_setting(DIRECT_LAUNCH_ENV, True)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 @functools.lru_cache(maxsize=None)

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._environ import getenv
+from .._environ import flag_setting, triton_interpreter
 
 DIRECT_LAUNCH_ENV = "BYTHEWAY_DIRECT_LAUNCH"
 # Triton releases whose JITFunction.run was read to match the call in `_launch_direct`.
@@ -80,7 +80,7 @@ def run_on_device_of(tensor: torch.Tensor, launches) -> None:
 def direct_launch_enabled() -> bool:
     """Not turned off (`BYTHEWAY_DIRECT_LAUNCH=0`), compiled kernels (not the interpreter) and a
     Triton release whose launch path `_launch_direct` follows."""
-    return (getenv(DIRECT_LAUNCH_ENV) != "0" and getenv("TRITON_INTERPRET") != "1"
+    return (flag_setting(DIRECT_LAUNCH_ENV, True) and not triton_interpreter()
             and _triton_version().startswith(DIRECT_LAUNCH_TRITON_VERSIONS))
 
 

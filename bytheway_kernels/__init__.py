@@ -1,7 +1,7 @@
 """bytheway_kernels: fused kernels for ByTheWay (CVPR 2025) temporal-attention editing."""
 
 from .config import PRESETS, ByTheWayConfig
-from .integration import ByTheWayController, apply_bytheway, enable_fast_temporal_attention
+from .integration import ByTheWayController, apply_bytheway, enable_fast_temporal_attention, remove_bytheway
 from .ops import BACKENDS, select_backend
 from .ops.attention_probs import bytheway_attention_probs, reference
 from .ops.temporal_attention import temporal_attention
@@ -17,6 +17,7 @@ __all__ = [
     "bytheway_attention_probs",
     "enable_fast_temporal_attention",
     "reference",
+    "remove_bytheway",
     "select_backend",
     "temporal_attention",
     "__version__",

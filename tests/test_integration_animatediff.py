@@ -358,6 +358,26 @@ def test_a_pipeline_sharing_the_denoiser_runs_with_its_own_guidance_and_schedule
             assert torch.equal(run_frames(pipe, **video_call_kwargs(**extra)), frames)
 
 
+def test_lost_handles_are_found_and_removed(stock_frames):
+    """`btw.apply_bytheway(pipe)` without keeping the handle (a notebook cell): remove_bytheway
+    finds both handles on the denoiser and removes them, after which everything works again."""
+    import copy
+
+    pipe = tiny_animatediff_pipeline()
+    apply_bytheway(pipe)
+    bytheway_kernels.enable_fast_temporal_attention(pipe)
+    with pytest.raises(ValueError, match=r"remove_bytheway\(pipe\) finds it"):
+        apply_bytheway(pipe)
+    with pytest.raises(ValueError, match=r"remove_bytheway\(pipe\) finds it"):
+        bytheway_kernels.enable_fast_temporal_attention(pipe)
+    assert bytheway_kernels.remove_bytheway(pipe) == ["bytheway", "fast temporal attention"]
+    assert bytheway_kernels.remove_bytheway(pipe.unet) == []
+    assert torch.equal(run_frames(pipe, **video_call_kwargs()), stock_frames)
+    copy.deepcopy(pipe.unet)  # refused while either was on
+    with apply_bytheway(pipe):
+        assert bytheway_kernels.remove_bytheway(pipe) == ["bytheway"]  # the with block's exit: a no-op
+
+
 def test_processors_left_behind_without_their_binding_count_as_stock():
     """A snapshot of attn_processors taken while applied, restored after remove(), leaves
     ByTheWay's (and the fast attention's) processors without a binding; they compute stock

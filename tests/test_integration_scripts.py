@@ -123,6 +123,16 @@ def test_tables_and_masks_hide_edit_values_of_inactive_steps():
                             for cells in inactive)
 
 
+@pytest.mark.parametrize("by", ["block_step", "layer"])
+def test_a_step_active_in_some_loops_only_gets_an_entry_for_each(by):
+    """FreeInit reruns the loop with more steps, so one step index can be inactive in one pass
+    and active in the next: its active and inactive rows are summarised apart."""
+    rows = _rows(active_steps=set(), steps=2) + _rows(active_steps={0, 1}, steps=2)
+    summary = diagnostics.summarize(rows, by=by)
+    assert len(summary) == 8 and sum(entry["active"] for entry in summary) == 4
+    assert all(entry["beta"] == 1.5 + entry["step"] for entry in summary)
+
+
 def test_analyze_plot_labels_and_legend_outside_the_axes(tmp_path):
     analyze = _script("analyze")
     runs = {"stock": diagnostics.masked_inactive(_rows(set())),

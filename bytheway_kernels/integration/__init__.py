@@ -4,6 +4,7 @@
 from .controller import ByTheWayController, active_step_count, apply_bytheway
 from .fast import FastTemporalAttention, FastTemporalAttnProcessor, enable_fast_temporal_attention
 from .processor import ByTheWayAttnProcessor, reduce_heads
+from .recovery import remove_bytheway
 
 __all__ = [
     "ByTheWayAttnProcessor",
@@ -14,4 +15,5 @@ __all__ = [
     "apply_bytheway",
     "enable_fast_temporal_attention",
     "reduce_heads",
+    "remove_bytheway",
 ]

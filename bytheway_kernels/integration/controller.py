@@ -19,6 +19,10 @@ from .processor import (BINDING_ATTR, BYTHEWAY_COPY_ADVICE, ByTheWayAttnProcesso
                         RefusesCopy, RunState, projects_fused_qkv, replace_orphaned_processors,
                         standard_scale)
 
+#: Attribute of the denoiser module holding its active ByTheWayController (`remove_bytheway`).
+CONTROLLER_ATTR = "_bytheway_controller"
+
+
 def active_step_count(step_fraction: float, num_steps: int) -> int:
     """ceil(step_fraction * num_steps), at least one (rounded first so 0.2 * 15 gives 3, not 4)."""
     return max(1, math.ceil(round(step_fraction * num_steps, 9)))
@@ -96,7 +100,8 @@ def _select_layers(denoiser, family: ModelFamily, anchor) -> Tuple[str, List[Tem
     for layer in selected:
         if getattr(layer.attn, BINDING_ATTR, None) is not None:
             raise ValueError(
-                f"ByTheWay is already applied to {layer.name}; call remove() on the existing controller first"
+                f"ByTheWay is already applied to {layer.name}; call remove() on the existing controller first "
+                f"(bytheway_kernels.remove_bytheway(pipe) finds it if it is lost)"
             )
     return anchor, selected
 
@@ -172,6 +177,7 @@ class ByTheWayController(RefusesCopy):
         self._install_processors()
         self._hooks = self._register_hooks(called_denoiser)
         self._removed = False
+        setattr(denoiser, CONTROLLER_ATTR, self)  # found by `remove_bytheway` when the handle is lost
 
     def _install_processors(self) -> None:
         """Bind every selected and plain layer and give it the (shared, stateless) ByTheWay processor."""
@@ -242,6 +248,8 @@ class ByTheWayController(RefusesCopy):
                 delattr(layer.attn, BINDING_ATTR)
         self._state.guides.clear()
         self._state.calls.clear()
+        if getattr(self._denoiser, CONTROLLER_ATTR, None) is self:
+            delattr(self._denoiser, CONTROLLER_ATTR)
         self._removed = True
 
     def __enter__(self) -> "ByTheWayController":
@@ -342,7 +350,7 @@ class ByTheWayController(RefusesCopy):
         for layer in self._layers:
             if getattr(layer.parent, layer.attribute, None) is not layer.attn or not isinstance(
                 layer.attn.processor, ByTheWayAttnProcessor
-            ) or _submodule(self._denoiser, layer.name) is not layer.attn:
+            ) or submodule(self._denoiser, layer.name) is not layer.attn:
                 # split inference wrapped the layer's block since: its path no longer resolves
                 _refuse_split_inference(self._denoiser, self._layers, RuntimeError)
                 if type(layer.attn.processor).__name__.startswith("PAG"):
@@ -474,7 +482,8 @@ def _refuse_split_inference(denoiser, layers: List[TemporalLayer], error: type) 
         )
 
 
-def _submodule(denoiser, name: str):
+def submodule(denoiser, name: str):
+    """The module at `name` in `denoiser`, or None when the path no longer resolves."""
     try:
         return denoiser.get_submodule(name)
     except AttributeError:  # a module on the path was replaced or wrapped

@@ -56,12 +56,15 @@ def masked_inactive(table_rows: Sequence[dict]) -> List[dict]:
 
 
 def summarize(table_rows: Sequence[dict], by: str = "block") -> List[dict]:
-    """Means of TABLE_FIELDS grouped by (block, active), (block, step) or (layer, step).
+    """Means of TABLE_FIELDS grouped by block, (block, step) or (layer, step), and by active.
 
     Rows recorded outside the active steps (diagnostics or observe_only runs) describe what
-    ByTheWay would have done there; "block" keeps them apart from the active steps.
+    ByTheWay would have done there; every grouping keeps them apart from the active steps. A
+    step can be both when the rows come from several denoising loops (FreeInit's iterations,
+    runs with other step counts): it then has an active and an inactive entry.
     """
-    keys = {"block": ("block", "active"), "block_step": ("block", "step"), "layer": ("layer", "step")}
+    keys = {"block": ("block", "active"), "block_step": ("block", "step", "active"),
+            "layer": ("layer", "step", "active")}
     if by not in keys:
         raise ValueError(f"by must be one of {sorted(keys)}, got {by!r}")
     groups: "OrderedDict[tuple, list]" = OrderedDict()
@@ -71,7 +74,6 @@ def summarize(table_rows: Sequence[dict], by: str = "block") -> List[dict]:
     for group_key, members in groups.items():
         entry = dict(zip(keys[by], group_key))
         entry["steps"] = len({m["step"] for m in members})
-        entry["active"] = all(m["active"] for m in members)
         for field in TABLE_FIELDS:
             entry[field] = sum(m[field] for m in members) / len(members)
         summary.append(entry)

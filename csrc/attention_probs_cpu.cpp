@@ -192,8 +192,7 @@ struct AxisTaps {
       const int64_t index = std::min(static_cast<int64_t>(std::floor(src)), in_size - 1);
       const acc_t lambda = std::min(std::max(src - static_cast<acc_t>(index), acc_t(0)), acc_t(1));
       first[dst] = index;
-      // a second tap of weight 0 is the first again: 0 * a non-finite guide value would be NaN
-      second[dst] = index + (index < in_size - 1 && lambda > acc_t(0) ? 1 : 0);
+      second[dst] = index + (index < in_size - 1 ? 1 : 0);
       first_weight[dst] = acc_t(1) - lambda;
       second_weight[dst] = lambda;
     }

@@ -253,18 +253,6 @@ class BackendContract:
                                                           **case.kwargs())
             torch.testing.assert_close(probs.double(), as_guide, atol=1e-5, rtol=1e-5)
 
-    @pytest.mark.parametrize("guide_size", [(1, 2), (2, 2)])
-    def test_bilinear_taps_of_weight_zero_ignore_a_nan_guide(self, guide_size):
-        """A NaN in one guide pixel spoils only the rows whose upsampling weighs it (bilinear,
-        torch.nn.functional.interpolate's result); the others stay guided."""
-        self.expect_rules()
-        case = Case(guide_size=guide_size, guide_upsample="bilinear", height=2, width=2,
-                    adaptive_beta=False, parts=1, energy_part=0)
-        scores, guide = make_inputs(case, seed=14)
-        guide[:, -1, -1, :, 3, 5] = float("nan")
-        probs, _ = self.run(scores, guide, case, with_stats=False)
-        assert_matches_reference(scores, guide, case, probs)
-
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
     @pytest.mark.parametrize("adaptive,beta_max", [(False, None), (True, None), (True, 1e6)])
     @pytest.mark.parametrize("frames,tau", [(16, 7), (8, 1)])

@@ -51,6 +51,7 @@ def test_settings_are_read_one_way_and_bad_values_name_the_variable(monkeypatch)
     monkeypatch.setenv(BAND_PRODUCT_ENV, "tensor cores")
     with pytest.raises(ValueError, match=r"BYTHEWAY_BAND_PRODUCT='tensor cores' is not one of"):
         choice_setting(BAND_PRODUCT_ENV, BAND_PRODUCTS, "auto")
+    monkeypatch.delenv(BAND_PRODUCT_ENV)
     for value, expected in (("off", False), (" No", False), ("0", False), ("TRUE", True), ("on ", True),
                             ("", True)):
         monkeypatch.setenv(DIRECT_LAUNCH_ENV, value)
@@ -61,6 +62,9 @@ def test_settings_are_read_one_way_and_bad_values_name_the_variable(monkeypatch)
     assert "BYTHEWAY_DIRECT_LAUNCH='maybe'" in environment_problem()
     monkeypatch.delenv(DIRECT_LAUNCH_ENV)
     assert environment_problem() is None
+    monkeypatch.setenv(BAND_PRODUCT_ENV, "bogus")
+    assert environment_problem().startswith("BYTHEWAY_BAND_PRODUCT='bogus' is not one of")
+    monkeypatch.delenv(BAND_PRODUCT_ENV)
     monkeypatch.setenv(BACKEND_ENV, " Reference ")
     assert select_backend(torch.device("cpu")) == "reference"
     monkeypatch.setenv(BACKEND_ENV, "foo")

@@ -353,9 +353,57 @@ def test_a_pipeline_sharing_the_denoiser_runs_with_its_own_guidance_and_schedule
         with apply_bytheway(pipe):
             expected.append(run_frames(pipe, **video_call_kwargs(**extra)))
     with apply_bytheway(base):
+        # compiled after apply_bytheway: the pipelines hold the wrapper, the hooks the module
+        base.unet = shared_pag.unet = shared_dpm.unet = torch.compile(base.unet, backend="eager")
         run_frames(base, **video_call_kwargs())  # leaves the base pipeline's CFG flag on
         for (pipe, extra), frames in zip(calls, expected):
             assert torch.equal(run_frames(pipe, **video_call_kwargs(**extra)), frames)
+
+
+def test_a_sampler_holding_the_denoiser_is_not_taken_for_a_pipeline():
+    """A user's sampling loop keeping the denoiser as `self.unet` (its other attributes raising,
+    as an AttrDict's do) reads the applied-to pipeline's scheduler and flags, as a direct call
+    does; only a diffusers pipeline calling the denoiser is read instead."""
+    pipe = tiny_animatediff_pipeline()
+    sample, text = unet_inputs(pipe)
+
+    class Sampler:
+        def __init__(self):
+            self.unet = pipe.unet
+
+        def __getattr__(self, name):
+            raise KeyError(name)
+
+        def run(self, steps):
+            pipe.scheduler.set_timesteps(steps)
+            with torch.no_grad():
+                for timestep in pipe.scheduler.timesteps:
+                    self.unet(sample, timestep, encoder_hidden_states=text)
+
+    with apply_bytheway(pipe, cfg=True, diagnostics=True) as controller:
+        for _ in range(2):  # each run restarts the step count
+            controller.clear_diagnostics()
+            Sampler().run(5)
+            rows = [r for r in controller.diagnostics() if r["layer"] == controller.layer_names[0]]
+            assert [(r["step"], r["active"]) for r in rows] == [(0, True)] + [(s, False) for s in range(1, 5)]
+
+
+def test_pndm_in_video_to_video_counts_steps_from_the_run_start():
+    """Video-to-video with strength < 1 starts inside the schedule; PNDM's warm-up restarts with
+    the run, so its first step's calls (two with skip_prk_steps) are one step."""
+    from diffusers import AnimateDiffVideoToVideoPipeline, PNDMScheduler
+
+    base = tiny_animatediff_pipeline()
+    pipe = AnimateDiffVideoToVideoPipeline.from_pipe(base)
+    pipe.scheduler = PNDMScheduler.from_config(base.scheduler.config, skip_prk_steps=True)
+    pipe.set_progress_bar_config(disable=True)
+    video = [torch.rand(3, 16, 16) for _ in range(FRAMES)]
+    call = {k: v for k, v in video_call_kwargs(steps=10).items() if k != "num_frames"}
+    with apply_bytheway(pipe, diagnostics=True, step_fraction=0.5) as controller:
+        run_frames(pipe, video=video, strength=0.5, **call)
+        rows = [r for r in controller.diagnostics() if r["layer"] == controller.layer_names[0]]
+    assert [(r["step"], r["active"]) for r in rows] == [(0, True), (0, True), (1, True), (2, True),
+                                                        (3, False), (4, False)]
 
 
 def test_lost_handles_are_found_and_removed(stock_frames):

@@ -14,7 +14,6 @@ import copy
 import doctest
 import os
 import pickle
-import warnings
 
 import numpy as np
 import pytest
@@ -282,24 +281,6 @@ def test_fast_attention_runs_under_free_noise_split_inference(monkeypatch, force
     assert {call["height"] for call in spy.calls} == {1} and len(spy.calls) > len(fast.layer_names)  # chunks
     torch.testing.assert_close(fused, stock, **TOLERANCE)
     assert torch.equal(run_frames(pipe, **video_call_kwargs(num_frames=12, steps=1)), stock)
-
-
-def test_fast_attention_warns_once_when_its_layers_are_rebuilt():
-    """enable_free_noise after the fast attention rebuilds the motion modules' blocks, whose new
-    layers run stock: the next denoiser call warns (once) instead of losing the speed-up silently."""
-    from integration_helpers import run_frames, video_call_kwargs
-
-    pipe = tiny.tiny_animatediff_pipeline()
-    with enable_fast_temporal_attention(pipe):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            run_frames(pipe, **video_call_kwargs(steps=1))
-        pipe.enable_free_noise(context_length=8, context_stride=4)
-        with pytest.warns(UserWarning, match=r"no longer runs on 20 of its 20 layers .*enable_free_noise"):
-            run_frames(pipe, **video_call_kwargs(num_frames=12, steps=2))
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            run_frames(pipe, **video_call_kwargs(num_frames=12, steps=1))
 
 
 def test_fast_attention_keeps_stock_where_the_kernel_is_unavailable(pipe, monkeypatch, no_kernel):

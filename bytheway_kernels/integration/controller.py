@@ -158,7 +158,6 @@ class ByTheWayController(RefusesCopy):
         pipeline, called_denoiser, denoiser = split_target(target)
         self._pipeline = pipeline
         self._call_pipeline = pipeline  # the pipeline running the current call (`_calling_pipeline`)
-        self._denoisers = (called_denoiser, denoiser)
         self._denoiser = denoiser
         self._family: ModelFamily = family_of(denoiser)
         self._scheduler = scheduler  # None: the pipeline's, read at each call (it may be swapped)
@@ -298,7 +297,7 @@ class ByTheWayController(RefusesCopy):
     @torch.compiler.disable
     def _begin_denoiser_call(self, module, args, kwargs):
         self._check_layers_in_place()
-        caller = _calling_pipeline(self._denoisers)
+        caller = _calling_pipeline(self._denoiser)
         self._call_pipeline = self._pipeline if caller is None else caller
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
@@ -396,6 +395,8 @@ class ByTheWayController(RefusesCopy):
         scheduler = self._scheduler
         if scheduler is None:
             scheduler = getattr(self._call_pipeline, "scheduler", None)
+        if scheduler is None:  # a pipeline without one: the applied-to pipeline's, as for direct calls
+            scheduler = getattr(self._pipeline, "scheduler", None)
         if scheduler is None:
             step = self._calls_without_scheduler
             self._calls_without_scheduler += 1
@@ -413,42 +414,61 @@ class ByTheWayController(RefusesCopy):
         if schedule is not self._run_schedule or position < self._run_last_position:
             self._run_schedule, self._run_begin = schedule, position
         self._run_last_position = position
-        first_step = _step_of_position(scheduler, self._run_begin)
-        step = _step_of_position(scheduler, position) - first_step
-        steps = _step_of_position(scheduler, schedule.numel() - 1) + 1 - first_step
+        step = _step_of_position(scheduler, position - self._run_begin)
+        steps = _step_of_position(scheduler, schedule.numel() - 1 - self._run_begin) + 1
         return step, step < active_step_count(self.config.step_fraction, steps)
 
 
-def _calling_pipeline(denoisers, max_frames: int = 64):
-    """The pipeline whose code called the denoiser: the nearest caller's `self` whose `unet` or
-    `transformer` is one of `denoisers` (the module as called and as hooked), or None for a
-    direct call.
+def _calling_pipeline(denoiser, max_frames: int = 64):
+    """The diffusers pipeline whose code called `denoiser` (the hooked module): the nearest
+    caller's `self` that is a `DiffusionPipeline` whose `unet` or `transformer` is the denoiser
+    or a torch.compile wrapper of it; None for a call from anything else (a direct call, a
+    custom sampler holding the denoiser).
 
     Pipelines made with `from_pipe` share the denoiser, and so its hooks, with the pipeline
     ByTheWay was applied to; whether CFG and PAG are on, the scheduler and FreeNoise are read
-    from the one running (the applied-to one keeps its last call's values). Walking up the stack
-    costs a few microseconds once per denoiser call, not per layer.
+    from the one running (the applied-to one keeps its last call's values). Frames of torch's
+    own modules (the module call machinery, torch.compile) are skipped unread; the walk costs
+    tens of microseconds once per denoiser call, not per layer. Components are read from the
+    instance's dict, as diffusers registers them: a caller's `self` whose attribute access
+    raises (a lazy property, an AttrDict) is never asked.
     """
+    pipeline_type = _pipeline_type()
+    if pipeline_type is None:
+        return None
     frame = sys._getframe(1)
     for _ in range(max_frames):
         frame = frame.f_back
         if frame is None:
             return None
-        if "self" not in frame.f_code.co_varnames:
+        code = frame.f_code
+        if not code.co_argcount or code.co_varnames[0] != "self" or frame.f_globals.get(
+                "__name__", "").startswith("torch."):
             continue
         owner = frame.f_locals.get("self")
-        if isinstance(owner, torch.nn.Module):  # the denoiser's own frames, its wrappers
+        if not isinstance(owner, pipeline_type):
             continue
-        denoiser = getattr(owner, "unet", None)
-        if denoiser is None:
-            denoiser = getattr(owner, "transformer", None)
-        if any(denoiser is candidate for candidate in denoisers):
-            return owner
+        components = getattr(owner, "__dict__", {})
+        for name in ("unet", "transformer"):
+            module = components.get(name)
+            if module is not None and getattr(module, "_orig_mod", module) is denoiser:
+                return owner
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _pipeline_type():
+    """diffusers' DiffusionPipeline, or None without diffusers (no pipeline can be calling)."""
+    try:
+        from diffusers import DiffusionPipeline
+    except ImportError:
+        return None
+    return DiffusionPipeline
+
+
 def _step_of_position(scheduler, position: int) -> int:
-    """The denoising step of the call at `position` of `scheduler.timesteps`.
+    """The denoising step of the call at `position` of a run (its first call is 0; a run of an
+    image/video-to-video pipeline starts inside `scheduler.timesteps`, PNDM's warm-up with it).
 
     Most schedulers call the denoiser `scheduler.order` times per step (Heun and KDPM2: twice,
     their timesteps holding 2n - 1 entries for n steps). PNDM says order 1 but warms up

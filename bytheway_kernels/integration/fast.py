@@ -42,7 +42,7 @@ from typing import Any, List, Optional
 import torch
 
 from ..ops.temporal_attention import fused_available
-from .controller import split_target, submodule
+from .controller import split_target
 from .layers import TemporalLayer, all_temporal_layers, family_of
 from .processor import (BINDING_ATTR, BoundProcessor, RefusesCopy, plain_attention, projects_fused_qkv,
                         replace_orphaned_processors, standard_scale)
@@ -122,7 +122,6 @@ class FastTemporalAttention(RefusesCopy):
         self._layers = self._install(all_temporal_layers(denoiser, family_of(denoiser)))
         self._hook = called_denoiser.register_forward_pre_hook(self._begin_denoiser_call, with_kwargs=True)
         self._removed = False
-        self._warned_replaced = False
         setattr(denoiser, FAST_HANDLE_ATTR, self)  # found by `remove_bytheway` when the handle is lost
 
     def _install(self, candidates: List[TemporalLayer]) -> List[TemporalLayer]:
@@ -189,22 +188,6 @@ class FastTemporalAttention(RefusesCopy):
         sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         device = sample.device if isinstance(sample, torch.Tensor) else next(self._denoiser.parameters()).device
         self._state.fused = fused_available(device)
-        if not self._warned_replaced:
-            self._warn_if_layers_replaced()
-
-    def _warn_if_layers_replaced(self) -> None:
-        """Warn (once) when layers it took over are no longer in the model: enable_free_noise
-        rebuilds the motion modules' blocks, whose new layers run stock. Only the modules are
-        checked, not their processors: a pipeline may swap a layer's processor for the length
-        of a call (AnimateDiffPAGPipeline), and the fast attention leaves such a layer to it."""
-        replaced = [layer.name for layer in self._layers if submodule(self._denoiser, layer.name) is not layer.attn]
-        if replaced:
-            self._warned_replaced = True
-            warnings.warn(
-                f"the fast temporal attention no longer runs on {len(replaced)} of its {len(self._layers)} "
-                f"layers ({replaced[0]}{', ...' if len(replaced) > 1 else ''}): they were replaced after "
-                f"enable_fast_temporal_attention (e.g. by enable_free_noise), so they run stock; call "
-                f"remove() and enable it again after such changes", stacklevel=2)
 
 
 def enable_fast_temporal_attention(pipe_or_denoiser) -> FastTemporalAttention:

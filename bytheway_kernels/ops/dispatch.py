@@ -47,13 +47,18 @@ _DEVICE_TYPES: dict = {}  # torch.device -> its type string
 
 def environment_problem() -> Optional[str]:
     """Why this package's environment settings cannot be used (one line naming the variable), or
-    None. The ops would raise at their first call; the commands and scripts check first.
-    (BYTHEWAY_BAND_PRODUCT is read, and checked, when the package is imported.)"""
+    None. The ops would raise at their first call (BYTHEWAY_BAND_PRODUCT: when the Triton rules
+    are first imported); the commands and scripts check first."""
     from .launch import DIRECT_LAUNCH_ENV
 
     try:
         choice_setting(BACKEND_ENV, BACKENDS)
         flag_setting(DIRECT_LAUNCH_ENV, True)
+        try:
+            from . import triton_rules
+        except ImportError:  # no Triton: the band product is never read
+            return None
+        choice_setting(triton_rules.BAND_PRODUCT_ENV, triton_rules.BAND_PRODUCTS)
     except ValueError as error:
         return str(error)
     return None

@@ -116,13 +116,10 @@ def nearest_source(dst, scale, size):
 @triton.jit
 def bilinear_sources(dst, scale, size):
     """(first, second, weight of second) of output index `dst` along one axis, bilinear with
-    align_corners=False: src = max((dst + 0.5) * in / out - 0.5, 0). A second tap of weight 0
-    is the first again (0 * a non-finite guide value would be NaN; torch's result has none): the
-    ceiling is the floor exactly where the weight is 0. (Taken in fp32: comparing the weight
-    with 0, or the ceiling's minimum in int32, left 8 bytes of stack in some variants, sm_90.)"""
+    align_corners=False: src = max((dst + 0.5) * in / out - 0.5, 0)."""
     source = tl.maximum((dst.to(tl.float32) + 0.5) * scale - 0.5, 0.0)
     first = source.to(tl.int32)
-    second = tl.minimum(tl.ceil(source), size - 1.0).to(tl.int32)
+    second = first + (first < size - 1).to(tl.int32)
     return first, second, source - first.to(tl.float32)
 
 

@@ -75,7 +75,8 @@ _TORCH_LOCK = "lock"
 _TRANSIENT_FAILURE_SIGNS = (
     "terminated with signal", "Killed signal terminated", "Killed (program", "due to signal",
     "unable to execute command", "interrupted by user", "out of memory", "Cannot allocate memory",
-    "virtual memory exhausted", "No space left on device",
+    "virtual memory exhausted", "No space left on device", "Disk quota exceeded",
+    "Resource temporarily unavailable", "Input/output error", "Stale file handle",
 )
 BUILD_NOTICE = "bytheway_kernels: building the C++ CPU kernel (first use, about a minute)..."
 

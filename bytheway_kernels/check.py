@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._environ import triton_interpreter
+from ._environ import choice_setting, triton_interpreter
 from .config import PRESETS
 from .ops.attention_probs import reference
 from .ops.attention_probs import bytheway_attention_probs
@@ -84,7 +84,7 @@ def print_info() -> int:
     availability = backend_availability(device)
     for name, (ok, reason) in availability.items():
         print(f"  {name:10s} {'available' if ok else 'unavailable':12s} {reason}")
-    forced = f" (forced by {BACKEND_ENV})" if (os.environ.get(BACKEND_ENV) or "").strip() else ""
+    forced = f" (forced by {BACKEND_ENV})" if choice_setting(BACKEND_ENV, BACKENDS) else ""
     print(f"  default backend for {device}: {select_backend(device)}{forced}")
     from .ops.launch import DIRECT_LAUNCH_ENV, direct_launch_enabled
 

@@ -349,7 +349,7 @@ class ByTheWayController(RefusesCopy):
         for layer in self._layers:
             if getattr(layer.parent, layer.attribute, None) is not layer.attn or not isinstance(
                 layer.attn.processor, ByTheWayAttnProcessor
-            ) or submodule(self._denoiser, layer.name) is not layer.attn:
+            ) or _submodule(self._denoiser, layer.name) is not layer.attn:
                 # split inference wrapped the layer's block since: its path no longer resolves
                 _refuse_split_inference(self._denoiser, self._layers, RuntimeError)
                 if type(layer.attn.processor).__name__.startswith("PAG"):
@@ -502,7 +502,7 @@ def _refuse_split_inference(denoiser, layers: List[TemporalLayer], error: type) 
         )
 
 
-def submodule(denoiser, name: str):
+def _submodule(denoiser, name: str):
     """The module at `name` in `denoiser`, or None when the path no longer resolves."""
     try:
         return denoiser.get_submodule(name)

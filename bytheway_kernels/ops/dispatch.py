@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from .._environ import choice_setting, flag_setting, getenv
+from .._environ import choice_setting, flag_setting
 
 BACKENDS = ("reference", "triton", "cpp")
 BACKEND_ENV = "BYTHEWAY_BACKEND"
@@ -31,10 +31,9 @@ def select_backend(device: torch.device) -> str:
         device_type = _DEVICE_TYPES[device] = device.type
     if device_type == "meta":
         return "meta"
-    if getenv(BACKEND_ENV) is not None:  # one lookup when unset, the common case
-        forced = choice_setting(BACKEND_ENV, BACKENDS)
-        if forced is not None:
-            return forced
+    forced = choice_setting(BACKEND_ENV, BACKENDS)  # one lookup when unset, the common case
+    if forced is not None:
+        return forced
     if device_type == "cuda":
         return "triton"
     if device_type == "cpu" and _cpp_available():

@@ -121,7 +121,11 @@ step bench_attention 100 "${bench[@]}" benchmarks/test_temporal_attention.py --b
 step bench_map 110 "${bench[@]}" benchmarks/test_attention_probs.py --benchmark-json="$logs/bench_map.json"
 step bench_layer 50 "${bench[@]}" benchmarks/test_layer.py --benchmark-json="$logs/bench_layer.json"
 
-parts=$(ls "$logs"/bench_*.json 2>/dev/null)
+# the parts that finished (pytest-benchmark writes its JSON at the end: a part that timed out
+# leaves an empty file, which must not stop the others' merge)
+parts=$(for part in "$logs"/bench_*.json; do
+  python3 -c 'import json, sys; json.load(open(sys.argv[1]))' "$part" 2>/dev/null && echo "$part"
+done)
 if [[ -n $parts ]]; then
   timeout 20 python3 - "$out/bench_gpu.json" $parts > "$logs/merge.log" 2>&1 <<'EOF'
 import json, sys

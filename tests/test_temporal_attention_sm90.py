@@ -73,6 +73,8 @@ def _temporal_attention_variants():
             energy_config=other_stash(16, 80, dtype))
     for frames in (8, 24, 33, 64):
         add(frames, 80, "bilinear", adaptive=True, with_stats=True, with_map=True, scope="sample")
+    # float32 at F_PAD = 64: d chunks of 16, one sequence on 4 warps in both passes
+    add(64, 80, "bilinear", adaptive=True, with_stats=True, with_map=False, dtype=torch.float32)
     for frames, guide_mode in itertools.product((24, 64), ("nearest", "bilinear")):
         # the circulant band, F_PAD 32 and 64: the default energy tiles (stashing) and the other
         add(frames, 80, guide_mode, adaptive=True, with_stats=False, with_map=False, scope="sample")
@@ -91,6 +93,8 @@ def _temporal_attention_variants():
     def recomputing(frames, head_dim, form, dtype=torch.float16):
         """The energy pass's default tiles in `form`, without the stash."""
         tile = kernels.default_energy_config(frames, head_dim, dtype.itemsize)
+        if form == "tile" and frames > 32:
+            tile = tile._replace(num_warps=8)  # this form spills on 4 warps at F_PAD = 64 (3.6)
         return tile._replace(energy_form=form, stash_guided=False)
 
     for form in ("lean", "tile"):

@@ -491,17 +491,20 @@ def test_stash_guided_switch_sets_the_default(monkeypatch, stash):
         kernels._launch_plan.cache_clear()
 
 
-@pytest.mark.parametrize("frames,guide_mode,with_map,tiles,energy_tiles", [
-    (16, "nearest", False, (4, 32, 4), (8, 32, 8)),
-    (24, "nearest", False, (1, 32, 2), (1, 32, 2)),  # energy form "lean"
-    (64, "nearest", False, (1, 32, 4), (1, 32, 8)),
-    (64, None, True, (1, 32, 4), (1, 32, 8)),  # the anchor: no guide
-    (33, "bilinear", True, (1, 32, 8), (1, 32, 8)),  # a guide and the map: 8 warps (spills on 4)
+@pytest.mark.parametrize("frames,guide_mode,with_map,dtype,tiles,energy_tiles", [
+    (16, "nearest", False, torch.float16, (4, 32, 4), (8, 32, 8)),
+    (24, "nearest", False, torch.float16, (1, 32, 2), (1, 32, 2)),  # energy form "lean"
+    (64, "nearest", False, torch.float16, (1, 32, 4), (1, 32, 4)),
+    (64, None, True, torch.float16, (1, 32, 4), (1, 32, 4)),  # the anchor: no guide
+    # a guide and the map: the attention pass on 8 warps (spills on 4)
+    (33, "bilinear", True, torch.float16, (1, 32, 8), (1, 32, 4)),
+    (64, "nearest", False, torch.float32, (1, 16, 4), (1, 16, 8)),  # float32's energy pass: 8
 ])
-def test_default_tiles(frames, guide_mode, with_map, tiles, energy_tiles):
+def test_default_tiles(frames, guide_mode, with_map, dtype, tiles, energy_tiles):
     """The measured defaults (`default_config`, `default_energy_config`) reach the launches: at
-    F_PAD = 64 the attention pass takes 4 warps unless it reads a guide and writes the map."""
-    case = AttentionCase(frames=frames, tau=1, adaptive_beta=True, head_dim=80, dtype=torch.float16,
+    F_PAD = 64 the attention pass takes 4 warps unless it reads a guide and writes the map, the
+    energy pass 4 unless its inputs are float32."""
+    case = AttentionCase(frames=frames, tau=1, adaptive_beta=True, head_dim=80, dtype=dtype,
                          guide_upsample=guide_mode or "nearest")
     q, k, v, guide = make_inputs(case)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -177,11 +177,12 @@ def _map_op_variants():
             stats = torch.empty((params.stats_rows(scores.shape[0]), 6)) if with_stats else None
             launches += kernels.kernel_launches(scores, guide, params, probs, stats)
     # inside the band at F = 24 and 32 (tau 7: R = 9 and 15 rank-one terms by default, else the
-    # dot or the split with every entry of P), nearest guide, all flags on and all off
+    # dot or the split with every entry of P), nearest guide, all flags on and all off, at
+    # up_blocks.1's size (each stats program takes the most tiles, as at every real size there)
     for frames in (24, 32):
         guide = torch.zeros((2, 1, 1, 1, frames, frames), dtype=torch.float16)
         for adaptive, with_stats, beta_max, scope in configs:
-            scores = torch.zeros((2, 2, 1, 1, frames, frames), dtype=torch.float16)
+            scores = torch.zeros((2, 16, 16, 8, frames, frames), dtype=torch.float16)
             params = ByTheWayParams(0.6, 1.5, 7, adaptive, 2, 1, scope, "nearest", beta_max)
             stats = torch.empty((params.stats_rows(scores.shape[0]), 6)) if with_stats else None
             launches += kernels.kernel_launches(scores, guide, params, torch.empty_like(scores), stats)

@@ -45,9 +45,12 @@ GUIDE_MODES = {None: 0, "nearest": 1, "bilinear": 2}
 PARTIAL_FIELDS = 6
 # Unrolled tiles per stats program, at most: up to this, programs take more tiles until there are
 # about TARGET_STATS_PROGRAMS of them (an H100/H200 has 132 SMs), which keeps the last program's
-# sum over the slots short; past it, the grid grows instead.
+# sum over the slots short; past it, the grid grows instead. Measured on an H200 (fp16, F = 16,
+# benchmarks/RESULTS.md, 2026-11-27): 512 programs were fastest at up_blocks.1 and .2 (1 and 4
+# tiles each; at up_blocks.2 the stats kernel took 6.0 us where 2048 programs of 1 took 9.0) and
+# 4 tiles at up_blocks.3 (14.4 us; 8 tiles 15.1).
 MAX_STATS_TILES = 4
-TARGET_STATS_PROGRAMS = 2048
+TARGET_STATS_PROGRAMS = 512
 # Partial slots the last stats program adds per loop iteration and field (4 warps: 2 per thread;
 # 512 spills under Triton 3.6 with stats in sample scope).
 REDUCE_CHUNK = 256

@@ -157,15 +157,17 @@ def default_energy_config(frames: int, head_dim: int, element_size: int = 2) -> 
     energy pass by -2 to +12% and makes the attention pass 12-22% faster: adaptive beta went from 1.32 /
     1.47 / 1.37x fixed beta to 1.23 / 1.26 / 1.19x. At F_PAD = 32 the form is "lean": with the
     stash and the band product on tensor cores (`triton_rules.split_band`) "rows" took 140 us at
-    F = 32 where "lean" took 93 (F = 24: 84 and 83). At F_PAD = 64 the pass keeps 8 warps (the
-    attention pass moved to 4, untimed here; the "tile" form spilled on 4 under Triton 3.6).
+    F = 32 where "lean" took 93 (F = 24: 84 and 83). At F_PAD = 64 the pass runs the attention
+    pass's tiles, one sequence on 4 warps: at F = 64 (d = 80, with the stash) the energy pass took
+    702 us there against 1323 on 8 warps (2026-11-27). float32 inputs keep 8 warps there (8 bytes
+    of stack on 4 under Triton 3.9), and so does the "tile" form (it spilled on 4 under 3.6).
     `energy_candidate_configs` lists the alternatives benchmarks/fused_kernel_times.py times."""
     tile = default_config(frames, head_dim, element_size)._replace(stash_guided=STASH_GUIDED)
     padded = padded_frames(frames)
-    if padded == 64:
-        return tile._replace(num_warps=8)
     if padded == 32:
         return tile._replace(energy_form="lean")
+    if padded == 64:
+        return tile if element_size <= 2 else tile._replace(num_warps=8)
     return _doubled(tile) if element_size <= 2 else tile
 
 

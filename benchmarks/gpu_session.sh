@@ -6,7 +6,7 @@
 # wall, peak memory), and this device's section of benchmarks/RESULTS.md. Every step is independent (one failing or
 # timing out does not stop the others) and the whole run ends within BYTHEWAY_GPU_BUDGET_S seconds
 # (default 530, for a device call of timeout_s=600). About 7-9 minutes on an H100/H200; give it
-# BYTHEWAY_GPU_BUDGET_S=545 when the whole session's device time is for it.
+# BYTHEWAY_GPU_BUDGET_S=590 when the whole session's device time is for it (no second call).
 #
 # The device image has torch 2.11, triton 3.6.0, numpy, pytest, pytest-benchmark and what diffusers
 # 0.42.1 imports (huggingface-hub 1.33 >= 1.32, safetensors 0.8, regex, requests, filelock, pillow,
@@ -84,32 +84,15 @@ fi
 # per tensor) / our Python; map_op_kernel_times.py and temporal_attention_gpu_check.py print the same
 step host_cost 30 python3 benchmarks/host_cost.py
 # The CUDA tests before the suite, on 8 pytest-xdist workers (the image has pytest-xdist; a cold
-# compile of every variant took over 130 s in one process). Changed since the last full GPU run
-# (H200 session 5, at 7add066): the default tiles and settings (the stash of guided maps on, the
-# band product split on tensor cores in the fused kernels at F_PAD = 32, the "lean" energy form
-# there, 4 warps for the attention pass at F_PAD = 64), each timed as a variant in that run and
-# tested in a short call after it (tests/test_temporal_attention_gpu.py only); the band step's A3
-# as one shared rule (triton_rules.enhanced_rows, both ops); the map op's tiered sum over the
-# stats slots (past 2048 per video; test_tiered_slot_sum_at_one_tile_per_program forces it) and
-# its stats pass's full-band energies from |A2|^2 (6-11% fewer instructions, sm_90); and
-# apply_bytheway's plain layers (its active steps run every other temporal layer through the
-# fused kernel: the denoiser's "bytheway fused" row times that, "bytheway fused, other temporal
-# layers stock" the former default; test_integration_fused.py -k cuda runs them); and the fused
-# kernels' circulant stash (F = 24, 32: float16 base and band part, no band product in the
-# attention pass, which runs with at most 104 registers there; fused_kernel_times' F = 24 / 32
-# "fused adaptive" rows against session 5's "energy lean+stash" 228.4 / 246.9 us (fixed beta
-# 169.5 / 181.8 us; issue 9 asks for 1.3x);
-# test_temporal_attention_gpu.py's STASH_CASES check its accuracy); both ops' launches through
-# launch.run_on_device_of (the inputs' device made current when it is not; a ~0.3 us check when it
-# is, as on these one-GPU machines: host_cost.py's rows include it); test_integration_fused.py's
-# CUDA test also runs both fused paths after diffusers' fuse_qkv_projections() (q, k, v as slices
-# of to_qkv's output), and test_denoiser.py times that at real size: "bytheway off, fused qkv"
-# (diffusers' fuse_qkv_projections alone) and "fast stock, fused qkv" (the fast attention on top).
-# Since 2026-11-27 the map op's band step where F % 4 == 0 is P's rank-one terms (43-54 registers
-# in the apply kernel at F = 24 / 32 where the fp32 dot held 161-167; untimed): map_kernel_times'
-# F = 24 / 32 default rows time them, its "fma" rows the dot (issue 10: fixed beta 1.63-1.75x
-# softmax there, target 0.6x), bench_map's F24 / F32 groups too; the CUDA tests run both ops with
-# them; and the direct launcher hands Triton's C launcher data pointers as ints (host_cost.py).
+# compile of every variant took over 130 s in one process). The last full GPU run was H200
+# session 6 (2026-11-27, at 3b595a7: benchmarks/results/h200-2026-11-27-session6.notes.md). Changed
+# since, timed then only in a short second call: the map op's stats pass aims at 512 programs
+# (TARGET_STATS_PROGRAMS; up_blocks.2 adaptive 16.3 -> 13.2 us device time: bench_map's
+# up_blocks.2 rows and map_kernel_times' "default 4" there) and the fused energy pass runs 4 warps
+# at F_PAD = 64 for 2-byte inputs (F = 64 adaptive 2073 -> 1442 us: fused_kernel_times' F64 rows).
+# In session 6 the steps before the layer part took 516 s of a 560 s budget and left it 19 s (it
+# needs about 50): BYTHEWAY_GPU_BUDGET_S=590 gives it room, where no second device call is
+# planned (a 15-minute session then has too little left to start another machine).
 step gpu_tests 240 bash -c 'python3 -m pytest -q -p no:cacheprovider -rfEs -n 8 \
   tests/test_attention_probs_gpu.py tests/test_temporal_attention_gpu.py; python3 -m pytest -q -p no:cacheprovider -rfEs \
   tests/test_integration_fused.py -k cuda'

@@ -73,7 +73,8 @@ def _temporal_attention_variants():
             energy_config=other_stash(16, 80, dtype))
     for frames in (8, 24, 33, 64):
         add(frames, 80, "bilinear", adaptive=True, with_stats=True, with_map=True, scope="sample")
-    # float32 at F_PAD = 64: d chunks of 16, one sequence on 4 warps in both passes
+    # float32 at F_PAD = 64: d chunks of 16, one sequence (4 warps in the attention pass, 8 in the
+    # energy pass)
     add(64, 80, "bilinear", adaptive=True, with_stats=True, with_map=False, dtype=torch.float32)
     for frames, guide_mode in itertools.product((24, 64), ("nearest", "bilinear")):
         # the circulant band, F_PAD 32 and 64: the default energy tiles (stashing) and the other

@@ -21,8 +21,11 @@
 #   (check a wheel's needs with: unzip -p .whl/diffusers-*.whl '*/METADATA' | grep ^Requires-Dist)
 # then: run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
 # It writes to $OUT (or /tmp/bytheway_gpu) four files: summary.txt (each step's status and time),
-# RESULTS.md (the repo's, with this device's section added: copy it over benchmarks/RESULTS.md),
-# bench_gpu.json (the merged pytest-benchmark data) and logs.tgz (every log and per-part JSON).
+# RESULTS.md (the repo's, with this device's section replaced by this run's, without notes: a
+# preview; to record the run, copy bench_gpu.json to benchmarks/results/, write its notes and run
+# `python benchmarks/make_results.py THAT.json --notes NOTES.md` here, which also keeps a
+# partial run from passing for a whole one unremarked), bench_gpu.json (the merged
+# pytest-benchmark data of the parts that finished) and logs.tgz (every log and per-part JSON).
 set -u
 out=${OUT:-/tmp/bytheway_gpu}
 budget=${BYTHEWAY_GPU_BUDGET_S:-530}
@@ -52,6 +55,7 @@ step() {
   local verdict="exit $rc"
   ((rc == 124 || rc == 137)) && verdict="TIMED OUT after ${limit}s"
   echo "$name: $verdict, $((SECONDS - began))s: $(tail -n 1 "$logs/$name.log")" | tee -a "$logs/summary.txt"
+  cp "$logs/summary.txt" "$out/summary.txt"  # back even if the packing at the end runs out of time
 }
 
 step versions 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader;
@@ -93,9 +97,13 @@ step host_cost 30 python3 benchmarks/host_cost.py
 # In session 6 the steps before the layer part took 516 s of a 560 s budget and left it 19 s (it
 # needs about 50): BYTHEWAY_GPU_BUDGET_S=590 gives it room, where no second device call is
 # planned (a 15-minute session then has too little left to start another machine).
+# (two pytest runs: the step fails if either does, and the op tests' summary line is in summary.txt)
 step gpu_tests 240 bash -c 'python3 -m pytest -q -p no:cacheprovider -rfEs -n 8 \
-  tests/test_attention_probs_gpu.py tests/test_temporal_attention_gpu.py; python3 -m pytest -q -p no:cacheprovider -rfEs \
-  tests/test_integration_fused.py -k cuda'
+  tests/test_attention_probs_gpu.py tests/test_temporal_attention_gpu.py; status=$?
+  echo "op tests exit $status"; python3 -m pytest -q -p no:cacheprovider -rfEs \
+  tests/test_integration_fused.py -k cuda || status=$?; exit $status'
+grep -E "(passed|failed).* in [0-9.]+s" "$logs/gpu_tests.log" 2>/dev/null | head -n 1 \
+  | sed 's/^/  op tests: /' | tee -a "$logs/summary.txt"
 
 bench=(python3 -m pytest -q -p no:cacheprovider -rfEs --benchmark-only --bench-dtype=float16
        --benchmark-max-time=0.02 --benchmark-min-rounds=10 --benchmark-warmup=on --benchmark-warmup-iterations=2)

@@ -100,7 +100,7 @@ step host_cost 30 python3 benchmarks/host_cost.py
 # (two pytest runs: the step fails if either does, and the op tests' summary line is in summary.txt)
 step gpu_tests 240 bash -c 'python3 -m pytest -q -p no:cacheprovider -rfEs -n 8 \
   tests/test_attention_probs_gpu.py tests/test_temporal_attention_gpu.py; status=$?
-  echo "op tests exit $status"; python3 -m pytest -q -p no:cacheprovider -rfEs \
+  python3 -m pytest -q -p no:cacheprovider -rfEs \
   tests/test_integration_fused.py -k cuda || status=$?; exit $status'
 grep -E "(passed|failed).* in [0-9.]+s" "$logs/gpu_tests.log" 2>/dev/null | head -n 1 \
   | sed 's/^/  op tests: /' | tee -a "$logs/summary.txt"

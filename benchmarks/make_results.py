@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import json
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -71,7 +72,7 @@ class Target:
         """`value` as the table shows it: with one more decimal where it would otherwise read
         the same as the goal while differing from it (0.603 against a goal of 0.60)."""
         plain = self.shown(value)
-        if value != self.limit and plain.lstrip("+") == self.shown(self.limit).lstrip("+"):
+        if value != self.limit and plain == self.shown(self.limit):
             return self.shown(value, extra_digit=True)
         return plain
 
@@ -115,8 +116,8 @@ TARGETS = {
 
 
 def format_time(seconds: float) -> str:
-    """Three significant figures in s, ms, µs or ns (the unit chosen after rounding: 0.9996 ms is
-    1.00 ms, not 1e+03 µs); whole seconds past 1000 s."""
+    """Three significant figures in s, ms, µs or ns, the unit chosen after rounding (0.9996 ms is
+    "1 ms", not "1e+03 µs"); whole seconds past 1000 s."""
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
         if seconds >= 0.9995 * scale:
             value = seconds / scale
@@ -418,8 +419,8 @@ def merge_runs(runs: List[dict]) -> dict:
         raise SystemExit(f"these JSON files come from different devices: {sorted(map(str, devices))}")
     merged = copy.deepcopy(runs[0])
     merged["benchmarks"] = [bench for run in runs for bench in run["benchmarks"]]
-    names = [bench.get("fullname", bench["name"]) for bench in merged["benchmarks"]]
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    cases = Counter(bench.get("fullname", bench["name"]) for bench in merged["benchmarks"])
+    repeated = sorted(name for name, count in cases.items() if count > 1)
     if repeated:
         raise SystemExit(f"cases timed in more than one part (a file given twice?): {repeated[:3]}")
     info = merged["machine_info"].get("bytheway")

@@ -214,8 +214,8 @@ def test_format_time_picks_the_unit_after_rounding():
 def test_layer_target_is_the_worst_backend():
     group = "layer up_blocks.1 16x16 F16 C1280 float16"
     rows = [case(group, "stock layer", 1e-3, floor=True, kernel_s=1e-3),
-            dict(case(group, "bytheway layer", 1.2e-3, name="triton", kernel_s=1.2e-3)),
-            dict(case(group, "bytheway layer", 1.8e-3, name="fused", kernel_s=1.8e-3))]
+            case(group, "bytheway layer", 1.2e-3, name="triton", kernel_s=1.2e-3),
+            case(group, "bytheway layer", 1.8e-3, name="fused", kernel_s=1.8e-3)]
     rows[1]["extra_info"]["backend"], rows[2]["extra_info"]["backend"] = "triton", "fused"
     found = targets_of(rows)
     assert found[("ByTheWay layer × stock layer", group)][:4] == ["fused, kernel", "1.80×", "<= 1.50×", "**no**"]

@@ -94,7 +94,7 @@ def _temporal_attention_variants():
     def recomputing(frames, head_dim, form, dtype=torch.float16):
         """The energy pass's default tiles in `form`, without the stash."""
         tile = kernels.default_energy_config(frames, head_dim, dtype.itemsize)
-        if form == "tile" and frames > 32:
+        if form == "tile" and kernels.padded_frames(frames) == 64:
             tile = tile._replace(num_warps=8)  # this form spills on 4 warps at F_PAD = 64 (3.6)
         return tile._replace(energy_form=form, stash_guided=False)
 

@@ -20,6 +20,8 @@
 #     -d .whl diffusers==0.42.1 importlib_metadata==10.2.0 zipp==4.1.2
 #   (check a wheel's needs with: unzip -p .whl/diffusers-*.whl '*/METADATA' | grep ^Requires-Dist)
 # then: run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600)
+# BYTHEWAY_GPU_SKIP="step names" skips those steps (e.g. "fused_kernel_times", about 180 s, when
+# the fused kernels did not change since the last run recorded in benchmarks/results/).
 # It writes to $OUT (or /tmp/bytheway_gpu) four files: summary.txt (each step's status and time),
 # RESULTS.md (the repo's, with this device's section replaced by this run's, without notes: a
 # preview; to record the run, copy bench_gpu.json to benchmarks/results/, write its notes and run
@@ -43,6 +45,10 @@ fi
 step() {
   local name=$1 limit=$2
   shift 2
+  if [[ " ${BYTHEWAY_GPU_SKIP:-} " == *" $name "* ]]; then
+    echo "$name: skipped (BYTHEWAY_GPU_SKIP)" | tee -a "$logs/summary.txt"
+    return
+  fi
   local left=$((budget - reserve - SECONDS))
   ((left < limit)) && limit=$left
   if ((limit < 15)); then
@@ -90,10 +96,11 @@ step host_cost 30 python3 benchmarks/host_cost.py
 # The CUDA tests before the suite, on 8 pytest-xdist workers (the image has pytest-xdist; a cold
 # compile of every variant took over 130 s in one process). The last full GPU run was H200
 # session 6 (2026-11-27, at 3b595a7: benchmarks/results/h200-2026-11-27-session6.notes.md). Changed
-# since, timed then only in a short second call: the map op's stats pass aims at 512 programs
-# (TARGET_STATS_PROGRAMS; up_blocks.2 adaptive 16.3 -> 13.2 us device time: bench_map's
-# up_blocks.2 rows and map_kernel_times' "default 4" there) and the fused energy pass runs 4 warps
-# at F_PAD = 64 for 2-byte inputs (F = 64 adaptive 2073 -> 1442 us: fused_kernel_times' F64 rows).
+# since: the map op's stats pass aims at 512 programs (TARGET_STATS_PROGRAMS; up_blocks.2
+# adaptive 16.3 -> 13.2 us device time in a short second call), the fused energy pass runs 4 warps
+# at F_PAD = 64 for 2-byte inputs (F = 64 adaptive 2073 -> 1442 us), and eager map-op calls reuse
+# their stream's stats workspace (no fill kernel, no torch.zeros: bench_map's adaptive rows,
+# host_cost's map op rows) and launch under Triton 3.6 through the C function itself.
 # In session 6 the steps before the layer part took 516 s of a 560 s budget and left it 19 s (it
 # needs about 50): BYTHEWAY_GPU_BUDGET_S=590 gives it room, where no second device call is
 # planned (a 15-minute session then has too little left to start another machine).

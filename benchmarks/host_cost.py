@@ -13,7 +13,8 @@ ways in one run:
   (validation, allocation, launch plan); the difference to the others is the launch path's cost.
 
 Run as a script (`python benchmarks/host_cost.py`) it prints the four for the map op and fused
-temporal attention at up_blocks.1's shape (AnimateDiff preset, fixed and adaptive beta). Without
+temporal attention at up_blocks.1's shape (AnimateDiff preset, fixed and adaptive beta), then
+the host time of three torch calls for comparison (`torch_floor_calls`). Without
 CUDA it prints, through the Triton backend on CPU tensors (kernels never run, never interpreted),
 "python only" and "direct launcher, stubbed": the direct launcher's own host work as well, with
 a stand-in for the compiled kernel whose launch does nothing. That is everything a GPU call's
@@ -53,12 +54,12 @@ def _environment(name: str, value):
 
 @contextmanager
 def _launches_skipped():
-    original = launch_module.KernelLaunch.run
-    launch_module.KernelLaunch.run = lambda self: None
+    original = launch_module._run_launches
+    launch_module._run_launches = lambda launches: None
     try:
         yield
     finally:
-        launch_module.KernelLaunch.run = original
+        launch_module._run_launches = original
 
 
 _SHIPPED_CALL_ARGUMENTS = launch_module._call_arguments
@@ -170,6 +171,18 @@ def _calls(device: str) -> dict:
     }
 
 
+def torch_floor_calls(device: str) -> dict:
+    """Torch calls that bound an op call's host time from below, at up_blocks.1's map shape:
+    softmax (the map op's plain counterpart), the output's allocation, a zeroed small buffer (what
+    an adaptive call paid for its workspace before eager calls reused one)."""
+    scores = torch.randn((2, 16, 16, 8, 16, 16), device=device, dtype=torch.float16)
+    return {
+        "torch.softmax": lambda: torch.softmax(scores, -1),
+        "torch.empty_like": lambda: torch.empty_like(scores),
+        "torch.zeros(600)": lambda: torch.zeros(600, device=device),
+    }
+
+
 def main() -> int:
     on_gpu = torch.cuda.is_available()
     if not on_gpu:  # the Triton backend's host path on CPU tensors (TRITON_INTERPRET lets them in)
@@ -188,6 +201,8 @@ def main() -> int:
             with _direct_launches_stubbed():
                 costs["direct launcher, stubbed"] = min(host_us_per_call(fn, 2000) for _ in range(3))
         print(f"  {name:20s} " + " / ".join(f"{costs[column]:6.1f}" for column in columns))
+    print("torch calls, host us/call: " + ", ".join(
+        f"{name} {host_us_per_call(fn, 500):.1f}" for name, fn in torch_floor_calls(device).items()))
     return 0
 
 

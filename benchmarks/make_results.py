@@ -218,8 +218,9 @@ def find(rows: List[dict], impl: str, variant: Optional[str] = None) -> Optional
 
 
 #: Kernel-name parts of the map op's stats pass: the per-slot partial sums and their reduction to
-#: beta (one kernel since 2026-11-26, "reduce" before), and the fill that zeroes its workspace
-#: (torch's FillFunctor kernel; an adaptive call launches no other).
+#: beta (one kernel since 2026-11-26, "reduce" before), and the fill that zeroed its workspace
+#: on every call until 2026-11-27 (torch's FillFunctor kernel; an adaptive call launches no other;
+#: eager calls now reuse a workspace per stream, bytheway_kernels/ops/workspace.py).
 STATS_PASS_KERNELS = ("stats", "reduce", "fillfunctor")
 
 

@@ -90,8 +90,9 @@ def test_zero_guide_and_float64_on_cuda():
 
 
 def test_adaptive_call_replays_in_a_cuda_graph():
-    """The stats pass's workspace (partials, betas, ticket counter) is zeroed by each call, so a
-    captured graph zeroes it at every replay and gives the eager result bit for bit."""
+    """A call captured in a CUDA graph zeroes its own stats workspace (partials, betas, ticket
+    counter; eager calls reuse their stream's), so the graph zeroes it at every replay and gives
+    the eager result bit for bit."""
     scores, guide = make_inputs(Case(height=32, width=32, heads=8, dtype=torch.float16,
                                      guide_size=(16, 16)), device="cuda")
     kwargs = dict(alpha=0.6, beta=1.5, tau=7, return_stats=True)
@@ -107,8 +108,33 @@ def test_adaptive_call_replays_in_a_cuda_graph():
         assert torch.equal(probs, expected) and torch.equal(stats, expected_stats)
 
 
+def test_eager_calls_between_graph_replays_reuse_only_their_own_workspace():
+    """Eager calls reuse their stream's workspace (its counters reset by the stats pass); a call
+    captured in a CUDA graph zeroes its own, so replays interleaved with eager calls on the same
+    stream, on other inputs, all give their eager results bit for bit."""
+    from bytheway_kernels.ops import workspace as workspace_module
+
+    case = Case(height=32, width=32, heads=8, dtype=torch.float16, guide_size=(16, 16))
+    (scores, guide), (other_scores, other_guide) = (make_inputs(case, seed=s, device="cuda") for s in (1, 2))
+    kwargs = dict(alpha=0.6, beta=1.5, tau=7, return_stats=True)
+    workspace_module.clear_reused_workspaces()
+    expected = btw.bytheway_attention_probs(scores, guide, **kwargs)
+    other_expected = btw.bytheway_attention_probs(other_scores, other_guide, **kwargs)
+    assert len(workspace_module._REUSED) == 1
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        probs, stats = btw.bytheway_attention_probs(scores, guide, **kwargs)
+    assert len(workspace_module._REUSED) == 1  # nothing remembered from the capture
+    for _ in range(3):
+        graph.replay()
+        eager = btw.bytheway_attention_probs(other_scores, other_guide, **kwargs)
+        torch.cuda.synchronize()
+        assert torch.equal(probs, expected[0]) and torch.equal(stats, expected[1])
+        assert torch.equal(eager[0], other_expected[0]) and torch.equal(eager[1], other_expected[1])
+
+
 def test_stats_passes_on_two_streams_at_once():
-    """Each call has its own ticket counter: overlapping adaptive calls on two streams both
+    """Each stream has its own ticket counter: overlapping adaptive calls on two streams both
     give the single-stream result."""
     case = Case(height=64, width=64, heads=8, dtype=torch.float16, guide_size=(16, 16))
     inputs = [make_inputs(case, seed=seed, device="cuda") for seed in (1, 2)]

@@ -96,6 +96,72 @@ def test_stats_are_deterministic_with_many_partials(scope, many_stats_programs):
     assert_matches_reference(scores, guide, case, *first)
 
 
+def _counters(workspace: torch.Tensor, plan) -> torch.Tensor:
+    """The ticket counters of a stats workspace laid out by `plan`: the tier counters, then the
+    main counter after the betas."""
+    args = plan.stats_args
+    bits = workspace.view(torch.int32)
+    return torch.cat([bits[args["tier_counters_at"]:args["betas_at"]], bits[args["counter_at"]:][:1]])
+
+
+def _counters_fill(workspace: torch.Tensor, plan) -> None:
+    """Zero the ticket counters of `workspace` (as the stats pass leaves them), nothing else."""
+    args = plan.stats_args
+    bits = workspace.view(torch.int32)
+    bits[args["tier_counters_at"]:args["betas_at"]] = 0
+    bits[args["counter_at"]] = 0
+
+
+@pytest.mark.parametrize("scope", ["batch", "sample"])
+def test_stats_pass_leaves_its_counters_at_zero(scope, many_stats_programs):
+    """The program that draws a counter's last ticket sets it back to zero, so a workspace can
+    serve the next call on its stream unzeroed (bytheway_kernels/ops/workspace.py)."""
+    from bytheway_kernels.ops.launch import run_on_device_of
+
+    case = Case(batch=4, height=5, width=7, frames=8, tau=1, energy_scope=scope,
+                guide_upsample="bilinear", guide_size=(3, 2))
+    scores, guide = make_inputs(case, seed=3)
+    params = case.params()
+    stats = params.empty_stats(scores, scores.shape[0])
+    launches = triton_kernels.kernel_launches(scores, guide, params, torch.empty_like(scores), stats)
+    workspace = launches[0].values["workspace_ptr"]
+    plan = triton_kernels._launch_plan(tuple(scores.shape), (3, 2), params, True, triton_rules.BAND_PRODUCT)
+    counters = _counters(workspace, plan)
+    assert counters.numel() == (1 + plan.stats_grid[1] * -(-plan.stats_grid[0] // 2)
+                                if plan.stats_args["TIERED"] else 1)
+    run_on_device_of(scores, launches)
+    assert torch.count_nonzero(_counters(workspace, plan)) == 0
+    assert torch.count_nonzero(workspace[:plan.stats_grid[0] * plan.stats_grid[1]]) > 0  # partials
+
+
+@pytest.mark.parametrize("with_stats", [False, True])
+def test_a_reused_workspace_gives_the_same_bits(with_stats, many_stats_programs, monkeypatch):
+    """Eager calls through the public function reuse their stream's workspace (its partials and
+    betas left as the last call wrote them, here poisoned): each call equals a call on a freshly
+    zeroed one, bit for bit. The custom op (torch.compile's path) never reuses one."""
+    import bytheway_kernels as btw
+    from bytheway_kernels.ops import workspace as workspace_module
+
+    monkeypatch.setenv("BYTHEWAY_BACKEND", "triton")
+    workspace_module.clear_reused_workspaces()
+    case = Case(batch=4, height=5, width=7, frames=8, tau=1, guide_size=(3, 2))
+    kwargs = dict(alpha=case.alpha, beta=case.beta, tau=case.tau, return_stats=with_stats)
+    for seed in (1, 2, 3):
+        scores, guide = make_inputs(case, seed=seed)
+        result = btw.bytheway_attention_probs(scores, guide, **kwargs)
+        ((plan, workspace),) = workspace_module._REUSED.values()
+        fresh = triton_kernels.attention_probs_triton(scores, guide, case.params(), with_stats)
+        probs, stats = result if with_stats else (result, None)
+        assert torch.equal(probs, fresh[0]) and (stats is None or torch.equal(stats, fresh[1]))
+        assert_matches_reference(scores, guide, case, probs, stats)
+        assert torch.count_nonzero(_counters(workspace, plan)) == 0
+        workspace.fill_(float("nan"))  # garbage partials and betas for the next call
+        _counters_fill(workspace, plan)
+    torch.ops.bytheway.attention_probs(scores, guide, *case.params(), with_stats)
+    assert len(workspace_module._REUSED) == 1
+    workspace_module.clear_reused_workspaces()
+
+
 @pytest.mark.parametrize("beta", [10.0, 100.0, 1000.0])
 @pytest.mark.parametrize("tau", [7, 3])
 def test_error_does_not_grow_with_beta(beta, tau):

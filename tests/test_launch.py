@@ -110,6 +110,50 @@ def test_a_new_signature_goes_through_triton(direct, change):
     assert len(kernel.triton_calls) == 2 and len(kernel.compiled.calls) == 1
 
 
+def _launcher_without_a_compile():
+    """Triton's own CudaLauncher, its attributes set by hand (its __init__ compiles C), with a
+    recording C launch function."""
+    from triton.backends.nvidia.driver import CudaLauncher
+
+    launcher = CudaLauncher.__new__(CudaLauncher)
+    launcher.c_calls = []
+    launcher.launch = lambda *args: launcher.c_calls.append(args)
+    launcher.global_scratch_size = launcher.profile_scratch_size = 0
+    launcher.global_scratch_align = launcher.profile_scratch_align = 1
+    launcher.num_ctas = 1
+    launcher.launch_cooperative_grid, launcher.launch_pdl = False, True
+    return launcher
+
+
+def test_c_launch_passes_what_tritons_launcher_would(direct, monkeypatch):
+    """Under Triton 3.6 the direct launcher calls the C function under the compiled kernel's
+    launcher itself, with exactly the arguments that launcher's own __call__ passes it (checked
+    against Triton's CudaLauncher when 3.6 is installed: tests/test_triton36_interpreter.py runs
+    this file under it). Other releases, kernels that need scratch memory and other launchers
+    keep the launcher's call."""
+    import triton
+
+    installed = triton.__version__
+    monkeypatch.setattr(launch_module, "_triton_version", lambda: installed)
+    kernel = RecordingKernel(ARG_NAMES)
+    launcher = kernel.compiled.run = _launcher_without_a_compile()
+    if not installed.startswith("3.6."):
+        assert launch_module._c_launch(kernel.compiled) == (None, ())
+        return
+    KernelLaunch(kernel, GRID, CONSTANTS, _values()).run()  # compiled (and launched) by Triton
+    values = _values()
+    KernelLaunch(kernel, GRID, CONSTANTS, values).run()
+    arguments = [values["x_ptr"].data_ptr(), 16, 5, values["out_ptr"].data_ptr(), 0.5, 64, True]
+    launcher(7, 3, 1, STREAM, "function-handle", ("warps", "ctas", "shared"), None, None, None, *arguments)
+    direct_call, triton_call = launcher.c_calls
+    assert direct_call == triton_call and direct_call[:5] == (7, 3, 1, STREAM, "function-handle")
+    launcher.global_scratch_size = 128  # needs scratch memory: the launcher allocates it
+    assert launch_module._c_launch(kernel.compiled) == (None, ())
+    launcher.global_scratch_size = 0
+    monkeypatch.setattr(launch_module, "_triton_version", lambda: "3.9.0")
+    assert launch_module._c_launch(kernel.compiled) == (None, ())
+
+
 def test_launch_hooks_send_every_launch_through_triton(direct):
     from triton import knobs
 
@@ -231,11 +275,11 @@ def test_launches_run_with_their_inputs_device_current(monkeypatch):
         def __exit__(self, *exc):
             current[0] = self.previous
 
-    class Launch:
-        def run(self):
+    class Launch:  # the interpreter's path (conftest.py sets TRITON_INTERPRET): through Triton
+        def run_through_triton(self):
             seen.append(current[0])
 
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(launch_module, "_current_device", lambda: current[0])
     monkeypatch.setattr(torch.cuda, "device", DeviceGuard)
     launch_module.run_on_device_of(_TensorOnDevice(1), [Launch(), Launch()])
     assert seen == [1, 1] and guarded == [1] and current == [0]  # both on cuda:1, then cuda:0 again

@@ -1,13 +1,15 @@
 """Both ops' Triton kernel tests again, under Triton 3.6.0 (the GPU images' version).
 
 The interpreter tests (`tests/test_attention_probs_triton.py`, `tests/test_temporal_attention_triton.py`)
-run with the current Triton in the main session; this runs them in a subprocess with the copy
+and the launcher's (`tests/test_launch.py`, which checks the direct launcher's C-launch call
+against Triton 3.6's own launcher there) run with the current Triton in the main session; this
+runs them in a subprocess with the copy
 of Triton 3.6.0 in `.triton36/` first on the path (installed by the README's test command, see
 `tests/test_triton_sm90.py`), so that kernel code the older frontend or interpreter cannot run
 fails here, not on a GPU. Triton 3.6's interpreter turns loop bounds given at run time into
 Python ints with `int()` of a one-element array, which numpy 2.4 refuses, so that folder holds
 numpy < 2.4 as well. The F = 64 cases and the opcheck/compile tests (torch.library, not Triton)
-are left to the main session. The two files run at once, in two processes.
+are left to the main session. The files run at once, one process each.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import pytest
 from bytheway_kernels.testing import run_at_once
 from test_triton_sm90 import REPO, TRITON36_ENV, triton36_dir
 
-KERNEL_TEST_FILES = ("tests/test_attention_probs_triton.py", "tests/test_temporal_attention_triton.py")
+KERNEL_TEST_FILES = ("tests/test_attention_probs_triton.py", "tests/test_temporal_attention_triton.py",
+                     "tests/test_launch.py")
 SELECTION = "not F64 and not opcheck"
 
 

@@ -9,7 +9,10 @@ direct launcher (the default; `BYTHEWAY_DIRECT_LAUNCH=0` turns it off) keeps the
 compiled for each (constants object, value signature) and calls its launcher itself with the
 arguments Triton would pass, in the same order, tensors as their data pointers (`_call_arguments`).
 The value signature is what Triton specialises on or finer: each tensor's dtype and 16-byte
-alignment, each scalar's exact type and value. On an
+alignment, each scalar's exact type and value. Under Triton 3.6 it calls the C function under
+the launcher itself where the launcher would only add constant arguments (`_c_launch`). The
+launch switch, the launch hooks, the device and its stream are read once per op call
+(`run_on_device_of`), not per launch. On an
 H200 (Triton 3.6, benchmarks/RESULTS.md) every CUDA test passed with it, and it cut the host time
 per call by 16-36% (map op fixed beta 53 -> 42 us, adaptive 149 -> 97 us; fused attention
 adaptive 156 -> 113 us).
@@ -48,10 +51,7 @@ class KernelLaunch(NamedTuple):
         return {**self.constants, **self.values}
 
     def run(self) -> None:
-        if direct_launch_enabled():
-            _launch_direct(self)
-        else:
-            self.run_through_triton()
+        _run_launches((self,))
 
     def run_through_triton(self):
         """Triton's own launch path (compiling on first use); returns what it returns."""
@@ -68,13 +68,29 @@ def run_on_device_of(tensor: torch.Tensor, launches) -> None:
     (the common case: no guard); CPU tensors (the interpreter) need none.
     """
     index = tensor.get_device()
-    if index < 0 or index == torch.cuda.current_device():
-        for launch in launches:
-            launch.run()
+    if index < 0 or index == _current_device():
+        _run_launches(launches)
         return
     with torch.cuda.device(index):
+        _run_launches(launches)
+
+
+def _run_launches(launches) -> None:
+    """Run `launches` in order on the current device: directly where `direct_launch_enabled` and
+    no launch hook is set (checked once per call), else through Triton."""
+    if direct_launch_enabled() and _hooks_are_empty(_runtime_knobs()):
+        device, stream = _device_and_stream()
         for launch in launches:
-            launch.run()
+            _launch_direct(launch, device, stream)
+    else:
+        for launch in launches:
+            launch.run_through_triton()
+
+
+def _current_device() -> int:
+    """`torch.cuda.current_device()` without its wrapper (~0.4 us less per call on an H200's host);
+    only called with CUDA tensors at hand, so CUDA is initialised."""
+    return torch._C._cuda_getDevice()
 
 
 def direct_launch_enabled() -> bool:
@@ -97,6 +113,10 @@ class _DirectEntry(NamedTuple):
     compiled: object  # triton.compiler.CompiledKernel
     arguments: list  # every kernel parameter in signature order, the constants filled in
     value_positions: tuple  # where each of `values`, in its order, goes in `arguments`
+    # The C launch function under the compiled kernel's launcher and the arguments that launcher
+    # adds (Triton 3.6, no scratch memory: `_c_launch`), else None: call the launcher
+    c_launch: object
+    c_launch_options: tuple
 
 
 _DIRECT_CACHE: dict = {}
@@ -142,25 +162,18 @@ def _runtime_knobs():
     return knobs.runtime
 
 
-@functools.lru_cache(maxsize=None)
-def _device_getters() -> tuple:
-    from triton.runtime import driver
-
-    return driver.active.get_current_device, driver.active.get_current_stream
-
-
 def _device_and_stream():
-    current_device, current_stream = _device_getters()
-    device = current_device()
-    return device, current_stream(device)
+    """The current device and its current stream, as Triton's CUDA driver reads them with torch
+    loaded (3.6 and 3.9: `torch.cuda.current_device`, `torch._C._cuda_getCurrentRawStream`)."""
+    device = _current_device()
+    return device, torch._C._cuda_getCurrentRawStream(device)
 
 
-def _launch_direct(launch: KernelLaunch) -> None:
+def _launch_direct(launch: KernelLaunch, device, stream) -> None:
     kernel = launch.kernel
-    if getattr(kernel, "pre_run_hooks", None) or not _hooks_are_empty(_runtime_knobs()):
+    if getattr(kernel, "pre_run_hooks", None):
         launch.run_through_triton()
         return
-    device, stream = _device_and_stream()
     signature, call_arguments = _call_arguments(launch.values)
     # id(): a JITFunction's own hash is a Python-level property (~0.7 us per launch)
     key = (id(kernel), id(launch.constants), device, signature)
@@ -173,9 +186,33 @@ def _launch_direct(launch: KernelLaunch) -> None:
         arguments[position] = argument
     grid = launch.grid
     compiled = entry.compiled
+    grid_y = grid[1] if len(grid) > 1 else 1
+    grid_z = grid[2] if len(grid) > 2 else 1
+    if entry.c_launch is not None:
+        entry.c_launch(grid[0], grid_y, grid_z, stream, compiled.function, *entry.c_launch_options,
+                       *arguments)
+        return
     # The call JITFunction.run makes, with no launch metadata and no hooks (both are empty).
-    compiled.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
-                 compiled.function, compiled.packed_metadata, None, None, None, *arguments)
+    compiled.run(grid[0], grid_y, grid_z, stream, compiled.function, compiled.packed_metadata,
+                 None, None, None, *arguments)
+
+
+def _c_launch(compiled) -> tuple:
+    """(C launch function, the arguments the launcher puts between the function and the kernel's)
+    that calling `compiled.run` as `_launch_direct` does comes down to, or (None, ()).
+
+    Triton 3.6's CudaLauncher.__call__ allocates no scratch memory when the kernel needs none,
+    then calls `launch(grid, stream, function, cooperative, pdl, None, None, metadata, launch
+    metadata, hooks, *arguments)`; skipping that Python frame saves ~1.8 us per launch on an
+    H200's host (benchmarks/RESULTS.md). Other releases and kernels keep the launcher.
+    """
+    runner = compiled.run
+    if not (_triton_version().startswith("3.6.") and type(runner).__name__ == "CudaLauncher"
+            and getattr(runner, "global_scratch_size", None) == 0
+            and getattr(runner, "profile_scratch_size", None) == 0 and callable(getattr(runner, "launch", None))):
+        return None, ()
+    return runner.launch, (runner.launch_cooperative_grid, runner.launch_pdl, None, None,
+                           compiled.packed_metadata, None, None, None)
 
 
 def _remember(key, launch: KernelLaunch, compiled) -> None:
@@ -188,4 +225,5 @@ def _remember(key, launch: KernelLaunch, compiled) -> None:
     value_positions = tuple(names.index(name) for name in launch.values)
     if len(_DIRECT_CACHE) >= _DIRECT_CACHE_LIMIT:
         _DIRECT_CACHE.clear()
-    _DIRECT_CACHE[key] = _DirectEntry(launch.kernel, launch.constants, compiled, arguments, value_positions)
+    _DIRECT_CACHE[key] = _DirectEntry(launch.kernel, launch.constants, compiled, arguments, value_positions,
+                                      *_c_launch(compiled))

@@ -35,14 +35,15 @@ def _reference_backend(scores, guide, params: ByTheWayParams, with_stats: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def _backend_function(backend: str):
+def _backend_function(backend: str, eager: bool = False):
     """The function that runs `backend`: (scores, guide, params, with_stats) -> (probs, stats or
-    None). The compiled backends are imported on first use (Triton only when it runs); cached, as
-    an import statement per call would cost 0.4-1 us."""
+    None); `eager` for plain eager calls (Triton then reuses its stats workspace per stream). The
+    compiled backends are imported on first use (Triton only when it runs); cached, as an import
+    statement per call would cost 0.4-1 us."""
     if backend == "triton":
-        from .triton import attention_probs_triton
+        from .triton import attention_probs_triton, attention_probs_triton_eager
 
-        return attention_probs_triton
+        return attention_probs_triton_eager if eager else attention_probs_triton
     if backend == "cpp":
         from .cpp import attention_probs_cpp  # allocates the probs in C++ (cheaper than empty_like)
 
@@ -69,9 +70,10 @@ def backend_for(scores: torch.Tensor) -> str:
     return backend
 
 
-def _run_backend(scores, guide, params: ByTheWayParams, with_stats: bool):
-    """(probs, stats or None) from the backend chosen for `scores`."""
-    return _backend_function(backend_for(scores))(scores, guide, params, with_stats)
+def _run_backend(scores, guide, params: ByTheWayParams, with_stats: bool, eager: bool = False):
+    """(probs, stats or None) from the backend chosen for `scores`; `eager`: a plain eager call
+    (the public function's direct path), not the custom op's."""
+    return _backend_function(backend_for(scores), eager)(scores, guide, params, with_stats)
 
 
 # Arguments already validated, by everything validation looks at: tensor shapes, dtypes and
@@ -214,7 +216,7 @@ def bytheway_attention_probs(
                                guide_upsample, beta_max, batch_split, return_stats)
     return_stats = bool(return_stats)  # numpy flags become Python bools for the schema
     if direct_call_is_equivalent(scores, guide):
-        probs, stats = _run_backend(scores, guide, params, return_stats)
+        probs, stats = _run_backend(scores, guide, params, return_stats, eager=True)
     else:
         probs, stats = attention_probs(scores, guide, *params, return_stats)
     return (probs, stats) if return_stats else probs

@@ -13,7 +13,8 @@ partials buffer (no zeroing, no same-address atomics but one ticket each); the p
 the last ticket sums the slots in a fixed order in fp64 and writes beta and the stats row (past
 `FLAT_SUM_SLOTS` slots per video, in two tiers of tickets), and `_apply_kernel` reads beta from
 the device. Two launches; same input, same bits; no host synchronisation (CUDA graphs,
-torch.compile).
+torch.compile). The ticket counters are back at zero when the stats pass ends, so plain eager
+calls reuse one workspace per stream instead of zeroing a new one (`..workspace`).
 Row r of batch entry b is ((y * W + x) * heads + head) * F + i, as diffusers lays it out. H, W
 and heads are compile-time constants (one compile per layer geometry), so the divisions that
 split a row into (y, x, head) for the guide compile to shifts or multiplications (13% fewer SASS
@@ -34,6 +35,7 @@ from ...band import band_operand, band_rank_one_terms, band_rank_one_terms_float
 from ...energy import HIGH_ENERGY_FLOOR
 from ..launch import KernelLaunch, run_on_device_of
 from ..params import ByTheWayParams
+from ..workspace import zeroed_workspace
 from .. import triton_rules
 from ..triton_rules import (LOG2E, band_product, bilinear_sources, enhanced_rows, group_beta,
                             load_band, nearest_source, rank_one_band_product, store_stats_row,
@@ -219,6 +221,9 @@ def _stats_kernel(scores_ptr, guide_ptr, band_ptr, workspace_ptr, stats_ptr, bet
         tl.store(slot + 5 * slots, tl.sum(out_high, axis=0))
     # Ticket: the barrier orders every thread's slot store before the release of the atomic
     # (as in CUDA's threadfence reduction); the last program's loads come after its acquire.
+    # The program that draws a counter's last ticket sets it back to zero (every other program
+    # has drawn its own), so a workspace reused on one stream starts each call with zeroed
+    # counters (bytheway_kernels/ops/workspace.py).
     tl.debug_barrier()
     counter_ptr = (workspace_ptr + counter_at).to(tl.pointer_type(tl.int32), bitcast=True)
     if TIERED:
@@ -233,17 +238,20 @@ def _stats_kernel(scores_ptr, guide_ptr, band_ptr, workspace_ptr, stats_ptr, bet
                                                                  bitcast=True)
         tier_ticket = tl.atomic_add(tier_counter_ptr + tier, 1, sem="acq_rel")
         if tier_ticket == tier_size - 1:
+            tl.store(tier_counter_ptr + tier, 0)  # every program of the tier has its ticket
             _sum_tier(partials_ptr, tier_sums_ptr, video * programs + tier_start, tier_size,
                       slots, tier, tiers, CHUNK, WRITE_STATS)
             tl.debug_barrier()  # as above: the tier sums are stored before the release
             ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
             if ticket == tiers - 1:
+                tl.store(counter_ptr, 0)
                 _finish_energies(tier_sums_ptr, workspace_ptr + betas_at, stats_ptr, tiers,
                                  tl.num_programs(1), rows_per_entry, beta0, beta_max, CHUNK,
                                  ADAPTIVE, HAS_BETA_MAX, WRITE_STATS, PER_VIDEO)
     else:
         ticket = tl.atomic_add(counter_ptr, 1, sem="acq_rel")
         if ticket == slots - 1:
+            tl.store(counter_ptr, 0)
             _finish_energies(partials_ptr, workspace_ptr + betas_at, stats_ptr, slots,
                              tl.num_programs(1), rows_per_entry, beta0, beta_max, CHUNK, ADAPTIVE,
                              HAS_BETA_MAX, WRITE_STATS, PER_VIDEO)
@@ -412,12 +420,14 @@ def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams
                        apply_args, common["FULL_BAND"])
 
 
-def kernel_launches(scores, guide, params: ByTheWayParams, probs, stats=None) -> list:
+def kernel_launches(scores, guide, params: ByTheWayParams, probs, stats=None,
+                    reuse_workspace: bool = False) -> list:
     """The launches that write ByTheWay(scores) into `probs` (and `stats` if given), in order.
 
     Fixed beta without stats: `_apply_kernel` alone. Otherwise `_stats_kernel` (whose last program
     also turns the energies into beta and stats) then `_apply_kernel`. `scores` and `guide` must
-    be contiguous and `probs` non-empty.
+    be contiguous and `probs` non-empty. `reuse_workspace`: plain eager calls only, see
+    `bytheway_kernels.ops.workspace.zeroed_workspace`.
     """
     plan = _launch_plan(tuple(scores.shape), None if guide is None else tuple(guide.shape[1:3]),
                         params, stats is not None, triton_rules.BAND_PRODUCT)
@@ -432,10 +442,10 @@ def kernel_launches(scores, guide, params: ByTheWayParams, probs, stats=None) ->
         return [KernelLaunch(_apply_kernel, plan.apply_grid, plan.apply_args,
                              dict(scores_ptr=scores, guide_ptr=guide, band_ptr=band, betas_ptr=probs,
                                   probs_ptr=probs))]
-    # One zeroed buffer per call: the stats programs' partial slots, one beta per energy group and
-    # the int32 ticket counter (zero bits). A per-call counter is correct on any stream, in CUDA
-    # graphs and in torch.compile's CUDA-graph trees, which forbid cached live allocations.
-    workspace = torch.zeros(plan.workspace_size, dtype=torch.float32, device=scores.device)
+    # The stats programs' partial slots, one beta per energy group and the int32 ticket counters
+    # (zero bits), which the stats pass leaves at zero: reused per stream by eager calls, a new
+    # zeroed buffer otherwise (CUDA graphs, torch.compile)
+    workspace = zeroed_workspace(plan, plan.workspace_size, scores, reuse_workspace)
     return [
         KernelLaunch(_stats_kernel, plan.stats_grid, plan.stats_args,
                      dict(scores_ptr=scores, guide_ptr=guide, band_ptr=band, workspace_ptr=workspace,
@@ -454,11 +464,12 @@ def _check_device(scores: torch.Tensor) -> None:
         )
 
 
-def attention_probs_triton_out(scores, guide, params: ByTheWayParams, probs, stats=None):
+def attention_probs_triton_out(scores, guide, params: ByTheWayParams, probs, stats=None,
+                               reuse_workspace: bool = False):
     """Launch the fused kernels writing into `probs` (and `stats`, (rows, 6) fp32, if given).
 
     The kernels compute in fp32: float64 scores are refused here (the op routes them to a float64
-    backend). Launch counts: see `kernel_launches`.
+    backend). Launch counts and `reuse_workspace`: see `kernel_launches`.
     """
     _check_device(scores)
     if scores.dtype == torch.float64:
@@ -473,15 +484,22 @@ def attention_probs_triton_out(scores, guide, params: ByTheWayParams, probs, sta
         scores = scores.contiguous()
     if guide is not None and not guide.is_contiguous():
         guide = guide.contiguous()
-    run_on_device_of(scores, kernel_launches(scores, guide, params, probs, stats))
+    run_on_device_of(scores, kernel_launches(scores, guide, params, probs, stats, reuse_workspace))
 
 
-def attention_probs_triton(scores, guide, params: ByTheWayParams, with_stats: bool):
+def attention_probs_triton(scores, guide, params: ByTheWayParams, with_stats: bool,
+                           reuse_workspace: bool = False):
     """(probs, stats or None): allocate the outputs (probs contiguous; stats float32 (rows, 6)
     when `with_stats`) and launch the fused kernels into them."""
     probs = torch.empty_like(scores, memory_format=torch.contiguous_format)
     stats = None
     if with_stats:
         stats = params.empty_stats(scores, scores.shape[0])
-    attention_probs_triton_out(scores, guide, params, probs, stats)
+    attention_probs_triton_out(scores, guide, params, probs, stats, reuse_workspace)
     return probs, stats
+
+
+def attention_probs_triton_eager(scores, guide, params: ByTheWayParams, with_stats: bool):
+    """`attention_probs_triton` for plain eager calls (the public function's direct path): the
+    stats pass reuses its stream's workspace."""
+    return attention_probs_triton(scores, guide, params, with_stats, reuse_workspace=True)

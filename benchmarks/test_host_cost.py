@@ -25,8 +25,10 @@ def test_host_cost_script_measures_both_cpu_columns():
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert lines[0].endswith("python only / direct launcher, stubbed")
+    assert re.fullmatch(r"torch calls, host us/call: torch.softmax [\d.]+, torch.empty_like [\d.]+, "
+                        r"torch.zeros\(600\) [\d.]+", lines[-1]), lines[-1]
     rows = {}
-    for line in lines[1:]:
+    for line in lines[1:-1]:
         match = re.fullmatch(r"\s+(.+?)\s+([\d.]+) /\s+([\d.]+)", line)
         assert match, line
         rows[match.group(1)] = (float(match.group(2)), float(match.group(3)))

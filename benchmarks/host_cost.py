@@ -8,7 +8,8 @@ ways in one run:
 - "direct launch": as shipped (bytheway_kernels/ops/launch.py);
 - "direct, tensors": the same, but handing Triton's C launcher the tensors themselves, as it did
   before 2026-11-27: the launcher then calls `data_ptr()` and the driver's `cuPointerGetAttribute`
-  once per tensor argument, which passing the pointers as ints skips;
+  once per tensor argument, which passing the pointers as ints skips (without the map op's
+  prepared eager calls, whose repeats hand over pointers of their own);
 - "python only": every kernel launch replaced by nothing, so what is left is our own host work
   (validation, allocation, launch plan); the difference to the others is the launch path's cost.
 
@@ -54,12 +55,13 @@ def _environment(name: str, value):
 
 @contextmanager
 def _launches_skipped():
-    original = launch_module._run_launches
+    saved = launch_module._run_launches, launch_module.run_prepared
     launch_module._run_launches = lambda launches: None
+    launch_module.run_prepared = lambda prepared, pointers, stream: None
     try:
         yield
     finally:
-        launch_module._run_launches = original
+        launch_module._run_launches, launch_module.run_prepared = saved
 
 
 _SHIPPED_CALL_ARGUMENTS = launch_module._call_arguments
@@ -74,12 +76,18 @@ def _tensors_passed_whole(values: dict) -> tuple:
 
 @contextmanager
 def _tensor_arguments():
-    original = launch_module._call_arguments
+    """The direct launcher handing over tensors, and no prepared eager calls (their repeats pass
+    pointers without `_call_arguments`)."""
+    from bytheway_kernels.ops.attention_probs import triton as map_kernels
+
+    saved = launch_module._call_arguments, launch_module.prepare_direct
     launch_module._call_arguments = _tensors_passed_whole
+    launch_module.prepare_direct = lambda launches, sources, device: None
+    map_kernels._EAGER_CALLS.clear()
     try:
         yield
     finally:
-        launch_module._call_arguments = original
+        launch_module._call_arguments, launch_module.prepare_direct = saved
 
 
 class _CompiledStandIn:
@@ -93,21 +101,31 @@ class _CompiledStandIn:
 
 
 @contextmanager
-def _direct_launches_stubbed():
-    """The direct launcher on, the compiled kernel a stand-in (CPU tensors, no driver)."""
+def _direct_launches_stubbed(stand_in=None):
+    """The direct launcher on, the compiled kernel a stand-in (CPU tensors, no driver): CPU
+    tensors' device (-1) is the current one, with stream 0, so the map op's eager calls repeat
+    their prepared launches as on a GPU."""
+    from bytheway_kernels.ops.attention_probs import triton as map_kernels
+
     saved = (launch_module.direct_launch_enabled, launch_module._device_and_stream,
+             launch_module.current_device, launch_module.current_stream,
              launch_module.KernelLaunch.run_through_triton)
-    stand_in = _CompiledStandIn()
+    stand_in = stand_in or _CompiledStandIn()
     launch_module.direct_launch_enabled = lambda: True
-    launch_module._device_and_stream = lambda: (0, 0)
+    launch_module._device_and_stream = lambda: (-1, 0)
+    launch_module.current_device = lambda: -1
+    launch_module.current_stream = lambda device: 0
     launch_module.KernelLaunch.run_through_triton = lambda self: stand_in
     launch_module._DIRECT_CACHE.clear()
+    map_kernels._EAGER_CALLS.clear()
     try:
         yield
     finally:
         (launch_module.direct_launch_enabled, launch_module._device_and_stream,
+         launch_module.current_device, launch_module.current_stream,
          launch_module.KernelLaunch.run_through_triton) = saved
         launch_module._DIRECT_CACHE.clear()
+        map_kernels._EAGER_CALLS.clear()
 
 
 def _synchronize() -> None:

@@ -133,6 +133,26 @@ def test_eager_calls_between_graph_replays_reuse_only_their_own_workspace():
         assert torch.equal(eager[0], other_expected[0]) and torch.equal(eager[1], other_expected[1])
 
 
+@pytest.mark.parametrize("mode", ["fixed", "adaptive", "adaptive with stats"])
+def test_repeated_eager_calls_launch_their_prepared_kernels(mode):
+    """From its second call on, an eager call signature launches its prepared kernels directly
+    (bytheway_kernels/ops/attention_probs/triton.py, `attention_probs_triton_eager`): each call,
+    on new inputs, gives the general path's result bit for bit."""
+    from bytheway_kernels.ops.attention_probs import triton as map_kernels
+
+    case = Case(height=16, width=16, heads=8, dtype=torch.float16, guide_size=(8, 8),
+                adaptive_beta=mode != "fixed")
+    kwargs = dict(case.kwargs(), return_stats="stats" in mode)
+    map_kernels._EAGER_CALLS.clear()
+    for seed in range(4):
+        scores, guide = make_inputs(case, seed=seed, device="cuda")
+        result = btw.bytheway_attention_probs(scores, guide, **kwargs)
+        assert len(map_kernels._EAGER_CALLS) == 1
+        probs, stats = result if kwargs["return_stats"] else (result, None)
+        expected = map_kernels.attention_probs_triton(scores, guide, case.params(), stats is not None)
+        assert torch.equal(probs, expected[0]) and (stats is None or torch.equal(stats, expected[1]))
+
+
 def test_stats_passes_on_two_streams_at_once():
     """Each stream has its own ticket counter: overlapping adaptive calls on two streams both
     give the single-stream result."""

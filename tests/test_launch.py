@@ -11,6 +11,7 @@ import torch
 
 from bytheway_kernels.ops import launch as launch_module
 from bytheway_kernels.ops.launch import DIRECT_LAUNCH_ENV, KernelLaunch, direct_launch_enabled
+from bytheway_kernels.ops.attention_probs.op import _validated_params
 
 STREAM = 1234
 GRID = (7, 3)
@@ -279,10 +280,140 @@ def test_launches_run_with_their_inputs_device_current(monkeypatch):
         def run_through_triton(self):
             seen.append(current[0])
 
-    monkeypatch.setattr(launch_module, "_current_device", lambda: current[0])
+    monkeypatch.setattr(launch_module, "current_device", lambda: current[0])
     monkeypatch.setattr(torch.cuda, "device", DeviceGuard)
     launch_module.run_on_device_of(_TensorOnDevice(1), [Launch(), Launch()])
     assert seen == [1, 1] and guarded == [1] and current == [0]  # both on cuda:1, then cuda:0 again
     launch_module.run_on_device_of(_TensorOnDevice(0), [Launch()])  # already current: no guard
     launch_module.run_on_device_of(torch.zeros(1), [Launch()])  # a CPU tensor (the interpreter)
     assert seen == [1, 1, 0, 0] and guarded == [1]
+
+
+class _NamedCompiledKernel(RecordingCompiledKernel):
+    """A compiled stand-in that records its launches, with its kernel's name, into a shared list."""
+
+    def __init__(self, name, calls):
+        super().__init__()
+        self.name, self.calls = name, calls
+
+    def run(self, *args):
+        self.calls.append((self.name, args))
+
+
+@pytest.fixture
+def stubbed_map_op(monkeypatch):
+    """The map op's Triton backend on CPU tensors with the direct launcher on and compiled kernels
+    that record their launches: CPU tensors' device (-1) is the current one, on stream STREAM."""
+    from bytheway_kernels.ops.attention_probs import triton as map_kernels
+    from bytheway_kernels.ops import workspace as workspace_module
+
+    calls, compiled = [], {}
+
+    def through_triton(launch):
+        name = launch.kernel.__name__
+        compiled.setdefault(name, _NamedCompiledKernel(name, calls))
+        calls.append((name, "compiled by Triton"))
+        return compiled[name]
+
+    monkeypatch.setenv("BYTHEWAY_BACKEND", "triton")
+    monkeypatch.setattr(launch_module, "direct_launch_enabled", lambda: True)
+    monkeypatch.setattr(launch_module, "_device_and_stream", lambda: (-1, STREAM))
+    monkeypatch.setattr(launch_module, "current_device", lambda: -1)
+    monkeypatch.setattr(launch_module, "current_stream", lambda device: STREAM)
+    monkeypatch.setattr(KernelLaunch, "run_through_triton", through_triton)
+    launch_module._DIRECT_CACHE.clear()
+    map_kernels._EAGER_CALLS.clear()
+    workspace_module.clear_reused_workspaces()
+    yield calls
+    launch_module._DIRECT_CACHE.clear()
+    map_kernels._EAGER_CALLS.clear()
+    workspace_module.clear_reused_workspaces()
+
+
+def _symbolic(calls, named_tensors):
+    """`calls` with each pointer of `named_tensors` (name -> tensor) replaced by its name."""
+    names = {tensor.data_ptr(): name for name, tensor in named_tensors.items()}
+    return [(kernel, tuple(names.get(argument, argument) if type(argument) is int else argument
+                           for argument in args)) for kernel, args in calls]
+
+
+@pytest.mark.parametrize("mode", ["fixed", "adaptive", "fixed with stats", "adaptive with stats",
+                                  "adaptive, no guide", "fixed, banded"])
+def test_map_op_eager_repeats_launch_what_the_general_path_would(stubbed_map_op, mode):
+    """A repeated eager call signature launches its prepared kernels directly: the same kernels
+    with the same arguments, this call's tensors in their places, as the general path (the
+    launch plan, launch objects and `_launch_direct`) launches for the same tensors."""
+    import bytheway_kernels as btw
+    from bytheway_kernels.ops.attention_probs import triton as map_kernels
+    from bytheway_kernels.ops import workspace as workspace_module
+
+    calls = stubbed_map_op
+    kwargs = dict(alpha=0.6, beta=1.5, tau=3 if "banded" in mode else 7,
+                  adaptive_beta=mode.startswith("adaptive"), return_stats="stats" in mode)
+    shape = (2, 4, 4, 2, 16, 16)
+
+    def inputs(seed):
+        generator = torch.Generator().manual_seed(seed)
+        scores = torch.randn(shape, generator=generator)
+        guide = None if "no guide" in mode else torch.rand((2, 2, 2, 2, 16, 16), generator=generator)
+        return scores, guide
+
+    first = inputs(0)
+    btw.bytheway_attention_probs(*first, **kwargs)  # compiled by "Triton", then prepared
+    assert len(map_kernels._EAGER_CALLS) == 1
+    calls.clear()
+    scores, guide = inputs(1)
+    repeated = btw.bytheway_attention_probs(scores, guide, **kwargs)
+    probs, stats = repeated if kwargs["return_stats"] else (repeated, None)
+    assert calls and all(args != "compiled by Triton" for _, args in calls)
+    named = dict(scores=scores, probs=probs)
+    if guide is not None:
+        named["guide"] = guide
+    if stats is not None:
+        named["stats"] = stats
+    for _, workspace in workspace_module._REUSED.values():
+        named["workspace"] = workspace
+    repeat_calls = _symbolic(calls, named)
+    calls.clear()
+    map_kernels._EAGER_CALLS.clear()  # the general path, same tensors, same outputs
+    params, _ = _validated_params(scores, guide, 0.6, 1.5, kwargs["tau"], kwargs["adaptive_beta"], True,
+                                  "batch", "nearest", None, None, kwargs["return_stats"])
+    map_kernels._launch_out(scores, guide, params, probs, stats, reuse_workspace=True)
+    assert repeat_calls == _symbolic(calls, named)
+    assert len(repeat_calls) == (2 if kwargs["adaptive_beta"] or stats is not None else 1)
+
+
+@pytest.mark.parametrize("change", ["misaligned scores", "non-contiguous guide", "direct launch off",
+                                    "launch hook", "guide is the scores"])
+def test_map_op_eager_repeat_falls_back_to_the_general_path(stubbed_map_op, monkeypatch, change):
+    """What a repeat's key does not fix sends it down the general path: unaligned pointers (another
+    compiled specialisation), non-contiguous inputs, the launcher switched off or hooked; a call
+    whose guide is its scores is never prepared (one tensor in two roles)."""
+    import bytheway_kernels as btw
+    from bytheway_kernels.ops.attention_probs import triton as map_kernels
+
+    calls = stubbed_map_op
+    kwargs = dict(alpha=0.6, beta=1.5, tau=7)
+    storage = torch.randn(2 * 4 * 4 * 2 * 16 * 16 + 1)
+    scores = storage[:-1].view(2, 4, 4, 2, 16, 16)
+    guide = torch.rand((2, 2, 2, 2, 16, 16))
+    if change == "guide is the scores":
+        btw.bytheway_attention_probs(scores, scores, **kwargs)
+        assert not map_kernels._EAGER_CALLS
+        return
+    btw.bytheway_attention_probs(scores, guide, **kwargs)
+    assert len(map_kernels._EAGER_CALLS) == 1
+    if change == "misaligned scores":
+        scores = storage[1:].view(2, 4, 4, 2, 16, 16)  # 4 bytes past a 16-byte boundary
+    elif change == "non-contiguous guide":
+        guide = guide.transpose(1, 2)
+    elif change == "direct launch off":
+        monkeypatch.setattr(launch_module, "direct_launch_enabled", lambda: False)
+    else:
+        monkeypatch.setattr(launch_module, "_hooks_are_empty", lambda knobs: False)
+    calls.clear()
+    with_general = []
+    original = map_kernels._launch_out
+    monkeypatch.setattr(map_kernels, "_launch_out", lambda *args, **kw: with_general.append(1) or original(*args, **kw))
+    btw.bytheway_attention_probs(scores, guide, **kwargs)
+    assert with_general == [1]

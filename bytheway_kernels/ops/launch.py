@@ -21,7 +21,7 @@ adaptive 156 -> 113 us).
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -68,7 +68,7 @@ def run_on_device_of(tensor: torch.Tensor, launches) -> None:
     (the common case: no guard); CPU tensors (the interpreter) need none.
     """
     index = tensor.get_device()
-    if index < 0 or index == _current_device():
+    if index < 0 or index == current_device():
         _run_launches(launches)
         return
     with torch.cuda.device(index):
@@ -78,7 +78,7 @@ def run_on_device_of(tensor: torch.Tensor, launches) -> None:
 def _run_launches(launches) -> None:
     """Run `launches` in order on the current device: directly where `direct_launch_enabled` and
     no launch hook is set (checked once per call), else through Triton."""
-    if direct_launch_enabled() and _hooks_are_empty(_runtime_knobs()):
+    if direct_launch_ready():
         device, stream = _device_and_stream()
         for launch in launches:
             _launch_direct(launch, device, stream)
@@ -87,10 +87,15 @@ def _run_launches(launches) -> None:
             launch.run_through_triton()
 
 
-def _current_device() -> int:
+def current_device() -> int:
     """`torch.cuda.current_device()` without its wrapper (~0.4 us less per call on an H200's host);
     only called with CUDA tensors at hand, so CUDA is initialised."""
     return torch._C._cuda_getDevice()
+
+
+def current_stream(device: int) -> int:
+    """The raw current stream of CUDA device `device`, as Triton's launch path reads it."""
+    return torch._C._cuda_getCurrentRawStream(device)
 
 
 def direct_launch_enabled() -> bool:
@@ -113,10 +118,10 @@ class _DirectEntry(NamedTuple):
     compiled: object  # triton.compiler.CompiledKernel
     arguments: list  # every kernel parameter in signature order, the constants filled in
     value_positions: tuple  # where each of `values`, in its order, goes in `arguments`
-    # The C launch function under the compiled kernel's launcher and the arguments that launcher
-    # adds (Triton 3.6, no scratch memory: `_c_launch`), else None: call the launcher
-    c_launch: object
-    c_launch_options: tuple
+    # What is called, as launcher(grid x, y, z, stream, function, *options, *arguments): the C
+    # launch function under the compiled kernel's launcher (`_c_launch`), else the launcher
+    launcher: object
+    options: tuple
 
 
 _DIRECT_CACHE: dict = {}
@@ -165,8 +170,8 @@ def _runtime_knobs():
 def _device_and_stream():
     """The current device and its current stream, as Triton's CUDA driver reads them with torch
     loaded (3.6 and 3.9: `torch.cuda.current_device`, `torch._C._cuda_getCurrentRawStream`)."""
-    device = _current_device()
-    return device, torch._C._cuda_getCurrentRawStream(device)
+    device = current_device()
+    return device, current_stream(device)
 
 
 def _launch_direct(launch: KernelLaunch, device, stream) -> None:
@@ -185,16 +190,18 @@ def _launch_direct(launch: KernelLaunch, device, stream) -> None:
     for position, argument in zip(entry.value_positions, call_arguments):
         arguments[position] = argument
     grid = launch.grid
-    compiled = entry.compiled
-    grid_y = grid[1] if len(grid) > 1 else 1
-    grid_z = grid[2] if len(grid) > 2 else 1
-    if entry.c_launch is not None:
-        entry.c_launch(grid[0], grid_y, grid_z, stream, compiled.function, *entry.c_launch_options,
-                       *arguments)
-        return
-    # The call JITFunction.run makes, with no launch metadata and no hooks (both are empty).
-    compiled.run(grid[0], grid_y, grid_z, stream, compiled.function, compiled.packed_metadata,
-                 None, None, None, *arguments)
+    entry.launcher(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
+                   entry.compiled.function, *entry.options, *arguments)
+
+
+def _launcher_and_options(compiled) -> tuple:
+    """(what `_launch_direct` calls, the arguments between the kernel's function and its own):
+    the C launch function (`_c_launch`) where it applies, else the call JITFunction.run makes of
+    the compiled kernel's launcher, with no launch metadata and no hooks (both are empty)."""
+    c_launch, options = _c_launch(compiled)
+    if c_launch is not None:
+        return c_launch, options
+    return compiled.run, (compiled.packed_metadata, None, None, None)
 
 
 def _c_launch(compiled) -> tuple:
@@ -226,4 +233,66 @@ def _remember(key, launch: KernelLaunch, compiled) -> None:
     if len(_DIRECT_CACHE) >= _DIRECT_CACHE_LIMIT:
         _DIRECT_CACHE.clear()
     _DIRECT_CACHE[key] = _DirectEntry(launch.kernel, launch.constants, compiled, arguments, value_positions,
-                                      *_c_launch(compiled))
+                                      *_launcher_and_options(compiled))
+
+
+class PreparedLaunch(NamedTuple):
+    """One direct launch of a call signature, ready to repeat with other tensors (`run_prepared`)."""
+
+    launcher: object
+    grid: tuple  # (x, y, z)
+    function: object
+    options: tuple
+    arguments: list  # every kernel argument, this signature's tensors' pointers left to fill in
+    sources: tuple  # (position in `arguments`, index of the tensor in the call's sources)
+
+
+def prepare_direct(launches, sources: tuple, device) -> Optional[tuple]:
+    """`launches` (just run on `device`) as PreparedLaunch objects, or None where a repeat could
+    differ from what `run_on_device_of` would do.
+
+    Every value of every launch must be exactly one of `sources` (by identity: a call repeats with
+    tensors in the same roles) and 16-byte aligned, and Triton's compiled kernel for its
+    signature must be in the direct launcher's cache (the launch went direct, or compiled). A
+    repeat with tensors of the same dtypes, aligned, launches the same kernels with the same
+    arguments as `_launch_direct` would, without the signature, the cache key or the launch
+    objects."""
+    if not direct_launch_enabled():
+        return None
+    prepared = []
+    for launch in launches:
+        kernel = launch.kernel
+        if getattr(kernel, "pre_run_hooks", None):
+            return None
+        signature, pointers = _call_arguments(launch.values)
+        entry = _DIRECT_CACHE.get((id(kernel), id(launch.constants), device, signature))
+        if entry is None or entry.constants is not launch.constants or entry.kernel is not kernel:
+            return None
+        positions = []
+        for position, value, pointer in zip(entry.value_positions, launch.values.values(), pointers):
+            indices = [index for index, source in enumerate(sources) if source is value]
+            if len(indices) != 1 or type(value) is not _Tensor or pointer & 15:
+                return None  # not one source (e.g. a caller's guide that is its scores), or unaligned
+            positions.append((position, indices[0]))
+        grid = tuple(launch.grid) + (1,) * (3 - len(launch.grid))
+        prepared.append(PreparedLaunch(entry.launcher, grid, entry.compiled.function, entry.options,
+                                       entry.arguments.copy(), tuple(positions)))
+    return tuple(prepared)
+
+
+def run_prepared(prepared: tuple, pointers, stream) -> None:
+    """Launch `prepare_direct`'s launches on `stream` with `pointers` (the call's sources' data
+    pointers, in their order, each 16-byte aligned; the caller checks devices, dtypes and
+    `direct_launch_ready`)."""
+    for launch in prepared:
+        arguments = launch.arguments.copy()
+        for position, index in launch.sources:
+            arguments[position] = pointers[index]
+        grid = launch.grid
+        launch.launcher(grid[0], grid[1], grid[2], stream, launch.function, *launch.options, *arguments)
+
+
+def direct_launch_ready() -> bool:
+    """Whether launches on the current device would go direct now: the switch, compiled kernels,
+    a known Triton and no launch hooks (what `_run_launches` checks once per call)."""
+    return direct_launch_enabled() and _hooks_are_empty(_runtime_knobs())

@@ -20,20 +20,13 @@ CUDA does, so the interpreter tests exercise the same reset.
 
 from __future__ import annotations
 
-import functools
-
 import torch
+
+from . import launch
 
 _REUSED: dict = {}  # (id(owner), device index, stream) -> (owner, workspace)
 _REUSED_LIMIT = 256
 _CPU_STREAM = (-1, None)
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_queries() -> tuple:
-    # torch._C's own functions (CUDA builds only): torch.cuda's wrappers cost ~0.4 us each
-    return (torch._C._cuda_getDevice, torch._C._cuda_isCurrentStreamCapturing,
-            torch._C._cuda_getCurrentRawStream)
 
 
 def _reusable_stream(like: torch.Tensor):
@@ -42,10 +35,9 @@ def _reusable_stream(like: torch.Tensor):
     index = like.get_device()
     if index < 0:
         return _CPU_STREAM if like.device.type == "cpu" else None
-    current_device, capturing, raw_stream = _cuda_queries()
-    if index != current_device() or capturing():
+    if index != launch.current_device() or torch._C._cuda_isCurrentStreamCapturing():
         return None
-    return index, raw_stream(index)
+    return index, launch.current_stream(index)
 
 
 def zeroed_workspace(owner, size: int, like: torch.Tensor, reuse: bool) -> torch.Tensor:

@@ -35,15 +35,14 @@ def _reference_backend(scores, guide, params: ByTheWayParams, with_stats: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def _backend_function(backend: str, eager: bool = False):
+def _backend_function(backend: str):
     """The function that runs `backend`: (scores, guide, params, with_stats) -> (probs, stats or
-    None); `eager` for plain eager calls (Triton then reuses its stats workspace per stream). The
-    compiled backends are imported on first use (Triton only when it runs); cached, as an import
-    statement per call would cost 0.4-1 us."""
+    None). The compiled backends are imported on first use (Triton only when it runs); cached, as
+    an import statement per call would cost 0.4-1 us."""
     if backend == "triton":
-        from .triton import attention_probs_triton, attention_probs_triton_eager
+        from .triton import attention_probs_triton
 
-        return attention_probs_triton_eager if eager else attention_probs_triton
+        return attention_probs_triton
     if backend == "cpp":
         from .cpp import attention_probs_cpp  # allocates the probs in C++ (cheaper than empty_like)
 
@@ -70,10 +69,26 @@ def backend_for(scores: torch.Tensor) -> str:
     return backend
 
 
-def _run_backend(scores, guide, params: ByTheWayParams, with_stats: bool, eager: bool = False):
-    """(probs, stats or None) from the backend chosen for `scores`; `eager`: a plain eager call
-    (the public function's direct path), not the custom op's."""
-    return _backend_function(backend_for(scores), eager)(scores, guide, params, with_stats)
+def _run_backend(scores, guide, params: ByTheWayParams, with_stats: bool):
+    """(probs, stats or None) from the backend chosen for `scores`."""
+    return _backend_function(backend_for(scores))(scores, guide, params, with_stats)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_eager():
+    from .triton import attention_probs_triton_eager
+
+    return attention_probs_triton_eager
+
+
+def _run_backend_eager(scores, guide, params: ByTheWayParams, with_stats: bool, call_key):
+    """`_run_backend` for a plain eager call (the public function's direct path), whose
+    validation key is `call_key` (None if it has none): the Triton backend then reuses its stats
+    workspace per stream and repeats a call signature's prepared launches."""
+    backend = backend_for(scores)
+    if backend == "triton":
+        return _triton_eager()(scores, guide, params, with_stats, call_key)
+    return _backend_function(backend)(scores, guide, params, with_stats)
 
 
 # Arguments already validated, by everything validation looks at: tensor shapes, dtypes and
@@ -83,9 +98,10 @@ _VALIDATED_LIMIT = 512
 
 
 def _validated_params(scores, guide, alpha, beta, tau, adaptive_beta, cfg, energy_scope,
-                      guide_upsample, beta_max, batch_split, return_stats) -> ByTheWayParams:
-    """`check_op_args`, then the ByTheWayParams; a repeated call (same layer, same settings)
-    skips the checks, as only arguments that passed them are remembered."""
+                      guide_upsample, beta_max, batch_split, return_stats):
+    """(ByTheWayParams, validation key or None): `check_op_args`, then the ByTheWayParams; a
+    repeated call (same layer, same settings) skips the checks, as only arguments that passed
+    them are remembered under their key (shapes, dtypes, devices and every argument)."""
     key = None
     if type(scores) is torch.Tensor and (guide is None or type(guide) is torch.Tensor):
         # flat, with the types of the arguments whose equal values of other types (True == 1,
@@ -98,9 +114,11 @@ def _validated_params(scores, guide, alpha, beta, tau, adaptive_beta, cfg, energ
                type(return_stats),
                tuple(map(type, batch_split)) if type(batch_split) is tuple else type(batch_split))
         try:
-            return _VALIDATED[key]
-        except (KeyError, TypeError):  # TypeError: an unhashable argument, validated below
+            return _VALIDATED[key], key
+        except KeyError:
             pass
+        except TypeError:  # an unhashable argument, validated below
+            key = None
     split = check_op_args(scores, guide, alpha, beta, tau, adaptive_beta, cfg, energy_scope,
                           guide_upsample, beta_max, batch_split, return_stats)
     params = ByTheWayParams(float(alpha), float(beta), int(tau), bool(adaptive_beta), split.parts,
@@ -109,11 +127,8 @@ def _validated_params(scores, guide, alpha, beta, tau, adaptive_beta, cfg, energ
     if key is not None:
         if len(_VALIDATED) >= _VALIDATED_LIMIT:
             _VALIDATED.clear()
-        try:
-            _VALIDATED[key] = params
-        except TypeError:
-            pass
-    return params
+        _VALIDATED[key] = params
+    return params, key
 
 
 @torch.library.custom_op("bytheway::attention_probs", mutates_args=())
@@ -212,11 +227,11 @@ def bytheway_attention_probs(
         >>> probs.shape, stats.shape
         (torch.Size([2, 4, 4, 8, 16, 16]), torch.Size([1, 6]))
     """
-    params = _validated_params(scores, guide, alpha, beta, tau, adaptive_beta, cfg, energy_scope,
-                               guide_upsample, beta_max, batch_split, return_stats)
+    params, key = _validated_params(scores, guide, alpha, beta, tau, adaptive_beta, cfg,
+                                    energy_scope, guide_upsample, beta_max, batch_split, return_stats)
     return_stats = bool(return_stats)  # numpy flags become Python bools for the schema
     if direct_call_is_equivalent(scores, guide):
-        probs, stats = _run_backend(scores, guide, params, return_stats, eager=True)
+        probs, stats = _run_backend_eager(scores, guide, params, return_stats, key)
     else:
         probs, stats = attention_probs(scores, guide, *params, return_stats)
     return (probs, stats) if return_stats else probs

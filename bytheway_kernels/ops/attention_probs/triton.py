@@ -33,6 +33,7 @@ import triton.language as tl
 from ..._environ import triton_interpreter
 from ...band import band_operand, band_rank_one_terms, band_rank_one_terms_float64, is_full_band
 from ...energy import HIGH_ENERGY_FLOOR
+from .. import launch
 from ..launch import KernelLaunch, run_on_device_of
 from ..params import ByTheWayParams
 from ..workspace import zeroed_workspace
@@ -429,6 +430,14 @@ def kernel_launches(scores, guide, params: ByTheWayParams, probs, stats=None,
     be contiguous and `probs` non-empty. `reuse_workspace`: plain eager calls only, see
     `bytheway_kernels.ops.workspace.zeroed_workspace`.
     """
+    return _launches_and_sources(scores, guide, params, probs, stats, reuse_workspace)[0]
+
+
+def _launches_and_sources(scores, guide, params: ByTheWayParams, probs, stats, reuse_workspace: bool):
+    """(`kernel_launches`, the tensors they read and write, and the launch plan). The tensors are
+    (scores, guide, band, workspace, probs, stats), each None where the launches do not use it
+    (the band where the full band needs none); the launches pass scores for an unused guide or
+    band pointer and the workspace for an unused stats pointer."""
     plan = _launch_plan(tuple(scores.shape), None if guide is None else tuple(guide.shape[1:3]),
                         params, stats is not None, triton_rules.BAND_PRODUCT)
     band = scores
@@ -437,16 +446,18 @@ def kernel_launches(scores, guide, params: ByTheWayParams, probs, stats=None,
     elif not plan.full_band:
         band = band_operand(scores.shape[-1], params.tau, plan.apply_args["F_PAD"], scores.device,
                             plan.apply_args["SPLIT_BAND"])
+    guide_source = guide
     guide = scores if guide is None else guide
     if not (params.adaptive_beta or stats is not None):
-        return [KernelLaunch(_apply_kernel, plan.apply_grid, plan.apply_args,
-                             dict(scores_ptr=scores, guide_ptr=guide, band_ptr=band, betas_ptr=probs,
-                                  probs_ptr=probs))]
+        launches = [KernelLaunch(_apply_kernel, plan.apply_grid, plan.apply_args,
+                                 dict(scores_ptr=scores, guide_ptr=guide, band_ptr=band,
+                                      betas_ptr=probs, probs_ptr=probs))]
+        return launches, (scores, guide_source, None if band is scores else band, None, probs, None), plan
     # The stats programs' partial slots, one beta per energy group and the int32 ticket counters
     # (zero bits), which the stats pass leaves at zero: reused per stream by eager calls, a new
     # zeroed buffer otherwise (CUDA graphs, torch.compile)
     workspace = zeroed_workspace(plan, plan.workspace_size, scores, reuse_workspace)
-    return [
+    launches = [
         KernelLaunch(_stats_kernel, plan.stats_grid, plan.stats_args,
                      dict(scores_ptr=scores, guide_ptr=guide, band_ptr=band, workspace_ptr=workspace,
                           stats_ptr=workspace if stats is None else stats)),
@@ -454,6 +465,8 @@ def kernel_launches(scores, guide, params: ByTheWayParams, probs, stats=None,
                      dict(scores_ptr=scores, guide_ptr=guide, band_ptr=band, betas_ptr=workspace,
                           probs_ptr=probs)),
     ]
+    return launches, (scores, guide_source, None if band is scores else band, workspace, probs,
+                      stats), plan
 
 
 def _check_device(scores: torch.Tensor) -> None:
@@ -471,6 +484,12 @@ def attention_probs_triton_out(scores, guide, params: ByTheWayParams, probs, sta
     The kernels compute in fp32: float64 scores are refused here (the op routes them to a float64
     backend). Launch counts and `reuse_workspace`: see `kernel_launches`.
     """
+    _launch_out(scores, guide, params, probs, stats, reuse_workspace)
+
+
+def _launch_out(scores, guide, params: ByTheWayParams, probs, stats, reuse_workspace: bool):
+    """`attention_probs_triton_out`; returns `_launches_and_sources`' triple for what it launched,
+    or None where it launched nothing or made inputs contiguous."""
     _check_device(scores)
     if scores.dtype == torch.float64:
         raise ValueError("the Triton kernels compute in fp32: float64 scores need the cpp or "
@@ -479,12 +498,15 @@ def attention_probs_triton_out(scores, guide, params: ByTheWayParams, probs, sta
         if stats is not None:  # no rows: energies are zero and beta is beta_0, as the reference
             stats.zero_()
             stats[:, 0] = params.beta
-        return
+        return None
+    copied = False
     if not scores.is_contiguous():  # checked first: .contiguous() costs a dispatch even as a no-op
-        scores = scores.contiguous()
+        scores, copied = scores.contiguous(), True
     if guide is not None and not guide.is_contiguous():
-        guide = guide.contiguous()
-    run_on_device_of(scores, kernel_launches(scores, guide, params, probs, stats, reuse_workspace))
+        guide, copied = guide.contiguous(), True
+    launched = _launches_and_sources(scores, guide, params, probs, stats, reuse_workspace)
+    run_on_device_of(scores, launched[0])
+    return None if copied else launched
 
 
 def attention_probs_triton(scores, guide, params: ByTheWayParams, with_stats: bool,
@@ -499,7 +521,73 @@ def attention_probs_triton(scores, guide, params: ByTheWayParams, with_stats: bo
     return probs, stats
 
 
-def attention_probs_triton_eager(scores, guide, params: ByTheWayParams, with_stats: bool):
+class _EagerCall(NamedTuple):
+    """A repeatable eager call of one signature: its launches prepared for the direct launcher
+    (`launch.prepare_direct`), the launch plan and the band operand they read."""
+
+    launches: tuple
+    plan: _LaunchPlan
+    band: Optional[torch.Tensor]
+    device: int
+
+
+# Validation key (op.py's `_validated_params`: shapes, dtypes, devices and every parameter) ->
+# _EagerCall, for the public function's plain eager calls.
+_EAGER_CALLS: dict = {}
+_EAGER_CALLS_LIMIT = 512
+
+
+def attention_probs_triton_eager(scores, guide, params: ByTheWayParams, with_stats: bool,
+                                 call_key=None):
     """`attention_probs_triton` for plain eager calls (the public function's direct path): the
-    stats pass reuses its stream's workspace."""
-    return attention_probs_triton(scores, guide, params, with_stats, reuse_workspace=True)
+    stats pass reuses its stream's workspace, and a repeated call signature (`call_key`, which
+    fixes shapes, dtypes, devices and parameters) launches its prepared kernels directly.
+
+    A repeat skips the launch plan, the launch objects and the direct launcher's signature and
+    cache key. It checks what those would decide that its key does not fix: the launch switch and
+    hooks (`launch.direct_launch_ready`), the current device, contiguous inputs and 16-byte
+    aligned pointers (as the prepared kernels were compiled); anything else takes the general
+    path.
+    """
+    eager_call = _EAGER_CALLS.get(call_key) if call_key is not None else None
+    if eager_call is not None:
+        result = _repeat(eager_call, scores, guide, params, with_stats)
+        if result is not None:
+            return result
+    probs = torch.empty_like(scores, memory_format=torch.contiguous_format)
+    stats = params.empty_stats(scores, scores.shape[0]) if with_stats else None
+    launched = _launch_out(scores, guide, params, probs, stats, reuse_workspace=True)
+    if launched is not None and call_key is not None and launch.direct_launch_ready():
+        launches, sources, plan = launched
+        device = scores.get_device()
+        # (the device checked first: the general path made it current only for its launches)
+        prepared = launch.prepare_direct(launches, sources, device) if device == launch.current_device() else None
+        if prepared is not None:
+            if len(_EAGER_CALLS) >= _EAGER_CALLS_LIMIT:
+                _EAGER_CALLS.clear()
+            _EAGER_CALLS[call_key] = _EagerCall(prepared, plan, sources[2], device)
+    return probs, stats
+
+
+def _repeat(eager_call: _EagerCall, scores, guide, params: ByTheWayParams, with_stats: bool):
+    """(probs, stats or None) from `eager_call`'s prepared launches, or None where the general
+    path must run instead."""
+    device = scores.get_device()
+    if (device != eager_call.device or not launch.direct_launch_ready() or device != launch.current_device()
+            or not scores.is_contiguous() or not (guide is None or guide.is_contiguous())):
+        return None
+    plan = eager_call.plan
+    workspace = None
+    if len(eager_call.launches) > 1:
+        workspace = zeroed_workspace(plan, plan.workspace_size, scores, True)
+    probs = torch.empty_like(scores, memory_format=torch.contiguous_format)
+    stats = params.empty_stats(scores, scores.shape[0]) if with_stats else None
+    # the sources' pointers, in `_launches_and_sources`' order (0 for one the launches do not use)
+    pointers = (scores.data_ptr(), 0 if guide is None else guide.data_ptr(),
+                0 if eager_call.band is None else eager_call.band.data_ptr(),
+                0 if workspace is None else workspace.data_ptr(), probs.data_ptr(),
+                0 if stats is None else stats.data_ptr())
+    if (pointers[0] | pointers[1] | pointers[3] | pointers[4] | pointers[5]) & 15:
+        return None  # compiled for aligned pointers: the general path (these outputs are dropped)
+    launch.run_prepared(eager_call.launches, pointers, launch.current_stream(device))
+    return probs, stats

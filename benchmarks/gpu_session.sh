@@ -95,15 +95,14 @@ fi
 step host_cost 30 python3 benchmarks/host_cost.py
 # The CUDA tests before the suite, on 8 pytest-xdist workers (the image has pytest-xdist; a cold
 # compile of every variant took over 130 s in one process). The last full GPU run was H200
-# session 6 (2026-11-27, at 3b595a7: benchmarks/results/h200-2026-11-27-session6.notes.md). Changed
-# since: the map op's stats pass aims at 512 programs (TARGET_STATS_PROGRAMS; up_blocks.2
-# adaptive 16.3 -> 13.2 us device time in a short second call), the fused energy pass runs 4 warps
-# at F_PAD = 64 for 2-byte inputs (F = 64 adaptive 2073 -> 1442 us), and eager map-op calls reuse
-# their stream's stats workspace (no fill kernel, no torch.zeros: bench_map's adaptive rows,
-# host_cost's map op rows) and launch under Triton 3.6 through the C function itself.
-# In session 6 the steps before the layer part took 516 s of a 560 s budget and left it 19 s (it
-# needs about 50): BYTHEWAY_GPU_BUDGET_S=590 gives it room, where no second device call is
-# planned (a 15-minute session then has too little left to start another machine).
+# session 7 (2026-11-27, at 08058a9, with BYTHEWAY_GPU_SKIP=fused_kernel_times: 462 s of a 560 s
+# budget; the fused kernels' profiler sweep last ran in session 6), and a second call at 0ff5f66
+# timed the map op's prepared eager calls (benchmarks/results/h200-2026-11-27-session7.notes.md).
+# Changed since: the prepared calls check the band product and are forgotten with the launch
+# plans (`clear_launch_plans`), which makes map_kernel_times' variant and sweep rows valid again
+# (void in that second call). Without the skip the steps took 516 s in session 6:
+# BYTHEWAY_GPU_BUDGET_S=590 gives the layer part room, where no second device call is planned
+# (a 15-minute session then has too little left to start another machine).
 # (two pytest runs: the step fails if either does, and the op tests' summary line is in summary.txt)
 step gpu_tests 240 bash -c 'python3 -m pytest -q -p no:cacheprovider -rfEs -n 8 \
   tests/test_attention_probs_gpu.py tests/test_temporal_attention_gpu.py; status=$?

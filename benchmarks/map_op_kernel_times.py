@@ -86,13 +86,13 @@ def planned_with(**names):
     saved = {name: getattr(map_triton, name) for name in names}
     for name, value in names.items():
         setattr(map_triton, name, value)
-    map_triton._launch_plan.cache_clear()
+    map_triton.clear_launch_plans()
     try:
         yield
     finally:
         for name, value in saved.items():
             setattr(map_triton, name, value)
-        map_triton._launch_plan.cache_clear()
+        map_triton.clear_launch_plans()
 
 
 def stats_tiles(tiles: int):

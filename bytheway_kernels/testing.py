@@ -108,7 +108,9 @@ def band_product(setting: str) -> Iterator[None]:
     if setting not in triton_rules.BAND_PRODUCTS:
         raise ValueError(f"setting={setting!r}: expected one of {', '.join(triton_rules.BAND_PRODUCTS)}")
     saved = triton_rules.BAND_PRODUCT
-    triton_rules.BAND_PRODUCT = setting  # part of both ops' launch-plan keys: no cache to clear
+    # part of both ops' launch-plan keys, and checked by the map op's prepared eager calls: no
+    # cache to clear
+    triton_rules.BAND_PRODUCT = setting
     try:
         yield
     finally:

@@ -181,7 +181,7 @@ def test_tiered_slot_sum_at_one_tile_per_program(scope, monkeypatch):
 
     monkeypatch.setattr(kernels, "MAX_STATS_TILES", 1)
     monkeypatch.setattr(kernels, "TARGET_STATS_PROGRAMS", 1)
-    kernels._launch_plan.cache_clear()
+    kernels.clear_launch_plans()
     try:
         case = Case(batch=4, height=64, width=64, heads=8, dtype=torch.float16, guide_size=(16, 16),
                     energy_scope=scope)
@@ -201,4 +201,4 @@ def test_tiered_slot_sum_at_one_tile_per_program(scope, monkeypatch):
             torch.cuda.synchronize()
             assert torch.equal(probs, first[0]) and torch.equal(stats, first[1])
     finally:
-        kernels._launch_plan.cache_clear()
+        kernels.clear_launch_plans()

@@ -67,9 +67,9 @@ def many_stats_programs(request, monkeypatch):
     monkeypatch.setattr(triton_kernels, "REDUCE_CHUNK", 2)
     if request.param == "tiered":
         monkeypatch.setattr(triton_kernels, "FLAT_SUM_SLOTS", 2)
-    triton_kernels._launch_plan.cache_clear()
+    triton_kernels.clear_launch_plans()
     yield request.param
-    triton_kernels._launch_plan.cache_clear()
+    triton_kernels.clear_launch_plans()
 
 
 @pytest.mark.parametrize("scope", ["batch", "sample"])

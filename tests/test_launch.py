@@ -384,10 +384,12 @@ def test_map_op_eager_repeats_launch_what_the_general_path_would(stubbed_map_op,
 
 
 @pytest.mark.parametrize("change", ["misaligned scores", "non-contiguous guide", "direct launch off",
-                                    "launch hook", "guide is the scores"])
+                                    "launch hook", "band product", "plans cleared",
+                                    "guide is the scores"])
 def test_map_op_eager_repeat_falls_back_to_the_general_path(stubbed_map_op, monkeypatch, change):
     """What a repeat's key does not fix sends it down the general path: unaligned pointers (another
-    compiled specialisation), non-contiguous inputs, the launcher switched off or hooked; a call
+    compiled specialisation), non-contiguous inputs, the launcher switched off or hooked, another
+    band product (`testing.band_product`), launch plans cleared after a tuning change; a call
     whose guide is its scores is never prepared (one tensor in two roles)."""
     import bytheway_kernels as btw
     from bytheway_kernels.ops.attention_probs import triton as map_kernels
@@ -409,8 +411,15 @@ def test_map_op_eager_repeat_falls_back_to_the_general_path(stubbed_map_op, monk
         guide = guide.transpose(1, 2)
     elif change == "direct launch off":
         monkeypatch.setattr(launch_module, "direct_launch_enabled", lambda: False)
-    else:
+    elif change == "launch hook":
         monkeypatch.setattr(launch_module, "_hooks_are_empty", lambda knobs: False)
+    elif change == "band product":
+        from bytheway_kernels.ops import triton_rules
+
+        monkeypatch.setattr(triton_rules, "BAND_PRODUCT", "fma")
+    else:
+        map_kernels.clear_launch_plans()
+        assert not map_kernels._EAGER_CALLS
     calls.clear()
     with_general = []
     original = map_kernels._launch_out

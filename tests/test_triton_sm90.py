@@ -189,7 +189,7 @@ def _map_op_variants():
     # the stats kernel's tiered sum over the slots (TIERED: more than FLAT_SUM_SLOTS per video),
     # all flags on, at F=16 with each guide and both taus
     flat_sum_slots, kernels.FLAT_SUM_SLOTS = kernels.FLAT_SUM_SLOTS, 0
-    kernels._launch_plan.cache_clear()
+    kernels.clear_launch_plans()
     for tau, guide_mode in itertools.product((0, max_tau(16)), (None, "nearest", "bilinear")):
         guide = None if guide_mode is None else torch.zeros((2, 1, 1, 1, 16, 16), dtype=torch.float16)
         scores = torch.zeros((2, 2, 2, 1, 16, 16), dtype=torch.float16)
@@ -197,7 +197,7 @@ def _map_op_variants():
         launches += kernels.kernel_launches(scores, guide, params, torch.empty_like(scores),
                                             torch.empty((params.stats_rows(2), 6)))
     kernels.FLAT_SUM_SLOTS = flat_sum_slots
-    kernels._launch_plan.cache_clear()
+    kernels.clear_launch_plans()
     return compiled_variants(launches)
 
 

@@ -529,12 +529,21 @@ class _EagerCall(NamedTuple):
     plan: _LaunchPlan
     band: Optional[torch.Tensor]
     device: int
+    band_setting: str  # `triton_rules.BAND_PRODUCT` when prepared (`testing.band_product` changes it)
 
 
 # Validation key (op.py's `_validated_params`: shapes, dtypes, devices and every parameter) ->
 # _EagerCall, for the public function's plain eager calls.
 _EAGER_CALLS: dict = {}
 _EAGER_CALLS_LIMIT = 512
+
+
+def clear_launch_plans() -> None:
+    """Forget the cached launch plans and the eager calls prepared from them, for tests and
+    benchmarks that change this module's tuning (`TARGET_STATS_PROGRAMS`, `MAX_STATS_TILES`,
+    `_launch_shape`): the next calls plan anew."""
+    _launch_plan.cache_clear()
+    _EAGER_CALLS.clear()
 
 
 def attention_probs_triton_eager(scores, guide, params: ByTheWayParams, with_stats: bool,
@@ -565,7 +574,8 @@ def attention_probs_triton_eager(scores, guide, params: ByTheWayParams, with_sta
         if prepared is not None:
             if len(_EAGER_CALLS) >= _EAGER_CALLS_LIMIT:
                 _EAGER_CALLS.clear()
-            _EAGER_CALLS[call_key] = _EagerCall(prepared, plan, sources[2], device)
+            _EAGER_CALLS[call_key] = _EagerCall(prepared, plan, sources[2], device,
+                                                triton_rules.BAND_PRODUCT)
     return probs, stats
 
 
@@ -573,7 +583,8 @@ def _repeat(eager_call: _EagerCall, scores, guide, params: ByTheWayParams, with_
     """(probs, stats or None) from `eager_call`'s prepared launches, or None where the general
     path must run instead."""
     device = scores.get_device()
-    if (device != eager_call.device or not launch.direct_launch_ready() or device != launch.current_device()
+    if (device != eager_call.device or eager_call.band_setting != triton_rules.BAND_PRODUCT
+            or not launch.direct_launch_ready() or device != launch.current_device()
             or not scores.is_contiguous() or not (guide is None or guide.is_contiguous())):
         return None
     plan = eager_call.plan

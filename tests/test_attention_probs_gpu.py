@@ -110,8 +110,8 @@ def test_adaptive_call_replays_in_a_cuda_graph():
 
 def test_eager_calls_between_graph_replays_reuse_only_their_own_workspace():
     """Eager calls reuse their stream's workspace (its counters reset by the stats pass); a call
-    captured in a CUDA graph zeroes its own, so replays interleaved with eager calls on the same
-    stream, on other inputs, all give their eager results bit for bit."""
+    captured in a CUDA graph zeroes its own, so replays on a side stream, overlapping eager calls
+    on other inputs, all give their eager results bit for bit."""
     from bytheway_kernels.ops import workspace as workspace_module
 
     case = Case(height=32, width=32, heads=8, dtype=torch.float16, guide_size=(16, 16))
@@ -125,8 +125,11 @@ def test_eager_calls_between_graph_replays_reuse_only_their_own_workspace():
     with torch.cuda.graph(graph):
         probs, stats = btw.bytheway_attention_probs(scores, guide, **kwargs)
     assert len(workspace_module._REUSED) == 1  # nothing remembered from the capture
+    side = torch.cuda.Stream()
     for _ in range(3):
-        graph.replay()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # unordered with the eager call below
+            graph.replay()
         eager = btw.bytheway_attention_probs(other_scores, other_guide, **kwargs)
         torch.cuda.synchronize()
         assert torch.equal(probs, expected[0]) and torch.equal(stats, expected[1])
@@ -134,16 +137,21 @@ def test_eager_calls_between_graph_replays_reuse_only_their_own_workspace():
 
 
 @pytest.mark.parametrize("mode", ["fixed", "adaptive", "adaptive with stats"])
-def test_repeated_eager_calls_launch_their_prepared_kernels(mode):
+def test_repeated_eager_calls_launch_their_prepared_kernels(mode, monkeypatch):
     """From its second call on, an eager call signature launches its prepared kernels directly
     (bytheway_kernels/ops/attention_probs/triton.py, `attention_probs_triton_eager`): each call,
     on new inputs, gives the general path's result bit for bit."""
+    from bytheway_kernels.ops import launch as launch_module
     from bytheway_kernels.ops.attention_probs import triton as map_kernels
 
     case = Case(height=16, width=16, heads=8, dtype=torch.float16, guide_size=(8, 8),
                 adaptive_beta=mode != "fixed")
     kwargs = dict(case.kwargs(), return_stats="stats" in mode)
     map_kernels._EAGER_CALLS.clear()
+    prepared_runs = []
+    run_prepared = launch_module.run_prepared
+    monkeypatch.setattr(launch_module, "run_prepared",
+                        lambda *args: prepared_runs.append(1) or run_prepared(*args))
     for seed in range(4):
         scores, guide = make_inputs(case, seed=seed, device="cuda")
         result = btw.bytheway_attention_probs(scores, guide, **kwargs)
@@ -151,6 +159,7 @@ def test_repeated_eager_calls_launch_their_prepared_kernels(mode):
         probs, stats = result if kwargs["return_stats"] else (result, None)
         expected = map_kernels.attention_probs_triton(scores, guide, case.params(), stats is not None)
         assert torch.equal(probs, expected[0]) and (stats is None or torch.equal(stats, expected[1]))
+        assert len(prepared_runs) == seed  # the first call prepares, every later one repeats
 
 
 def test_stats_passes_on_two_streams_at_once():

@@ -384,12 +384,13 @@ def test_map_op_eager_repeats_launch_what_the_general_path_would(stubbed_map_op,
 
 
 @pytest.mark.parametrize("change", ["misaligned scores", "non-contiguous guide", "direct launch off",
-                                    "launch hook", "band product", "plans cleared",
+                                    "launch hook", "pre-run hook", "band product", "plans cleared",
                                     "guide is the scores"])
 def test_map_op_eager_repeat_falls_back_to_the_general_path(stubbed_map_op, monkeypatch, change):
     """What a repeat's key does not fix sends it down the general path: unaligned pointers (another
-    compiled specialisation), non-contiguous inputs, the launcher switched off or hooked, another
-    band product (`testing.band_product`), launch plans cleared after a tuning change; a call
+    compiled specialisation), non-contiguous inputs, the launcher switched off or hooked (a launch
+    hook, or a kernel's pre-run hook), another band product (`testing.band_product`), launch plans
+    cleared after a tuning change; a call
     whose guide is its scores is never prepared (one tensor in two roles)."""
     import bytheway_kernels as btw
     from bytheway_kernels.ops.attention_probs import triton as map_kernels
@@ -413,6 +414,8 @@ def test_map_op_eager_repeat_falls_back_to_the_general_path(stubbed_map_op, monk
         monkeypatch.setattr(launch_module, "direct_launch_enabled", lambda: False)
     elif change == "launch hook":
         monkeypatch.setattr(launch_module, "_hooks_are_empty", lambda knobs: False)
+    elif change == "pre-run hook":  # `_launch_direct` sends such a kernel through Triton
+        monkeypatch.setattr(map_kernels._apply_kernel, "pre_run_hooks", [lambda *args, **kwargs: None])
     elif change == "band product":
         from bytheway_kernels.ops import triton_rules
 

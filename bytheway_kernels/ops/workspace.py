@@ -5,8 +5,10 @@ that also holds its partial sums and betas; the counters must be zero when it st
 `torch.zeros` per call costs a fill kernel (0.7-0.8 us of device time on an H200, about 5% of an
 adaptive call at up_blocks.2) and 9-13 us of host time. But the kernel sets every counter back to
 zero once its last ticket is drawn, and the work on one CUDA stream runs in order, so one
-workspace per (launch plan, device, stream) serves every later call there as it is: the partials
-and betas are written before they are read.
+workspace per (launch plan, device, stream, thread) serves every later call there as it is: the
+partials and betas are written before they are read. The thread is in the key because two
+threads' calls on one stream can interleave their launches (Triton's launcher releases the GIL):
+stats A, stats B, apply A would hand A the beta of B.
 
 A workspace is reused only where that ordering holds and nothing else tracks the memory:
 - plain eager calls through the public function (the op's direct path), never the custom op
@@ -15,16 +17,21 @@ A workspace is reused only where that ordering holds and nothing else tracks the
 - not while the current stream is capturing a CUDA graph (a graph can replay on any stream, next
   to eager calls), and only on the current device (whose current stream is the one launched on).
 Every other call zeroes a new workspace, as before. CPU tensors (the Triton interpreter) reuse as
-CUDA does, so the interpreter tests exercise the same reset.
+CUDA does, so the interpreter tests exercise the same reset. The stream is keyed by its raw
+handle: torch's own streams live as long as the process, but an external stream
+(`torch.cuda.ExternalStream`) destroyed with work pending and another created at the same handle
+would share a workspace unordered; call `clear_reused_workspaces()` after destroying one.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 
 from . import launch
 
-_REUSED: dict = {}  # (id(owner), device index, stream) -> (owner, workspace)
+_REUSED: dict = {}  # (id(owner), device index, stream, thread) -> (owner, workspace)
 _REUSED_LIMIT = 256
 _CPU_STREAM = (-1, None)
 
@@ -50,7 +57,7 @@ def zeroed_workspace(owner, size: int, like: torch.Tensor, reuse: bool) -> torch
     if reuse:
         stream = _reusable_stream(like)
         if stream is not None:
-            key = (id(owner), *stream)
+            key = (id(owner), *stream, _thread_id())
             entry = _REUSED.get(key)
             if entry is not None and entry[0] is owner:
                 return entry[1]
@@ -60,6 +67,9 @@ def zeroed_workspace(owner, size: int, like: torch.Tensor, reuse: bool) -> torch
             _REUSED[key] = (owner, workspace)
             return workspace
     return torch.zeros(size, dtype=torch.float32, device=like.device)
+
+
+_thread_id = threading.get_ident
 
 
 def clear_reused_workspaces() -> None:

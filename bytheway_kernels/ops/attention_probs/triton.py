@@ -36,7 +36,7 @@ from ...energy import HIGH_ENERGY_FLOOR
 from .. import launch
 from ..launch import KernelLaunch, run_on_device_of
 from ..params import ByTheWayParams
-from ..workspace import zeroed_workspace
+from ..workspace import clear_reused_workspaces, zeroed_workspace
 from .. import triton_rules
 from ..triton_rules import (LOG2E, band_product, bilinear_sources, enhanced_rows, group_beta,
                             load_band, nearest_source, rank_one_band_product, store_stats_row,
@@ -530,6 +530,7 @@ class _EagerCall(NamedTuple):
     band: Optional[torch.Tensor]
     device: int
     band_setting: str  # `triton_rules.BAND_PRODUCT` when prepared (`testing.band_product` changes it)
+    kernels: tuple  # whose pre-run hooks, if any are added later, send a repeat through Triton
 
 
 # Validation key (op.py's `_validated_params`: shapes, dtypes, devices and every parameter) ->
@@ -539,11 +540,12 @@ _EAGER_CALLS_LIMIT = 512
 
 
 def clear_launch_plans() -> None:
-    """Forget the cached launch plans and the eager calls prepared from them, for tests and
-    benchmarks that change this module's tuning (`TARGET_STATS_PROGRAMS`, `MAX_STATS_TILES`,
-    `_launch_shape`): the next calls plan anew."""
+    """Forget the cached launch plans, the eager calls prepared from them and their reused
+    workspaces, for tests and benchmarks that change this module's tuning
+    (`TARGET_STATS_PROGRAMS`, `MAX_STATS_TILES`, `_launch_shape`): the next calls plan anew."""
     _launch_plan.cache_clear()
     _EAGER_CALLS.clear()
+    clear_reused_workspaces()
 
 
 def attention_probs_triton_eager(scores, guide, params: ByTheWayParams, with_stats: bool,
@@ -575,7 +577,8 @@ def attention_probs_triton_eager(scores, guide, params: ByTheWayParams, with_sta
             if len(_EAGER_CALLS) >= _EAGER_CALLS_LIMIT:
                 _EAGER_CALLS.clear()
             _EAGER_CALLS[call_key] = _EagerCall(prepared, plan, sources[2], device,
-                                                triton_rules.BAND_PRODUCT)
+                                                triton_rules.BAND_PRODUCT,
+                                                tuple(each.kernel for each in launches))
     return probs, stats
 
 
@@ -585,7 +588,8 @@ def _repeat(eager_call: _EagerCall, scores, guide, params: ByTheWayParams, with_
     device = scores.get_device()
     if (device != eager_call.device or eager_call.band_setting != triton_rules.BAND_PRODUCT
             or not launch.direct_launch_ready() or device != launch.current_device()
-            or not scores.is_contiguous() or not (guide is None or guide.is_contiguous())):
+            or not scores.is_contiguous() or not (guide is None or guide.is_contiguous())
+            or any(kernel.pre_run_hooks for kernel in eager_call.kernels)):
         return None
     plan = eager_call.plan
     workspace = None

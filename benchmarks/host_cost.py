@@ -33,6 +33,7 @@ from contextlib import contextmanager
 import torch
 
 from bytheway_kernels.ops import launch as launch_module
+from bytheway_kernels.testing import direct_launches_stubbed
 
 HOST_COLUMNS = ("triton launch", "direct launch", "direct, tensors", "python only")
 
@@ -100,32 +101,10 @@ class _CompiledStandIn:
         pass
 
 
-@contextmanager
-def _direct_launches_stubbed(stand_in=None):
-    """The direct launcher on, the compiled kernel a stand-in (CPU tensors, no driver): CPU
-    tensors' device (-1) is the current one, with stream 0, so the map op's eager calls repeat
-    their prepared launches as on a GPU."""
-    from bytheway_kernels.ops.attention_probs import triton as map_kernels
-
-    saved = (launch_module.direct_launch_enabled, launch_module._device_and_stream,
-             launch_module.current_device, launch_module.current_stream,
-             launch_module.KernelLaunch.run_through_triton)
-    stand_in = stand_in or _CompiledStandIn()
-    launch_module.direct_launch_enabled = lambda: True
-    launch_module._device_and_stream = lambda: (-1, 0)
-    launch_module.current_device = lambda: -1
-    launch_module.current_stream = lambda device: 0
-    launch_module.KernelLaunch.run_through_triton = lambda self: stand_in
-    launch_module._DIRECT_CACHE.clear()
-    map_kernels._EAGER_CALLS.clear()
-    try:
-        yield
-    finally:
-        (launch_module.direct_launch_enabled, launch_module._device_and_stream,
-         launch_module.current_device, launch_module.current_stream,
-         launch_module.KernelLaunch.run_through_triton) = saved
-        launch_module._DIRECT_CACHE.clear()
-        map_kernels._EAGER_CALLS.clear()
+def _direct_launches_stubbed():
+    """The direct launcher on, the compiled kernel a stand-in (CPU tensors, no driver)."""
+    stand_in = _CompiledStandIn()
+    return direct_launches_stubbed(lambda launch: stand_in)
 
 
 def _synchronize() -> None:

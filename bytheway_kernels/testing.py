@@ -115,3 +115,35 @@ def band_product(setting: str) -> Iterator[None]:
         yield
     finally:
         triton_rules.BAND_PRODUCT = saved
+
+
+@contextlib.contextmanager
+def direct_launches_stubbed(compiled_for, stream: int = 0) -> Iterator[None]:
+    """Inside the block the Triton backends launch directly on CPU tensors, with no GPU or
+    driver: `compiled_for(launch)` stands in for what Triton compiles and launches (an object
+    with `run`, `function` and `packed_metadata`, whose `run` the direct launcher then calls),
+    CPU tensors' device (-1) is the current one, on stream `stream`. The direct launcher's cache,
+    the map op's prepared eager calls and its reused workspaces are empty before and after, so a
+    repeated eager call prepares and repeats its launches as on a GPU. For the host-cost
+    benchmark and the tests of the launch path."""
+    from .ops import launch as launch_module
+    from .ops.attention_probs import triton as map_kernels
+
+    saved = (launch_module.direct_launch_enabled, launch_module._device_and_stream,
+             launch_module.current_device, launch_module.current_stream,
+             launch_module.KernelLaunch.run_through_triton)
+    launch_module.direct_launch_enabled = lambda: True
+    launch_module._device_and_stream = lambda: (-1, stream)
+    launch_module.current_device = lambda: -1
+    launch_module.current_stream = lambda device: stream
+    launch_module.KernelLaunch.run_through_triton = compiled_for
+    launch_module._DIRECT_CACHE.clear()
+    map_kernels.clear_launch_plans()
+    try:
+        yield
+    finally:
+        (launch_module.direct_launch_enabled, launch_module._device_and_stream,
+         launch_module.current_device, launch_module.current_stream,
+         launch_module.KernelLaunch.run_through_triton) = saved
+        launch_module._DIRECT_CACHE.clear()
+        map_kernels.clear_launch_plans()

@@ -96,20 +96,17 @@ def test_stats_are_deterministic_with_many_partials(scope, many_stats_programs):
     assert_matches_reference(scores, guide, case, *first)
 
 
+def _counter_views(workspace: torch.Tensor, plan) -> tuple:
+    """Int32 views of the ticket counters in a stats workspace laid out by `plan`: the tier
+    counters (before the betas), then the main counter (after them)."""
+    args = plan.stats_args
+    bits = workspace.view(torch.int32)
+    return bits[args["tier_counters_at"]:args["betas_at"]], bits[args["counter_at"]:][:1]
+
+
 def _counters(workspace: torch.Tensor, plan) -> torch.Tensor:
-    """The ticket counters of a stats workspace laid out by `plan`: the tier counters, then the
-    main counter after the betas."""
-    args = plan.stats_args
-    bits = workspace.view(torch.int32)
-    return torch.cat([bits[args["tier_counters_at"]:args["betas_at"]], bits[args["counter_at"]:][:1]])
-
-
-def _counters_fill(workspace: torch.Tensor, plan) -> None:
-    """Zero the ticket counters of `workspace` (as the stats pass leaves them), nothing else."""
-    args = plan.stats_args
-    bits = workspace.view(torch.int32)
-    bits[args["tier_counters_at"]:args["betas_at"]] = 0
-    bits[args["counter_at"]] = 0
+    """Every ticket counter of `workspace`, in one tensor."""
+    return torch.cat(_counter_views(workspace, plan))
 
 
 @pytest.mark.parametrize("scope", ["batch", "sample"])
@@ -156,7 +153,8 @@ def test_a_reused_workspace_gives_the_same_bits(with_stats, many_stats_programs,
         assert_matches_reference(scores, guide, case, probs, stats)
         assert torch.count_nonzero(_counters(workspace, plan)) == 0
         workspace.fill_(float("nan"))  # garbage partials and betas for the next call
-        _counters_fill(workspace, plan)
+        for counters in _counter_views(workspace, plan):
+            counters.zero_()  # as the stats pass leaves them
     torch.ops.bytheway.attention_probs(scores, guide, *case.params(), with_stats)
     assert len(workspace_module._REUSED) == 1
     workspace_module.clear_reused_workspaces()

@@ -301,11 +301,12 @@ class _NamedCompiledKernel(RecordingCompiledKernel):
 
 
 @pytest.fixture
-def stubbed_map_op(monkeypatch):
+def stubbed_map_op():
     """The map op's Triton backend on CPU tensors with the direct launcher on and compiled kernels
-    that record their launches: CPU tensors' device (-1) is the current one, on stream STREAM."""
-    from bytheway_kernels.ops.attention_probs import triton as map_kernels
-    from bytheway_kernels.ops import workspace as workspace_module
+    that record their launches: CPU tensors' device (-1) is the current one, on stream STREAM.
+    (Not through the `monkeypatch` fixture: a test's own patches of the stubbed names must be
+    undone before the stubs are.)"""
+    from bytheway_kernels.testing import direct_launches_stubbed
 
     calls, compiled = [], {}
 
@@ -315,19 +316,9 @@ def stubbed_map_op(monkeypatch):
         calls.append((name, "compiled by Triton"))
         return compiled[name]
 
-    monkeypatch.setenv("BYTHEWAY_BACKEND", "triton")
-    monkeypatch.setattr(launch_module, "direct_launch_enabled", lambda: True)
-    monkeypatch.setattr(launch_module, "_device_and_stream", lambda: (-1, STREAM))
-    monkeypatch.setattr(launch_module, "current_device", lambda: -1)
-    monkeypatch.setattr(launch_module, "current_stream", lambda device: STREAM)
-    monkeypatch.setattr(KernelLaunch, "run_through_triton", through_triton)
-    launch_module._DIRECT_CACHE.clear()
-    map_kernels._EAGER_CALLS.clear()
-    workspace_module.clear_reused_workspaces()
-    yield calls
-    launch_module._DIRECT_CACHE.clear()
-    map_kernels._EAGER_CALLS.clear()
-    workspace_module.clear_reused_workspaces()
+    with pytest.MonkeyPatch.context() as patch, direct_launches_stubbed(through_triton, STREAM):
+        patch.setenv("BYTHEWAY_BACKEND", "triton")
+        yield calls
 
 
 def _symbolic(calls, named_tensors):

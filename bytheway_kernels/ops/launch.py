@@ -239,6 +239,7 @@ def _remember(key, launch: KernelLaunch, compiled) -> None:
 class PreparedLaunch(NamedTuple):
     """One direct launch of a call signature, ready to repeat with other tensors (`run_prepared`)."""
 
+    kernel: object  # the JITFunction, for its pre-run hooks (`prepared_ready`)
     launcher: object
     grid: tuple  # (x, y, z)
     function: object
@@ -275,7 +276,7 @@ def prepare_direct(launches, sources: tuple, device) -> Optional[tuple]:
                 return None  # not one source (e.g. a caller's guide that is its scores), or unaligned
             positions.append((position, indices[0]))
         grid = tuple(launch.grid) + (1,) * (3 - len(launch.grid))
-        prepared.append(PreparedLaunch(entry.launcher, grid, entry.compiled.function, entry.options,
+        prepared.append(PreparedLaunch(kernel, entry.launcher, grid, entry.compiled.function, entry.options,
                                        entry.arguments.copy(), tuple(positions)))
     return tuple(prepared)
 
@@ -283,7 +284,7 @@ def prepare_direct(launches, sources: tuple, device) -> Optional[tuple]:
 def run_prepared(prepared: tuple, pointers, stream) -> None:
     """Launch `prepare_direct`'s launches on `stream` with `pointers` (the call's sources' data
     pointers, in their order, each 16-byte aligned; the caller checks devices, dtypes and
-    `direct_launch_ready`)."""
+    `prepared_ready`)."""
     for launch in prepared:
         arguments = launch.arguments.copy()
         for position, index in launch.sources:
@@ -296,3 +297,10 @@ def direct_launch_ready() -> bool:
     """Whether launches on the current device would go direct now: the switch, compiled kernels,
     a known Triton and no launch hooks (what `_run_launches` checks once per call)."""
     return direct_launch_enabled() and _hooks_are_empty(_runtime_knobs())
+
+
+def prepared_ready(prepared: tuple) -> bool:
+    """Whether `prepared` launches as `_run_launches` would now: `direct_launch_ready`, and no
+    kernel has gained pre-run hooks (which `_launch_direct` sends through Triton)."""
+    return direct_launch_ready() and not any(getattr(launch.kernel, "pre_run_hooks", None)
+                                             for launch in prepared)

@@ -421,23 +421,23 @@ def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams
                        apply_args, common["FULL_BAND"])
 
 
-def kernel_launches(scores, guide, params: ByTheWayParams, probs, stats=None,
-                    reuse_workspace: bool = False) -> list:
+def kernel_launches(scores, guide, params: ByTheWayParams, probs, stats=None) -> list:
     """The launches that write ByTheWay(scores) into `probs` (and `stats` if given), in order.
 
     Fixed beta without stats: `_apply_kernel` alone. Otherwise `_stats_kernel` (whose last program
-    also turns the energies into beta and stats) then `_apply_kernel`. `scores` and `guide` must
-    be contiguous and `probs` non-empty. `reuse_workspace`: plain eager calls only, see
-    `bytheway_kernels.ops.workspace.zeroed_workspace`.
+    also turns the energies into beta and stats) then `_apply_kernel`, with a new zeroed
+    workspace (plain eager calls reuse one: `attention_probs_triton_eager`). `scores` and `guide`
+    must be contiguous and `probs` non-empty.
     """
-    return _launches_and_sources(scores, guide, params, probs, stats, reuse_workspace)[0]
+    return _launches_and_sources(scores, guide, params, probs, stats, False)[0]
 
 
 def _launches_and_sources(scores, guide, params: ByTheWayParams, probs, stats, reuse_workspace: bool):
     """(`kernel_launches`, the tensors they read and write, and the launch plan). The tensors are
     (scores, guide, band, workspace, probs, stats), each None where the launches do not use it
     (the band where the full band needs none); the launches pass scores for an unused guide or
-    band pointer and the workspace for an unused stats pointer."""
+    band pointer and the workspace for an unused stats pointer. `reuse_workspace`: see
+    `bytheway_kernels.ops.workspace.zeroed_workspace`."""
     plan = _launch_plan(tuple(scores.shape), None if guide is None else tuple(guide.shape[1:3]),
                         params, stats is not None, triton_rules.BAND_PRODUCT)
     band = scores
@@ -477,14 +477,13 @@ def _check_device(scores: torch.Tensor) -> None:
         )
 
 
-def attention_probs_triton_out(scores, guide, params: ByTheWayParams, probs, stats=None,
-                               reuse_workspace: bool = False):
+def attention_probs_triton_out(scores, guide, params: ByTheWayParams, probs, stats=None):
     """Launch the fused kernels writing into `probs` (and `stats`, (rows, 6) fp32, if given).
 
     The kernels compute in fp32: float64 scores are refused here (the op routes them to a float64
-    backend). Launch counts and `reuse_workspace`: see `kernel_launches`.
+    backend). Launch counts: see `kernel_launches`.
     """
-    _launch_out(scores, guide, params, probs, stats, reuse_workspace)
+    _launch_out(scores, guide, params, probs, stats, reuse_workspace=False)
 
 
 def _launch_out(scores, guide, params: ByTheWayParams, probs, stats, reuse_workspace: bool):
@@ -509,15 +508,17 @@ def _launch_out(scores, guide, params: ByTheWayParams, probs, stats, reuse_works
     return None if copied else launched
 
 
-def attention_probs_triton(scores, guide, params: ByTheWayParams, with_stats: bool,
-                           reuse_workspace: bool = False):
-    """(probs, stats or None): allocate the outputs (probs contiguous; stats float32 (rows, 6)
-    when `with_stats`) and launch the fused kernels into them."""
+def _new_outputs(scores, params: ByTheWayParams, with_stats: bool):
+    """(probs, stats or None), uninitialised: probs contiguous, stats float32 (rows, 6)."""
     probs = torch.empty_like(scores, memory_format=torch.contiguous_format)
-    stats = None
-    if with_stats:
-        stats = params.empty_stats(scores, scores.shape[0])
-    attention_probs_triton_out(scores, guide, params, probs, stats, reuse_workspace)
+    return probs, params.empty_stats(scores, scores.shape[0]) if with_stats else None
+
+
+def attention_probs_triton(scores, guide, params: ByTheWayParams, with_stats: bool):
+    """(probs, stats or None): allocate the outputs (`_new_outputs`) and launch the fused kernels
+    into them."""
+    probs, stats = _new_outputs(scores, params, with_stats)
+    attention_probs_triton_out(scores, guide, params, probs, stats)
     return probs, stats
 
 
@@ -528,9 +529,7 @@ class _EagerCall(NamedTuple):
     launches: tuple
     plan: _LaunchPlan
     band: Optional[torch.Tensor]
-    device: int
     band_setting: str  # `triton_rules.BAND_PRODUCT` when prepared (`testing.band_product` changes it)
-    kernels: tuple  # whose pre-run hooks, if any are added later, send a repeat through Triton
 
 
 # Validation key (op.py's `_validated_params`: shapes, dtypes, devices and every parameter) ->
@@ -556,17 +555,16 @@ def attention_probs_triton_eager(scores, guide, params: ByTheWayParams, with_sta
 
     A repeat skips the launch plan, the launch objects and the direct launcher's signature and
     cache key. It checks what those would decide that its key does not fix: the launch switch and
-    hooks (`launch.direct_launch_ready`), the current device, contiguous inputs and 16-byte
-    aligned pointers (as the prepared kernels were compiled); anything else takes the general
-    path.
+    hooks (`launch.prepared_ready`), the band product setting, the current device, contiguous
+    inputs and 16-byte aligned pointers (as the prepared kernels were compiled); anything else
+    takes the general path.
     """
     eager_call = _EAGER_CALLS.get(call_key) if call_key is not None else None
     if eager_call is not None:
         result = _repeat(eager_call, scores, guide, params, with_stats)
         if result is not None:
             return result
-    probs = torch.empty_like(scores, memory_format=torch.contiguous_format)
-    stats = params.empty_stats(scores, scores.shape[0]) if with_stats else None
+    probs, stats = _new_outputs(scores, params, with_stats)
     launched = _launch_out(scores, guide, params, probs, stats, reuse_workspace=True)
     if launched is not None and call_key is not None and launch.direct_launch_ready():
         launches, sources, plan = launched
@@ -576,27 +574,23 @@ def attention_probs_triton_eager(scores, guide, params: ByTheWayParams, with_sta
         if prepared is not None:
             if len(_EAGER_CALLS) >= _EAGER_CALLS_LIMIT:
                 _EAGER_CALLS.clear()
-            _EAGER_CALLS[call_key] = _EagerCall(prepared, plan, sources[2], device,
-                                                triton_rules.BAND_PRODUCT,
-                                                tuple(each.kernel for each in launches))
+            _EAGER_CALLS[call_key] = _EagerCall(prepared, plan, sources[2], triton_rules.BAND_PRODUCT)
     return probs, stats
 
 
 def _repeat(eager_call: _EagerCall, scores, guide, params: ByTheWayParams, with_stats: bool):
     """(probs, stats or None) from `eager_call`'s prepared launches, or None where the general
     path must run instead."""
-    device = scores.get_device()
-    if (device != eager_call.device or eager_call.band_setting != triton_rules.BAND_PRODUCT
-            or not launch.direct_launch_ready() or device != launch.current_device()
-            or not scores.is_contiguous() or not (guide is None or guide.is_contiguous())
-            or any(kernel.pre_run_hooks for kernel in eager_call.kernels)):
+    device = scores.get_device()  # the key fixes it: is it still the current one?
+    if (eager_call.band_setting != triton_rules.BAND_PRODUCT
+            or not launch.prepared_ready(eager_call.launches) or device != launch.current_device()
+            or not scores.is_contiguous() or not (guide is None or guide.is_contiguous())):
         return None
     plan = eager_call.plan
     workspace = None
     if len(eager_call.launches) > 1:
         workspace = zeroed_workspace(plan, plan.workspace_size, scores, True)
-    probs = torch.empty_like(scores, memory_format=torch.contiguous_format)
-    stats = params.empty_stats(scores, scores.shape[0]) if with_stats else None
+    probs, stats = _new_outputs(scores, params, with_stats)
     # the sources' pointers, in `_launches_and_sources`' order (0 for one the launches do not use)
     pointers = (scores.data_ptr(), 0 if guide is None else guide.data_ptr(),
                 0 if eager_call.band is None else eager_call.band.data_ptr(),

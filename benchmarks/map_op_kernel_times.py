@@ -19,6 +19,11 @@ per thread (32 rows on 8 warps, or 16 on 4) compiled to 32-38 registers and ~35%
 instructions per entry; with the rank-one terms the default tile takes 44-54 (sm_90 SASS,
 Triton 3.6 and 3.9, no spills).
 
+At F = 24 and 32 it also times the adaptive call's stats pass on the apply pass's full tiles
+(the default since 2026-11-28, where it sums the rank-one terms' energies) against half tiles
+(`FULL_STATS_TILES_FOR_TERMS`; half tiles: 4 entries and 8 threads per row at F_PAD = 32, one
+more shuffle per reduction and 48-54% more SASS instructions per row, in fewer registers).
+
 Then, at the three F = 16 shapes, it sweeps the adaptive stats pass's tiles per program
 (`STATS_TILE_SWEEP`: 1, 2, 4 and 8 tiles of 64 rows, the default taking up to 4): per program
 count it prints the stats kernel's and the whole call's device time. The default's 2048 programs
@@ -155,6 +160,26 @@ def stats_tile_sweep():
               f"({totals[best] / totals[default]:.2f}x the default's time)")
 
 
+def stats_term_tile_sweep():
+    """The adaptive call's stats kernel and total device time at F = 24 and 32, its stats pass on
+    full tiles (the default) or half tiles."""
+    print("stats pass with the rank-one terms' energies, full / half tiles: stats kernel / whole "
+          "adaptive call, us")
+    for size, frames in SHAPES:
+        if frames == 16:
+            continue
+        scores, guide = layer_inputs(size, frames)
+        cells = []
+        for full in (True, False):
+            with planned_with(FULL_STATS_TILES_FOR_TERMS=full):
+                kernels = kernel_times(adaptive_call(scores, guide))
+                rows = stats_plan(scores, guide).stats_args["BLOCK_R"]
+            stats = sum(value for key, value in kernels.items() if "_stats_kernel" in key)
+            cells.append(f"{'full' if full else 'half'} ({rows} rows): {stats:5.1f} / "
+                         f"{sum(kernels.values()):5.1f}")
+        print(f"{size}x{size} F{frames}  " + "   ".join(cells))
+
+
 def main():
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     print("host us/call: " + " / ".join(HOST_COLUMNS) + " (softmax: its one host time)")
@@ -190,6 +215,7 @@ def main():
             print(f"{size}x{size} F{frames} {name:12s} kernel {total:6.1f} us ({total / softmax_kernel:.2f}x "
                   f"softmax)  host {host_text} us/call  [{parts}]")
     apply_tile_sweep()
+    stats_term_tile_sweep()
     stats_tile_sweep()
     return 0
 

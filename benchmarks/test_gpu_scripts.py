@@ -164,3 +164,6 @@ def test_map_op_kernel_times_runs(out):
     assert "2x2 F24  1 (" not in out  # the stats sweep runs at F = 16 only
     # the apply kernel's tile sweep at F = 24 only (a circulant band), each forced tile once
     assert "2x2 F24  (32, 4):    3.0   (32, 8):    3.0   (16, 4):    3.0" in out and "4x4 F16  (32, 4)" not in out
+    # the stats pass's full and half tiles at F = 24 only (rank-one terms' energies), both planned
+    assert "2x2 F24  full (32 rows):   1.0 /   3.0   half (16 rows):   1.0 /   3.0" in out
+    assert "4x4 F16  full" not in out

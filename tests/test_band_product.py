@@ -57,6 +57,14 @@ def _rank_one_kernel(values_ptr, terms_ptr, out_ptr, ROWS: tl.constexpr, F_PAD: 
     tl.store(out_ptr + rows * F_PAD + cols, product)
 
 
+@triton.jit
+def _rank_one_energy_kernel(values_ptr, terms_ptr, out_ptr, ROWS: tl.constexpr,
+                            F_PAD: tl.constexpr, RANK: tl.constexpr):
+    rows = tl.arange(0, ROWS)
+    values = tl.load(values_ptr + rows[:, None] * F_PAD + tl.arange(0, F_PAD)[None, :])
+    tl.store(out_ptr + rows, triton_rules.rank_one_band_energy(values, terms_ptr, F_PAD, RANK))
+
+
 def _special_values() -> torch.Tensor:
     """Ties, signs, tiny and huge magnitudes, subnormals, infinities and NaN, then random."""
     one_ulp = 2.0 ** -23
@@ -165,6 +173,34 @@ def test_rank_one_product_is_as_accurate_as_fp32(frames, tau, padded):
     error = (product.double() - expected).abs()
     assert (error <= bound).all(), error.max()
     assert bound.max() < 1e-5
+
+
+@pytest.mark.parametrize("frames,tau,padded",
+                         [(24, 7, 32), (32, 7, 32), (16, 3, 16), (7, 2, 16), (48, 5, 64), (24, 0, 32)])
+def test_rank_one_energy_gives_the_band_energy(frames, tau, padded):
+    """The stats pass's band energy from the terms alone: sum_k (a . v_k)^2 = <a, a sum_k v_k^T v_k>,
+    which is <a, a P> (or |a|^2 minus it, with the complement), within fp32 rounding of the
+    squared coefficients (each a . v_k off by <= F eps sum |a| |v_k|). A term dropped or a wrong
+    weight is off by ~1e-3 of the energy."""
+    generator = torch.Generator().manual_seed(frames * 3 + tau)
+    rows = 32
+    logits = torch.randn((rows, padded), generator=generator) * 3
+    logits[:, frames:] = float("-inf")
+    values = torch.softmax(logits, -1)
+    p = high_band_matrix_float64(frames, tau)
+    exact = values.double()[:, :frames]
+    band_energy = ((exact @ p) * exact).sum(-1)
+    terms, complement = band_rank_one_terms_float64(frames, tau)
+    expected = (exact * exact).sum(-1) - band_energy if complement else band_energy
+    coefficient_error = frames * 2.0 ** -24 * (exact.abs() @ terms.abs().T)
+    bound = (2 * (exact @ terms.T).abs() * coefficient_error + coefficient_error ** 2).sum(-1) \
+        + 2 * frames * 2.0 ** -24 * expected + 1e-30
+    energy = torch.full((rows,), float("nan"))
+    _rank_one_energy_kernel[(1,)](values, band_rank_one_terms(frames, tau, padded, torch.device("cpu")),
+                                  energy, ROWS=rows, F_PAD=padded, RANK=terms.shape[0])
+    error = (energy.double() - expected).abs()
+    assert (error <= bound).all(), (error / bound).max()
+    assert (bound < 1e-3 * expected).all()
 
 
 @pytest.mark.parametrize("frames,tau,rank_one", [(24, 7, True), (32, 7, True), (20, 3, True), (8, 1, True),

@@ -222,3 +222,17 @@ def rank_one_band_product(values, terms_ptr, F_PAD: tl.constexpr, RANK: tl.const
     if COMPLEMENT:
         product = values - product
     return product
+
+
+@triton.jit
+def rank_one_band_energy(values, terms_ptr, F_PAD: tl.constexpr, RANK: tl.constexpr):
+    """Per row, the sum over P's RANK rank-one terms (`band.band_rank_one_terms`) of
+    (values . v_k)^2: <values, values @ sum_k v_k^T v_k> without forming the product (one dot
+    product per row and term, no scaled additions)."""
+    cols = tl.arange(0, F_PAD)
+    energy = tl.zeros((values.shape[0],), dtype=tl.float32)
+    for k in tl.static_range(RANK):
+        vector = tl.load(terms_ptr + k * F_PAD + cols)[None, :]
+        coefficient = tl.sum(values * vector, axis=1)
+        energy += coefficient * coefficient
+    return energy

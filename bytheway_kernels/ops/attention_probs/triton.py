@@ -39,8 +39,8 @@ from ..params import ByTheWayParams
 from ..workspace import clear_reused_workspaces, zeroed_workspace
 from .. import triton_rules
 from ..triton_rules import (LOG2E, band_product, bilinear_sources, enhanced_rows, group_beta,
-                            load_band, nearest_source, rank_one_band_product, store_stats_row,
-                            to_element_type)
+                            load_band, nearest_source, rank_one_band_energy, rank_one_band_product,
+                            store_stats_row, to_element_type)
 
 GUIDE_MODES = {None: 0, "nearest": 1, "bilinear": 2}
 # Per stats program: sum|A|^2, sum|A2|^2, sum<A2, A2 P>, then (with stats) the last three over s^2,
@@ -63,6 +63,14 @@ REDUCE_CHUNK = 256
 # those sums the tiers (two round trips and a second ticket, whatever the slot count).
 FLAT_SUM_SLOTS = 2048
 ENERGY_FLOOR = tl.constexpr(HIGH_ENERGY_FLOOR)
+# Whether the stats pass takes the apply pass's full tiles where it sums P's rank-one terms'
+# energies (`rank_one_band_energy`: no product held, unlike the other band steps, which take half
+# tiles). At F_PAD = 32 a full tile gives each thread 8 entries and a row 4 threads (half tiles:
+# 4 and 8, one more shuffle per reduction). Compiled for sm_90 (fp16 scores, adaptive, up_blocks.2's
+# size, 4 tiles per program, Triton 3.6): 48-54% fewer SASS instructions per row than half tiles
+# with the terms' products, in 93-166 registers instead of 64-128, no spills. Not yet timed on a
+# GPU: benchmarks/map_op_kernel_times.py times both.
+FULL_STATS_TILES_FOR_TERMS = True
 
 
 @triton.jit
@@ -100,14 +108,12 @@ def _guide_rows(guide_ptr, b, rows, row_mask, cols, col_mask, H, W, h, w, heads,
 
 
 @triton.jit
-def _guided_block(scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_entry,
+def _guided_block(scores_ptr, guide_ptr, b, rows, row_mask, rows_per_entry,
                   H, W, h, w, heads, scale_y, scale_x, alpha,
                   F: tl.constexpr, F_PAD: tl.constexpr, GUIDE_MODE: tl.constexpr,
-                  FULL_BAND: tl.constexpr, SPLIT_BAND: tl.constexpr, BAND_RANK: tl.constexpr,
-                  BAND_COMPLEMENT: tl.constexpr, LEAN_SOFTMAX: tl.constexpr):
-    """(attn, guided, guided @ P, rowsum(guided)) for BLOCK_R rows, fp32, padded columns zero.
-    With the full band, P = I - 1/F, the third is `guided` itself: both callers take A2 P =
-    A2 - s / F from the row sum instead (`enhanced_rows`, the stats pass's energies).
+                  LEAN_SOFTMAX: tl.constexpr):
+    """(attn, guided, rowsum(guided)) for BLOCK_R rows, fp32, padded columns zero (the band
+    step is the caller's: `_band_high`, or the stats pass's energies straight from the terms).
 
     LEAN_SOFTMAX: exps by tl.exp2 (flush-to-zero ex2: no denormal fix-up of three instructions
     per entry on sm_90) and A as exps times one reciprocal per row (no division's two fix-up
@@ -143,6 +149,15 @@ def _guided_block(scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_e
         usable = (row_sum > 0.0) & (row_sum < float("inf"))  # false for NaN too
         guided = tl.where(usable[:, None], guided, attn)
         row_sum = tl.where(usable, row_sum, tl.sum(attn, axis=1))
+    return attn, guided, row_sum
+
+
+@triton.jit
+def _band_high(guided, band_ptr, F_PAD: tl.constexpr, FULL_BAND: tl.constexpr,
+               SPLIT_BAND: tl.constexpr, BAND_RANK: tl.constexpr, BAND_COMPLEMENT: tl.constexpr):
+    """guided @ P as the launch plan chose to form it. With the full band, P = I - 1/F, this is
+    `guided` itself: the callers take A2 P = A2 - s / F from the row sum instead
+    (`enhanced_rows`, the stats pass's energies)."""
     if FULL_BAND:
         high = guided  # unused, see above
     elif BAND_RANK > 0:
@@ -150,7 +165,7 @@ def _guided_block(scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_e
     else:
         band, band_low = load_band(band_ptr, F_PAD, SPLIT_BAND)
         high = band_product(guided, band, band_low, SPLIT_BAND)
-    return attn, guided, high, row_sum
+    return high
 
 
 @triton.jit
@@ -190,17 +205,25 @@ def _stats_kernel(scores_ptr, guide_ptr, band_ptr, workspace_ptr, stats_ptr, bet
     for tile in tl.static_range(TILES):
         rows = (program * TILES + tile) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_mask = rows < rows_per_entry
-        attn, guided, high, row_sum = _guided_block(
-            scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_entry, H, W, h, w, heads,
-            scale_y, scale_x, alpha, F, F_PAD, GUIDE_MODE, FULL_BAND, SPLIT_BAND, BAND_RANK,
-            BAND_COMPLEMENT, FULL_BAND or SPLIT_BAND or BAND_RANK > 0)
+        attn, guided, row_sum = _guided_block(
+            scores_ptr, guide_ptr, b, rows, row_mask, rows_per_entry, H, W, h, w, heads,
+            scale_y, scale_x, alpha, F, F_PAD, GUIDE_MODE, FULL_BAND or SPLIT_BAND or BAND_RANK > 0)
         guided_square = tl.sum(guided * guided, axis=1)
         if FULL_BAND:
             # A2 P = A2 - s / F: <A2, A2 P> = |A2|^2 - s^2 / F, and |A2 P|^2 is the same (A2 P
             # sums to 0), so A2 P is never formed (6-8% fewer SASS instructions per program, sm_90)
             guided_high = guided_square - row_sum * row_sum * (1.0 / F)
             high_square = guided_high
+        elif BAND_RANK > 0 and (F % 2 == 0 or not WRITE_STATS):
+            # P = sum_k v_k^T v_k (or I minus it): <A2, A2 P> is the sum of the squared
+            # coefficients A2 . v_k (or |A2|^2 minus it), so A2 P is never formed: no scaled
+            # additions. For even F the band is symmetric and P a projector, |A2 P|^2 = <A2, A2 P>.
+            term_energy = rank_one_band_energy(guided, band_ptr, F_PAD, BAND_RANK)
+            guided_high = guided_square - term_energy if BAND_COMPLEMENT else term_energy
+            high_square = guided_high
         else:
+            high = _band_high(guided, band_ptr, F_PAD, FULL_BAND, SPLIT_BAND, BAND_RANK,
+                              BAND_COMPLEMENT)
             guided_high = tl.sum(guided * high, axis=1)
             high_square = tl.sum(high * high, axis=1)  # only with WRITE_STATS: dead otherwise
         attn_energy += tl.where(row_mask, tl.sum(attn * attn, axis=1), 0.0)
@@ -336,10 +359,10 @@ def _apply_kernel(scores_ptr, guide_ptr, band_ptr, betas_ptr, probs_ptr, betas_a
     beta = beta0
     if ADAPTIVE:
         beta = tl.load(betas_ptr + betas_at + (b % videos if PER_VIDEO else 0))
-    attn, guided, high, row_sum = _guided_block(
-        scores_ptr, guide_ptr, band_ptr, b, rows, row_mask, rows_per_entry, H, W, h, w, heads,
-        scale_y, scale_x, alpha, F, F_PAD, GUIDE_MODE, FULL_BAND, SPLIT_BAND, BAND_RANK,
-        BAND_COMPLEMENT, True)
+    attn, guided, row_sum = _guided_block(
+        scores_ptr, guide_ptr, b, rows, row_mask, rows_per_entry, H, W, h, w, heads, scale_y,
+        scale_x, alpha, F, F_PAD, GUIDE_MODE, True)
+    high = _band_high(guided, band_ptr, F_PAD, FULL_BAND, SPLIT_BAND, BAND_RANK, BAND_COMPLEMENT)
     enhanced = enhanced_rows(guided, high, beta, row_sum[:, None], F, FULL_BAND)  # padded: unstored
     cols = tl.arange(0, F_PAD)
     offsets = (b * rows_per_entry + rows)[:, None] * F + cols[None, :]
@@ -391,10 +414,11 @@ def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams
     tiles = triton.cdiv(rows_per_entry, block_rows)  # grid axis 0: it allows 2**31 - 1 programs
     # the exact fp32 dot's layouts need more registers: half tiles keep its stats pass free of
     # spills (the split product on tensor cores fits in full tiles, sm_90, Triton 3.6 and 3.9);
-    # so do the rank-one terms' (full tiles spilled 16 bytes under Triton 3.6 at F = 16, 4 tiles
-    # per program, bilinear guide, with stats)
+    # so do the rank-one terms' products (full tiles spilled 16 bytes under Triton 3.6 at F = 16,
+    # 4 tiles per program, bilinear guide, with stats), but not their energies alone
     stats_block_rows = block_rows
-    if not (full_band or split):
+    term_energies = band_rank > 0 and (frames % 2 == 0 or not with_stats)  # `_stats_kernel`'s rule
+    if not (full_band or split or (term_energies and FULL_STATS_TILES_FOR_TERMS)):
         stats_block_rows = max(16, block_rows // 2)
     stats_tiles = triton.cdiv(rows_per_entry, stats_block_rows)
     tiles_per_program = min(MAX_STATS_TILES, triton.next_power_of_2(

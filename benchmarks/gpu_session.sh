@@ -85,9 +85,10 @@ if [[ -f benchmarks/fused_kernel_times.py ]]; then  # profiler: fused kernel dev
   step fused_kernel_times 180 python3 benchmarks/fused_kernel_times.py
 fi
 if [[ -f benchmarks/map_op_kernel_times.py ]]; then  # profiler: the map op's kernel and host times,
-  # then its apply kernel's tiles at F = 24 / 32 (the band dot's registers, see the script) and its
-  # stats pass at 1, 2, 4 and 8 tiles per program (one wave or several)
-  step map_kernel_times 100 python3 benchmarks/map_op_kernel_times.py
+  # then the adaptive call plain or as a programmatic dependent pair (CUDA events), its apply
+  # kernel's tiles at F = 24 / 32 (see the script), its stats pass on full or half tiles there,
+  # and its stats pass at 1, 2, 4 and 8 tiles per program (one wave or several)
+  step map_kernel_times 130 python3 benchmarks/map_op_kernel_times.py
 fi
 # host per call: Triton's path / direct (pointers as ints, the default since 2026-11-27) /
 # direct handing over the tensors (as before: the C launcher's data_ptr() and cuPointerGetAttribute
@@ -100,7 +101,10 @@ step host_cost 30 python3 benchmarks/host_cost.py
 # timed the map op's prepared eager calls (benchmarks/results/h200-2026-11-27-session7.notes.md).
 # Changed since: the prepared calls check the band product and are forgotten with the launch
 # plans (`clear_launch_plans`), which makes map_kernel_times' variant and sweep rows valid again
-# (void in that second call). Without the skip the steps took 516 s in session 6:
+# (void in that second call); the map op's stats pass sums the rank-one terms' energies on full
+# tiles at F = 24 / 32 (untimed: map_kernel_times times full against half tiles); the adaptive
+# call's kernels can be a programmatic dependent pair (off by default: map_kernel_times times it,
+# and test_programmatic_dependent_pair in gpu_tests checks it). Without the skip the steps took 516 s in session 6:
 # BYTHEWAY_GPU_BUDGET_S=590 gives the layer part room, where no second device call is planned
 # (a 15-minute session then has too little left to start another machine).
 # (two pytest runs: the step fails if either does, and the op tests' summary line is in summary.txt)

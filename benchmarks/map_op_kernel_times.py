@@ -24,6 +24,11 @@ At F = 24 and 32 it also times the adaptive call's stats pass on the apply pass'
 (`FULL_STATS_TILES_FOR_TERMS`; half tiles: 4 entries and 8 threads per row at F_PAD = 32, one
 more shuffle per reduction and 48-54% more SASS instructions per row, in fewer registers).
 
+At every shape it times the adaptive call between CUDA events (L2 flushed, the host ahead of
+the device: `harness.kernel_time`) with its two kernels launched plainly and as a programmatic
+dependent pair (`PROGRAMMATIC_LAUNCH`, off by default until this says it wins; the profiler's
+per-kernel times cannot show the pair's overlap).
+
 Then, at the three F = 16 shapes, it sweeps the adaptive stats pass's tiles per program
 (`STATS_TILE_SWEEP`: 1, 2, 4 and 8 tiles of 64 rows, the default taking up to 4): per program
 count it prints the stats kernel's and the whole call's device time. The default's 2048 programs
@@ -34,12 +39,14 @@ in tiers, `FLAT_SUM_SLOTS`), fewer make one wave. Which wins is for the device t
 """
 
 import contextlib
+import time
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import bytheway_kernels as btw
+import harness
 from bytheway_kernels.ops import triton_rules
 from bytheway_kernels.ops.attention_probs import triton as map_triton
 from bytheway_kernels.ops.params import ByTheWayParams
@@ -160,6 +167,32 @@ def stats_tile_sweep():
               f"({totals[best] / totals[default]:.2f}x the default's time)")
 
 
+def event_time(fn) -> float:
+    """Device microseconds per call of `fn` between CUDA events (`harness.kernel_time`)."""
+    fn()  # compiles, prepares
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    wall_s = time.perf_counter() - started
+    return harness.kernel_time(fn, wall_s, harness.host_time(fn, wall_s)) * 1e6
+
+
+def programmatic_sweep():
+    """The adaptive call's device time per call between CUDA events, its kernels launched plainly
+    or as a programmatic dependent pair, against softmax's."""
+    print("adaptive call, CUDA events: plain / programmatic pair, us (x softmax's kernel)")
+    for size, frames in SHAPES:
+        scores, guide = layer_inputs(size, frames)
+        softmax = event_time(lambda: torch.softmax(scores, -1))
+        cells = []
+        for programmatic in (False, True):
+            with planned_with(PROGRAMMATIC_LAUNCH=programmatic):
+                elapsed = event_time(adaptive_call(scores, guide))
+            cells.append(f"{'pair' if programmatic else 'plain'} {elapsed:6.1f} ({elapsed / softmax:.2f}x)")
+        print(f"{size}x{size} F{frames}  softmax {softmax:6.1f}   " + "   ".join(cells))
+
+
 def stats_term_tile_sweep():
     """The adaptive call's stats kernel and total device time at F = 24 and 32, its stats pass on
     full tiles (the default) or half tiles."""
@@ -214,6 +247,7 @@ def main():
                     host_text = " / ".join(f"{host[column]:6.1f}" for column in HOST_COLUMNS)
             print(f"{size}x{size} F{frames} {name:12s} kernel {total:6.1f} us ({total / softmax_kernel:.2f}x "
                   f"softmax)  host {host_text} us/call  [{parts}]")
+    programmatic_sweep()
     apply_tile_sweep()
     stats_term_tile_sweep()
     stats_tile_sweep()

@@ -79,6 +79,7 @@ DRY_RUNS = {
             fn()
             return {"_stats_kernel": 1.0, "_apply_kernel": 2.0}
         script.kernel_times = one_call
+        script.event_time = lambda fn: (fn(), 2.0)[1]
         script.host_us_per_call = lambda fn: 1.0
         script.host_costs = lambda fn: {column: 1.0 for column in script.HOST_COLUMNS}
     """),
@@ -164,6 +165,9 @@ def test_map_op_kernel_times_runs(out):
     assert "2x2 F24  1 (" not in out  # the stats sweep runs at F = 16 only
     # the apply kernel's tile sweep at F = 24 only (a circulant band), each forced tile once
     assert "2x2 F24  (32, 4):    3.0   (32, 8):    3.0   (16, 4):    3.0" in out and "4x4 F16  (32, 4)" not in out
+    # the adaptive call plain and as a programmatic pair at every shape
+    assert "4x4 F16  softmax    2.0   plain    2.0 (1.00x)   pair    2.0 (1.00x)" in out
+    assert "2x2 F24  softmax    2.0   plain" in out
     # the stats pass's full and half tiles at F = 24 only (rank-one terms' energies), both planned
     assert "2x2 F24  full (32 rows):   1.0 /   3.0   half (16 rows):   1.0 /   3.0" in out
     assert "4x4 F16  full" not in out

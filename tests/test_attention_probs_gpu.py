@@ -211,3 +211,57 @@ def test_tiered_slot_sum_at_one_tile_per_program(scope, monkeypatch):
             assert torch.equal(probs, first[0]) and torch.equal(stats, first[1])
     finally:
         kernels.clear_launch_plans()
+
+
+@pytest.fixture
+def programmatic_launch(monkeypatch):
+    """The map op's adaptive calls as a programmatic dependent pair (`PROGRAMMATIC_LAUNCH`) inside
+    the test, where the device allows it (sm_90 and later); launch plans rebuilt on both sides.
+    Yields whether the pair is programmatic on this device."""
+    from bytheway_kernels.ops.attention_probs import triton as kernels
+
+    monkeypatch.setattr(kernels, "PROGRAMMATIC_LAUNCH", True)
+    kernels.clear_launch_plans()
+    try:
+        yield kernels._programmatic(torch.device("cuda", torch.cuda.current_device()))
+    finally:
+        monkeypatch.undo()
+        kernels.clear_launch_plans()
+
+
+PROGRAMMATIC_CASES = [
+    Case(height=16, width=16, heads=8, dtype=torch.float16, guide_size=(16, 16)),  # up_blocks.1
+    Case(height=32, width=32, heads=8, dtype=torch.bfloat16, guide_size=(16, 16), energy_scope="sample",
+         guide_upsample="bilinear"),
+    Case(frames=24, height=8, width=8, heads=4, dtype=torch.float16, guide_size=(4, 4)),  # rank-one terms
+    Case(height=8, width=8, heads=4, dtype=torch.float32, adaptive_beta=False, guide_size=(4, 4)),
+]
+
+
+@pytest.mark.parametrize("case", PROGRAMMATIC_CASES, ids=str)
+def test_programmatic_dependent_pair(case, programmatic_launch):
+    """With the apply kernel launched while the stats pass runs (it waits for the pass before it
+    reads beta or stores): the reference's result, and, calls on two inputs alternating on one
+    stream (each reusing the stream's workspace, where a beta read too early would be the other
+    input's), each input's first result bit for bit, in eager calls and in a CUDA graph replay."""
+    from bytheway_kernels.ops.attention_probs import triton as kernels
+    from bytheway_kernels.ops.attention_probs.triton import attention_probs_triton_out
+
+    check_backend_case(attention_probs_triton_out, case, device="cuda")
+    inputs = [make_inputs(case, seed=seed, device="cuda") for seed in (3, 4)]
+    inputs[1] = (inputs[1][0] * 2.5, inputs[1][1])  # sharper maps: another beta
+    kwargs = dict(case.kwargs(), return_stats=True)
+    first = [btw.bytheway_attention_probs(scores, guide, **kwargs) for scores, guide in inputs]
+    assert case.adaptive_beta is False or not torch.equal(first[0][1][:, 0], first[1][1][:, 0])
+    plan = kernels._launch_plan(tuple(inputs[0][0].shape), tuple(inputs[0][1].shape[1:3]), case.params(),
+                                True, kernels.triton_rules.BAND_PRODUCT, programmatic_launch)
+    assert plan.apply_args.get("launch_pdl", False) is programmatic_launch
+    results = [btw.bytheway_attention_probs(*inputs[index % 2], **kwargs) for index in range(20)]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        probs, stats = btw.bytheway_attention_probs(*inputs[0], **kwargs)
+    graph.replay()
+    results.append((probs, stats))
+    torch.cuda.synchronize()
+    for index, (probs, stats) in enumerate(results):
+        assert torch.equal(probs, first[index % 2][0]) and torch.equal(stats, first[index % 2][1]), index

@@ -39,7 +39,7 @@ def triton36_dir() -> Optional[Path]:
 
 
 #: Launch options a KernelLaunch's args may carry besides the kernel's own parameters.
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg", "launch_pdl")
 
 
 def launch_signature(kernel, args: dict):
@@ -197,6 +197,20 @@ def _map_op_variants():
         launches += kernels.kernel_launches(scores, guide, params, torch.empty_like(scores),
                                             torch.empty((params.stats_rows(2), 6)))
     kernels.FLAT_SUM_SLOTS = flat_sum_slots
+    # the programmatic dependent pair (griddepcontrol: sm_90 PTX; `PROGRAMMATIC_LAUNCH`), all
+    # flags on, at up_blocks.3's size (F = 16, bilinear guide) and inside the band at F = 24
+    saved = kernels.PROGRAMMATIC_LAUNCH, kernels._programmatic
+    kernels.PROGRAMMATIC_LAUNCH, kernels._programmatic = True, lambda device: True
+    kernels.clear_launch_plans()
+    for size, frames, tau in ((64, 16, max_tau(16)), (16, 24, 7)):
+        guide = torch.zeros((2, 16, 16, 8, frames, frames), dtype=torch.float16)
+        scores = torch.zeros((2, size, size, 8, frames, frames), dtype=torch.float16)
+        params = ByTheWayParams(0.6, 1.5, tau, True, 2, 1, "sample", "bilinear", 3.0)
+        pair = kernels.kernel_launches(scores, guide, params, torch.empty_like(scores),
+                                       torch.empty((params.stats_rows(2), 6)))
+        assert all(launch.args["PDL"] for launch in pair) and pair[1].args["launch_pdl"]
+        launches += pair
+    kernels.PROGRAMMATIC_LAUNCH, kernels._programmatic = saved
     kernels.clear_launch_plans()
     return compiled_variants(launches)
 
@@ -263,9 +277,10 @@ def test_map_op_kernels_compile_for_sm90_without_spills(version, band_product):
     # the apply kernel there too, where heads, H and W are not the constant 1 that the JIT makes
     # of an int argument equal to 1 (2 taus x (2 x 3 guides + 2 extra)); the stats kernel's
     # tiered sum (2 taus x 3 guides); inside the band at F = 24 and 32, the stats kernel with all
-    # flags on and the apply kernel with all on and all off
-    assert counts == {"_stats_kernel": 21 + 2 * 2 + 2 * 5 + 2 * 3 + 2,
-                      "_apply_kernel": 21 * 2 + 2 * 2 + 2 * 8 + 2 * 2}, counts
+    # flags on and the apply kernel with all on and all off; both kernels as a programmatic
+    # dependent pair at 2 sizes
+    assert counts == {"_stats_kernel": 21 + 2 * 2 + 2 * 5 + 2 * 3 + 2 + 2,
+                      "_apply_kernel": 21 * 2 + 2 * 2 + 2 * 8 + 2 * 2 + 2}, counts
     spilled = [r for r in results if r["spill_bytes"]]
     assert not spilled, f"register spills under Triton {report['triton']}: {spilled}"
 

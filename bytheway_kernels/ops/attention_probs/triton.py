@@ -29,6 +29,7 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..._environ import triton_interpreter
 from ...band import band_operand, band_rank_one_terms, band_rank_one_terms_float64, is_full_band
@@ -71,6 +72,15 @@ ENERGY_FLOOR = tl.constexpr(HIGH_ENERGY_FLOOR)
 # with the terms' products, in 93-166 registers instead of 64-128, no spills. Not yet timed on a
 # GPU: benchmarks/map_op_kernel_times.py times both.
 FULL_STATS_TILES_FOR_TERMS = True
+# Programmatic dependent launch (sm_90 and later): the adaptive call's apply kernel is launched
+# with CUDA's programmatic stream serialization, so its programs start while the stats pass still
+# runs (each stats program allows it first thing, `gdc_launch_dependents`). They load, blend and
+# band-multiply their rows, then wait for the whole stats pass (`gdc_wait`, which also makes its
+# stores visible) before reading beta and storing. That hides the second launch's latency and
+# the stats pass's last-program tail, which dominate the adaptive call at up_blocks.1 and .2.
+# Off until timed on a GPU: benchmarks/map_op_kernel_times.py times it on and off, and the CUDA
+# tests run with it on too (tests/test_attention_probs_gpu.py).
+PROGRAMMATIC_LAUNCH = False
 
 
 @triton.jit
@@ -176,7 +186,8 @@ def _stats_kernel(scores_ptr, guide_ptr, band_ptr, workspace_ptr, stats_ptr, bet
                   TILES: tl.constexpr, GUIDE_MODE: tl.constexpr, FULL_BAND: tl.constexpr,
                   SPLIT_BAND: tl.constexpr, BAND_RANK: tl.constexpr, BAND_COMPLEMENT: tl.constexpr,
                   ADAPTIVE: tl.constexpr, HAS_BETA_MAX: tl.constexpr, WRITE_STATS: tl.constexpr,
-                  PER_VIDEO: tl.constexpr, CHUNK: tl.constexpr, TIERED: tl.constexpr):
+                  PER_VIDEO: tl.constexpr, CHUNK: tl.constexpr, TIERED: tl.constexpr,
+                  PDL: tl.constexpr):
     """Energy sums of TILES consecutive tiles of one entry in scope, written to this program's
     slot of the partials (field-major: partials[field, slot], at the start of the workspace); the
     last program to finish adds every slot in a fixed order and writes beta (and stats), see
@@ -191,7 +202,12 @@ def _stats_kernel(scores_ptr, guide_ptr, band_ptr, workspace_ptr, stats_ptr, bet
 
     The tiles are unrolled (no loop-carried loads), so each program has all its loads in flight
     at once. The three 1/s^2-weighted sums behind E3 are computed only with WRITE_STATS.
+
+    PDL: the apply kernel, launched as this kernel's programmatic dependent, may start now
+    (`PROGRAMMATIC_LAUNCH`).
     """
+    if PDL:
+        gdc_launch_dependents()
     program = tl.program_id(0)
     video = tl.program_id(1)
     b = (first_entry + video).to(tl.int64)
@@ -346,23 +362,29 @@ def _apply_kernel(scores_ptr, guide_ptr, band_ptr, betas_ptr, probs_ptr, betas_a
                   heads: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
                   GUIDE_MODE: tl.constexpr, FULL_BAND: tl.constexpr, SPLIT_BAND: tl.constexpr,
                   BAND_RANK: tl.constexpr, BAND_COMPLEMENT: tl.constexpr, PER_VIDEO: tl.constexpr,
-                  ADAPTIVE: tl.constexpr):
+                  ADAPTIVE: tl.constexpr, PDL: tl.constexpr):
     """Write A3 = (guided + (beta - 1) * guided @ P) / rowsum(guided); beta from
     `betas_ptr + betas_at` (the stats pass's workspace) if adaptive.
 
     Dividing by rowsum(A2) rather than rowsum(A3) keeps the error independent of beta: both are
     equal in exact arithmetic, but A3's sum carries beta times the rounding of the band term.
+
+    PDL (launched as the stats pass's programmatic dependent, `PROGRAMMATIC_LAUNCH`): everything
+    up to the band step overlaps the stats pass; the program then waits for all of it to finish
+    before it reads beta or stores (so nothing after this kernel runs before the stats pass ends).
     """
     b = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < rows_per_entry
-    beta = beta0
-    if ADAPTIVE:
-        beta = tl.load(betas_ptr + betas_at + (b % videos if PER_VIDEO else 0))
     attn, guided, row_sum = _guided_block(
         scores_ptr, guide_ptr, b, rows, row_mask, rows_per_entry, H, W, h, w, heads, scale_y,
         scale_x, alpha, F, F_PAD, GUIDE_MODE, True)
     high = _band_high(guided, band_ptr, F_PAD, FULL_BAND, SPLIT_BAND, BAND_RANK, BAND_COMPLEMENT)
+    if PDL:
+        gdc_wait()
+    beta = beta0
+    if ADAPTIVE:
+        beta = tl.load(betas_ptr + betas_at + (b % videos if PER_VIDEO else 0))
     enhanced = enhanced_rows(guided, high, beta, row_sum[:, None], F, FULL_BAND)  # padded: unstored
     cols = tl.arange(0, F_PAD)
     offsets = (b * rows_per_entry + rows)[:, None] * F + cols[None, :]
@@ -390,8 +412,11 @@ class _LaunchPlan(NamedTuple):
 
 @functools.lru_cache(maxsize=256)
 def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams,
-                 with_stats: bool, band_setting: str) -> _LaunchPlan:
+                 with_stats: bool, band_setting: str, programmatic: bool = False) -> _LaunchPlan:
+    """`programmatic`: the two launches (adaptive beta or stats) as a programmatic dependent
+    pair (`PROGRAMMATIC_LAUNCH`, `_programmatic`)."""
     batch, height, width, heads, frames, _ = shape
+    programmatic = programmatic and (params.adaptive_beta or with_stats)
     videos = batch // params.parts
     rows_per_entry = height * width * heads * frames
     padded = max(16, triton.next_power_of_2(frames))
@@ -410,7 +435,8 @@ def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams
                   GUIDE_MODE=GUIDE_MODES[None if guide_hw is None else params.guide_upsample],
                   FULL_BAND=full_band, SPLIT_BAND=split, BAND_RANK=band_rank,
                   BAND_COMPLEMENT=band_complement,
-                  ADAPTIVE=params.adaptive_beta, PER_VIDEO=per_video, num_warps=num_warps)
+                  ADAPTIVE=params.adaptive_beta, PER_VIDEO=per_video, PDL=programmatic,
+                  num_warps=num_warps)
     tiles = triton.cdiv(rows_per_entry, block_rows)  # grid axis 0: it allows 2**31 - 1 programs
     # the exact fp32 dot's layouts need more registers: half tiles keep its stats pass free of
     # spills (the split product on tensor cores fits in full tiles, sm_90, Triton 3.6 and 3.9);
@@ -441,6 +467,8 @@ def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams
                       HAS_BETA_MAX=params.beta_max is not None, WRITE_STATS=with_stats,
                       CHUNK=REDUCE_CHUNK, TIERED=tiered)
     apply_args = dict(common, videos=max(videos, 1), betas_at=betas_at)
+    if programmatic:
+        apply_args["launch_pdl"] = True  # Triton's launch option: programmatic stream serialization
     return _LaunchPlan((programs, videos), (tiles, batch), betas_at + groups + 1, stats_args,
                        apply_args, common["FULL_BAND"])
 
@@ -463,7 +491,8 @@ def _launches_and_sources(scores, guide, params: ByTheWayParams, probs, stats, r
     band pointer and the workspace for an unused stats pointer. `reuse_workspace`: see
     `bytheway_kernels.ops.workspace.zeroed_workspace`."""
     plan = _launch_plan(tuple(scores.shape), None if guide is None else tuple(guide.shape[1:3]),
-                        params, stats is not None, triton_rules.BAND_PRODUCT)
+                        params, stats is not None, triton_rules.BAND_PRODUCT,
+                        PROGRAMMATIC_LAUNCH and _programmatic(scores.device))
     band = scores
     if plan.apply_args["BAND_RANK"]:
         band = band_rank_one_terms(scores.shape[-1], params.tau, plan.apply_args["F_PAD"], scores.device)
@@ -491,6 +520,14 @@ def _launches_and_sources(scores, guide, params: ByTheWayParams, probs, stats, r
     ]
     return launches, (scores, guide_source, None if band is scores else band, workspace, probs,
                       stats), plan
+
+
+@functools.lru_cache(maxsize=None)
+def _programmatic(device: torch.device) -> bool:
+    """Whether kernels on `device` can be launched as programmatic dependents: a CUDA device of
+    compute capability 9.0 or later (griddepcontrol is sm_90 PTX), compiled kernels."""
+    return (device.type == "cuda" and not triton_interpreter()
+            and torch.cuda.get_device_capability(device) >= (9, 0))
 
 
 def _check_device(scores: torch.Tensor) -> None:
@@ -565,7 +602,8 @@ _EAGER_CALLS_LIMIT = 512
 def clear_launch_plans() -> None:
     """Forget the cached launch plans, the eager calls prepared from them and their reused
     workspaces, for tests and benchmarks that change this module's tuning
-    (`TARGET_STATS_PROGRAMS`, `MAX_STATS_TILES`, `_launch_shape`): the next calls plan anew."""
+    (`TARGET_STATS_PROGRAMS`, `MAX_STATS_TILES`, `_launch_shape`, `FULL_STATS_TILES_FOR_TERMS`,
+    `PROGRAMMATIC_LAUNCH`): the next calls plan anew."""
     _launch_plan.cache_clear()
     _EAGER_CALLS.clear()
     clear_reused_workspaces()

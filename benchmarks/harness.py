@@ -172,6 +172,19 @@ def kernel_time(fn: Callable, wall_s: float, host_s: float, budget_s: float = 0.
     return statistics.median(start.elapsed_time(end) for start, end in zip(starts, ends)) * 1e-3
 
 
+def device_us(fn: Callable) -> float:
+    """Median device microseconds per call of `fn` (`kernel_time`), after a first call that
+    compiles and prepares, the lead and repeats sized from one synchronised call and `host_time`;
+    for the GPU scripts."""
+    fn()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    wall_s = time.perf_counter() - started
+    return kernel_time(fn, wall_s, host_time(fn, wall_s)) * 1e6
+
+
 def peak_memory(fn: Callable) -> int:
     """Peak device memory one call allocates above what was allocated before it (its output
     included), from `torch.cuda.max_memory_allocated` after a reset."""

@@ -39,7 +39,6 @@ in tiers, `FLAT_SUM_SLOTS`), fewer make one wave. Which wins is for the device t
 """
 
 import contextlib
-import time
 from collections import defaultdict
 
 import torch
@@ -167,15 +166,7 @@ def stats_tile_sweep():
               f"({totals[best] / totals[default]:.2f}x the default's time)")
 
 
-def event_time(fn) -> float:
-    """Device microseconds per call of `fn` between CUDA events (`harness.kernel_time`)."""
-    fn()  # compiles, prepares
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    wall_s = time.perf_counter() - started
-    return harness.kernel_time(fn, wall_s, harness.host_time(fn, wall_s)) * 1e6
+event_time = harness.device_us  # device microseconds per call between CUDA events
 
 
 def programmatic_sweep():

@@ -58,15 +58,7 @@ MAX_RELATIVE_ERROR = 4e-3  # fp16 output: 2 ulps of the largest |out| (both path
 FP32_MAX_RELATIVE_ERROR = 2e-5  # fp32 output against float64 (PROB_TOLERANCES' fp32 atol)
 
 
-def bench_us(fn) -> float:
-    """Median device time of one call of `fn` in microseconds (`harness.kernel_time`)."""
-    fn()
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    wall = time.perf_counter() - started
-    return harness.kernel_time(fn, wall, harness.host_time(fn, wall)) * 1e6
+bench_us = harness.device_us  # median device microseconds of one call
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -66,7 +66,8 @@ class Bench:
         self._benchmark = benchmark
 
     def __call__(self, fn, *, group: str, impl: str, variant: str = "", backend: str = "",
-                 floor: bool = False, bytes_moved: int = 0, breakdown: bool = False):
+                 floor: bool = False, bytes_moved: int = 0, breakdown: bool = False,
+                 paired_with=None):
         """Time `fn` and return its last result.
 
         pytest-benchmark times the wall clock of each call (device-synchronised). On a GPU the
@@ -77,6 +78,8 @@ class Bench:
         `floor` marks the group's yardstick (softmax, the stock layer, ByTheWay off); rows with
         the same `variant` are compared with the reference backend's row; `backend` names the op
         backend a layer or denoiser ran with; `bytes_moved` gives the achieved bandwidth.
+        `paired_with` (impl name, call): also record `fn`'s wall time over that call's as the median
+        of interleaved rounds (`harness.interleaved_ratio`), as `extra_info["paired"]`.
         """
         self._benchmark.group = group
         self._benchmark.extra_info.update(impl=impl, variant=variant, backend=backend, floor=floor)
@@ -86,6 +89,10 @@ class Bench:
         if harness.DEVICE.type == "cuda" and not self._benchmark.disabled:
             wall_s = self._benchmark.stats.stats.median
             self._benchmark.extra_info.update(harness.gpu_timings(fn, wall_s, breakdown))
+        if paired_with is not None and not self._benchmark.disabled:
+            paired_impl, paired_fn = paired_with
+            self._benchmark.extra_info["paired"] = {
+                "impl": paired_impl, "ratio": harness.interleaved_ratio(fn, paired_fn)}
         return result
 
 

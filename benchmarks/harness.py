@@ -105,6 +105,58 @@ def timed_call(fn: Callable) -> Callable:
     return call
 
 
+#: `interleaved_ratio`'s rounds at least, its time budget in seconds beyond them, and the least
+#: calls and the least time of each run of calls of one function in a round (the first call of a
+#: run is a warm-up: the other function has just evicted what it cached).
+MIN_ROUNDS = 5
+ROUND_BUDGET_S = 0.3
+MIN_RUN_CALLS = 3
+MIN_RUN_S = 2e-3
+
+
+def interleaved_ratio(fn: Callable, other: Callable, budget_s: float = ROUND_BUDGET_S) -> float:
+    """wall(fn) / wall(other) from interleaved rounds: each round runs a run of synchronised
+    calls of one function, then of the other (which one first alternates), and takes the
+    quotient of their median call times after each run's first call; the result is the median
+    over the rounds. A run has `MIN_RUN_CALLS` calls, or as many as last `MIN_RUN_S` at the
+    function's warm-up speed.
+
+    Two suite rows are timed seconds apart, so a shared machine's slow spell can fall on one and
+    not the other, and their quotient moves with the machine (the CPU runs recorded the fft
+    speed-up at up_blocks.1 as 9.05x and 12.2x with the C++ kernel unchanged). One round's calls
+    see the same machine, and the median over rounds drops the rounds a spell split. Runs of
+    repeated calls keep the warm caches of the suite's repeated calls: with single calls
+    alternating, each found its inputs evicted, which on the CPU machine cut the quotient by up
+    to 2.4x at the smoke shapes (8.8x against 20.8x)."""
+    fn, other = timed_call(fn), timed_call(other)
+
+    def calls_per_run(call) -> int:
+        call()
+        started = time.perf_counter()
+        call()
+        return max(MIN_RUN_CALLS, min(1000, int(MIN_RUN_S / max(time.perf_counter() - started, 1e-9))))
+
+    runs = {fn: calls_per_run(fn), other: calls_per_run(other)}
+
+    def median_call(call) -> tuple:
+        times = []
+        for _ in range(runs[call]):
+            started = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - started)
+        return statistics.median(times[1:]), sum(times)
+
+    ratios, spent = [], 0.0
+    while len(ratios) < MIN_ROUNDS or spent < budget_s:
+        first, second = (fn, other) if len(ratios) % 2 == 0 else (other, fn)
+        first_s, first_spent = median_call(first)
+        second_s, second_spent = median_call(second)
+        fn_s, other_s = (first_s, second_s) if first is fn else (second_s, first_s)
+        ratios.append(fn_s / other_s)
+        spent += first_spent + second_spent
+    return statistics.median(ratios)
+
+
 #: Bytes zeroed between timed GPU calls to evict the inputs from L2, as `triton.testing.do_bench`
 #: does (the H100/H200 L2 is 50/60 MB).
 L2_FLUSH_BYTES = 256 << 20

@@ -89,8 +89,15 @@ def test_official_fft(bench, shape, dtype, map_inputs, expected, variant):
     kwargs = harness.op_kwargs(adaptive)
     probs = bench(lambda: official_fft_probs(scores, guide, **kwargs),
                   group=group_name(shape, dtype), impl="official fft", variant=variant,
-                  bytes_moved=harness.map_bytes(scores, guide))
+                  bytes_moved=harness.map_bytes(scores, guide), paired_with=fast_op_call(scores, guide, kwargs))
     harness.assert_close_to(probs, expected(variant), dtype)
+
+
+def fast_op_call(scores, guide, kwargs):
+    """(backend, call) of the map op as a plain call runs it on this device (triton on CUDA, cpp
+    on CPU where it builds), which the fft baseline's speed-up target compares against."""
+    backend = btw.select_backend(harness.DEVICE)  # on CPU this builds the C++ kernel, before timing
+    return backend, lambda: btw.bytheway_attention_probs(scores, guide, **kwargs)
 
 
 #: One map of each half of a CFG batch: per-call overhead, against torch.softmax on the same tensor.
@@ -112,9 +119,8 @@ def test_tiny_call(bench, dtype, case):
     kwargs = harness.op_kwargs(adaptive)
     if case.startswith("fft "):
         probs = bench(lambda: official_fft_probs(scores, None, **kwargs), group=group, impl="official fft",
-                      variant=variant)
+                      variant=variant, paired_with=fast_op_call(scores, None, kwargs))
     else:
-        backend = btw.select_backend(harness.DEVICE)  # on CPU this builds the C++ kernel, before timing
-        probs = bench(lambda: btw.bytheway_attention_probs(scores, None, **kwargs), group=group, impl=backend,
-                      variant=variant)
+        backend, call = fast_op_call(scores, None, kwargs)
+        probs = bench(call, group=group, impl=backend, variant=variant)
     harness.assert_close_to(probs, harness.reference_probs(scores, None, adaptive), dtype)

@@ -77,8 +77,18 @@ def test_bytheway_op(bench, monkeypatch, shape, dtype, map_inputs, expected, bac
     kwargs = harness.op_kwargs(adaptive)
     probs = bench(lambda: btw.bytheway_attention_probs(scores, guide, **kwargs),
                   group=group_name(shape, dtype), impl=backend.replace("-", " "), variant=variant,
-                  bytes_moved=harness.map_bytes(scores, guide), breakdown=backend == "triton")
+                  bytes_moved=harness.map_bytes(scores, guide), breakdown=backend == "triton",
+                  paired_with=softmax_pairing(backend, scores))
     harness.assert_close_to(probs, expected(variant), dtype)
+
+
+def softmax_pairing(backend: str, scores):
+    """("torch.softmax", its call) for the C++ rows on a CPU, whose × softmax targets are wall-time
+    quotients (`harness.interleaved_ratio` times them within one stretch of time); else None (on a
+    GPU those targets use kernel times)."""
+    if backend != "cpp" or harness.DEVICE.type != "cpu":
+        return None
+    return "torch.softmax", lambda: torch.softmax(scores, dim=-1)
 
 
 @pytest.mark.parametrize("variant", list(harness.VARIANTS))
@@ -94,9 +104,12 @@ def test_official_fft(bench, shape, dtype, map_inputs, expected, variant):
 
 
 def fast_op_call(scores, guide, kwargs):
-    """(backend, call) of the map op as a plain call runs it on this device (triton on CUDA, cpp
-    on CPU where it builds), which the fft baseline's speed-up target compares against."""
+    """(backend, call) of the map op as a plain call runs it on this device, which the fft
+    baseline's speed-up target compares against; None where that is not the device's compiled
+    backend (triton on CUDA, cpp on CPU: no C++ build, or BYTHEWAY_BACKEND forcing another)."""
     backend = btw.select_backend(harness.DEVICE)  # on CPU this builds the C++ kernel, before timing
+    if backend != ("triton" if harness.DEVICE.type == "cuda" else "cpp"):
+        return None
     return backend, lambda: btw.bytheway_attention_probs(scores, guide, **kwargs)
 
 
@@ -121,6 +134,7 @@ def test_tiny_call(bench, dtype, case):
         probs = bench(lambda: official_fft_probs(scores, None, **kwargs), group=group, impl="official fft",
                       variant=variant, paired_with=fast_op_call(scores, None, kwargs))
     else:
-        backend, call = fast_op_call(scores, None, kwargs)
-        probs = bench(call, group=group, impl=backend, variant=variant)
+        backend = btw.select_backend(harness.DEVICE)  # on CPU this builds the C++ kernel, before timing
+        probs = bench(lambda: btw.bytheway_attention_probs(scores, None, **kwargs), group=group, impl=backend,
+                      variant=variant, paired_with=softmax_pairing(backend, scores))
     harness.assert_close_to(probs, harness.reference_probs(scores, None, adaptive), dtype)

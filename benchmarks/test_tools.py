@@ -99,6 +99,19 @@ def test_fft_speedup_from_interleaved_rounds_where_recorded():
         "cpp, wall", "5.00×"]
 
 
+def test_cpu_softmax_targets_from_interleaved_rounds_where_every_row_has_them():
+    group = MAP.replace("float16", "float32")
+    rows = [case(group, "torch.softmax", 1e-3, floor=True),
+            case(group, "cpp", 1.5e-3, "fixed-guide", paired={"impl": "torch.softmax", "ratio": 1.1}),
+            case(group, "cpp", 1.0e-3, "fixed-noguide", paired={"impl": "torch.softmax", "ratio": 0.9})]
+    found = targets_of(rows, "cpu")
+    assert found[("map op, fixed beta, × softmax", group)][:4] == ["cpp, wall, interleaved rounds", "1.10×",
+                                                                  "<= 1.20×", "yes"]
+    del rows[2]["extra_info"]["paired"]  # one row without: the medians of all
+    assert found != targets_of(rows, "cpu")
+    assert targets_of(rows, "cpu")[("map op, fixed beta, × softmax", group)][:2] == ["cpp, wall", "1.50×"]
+
+
 def test_tiny_call_targets_on_cpu_only():
     group = "tiny-call map 2x1x1x1x16x16 float32"
     rows = [case(group, "torch.softmax", 4e-6, floor=True), case(group, "cpp", 36e-6, "fixed-noguide"),

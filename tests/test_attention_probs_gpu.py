@@ -244,6 +244,7 @@ def test_programmatic_dependent_pair(case, programmatic_launch):
     reads beta or stores): the reference's result, and, calls on two inputs alternating on one
     stream (each reusing the stream's workspace, where a beta read too early would be the other
     input's), each input's first result bit for bit, in eager calls and in a CUDA graph replay."""
+    from bytheway_kernels.ops import launch
     from bytheway_kernels.ops.attention_probs import triton as kernels
     from bytheway_kernels.ops.attention_probs.triton import attention_probs_triton_out
 
@@ -265,3 +266,8 @@ def test_programmatic_dependent_pair(case, programmatic_launch):
     torch.cuda.synchronize()
     for index, (probs, stats) in enumerate(results):
         assert torch.equal(probs, first[index % 2][0]) and torch.equal(stats, first[index % 2][1]), index
+    if launch.direct_launch_enabled():  # the kernels the calls launched were compiled for the pair
+        compiled = [entry.compiled for entry in launch._DIRECT_CACHE.values()
+                    if entry.kernel is kernels._apply_kernel and entry.constants.get("PDL")]
+        assert bool(compiled) is programmatic_launch
+        assert all(kernel.metadata.launch_pdl for kernel in compiled)

@@ -76,10 +76,11 @@ FULL_STATS_TILES_FOR_TERMS = True
 # with CUDA's programmatic stream serialization, so its programs start while the stats pass still
 # runs (each stats program allows it first thing, `gdc_launch_dependents`). They load, blend and
 # band-multiply their rows, then wait for the whole stats pass (`gdc_wait`, which also makes its
-# stores visible) before reading beta and storing. That hides the second launch's latency and
-# the stats pass's last-program tail, which dominate the adaptive call at up_blocks.1 and .2.
-# Off until timed on a GPU: benchmarks/map_op_kernel_times.py times it on and off, and the CUDA
-# tests run with it on too (tests/test_attention_probs_gpu.py).
+# stores visible) before reading beta and storing. That can hide the second launch's latency and
+# the stats pass's last-program tail (at up_blocks.1 the adaptive call took 6.8 us of kernel time
+# on an H200, 1.65x softmax's, for 4.1 + 2.0 us of kernel bodies). Off until timed on a GPU:
+# benchmarks/map_op_kernel_times.py times it on and off, and
+# tests/test_attention_probs_gpu.py::test_programmatic_dependent_pair runs it.
 PROGRAMMATIC_LAUNCH = False
 
 
@@ -524,9 +525,10 @@ def _launches_and_sources(scores, guide, params: ByTheWayParams, probs, stats, r
 
 @functools.lru_cache(maxsize=None)
 def _programmatic(device: torch.device) -> bool:
-    """Whether kernels on `device` can be launched as programmatic dependents: a CUDA device of
-    compute capability 9.0 or later (griddepcontrol is sm_90 PTX), compiled kernels."""
-    return (device.type == "cuda" and not triton_interpreter()
+    """Whether kernels on `device` can be launched as programmatic dependents: an NVIDIA device
+    of compute capability 9.0 or later (griddepcontrol is sm_90 PTX; ROCm reports its own
+    versions), compiled kernels."""
+    return (device.type == "cuda" and torch.version.hip is None and not triton_interpreter()
             and torch.cuda.get_device_capability(device) >= (9, 0))
 
 

@@ -119,7 +119,7 @@ bench=(python3 -m pytest -q -p no:cacheprovider -rfEs --benchmark-only --bench-d
        --benchmark-max-time=0.02 --benchmark-min-rounds=10 --benchmark-warmup=on --benchmark-warmup-iterations=2)
 step bench_denoiser 130 "${bench[@]}" benchmarks/test_denoiser.py --benchmark-json="$logs/bench_denoiser.json"
 step bench_attention 100 "${bench[@]}" benchmarks/test_temporal_attention.py --benchmark-json="$logs/bench_attention.json"
-step bench_map 110 "${bench[@]}" benchmarks/test_attention_probs.py --benchmark-json="$logs/bench_map.json"
+step bench_map 120 "${bench[@]}" benchmarks/test_attention_probs.py --benchmark-json="$logs/bench_map.json"
 step bench_layer 50 "${bench[@]}" benchmarks/test_layer.py --benchmark-json="$logs/bench_layer.json"
 
 # the parts that finished (pytest-benchmark writes its JSON at the end: a part that timed out

@@ -148,12 +148,10 @@ def interleaved_ratio(fn: Callable, other: Callable, budget_s: float = ROUND_BUD
 
     ratios, spent = [], 0.0
     while len(ratios) < MIN_ROUNDS or spent < budget_s:
-        first, second = (fn, other) if len(ratios) % 2 == 0 else (other, fn)
-        first_s, first_spent = median_call(first)
-        second_s, second_spent = median_call(second)
-        fn_s, other_s = (first_s, second_s) if first is fn else (second_s, first_s)
-        ratios.append(fn_s / other_s)
-        spent += first_spent + second_spent
+        order = (fn, other) if len(ratios) % 2 == 0 else (other, fn)
+        timed = {call: median_call(call) for call in order}  # runs in `order`
+        ratios.append(timed[fn][0] / timed[other][0])
+        spent += timed[fn][1] + timed[other][1]
     return statistics.median(ratios)
 
 

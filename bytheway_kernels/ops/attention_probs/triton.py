@@ -188,7 +188,7 @@ def _stats_kernel(scores_ptr, guide_ptr, band_ptr, workspace_ptr, stats_ptr, bet
                   SPLIT_BAND: tl.constexpr, BAND_RANK: tl.constexpr, BAND_COMPLEMENT: tl.constexpr,
                   ADAPTIVE: tl.constexpr, HAS_BETA_MAX: tl.constexpr, WRITE_STATS: tl.constexpr,
                   PER_VIDEO: tl.constexpr, CHUNK: tl.constexpr, TIERED: tl.constexpr,
-                  PDL: tl.constexpr):
+                  TERM_ENERGIES: tl.constexpr, PDL: tl.constexpr):
     """Energy sums of TILES consecutive tiles of one entry in scope, written to this program's
     slot of the partials (field-major: partials[field, slot], at the start of the workspace); the
     last program to finish adds every slot in a fixed order and writes beta (and stats), see
@@ -203,6 +203,9 @@ def _stats_kernel(scores_ptr, guide_ptr, band_ptr, workspace_ptr, stats_ptr, bet
 
     The tiles are unrolled (no loop-carried loads), so each program has all its loads in flight
     at once. The three 1/s^2-weighted sums behind E3 are computed only with WRITE_STATS.
+
+    TERM_ENERGIES (the launch plan's rule): the band energies come from P's rank-one terms'
+    coefficients alone, without A2 P.
 
     PDL: the apply kernel, launched as this kernel's programmatic dependent, may start now
     (`PROGRAMMATIC_LAUNCH`).
@@ -231,7 +234,7 @@ def _stats_kernel(scores_ptr, guide_ptr, band_ptr, workspace_ptr, stats_ptr, bet
             # sums to 0), so A2 P is never formed (6-8% fewer SASS instructions per program, sm_90)
             guided_high = guided_square - row_sum * row_sum * (1.0 / F)
             high_square = guided_high
-        elif BAND_RANK > 0 and (F % 2 == 0 or not WRITE_STATS):
+        elif TERM_ENERGIES:
             # P = sum_k v_k^T v_k (or I minus it): <A2, A2 P> is the sum of the squared
             # coefficients A2 . v_k (or |A2|^2 minus it), so A2 P is never formed: no scaled
             # additions. For even F the band is symmetric and P a projector, |A2 P|^2 = <A2, A2 P>.
@@ -444,7 +447,9 @@ def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams
     # so do the rank-one terms' products (full tiles spilled 16 bytes under Triton 3.6 at F = 16,
     # 4 tiles per program, bilinear guide, with stats), but not their energies alone
     stats_block_rows = block_rows
-    term_energies = band_rank > 0 and (frames % 2 == 0 or not with_stats)  # `_stats_kernel`'s rule
+    # `_stats_kernel`'s TERM_ENERGIES: the rank-one terms' coefficients give <A2, A2 P>, and for
+    # even F (P a projector) |A2 P|^2, which only stats need
+    term_energies = band_rank > 0 and (frames % 2 == 0 or not with_stats)
     if not (full_band or split or (term_energies and FULL_STATS_TILES_FOR_TERMS)):
         stats_block_rows = max(16, block_rows // 2)
     stats_tiles = triton.cdiv(rows_per_entry, stats_block_rows)
@@ -466,7 +471,7 @@ def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams
                       tier_sums_at=tier_sums_at, tier_counters_at=tier_counters_at,
                       beta_max=params.beta if params.beta_max is None else params.beta_max,
                       HAS_BETA_MAX=params.beta_max is not None, WRITE_STATS=with_stats,
-                      CHUNK=REDUCE_CHUNK, TIERED=tiered)
+                      CHUNK=REDUCE_CHUNK, TIERED=tiered, TERM_ENERGIES=term_energies)
     apply_args = dict(common, videos=max(videos, 1), betas_at=betas_at)
     if programmatic:
         apply_args["launch_pdl"] = True  # Triton's launch option: programmatic stream serialization

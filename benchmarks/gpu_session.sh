@@ -101,8 +101,9 @@ step host_cost 30 python3 benchmarks/host_cost.py
 # timed the map op's prepared eager calls (benchmarks/results/h200-2026-11-27-session7.notes.md).
 # Changed since: the prepared calls check the band product and are forgotten with the launch
 # plans (`clear_launch_plans`), which makes map_kernel_times' variant and sweep rows valid again
-# (void in that second call); the map op's stats pass sums the rank-one terms' energies on full
-# tiles at F = 24 / 32 (untimed: map_kernel_times times full against half tiles); the adaptive
+# (void in that second call); at F = 24 / 32 the map op holds one row per thread and takes the
+# band's frequencies in both passes (untimed: map_kernel_times prints them beside the rank-one
+# terms on tiles, "r1", whose stats pass it times on full against half tiles); the adaptive
 # call's kernels can be a programmatic dependent pair (off by default: map_kernel_times times it,
 # and test_programmatic_dependent_pair in gpu_tests checks it). Without the skip the steps took 516 s in session 6:
 # BYTHEWAY_GPU_BUDGET_S=590 gives the layer part room, where no second device call is planned

@@ -7,22 +7,23 @@ profiler's self device time per kernel averaged over 20 calls, and the host time
 calls issued without synchronising, as the 2026-11-26 H200 notes measured them
 (benchmarks/results/h200-2026-11-26.notes.md), four ways: through Triton's launch path, through
 the direct launcher, through it handing the launcher tensors (as before 2026-11-27), and our
-Python alone (benchmarks/host_cost.py). At F = 24 and 32 the default band step is P's rank-one terms
-(`bytheway_kernels.ops.triton_rules.rank_one_band_product`, since 2026-11-27, untimed before);
-it also times the exact fp32 dot, the default before ("fma" rows), and three tf32 products on
-tensor cores ("tc" rows; `bytheway_kernels.ops.triton_rules.band_product`).
+Python alone (benchmarks/host_cost.py). At F = 24 and 32 the default band step is the band's
+frequencies with one row per thread (`bytheway_kernels.ops.triton_rules.thread_row_band_product`,
+since 2026-11-28, untimed before); it also times P's rank-one terms on tiles, the default before
+("r1" rows, `rank_one_band_product`, measured on an H200 on 2026-11-27), the exact fp32 dot
+("fma" rows) and three tf32 products on tensor cores ("tc" rows; `band_product`).
 
-At F = 24 and 32 it then times the fixed-beta apply kernel on other tiles (`apply_tile_sweep`),
-with the default band step. With the fp32 dot the default tile (32 rows on 4 warps, 8 entries
-per thread) held the dot's operands in 161-167 registers (3 programs per SM), where 4 entries
-per thread (32 rows on 8 warps, or 16 on 4) compiled to 32-38 registers and ~35% more
+At F = 24 and 32 it then times the tile form's fixed-beta apply kernel (P's rank-one terms) on
+other tiles (`apply_tile_sweep`). With the fp32 dot the default tile (32 rows on 4 warps, 8
+entries per thread) held the dot's operands in 161-167 registers (3 programs per SM), where 4
+entries per thread (32 rows on 8 warps, or 16 on 4) compiled to 32-38 registers and ~35% more
 instructions per entry; with the rank-one terms the default tile takes 44-54 (sm_90 SASS,
 Triton 3.6 and 3.9, no spills).
 
-At F = 24 and 32 it also times the adaptive call's stats pass on the apply pass's full tiles
-(the default since 2026-11-28, where it sums the rank-one terms' energies) against half tiles
-(`FULL_STATS_TILES_FOR_TERMS`; half tiles: 4 entries and 8 threads per row at F_PAD = 32, one
-more shuffle per reduction and 48-54% more SASS instructions per row, in fewer registers).
+At F = 24 and 32 it also times the tile form's adaptive stats pass (P's rank-one terms'
+energies) on the apply pass's full tiles against half tiles (`FULL_STATS_TILES_FOR_TERMS`; half
+tiles: 4 entries and 8 threads per row at F_PAD = 32, one more shuffle per reduction and 48-54%
+more SASS instructions per row, in fewer registers).
 
 At every shape it times the adaptive call between CUDA events (L2 flushed, the host ahead of
 the device: `harness.kernel_time`) with its two kernels launched plainly and as a programmatic
@@ -117,8 +118,8 @@ def apply_tiles(rows: int, warps: int):
 
 
 def apply_tile_sweep():
-    """The fixed-beta call's apply kernel time per forced tile at F = 24 and 32 (the default band
-    step: P's rank-one terms)."""
+    """The fixed-beta call's apply kernel time per forced tile at F = 24 and 32, the band step as
+    P's rank-one terms on tiles (the thread-row default has no tile to sweep)."""
     print("apply kernel, fixed beta, (rows per tile, warps): us")
     for size, frames in SHAPES:
         if frames == 16:
@@ -127,7 +128,7 @@ def apply_tile_sweep():
         cells = []
         params = ByTheWayParams(0.6, 1.5, 7, False, 2, 1, "batch", "nearest", None)
         for rows, warps in APPLY_TILE_SWEEP:
-            with apply_tiles(rows, warps):
+            with apply_tiles(rows, warps), band_product("rank-one"):
                 kernels = kernel_times(lambda: btw.bytheway_attention_probs(
                     scores, guide, alpha=0.6, beta=1.5, tau=7, adaptive_beta=False))
                 plan = map_triton._launch_plan(tuple(scores.shape), tuple(guide.shape[1:3]), params,
@@ -185,8 +186,9 @@ def programmatic_sweep():
 
 
 def stats_term_tile_sweep():
-    """The adaptive call's stats kernel and total device time at F = 24 and 32, its stats pass on
-    full tiles (the default) or half tiles."""
+    """The adaptive call's stats kernel and total device time at F = 24 and 32, the band step as
+    P's rank-one terms on tiles, its stats pass on full tiles (that form's default) or half
+    tiles."""
     print("stats pass with the rank-one terms' energies, full / half tiles: stats kernel / whole "
           "adaptive call, us")
     for size, frames in SHAPES:
@@ -195,7 +197,7 @@ def stats_term_tile_sweep():
         scores, guide = layer_inputs(size, frames)
         cells = []
         for full in (True, False):
-            with planned_with(FULL_STATS_TILES_FOR_TERMS=full):
+            with planned_with(FULL_STATS_TILES_FOR_TERMS=full), band_product("rank-one"):
                 kernels = kernel_times(adaptive_call(scores, guide))
                 rows = stats_plan(scores, guide).stats_args["BLOCK_R"]
             stats = sum(value for key, value in kernels.items() if "_stats_kernel" in key)
@@ -217,10 +219,11 @@ def main():
         }
         runs = [(name, fn, "auto") for name, fn in calls.items()]
         if frames != 16:  # tau 7 is the full band at F = 16: no product with P there
-            # the default here is the rank-one terms (F a multiple of 4): beside it the fp32 dot
-            # (the default before 2026-11-27) and the tf32 split on tensor cores
+            # the default here is the band's frequencies, one row per thread (F a multiple of 4):
+            # beside it P's rank-one terms on tiles (the default before 2026-11-28), the fp32 dot
+            # (before 2026-11-27) and the tf32 split on tensor cores
             runs += [(f"{name} {label}", calls[name], setting)
-                     for setting, label in (("fma", "fma"), ("tensor-cores", "tc"))
+                     for setting, label in (("rank-one", "r1"), ("fma", "fma"), ("tensor-cores", "tc"))
                      for name in ("fixed", "adaptive")]
         softmax_kernel = None
         for name, fn, setting in runs:

@@ -159,6 +159,7 @@ def test_temporal_attention_gpu_check_runs(out):
 
 def test_map_op_kernel_times_runs(out):
     assert "4x4 F16 adaptive" in out and "2x2 F24 fixed tc" in out and "2x2 F24 adaptive fma" in out
+    assert "2x2 F24 fixed r1" in out and "2x2 F24 adaptive r1" in out  # the tile form beside the default
     # 4 x 4 x 8 heads x 16 frames = 2048 rows of the energy half: 32 tiles of 64 rows
     assert "4x4 F16  1 (32):   1.0 /   3.0   2 (16):" in out and "8 (4):" in out
     assert "default 1, fastest 1 (1.00x the default's time)" in out  # 32 tiles: 1 per program

@@ -115,17 +115,54 @@ def high_band_matrix_tf32_split(frames: int, tau: int, padded: int, device: torc
     return torch.stack([high, tf32_round(matrix - high)]).to(device)
 
 
+def frequency_eigenvalue(frames: int, tau: int, k: int) -> float:
+    """P's eigenvalue at DFT index k (0 <= k <= F // 2), shared by the cosine and sine of k:
+    ([k in K] + [F - k in K]) / 2 for the band K (1 for the even F's symmetric band, 1/2 where
+    only one of k, F - k is in it, as for odd F).
+
+    Self-contained (arithmetic on ints only): the Triton kernels evaluate it at compile time
+    (`ops.triton_rules.band_eigenvalue`), so it calls no other function.
+
+    Examples:
+        >>> [frequency_eigenvalue(16, 2, k) for k in (5, 6, 8)], frequency_eigenvalue(7, 1, 2)
+        ([0.0, 1.0, 1.0], 0.5)
+    """
+    low, high = frames // 2 - tau, frames // 2 + tau
+    return ((low <= k <= high) + (low <= (frames - k) % frames <= high)) / 2
+
+
+def rank_one_complement(frames: int, tau: int) -> bool:
+    """Whether I - P has fewer rank-one terms than P (each k with 0 < k < F / 2 gives a cosine
+    and a sine, k = 0 and F / 2 a cosine): `band_rank_one_terms_float64`'s choice.
+
+    Self-contained like `frequency_eigenvalue` (the kernels evaluate it at compile time).
+
+    Examples:
+        >>> rank_one_complement(24, 7), rank_one_complement(32, 7)
+        (True, False)
+    """
+    low, high = frames // 2 - tau, frames // 2 + tau
+    band_terms = 0
+    complement_terms = 0
+    for k in range(frames // 2 + 1):
+        eigenvalue = ((low <= k <= high) + (low <= (frames - k) % frames <= high)) / 2
+        vectors = 2 if 0 < 2 * k < frames else 1
+        band_terms += vectors if eigenvalue > 0 else 0
+        complement_terms += vectors if eigenvalue < 1 else 0
+    return complement_terms < band_terms
+
+
 @functools.lru_cache(maxsize=64)
 def band_rank_one_terms_float64(frames: int, tau: int) -> Tuple[torch.Tensor, bool]:
     """(V, complement): (R, F) float64 rows v_k with P = sum_k v_k^T v_k, or with `complement`
-    P = I - sum_k v_k^T v_k, whichever sum has fewer terms. Built once per (F, tau); do not modify.
+    P = I - sum_k v_k^T v_k, whichever sum has fewer terms (`rank_one_complement`). Built once
+    per (F, tau); do not modify.
 
-    P is circulant, so the DFT diagonalises it: frequency k has eigenvalue
-    lambda_k = ([k in K] + [F - k in K]) / 2 (1 for the even F's symmetric band, 1/2 where only
-    one of k, F - k is in it, as for odd F), shared by the cosine and sine of k (orthonormal real
-    vectors). P is the sum of those vectors scaled by sqrt(lambda_k), I - P that with
-    sqrt(1 - lambda_k). So a @ P takes R dot products and R scaled additions per row instead of
-    an F x F product: at F = 24, tau = 7, R = 9 (the complement); at F = 32, tau = 7, R = 15.
+    P is circulant, so the DFT diagonalises it: frequency k has eigenvalue lambda_k
+    (`frequency_eigenvalue`), shared by the cosine and sine of k (orthonormal real vectors). P is
+    the sum of those vectors scaled by sqrt(lambda_k), I - P that with sqrt(1 - lambda_k). So
+    a @ P takes R dot products and R scaled additions per row instead of an F x F product: at
+    F = 24, tau = 7, R = 9 (the complement); at F = 32, tau = 7, R = 15.
 
     Examples:
         >>> terms, complement = band_rank_one_terms_float64(24, 7)
@@ -135,21 +172,21 @@ def band_rank_one_terms_float64(frames: int, tau: int) -> Tuple[torch.Tensor, bo
         >>> bool(torch.allclose(p, high_band_matrix_float64(24, 7)))
         True
     """
-    band = set(_checked_band(frames, tau))
+    _checked_band(frames, tau)
+    complement = rank_one_complement(frames, tau)
     n = torch.arange(frames, dtype=torch.float64)
-    band_terms, complement_terms = [], []
+    terms = []
     for k in range(frames // 2 + 1):
-        eigenvalue = ((k in band) + ((frames - k) % frames in band)) / 2
-        paired = k != 0 and 2 * k != frames  # k and F - k: a cosine and a sine
+        eigenvalue = frequency_eigenvalue(frames, tau, k)
+        weight = 1.0 - eigenvalue if complement else eigenvalue
+        if weight == 0:
+            continue
+        paired = 0 < 2 * k < frames  # k and F - k: a cosine and a sine
         angle = 2.0 * math.pi * k * n / frames
         norm = math.sqrt((2.0 if paired else 1.0) / frames)
         for vector in ([torch.cos(angle), torch.sin(angle)] if paired else [torch.cos(angle)]):
-            if eigenvalue > 0:
-                band_terms.append(vector * (norm * math.sqrt(eigenvalue)))
-            if eigenvalue < 1:
-                complement_terms.append(vector * (norm * math.sqrt(1.0 - eigenvalue)))
-    complement = len(complement_terms) < len(band_terms)
-    return torch.stack(complement_terms if complement else band_terms), complement
+            terms.append(vector * (norm * math.sqrt(weight)))
+    return torch.stack(terms), complement
 
 
 @functools.lru_cache(maxsize=64)

@@ -92,14 +92,17 @@ def print_info() -> int:
     print(f"  Triton launches: {launches} ({DIRECT_LAUNCH_ENV}={os.environ.get(DIRECT_LAUNCH_ENV, 'unset')})")
     if availability["triton"][0]:
         from .ops.triton_rules import (BAND_PRODUCT, BAND_PRODUCT_ENV, FUSED_SPLIT_PADDINGS,
-                                       RANK_ONE_FRAME_MULTIPLE)
+                                       THREAD_ROW_FRAME_MULTIPLE)
 
         product = {"tensor-cores": "three tf32 products on tensor cores",
                    "fma": "one fp32 dot (FMA units)",
                    "rank-one": "rank-one terms of P in the map op, the fused attention's own choice",
-                   "auto": f"rank-one terms of P in the map op where F is a multiple of "
-                           f"{RANK_ONE_FRAME_MULTIPLE}, else one fp32 dot (FMA units); three tf32 "
-                           f"products on tensor cores in the fused attention at F_PAD "
+                   "frequencies": f"the band's frequencies, one row per thread, in the map op where "
+                                  f"F is a multiple of {THREAD_ROW_FRAME_MULTIPLE} (else one fp32 "
+                                  f"dot), the fused attention's own choice",
+                   "auto": f"the band's frequencies, one row per thread, in the map op where F is a "
+                           f"multiple of {THREAD_ROW_FRAME_MULTIPLE}, else one fp32 dot (FMA units); "
+                           f"three tf32 products on tensor cores in the fused attention at F_PAD "
                            f"{', '.join(map(str, FUSED_SPLIT_PADDINGS))}"}[BAND_PRODUCT]
         print(f"  Triton band product: {product} ({BAND_PRODUCT_ENV}="
               f"{os.environ.get(BAND_PRODUCT_ENV, 'unset')})")

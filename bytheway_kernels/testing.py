@@ -94,7 +94,8 @@ def run_at_once(commands: Sequence[Tuple[List[str], dict]], timeout: float,
 def band_product(setting: str) -> Iterator[None]:
     """Inside the block, both ops' Triton kernels take a circulant band step as `setting` says
     (one of `ops.triton_rules.BAND_PRODUCTS`: "fma", one exact fp32 dot; "tensor-cores", three tf32
-    products; "rank-one", P's rank-one terms in the map op; "auto", each kernel's choice, the
+    products; "rank-one", P's rank-one terms on tiles in the map op; "frequencies", the band's
+    frequencies with one row per thread in the map op; "auto", each kernel's choice, the
     default), for testing them and timing them side by side. Needs Triton.
 
     Examples:

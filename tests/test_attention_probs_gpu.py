@@ -19,12 +19,13 @@ def test_compiled_triton_matches_reference(case):
     check_backend_case(attention_probs_triton_out, case, device="cuda")
 
 
-@pytest.mark.parametrize("setting", ["auto", "fma", "tensor-cores", "rank-one"])
+@pytest.mark.parametrize("setting", ["auto", "fma", "tensor-cores", "rank-one", "frequencies"])
 @pytest.mark.parametrize("frames,tau,dtype", [(24, 7, torch.float16), (32, 7, torch.bfloat16),
                                               (20, 3, torch.float32), (15, 3, torch.float16)], ids=str)
 def test_each_band_product_inside_the_band(frames, tau, dtype, setting):
     """Circulant bands with many terms (the case matrix has tau at its bounds only), with each
-    band product: at F = 15 "auto" is the fp32 dot, elsewhere P's rank-one terms."""
+    band product: at F = 15 "auto" is the fp32 dot, elsewhere the band's frequencies (one row
+    per thread)."""
     from bytheway_kernels.ops.attention_probs.triton import attention_probs_triton_out
     from bytheway_kernels.testing import band_product
 
@@ -233,7 +234,7 @@ PROGRAMMATIC_CASES = [
     Case(height=16, width=16, heads=8, dtype=torch.float16, guide_size=(16, 16)),  # up_blocks.1
     Case(height=32, width=32, heads=8, dtype=torch.bfloat16, guide_size=(16, 16), energy_scope="sample",
          guide_upsample="bilinear"),
-    Case(frames=24, height=8, width=8, heads=4, dtype=torch.float16, guide_size=(4, 4)),  # rank-one terms
+    Case(frames=24, height=8, width=8, heads=4, dtype=torch.float16, guide_size=(4, 4)),  # frequencies
     Case(height=8, width=8, heads=4, dtype=torch.float32, adaptive_beta=False, guide_size=(4, 4)),
 ]
 

@@ -76,7 +76,9 @@ def many_stats_programs(request, monkeypatch):
 def test_stats_are_deterministic_with_many_partials(scope, many_stats_programs):
     """Partial slots summed in a fixed order by the last program (or by the last of each tier,
     then the last tier's): the same input gives the same bits run to run."""
-    case = Case(batch=4, height=5, width=7, frames=8, tau=1, energy_scope=scope,
+    # F = 8, tau = 1: P's rank-one terms, with one row per thread in both passes by default
+    # (128-row stats tiles: 10 x 7 positions give 5 programs per video)
+    case = Case(batch=4, height=10, width=7, frames=8, tau=1, energy_scope=scope,
                 guide_upsample="bilinear", guide_size=(3, 2))
     scores, guide = make_inputs(case, seed=5)
     plan = triton_kernels._launch_plan(tuple(scores.shape), (3, 2), case.params(), True,

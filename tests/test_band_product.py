@@ -1,7 +1,7 @@
 """The band step's product with the circulant P in the Triton kernels (ops/triton_rules.py), run
 by the Triton interpreter: tf32 rounding, the three-product split on tensor cores and P's
-rank-one terms against the exact product, both ops with each band product, the automatic choice,
-and the setting.
+rank-one terms and the band's frequencies (rows held one per thread) against the exact product, both
+ops with each band product, the automatic choice, and the setting.
 
 The interpreter's `tl.dot` multiplies in fp32; every operand of the split is a tf32 number, whose
 products fp32 holds exactly, as a tensor core's do, so these tests check the arithmetic the GPU
@@ -63,6 +63,25 @@ def _rank_one_energy_kernel(values_ptr, terms_ptr, out_ptr, ROWS: tl.constexpr,
     rows = tl.arange(0, ROWS)
     values = tl.load(values_ptr + rows[:, None] * F_PAD + tl.arange(0, F_PAD)[None, :])
     tl.store(out_ptr + rows, triton_rules.rank_one_band_energy(values, terms_ptr, F_PAD, RANK))
+
+
+@triton.jit
+def _thread_row_kernel(values_ptr, out_ptr, energy_ptr, ROWS: tl.constexpr, F: tl.constexpr,
+                       TAU: tl.constexpr, COLUMNS: tl.constexpr):
+    """P's product and energy of ROWS rows of F values, one row per thread (loads and stores
+    COLUMNS wide, as the map op's kernels)."""
+    rows = tl.arange(0, ROWS)
+    row_mask = rows < ROWS
+    values = ()
+    for start in tl.static_range(0, F, COLUMNS):
+        values = values + triton_rules.load_row_chunk(values_ptr, rows * F, row_mask, start, COLUMNS)
+    product = triton_rules.thread_row_band_product(values, F, TAU)
+    for start in tl.static_range(0, F, COLUMNS):
+        triton_rules.store_row_chunk(out_ptr, rows * F, row_mask, product, start, COLUMNS)
+    square = tl.zeros_like(values[0])
+    for j in tl.static_range(F):
+        square += values[j] * values[j]
+    tl.store(energy_ptr + rows, triton_rules.thread_row_band_energy(values, square, F, TAU))
 
 
 def _special_values() -> torch.Tensor:
@@ -203,27 +222,93 @@ def test_rank_one_energy_gives_the_band_energy(frames, tau, padded):
     assert (bound < 1e-3 * expected).all()
 
 
-@pytest.mark.parametrize("frames,tau,rank_one", [(24, 7, True), (32, 7, True), (20, 3, True), (8, 1, True),
-                                                 (16, 7, False), (15, 3, False), (30, 7, False),
-                                                 (33, 4, False)])
-def test_the_map_op_takes_rank_one_terms_where_f_is_a_multiple_of_4(frames, tau, rank_one):
+@pytest.mark.parametrize("frames,tau,columns", [(24, 7, 8), (32, 7, 8), (32, 7, 4), (16, 3, 8), (8, 1, 8),
+                                                (12, 3, 4), (20, 4, 4), (24, 0, 8), (40, 9, 8), (64, 0, 8)])
+def test_frequency_product_and_energy_are_as_accurate_as_fp32(frames, tau, columns):
+    """The band step by frequencies, rows held one per thread: a @ P and <a, a P> from the
+    cosine and sine dot products over a_i +- a_{F-i}, P's entries compiled in. Each output sums
+    at most F + 4 rounded steps of terms bounded by those of P's rank-one terms
+    (|a| |v_k| |v_k|, or (|a| . |v_k|)^2 for the energy), and the complement's subtraction from a
+    adds eps |a|. A dropped frequency, a wrong weight or a wrong sign (u_j + v_j for entry F - j)
+    is off by ~1e-3 or more: the bounds (~1e-6 here) tell them apart. The loads and stores of
+    `load_row_chunk` / `store_row_chunk` are checked on the way: outputs start as NaN."""
+    generator = torch.Generator().manual_seed(frames * 7 + tau)
+    rows = 32
+    values = torch.softmax(torch.randn((rows, frames), generator=generator) * 3, -1)
+    exact = values.double()
+    p = high_band_matrix_float64(frames, tau)
+    terms, complement = band_rank_one_terms_float64(frames, tau)
+    eps = 2.0 ** -24
+    steps = frames + 4
+    product_bound = (2 * steps * eps * (exact.abs() @ terms.abs().T) @ terms.abs()
+                     + 2 * eps * exact.abs() * complement + 1e-30)
+    band_energy = ((exact @ p) * exact).sum(-1)
+    energy_bound = (2 * steps * eps * ((exact.abs() @ terms.abs().T) ** 2).sum(-1)
+                    + 2 * steps * eps * (exact * exact).sum(-1) * complement + 1e-30)
+    product = torch.full_like(values, float("nan"))
+    energy = torch.full((rows,), float("nan"))
+    _thread_row_kernel[(1,)](values, product, energy, ROWS=rows, F=frames, TAU=tau, COLUMNS=columns)
+    error = (product.double() - exact @ p).abs()
+    assert (error <= product_bound).all(), (error / product_bound).max()
+    assert product_bound.max() < 1e-5
+    energy_error = (energy.double() - band_energy).abs()
+    assert (energy_error <= energy_bound).all(), (energy_error / energy_bound).max()
+    assert energy_bound.max() < 1e-5
+
+
+def test_frequency_weights_are_the_rank_one_terms_norms():
+    """The compile-time weights of the band's frequencies (`triton_rules.band_frequency_weight`,
+    `band_complement`) give P (or I - P) as sum_k w_k (c_k c_k^T + s_k s_k^T), with the complement
+    chosen as `band.band_rank_one_terms_float64` chooses it, at every even F up to 64 and tau."""
+    for frames in range(2, 65, 2):
+        n = torch.arange(frames, dtype=torch.float64)
+        for tau in range(max_tau(frames) + 1):
+            complement = triton_rules.band_complement(frames, tau)
+            assert complement is band_rank_one_terms_float64(frames, tau)[1]
+            summed = torch.zeros((frames, frames), dtype=torch.float64)
+            for k in range(frames // 2 + 1):
+                angle = 2.0 * math.pi * k * n / frames
+                cosine = torch.tensor([triton_rules.frequency_cosine(frames, k, j) for j in range(frames)],
+                                      dtype=torch.float64)
+                sine = torch.tensor([triton_rules.frequency_sine(frames, k, j) for j in range(frames)],
+                                    dtype=torch.float64)
+                assert (cosine - torch.cos(angle)).abs().max() < 1e-12
+                assert (sine - torch.sin(angle)).abs().max() < 1e-12
+                weight = triton_rules.band_frequency_weight(frames, tau, k)
+                summed += weight * (cosine[:, None] * cosine[None, :] + sine[:, None] * sine[None, :])
+            if complement:
+                summed = torch.eye(frames, dtype=torch.float64) - summed
+            assert (summed - high_band_matrix_float64(frames, tau)).abs().max() < 1e-12, (frames, tau)
+
+
+@pytest.mark.parametrize("frames,tau,thread_rows", [(24, 7, True), (32, 7, True), (20, 3, True), (8, 1, True),
+                                                    (16, 7, False), (15, 3, False), (30, 7, False),
+                                                    (33, 4, False)])
+def test_the_map_op_takes_frequencies_where_f_is_a_multiple_of_4(frames, tau, thread_rows):
+    """"auto" (and "frequencies"): one row per thread and the band's frequencies in both passes
+    where F % 4 == 0 inside the band (nothing to load for the band), else one fp32 dot; "rank-one"
+    forces P's rank-one terms on tiles at every F."""
     scores = torch.zeros((2, 1, 1, 1, frames, frames))
-    params = Case(frames=frames, tau=tau).params()
-    with band_product("auto"):
-        launch = map_kernels.kernel_launches(scores, None, params, torch.empty_like(scores))[0]
-    padded = launch.args["F_PAD"]
-    assert launch.args["SPLIT_BAND"] is False
-    if rank_one:
-        terms, complement = band_rank_one_terms_float64(frames, tau)
-        assert launch.args["BAND_RANK"] == terms.shape[0] and launch.args["BAND_COMPLEMENT"] is complement
-        assert launch.args["band_ptr"].shape == (terms.shape[0], padded)
-    else:
-        assert launch.args["BAND_RANK"] == 0
-        if not is_full_band(frames, tau):
+    params = Case(frames=frames, tau=tau, adaptive_beta=True).params()
+    for setting in ("auto", "frequencies"):
+        with band_product(setting):
+            stats_launch, launch = map_kernels.kernel_launches(scores, None, params, torch.empty_like(scores))
+        padded = launch.args["F_PAD"]
+        assert launch.args["SPLIT_BAND"] is False and launch.args["BAND_RANK"] == 0
+        assert launch.args["THREAD_ROWS"] is thread_rows and stats_launch.args["THREAD_ROWS"] is thread_rows
+        if thread_rows:
+            assert launch.args["TAU"] == tau and launch.args["COLUMNS"] == (8 if frames % 8 == 0 else 4)
+            assert launch.args["band_ptr"] is scores and launch.args["BLOCK_R"] == 32 * launch.args["num_warps"]
+        elif not is_full_band(frames, tau):
             assert launch.args["band_ptr"].shape == (padded, padded)
     with band_product("rank-one"):  # forced: every circulant band, F = 15 and 30 too
-        forced = map_kernels.kernel_launches(scores, None, params, torch.empty_like(scores))[0]
+        forced = map_kernels.kernel_launches(scores, None, params, torch.empty_like(scores))[1]
     assert (forced.args["BAND_RANK"] > 0) is (not is_full_band(frames, tau))
+    assert forced.args["THREAD_ROWS"] is False
+    if forced.args["BAND_RANK"]:
+        terms, complement = band_rank_one_terms_float64(frames, tau)
+        assert forced.args["BAND_RANK"] == terms.shape[0] and forced.args["BAND_COMPLEMENT"] is complement
+        assert forced.args["band_ptr"].shape == (terms.shape[0], forced.args["F_PAD"])
 
 
 @pytest.mark.parametrize("frames,tau", [(24, 7), (32, 7), (16, 7), (33, 4)])
@@ -273,7 +358,7 @@ def test_fused_kernels_split_the_band_by_default_at_f_pad_32(frames, tau, split)
     def map_op_split():
         return map_kernels.kernel_launches(scores, None, params, torch.empty_like(scores))[0].args["SPLIT_BAND"]
 
-    for setting in ("auto", "rank-one"):  # the fused kernels have no rank-one form: their own choice
+    for setting in ("auto", "rank-one", "frequencies"):  # the map op's forms: the fused kernels' own choice
         with band_product(setting):
             assert fused_split() is split
             assert map_op_split() is False
@@ -292,7 +377,7 @@ MAP_OP_CASES = [
 ]
 
 
-@pytest.mark.parametrize("setting", ["tensor-cores", "fma", "rank-one"])
+@pytest.mark.parametrize("setting", ["tensor-cores", "fma", "rank-one", "frequencies"])
 @pytest.mark.parametrize("case", MAP_OP_CASES, ids=str)
 def test_map_op_with_each_band_product(case, setting):
     scores, guide = make_inputs(case, seed=11)
@@ -342,9 +427,9 @@ def test_info_names_the_band_product(capsys):
 
     with band_product("auto"):
         print_info()  # the interpreter makes the Triton backend available
-    assert ("Triton band product: rank-one terms of P in the map op where F is a multiple of 4, else "
-            "one fp32 dot (FMA units); three tf32 products on tensor cores in the fused attention at "
-            "F_PAD 32") in capsys.readouterr().out
+    assert ("Triton band product: the band's frequencies, one row per thread, in the map op where F "
+            "is a multiple of 4, else one fp32 dot (FMA units); three tf32 products on tensor cores in "
+            "the fused attention at F_PAD 32") in capsys.readouterr().out
     with band_product("fma"):
         print_info()
     assert "Triton band product: one fp32 dot (FMA units) (" in capsys.readouterr().out
@@ -354,3 +439,6 @@ def test_info_names_the_band_product(capsys):
     with band_product("rank-one"):
         print_info()
     assert "Triton band product: rank-one terms of P in the map op" in capsys.readouterr().out
+    with band_product("frequencies"):
+        print_info()
+    assert "Triton band product: the band's frequencies, one row per thread" in capsys.readouterr().out

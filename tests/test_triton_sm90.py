@@ -176,8 +176,8 @@ def _map_op_variants():
             params = ByTheWayParams(0.6, 1.5, tau, adaptive, 2, 1, scope, guide_mode or "nearest", beta_max)
             stats = torch.empty((params.stats_rows(scores.shape[0]), 6)) if with_stats else None
             launches += kernels.kernel_launches(scores, guide, params, probs, stats)
-    # inside the band at F = 24 and 32 (tau 7: R = 9 and 15 rank-one terms by default, else the
-    # dot or the split with every entry of P), nearest guide, all flags on and all off, at
+    # inside the band at F = 24 and 32 (tau 7: the band's frequencies with one row per thread by
+    # default, R = 9 and 15 rank-one terms forced, else the dot or the split), nearest guide, all flags on and all off, at
     # up_blocks.1's size (each stats program takes the most tiles, as at every real size there)
     for frames in (24, 32):
         guide = torch.zeros((2, 1, 1, 1, frames, frames), dtype=torch.float16)
@@ -248,12 +248,15 @@ COMPILE_RUNS = [
 
 
 #: The map op's compile runs: those above, but the current Triton with the default band product
-#: (P's rank-one terms where F is a multiple of 4, `triton_rules.rank_one_band`), and Triton 3.6.0
-#: with it too (the shipped setting on the GPU images).
+#: (the band's frequencies with one row per thread where F is a multiple of 4,
+#: `triton_rules.thread_row_band`), Triton 3.6.0 with it too (the shipped setting on the GPU
+#: images), and 3.6.0 with P's rank-one terms on tiles, which only BYTHEWAY_BAND_PRODUCT=rank-one
+#: selects.
 MAP_OP_COMPILE_RUNS = [
     pytest.param(None, "auto", id="current-triton"),
     *COMPILE_RUNS[1:],
     pytest.param("3.6", "auto", id="triton-3.6.0-auto", marks=_NEEDS_TRITON36),
+    pytest.param("3.6", "rank-one", id="triton-3.6.0-rank-one", marks=_NEEDS_TRITON36),
 ]
 
 
@@ -266,9 +269,14 @@ def test_map_op_kernels_compile_for_sm90_without_spills(version, band_product):
     split = [r for r in results if r["constexprs"].get("SPLIT_BAND")]
     assert bool(split) is (band_product == "tensor-cores"), "the circulant variants use this product"
     ranked = [r for r in results if r["constexprs"].get("BAND_RANK")]
-    assert bool(ranked) is (band_product == "auto"), "F % 4 == 0 inside the band takes the rank-one terms"
-    if band_product == "auto":
-        assert {r["constexprs"]["BAND_RANK"] for r in ranked} == {1, 9, 15}
+    assert bool(ranked) is (band_product == "rank-one"), "rank-one terms only where forced"
+    if band_product == "rank-one":  # every circulant band: F = 3, 24 and 64 at tau 0 too
+        assert {r["constexprs"]["BAND_RANK"] for r in ranked} == {1, 2, 9, 15}
+    thread_rows = [r for r in results if r["constexprs"].get("THREAD_ROWS")]
+    assert bool(thread_rows) is (band_product == "auto"), "F % 4 == 0 inside the band: one row per thread"
+    if band_product == "auto":  # F = 16, 24 and 64 at tau 0, F = 24 and 32 at tau 7
+        assert {(r["constexprs"]["F"], r["constexprs"]["TAU"]) for r in thread_rows} == {
+            (16, 0), (24, 0), (64, 0), (24, 7), (32, 7)}
     counts = {name: sum(r["kernel"] == name for r in results) for name in ("_stats_kernel", "_apply_kernel")}
     # 7 distinct (F, tau) x 3 guides; the apply kernel with all flags on and all off, the stats
     # kernel with all on, and at F=16 with a nearest guide (2 taus) both also adaptive in batch

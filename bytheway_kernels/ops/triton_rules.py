@@ -7,13 +7,16 @@ numbers."""
 
 from __future__ import annotations
 
+import math
+
 import triton
 import triton.language as tl
 
 from .._environ import choice_setting
+from ..band import frequency_eigenvalue, rank_one_complement
 
 BAND_PRODUCT_ENV = "BYTHEWAY_BAND_PRODUCT"
-BAND_PRODUCTS = ("auto", "fma", "tensor-cores", "rank-one")  # the default first
+BAND_PRODUCTS = ("auto", "fma", "tensor-cores", "rank-one", "frequencies")  # the default first
 
 
 def _band_product_setting() -> str:
@@ -22,10 +25,13 @@ def _band_product_setting() -> str:
 
 #: How a circulant band step multiplies by P (BYTHEWAY_BAND_PRODUCT, read at import): "fma", one
 #: exact fp32 dot on the FMA units (`band_product`); "tensor-cores", three tf32 products on tensor
-#: cores (`band_product`); "rank-one", P's rank-one terms (`rank_one_band_product`, the map op
-#: only: the fused kernels then make their automatic choice); "auto" (the default), each kernel's
-#: choice (`split_band`, `rank_one_band`). The full band never multiplies by P. Both ops read it
-#: here when they look up a call's launch plan (it is part of the plan's key), so
+#: cores (`band_product`); "rank-one", P's rank-one terms on tiles (`rank_one_band_product`, the map
+#: op only); "frequencies", the band's frequencies with one row per thread
+#: (`thread_row_band_product`, the map op only, where F is a multiple of
+#: `THREAD_ROW_FRAME_MULTIPLE`; elsewhere as "auto"); "auto" (the default), each kernel's choice
+#: (`split_band`, `thread_row_band`). The fused kernels make their automatic choice under
+#: "rank-one" and "frequencies". The full band never multiplies by P. Both ops read it here when
+#: they look up a call's launch plan (it is part of the plan's key), so
 #: `bytheway_kernels.testing.band_product` switches it for both by setting it here.
 BAND_PRODUCT = _band_product_setting()
 
@@ -36,33 +42,40 @@ BAND_PRODUCT = _band_product_setting()
 #: the dot's at F = 24 and 32, so the map op never splits by default.
 FUSED_SPLIT_PADDINGS = (32,)
 
-#: The map op takes the rank-one terms by default where F is a multiple of this. Compiled for
-#: sm_90 as tests/test_triton_sm90.py compiles (fp16 scores, fixed beta, Triton 3.9), its apply
-#: kernel then holds 43-54 registers where the fp32 dot's operand layouts held 95-165 at F = 8-32
-#: (3 programs per SM at F = 24 and 32, where its fixed beta measured 1.63-1.75x softmax's time on
-#: an H200), with 2-46% fewer SASS instructions at F = 8, 12, 16, 20, 24, 32, 40, 48, 64.
-#: Where F is not a multiple of 4 the rows load unvectorised and the terms' row sums cost more
-#: than the dot (F = 7, 14, 15, 30, 31, 63: 0-80% more instructions), so the dot stays there.
-#: Not yet timed on a GPU (benchmarks/map_op_kernel_times.py times both).
-RANK_ONE_FRAME_MULTIPLE = 4
+#: The map op takes the band's frequencies with one row per thread by default where F is a
+#: multiple of this (`thread_row_band`: whole vectors of 4 or 8 columns per row, even F for the
+#: symmetric form). Compiled for sm_90 (Triton 3.6, fp16, up_blocks.2's size, no spills), the
+#: apply kernel takes 23.8-47.5 SASS instructions per entry at F = 24 and 32 (no guide to
+#: bilinear, fixed or adaptive beta) where P's rank-one terms on tiles took 61.2-103.2, and the
+#: stats pass 280-713 per 64 rows where the terms' energies on full tiles took 886-1538
+#: (docs/DESIGN.md section 8). The rank-one terms (2026-11-27) had measured 0.79 / 1.01x
+#: softmax's time with fixed beta at F = 24 / 32 on an H200; the frequencies are not yet timed
+#: on a GPU (benchmarks/map_op_kernel_times.py times both). Where F is not a multiple of 4, one
+#: fp32 dot.
+THREAD_ROW_FRAME_MULTIPLE = 4
 
 
 def split_band(setting: str, padded_frames: int, fused: bool) -> bool:
     """Whether a kernel at `padded_frames` (F_PAD) splits a circulant band product on tensor
     cores, for a `BAND_PRODUCT` setting ("auto": `FUSED_SPLIT_PADDINGS` in the fused kernels, never
-    in the map op; "rank-one" in the fused kernels: as "auto")."""
-    if setting == "auto" or (setting == "rank-one" and fused):
+    in the map op; "rank-one" and "frequencies" in the fused kernels: as "auto")."""
+    if setting in ("auto", "frequencies") or (setting == "rank-one" and fused):
         return fused and padded_frames in FUSED_SPLIT_PADDINGS
     return setting == "tensor-cores"
 
 
-def rank_one_band(setting: str, frames: int) -> bool:
-    """Whether the map op (the fused kernels have no such form) takes a circulant band product as
-    P's rank-one terms, for a `BAND_PRODUCT` setting ("auto": where F is a multiple of
-    `RANK_ONE_FRAME_MULTIPLE`)."""
-    if setting == "auto":
-        return frames % RANK_ONE_FRAME_MULTIPLE == 0
+def rank_one_band(setting: str) -> bool:
+    """Whether the map op takes a circulant band product as P's rank-one terms on tiles
+    (`rank_one_band_product`): only where a `BAND_PRODUCT` setting of "rank-one" forces them (at
+    every F)."""
     return setting == "rank-one"
+
+
+def thread_row_band(setting: str, frames: int) -> bool:
+    """Whether the map op holds one row per thread and takes a circulant band product by the
+    band's frequencies (`thread_row_band_product`), for a `BAND_PRODUCT` setting ("auto" and
+    "frequencies": where F is a multiple of `THREAD_ROW_FRAME_MULTIPLE`)."""
+    return setting in ("auto", "frequencies") and frames % THREAD_ROW_FRAME_MULTIPLE == 0
 
 
 #: log2(e): the kernels take exp(x) as exp2(x * LOG2E), since tl.exp2 lowers to the flush-to-zero
@@ -235,4 +248,198 @@ def rank_one_band_energy(values, terms_ptr, F_PAD: tl.constexpr, RANK: tl.conste
         vector = tl.load(terms_ptr + k * F_PAD + cols)[None, :]
         coefficient = tl.sum(values * vector, axis=1)
         energy += coefficient * coefficient
+    return energy
+
+
+# --- Rows held one per thread ------------------------------------------------------------------
+# A tile of BLOCK rows on BLOCK threads, each row a tuple of F [BLOCK] column tensors: loaded and
+# stored in CHUNK-wide vectors, split into columns in registers (tl.split of an in-thread axis
+# moves no data), so row reductions need no shuffles and P's entries are compile-time constants
+# (FFMA immediates, no loads). Where a tile's rows span threads the rank-one product takes R dot
+# products, each ending in shuffles, and loads its terms; here the band step is the circulant's
+# real DFT pruned to the band's frequencies, with the symmetry of cosines and sines about F / 2
+# halving it (`thread_row_band_product`).
+
+#: P's eigenvalue at DFT index k (`band.frequency_eigenvalue`), evaluated at compile time.
+band_eigenvalue = triton.constexpr_function(frequency_eigenvalue)
+#: Whether I - P has the fewer rank-one terms (`band.rank_one_complement`), at compile time.
+band_complement = triton.constexpr_function(rank_one_complement)
+
+
+@triton.constexpr_function
+def band_frequency_weight(frames, tau, k):
+    """Weight of frequency k (0 <= k <= F / 2) in P = sum_k w_k (c_k c_k^T + s_k s_k^T), or in
+    I - P where `band_complement`, with c_k[j] = cos(2 pi k j / F) and s_k[j] = sin(...) unscaled:
+    lambda_k (or 1 - lambda_k) times 2 / F (1 / F for k = 0 and F / 2, which have no sine), the
+    squared norms of `band.band_rank_one_terms_float64`'s rows; 0 where k has no term."""
+    eigenvalue = band_eigenvalue(frames, tau, k)
+    weight = 1.0 - eigenvalue if band_complement(frames, tau) else eigenvalue
+    return weight * (2.0 if 0 < 2 * k < frames else 1.0) / frames
+
+
+@triton.constexpr_function
+def frequency_cosine(frames, k, j):
+    """cos(2 pi k j / F), exactly 0 or +-1 where k j is a multiple of F / 4 (so that the band step
+    drops those products at compile time, or takes them as additions)."""
+    if (4 * k * j) % frames == 0:
+        return (1.0, 0.0, -1.0, 0.0)[(4 * k * j // frames) % 4]
+    return math.cos(2.0 * math.pi * ((k * j) % frames) / frames)
+
+
+@triton.constexpr_function
+def frequency_sine(frames, k, j):
+    """sin(2 pi k j / F), exact where k j is a multiple of F / 4, as `frequency_cosine`."""
+    if (4 * k * j) % frames == 0:
+        return (0.0, 1.0, 0.0, -1.0)[(4 * k * j // frames) % 4]
+    return math.sin(2.0 * math.pi * ((k * j) % frames) / frames)
+
+
+@triton.constexpr_function
+def exponent_of_two(n):
+    """log2(n) for a power of two n."""
+    return n.bit_length() - 1
+
+
+@triton.constexpr_function
+def bit_reversed(index, width):
+    """`index` with its log2(width) bits reversed: where `load_row_chunk`'s splits put a column."""
+    reversed_index = 0
+    for _ in range(width.bit_length() - 1):
+        reversed_index = 2 * reversed_index + index % 2
+        index //= 2
+    return reversed_index
+
+
+@triton.jit
+def load_row_chunk(ptr, row_starts, row_mask, START: tl.constexpr, CHUNK: tl.constexpr):
+    """Columns START .. START + CHUNK - 1 of the rows at element offsets `row_starts` (a
+    [BLOCK] tensor, one row per thread) as a tuple of CHUNK fp32 [BLOCK] tensors, from one
+    CHUNK-wide vector load per row (masked rows read 0). Each tl.split halves an axis that lies in
+    the thread, so the columns come apart in registers; they arrive in bit-reversed order."""
+    BLOCK: tl.constexpr = row_starts.shape[0]
+    block = tl.load(ptr + row_starts[:, None] + (START + tl.arange(0, CHUNK))[None, :],
+                    mask=row_mask[:, None], other=0.0).to(tl.float32)
+    parts = (block,)
+    for level in tl.static_range(exponent_of_two(CHUNK)):
+        halves = ()
+        for part in tl.static_range(2 ** level):
+            even, odd = tl.split(tl.reshape(parts[part], [BLOCK, CHUNK // 2 ** (level + 1), 2]))
+            halves = halves + (even, odd)
+        parts = halves
+    columns = ()
+    for column in tl.static_range(CHUNK):
+        columns = columns + (tl.reshape(parts[bit_reversed(column, CHUNK)], [BLOCK]),)
+    return columns
+
+
+@triton.jit
+def store_row_chunk(ptr, row_starts, row_mask, columns, START: tl.constexpr, CHUNK: tl.constexpr):
+    """Store columns[START .. START + CHUNK - 1] (fp32 [BLOCK] tensors) to the rows at
+    `row_starts` in one CHUNK-wide vector per row, in `ptr`'s element type (`to_element_type`):
+    `load_row_chunk`'s splits undone by joins."""
+    BLOCK: tl.constexpr = row_starts.shape[0]
+    parts = ()
+    for column in tl.static_range(CHUNK):
+        parts = parts + (tl.reshape(columns[START + bit_reversed(column, CHUNK)], [BLOCK, 1]),)
+    for level in tl.static_range(exponent_of_two(CHUNK)):
+        joined = ()
+        for part in tl.static_range(CHUNK // 2 ** (level + 1)):
+            pair = tl.join(parts[2 * part], parts[2 * part + 1])
+            joined = joined + (tl.reshape(pair, [BLOCK, 2 ** (level + 1)]),)
+        parts = joined
+    tl.store(ptr + row_starts[:, None] + (START + tl.arange(0, CHUNK))[None, :],
+             to_element_type(parts[0], ptr), mask=row_mask[:, None])
+
+
+@triton.jit
+def thread_row_frequency_dots(values, F: tl.constexpr, TAU: tl.constexpr):
+    """(c_k . a, s_k . a) for the frequencies k <= F / 2 with a weight (`band_frequency_weight`),
+    rows held one per thread (`values`: a tuple of F column tensors; even F), as two tuples
+    indexed by k (an unused placeholder where k has no weight, and for the sine of k = 0 and
+    F / 2, which is 0). With e_i = a_i + a_{F-i} and o_i = a_i - a_{F-i} (0 < i < F / 2), c_k . a
+    takes the F / 2 + 1 values e and s_k . a the F / 2 - 1 values o (cosines are even about 0,
+    sines odd): half the multiply-adds of dot products over the row, each coefficient a
+    compile-time constant, products by 0 or +-1 dropped or added."""
+    HALF: tl.constexpr = F // 2
+    evens = (values[0],)
+    odds = (values[0],)  # index 0 unused: o_i for 0 < i < F / 2
+    for i in tl.static_range(1, HALF):
+        evens = evens + (values[i] + values[F - i],)
+        odds = odds + (values[i] - values[F - i],)
+    evens = evens + (values[HALF],)
+    cosine_dots = ()
+    sine_dots = ()
+    for k in tl.static_range(HALF + 1):
+        if band_frequency_weight(F, TAU, k) > 0:
+            dot = tl.zeros_like(values[0])
+            for i in tl.static_range(HALF + 1):
+                if frequency_cosine(F, k, i) != 0.0:
+                    dot += frequency_cosine(F, k, i) * evens[i]
+            cosine_dots = cosine_dots + (dot,)
+            dot = tl.zeros_like(values[0])
+            for i in tl.static_range(1, HALF):
+                if frequency_sine(F, k, i) != 0.0:
+                    dot += frequency_sine(F, k, i) * odds[i]
+            sine_dots = sine_dots + (dot,)
+        else:
+            cosine_dots = cosine_dots + (values[0],)
+            sine_dots = sine_dots + (values[0],)
+    return cosine_dots, sine_dots
+
+
+@triton.jit
+def thread_row_band_product(values, F: tl.constexpr, TAU: tl.constexpr):
+    """values @ P (even F) for rows held one per thread: `values` is a tuple of F column tensors,
+    and so is the result. P = sum_k w_k (c_k c_k^T + s_k s_k^T) over the frequencies k <= F / 2
+    with a weight (`band_frequency_weight`; I - that where `band_complement`), from
+    `thread_row_frequency_dots`; entries j and F - j share u_j = sum_k w_k (c_k . a) c_k[j] and
+    v_j = sum_k w_k (s_k . a) s_k[j] as u_j + v_j and u_j - v_j. So each entry takes about R
+    multiply-adds for R rank-one terms, where the terms' dot products and scaled additions over
+    whole rows take 2 R."""
+    HALF: tl.constexpr = F // 2
+    cosine_dots, sine_dots = thread_row_frequency_dots(values, F, TAU)
+    symmetric = ()  # u_j, 0 <= j <= F / 2
+    antisymmetric = ()  # v_j, 0 < j < F / 2 (index 0 unused)
+    for j in tl.static_range(HALF + 1):
+        u = tl.zeros_like(values[0])
+        v = tl.zeros_like(values[0])
+        for k in tl.static_range(HALF + 1):
+            if band_frequency_weight(F, TAU, k) > 0:
+                if frequency_cosine(F, k, j) != 0.0:
+                    u += (frequency_cosine(F, k, j) * band_frequency_weight(F, TAU, k)) * cosine_dots[k]
+                if frequency_sine(F, k, j) != 0.0:
+                    v += (frequency_sine(F, k, j) * band_frequency_weight(F, TAU, k)) * sine_dots[k]
+        symmetric = symmetric + (u,)
+        antisymmetric = antisymmetric + (v,)
+    product = ()
+    for j in tl.static_range(F):
+        if j == 0 or j == HALF:
+            entry = symmetric[j]
+        elif j < HALF:
+            entry = symmetric[j] + antisymmetric[j]
+        else:
+            entry = symmetric[F - j] - antisymmetric[F - j]
+        if band_complement(F, TAU):
+            entry = values[j] - entry
+        product = product + (entry,)
+    return product
+
+
+@triton.jit
+def thread_row_band_energy(values, square, F: tl.constexpr, TAU: tl.constexpr):
+    """<a, a @ P> per row (even F), rows held one per thread, `square` = |a|^2:
+    sum_k w_k ((c_k . a)^2 + (s_k . a)^2) from `thread_row_frequency_dots` (`square` minus that
+    where `band_complement`). For even F P is a projector, so this is also |a @ P|^2."""
+    HALF: tl.constexpr = F // 2
+    cosine_dots, sine_dots = thread_row_frequency_dots(values, F, TAU)
+    energy = tl.zeros_like(values[0])
+    for k in tl.static_range(HALF + 1):
+        if band_frequency_weight(F, TAU, k) > 0:
+            if k == 0 or k == HALF:
+                energy += band_frequency_weight(F, TAU, k) * (cosine_dots[k] * cosine_dots[k])
+            else:
+                energy += band_frequency_weight(F, TAU, k) * (cosine_dots[k] * cosine_dots[k]
+                                                              + sine_dots[k] * sine_dots[k])
+    if band_complement(F, TAU):
+        energy = square - energy
     return energy

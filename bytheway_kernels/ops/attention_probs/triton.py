@@ -2,9 +2,10 @@
 
 A tile is BLOCK_R rows (query frames) of one batch entry; a row is F logits. For each row:
 softmax -> blend with the anchor map, upsampled by index arithmetic (never materialised) -> band
-step as `guided @ P` (P's rank-one terms where F is a multiple of 4,
-`triton_rules.rank_one_band_product`; else one exact fp32 dot, or three tf32 dots on tensor cores
-when forced, `triton_rules.band_product`; `guided - mean` when the band is every k != 0) ->
+step as `guided @ P` (where F is a multiple of 4, one row per thread and the band's frequencies
+with P's entries compiled in, `triton_rules.thread_row_band_product`; else one exact fp32 dot, or
+when forced three tf32 dots on tensor cores, `triton_rules.band_product`, or P's rank-one terms on
+tiles, `triton_rules.rank_one_band_product`; `guided - mean` when the band is every k != 0) ->
 divide by rowsum(guided) (the band term sums to 0) -> store.
 
 Fixed beta is one launch of `_apply_kernel`. Adaptive beta (or `stats`) needs global energies
@@ -40,8 +41,9 @@ from ..params import ByTheWayParams
 from ..workspace import clear_reused_workspaces, zeroed_workspace
 from .. import triton_rules
 from ..triton_rules import (LOG2E, band_product, bilinear_sources, enhanced_rows, group_beta,
-                            load_band, nearest_source, rank_one_band_energy, rank_one_band_product,
-                            store_stats_row, to_element_type)
+                            load_band, load_row_chunk, nearest_source, rank_one_band_energy,
+                            rank_one_band_product, store_row_chunk, store_stats_row,
+                            thread_row_band_energy, thread_row_band_product, to_element_type)
 
 GUIDE_MODES = {None: 0, "nearest": 1, "bilinear": 2}
 # Per stats program: sum|A|^2, sum|A2|^2, sum<A2, A2 P>, then (with stats) the last three over s^2,
@@ -82,34 +84,50 @@ FULL_STATS_TILES_FOR_TERMS = True
 # benchmarks/map_op_kernel_times.py times it on and off, and
 # tests/test_attention_probs_gpu.py::test_programmatic_dependent_pair runs it.
 PROGRAMMATIC_LAUNCH = False
+# Warps of a thread-row program (`triton_rules.thread_row_band`: 32 rows each).
+THREAD_ROW_WARPS = 4
 
 
 @triton.jit
-def _guide_rows(guide_ptr, b, rows, row_mask, cols, col_mask, H, W, h, w, heads,
-                scale_y, scale_x, F: tl.constexpr, GUIDE_MODE: tl.constexpr):
-    """Upsampled anchor map for `rows` of batch entry b, following torch.interpolate's rules."""
+def _guide_sources(b, rows, H, W, h, w, heads, scale_y, scale_x, F: tl.constexpr,
+                   GUIDE_MODE: tl.constexpr):
+    """(row00, row01, row10, row11, wy, wx): the anchor map's source rows for `rows` of batch
+    entry b and the bilinear weights of the second row along y and x, following
+    torch.interpolate's rules; nearest uses row00 alone (the rest unused)."""
     frame = rows % F
     spatial = rows // F
     head = spatial % heads
     pixel = spatial // heads
     x = pixel % W
     y = pixel // W
-    mask = row_mask[:, None] & col_mask[None, :]
     if GUIDE_MODE == 1:
         ys = nearest_source(y, scale_y, h)
         xs = nearest_source(x, scale_x, w)
-        src = (((b * h + ys) * w + xs) * heads + head) * F + frame
-        upsampled = tl.load(guide_ptr + src[:, None] * F + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        row00 = (((b * h + ys) * w + xs) * heads + head) * F + frame
+        return row00, row00, row00, row00, scale_y, scale_x
     else:
         y0, y1, wy = bilinear_sources(y, scale_y, h)
         x0, x1, wx = bilinear_sources(x, scale_x, w)
-        wy = wy[:, None]
-        wx = wx[:, None]
         base = b * h
         row00 = (((base + y0) * w + x0) * heads + head) * F + frame
         row01 = (((base + y0) * w + x1) * heads + head) * F + frame
         row10 = (((base + y1) * w + x0) * heads + head) * F + frame
         row11 = (((base + y1) * w + x1) * heads + head) * F + frame
+        return row00, row01, row10, row11, wy, wx
+
+
+@triton.jit
+def _guide_rows(guide_ptr, b, rows, row_mask, cols, col_mask, H, W, h, w, heads,
+                scale_y, scale_x, F: tl.constexpr, GUIDE_MODE: tl.constexpr):
+    """Upsampled anchor map for `rows` of batch entry b (`_guide_sources`)."""
+    row00, row01, row10, row11, wy, wx = _guide_sources(b, rows, H, W, h, w, heads, scale_y,
+                                                        scale_x, F, GUIDE_MODE)
+    mask = row_mask[:, None] & col_mask[None, :]
+    if GUIDE_MODE == 1:
+        upsampled = tl.load(guide_ptr + row00[:, None] * F + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        wy = wy[:, None]
+        wx = wx[:, None]
         g00 = tl.load(guide_ptr + row00[:, None] * F + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         g01 = tl.load(guide_ptr + row01[:, None] * F + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         g10 = tl.load(guide_ptr + row10[:, None] * F + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -180,6 +198,33 @@ def _band_high(guided, band_ptr, F_PAD: tl.constexpr, FULL_BAND: tl.constexpr,
 
 
 @triton.jit
+def _tile_energies(guided, row_sum, band_ptr, F: tl.constexpr, F_PAD: tl.constexpr,
+                   FULL_BAND: tl.constexpr, SPLIT_BAND: tl.constexpr, BAND_RANK: tl.constexpr,
+                   BAND_COMPLEMENT: tl.constexpr, TERM_ENERGIES: tl.constexpr):
+    """(|A2|^2, <A2, A2 P>, |A2 P|^2) per row of a tile; the last only matters with stats
+    (dead code otherwise)."""
+    guided_square = tl.sum(guided * guided, axis=1)
+    if FULL_BAND:
+        # A2 P = A2 - s / F: <A2, A2 P> = |A2|^2 - s^2 / F, and |A2 P|^2 is the same (A2 P
+        # sums to 0), so A2 P is never formed (6-8% fewer SASS instructions per program, sm_90)
+        guided_high = guided_square - row_sum * row_sum * (1.0 / F)
+        high_square = guided_high
+    elif TERM_ENERGIES:
+        # P = sum_k v_k^T v_k (or I minus it): <A2, A2 P> is the sum of the squared
+        # coefficients A2 . v_k (or |A2|^2 minus it), so A2 P is never formed: no scaled
+        # additions. For even F the band is symmetric and P a projector, |A2 P|^2 = <A2, A2 P>.
+        term_energy = rank_one_band_energy(guided, band_ptr, F_PAD, BAND_RANK)
+        guided_high = guided_square - term_energy if BAND_COMPLEMENT else term_energy
+        high_square = guided_high
+    else:
+        high = _band_high(guided, band_ptr, F_PAD, FULL_BAND, SPLIT_BAND, BAND_RANK,
+                          BAND_COMPLEMENT)
+        guided_high = tl.sum(guided * high, axis=1)
+        high_square = tl.sum(high * high, axis=1)
+    return guided_square, guided_high, high_square
+
+
+@triton.jit
 def _stats_kernel(scores_ptr, guide_ptr, band_ptr, workspace_ptr, stats_ptr, betas_at, counter_at,
                   tier_sums_at, tier_counters_at, rows_per_entry, first_entry, h, w, scale_y,
                   scale_x, alpha, beta0, beta_max, H: tl.constexpr, W: tl.constexpr,
@@ -188,7 +233,8 @@ def _stats_kernel(scores_ptr, guide_ptr, band_ptr, workspace_ptr, stats_ptr, bet
                   SPLIT_BAND: tl.constexpr, BAND_RANK: tl.constexpr, BAND_COMPLEMENT: tl.constexpr,
                   ADAPTIVE: tl.constexpr, HAS_BETA_MAX: tl.constexpr, WRITE_STATS: tl.constexpr,
                   PER_VIDEO: tl.constexpr, CHUNK: tl.constexpr, TIERED: tl.constexpr,
-                  TERM_ENERGIES: tl.constexpr, PDL: tl.constexpr):
+                  TERM_ENERGIES: tl.constexpr, PDL: tl.constexpr, THREAD_ROWS: tl.constexpr,
+                  TAU: tl.constexpr, COLUMNS: tl.constexpr):
     """Energy sums of TILES consecutive tiles of one entry in scope, written to this program's
     slot of the partials (field-major: partials[field, slot], at the start of the workspace); the
     last program to finish adds every slot in a fixed order and writes beta (and stats), see
@@ -205,7 +251,9 @@ def _stats_kernel(scores_ptr, guide_ptr, band_ptr, workspace_ptr, stats_ptr, bet
     at once. The three 1/s^2-weighted sums behind E3 are computed only with WRITE_STATS.
 
     TERM_ENERGIES (the launch plan's rule): the band energies come from P's rank-one terms'
-    coefficients alone, without A2 P.
+    coefficients alone, without A2 P. THREAD_ROWS (`triton_rules.thread_row_band`): from the
+    frequencies' dot products, one row per thread (`triton_rules.thread_row_band_energy`; loads
+    COLUMNS wide, P's entries compiled in for tau = TAU).
 
     PDL: the apply kernel, launched as this kernel's programmatic dependent, may start now
     (`PROGRAMMATIC_LAUNCH`).
@@ -225,28 +273,27 @@ def _stats_kernel(scores_ptr, guide_ptr, band_ptr, workspace_ptr, stats_ptr, bet
     for tile in tl.static_range(TILES):
         rows = (program * TILES + tile) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_mask = rows < rows_per_entry
-        attn, guided, row_sum = _guided_block(
-            scores_ptr, guide_ptr, b, rows, row_mask, rows_per_entry, H, W, h, w, heads,
-            scale_y, scale_x, alpha, F, F_PAD, GUIDE_MODE, FULL_BAND or SPLIT_BAND or BAND_RANK > 0)
-        guided_square = tl.sum(guided * guided, axis=1)
-        if FULL_BAND:
-            # A2 P = A2 - s / F: <A2, A2 P> = |A2|^2 - s^2 / F, and |A2 P|^2 is the same (A2 P
-            # sums to 0), so A2 P is never formed (6-8% fewer SASS instructions per program, sm_90)
-            guided_high = guided_square - row_sum * row_sum * (1.0 / F)
-            high_square = guided_high
-        elif TERM_ENERGIES:
-            # P = sum_k v_k^T v_k (or I minus it): <A2, A2 P> is the sum of the squared
-            # coefficients A2 . v_k (or |A2|^2 minus it), so A2 P is never formed: no scaled
-            # additions. For even F the band is symmetric and P a projector, |A2 P|^2 = <A2, A2 P>.
-            term_energy = rank_one_band_energy(guided, band_ptr, F_PAD, BAND_RANK)
-            guided_high = guided_square - term_energy if BAND_COMPLEMENT else term_energy
+        if THREAD_ROWS:
+            attn, guided, row_sum = _guided_thread_rows(
+                scores_ptr, guide_ptr, b, rows, row_mask, rows_per_entry, H, W, h, w, heads,
+                scale_y, scale_x, alpha, F, COLUMNS, GUIDE_MODE)
+            attn_square = tl.zeros_like(row_sum)
+            guided_square = tl.zeros_like(row_sum)
+            for j in tl.static_range(F):
+                attn_square += attn[j] * attn[j]
+                guided_square += guided[j] * guided[j]
+            guided_high = thread_row_band_energy(guided, guided_square, F, TAU)
             high_square = guided_high
         else:
-            high = _band_high(guided, band_ptr, F_PAD, FULL_BAND, SPLIT_BAND, BAND_RANK,
-                              BAND_COMPLEMENT)
-            guided_high = tl.sum(guided * high, axis=1)
-            high_square = tl.sum(high * high, axis=1)  # only with WRITE_STATS: dead otherwise
-        attn_energy += tl.where(row_mask, tl.sum(attn * attn, axis=1), 0.0)
+            attn, guided, row_sum = _guided_block(
+                scores_ptr, guide_ptr, b, rows, row_mask, rows_per_entry, H, W, h, w, heads,
+                scale_y, scale_x, alpha, F, F_PAD, GUIDE_MODE,
+                FULL_BAND or SPLIT_BAND or BAND_RANK > 0)
+            attn_square = tl.sum(attn * attn, axis=1)
+            guided_square, guided_high, high_square = _tile_energies(
+                guided, row_sum, band_ptr, F, F_PAD, FULL_BAND, SPLIT_BAND, BAND_RANK,
+                BAND_COMPLEMENT, TERM_ENERGIES)
+        attn_energy += tl.where(row_mask, attn_square, 0.0)
         guided_energy += tl.where(row_mask, guided_square, 0.0)
         high_energy += tl.where(row_mask, guided_high, 0.0)
         if WRITE_STATS:  # E3 is the energy of A3 / s, s = rowsum(A2) (A2 @ P sums to 0)
@@ -361,12 +408,95 @@ def _finish_energies(partials_ptr, betas_ptr, stats_ptr, slots, videos, rows_per
 
 
 @triton.jit
+def _guided_thread_rows(scores_ptr, guide_ptr, b, rows, row_mask, rows_per_entry, H, W, h, w,
+                        heads, scale_y, scale_x, alpha, F: tl.constexpr, COLUMNS: tl.constexpr,
+                        GUIDE_MODE: tl.constexpr):
+    """`_guided_block` (its lean softmax) for rows held one per thread: (attn, guided,
+    rowsum(guided)) with attn and guided tuples of F fp32 column tensors
+    (`triton_rules.load_row_chunk`)."""
+    row_starts = (b * rows_per_entry + rows) * F
+    logits = ()
+    for start in tl.static_range(0, F, COLUMNS):
+        logits = logits + load_row_chunk(scores_ptr, row_starts, row_mask, start, COLUMNS)
+    largest = logits[0]
+    for j in tl.static_range(1, F):
+        largest = tl.maximum(largest, logits[j])
+    exps = ()
+    exp_sum = tl.zeros_like(largest)
+    for j in tl.static_range(F):
+        exps = exps + (tl.exp2((logits[j] - largest) * LOG2E),)
+        exp_sum += exps[j]
+    reciprocal = 1.0 / exp_sum
+    attn = ()
+    attn_sum = tl.zeros_like(largest)
+    for j in tl.static_range(F):
+        attn = attn + (exps[j] * reciprocal,)
+        attn_sum += attn[j]
+    if GUIDE_MODE == 0:
+        return attn, attn, attn_sum
+    else:
+        row00, row01, row10, row11, wy, wx = _guide_sources(b, rows, H, W, h, w, heads, scale_y,
+                                                            scale_x, F, GUIDE_MODE)
+        guided = ()
+        guided_sum = tl.zeros_like(largest)
+        for start in tl.static_range(0, F, COLUMNS):
+            g00 = load_row_chunk(guide_ptr, row00 * F, row_mask, start, COLUMNS)
+            if GUIDE_MODE == 2:
+                g01 = load_row_chunk(guide_ptr, row01 * F, row_mask, start, COLUMNS)
+                g10 = load_row_chunk(guide_ptr, row10 * F, row_mask, start, COLUMNS)
+                g11 = load_row_chunk(guide_ptr, row11 * F, row_mask, start, COLUMNS)
+            for i in tl.static_range(COLUMNS):
+                if GUIDE_MODE == 1:
+                    upsampled = g00[i]
+                else:
+                    upsampled = ((1.0 - wy) * ((1.0 - wx) * g00[i] + wx * g01[i])
+                                 + wy * ((1.0 - wx) * g10[i] + wx * g11[i]))
+                # as `_guided_block` blends and falls back
+                blended = alpha * upsampled - (alpha * attn[start + i] - attn[start + i])
+                guided = guided + (blended,)
+                guided_sum += blended
+        usable = (guided_sum > 0.0) & (guided_sum < float("inf"))  # false for NaN too
+        kept = ()
+        for j in tl.static_range(F):
+            kept = kept + (tl.where(usable, guided[j], attn[j]),)
+        return attn, kept, tl.where(usable, guided_sum, attn_sum)
+
+
+@triton.jit
+def _apply_thread_rows(scores_ptr, guide_ptr, betas_ptr, probs_ptr, betas_at, b, rows_per_entry,
+                       videos, h, w, scale_y, scale_x, alpha, beta0, H, W, heads,
+                       F: tl.constexpr, TAU: tl.constexpr, COLUMNS: tl.constexpr,
+                       BLOCK_R: tl.constexpr, GUIDE_MODE: tl.constexpr, PER_VIDEO: tl.constexpr,
+                       ADAPTIVE: tl.constexpr, PDL: tl.constexpr):
+    """`_apply_kernel` with its BLOCK_R rows held one per thread (`THREAD_ROWS`): the band step
+    by `triton_rules.thread_row_band_product`, everything else as the tile form computes it."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < rows_per_entry
+    _, guided, row_sum = _guided_thread_rows(scores_ptr, guide_ptr, b, rows, row_mask,
+                                             rows_per_entry, H, W, h, w, heads, scale_y, scale_x,
+                                             alpha, F, COLUMNS, GUIDE_MODE)
+    high = thread_row_band_product(guided, F, TAU)
+    if PDL:
+        gdc_wait()
+    beta = beta0
+    if ADAPTIVE:
+        beta = tl.load(betas_ptr + betas_at + (b % videos if PER_VIDEO else 0))
+    enhanced = ()
+    for j in tl.static_range(F):
+        enhanced = enhanced + (enhanced_rows(guided[j], high[j], beta, row_sum, F, False),)
+    row_starts = (b * rows_per_entry + rows) * F
+    for start in tl.static_range(0, F, COLUMNS):
+        store_row_chunk(probs_ptr, row_starts, row_mask, enhanced, start, COLUMNS)
+
+
+@triton.jit
 def _apply_kernel(scores_ptr, guide_ptr, band_ptr, betas_ptr, probs_ptr, betas_at, rows_per_entry,
                   videos, h, w, scale_y, scale_x, alpha, beta0, H: tl.constexpr, W: tl.constexpr,
                   heads: tl.constexpr, F: tl.constexpr, F_PAD: tl.constexpr, BLOCK_R: tl.constexpr,
                   GUIDE_MODE: tl.constexpr, FULL_BAND: tl.constexpr, SPLIT_BAND: tl.constexpr,
                   BAND_RANK: tl.constexpr, BAND_COMPLEMENT: tl.constexpr, PER_VIDEO: tl.constexpr,
-                  ADAPTIVE: tl.constexpr, PDL: tl.constexpr):
+                  ADAPTIVE: tl.constexpr, PDL: tl.constexpr, THREAD_ROWS: tl.constexpr,
+                  TAU: tl.constexpr, COLUMNS: tl.constexpr):
     """Write A3 = (guided + (beta - 1) * guided @ P) / rowsum(guided); beta from
     `betas_ptr + betas_at` (the stats pass's workspace) if adaptive.
 
@@ -376,24 +506,32 @@ def _apply_kernel(scores_ptr, guide_ptr, band_ptr, betas_ptr, probs_ptr, betas_a
     PDL (launched as the stats pass's programmatic dependent, `PROGRAMMATIC_LAUNCH`): everything
     up to the band step overlaps the stats pass; the program then waits for all of it to finish
     before it reads beta or stores (so nothing after this kernel runs before the stats pass ends).
+
+    THREAD_ROWS (`triton_rules.thread_row_band`): one row per thread, the band step with P's entries
+    compiled in for tau = TAU, loads and stores COLUMNS columns wide (`_apply_thread_rows`).
     """
     b = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_mask = rows < rows_per_entry
-    attn, guided, row_sum = _guided_block(
-        scores_ptr, guide_ptr, b, rows, row_mask, rows_per_entry, H, W, h, w, heads, scale_y,
-        scale_x, alpha, F, F_PAD, GUIDE_MODE, True)
-    high = _band_high(guided, band_ptr, F_PAD, FULL_BAND, SPLIT_BAND, BAND_RANK, BAND_COMPLEMENT)
-    if PDL:
-        gdc_wait()
-    beta = beta0
-    if ADAPTIVE:
-        beta = tl.load(betas_ptr + betas_at + (b % videos if PER_VIDEO else 0))
-    enhanced = enhanced_rows(guided, high, beta, row_sum[:, None], F, FULL_BAND)  # padded: unstored
-    cols = tl.arange(0, F_PAD)
-    offsets = (b * rows_per_entry + rows)[:, None] * F + cols[None, :]
-    tl.store(probs_ptr + offsets, to_element_type(enhanced, probs_ptr),
-             mask=row_mask[:, None] & (cols < F)[None, :])
+    if THREAD_ROWS:
+        _apply_thread_rows(scores_ptr, guide_ptr, betas_ptr, probs_ptr, betas_at, b, rows_per_entry,
+                           videos, h, w, scale_y, scale_x, alpha, beta0, H, W, heads, F, TAU, COLUMNS,
+                           BLOCK_R, GUIDE_MODE, PER_VIDEO, ADAPTIVE, PDL)
+    else:
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_mask = rows < rows_per_entry
+        attn, guided, row_sum = _guided_block(
+            scores_ptr, guide_ptr, b, rows, row_mask, rows_per_entry, H, W, h, w, heads, scale_y,
+            scale_x, alpha, F, F_PAD, GUIDE_MODE, True)
+        high = _band_high(guided, band_ptr, F_PAD, FULL_BAND, SPLIT_BAND, BAND_RANK, BAND_COMPLEMENT)
+        if PDL:
+            gdc_wait()
+        beta = beta0
+        if ADAPTIVE:
+            beta = tl.load(betas_ptr + betas_at + (b % videos if PER_VIDEO else 0))
+        enhanced = enhanced_rows(guided, high, beta, row_sum[:, None], F, FULL_BAND)  # padded: unstored
+        cols = tl.arange(0, F_PAD)
+        offsets = (b * rows_per_entry + rows)[:, None] * F + cols[None, :]
+        tl.store(probs_ptr + offsets, to_element_type(enhanced, probs_ptr),
+                 mask=row_mask[:, None] & (cols < F)[None, :])
 
 
 def _launch_shape(padded_frames: int):
@@ -429,10 +567,15 @@ def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams
     h, w = (height, width) if guide_hw is None else guide_hw
     full_band = is_full_band(frames, params.tau)
     split = triton_rules.split_band(band_setting, padded, fused=False) and not full_band
+    # one row per thread in both passes, the band step by its frequencies: even F (the symmetric
+    # form), whole vectors of 4 or 8 columns per row
+    thread_rows = triton_rules.thread_row_band(band_setting, frames) and not full_band
     band_rank, band_complement = 0, False  # rank 0: a product with P (or the full band)
-    if triton_rules.rank_one_band(band_setting, frames) and not full_band:
+    if triton_rules.rank_one_band(band_setting) and not full_band:
         terms, band_complement = band_rank_one_terms_float64(frames, params.tau)
         band_rank, split = terms.shape[0], False
+        if frames % 4:  # unvectorised rows: full tiles spilled 8 bytes (F = 3, bilinear, Triton 3.6)
+            block_rows = max(16, block_rows // 2)
     common = dict(rows_per_entry=rows_per_entry, H=height, W=width, h=h, w=w, heads=heads,
                   scale_y=h / height, scale_x=w / width, alpha=params.alpha, beta0=params.beta,
                   F=frames, F_PAD=padded, BLOCK_R=block_rows,
@@ -452,6 +595,8 @@ def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams
     term_energies = band_rank > 0 and (frames % 2 == 0 or not with_stats)
     if not (full_band or split or (term_energies and FULL_STATS_TILES_FOR_TERMS)):
         stats_block_rows = max(16, block_rows // 2)
+    if thread_rows:
+        stats_block_rows = 32 * THREAD_ROW_WARPS
     stats_tiles = triton.cdiv(rows_per_entry, stats_block_rows)
     tiles_per_program = min(MAX_STATS_TILES, triton.next_power_of_2(
         triton.cdiv(stats_tiles * videos, TARGET_STATS_PROGRAMS)))
@@ -471,11 +616,20 @@ def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams
                       tier_sums_at=tier_sums_at, tier_counters_at=tier_counters_at,
                       beta_max=params.beta if params.beta_max is None else params.beta_max,
                       HAS_BETA_MAX=params.beta_max is not None, WRITE_STATS=with_stats,
-                      CHUNK=REDUCE_CHUNK, TIERED=tiered, TERM_ENERGIES=term_energies)
-    apply_args = dict(common, videos=max(videos, 1), betas_at=betas_at)
+                      CHUNK=REDUCE_CHUNK, TIERED=tiered, TERM_ENERGIES=term_energies,
+                      THREAD_ROWS=thread_rows, TAU=params.tau if thread_rows else 0,
+                      COLUMNS=8 if frames % 8 == 0 else 4)
+    if thread_rows:
+        stats_args.update(num_warps=THREAD_ROW_WARPS)
+    apply_args = dict(common, videos=max(videos, 1), betas_at=betas_at, THREAD_ROWS=thread_rows,
+                      TAU=params.tau if thread_rows else 0, COLUMNS=8 if frames % 8 == 0 else 4)
+    apply_grid = (tiles, batch)
+    if thread_rows:
+        apply_args.update(BLOCK_R=32 * THREAD_ROW_WARPS, num_warps=THREAD_ROW_WARPS)
+        apply_grid = (triton.cdiv(rows_per_entry, 32 * THREAD_ROW_WARPS), batch)
     if programmatic:
         apply_args["launch_pdl"] = True  # Triton's launch option: programmatic stream serialization
-    return _LaunchPlan((programs, videos), (tiles, batch), betas_at + groups + 1, stats_args,
+    return _LaunchPlan((programs, videos), apply_grid, betas_at + groups + 1, stats_args,
                        apply_args, common["FULL_BAND"])
 
 
@@ -499,10 +653,10 @@ def _launches_and_sources(scores, guide, params: ByTheWayParams, probs, stats, r
     plan = _launch_plan(tuple(scores.shape), None if guide is None else tuple(guide.shape[1:3]),
                         params, stats is not None, triton_rules.BAND_PRODUCT,
                         PROGRAMMATIC_LAUNCH and _programmatic(scores.device))
-    band = scores
+    band = scores  # unused where the band is full or compiled in (`THREAD_ROWS`)
     if plan.apply_args["BAND_RANK"]:
         band = band_rank_one_terms(scores.shape[-1], params.tau, plan.apply_args["F_PAD"], scores.device)
-    elif not plan.full_band:
+    elif not (plan.full_band or plan.apply_args["THREAD_ROWS"]):
         band = band_operand(scores.shape[-1], params.tau, plan.apply_args["F_PAD"], scores.device,
                             plan.apply_args["SPLIT_BAND"])
     guide_source = guide

@@ -6,8 +6,8 @@
 import pytest
 import torch
 
-from attention_probs_cases import (BackendContract, Case, assert_matches_reference, make_inputs,
-                                   needs_triton_interpreter, run_poisoned)
+from attention_probs_cases import (BAD_GUIDES, BackendContract, Case, assert_matches_reference,
+                                   make_inputs, needs_triton_interpreter, run_poisoned)
 from bytheway_kernels import reference
 from bytheway_kernels.ops import triton_rules
 from bytheway_kernels.ops.attention_probs import triton as triton_kernels
@@ -76,7 +76,7 @@ def many_stats_programs(request, monkeypatch):
 def test_stats_are_deterministic_with_many_partials(scope, many_stats_programs):
     """Partial slots summed in a fixed order by the last program (or by the last of each tier,
     then the last tier's): the same input gives the same bits run to run."""
-    # F = 8, tau = 1: P's rank-one terms, with one row per thread in both passes by default
+    # F = 8, tau = 1: the band's frequencies, with one row per thread in both passes by default
     # (128-row stats tiles: 10 x 7 positions give 5 programs per video)
     case = Case(batch=4, height=10, width=7, frames=8, tau=1, energy_scope=scope,
                 guide_upsample="bilinear", guide_size=(3, 2))
@@ -199,3 +199,56 @@ def test_cpu_tensors_without_interpreter_fail_clearly(monkeypatch):
     scores, _ = make_inputs(Case(guide_size=None))
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         attention_probs_triton_out(scores, None, Case().params(), torch.empty_like(scores), None)
+
+
+# The thread-row form (one row per thread, the band step by the band's frequencies: the default
+# where F % 4 == 0 up to 64) with bands of several frequencies, sines and the complement I - P,
+# each guide, dtype and scope; the case matrix's thread-row rows all have tau = 0 (one frequency).
+# Row counts are not multiples of the 128-row tiles.
+THREAD_ROW_CASES = [
+    Case(frames=12, tau=3, dtype=torch.float16, energy_scope="sample", height=3, width=5),  # complement
+    Case(frames=24, tau=7, dtype=torch.bfloat16, guide_upsample="bilinear", guide_size=(2, 1)),  # complement
+    Case(frames=4, tau=0, guide_size=None, height=5, width=7),  # COLUMNS = F = 4
+    Case(frames=28, tau=5, batch=6, parts=3, energy_scope="sample", guide_upsample="bilinear",
+         guide_size=(3, 2), height=3, width=3),
+    Case(frames=20, tau=8, beta=1.5, beta_max=2.0, dtype=torch.float16),  # complement
+    Case(frames=32, tau=7, adaptive_beta=False, guide_size=(1, 2)),
+]
+
+
+@pytest.mark.parametrize("with_stats", [False, True])
+@pytest.mark.parametrize("case", THREAD_ROW_CASES, ids=str)
+def test_thread_rows_match_the_reference(case, with_stats):
+    scores, guide = make_inputs(case, seed=17)
+    launches = triton_kernels.kernel_launches(scores, guide, case.params(), torch.empty_like(scores),
+                                              torch.empty((case.params().stats_rows(case.batch), 6))
+                                              if with_stats else None)
+    assert all(launch.args["THREAD_ROWS"] for launch in launches)
+    probs, stats = run_poisoned(attention_probs_triton_out, scores, guide, case, with_stats)
+    assert_matches_reference(scores, guide, case, probs, stats)
+
+
+@pytest.mark.parametrize("name", list(BAD_GUIDES))
+def test_thread_rows_keep_the_unguided_map_for_bad_guided_sums(name):
+    """As the contract's test at F = 16 (the full band, tile form), with one row per thread."""
+    case = Case(frames=12, tau=3, alpha=1.0, height=2, width=2, guide_size=(2, 2))
+    scores, guide = make_inputs(case, seed=11)
+    guide = BAD_GUIDES[name](guide)
+    probs, stats = run_poisoned(attention_probs_triton_out, scores, guide, case)
+    assert torch.isfinite(probs).all() and torch.isfinite(stats).all()
+    assert_matches_reference(scores, guide, case, probs, stats,
+                             truth_dtype=torch.float32 if name == "row sum beyond float" else torch.float64)
+
+
+@pytest.mark.parametrize("guide_size", [None, (1, 1)])
+@pytest.mark.parametrize("frames,tau", [(24, 7), (20, 8), (64, 20), (32, 7)])
+def test_thread_rows_give_uniform_rows_no_band_energy(frames, tau, guide_size):
+    """Uniform rows hold no energy but at k = 0: E2_high stays far below the energies' floor
+    (1e-6 of E2) with the complement too (F = 24, 20, 64 here), so beta stays beta0 (the band
+    energy of the centred row, `triton_rules.thread_row_band_energy`)."""
+    case = Case(frames=frames, tau=tau, guide_size=guide_size, beta=1.5)
+    scores = torch.zeros((2, 2, 2, 1, frames, frames))
+    guide = None if guide_size is None else torch.full((2, 1, 1, 1, frames, frames), 1 / frames)
+    probs, stats = run_poisoned(attention_probs_triton_out, scores, guide, case)
+    assert stats[0, 0] == 1.5 and stats[0, 4].abs() < 1e-9 * stats[0, 2]
+    torch.testing.assert_close(probs, torch.full_like(probs, 1 / frames))

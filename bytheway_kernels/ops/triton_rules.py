@@ -28,8 +28,8 @@ def _band_product_setting() -> str:
 #: cores (`band_product`); "rank-one", P's rank-one terms on tiles (`rank_one_band_product`, the map
 #: op only); "frequencies", the band's frequencies with one row per thread
 #: (`thread_row_band_product`, the map op only, where F is a multiple of
-#: `THREAD_ROW_FRAME_MULTIPLE`; elsewhere as "auto"); "auto" (the default), each kernel's choice
-#: (`split_band`, `thread_row_band`). The fused kernels make their automatic choice under
+#: `THREAD_ROW_FRAME_MULTIPLE` up to `THREAD_ROW_MAX_FRAMES`; elsewhere as "auto"); "auto" (the
+#: default), each kernel's choice (`split_band`, `thread_row_band`, `rank_one_band`). The fused kernels make their automatic choice under
 #: "rank-one" and "frequencies". The full band never multiplies by P. Both ops read it here when
 #: they look up a call's launch plan (it is part of the plan's key), so
 #: `bytheway_kernels.testing.band_product` switches it for both by setting it here.
@@ -44,15 +44,20 @@ FUSED_SPLIT_PADDINGS = (32,)
 
 #: The map op takes the band's frequencies with one row per thread by default where F is a
 #: multiple of this (`thread_row_band`: whole vectors of 4 or 8 columns per row, even F for the
-#: symmetric form). Compiled for sm_90 (Triton 3.6, fp16, up_blocks.2's size, no spills), the
-#: apply kernel takes 23.8-47.5 SASS instructions per entry at F = 24 and 32 (no guide to
-#: bilinear, fixed or adaptive beta) where P's rank-one terms on tiles took 61.2-103.2, and the
-#: stats pass 280-713 per 64 rows where the terms' energies on full tiles took 886-1538
-#: (docs/DESIGN.md section 8). The rank-one terms (2026-11-27) had measured 0.79 / 1.01x
-#: softmax's time with fixed beta at F = 24 / 32 on an H200; the frequencies are not yet timed
-#: on a GPU (benchmarks/map_op_kernel_times.py times both). Where F is not a multiple of 4, one
-#: fp32 dot.
+#: symmetric form) up to `THREAD_ROW_MAX_FRAMES`. Compiled for sm_90 (Triton 3.6, fp16,
+#: up_blocks.2's size, no spills), the apply kernel takes 23.8-47.3 SASS instructions per entry
+#: at F = 24 and 32 (no guide to bilinear, fixed beta; adaptive within 0.3) where P's rank-one
+#: terms on tiles took 61.2-102.0, and the stats pass 307-728 per 64 rows where the terms'
+#: energies on full tiles took 886-1538 (docs/DESIGN.md section 8). The rank-one terms
+#: (2026-11-27) had measured 0.79 / 1.01x softmax's time with fixed beta at F = 24 / 32 on an
+#: H200; the frequencies are not yet timed on a GPU (benchmarks/map_op_kernel_times.py times
+#: both). Where F is not a multiple of 4, one fp32 dot.
 THREAD_ROW_FRAME_MULTIPLE = 4
+#: Largest F the thread-row form takes by default: a thread holds whole rows and the band step is
+#: unrolled, so registers and compile time grow with F (sm_90, Triton 3.6: 168 registers and 90 s
+#: to compile the apply kernel at F = 64; 255 registers and 224 bytes of spill at F = 128). Past it
+#: the map op takes P's rank-one terms on tiles where F is a multiple of 4, as before 2026-11-28.
+THREAD_ROW_MAX_FRAMES = 64
 
 
 def split_band(setting: str, padded_frames: int, fused: bool) -> bool:
@@ -64,18 +69,23 @@ def split_band(setting: str, padded_frames: int, fused: bool) -> bool:
     return setting == "tensor-cores"
 
 
-def rank_one_band(setting: str) -> bool:
+def rank_one_band(setting: str, frames: int) -> bool:
     """Whether the map op takes a circulant band product as P's rank-one terms on tiles
-    (`rank_one_band_product`): only where a `BAND_PRODUCT` setting of "rank-one" forces them (at
-    every F)."""
+    (`rank_one_band_product`), for a `BAND_PRODUCT` setting ("rank-one": at every F; "auto" and
+    "frequencies": where F is a multiple of `THREAD_ROW_FRAME_MULTIPLE` above
+    `THREAD_ROW_MAX_FRAMES`)."""
+    if setting in ("auto", "frequencies"):
+        return frames % THREAD_ROW_FRAME_MULTIPLE == 0 and frames > THREAD_ROW_MAX_FRAMES
     return setting == "rank-one"
 
 
 def thread_row_band(setting: str, frames: int) -> bool:
     """Whether the map op holds one row per thread and takes a circulant band product by the
     band's frequencies (`thread_row_band_product`), for a `BAND_PRODUCT` setting ("auto" and
-    "frequencies": where F is a multiple of `THREAD_ROW_FRAME_MULTIPLE`)."""
-    return setting in ("auto", "frequencies") and frames % THREAD_ROW_FRAME_MULTIPLE == 0
+    "frequencies": where F is a multiple of `THREAD_ROW_FRAME_MULTIPLE`, up to
+    `THREAD_ROW_MAX_FRAMES`)."""
+    return (setting in ("auto", "frequencies") and frames % THREAD_ROW_FRAME_MULTIPLE == 0
+            and frames <= THREAD_ROW_MAX_FRAMES)
 
 
 #: log2(e): the kernels take exp(x) as exp2(x * LOG2E), since tl.exp2 lowers to the flush-to-zero
@@ -426,20 +436,32 @@ def thread_row_band_product(values, F: tl.constexpr, TAU: tl.constexpr):
 
 
 @triton.jit
-def thread_row_band_energy(values, square, F: tl.constexpr, TAU: tl.constexpr):
-    """<a, a @ P> per row (even F), rows held one per thread, `square` = |a|^2:
-    sum_k w_k ((c_k . a)^2 + (s_k . a)^2) from `thread_row_frequency_dots` (`square` minus that
-    where `band_complement`). For even F P is a projector, so this is also |a @ P|^2."""
+def thread_row_band_energy(values, total, F: tl.constexpr, TAU: tl.constexpr):
+    """<a, a @ P> per row (even F), rows held one per thread, `total` = the row's sum:
+    sum_k w_k ((c_k . d)^2 + (s_k . d)^2) from `thread_row_frequency_dots` of the centred row
+    d = a - total / F, or |d|^2 minus that over the complement's k != 0 where `band_complement`.
+    The band never holds k = 0, and d has the dot products of a at every k != 0, so this is the
+    same sum; centring keeps the complement's difference free of cancellation (a near-uniform
+    row, all of whose energy is at k = 0, gives ~0, where |a|^2 minus its k = 0 part cancelled to
+    ~F eps |a|^2, above the energies' floor). For even F P is a projector, so this is also
+    |a @ P|^2."""
     HALF: tl.constexpr = F // 2
-    cosine_dots, sine_dots = thread_row_frequency_dots(values, F, TAU)
+    mean = total * (1.0 / F)
+    centred = ()
+    for j in tl.static_range(F):
+        centred = centred + (values[j] - mean,)
+    cosine_dots, sine_dots = thread_row_frequency_dots(centred, F, TAU)
     energy = tl.zeros_like(values[0])
-    for k in tl.static_range(HALF + 1):
+    for k in tl.static_range(1, HALF + 1):
         if band_frequency_weight(F, TAU, k) > 0:
-            if k == 0 or k == HALF:
+            if k == HALF:
                 energy += band_frequency_weight(F, TAU, k) * (cosine_dots[k] * cosine_dots[k])
             else:
                 energy += band_frequency_weight(F, TAU, k) * (cosine_dots[k] * cosine_dots[k]
                                                               + sine_dots[k] * sine_dots[k])
     if band_complement(F, TAU):
+        square = tl.zeros_like(values[0])
+        for j in tl.static_range(F):
+            square += centred[j] * centred[j]
         energy = square - energy
     return energy

@@ -282,7 +282,7 @@ def _stats_kernel(scores_ptr, guide_ptr, band_ptr, workspace_ptr, stats_ptr, bet
             for j in tl.static_range(F):
                 attn_square += attn[j] * attn[j]
                 guided_square += guided[j] * guided[j]
-            guided_high = thread_row_band_energy(guided, guided_square, F, TAU)
+            guided_high = thread_row_band_energy(guided, row_sum, F, TAU)
             high_square = guided_high
         else:
             attn, guided, row_sum = _guided_block(
@@ -571,7 +571,7 @@ def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams
     # form), whole vectors of 4 or 8 columns per row
     thread_rows = triton_rules.thread_row_band(band_setting, frames) and not full_band
     band_rank, band_complement = 0, False  # rank 0: a product with P (or the full band)
-    if triton_rules.rank_one_band(band_setting) and not full_band:
+    if triton_rules.rank_one_band(band_setting, frames) and not full_band:
         terms, band_complement = band_rank_one_terms_float64(frames, params.tau)
         band_rank, split = terms.shape[0], False
         if frames % 4:  # unvectorised rows: full tiles spilled 8 bytes (F = 3, bilinear, Triton 3.6)
@@ -764,7 +764,7 @@ def clear_launch_plans() -> None:
     """Forget the cached launch plans, the eager calls prepared from them and their reused
     workspaces, for tests and benchmarks that change this module's tuning
     (`TARGET_STATS_PROGRAMS`, `MAX_STATS_TILES`, `_launch_shape`, `FULL_STATS_TILES_FOR_TERMS`,
-    `PROGRAMMATIC_LAUNCH`): the next calls plan anew."""
+    `PROGRAMMATIC_LAUNCH`, `THREAD_ROW_WARPS`): the next calls plan anew."""
     _launch_plan.cache_clear()
     _EAGER_CALLS.clear()
     clear_reused_workspaces()

@@ -269,14 +269,16 @@ def test_map_op_kernels_compile_for_sm90_without_spills(version, band_product):
     split = [r for r in results if r["constexprs"].get("SPLIT_BAND")]
     assert bool(split) is (band_product == "tensor-cores"), "the circulant variants use this product"
     ranked = [r for r in results if r["constexprs"].get("BAND_RANK")]
-    assert bool(ranked) is (band_product == "rank-one"), "rank-one terms only where forced"
+    assert bool(ranked) is (band_product in ("rank-one", "auto")), "rank-one terms: forced, or past F = 32"
     if band_product == "rank-one":  # every circulant band: F = 3, 24 and 64 at tau 0 too
         assert {r["constexprs"]["BAND_RANK"] for r in ranked} == {1, 2, 9, 15}
+    if band_product == "auto":  # F = 64 at tau 0 (past THREAD_ROW_MAX_FRAMES): one term
+        assert {(r["constexprs"]["F"], r["constexprs"]["BAND_RANK"]) for r in ranked} == {(64, 1)}
     thread_rows = [r for r in results if r["constexprs"].get("THREAD_ROWS")]
     assert bool(thread_rows) is (band_product == "auto"), "F % 4 == 0 inside the band: one row per thread"
-    if band_product == "auto":  # F = 16, 24 and 64 at tau 0, F = 24 and 32 at tau 7
+    if band_product == "auto":  # F = 16 and 24 at tau 0, F = 24 and 32 at tau 7
         assert {(r["constexprs"]["F"], r["constexprs"]["TAU"]) for r in thread_rows} == {
-            (16, 0), (24, 0), (64, 0), (24, 7), (32, 7)}
+            (16, 0), (24, 0), (24, 7), (32, 7)}
     counts = {name: sum(r["kernel"] == name for r in results) for name in ("_stats_kernel", "_apply_kernel")}
     # 7 distinct (F, tau) x 3 guides; the apply kernel with all flags on and all off, the stats
     # kernel with all on, and at F=16 with a nearest guide (2 taus) both also adaptive in batch

@@ -53,11 +53,13 @@ FUSED_SPLIT_PADDINGS = (32,)
 #: H200; the frequencies are not yet timed on a GPU (benchmarks/map_op_kernel_times.py times
 #: both). Where F is not a multiple of 4, one fp32 dot.
 THREAD_ROW_FRAME_MULTIPLE = 4
-#: Largest F the thread-row form takes by default: a thread holds whole rows and the band step is
-#: unrolled, so registers and compile time grow with F (sm_90, Triton 3.6: 168 registers and 90 s
-#: to compile the apply kernel at F = 64; 255 registers and 224 bytes of spill at F = 128). Past it
-#: the map op takes P's rank-one terms on tiles where F is a multiple of 4, as before 2026-11-28.
-THREAD_ROW_MAX_FRAMES = 64
+#: Largest F the thread-row form takes by default (the AnimateDiff and VideoCrafter lengths, 16 to
+#: 32): a thread holds whole rows and the band step is unrolled, so registers and compile time grow
+#: with F (sm_90, Triton 3.6: the apply kernel at F = 64, tau = 15 held 168 registers and took 90 s
+#: to compile, the stats kernel 135 s, which a first eager call would wait for; 255 registers and
+#: 224 bytes of spill at F = 128). Past it the map op takes P's rank-one terms on tiles where F is
+#: a multiple of 4, as before 2026-11-28.
+THREAD_ROW_MAX_FRAMES = 32
 
 
 def split_band(setting: str, padded_frames: int, fused: bool) -> bool:

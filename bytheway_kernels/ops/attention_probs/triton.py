@@ -117,6 +117,26 @@ def _guide_sources(b, rows, H, W, h, w, heads, scale_y, scale_x, F: tl.constexpr
 
 
 @triton.jit
+def _bilinear(g00, g01, g10, g11, wy, wx):
+    """The bilinear mix of four source values, in torch.interpolate's order."""
+    return (1.0 - wy) * ((1.0 - wx) * g00 + wx * g01) + wy * ((1.0 - wx) * g10 + wx * g11)
+
+
+@triton.jit
+def _blend(attn, upsampled, alpha):
+    """(1 - alpha) A + alpha U (reference.guided_map), exact at alpha = 0 and 1 (alpha A - A is
+    0 at alpha = 1); written so, it takes the registers A + alpha (U - A) took (the product form
+    spilled 8 bytes under Triton 3.6, sm_90)."""
+    return alpha * upsampled - (alpha * attn - attn)
+
+
+@triton.jit
+def _usable(row_sum):
+    """Whether a guided row can be renormalised: its sum > 0 and finite (false for NaN)."""
+    return (row_sum > 0.0) & (row_sum < float("inf"))
+
+
+@triton.jit
 def _guide_rows(guide_ptr, b, rows, row_mask, cols, col_mask, H, W, h, w, heads,
                 scale_y, scale_x, F: tl.constexpr, GUIDE_MODE: tl.constexpr):
     """Upsampled anchor map for `rows` of batch entry b (`_guide_sources`)."""
@@ -132,7 +152,7 @@ def _guide_rows(guide_ptr, b, rows, row_mask, cols, col_mask, H, W, h, w, heads,
         g01 = tl.load(guide_ptr + row01[:, None] * F + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         g10 = tl.load(guide_ptr + row10[:, None] * F + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         g11 = tl.load(guide_ptr + row11[:, None] * F + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        upsampled = (1.0 - wy) * ((1.0 - wx) * g00 + wx * g01) + wy * ((1.0 - wx) * g10 + wx * g11)
+        upsampled = _bilinear(g00, g01, g10, g11, wy, wx)
     return upsampled
 
 
@@ -170,12 +190,9 @@ def _guided_block(scores_ptr, guide_ptr, b, rows, row_mask, rows_per_entry,
     else:
         upsampled = _guide_rows(guide_ptr, b, rows, row_mask, cols, col_mask, H, W, h, w, heads,
                                 scale_y, scale_x, F, GUIDE_MODE)
-        # (1 - alpha) A + alpha U (reference.guided_map), exact at alpha = 0 and 1 (alpha A - A is
-        # 0 at alpha = 1); written so, it takes the registers A + alpha (U - A) took (the product
-        # form spilled 8 bytes under Triton 3.6, sm_90)
-        guided = alpha * upsampled - (alpha * attn - attn)
+        guided = _blend(attn, upsampled, alpha)
         row_sum = tl.sum(guided, axis=1)
-        usable = (row_sum > 0.0) & (row_sum < float("inf"))  # false for NaN too
+        usable = _usable(row_sum)
         guided = tl.where(usable[:, None], guided, attn)
         row_sum = tl.where(usable, row_sum, tl.sum(attn, axis=1))
     return attn, guided, row_sum
@@ -449,13 +466,11 @@ def _guided_thread_rows(scores_ptr, guide_ptr, b, rows, row_mask, rows_per_entry
                 if GUIDE_MODE == 1:
                     upsampled = g00[i]
                 else:
-                    upsampled = ((1.0 - wy) * ((1.0 - wx) * g00[i] + wx * g01[i])
-                                 + wy * ((1.0 - wx) * g10[i] + wx * g11[i]))
-                # as `_guided_block` blends and falls back
-                blended = alpha * upsampled - (alpha * attn[start + i] - attn[start + i])
+                    upsampled = _bilinear(g00[i], g01[i], g10[i], g11[i], wy, wx)
+                blended = _blend(attn[start + i], upsampled, alpha)
                 guided = guided + (blended,)
                 guided_sum += blended
-        usable = (guided_sum > 0.0) & (guided_sum < float("inf"))  # false for NaN too
+        usable = _usable(guided_sum)
         kept = ()
         for j in tl.static_range(F):
             kept = kept + (tl.where(usable, guided[j], attn[j]),)
@@ -570,6 +585,8 @@ def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams
     # one row per thread in both passes, the band step by its frequencies: even F (the symmetric
     # form), whole vectors of 4 or 8 columns per row
     thread_rows = triton_rules.thread_row_band(band_setting, frames) and not full_band
+    if thread_rows:  # one row per thread, in both passes
+        block_rows, num_warps = 32 * THREAD_ROW_WARPS, THREAD_ROW_WARPS
     band_rank, band_complement = 0, False  # rank 0: a product with P (or the full band)
     if triton_rules.rank_one_band(band_setting, frames) and not full_band:
         terms, band_complement = band_rank_one_terms_float64(frames, params.tau)
@@ -583,7 +600,8 @@ def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams
                   FULL_BAND=full_band, SPLIT_BAND=split, BAND_RANK=band_rank,
                   BAND_COMPLEMENT=band_complement,
                   ADAPTIVE=params.adaptive_beta, PER_VIDEO=per_video, PDL=programmatic,
-                  num_warps=num_warps)
+                  THREAD_ROWS=thread_rows, TAU=params.tau if thread_rows else 0,
+                  COLUMNS=8 if frames % 8 == 0 else 4, num_warps=num_warps)
     tiles = triton.cdiv(rows_per_entry, block_rows)  # grid axis 0: it allows 2**31 - 1 programs
     # the exact fp32 dot's layouts need more registers: half tiles keep its stats pass free of
     # spills (the split product on tensor cores fits in full tiles, sm_90, Triton 3.6 and 3.9);
@@ -593,10 +611,8 @@ def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams
     # `_stats_kernel`'s TERM_ENERGIES: the rank-one terms' coefficients give <A2, A2 P>, and for
     # even F (P a projector) |A2 P|^2, which only stats need
     term_energies = band_rank > 0 and (frames % 2 == 0 or not with_stats)
-    if not (full_band or split or (term_energies and FULL_STATS_TILES_FOR_TERMS)):
+    if not (full_band or split or thread_rows or (term_energies and FULL_STATS_TILES_FOR_TERMS)):
         stats_block_rows = max(16, block_rows // 2)
-    if thread_rows:
-        stats_block_rows = 32 * THREAD_ROW_WARPS
     stats_tiles = triton.cdiv(rows_per_entry, stats_block_rows)
     tiles_per_program = min(MAX_STATS_TILES, triton.next_power_of_2(
         triton.cdiv(stats_tiles * videos, TARGET_STATS_PROGRAMS)))
@@ -616,20 +632,11 @@ def _launch_plan(shape: tuple, guide_hw: Optional[tuple], params: ByTheWayParams
                       tier_sums_at=tier_sums_at, tier_counters_at=tier_counters_at,
                       beta_max=params.beta if params.beta_max is None else params.beta_max,
                       HAS_BETA_MAX=params.beta_max is not None, WRITE_STATS=with_stats,
-                      CHUNK=REDUCE_CHUNK, TIERED=tiered, TERM_ENERGIES=term_energies,
-                      THREAD_ROWS=thread_rows, TAU=params.tau if thread_rows else 0,
-                      COLUMNS=8 if frames % 8 == 0 else 4)
-    if thread_rows:
-        stats_args.update(num_warps=THREAD_ROW_WARPS)
-    apply_args = dict(common, videos=max(videos, 1), betas_at=betas_at, THREAD_ROWS=thread_rows,
-                      TAU=params.tau if thread_rows else 0, COLUMNS=8 if frames % 8 == 0 else 4)
-    apply_grid = (tiles, batch)
-    if thread_rows:
-        apply_args.update(BLOCK_R=32 * THREAD_ROW_WARPS, num_warps=THREAD_ROW_WARPS)
-        apply_grid = (triton.cdiv(rows_per_entry, 32 * THREAD_ROW_WARPS), batch)
+                      CHUNK=REDUCE_CHUNK, TIERED=tiered, TERM_ENERGIES=term_energies)
+    apply_args = dict(common, videos=max(videos, 1), betas_at=betas_at)
     if programmatic:
         apply_args["launch_pdl"] = True  # Triton's launch option: programmatic stream serialization
-    return _LaunchPlan((programs, videos), apply_grid, betas_at + groups + 1, stats_args,
+    return _LaunchPlan((programs, videos), (tiles, batch), betas_at + groups + 1, stats_args,
                        apply_args, common["FULL_BAND"])
 
 

@@ -156,6 +156,30 @@ def test_torch_compile_fullgraph_with_changing_float_arguments(monkeypatch):
                                        rtol=0, atol=0)
 
 
+def test_torch_compile_compiles_once_whatever_eager_calls_do(monkeypatch):
+    """A compiled call's trace leaves the eager calls' validation cache alone and does not read it,
+    so neither its own first call nor eager calls with new arguments make it recompile (a cache
+    the trace read was guarded on, and the entry the trace added failed that guard)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from bytheway_kernels.ops.attention_probs import op
+
+    monkeypatch.setenv("BYTHEWAY_BACKEND", "cpp")
+    monkeypatch.setattr(op, "_VALIDATED", {})
+    torch._dynamo.reset()
+    scores, guide = _inputs(frames=8)
+    counter = CompileCounter()
+    compiled = torch.compile(lambda scores: btw.bytheway_attention_probs(scores, guide, alpha=0.6, beta=1.5, tau=2),
+                             fullgraph=True, backend=counter)
+    want = btw.bytheway_attention_probs(scores, guide, alpha=0.6, beta=1.5, tau=2)
+    assert len(op._VALIDATED) == 1
+    for alpha in (None, 0.5, 0.4):
+        if alpha is not None:  # an eager call with other arguments: a new cache entry
+            btw.bytheway_attention_probs(scores, guide, alpha=alpha, beta=1.5, tau=2)
+        torch.testing.assert_close(compiled(scores), want, rtol=0, atol=0)
+    assert counter.frame_count == 1 and len(op._VALIDATED) == 3
+
+
 def test_meta_scores_give_shapes_only():
     """Eager calls on meta tensors allocate the outputs as the fake implementation does (no
     backend runs: the reference's masked indexing has no meta kernel)."""

@@ -257,6 +257,33 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_torch_compile_compiles_once_whatever_eager_calls_do(monkeypatch):
+    """Eager calls' validation cache is neither read nor filled by a compiled call's trace, so
+    eager calls with new arguments do not make a compiled function recompile."""
+    from torch._dynamo.testing import CompileCounter
+
+    from bytheway_kernels.ops.temporal_attention import op
+
+    monkeypatch.setattr(op, "_VALIDATED", {})
+    torch._dynamo.reset()
+    case = AttentionCase(frames=8)
+    q, k, v, guide = make_inputs(case)
+
+    def layer(q, alpha=0.6):
+        return btw.temporal_attention(q, k, v, heads=2, height=2, width=2, guide=guide, alpha=alpha,
+                                      beta=1.5, tau=2, adaptive_beta=True)
+
+    counter = CompileCounter()
+    compiled = torch.compile(layer, fullgraph=True, backend=counter)
+    want = layer(q)
+    assert len(op._VALIDATED) == 1
+    for alpha in (None, 0.5, 0.4):
+        if alpha is not None:
+            layer(q, alpha)
+        torch.testing.assert_close(compiled(q), want, rtol=0, atol=0)
+    assert counter.frame_count == 1 and len(op._VALIDATED) == 3
+
+
 def test_torch_compile_fullgraph_with_changing_float_arguments():
     """alpha, beta and scale as inputs of the compiled function: a new value makes them symbolic
     floats (dynamic=None, the default, after the first change; dynamic=True at once), which the

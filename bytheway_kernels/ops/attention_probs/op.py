@@ -97,11 +97,23 @@ _VALIDATED: dict = {}
 _VALIDATED_LIMIT = 512
 
 
+def _checked_params(scores, guide, alpha, beta, tau, adaptive_beta, cfg, energy_scope,
+                    guide_upsample, beta_max, batch_split, return_stats) -> ByTheWayParams:
+    """`check_op_args`, then the ByTheWayParams the custom op takes."""
+    split = check_op_args(scores, guide, alpha, beta, tau, adaptive_beta, cfg, energy_scope,
+                          guide_upsample, beta_max, batch_split, return_stats)
+    return ByTheWayParams(float(alpha), float(beta), int(tau), bool(adaptive_beta), split.parts,
+                          split.energy_part, energy_scope, guide_upsample,
+                          None if beta_max is None else float(beta_max))
+
+
 def _validated_params(scores, guide, alpha, beta, tau, adaptive_beta, cfg, energy_scope,
                       guide_upsample, beta_max, batch_split, return_stats):
-    """(ByTheWayParams, validation key or None): `check_op_args`, then the ByTheWayParams; a
-    repeated call (same layer, same settings) skips the checks, as only arguments that passed
-    them are remembered under their key (shapes, dtypes, devices and every argument)."""
+    """(ByTheWayParams, validation key or None) of a direct eager call: `_checked_params`, which
+    a repeated call (same layer, same settings) skips, as only arguments that passed the checks
+    are remembered under their key (shapes, dtypes, devices and every argument). Traced calls
+    never come here: torch.compile would guard on the cache and recompile once the trace's own
+    entry landed in it."""
     key = None
     if type(scores) is torch.Tensor and (guide is None or type(guide) is torch.Tensor):
         # flat, with the types of the arguments whose equal values of other types (True == 1,
@@ -119,11 +131,8 @@ def _validated_params(scores, guide, alpha, beta, tau, adaptive_beta, cfg, energ
             pass
         except TypeError:  # an unhashable argument, validated below
             key = None
-    split = check_op_args(scores, guide, alpha, beta, tau, adaptive_beta, cfg, energy_scope,
-                          guide_upsample, beta_max, batch_split, return_stats)
-    params = ByTheWayParams(float(alpha), float(beta), int(tau), bool(adaptive_beta), split.parts,
-                            split.energy_part, energy_scope, guide_upsample,
-                            None if beta_max is None else float(beta_max))
+    params = _checked_params(scores, guide, alpha, beta, tau, adaptive_beta, cfg, energy_scope,
+                             guide_upsample, beta_max, batch_split, return_stats)
     if key is not None:
         if len(_VALIDATED) >= _VALIDATED_LIMIT:
             _VALIDATED.clear()
@@ -227,11 +236,12 @@ def bytheway_attention_probs(
         >>> probs.shape, stats.shape
         (torch.Size([2, 4, 4, 8, 16, 16]), torch.Size([1, 6]))
     """
-    params, key = _validated_params(scores, guide, alpha, beta, tau, adaptive_beta, cfg,
-                                    energy_scope, guide_upsample, beta_max, batch_split, return_stats)
+    args = (scores, guide, alpha, beta, tau, adaptive_beta, cfg, energy_scope, guide_upsample,
+            beta_max, batch_split, return_stats)
     return_stats = bool(return_stats)  # numpy flags become Python bools for the schema
     if direct_call_is_equivalent(scores, guide):
+        params, key = _validated_params(*args)
         probs, stats = _run_backend_eager(scores, guide, params, return_stats, key)
     else:
-        probs, stats = attention_probs(scores, guide, *params, return_stats)
+        probs, stats = attention_probs(scores, guide, *_checked_params(*args), return_stats)
     return (probs, stats) if return_stats else probs

@@ -1,8 +1,9 @@
 """Both ops' Triton kernel tests again, under Triton 3.6.0 (the GPU images' version).
 
 The interpreter tests (`tests/test_attention_probs_triton.py`, `tests/test_temporal_attention_triton.py`)
-and the launcher's (`tests/test_launch.py`, which checks the direct launcher's C-launch call
-against Triton 3.6's own launcher there) run with the current Triton in the main session; this
+the launcher's (`tests/test_launch.py`, which checks the direct launcher's C-launch call
+against Triton 3.6's own launcher there) and the interpreter speed-up's
+(`tests/test_interpreter_lang_patch.py`) run with the current Triton in the main session; this
 runs them in a subprocess with the copy
 of Triton 3.6.0 in `.triton36/` first on the path (installed by the README's test command, see
 `tests/test_triton_sm90.py`), so that kernel code the older frontend or interpreter cannot run
@@ -24,7 +25,7 @@ from bytheway_kernels.testing import run_at_once
 from test_triton_sm90 import REPO, TRITON36_ENV, triton36_dir
 
 KERNEL_TEST_FILES = ("tests/test_attention_probs_triton.py", "tests/test_temporal_attention_triton.py",
-                     "tests/test_launch.py")
+                     "tests/test_launch.py", "tests/test_interpreter_lang_patch.py")
 SELECTION = "not F64 and not opcheck"
 
 

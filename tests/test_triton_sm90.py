@@ -10,8 +10,10 @@ BYTHEWAY_TRITON36_DIR at such a directory.
 Reusable by other ops' compile tests (import this module from a subprocess script):
 `compile_for_sm90(kernel, signature, constexprs, attrs, options) -> (registers, spill_bytes)`,
 `launch_signature(kernel, args) -> (signature, constexprs, attrs, options)`, `compiled_variants(launches)`
-(the distinct compilations of `bytheway_kernels.ops.launch.KernelLaunch`es) and
-`run_script(path, triton_dir=None) -> the merged report of a compile script run in one process per CPU`.
+(the distinct compilations of `bytheway_kernels.ops.launch.KernelLaunch`es),
+`report_usage(enumerate_variants)` (a compile script's main) and
+`run_script(path, triton_dir=None, band_products=("fma",)) -> the merged report of a compile script
+run in one process per CPU`, each variant compiled once for all the band products that launch it.
 """
 
 from __future__ import annotations
@@ -68,14 +70,16 @@ def launch_signature(kernel, args: dict):
     return signature, constexprs, attrs, {name: args[name] for name in LAUNCH_OPTIONS if name in args}
 
 
+def _variant_key(kernel, signature, constexprs, attrs, options) -> str:
+    return json.dumps([kernel.__name__, signature, constexprs, sorted(attrs.items()), options], sort_keys=True)
+
+
 def compiled_variants(launches) -> list:
     """The distinct (kernel, signature, constexprs, attrs, options) that `launches` compile."""
     variants = {}
     for launch in launches:
-        signature, constexprs, attrs, options = launch_signature(launch.kernel, launch.args)
-        key = json.dumps([launch.kernel.__name__, signature, constexprs, sorted(attrs.items()),
-                          options], sort_keys=True)
-        variants[key] = (launch.kernel, signature, constexprs, attrs, options)
+        variant = (launch.kernel, *launch_signature(launch.kernel, launch.args))
+        variants[_variant_key(*variant)] = variant
     return list(variants.values())
 
 
@@ -107,6 +111,9 @@ def compile_for_sm90(kernel, signature: dict, constexprs: dict, attrs: dict, opt
 
 #: "index/count": the share of the variants a compile script's process compiles (`report_usage`).
 SHARD_ENV = "BYTHEWAY_COMPILE_SHARD"
+#: The band products (comma-separated `triton_rules.BAND_PRODUCTS`) a compile script enumerates
+#: its variants under (`report_usage`).
+BAND_PRODUCTS_ENV = "BYTHEWAY_COMPILE_BAND_PRODUCTS"
 #: Compile processes at most (each holds Triton and torch, several hundred MB).
 MAX_COMPILE_PROCESSES = 4
 
@@ -119,15 +126,15 @@ def compile_processes() -> int:
     return min(usable_cpus(), MAX_COMPILE_PROCESSES)
 
 
-def run_script(path, triton_dir: Optional[Path] = None, band_product: str = "fma"):
-    """Run a compile script (one that ends in `report_usage`) with the interpreter off,
-    `triton_dir` first on the path and the kernels' band product set to `band_product`
-    (BYTHEWAY_BAND_PRODUCT), in `compile_processes()` processes at once, each compiling its share
-    of the variants; return their merged report {triton, results}, the results in the variants'
-    order."""
+def run_script(path, triton_dir: Optional[Path] = None, band_products: tuple = ("fma",)):
+    """Run a compile script (one that ends in `report_usage`) with the interpreter off and
+    `triton_dir` first on the path, its variants enumerated under each of `band_products`, in
+    `compile_processes()` processes at once, each compiling its share of the variants; return
+    their merged report {triton, results}, the results in the variants' order, each naming the
+    band products whose launches compile it (`band_products`)."""
     path_entries = ([str(triton_dir)] if triton_dir else []) + [str(REPO), str(REPO / "tests")]
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1",
-               BYTHEWAY_BAND_PRODUCT=band_product,
+               **{BAND_PRODUCTS_ENV: ",".join(band_products)},
                PYTHONPATH=os.pathsep.join(path_entries + [os.environ.get("PYTHONPATH", "")]))
     from bytheway_kernels.testing import run_at_once
 
@@ -144,7 +151,8 @@ def run_script(path, triton_dir: Optional[Path] = None, band_product: str = "fma
     for index, report in enumerate(reports):
         assert report["variants"] == enumerated, "every process enumerates the same variants"
         results[index::count] = report["results"]
-    assert [result["kernel"] for result in results] == enumerated, "the shares fit together"
+    assert [[result["kernel"], result["band_products"]] for result in results] == enumerated, (
+        "the shares fit together")
     return dict(triton=reports[0]["triton"], results=results)
 
 
@@ -215,20 +223,31 @@ def _map_op_variants():
     return compiled_variants(launches)
 
 
-def report_usage(variants) -> None:
-    """Compile this process's share of the variants (every `count`-th from `index`, as
-    BYTHEWAY_COMPILE_SHARD="index/count" says; all of them without it); print {triton, variants
-    (every variant's kernel name, in order), results} as JSON on the last line (for run_script)."""
+def report_usage(enumerate_variants) -> None:
+    """A compile script's main: the distinct variants `enumerate_variants()` returns (as
+    `compiled_variants` does) under each band product of BYTHEWAY_COMPILE_BAND_PRODUCTS (all
+    "fma" without it), each compiled once whichever products launch it; compile this process's
+    share (every `count`-th from `index`, as BYTHEWAY_COMPILE_SHARD="index/count" says; all of
+    them without it); print {triton, variants (every variant's kernel name and band products, in
+    order), results} as JSON on the last line (for run_script)."""
     import triton
 
+    from bytheway_kernels.testing import band_product
+
+    variants = {}  # key -> (variant, the band products that launch it)
+    for setting in os.environ.get(BAND_PRODUCTS_ENV, "fma").split(","):
+        with band_product(setting):
+            for variant in enumerate_variants():
+                variants.setdefault(_variant_key(*variant), (variant, []))[1].append(setting)
+    ordered = list(variants.values())
     index, count = map(int, os.environ.get(SHARD_ENV, "0/1").split("/"))
     results = []
-    for kernel, signature, constexprs, attrs, options in variants[index::count]:
+    for (kernel, signature, constexprs, attrs, options), settings in ordered[index::count]:
         registers, spill_bytes = compile_for_sm90(kernel, signature, constexprs, attrs, options)
-        results.append(dict(kernel=kernel.__name__, constexprs=constexprs, options=options,
-                            registers=registers, spill_bytes=spill_bytes))
-    names = [kernel.__name__ for kernel, *_ in variants]
-    print(json.dumps(dict(triton=triton.__version__, variants=names, results=results)))
+        results.append(dict(kernel=kernel.__name__, band_products=settings, constexprs=constexprs,
+                            options=options, registers=registers, spill_bytes=spill_bytes))
+    enumerated = [[kernel.__name__, settings] for (kernel, *_), settings in ordered]
+    print(json.dumps(dict(triton=triton.__version__, variants=enumerated, results=results)))
 
 
 _NEEDS_TRITON36 = pytest.mark.skipif(
@@ -236,46 +255,51 @@ _NEEDS_TRITON36 = pytest.mark.skipif(
     reason=f"Triton 3.6.0 not installed: pip install --target .triton36 triton==3.6.0 "
            f"(or set {TRITON36_ENV})")
 
-#: (Triton version, band product) of each compile run: the current Triton and Triton 3.6.0 (the
-#: GPU images') with the default band product (one exact fp32 dot), and 3.6.0 again with the
-#: tf32 split on tensor cores that BYTHEWAY_BAND_PRODUCT=tensor-cores selects
-#: (`bytheway_kernels.ops.triton_rules.band_product`).
+#: (Triton version, band products) of each compile run: the current Triton with the default band
+#: product (one exact fp32 dot), and Triton 3.6.0 (the GPU images') with it and with the tf32
+#: split on tensor cores that BYTHEWAY_BAND_PRODUCT=tensor-cores selects
+#: (`bytheway_kernels.ops.triton_rules.band_product`), the variants both launch compiled once.
 COMPILE_RUNS = [
-    pytest.param(None, "fma", id="current-triton"),
-    pytest.param("3.6", "fma", id="triton-3.6.0", marks=_NEEDS_TRITON36),
-    pytest.param("3.6", "tensor-cores", id="triton-3.6.0-tensor-cores", marks=_NEEDS_TRITON36),
+    pytest.param(None, ("fma",), id="current-triton"),
+    pytest.param("3.6", ("fma", "tensor-cores"), id="triton-3.6.0", marks=_NEEDS_TRITON36),
 ]
 
 
-#: The map op's compile runs: those above, but the current Triton with the default band product
-#: (the band's frequencies with one row per thread where F is a multiple of 4,
-#: `triton_rules.thread_row_band`), Triton 3.6.0 with it too (the shipped setting on the GPU
-#: images), and 3.6.0 with P's rank-one terms on tiles, which only BYTHEWAY_BAND_PRODUCT=rank-one
-#: selects.
+#: The map op's compile runs: the current Triton with the default band product ("auto": the
+#: band's frequencies with one row per thread where F is a multiple of 4 up to 32,
+#: `triton_rules.thread_row_band`), and Triton 3.6.0 with it too (the shipped setting on the GPU
+#: images), with "fma" and "tensor-cores" as above, and with P's rank-one terms on tiles, which
+#: only BYTHEWAY_BAND_PRODUCT=rank-one selects at every F.
 MAP_OP_COMPILE_RUNS = [
-    pytest.param(None, "auto", id="current-triton"),
-    *COMPILE_RUNS[1:],
-    pytest.param("3.6", "auto", id="triton-3.6.0-auto", marks=_NEEDS_TRITON36),
-    pytest.param("3.6", "rank-one", id="triton-3.6.0-rank-one", marks=_NEEDS_TRITON36),
+    pytest.param(None, ("auto",), id="current-triton"),
+    pytest.param("3.6", ("auto", "fma", "tensor-cores", "rank-one"), id="triton-3.6.0", marks=_NEEDS_TRITON36),
 ]
 
 
-@pytest.mark.parametrize("version,band_product", MAP_OP_COMPILE_RUNS)
-def test_map_op_kernels_compile_for_sm90_without_spills(version, band_product):
-    report = run_script(__file__, triton36_dir() if version else None, band_product)
+@pytest.mark.parametrize("version,band_products", MAP_OP_COMPILE_RUNS)
+def test_map_op_kernels_compile_for_sm90_without_spills(version, band_products):
+    report = run_script(__file__, triton36_dir() if version else None, band_products)
     if version:
         assert report["triton"].startswith(version), report["triton"]
-    results = report["results"]
+    for band_product in band_products:
+        _check_map_op_variants(band_product, [r for r in report["results"] if band_product in r["band_products"]])
+    spilled = [r for r in report["results"] if r["spill_bytes"]]
+    assert not spilled, f"register spills under Triton {report['triton']}: {spilled}"
+
+
+def _check_map_op_variants(band_product: str, results: list) -> None:
+    """The variants the map op's launches compile under `band_product`: the band steps it
+    selects, and how many of each kernel."""
     split = [r for r in results if r["constexprs"].get("SPLIT_BAND")]
-    assert bool(split) is (band_product == "tensor-cores"), "the circulant variants use this product"
+    assert bool(split) is (band_product == "tensor-cores"), (band_product, "the circulant variants use this product")
     ranked = [r for r in results if r["constexprs"].get("BAND_RANK")]
-    assert bool(ranked) is (band_product in ("rank-one", "auto")), "rank-one terms: forced, or past F = 32"
+    assert bool(ranked) is (band_product in ("rank-one", "auto")), (band_product, "rank-one terms: forced, or past F = 32")
     if band_product == "rank-one":  # every circulant band: F = 3, 24 and 64 at tau 0 too
-        assert {r["constexprs"]["BAND_RANK"] for r in ranked} == {1, 2, 9, 15}
+        assert {r["constexprs"]["BAND_RANK"] for r in ranked} == {1, 2, 9, 15}, band_product
     if band_product == "auto":  # F = 64 at tau 0 (past THREAD_ROW_MAX_FRAMES): one term
         assert {(r["constexprs"]["F"], r["constexprs"]["BAND_RANK"]) for r in ranked} == {(64, 1)}
     thread_rows = [r for r in results if r["constexprs"].get("THREAD_ROWS")]
-    assert bool(thread_rows) is (band_product == "auto"), "F % 4 == 0 inside the band: one row per thread"
+    assert bool(thread_rows) is (band_product == "auto"), (band_product, "F % 4 == 0 inside the band: one row per thread")
     if band_product == "auto":  # F = 16 and 24 at tau 0, F = 24 and 32 at tau 7
         assert {(r["constexprs"]["F"], r["constexprs"]["TAU"]) for r in thread_rows} == {
             (16, 0), (24, 0), (24, 7), (32, 7)}
@@ -290,10 +314,8 @@ def test_map_op_kernels_compile_for_sm90_without_spills(version, band_product):
     # flags on and the apply kernel with all on and all off; both kernels as a programmatic
     # dependent pair at 2 sizes
     assert counts == {"_stats_kernel": 21 + 2 * 2 + 2 * 5 + 2 * 3 + 2 + 2,
-                      "_apply_kernel": 21 * 2 + 2 * 2 + 2 * 8 + 2 * 2 + 2}, counts
-    spilled = [r for r in results if r["spill_bytes"]]
-    assert not spilled, f"register spills under Triton {report['triton']}: {spilled}"
+                      "_apply_kernel": 21 * 2 + 2 * 2 + 2 * 8 + 2 * 2 + 2}, (band_product, counts)
 
 
 if __name__ == "__main__":
-    report_usage(_map_op_variants())
+    report_usage(_map_op_variants)

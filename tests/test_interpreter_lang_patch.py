@@ -51,3 +51,20 @@ def test_a_grid_patches_the_language_once_whatever_its_helper_calls(monkeypatch)
         counts[calls] = len(walks)
         torch.testing.assert_close(values, torch.arange(8, dtype=torch.float32) * 2 ** calls, rtol=0, atol=0)
     assert counts[1] == counts[9] > 0, counts
+
+
+def test_numpy_dtypes_are_the_interpreters_own():
+    """The interpreter's tl-to-numpy dtype map, memoised by scalar type, gives what Triton's own
+    gives for scalars, pointers and blocks of each, at the first call and from the cache."""
+    import interpreter_lang_patch
+    from triton.runtime import interpreter
+
+    assert interpreter_lang_patch.install()
+    memoised = interpreter._get_np_dtype
+    own = memoised.__wrapped__
+    assert memoised is not own, "install() left Triton's _get_np_dtype in place"
+    scalars = [tl.int1, tl.int8, tl.uint8, tl.int16, tl.int32, tl.uint32, tl.int64, tl.float16, tl.bfloat16,
+               tl.float32, tl.float64, tl.pointer_type(tl.float16), tl.pointer_type(tl.int32)]
+    types = scalars + [tl.block_type(scalar, [4, 2]) for scalar in scalars]
+    for _ in range(2):
+        assert [memoised(t) for t in types] == [own(t) for t in types]

@@ -11,8 +11,8 @@ frequency, so this redundant walk was ~40% of their interpreter tests' time.
 `install()` wraps both: inside a grid, a helper whose language modules (`tl` and/or `tl.core` in
 its globals) the grid has already patched gets an empty patch scope; anything else patches as
 before. It also memoises the interpreter's `_get_np_dtype`, which builds a dict of every dtype at
-each of its calls (several per interpreted operation; with the helpers' globals scanned once per
-module, not per call, another ~18% off these tests). The kernel code the tests run is unchanged,
+each of its calls (several per interpreted operation; with each helper's globals scanned once,
+not at every call, another ~18% off these tests). The kernel code the tests run is unchanged,
 and so is the numpy each builtin executes.
 """
 
@@ -41,18 +41,15 @@ def install() -> bool:
         return False
     language_modules = (interpreter.tl, interpreter.tl.core)
     grids = []  # per running grid: the ids of the language modules it has patched
-    # id(globals) -> (globals, the ids of the language modules in them): scanning a module's
-    # globals at every helper call cost ~10% of the time this patch saves. The dict is kept, so
-    # its id is not reused; which language modules a kernel's module imported does not change.
-    modules_by_globals = {}
+    # helper -> the ids of the language modules in its globals, scanned at its first call: a
+    # scan at every call cost ~10% of the tests' time, and a module's imports do not change
+    modules_by_helper = {}
 
     def modules_of(fn) -> frozenset:
-        entry = modules_by_globals.get(id(fn.__globals__))
-        if entry is None:
-            modules = frozenset(id(value) for value in fn.__globals__.values()
-                                if any(value is module for module in language_modules))
-            entry = modules_by_globals[id(fn.__globals__)] = (fn.__globals__, modules)
-        return entry[1]
+        if fn not in modules_by_helper:
+            modules_by_helper[fn] = frozenset(id(value) for value in fn.__globals__.values()
+                                              if any(value is module for module in language_modules))
+        return modules_by_helper[fn]
 
     @functools.wraps(patch_lang)
     def patch_lang_once(fn):
